@@ -1,0 +1,39 @@
+# switchyard — every target says what it does; `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv with switchyard and its dev tools
+
+demo: $(STAMP) ## Run the whole pipeline on bundled sample jobs (SQLite, in-process broker, fake Claude)
+	$(VENV)/bin/switchyard demo
+
+services: ## Start the local Postgres and Redis if they are not running
+	@scripts/ensure-services
+
+test: $(STAMP) services ## Run the test suite against the real Postgres and Redis
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## Ruff and mypy over pipeline/ and workers/
+	$(VENV)/bin/ruff check pipeline workers tests bench
+	$(VENV)/bin/mypy pipeline workers
+
+bench: $(STAMP) services ## Run the benchmarks (add BENCH_ARGS=--quick for a short run)
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean: ## Remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+
+.PHONY: help venv demo services test lint bench clean

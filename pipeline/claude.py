@@ -1,0 +1,225 @@
+"""The one place switchyard talks to Claude, through the official SDK.
+
+Who retries: this module, not the SDK and not Celery. The SDK is built with ``max_retries=0`` and
+each call here makes at most ``attempts`` HTTP requests, so retries never multiply between layers.
+Transient failures (429 with ``retry-after``, 5xx, 529, timeouts, dropped connections) back off
+with jitter and honour ``retry-after``; everything else fails at once with the API's own message.
+Every HTTP attempt, failed or not, comes back to the caller so it can be recorded as a row.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import anthropic
+import httpx2 as httpx
+
+from pipeline.errors import ClaudeError, PermanentClaudeError, TransientClaudeError
+from pipeline.pricing import Usage
+
+# The SDK honours retry-after up to 60 s; so do we. A longer wait is better spent re-queued.
+MAX_RETRY_AFTER_S = 60.0
+BASE_BACKOFF_S = 0.5
+
+
+@dataclass
+class Attempt:
+    number: int
+    started_at: datetime
+    finished_at: datetime
+    latency_ms: float
+    ok: bool
+    status_code: int | None = None
+    request_id: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    text: str | None = None
+    stop_reason: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    retry_after: float | None = None
+
+
+@dataclass
+class CallResult:
+    text: str
+    stop_reason: str | None
+    attempts: list[Attempt]
+
+    @property
+    def final(self) -> Attempt:
+        return self.attempts[-1]
+
+
+class CallFailed(ClaudeError):
+    """Raised when a call ends without an answer; carries every attempt made."""
+
+    def __init__(self, cause: ClaudeError, attempts: list[Attempt]) -> None:
+        super().__init__(str(cause), status=cause.status, error_type=cause.error_type,
+                         request_id=cause.request_id, retry_after=cause.retry_after)
+        self.cause = cause
+        self.attempts = attempts
+
+    @property
+    def transient(self) -> bool:
+        return isinstance(self.cause, TransientClaudeError)
+
+
+class RateLimiter(Protocol):
+    """A budget shared by every worker of a tier (see pipeline.ratelimit)."""
+
+    def acquire(self, tier: str, *, input_tokens: int, output_tokens: int) -> None: ...
+
+    def penalize(self, tier: str, *, retry_after: float) -> None: ...
+
+
+class NoLimit:
+    def acquire(self, tier: str, *, input_tokens: int, output_tokens: int) -> None:
+        return None
+
+    def penalize(self, tier: str, *, retry_after: float) -> None:
+        return None
+
+
+def _header(headers: Any, name: str) -> str | None:
+    try:
+        value = headers.get(name)
+    except AttributeError:
+        return None
+    return str(value) if value is not None else None
+
+
+def _retry_after(headers: Any) -> float | None:
+    ms = _header(headers, "retry-after-ms")
+    if ms is not None:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    raw = _header(headers, "retry-after")
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        return None
+
+
+def translate(exc: Exception) -> ClaudeError:
+    """SDK exception -> switchyard's ClaudeError, transient or permanent."""
+    if isinstance(exc, anthropic.APITimeoutError):
+        return TransientClaudeError("request timed out", error_type="timeout")
+    if isinstance(exc, anthropic.APIConnectionError):
+        return TransientClaudeError(f"connection failed: {exc}", error_type="connection_error")
+    if isinstance(exc, anthropic.APIStatusError):
+        body = exc.body if isinstance(exc.body, dict) else {}
+        err = body.get("error") if isinstance(body.get("error"), dict) else {}
+        message = str(err.get("message") or exc.message)
+        error_type = str(err.get("type") or type(exc).__name__)
+        request_id = _header(exc.response.headers, "request-id") or body.get("request_id")
+        status = exc.status_code
+        retry_after = _retry_after(exc.response.headers)
+        kwargs: dict[str, Any] = dict(status=status, error_type=error_type, request_id=request_id,
+                                      retry_after=retry_after)
+        text = f"{status} {error_type}: {message}"
+        if status == 429:
+            # A 429 without retry-after is a spend limit: waiting will not help.
+            cls = TransientClaudeError if retry_after is not None else PermanentClaudeError
+            return cls(text, **kwargs)
+        if status in (408, 409) or status >= 500:
+            return TransientClaudeError(text, **kwargs)
+        return PermanentClaudeError(text, **kwargs)
+    raise TypeError(f"not an SDK error: {exc!r}")
+
+
+class ClaudeClient:
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        timeout_s: float = 120.0,
+        attempts: int = 4,
+        max_backoff_s: float = 30.0,
+        limiter: RateLimiter | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        max_connections: int = 1000,
+    ) -> None:
+        self.attempts = max(1, attempts)
+        self.max_backoff_s = max_backoff_s
+        self.limiter = limiter or NoLimit()
+        self._sleep = sleep
+        # One pooled HTTP client per process, sized for the worker's concurrency: every thread
+        # of a threads-pool worker shares it.
+        http_client = httpx.Client(
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            timeout=httpx.Timeout(timeout_s, connect=5.0),
+        )
+        self._sdk = anthropic.Anthropic(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
+            timeout=httpx.Timeout(timeout_s, connect=5.0),
+            http_client=http_client,
+        )
+
+    def close(self) -> None:
+        self._sdk.close()
+
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait before attempt ``attempt + 1``: full jitter, never under retry-after."""
+        delay = random.uniform(0, min(self.max_backoff_s, BASE_BACKOFF_S * 2 ** (attempt - 1)))
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
+        return delay
+
+    def call(self, *, tier: str, model: str, system: str, user: str, max_tokens: int) -> CallResult:
+        attempts: list[Attempt] = []
+        estimate = (len(system) + len(user)) // 4
+        for number in range(1, self.attempts + 1):
+            self.limiter.acquire(tier, input_tokens=estimate, output_tokens=max_tokens)
+            started = datetime.now(UTC)
+            t0 = time.perf_counter()
+            try:
+                raw = self._sdk.messages.with_raw_response.create(
+                    model=model,
+                    max_tokens=max_tokens,
+                    system=system,
+                    messages=[{"role": "user", "content": user}],
+                )
+                message = raw.parse()
+            except anthropic.APIError as exc:
+                err = translate(exc)
+                attempts.append(Attempt(
+                    number=number, started_at=started, finished_at=datetime.now(UTC),
+                    latency_ms=(time.perf_counter() - t0) * 1000, ok=False, status_code=err.status,
+                    request_id=err.request_id, error_type=err.error_type, error_message=str(err),
+                    retry_after=err.retry_after,
+                ))
+                if err.status == 429 and err.retry_after is not None:
+                    self.limiter.penalize(tier, retry_after=err.retry_after)
+                if isinstance(err, PermanentClaudeError) or number == self.attempts:
+                    raise CallFailed(err, attempts) from exc
+                self._sleep(self.backoff(number, err.retry_after))
+                continue
+            latency = (time.perf_counter() - t0) * 1000
+            u = message.usage
+            usage = Usage(
+                input_tokens=u.input_tokens,
+                output_tokens=u.output_tokens,
+                cache_creation_input_tokens=u.cache_creation_input_tokens or 0,
+                cache_read_input_tokens=u.cache_read_input_tokens or 0,
+            )
+            text = "".join(getattr(b, "text", "") for b in message.content if b.type == "text")
+            attempts.append(Attempt(
+                number=number, started_at=started, finished_at=datetime.now(UTC), latency_ms=latency,
+                ok=True, status_code=raw.http_response.status_code,
+                request_id=raw.headers.get("request-id") or getattr(message, "_request_id", None),
+                usage=usage, text=text, stop_reason=message.stop_reason,
+            ))
+            return CallResult(text=text, stop_reason=message.stop_reason, attempts=attempts)
+        raise AssertionError("unreachable: the loop returns or raises")

@@ -1,0 +1,110 @@
+"""`switchyard demo`: the whole pipeline on bundled sample jobs, with nothing to set up.
+
+With no DATABASE_URL and BROKER_URL it runs on SQLite and Celery's in-process broker, with
+embedded workers for all four queues; with them set, the same code runs on Postgres and Redis.
+With no ANTHROPIC_API_KEY the bundled fake Claude answers, and the demo says so.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline import migrate
+from pipeline.enqueue import enqueue_file
+from pipeline.report import Summary, summarize, terminal_count
+from pipeline.settings import Settings
+from pipeline.stages import Pipeline
+
+
+@contextmanager
+def _fake_claude(settings: Settings, console: Console) -> Iterator[Settings]:
+    if settings.api_key:
+        console.print(f"Using the Claude API at {settings.anthropic_base_url or 'api.anthropic.com'}.")
+        yield settings
+        return
+    from pipeline.fake_claude import FakeClaude, FakeOptions
+
+    with FakeClaude(options=FakeOptions(latency_ms=40, latency_jitter_ms=40)) as fake:
+        console.print("[bold yellow]No ANTHROPIC_API_KEY: answers are simulated by the bundled fake Claude "
+                      f"at {fake.base_url}.[/]")
+        yield settings.model_copy(update={"anthropic_api_key": "fake-key", "anthropic_base_url": fake.base_url})
+
+
+def sample_path() -> Path:
+    return Path(str(resources.files("pipeline").joinpath("samples/demo.jsonl")))
+
+
+def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = None,
+             timeout_s: float = 300.0) -> Summary:
+    from pipeline.dispatch import run_dispatcher
+    from pipeline.runtime import build_pipeline
+    from workers.base import install_pipeline, publisher
+    from workers.config import queue_names
+    from workers.embedded import embedded_worker
+
+    with _fake_claude(settings, console) as settings:
+        console.print(f"Database: {_safe_url(settings.database_url)}   Broker: {_safe_url(settings.broker_url)}")
+        migrate.upgrade(settings.database_url)
+        p = build_pipeline(settings, concurrency=16)
+        install_pipeline(p)
+        import workers.celery
+
+        # The tasks are registered on workers.celery.app, built from the environment; the demo's
+        # settings (fake Claude URL) reach the tasks through the installed Pipeline, and the
+        # broker URL is the app's own.
+        app = workers.celery.app
+        batch = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        report = enqueue_file(p.sessions, jobs_file or sample_path(), batch=batch, config=settings.models)
+        console.print(f"Enqueued {report.accepted} jobs into batch [bold]{batch}[/].")
+        assert report.batch_id is not None
+
+        stop = threading.Event()
+        dispatcher = threading.Thread(
+            target=run_dispatcher, name="switchyard-dispatcher", daemon=True,
+            args=(p, publisher(app)),
+            kwargs=dict(max_in_flight=settings.max_in_flight, interval_s=0.2,
+                        deadline_s=settings.effective_stage_deadline_s, stop=stop),
+        )
+        with embedded_worker(app, queues=queue_names(settings), concurrency=16):
+            dispatcher.start()
+            try:
+                _follow(p, report.batch_id, console, timeout_s=timeout_s)
+            finally:
+                stop.set()
+                dispatcher.join(10)
+        with p.sessions() as session:
+            summary = summarize(session, settings.models, batch_id=report.batch_id)
+        install_pipeline(None)
+        p.client.close()
+        return summary
+
+
+def _follow(p: Pipeline, batch_id: int, console: Console, *, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with Progress(TextColumn("[bold]jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:
+        task = bar.add_task("jobs", total=None)
+        while True:
+            with p.sessions() as session:
+                done, total = terminal_count(session, batch_id=batch_id)
+            bar.update(task, completed=done, total=total)
+            if total and done >= total:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the demo batch did not finish within {timeout_s:.0f} s ({done}/{total} done)")
+            time.sleep(0.2)
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, fit for a terminal or a log."""
+    return re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url)

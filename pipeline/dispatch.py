@@ -1,0 +1,126 @@
+"""Feeding the stages from Postgres, and recovering what the broker lost.
+
+Postgres is the queue of record. ``dispatch`` moves the oldest queued jobs into their first stage
+only while fewer than ``max_in_flight`` jobs are active, so Redis holds at most that many messages
+however large the batch. ``sweep`` republishes any job whose stage has made no progress past its
+deadline: a message lost in a Redis flush or with a killed worker. Duplicates this may create are
+harmless, because stages move jobs by conditional update.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from typing import Protocol
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from pipeline.models import ACTIVE, Job, JobStatus, ModelCall, RoutingDecision, utcnow
+from pipeline.stages import Handoff, Pipeline, handoff_for
+from pipeline.states import transition_many
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[Iterable[Handoff]], None]
+
+
+def active_count(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Job).where(Job.status.in_(ACTIVE))) or 0
+
+
+def dispatch(session: Session, *, max_in_flight: int, limit: int = 1000) -> list[Handoff]:
+    """Move up to ``limit`` queued jobs into their first stage, within ``max_in_flight``."""
+    room = min(limit, max_in_flight - active_count(session))
+    if room <= 0:
+        return []
+    rows = session.execute(
+        select(Job.id, Job.pinned_tier)
+        .where(Job.status == JobStatus.QUEUED)
+        .order_by(Job.id)
+        .limit(room)
+        # Two dispatchers (an operator may run more than one) take disjoint sets of jobs.
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not rows:
+        return []
+    to_triage = [r.id for r in rows if r.pinned_tier is None]
+    pinned: dict[str, list[int]] = defaultdict(list)
+    for r in rows:
+        if r.pinned_tier is not None:
+            pinned[r.pinned_tier].append(r.id)
+
+    handoffs = [Handoff("triage", m.id, "triage") for m in
+                transition_many(session, to_triage, frm=JobStatus.QUEUED, to=JobStatus.TRIAGING,
+                                detail="dispatched to triage")]
+    for tier, ids in pinned.items():
+        moved = transition_many(session, ids, frm=JobStatus.QUEUED, to=JobStatus.WORKING, tier=tier,
+                                attempt=1, detail=f"pinned to {tier}")
+        if moved:
+            session.execute(insert(RoutingDecision), [
+                {"job_id": m.id, "reason_kind": "pinned", "to_tier": tier, "reason": "tier pinned by the job",
+                 "created_at": utcnow()} for m in moved
+            ])
+        handoffs += [Handoff("work", m.id, tier) for m in moved]
+    return handoffs
+
+
+def sweep(session: Session, *, deadline_s: float, limit: int = 1000) -> list[Handoff]:
+    """Republish jobs whose current stage began more than ``deadline_s`` ago."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=deadline_s)
+    rows = session.execute(
+        select(Job.id, Job.status, Job.tier)
+        .where(Job.status.in_(ACTIVE), Job.stage_started_at < cutoff)
+        .order_by(Job.stage_started_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not rows:
+        return []
+    ids = [r.id for r in rows]
+    # Restart the clock so the next sweep gives the republished message a full deadline.
+    session.execute(update(Job).where(Job.id.in_(ids)).values(stage_started_at=now)
+                    .execution_options(synchronize_session=False))
+    # A call still "started" past the deadline will never report back: its worker is gone.
+    session.execute(
+        update(ModelCall)
+        .where(ModelCall.job_id.in_(ids), ModelCall.outcome == "started", ModelCall.started_at < cutoff)
+        .values(outcome="abandoned", finished_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    log.warning("sweeper: republishing %d job(s) stalled for over %.0f s", len(ids), deadline_s)
+    return [h for r in rows if (h := handoff_for(r.id, r.status, r.tier)) is not None]
+
+
+class Stopper(Protocol):
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+def run_dispatcher(
+    p: Pipeline,
+    publish: Publish,
+    *,
+    max_in_flight: int,
+    interval_s: float,
+    deadline_s: float,
+    stop: Stopper | None = None,
+    on_tick: Callable[[int, int], None] | None = None,
+) -> None:
+    """Dispatch and sweep until ``stop`` is set. Publishing happens after each commit."""
+    stop = stop or threading.Event()
+    while not stop.is_set():
+        dispatched = p.run(lambda s: dispatch(s, max_in_flight=max_in_flight))
+        publish(dispatched)
+        swept = p.run(lambda s: sweep(s, deadline_s=deadline_s))
+        publish(swept)
+        if on_tick:
+            on_tick(len(dispatched), len(swept))
+        # A full dispatch means more is waiting and there was room: go again at once.
+        if len(dispatched) < 1000:
+            stop.wait(interval_s)

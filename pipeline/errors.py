@@ -1,0 +1,70 @@
+"""switchyard's own errors.
+
+    SwitchyardError
+    ├── ConfigError            the configuration (environment or models file) is wrong
+    ├── JobInputError          a job the user submitted is invalid; says which line and why
+    │   └── InputFileError     a whole input file is unusable (missing, unreadable, wrong format)
+    ├── NotFound               a job or batch id that does not exist
+    └── ClaudeError            a model call failed; translated from the SDK at the client boundary
+        ├── TransientClaudeError   worth retrying: 429, 5xx, 529, timeouts, dropped connections
+        └── PermanentClaudeError   never retried: 4xx other than 429, a spend-limit 429
+
+The CLI prints any SwitchyardError as one sentence and exits non-zero; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SwitchyardError(Exception):
+    """Base of every error switchyard raises on purpose."""
+
+
+class ConfigError(SwitchyardError):
+    pass
+
+
+class JobInputError(SwitchyardError):
+    def __init__(self, message: str, *, line: int | None = None, source: str | None = None) -> None:
+        self.line = line
+        self.source = source
+        self.reason = message
+        where = ""
+        if source is not None and line is not None:
+            where = f"{source}, line {line}: "
+        elif line is not None:
+            where = f"line {line}: "
+        super().__init__(where + message)
+
+
+class InputFileError(JobInputError):
+    pass
+
+
+class NotFound(SwitchyardError):
+    pass
+
+
+class ClaudeError(SwitchyardError):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error_type: str | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.request_id = request_id
+        self.retry_after = retry_after
+
+
+class TransientClaudeError(ClaudeError):
+    pass
+
+
+class PermanentClaudeError(ClaudeError):
+    pass

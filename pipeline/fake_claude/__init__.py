@@ -1,0 +1,18 @@
+"""A fake Claude API server speaking the Anthropic Messages API over HTTP, for offline runs.
+
+It answers switchyard's prompt contract ([switchyard:PURPOSE] tags, tagged job sections) with
+deterministic, valid answers, and injects faults on request ([fake:...] hints) or at random.
+
+Hints, anywhere in the last user message (unknown or malformed ones are ignored):
+  [fake:difficulty=easy|medium|hard] [fake:confidence=0.3] [fake:triage=garbage]
+  [fake:invalid=sonnet|opus|haiku|all, comma list] [fake:invalid_once]
+  [fake:error=CODE] or [fake:error=CODE@CLASS[,CLASS]] with [fake:times=N]
+      CODE: 400 401 403 404 413 429 500 529 stall drop empty malformed refusal
+  [fake:latency_ms=N]
+Run it standalone with `python -m pipeline.fake_claude --help`.
+"""
+
+from pipeline.fake_claude.options import FakeOptions, parse_faults
+from pipeline.fake_claude.server import FakeClaude, serve_forever
+
+__all__ = ["FakeClaude", "FakeOptions", "parse_faults", "serve_forever"]

@@ -1,0 +1,3 @@
+from pipeline.fake_claude.cli import main
+
+main()

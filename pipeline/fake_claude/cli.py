@@ -1,0 +1,49 @@
+"""`python -m pipeline.fake_claude`: run the fake Claude server from a shell."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.fake_claude.options import DEFAULT_FAULTS, FakeOptions, parse_faults
+from pipeline.fake_claude.server import serve_forever
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fake-claude", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--latency-jitter-ms", type=float, default=0.0)
+    p.add_argument("--fault-rate", type=float, default=0.0)
+    p.add_argument("--faults", type=parse_faults, default=DEFAULT_FAULTS,
+                   help="comma list drawn from by --fault-rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stall-seconds", type=float, default=30.0)
+    p.add_argument("--retry-after-s", type=float, default=1.0)
+    p.add_argument("--api-key", default=None, help="accept only this x-api-key")
+    p.add_argument("--rpm", type=int, default=None, help="requests per minute per model class")
+    p.add_argument("--itpm", type=int, default=None, help="input tokens per minute per model class")
+    p.add_argument("--otpm", type=int, default=None, help="output tokens per minute per model class")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        options = FakeOptions(
+            latency_ms=args.latency_ms,
+            latency_jitter_ms=args.latency_jitter_ms,
+            fault_rate=args.fault_rate,
+            faults=args.faults,
+            seed=args.seed,
+            stall_seconds=args.stall_seconds,
+            retry_after_s=args.retry_after_s,
+            api_key=args.api_key,
+            rpm=args.rpm,
+            itpm=args.itpm,
+            otpm=args.otpm,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    serve_forever(host=args.host, port=args.port, options=options)

@@ -1,0 +1,86 @@
+"""Typed reading of the [fake:NAME=VALUE] hints; malformed or unknown hints are ignored, because
+a hint is test scaffolding inside job text and must never turn a request into an error by itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.fake_claude.models import MODEL_CLASSES
+from pipeline.fake_claude.options import KNOWN_FAULTS
+
+DIFFICULTIES: tuple[str, ...] = ("easy", "medium", "hard")
+
+
+@dataclass(frozen=True)
+class ErrorHint:
+    fault: str                      # a KNOWN_FAULTS name
+    classes: frozenset[str] | None  # None: every model class
+    times: int | None               # None: every matching request
+
+    def applies_to(self, model_class: str | None) -> bool:
+        return self.classes is None or model_class in self.classes
+
+
+@dataclass(frozen=True)
+class Hints:
+    difficulty: str | None = None
+    confidence: float | None = None
+    triage_garbage: bool = False
+    invalid_classes: frozenset[str] = frozenset()
+    invalid_once: bool = False
+    error: ErrorHint | None = None
+    latency_ms: float | None = None
+
+    def wants_invalid(self, model_class: str | None, has_feedback: bool) -> bool:
+        if self.invalid_once and has_feedback:
+            return False
+        if self.invalid_classes:
+            return model_class in self.invalid_classes
+        return self.invalid_once
+
+
+def _classes(spec: str) -> frozenset[str] | None:
+    names = {part.strip().lower() for part in spec.split(",") if part.strip()}
+    if "all" in names:
+        return frozenset(MODEL_CLASSES)
+    known = names & set(MODEL_CLASSES)
+    return frozenset(known) if known else None
+
+
+def _float(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _error(raw: dict[str, str]) -> ErrorHint | None:
+    spec = raw.get("error")
+    if not spec:
+        return None
+    fault, _, class_spec = spec.partition("@")
+    fault = fault.strip().lower()
+    if fault not in KNOWN_FAULTS:
+        return None
+    classes = _classes(class_spec) if class_spec else None
+    if class_spec and classes is None:
+        return None  # "@nonsense" names no class: safer to inject nothing than everything
+    times_value = raw.get("times", "")
+    times = int(times_value) if times_value.isdigit() and int(times_value) > 0 else None
+    return ErrorHint(fault=fault, classes=classes, times=times)
+
+
+def read_hints(raw: dict[str, str]) -> Hints:
+    difficulty = raw.get("difficulty", "").lower()
+    confidence = _float(raw.get("confidence", ""))
+    latency = _float(raw.get("latency_ms", ""))
+    invalid = _classes(raw["invalid"]) if raw.get("invalid") else None
+    return Hints(
+        difficulty=difficulty if difficulty in DIFFICULTIES else None,
+        confidence=min(1.0, max(0.0, confidence)) if confidence is not None else None,
+        triage_garbage=raw.get("triage", "").lower() == "garbage",
+        invalid_classes=invalid or frozenset(),
+        invalid_once="invalid_once" in raw,
+        error=_error(raw),
+        latency_ms=latency if latency is not None and latency >= 0 else None,
+    )

@@ -1,0 +1,62 @@
+"""Which model ids the fake knows, and what it derives from an id."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# Any id of the documented shape is served, so switching models in configuration needs no change
+# here; the list below is only what GET /v1/models reports (ids from shared/CLAUDE_API.md).
+MODEL_ID = re.compile(r"^claude-(haiku|sonnet|opus)-([0-9])[-0-9a-z]*$")
+DEFAULT_MODELS: tuple[str, ...] = (
+    "claude-haiku-5-5",
+    "claude-haiku-4-5",
+    "claude-sonnet-5-5",
+    "claude-sonnet-5",
+    "claude-sonnet-4-6",
+    "claude-opus-5-5",
+    "claude-opus-5",
+    "claude-opus-4-6",
+)
+MODEL_CLASSES: tuple[str, ...] = ("haiku", "sonnet", "opus")
+
+
+def is_known(model: str) -> bool:
+    return MODEL_ID.match(model) is not None
+
+
+def model_class(model: str) -> str | None:
+    """haiku/sonnet/opus by substring, as the rate limits and hints group models."""
+    for name in MODEL_CLASSES:
+        if name in model:
+            return name
+    return None
+
+
+def major_version(model: str) -> int | None:
+    match = MODEL_ID.match(model)
+    return int(match.group(2)) if match else None
+
+
+def rejects_sampling_params(model: str) -> bool:
+    """Sonnet and Opus 5 and later reject temperature/top_p/top_k (shared/CLAUDE_API.md)."""
+    version = major_version(model)
+    return model_class(model) in ("sonnet", "opus") and version is not None and version >= 5
+
+
+def display_name(model: str) -> str:
+    parts = model.split("-")[1:]
+    family = parts[0].capitalize() if parts else model
+    numbers = [p for p in parts[1:] if p.isdigit() and len(p) < 4]
+    return f"Claude {family} {'.'.join(numbers)}".strip()
+
+
+def model_entry(model: str, index: int) -> dict[str, Any]:
+    # A stable fake creation date, newer for the models listed first, as the real list is ordered.
+    day = 28 - (index % 28)
+    return {
+        "id": model,
+        "type": "model",
+        "display_name": display_name(model),
+        "created_at": f"2026-{12 - min(index, 11):02d}-{day:02d}T00:00:00Z",
+    }

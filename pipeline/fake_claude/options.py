@@ -1,0 +1,70 @@
+"""Options of the fake Claude server and the fault vocabulary shared by options and hints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.fake_claude.models import DEFAULT_MODELS
+
+# HTTP errors the fake can inject, by status code, with the error.type the real API uses.
+ERROR_FAULTS: dict[str, tuple[int, str]] = {
+    "400": (400, "invalid_request_error"),
+    "401": (401, "authentication_error"),
+    "403": (403, "permission_error"),
+    "404": (404, "not_found_error"),
+    "413": (413, "request_too_large"),
+    "429": (429, "rate_limit_error"),
+    "500": (500, "api_error"),
+    "529": (529, "overloaded_error"),
+}
+# Faults that are not an HTTP error status: they misbehave at the transport or in the answer.
+BEHAVIOUR_FAULTS: tuple[str, ...] = ("stall", "drop", "empty", "malformed", "refusal")
+KNOWN_FAULTS: frozenset[str] = frozenset(ERROR_FAULTS) | frozenset(BEHAVIOUR_FAULTS)
+DEFAULT_FAULTS: tuple[str, ...] = ("429", "529", "500", "stall", "drop", "malformed", "empty", "refusal")
+
+
+def parse_faults(spec: str) -> tuple[str, ...]:
+    """Parse a comma list such as "429,529,drop"; raise ValueError naming any unknown fault."""
+    names = tuple(part.strip() for part in spec.split(",") if part.strip())
+    unknown = [name for name in names if name not in KNOWN_FAULTS]
+    if unknown:
+        raise ValueError(
+            f"unknown fault(s): {', '.join(unknown)} (known: {', '.join(sorted(KNOWN_FAULTS))})"
+        )
+    if not names:
+        raise ValueError("empty fault list")
+    return names
+
+
+@dataclass(frozen=True)
+class FakeOptions:
+    latency_ms: float = 0
+    latency_jitter_ms: float = 0
+    fault_rate: float = 0.0
+    faults: tuple[str, ...] = DEFAULT_FAULTS
+    seed: int = 0
+    stall_seconds: float = 30.0
+    retry_after_s: float = 1.0
+    api_key: str | None = None
+    # Per model class (haiku/sonnet/opus), per minute; None means not enforced.
+    rpm: int | None = None
+    itpm: int | None = None
+    otpm: int | None = None
+    # Only what GET /v1/models lists; any id of the documented shape is accepted by /v1/messages.
+    models: tuple[str, ...] = field(default=DEFAULT_MODELS)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fault_rate <= 1.0:
+            raise ValueError(f"fault_rate must be within [0, 1], got {self.fault_rate}")
+        if self.fault_rate > 0 and not self.faults:
+            raise ValueError("fault_rate > 0 needs at least one fault")
+        unknown = [f for f in self.faults if f not in KNOWN_FAULTS]
+        if unknown:
+            raise ValueError(f"unknown fault(s): {', '.join(unknown)}")
+        for name in ("latency_ms", "latency_jitter_ms", "stall_seconds", "retry_after_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("rpm", "itpm", "otpm"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be a positive integer or None")

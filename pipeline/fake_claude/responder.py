@@ -1,0 +1,321 @@
+"""The fake's decisions, without I/O: from a request to the response (or fault) to give.
+
+The server owns sockets, sleeping and bookkeeping; this module owns what the API would say, and
+the little state that needs (fault RNG, `times=N` counters, rate-limit buckets).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pipeline.fake_claude import answers
+from pipeline.fake_claude.errors import (
+    RequestInvalid,
+    error_body,
+    invalid,
+    new_message_id,
+    new_request_id,
+)
+from pipeline.fake_claude.hints import Hints, read_hints
+from pipeline.fake_claude.models import model_class, model_entry
+from pipeline.fake_claude.options import ERROR_FAULTS, FakeOptions
+from pipeline.fake_claude.prompt import (
+    Prompt,
+    estimate_input_tokens,
+    estimate_output_tokens,
+    pick,
+    read_prompt,
+)
+from pipeline.fake_claude.ratelimit import RateLimiter
+from pipeline.fake_claude.validation import (
+    check_headers,
+    check_message_body,
+    check_prompt_size,
+)
+
+_MAX_TIMES_KEYS = 100_000  # `times=N` counters kept, oldest forgotten first
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: Any  # JSON-serialisable
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to do with one request. `response` None means: drop the connection unanswered."""
+
+    response: Response | None
+    delay_s: float
+    request_id: str
+    model: str | None = None
+    purpose: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    fault: str | None = None
+
+    @property
+    def status(self) -> int:
+        return self.response.status if self.response else 0
+
+
+class Responder:
+    def __init__(self, options: FakeOptions) -> None:
+        self.options = options
+        self._lock = threading.Lock()
+        self._limiter = RateLimiter(options.rpm, options.itpm, options.otpm)
+        self._fault_rng = random.Random(options.seed)
+        # Jitter has its own generator so that it never shifts which requests get faults.
+        self._jitter_rng = random.Random(options.seed + 1)
+        self._times: OrderedDict[tuple[bytes, str], int] = OrderedDict()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._fault_rng.seed(self.options.seed)
+            self._jitter_rng.seed(self.options.seed + 1)
+            self._times.clear()
+        self._limiter.reset()
+
+    # -- endpoints -------------------------------------------------------------------------------
+
+    def messages(self, headers: Mapping[str, str], body: Any, *, now: float) -> Outcome:
+        """POST /v1/messages. `headers` has lower-case names; `body` is the parsed JSON."""
+        request_id = new_request_id()
+        model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
+        klass = model_class(model) if model else None
+        purpose: str | None = None
+        input_tokens = 0
+        try:
+            check_headers(headers, self.options.api_key)
+            check_message_body(body, need_max_tokens=True)
+            prompt = read_prompt(body)
+            purpose = prompt.purpose
+            input_tokens = estimate_input_tokens(body)
+            check_prompt_size(input_tokens)
+        except RequestInvalid as exc:
+            return self._error(exc, request_id, klass, now, model=model, purpose=purpose)
+        assert model is not None and klass is not None  # checked by check_message_body
+
+        hints = read_hints(prompt.hints)
+        random_fault = self._draw_fault()
+        admission = self._limiter.admit(klass, input_tokens, now)
+        if not admission.allowed:
+            return self._rate_limited(request_id, klass, now, model, purpose, admission.retry_after_s)
+        fault = self._hinted_fault(prompt, hints, klass) or random_fault
+        delay = self._latency(hints)
+        meta = {"request_id": request_id, "model": model, "purpose": purpose, "fault": fault}
+
+        if fault in ERROR_FAULTS:
+            status, error_type = ERROR_FAULTS[fault]
+            injected = RequestInvalid(status, error_type, _FAULT_MESSAGES[fault])
+            outcome = self._error(injected, request_id, klass, now, model=model, purpose=purpose,
+                                  retry_after_s=self.options.retry_after_s, fault=fault)
+            return _with_delay(outcome, delay)
+        if fault == "drop":
+            return Outcome(None, delay, **meta)
+        if fault == "stall":
+            delay += self.options.stall_seconds
+
+        content, stop_reason, stop_sequence, output_tokens = self._answer(body, prompt, hints, klass,
+                                                                         fault)
+        self._limiter.charge_output(klass, output_tokens, now)
+        message = {
+            "id": new_message_id(),
+            "type": "message",
+            "role": "assistant",
+            "content": content,
+            "model": model,
+            "stop_reason": stop_reason,
+            "stop_sequence": stop_sequence,
+            "usage": {
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+            },
+        }
+        response = Response(200, self._headers(request_id, klass, now), message)
+        return Outcome(response, delay, input_tokens=input_tokens, output_tokens=output_tokens, **meta)
+
+    def count_tokens(self, headers: Mapping[str, str], body: Any, *, now: float) -> Outcome:
+        """POST /v1/messages/count_tokens."""
+        request_id = new_request_id()
+        try:
+            check_headers(headers, self.options.api_key)
+            check_message_body(body, need_max_tokens=False)
+        except RequestInvalid as exc:
+            return self._error(exc, request_id, None, now)
+        tokens = estimate_input_tokens(body)
+        response = Response(200, self._headers(request_id, None, now), {"input_tokens": tokens})
+        return Outcome(response, 0.0, request_id, model=body["model"], input_tokens=tokens)
+
+    def list_models(self, headers: Mapping[str, str], query: Mapping[str, str], *, now: float) -> Outcome:
+        """GET /v1/models, with the real API's limit / after_id / before_id paging."""
+        request_id = new_request_id()
+        try:
+            check_headers(headers, self.options.api_key)
+            limit = int(query.get("limit", "20"))
+            if not 1 <= limit <= 1000:
+                raise ValueError(limit)
+        except RequestInvalid as exc:
+            return self._error(exc, request_id, None, now)
+        except ValueError:
+            bad_limit = invalid("limit: Input should be between 1 and 1000")
+            return self._error(bad_limit, request_id, None, now)
+        entries = [model_entry(m, i) for i, m in enumerate(self.options.models)]
+        ids = [e["id"] for e in entries]
+        if query.get("after_id") in ids:
+            entries = entries[ids.index(query["after_id"]) + 1:]
+        elif query.get("before_id") in ids:
+            entries = entries[: ids.index(query["before_id"])][-limit:]
+        page, has_more = entries[:limit], len(entries) > limit
+        body = {
+            "data": page,
+            "has_more": has_more,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+        }
+        return Outcome(Response(200, self._headers(request_id, None, now), body), 0.0, request_id)
+
+    def error(self, status: int, error_type: str, message: str, *, now: float) -> Outcome:
+        """An error the server detects itself (unreadable JSON, unknown path)."""
+        return self._error(RequestInvalid(status, error_type, message), new_request_id(), None, now)
+
+    # -- pieces ----------------------------------------------------------------------------------
+
+    def _draw_fault(self) -> str | None:
+        # Always two draws per request, so a seed fixes the fault count whatever gets chosen.
+        with self._lock:
+            roll = self._fault_rng.random()
+            index = self._fault_rng.randrange(len(self.options.faults)) if self.options.faults else 0
+        if self.options.fault_rate > 0 and roll < self.options.fault_rate:
+            return self.options.faults[index]
+        return None
+
+    def _hinted_fault(self, prompt: Prompt, hints: Hints, klass: str) -> str | None:
+        hint = hints.error
+        if hint is None or not hint.applies_to(klass):
+            return None
+        if hint.times is None:
+            return hint.fault
+        key = (prompt.digest, prompt.purpose)
+        with self._lock:
+            seen = self._times.get(key, 0)
+            self._times[key] = seen + 1
+            self._times.move_to_end(key)
+            while len(self._times) > _MAX_TIMES_KEYS:
+                self._times.popitem(last=False)
+        return hint.fault if seen < hint.times else None
+
+    def _latency(self, hints: Hints) -> float:
+        if hints.latency_ms is not None:
+            return hints.latency_ms / 1000.0  # an explicit per-request latency: no jitter
+        jitter = 0.0
+        if self.options.latency_jitter_ms > 0:
+            with self._lock:
+                jitter = self._jitter_rng.uniform(0.0, self.options.latency_jitter_ms)
+        return (self.options.latency_ms + jitter) / 1000.0
+
+    def _answer(
+        self, body: dict[str, Any], prompt: Prompt, hints: Hints, klass: str, fault: str | None
+    ) -> tuple[list[dict[str, Any]], str, str | None, int]:
+        """(content blocks, stop_reason, stop_sequence, output_tokens)."""
+        if fault == "refusal":
+            text = answers.REFUSAL_TEXT
+            return [{"type": "text", "text": text}], "refusal", None, estimate_output_tokens(text)
+        if fault == "empty":
+            blocks: list[dict[str, Any]] = (
+                [] if pick(prompt.digest, "empty", 2) == 0 else [{"type": "text", "text": ""}]
+            )
+            return blocks, "end_turn", None, 1
+        text = _purpose_text(prompt, hints, klass)
+        if fault == "malformed":
+            text = answers.malformed(text)
+        stop_reason, stop_sequence = "end_turn", None
+        for stop in body.get("stop_sequences") or []:
+            at = text.find(stop) if stop else -1
+            if at >= 0:
+                text, stop_reason, stop_sequence = text[:at], "stop_sequence", stop
+                break
+        limit = body["max_tokens"] * 4
+        if len(text) > limit:
+            text, stop_reason, stop_sequence = text[:limit], "max_tokens", None
+        return [{"type": "text", "text": text}], stop_reason, stop_sequence, estimate_output_tokens(text)
+
+    def _headers(self, request_id: str, klass: str | None, now: float) -> dict[str, str]:
+        return {"request-id": request_id, **self._limiter.headers(klass, now)}
+
+    def _error(
+        self,
+        exc: RequestInvalid,
+        request_id: str,
+        klass: str | None,
+        now: float,
+        *,
+        model: str | None = None,
+        purpose: str | None = None,
+        retry_after_s: float | None = None,
+        fault: str | None = None,
+    ) -> Outcome:
+        headers = self._headers(request_id, klass, now)
+        if exc.status == 429 and retry_after_s is not None:
+            headers.update(_retry_after(retry_after_s))
+        body = error_body(exc.error_type, exc.message, request_id)
+        return Outcome(Response(exc.status, headers, body), 0.0, request_id, model=model,
+                       purpose=purpose, fault=fault)
+
+    def _rate_limited(
+        self, request_id: str, klass: str, now: float, model: str, purpose: str, wait_s: float
+    ) -> Outcome:
+        exc = RequestInvalid(
+            429, "rate_limit_error",
+            f"This request would exceed the rate limit for {klass} models; retry in {math.ceil(wait_s)} s.",
+        )
+        return self._error(exc, request_id, klass, now, model=model, purpose=purpose,
+                           retry_after_s=wait_s)
+
+
+_FAULT_MESSAGES = {
+    "400": "Injected fault: invalid request (fake error=400).",
+    "401": "Injected fault: invalid x-api-key (fake error=401).",
+    "403": "Injected fault: your API key does not have permission (fake error=403).",
+    "404": "Injected fault: not found (fake error=404).",
+    "413": "Injected fault: request exceeds the maximum allowed size (fake error=413).",
+    "429": "Injected fault: rate limited (fake error=429).",
+    "500": "Injected fault: internal server error (fake error=500).",
+    "529": "Injected fault: overloaded (fake error=529).",
+}
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    return {
+        "retry-after": str(max(1, math.ceil(seconds))),
+        "retry-after-ms": str(max(1, math.ceil(seconds * 1000))),
+    }
+
+
+def _with_delay(outcome: Outcome, delay: float) -> Outcome:
+    return replace(outcome, delay_s=delay)
+
+
+def _purpose_text(prompt: Prompt, hints: Hints, klass: str) -> str:
+    invalid = hints.wants_invalid(klass, prompt.section("feedback") is not None)
+    if prompt.purpose == "triage":
+        return answers.triage(prompt, hints)
+    if prompt.purpose == "classify":
+        return answers.classify(prompt, invalid)
+    if prompt.purpose == "extract":
+        return answers.extract(prompt, invalid)
+    if prompt.purpose in ("draft", "generate"):
+        return answers.write(prompt, invalid)
+    if prompt.purpose == "format_check":
+        return answers.format_check(prompt)
+    return answers.other(prompt)

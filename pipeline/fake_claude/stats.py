@@ -1,0 +1,92 @@
+"""Counters and a bounded request log, for benchmarks and tests to look at."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+DEFAULT_LOG_LIMIT = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedRequest:
+    model: str | None
+    purpose: str | None
+    status: int  # 0 when the connection was dropped without an answer
+    started_at: float
+    ended_at: float
+    input_tokens: int
+    output_tokens: int
+    request_id: str
+    fault: str | None
+
+
+class Recorder:
+    def __init__(self, log_limit: int = DEFAULT_LOG_LIMIT) -> None:
+        self._lock = threading.Lock()
+        self._log: deque[LoggedRequest] = deque(maxlen=log_limit)
+        self._in_flight = 0  # survives reset: it is a fact about now, not a counter
+        self._clear()
+
+    def _clear(self) -> None:
+        self._started_at = time.time()
+        self._total = 0
+        self._count_tokens = 0
+        self._input_tokens = 0
+        self._output_tokens = 0
+        self._by_model: Counter[str] = Counter()
+        self._by_purpose: Counter[str] = Counter()
+        self._by_status: Counter[str] = Counter()
+        self._by_fault: Counter[str] = Counter()
+        self._max_in_flight = self._in_flight
+        self._log.clear()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._clear()
+
+    def arrived(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+
+    def finished(self, entry: LoggedRequest) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            self._total += 1
+            self._input_tokens += entry.input_tokens
+            self._output_tokens += entry.output_tokens
+            self._by_model[entry.model or "(none)"] += 1
+            self._by_purpose[entry.purpose or "(none)"] += 1
+            self._by_status[str(entry.status)] += 1
+            if entry.fault:
+                self._by_fault[entry.fault] += 1
+            self._log.append(entry)
+
+    def counted_tokens(self) -> None:
+        with self._lock:
+            self._count_tokens += 1
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "total": self._total,
+                "by_model": dict(self._by_model),
+                "by_purpose": dict(self._by_purpose),
+                "by_status": dict(self._by_status),
+                "by_fault": dict(self._by_fault),
+                "in_flight": self._in_flight,
+                "max_in_flight": self._max_in_flight,
+                "input_tokens": self._input_tokens,
+                "output_tokens": self._output_tokens,
+                "count_tokens_requests": self._count_tokens,
+                "since": self._started_at,
+            }
+
+    def requests(self) -> list[dict[str, Any]]:
+        with self._lock:
+            entries = list(self._log)
+        return [asdict(e) for e in entries]

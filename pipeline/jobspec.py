@@ -1,0 +1,176 @@
+"""What a job is, as the user writes it, and the checks that turn a line of input into one.
+
+Every check raises ``JobInputError`` with one sentence naming the field and the problem; the
+caller adds where (file and line). Nothing here touches the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+from jsonschema.exceptions import SchemaError
+
+from pipeline.errors import JobInputError
+from pipeline.models import JobKind
+
+MAX_KEY_LENGTH = 200
+# Characters per token for the size estimate at enqueue time. Deliberately pessimistic (real
+# English runs ~4): a job rejected here would have failed at the API anyway.
+CHARS_PER_TOKEN = 3.5
+# Room left in the context window for the prompt scaffolding and the answer.
+PROMPT_OVERHEAD_TOKENS = 2_500
+
+_FIELDS: dict[JobKind, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # kind: (required text fields, optional text fields)
+    JobKind.CLASSIFY: (("text",), ()),
+    JobKind.EXTRACT: (("text",), ()),
+    JobKind.DRAFT: (("instructions",), ("context",)),
+    JobKind.GENERATE: (("prompt",), ()),
+}
+_COMMON = {"key", "kind", "tier", "metadata"}
+_EXTRA = {JobKind.CLASSIFY: {"labels"}, JobKind.EXTRACT: {"schema"}}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    key: str
+    kind: JobKind
+    payload: dict[str, Any]
+    metadata: dict[str, Any] | None
+    tier: str | None
+
+    def content_digest(self) -> str:
+        return digest({"kind": self.kind.value, "payload": self.payload, "tier": self.tier,
+                       "metadata": self.metadata})
+
+
+def digest(obj: Any) -> str:
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def estimate_tokens(payload: dict[str, Any]) -> int:
+    chars = sum(len(v) if isinstance(v, str) else len(json.dumps(v)) for v in payload.values())
+    return math.ceil(chars / CHARS_PER_TOKEN)
+
+
+def _text(obj: dict[str, Any], name: str, *, required: bool) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise JobInputError(f"missing required field {name!r}")
+        return None
+    if not isinstance(value, str):
+        raise JobInputError(f"field {name!r} must be a string, not {type(value).__name__}")
+    if required and not value.strip():
+        raise JobInputError(f"field {name!r} must not be empty")
+    if "\x00" in value:
+        raise JobInputError(f"field {name!r} contains a NUL character")
+    return value
+
+
+def _labels(obj: dict[str, Any]) -> list[str]:
+    labels = obj.get("labels")
+    if labels is None:
+        raise JobInputError("a classify job needs 'labels', a list of the allowed labels")
+    if not isinstance(labels, list) or not labels:
+        raise JobInputError("field 'labels' must be a non-empty list of strings")
+    if not all(isinstance(x, str) and x.strip() for x in labels):
+        raise JobInputError("field 'labels' must contain only non-empty strings")
+    if len(set(labels)) != len(labels):
+        raise JobInputError("field 'labels' contains the same label twice")
+    return labels
+
+
+def _schema(obj: dict[str, Any]) -> dict[str, Any]:
+    schema = obj.get("schema")
+    if schema is None:
+        raise JobInputError("an extract job needs 'schema', a JSON Schema object")
+    if not isinstance(schema, dict):
+        raise JobInputError(f"field 'schema' must be a JSON object, not {type(schema).__name__}")
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except SchemaError as exc:
+        path = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        raise JobInputError(f"field 'schema' is not a valid JSON Schema at {path}: {exc.message}") from None
+    return schema
+
+
+def parse_job(obj: Any, *, work_tiers: tuple[str, ...], max_tokens: int | None = None) -> JobSpec:
+    """Check one decoded job object and return it normalised."""
+    if not isinstance(obj, dict):
+        raise JobInputError(f"a job must be a JSON object, not {type(obj).__name__}")
+    kind_raw = obj.get("kind")
+    if kind_raw is None:
+        raise JobInputError("missing required field 'kind' (classify, extract, draft or generate)")
+    try:
+        kind = JobKind(kind_raw) if isinstance(kind_raw, str) else None
+    except ValueError:
+        kind = None
+    if kind is None:
+        raise JobInputError(f"unknown kind {kind_raw!r}: expected classify, extract, draft or generate")
+
+    required, optional = _FIELDS[kind]
+    allowed = _COMMON | set(required) | set(optional) | _EXTRA.get(kind, set())
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise JobInputError(f"unknown field(s) {', '.join(map(repr, unknown))} for a {kind.value} job")
+
+    payload: dict[str, Any] = {}
+    for name in required:
+        payload[name] = _text(obj, name, required=True)
+    for name in optional:
+        value = _text(obj, name, required=False)
+        if value is not None:
+            payload[name] = value
+    if kind is JobKind.CLASSIFY:
+        payload["labels"] = _labels(obj)
+    elif kind is JobKind.EXTRACT:
+        payload["schema"] = _schema(obj)
+
+    tier = obj.get("tier")
+    if tier is not None and tier not in work_tiers:
+        raise JobInputError(f"unknown tier {tier!r}: expected one of {', '.join(work_tiers)}")
+
+    metadata = obj.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise JobInputError("field 'metadata' must be a JSON object")
+
+    if max_tokens is not None:
+        size = estimate_tokens(payload)
+        if size > max_tokens:
+            raise JobInputError(
+                f"job is too large for the model's context: about {size:,} tokens, limit {max_tokens:,}"
+            )
+
+    spec = JobSpec(key="", kind=kind, payload=payload, metadata=metadata, tier=tier)
+    key = obj.get("key")
+    if key is None:
+        # No key: the content is the identity, so re-running the same file adds nothing.
+        key = "sha256:" + spec.content_digest()[:32]
+    elif not isinstance(key, str) or not key.strip():
+        raise JobInputError("field 'key' must be a non-empty string")
+    elif len(key) > MAX_KEY_LENGTH:
+        raise JobInputError(f"field 'key' is longer than {MAX_KEY_LENGTH} characters")
+    return JobSpec(key=key, kind=kind, payload=payload, metadata=metadata, tier=tier)
+
+
+def parse_line(line: str | bytes, *, work_tiers: tuple[str, ...], max_tokens: int | None = None) -> JobSpec:
+    """Decode and check one JSON Lines line (without the caller's line number)."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise JobInputError(f"not valid UTF-8 (byte {exc.start})") from None
+    try:
+        obj = json.loads(line)
+    except RecursionError:
+        raise JobInputError("JSON is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise JobInputError(f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+    return parse_job(obj, work_tiers=work_tiers, max_tokens=max_tokens)

@@ -1,0 +1,215 @@
+"""The schema. Postgres is the source of truth: every job, transition, routing decision, model
+call and validation verdict is a row here. The migrations in ``migrations/`` build it; a test
+checks that they agree with these models."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from pipeline.db import Base
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; Postgres gets a BIGINT identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+Json = JSON().with_variant(JSONB(), "postgresql")
+Money = Numeric(14, 8)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    TRIAGING = "triaging"
+    WORKING = "working"
+    VALIDATING = "validating"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+ACTIVE = (JobStatus.TRIAGING, JobStatus.WORKING, JobStatus.VALIDATING)
+
+
+class JobKind(enum.StrEnum):
+    CLASSIFY = "classify"
+    EXTRACT = "extract"
+    DRAFT = "draft"
+    GENERATE = "generate"
+
+
+class Stage(enum.StrEnum):
+    TRIAGE = "triage"
+    WORK = "work"
+    FORMAT_CHECK = "format_check"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Stored by value as a plain string with a CHECK, so adding a value is a small migration and
+    # the column reads the same from psql as from Python.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=20,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+    )
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "key"),
+        # The dispatcher takes the oldest queued jobs, and the sweeper scans each active status
+        # for stale stages: both read this index, never the whole table.
+        Index("ix_jobs_status_stage_started_at", "status", "stage_started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[JobKind] = mapped_column(_enum(JobKind, "kind"))
+    payload: Mapped[dict[str, Any]] = mapped_column(Json)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", Json)
+    pinned_tier: Mapped[str | None] = mapped_column(String(40))
+
+    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "status"), default=JobStatus.QUEUED)
+    # Bumped by every transition; a stage applies its result only if the version it read is still
+    # current, so a message delivered twice cannot move a job twice.
+    version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    stage_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # How many times the current stage was begun. A worker that dies mid-stage leaves this
+    # raised; past the limit the job is a poison job and fails instead of looping.
+    deliveries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    difficulty: Mapped[str | None] = mapped_column(String(20))
+    tier: Mapped[str | None] = mapped_column(String(40))
+    attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    escalations: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The latest work answer awaiting validation, and how the model stopped writing it.
+    candidate: Mapped[str | None] = mapped_column(Text)
+    candidate_stop: Mapped[str | None] = mapped_column(String(40))
+    feedback: Mapped[str | None] = mapped_column(Text)
+
+    output: Mapped[Any | None] = mapped_column(Json)
+    error: Mapped[str | None] = mapped_column(Text)
+    cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0), server_default="0")
+
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class JobEvent(Base):
+    """One row per transition: the job's timeline."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    from_status: Mapped[JobStatus | None] = mapped_column(_enum(JobStatus, "from_status"))
+    to_status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "to_status"))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class RoutingDecision(Base):
+    """Why a job went to a tier: a triage verdict, a pin, a retry or an escalation."""
+
+    __tablename__ = "routing_decisions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    reason_kind: Mapped[str] = mapped_column(String(20))  # triage | pinned | retry | escalation
+    verdict: Mapped[str | None] = mapped_column(String(20))  # easy | medium | hard | ambiguous
+    confidence: Mapped[float | None]
+    reason: Mapped[str | None] = mapped_column(Text)
+    from_tier: Mapped[str | None] = mapped_column(String(40))
+    to_tier: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelCall(Base):
+    """Every HTTP call to Claude, successful or not, with its tokens and cost."""
+
+    __tablename__ = "model_calls"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    stage: Mapped[Stage] = mapped_column(_enum(Stage, "stage"))
+    tier: Mapped[str] = mapped_column(String(40))
+    model: Mapped[str] = mapped_column(String(100))
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    # Which delivery of the stage made the call: above 1, the stage was begun again (a worker died
+    # or a message was repeated), and the call is a repeat.
+    delivery: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # started -> ok | error; a call whose worker died stays "started" until the sweeper marks it
+    # "abandoned", so calls repeated after a crash are still counted.
+    outcome: Mapped[str] = mapped_column(String(20), default="started")
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cache_creation_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cache_read_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+    latency_ms: Mapped[float | None]
+    request_id: Mapped[str | None] = mapped_column(String(100))
+    status_code: Mapped[int | None]
+    stop_reason: Mapped[str | None] = mapped_column(String(40))
+    error_type: Mapped[str | None] = mapped_column(String(60))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    response_text: Mapped[str | None] = mapped_column(Text)
+    # False when the stage that made this call lost the race to apply its result (a duplicate
+    # delivery): the call cost money but did not move the job.
+    applied: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ValidationVerdict(Base):
+    __tablename__ = "validation_verdicts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tier: Mapped[str] = mapped_column(String(40))
+    attempt: Mapped[int] = mapped_column(Integer)
+    validator: Mapped[str] = mapped_column(String(40))  # label | json_schema | format_check | answer
+    ok: Mapped[bool] = mapped_column(Boolean)
+    problems: Mapped[list[str]] = mapped_column(Json, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,81 @@
+"""The routing policy: triage verdict -> tier, and what happens after a failed validation.
+
+Plain functions over the configuration, so the policy is tested without a broker or a model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from pipeline.config import DIFFICULTIES, RoutingPolicy
+
+AMBIGUOUS = "ambiguous"
+
+
+@dataclass(frozen=True)
+class TriageVerdict:
+    difficulty: str  # easy | medium | hard | ambiguous
+    confidence: float | None
+    reason: str
+    parsed: bool
+
+
+_JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
+
+
+def parse_triage(text: str | None, *, min_confidence: float) -> TriageVerdict:
+    """Read a triage answer. Anything unparseable or unsure is ``ambiguous``, never an error: the
+    job then goes to the strongest tier instead of being lost."""
+    if not text or not text.strip():
+        return TriageVerdict(AMBIGUOUS, None, "empty triage answer", parsed=False)
+    match = _JSON_OBJECT.search(text)
+    try:
+        data = json.loads(match.group(0) if match else text)
+    except (json.JSONDecodeError, RecursionError):
+        return TriageVerdict(AMBIGUOUS, None, "triage answer is not JSON", parsed=False)
+    if not isinstance(data, dict):
+        return TriageVerdict(AMBIGUOUS, None, "triage answer is not a JSON object", parsed=False)
+
+    difficulty = data.get("difficulty")
+    reason = data.get("reason")
+    reason = reason.strip()[:500] if isinstance(reason, str) else ""
+    if not isinstance(difficulty, str) or difficulty.lower().strip() not in DIFFICULTIES:
+        return TriageVerdict(AMBIGUOUS, None, f"unknown difficulty {difficulty!r}", parsed=False)
+    difficulty = difficulty.lower().strip()
+
+    confidence = data.get("confidence")
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float) or not 0 <= confidence <= 1:
+        return TriageVerdict(AMBIGUOUS, None, f"{difficulty}, but confidence {confidence!r} is not in [0, 1]",
+                             parsed=False)
+    if confidence < min_confidence:
+        return TriageVerdict(AMBIGUOUS, float(confidence),
+                             f"{difficulty} with low confidence {confidence:.2f}: {reason}", parsed=True)
+    return TriageVerdict(difficulty, float(confidence), reason, parsed=True)
+
+
+def tier_for(verdict: TriageVerdict, policy: RoutingPolicy) -> str:
+    if verdict.difficulty == AMBIGUOUS:
+        return policy.ambiguous
+    return policy.by_difficulty[verdict.difficulty]
+
+
+@dataclass(frozen=True)
+class NextStep:
+    action: str  # retry | escalate | fail
+    tier: str | None
+    attempt: int
+
+
+def after_failed_validation(tier: str, attempt: int, policy: RoutingPolicy) -> NextStep:
+    """``attempt`` counts work attempts at ``tier`` so far (1 after the first).
+
+    Retry at the same tier up to ``retries_per_tier`` times, then move one step up the escalation
+    chain, then fail. A tier outside the chain (pinned elsewhere) only retries."""
+    if attempt <= policy.retries_per_tier:
+        return NextStep("retry", tier, attempt + 1)
+    chain = policy.escalation
+    if tier in chain and chain.index(tier) + 1 < len(chain):
+        return NextStep("escalate", chain[chain.index(tier) + 1], 1)
+    return NextStep("fail", None, attempt)

@@ -1,0 +1,56 @@
+"""The one place that reads the environment. Only entry points (CLI, worker boot, the API) build a
+``Settings``; everything below them takes plain arguments."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline.config import ModelConfig, load_config
+
+DEFAULT_SQLITE_URL = "sqlite:///.switchyard/switchyard.sqlite"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", populate_by_name=True)
+
+    database_url: str = Field(DEFAULT_SQLITE_URL, alias="DATABASE_URL")
+    broker_url: str = Field("memory://", alias="BROKER_URL")
+    anthropic_api_key: str | None = Field(None, alias="ANTHROPIC_API_KEY", repr=False)
+    anthropic_base_url: str | None = Field(None, alias="ANTHROPIC_BASE_URL")
+    config_path: Path | None = Field(None, alias="SWITCHYARD_CONFIG")
+
+    # A hard timeout on each HTTP call. The threads pool cannot enforce Celery's time_limit
+    # (celery#9203), so this is what bounds a stuck call.
+    call_timeout_s: float = Field(120.0, alias="SWITCHYARD_CALL_TIMEOUT_S")
+    # Attempts per model call for transient errors (429, 5xx, timeouts). The SDK's own retries
+    # are switched off so that these do not multiply with it.
+    call_attempts: int = Field(4, alias="SWITCHYARD_CALL_ATTEMPTS")
+    retry_max_backoff_s: float = Field(30.0, alias="SWITCHYARD_RETRY_MAX_BACKOFF_S")
+
+    # The dispatcher keeps at most this many jobs in the stages at once; the rest wait in
+    # Postgres, so Redis never holds a whole batch.
+    max_in_flight: int = Field(2000, alias="SWITCHYARD_MAX_IN_FLIGHT")
+    dispatch_interval_s: float = Field(0.5, alias="SWITCHYARD_DISPATCH_INTERVAL_S")
+    # A stage that has made no progress for this long is republished by the sweeper. It must be
+    # longer than the slowest stage can legitimately take, retries included.
+    stage_deadline_s: float | None = Field(None, alias="SWITCHYARD_STAGE_DEADLINE_S")
+    # A job whose stage was started this many times without finishing is a poison job.
+    max_deliveries: int = Field(3, alias="SWITCHYARD_MAX_DELIVERIES")
+
+    @cached_property
+    def models(self) -> ModelConfig:
+        return load_config(self.config_path)
+
+    @property
+    def api_key(self) -> str | None:
+        return self.anthropic_api_key
+
+    @property
+    def effective_stage_deadline_s(self) -> float:
+        if self.stage_deadline_s is not None:
+            return self.stage_deadline_s
+        return self.call_timeout_s * self.call_attempts + self.retry_max_backoff_s * self.call_attempts + 60

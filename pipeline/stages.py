@@ -1,0 +1,331 @@
+"""The three stages, as plain functions: triage, work, validate.
+
+Each one begins the stage on a job (a conditional claim), makes its model call with no database
+connection held, then records the call and moves the job in one transaction, and says where the
+job goes next. Publishing that hand-off is the caller's job, after the commit: these functions never
+touch the broker, so they are tested with nothing but a database and the fake Claude.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import TypeVar
+
+from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.claude import Attempt, CallFailed, CallResult, ClaudeClient
+from pipeline.config import ModelConfig
+from pipeline.db import transaction
+from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
+from pipeline.pricing import call_cost
+from pipeline.prompts import Prompt, format_check_prompt, triage_prompt, work_prompt
+from pipeline.routing import after_failed_validation, parse_triage, tier_for
+from pipeline.states import Claim, begin_stage, transition
+from pipeline.validation import Verdict, check_stop, deterministic_check, parse_format_check
+
+T = TypeVar("T")
+
+WORK, VALIDATE, TRIAGE = "work", "validate", "triage"
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """Where a job goes next: a stage and the queue that serves it."""
+
+    stage: str  # triage | work | validate
+    job_id: int
+    queue: str
+
+
+@dataclass
+class Pipeline:
+    """What the stages need, built once per process by an entry point."""
+
+    sessions: sessionmaker[Session]
+    client: ClaudeClient
+    models: ModelConfig
+    max_deliveries: int = 3
+    db_retry_s: float = 60.0
+
+    def run(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn`` in one transaction, retrying if the database connection drops.
+
+        A Postgres restart must not lose a model call that already cost money: the connection
+        pool's pre-ping replaces dead connections, and this retries the unit of work until the
+        server is back (bounded by ``db_retry_s``)."""
+        delay, waited = 0.2, 0.0
+        while True:
+            try:
+                with transaction(self.sessions) as session:
+                    return fn(session)
+            except OperationalError:
+                # OperationalError is the driver's word for a lost or refused connection; a
+                # constraint or programming error is a different class and is raised at once.
+                if waited >= self.db_retry_s:
+                    raise
+                time.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 5.0)
+
+
+def handoff_for(job_id: int, status: JobStatus, tier: str | None) -> Handoff | None:
+    if status is JobStatus.TRIAGING:
+        return Handoff(TRIAGE, job_id, "triage")
+    if status is JobStatus.WORKING and tier:
+        return Handoff(WORK, job_id, tier)
+    if status is JobStatus.VALIDATING:
+        return Handoff(VALIDATE, job_id, "validate")
+    return None
+
+
+# -- recording calls ---------------------------------------------------------------------------
+
+
+def _start_call(session: Session, p: Pipeline, claim: Claim, *, stage: Stage, tier: str) -> int:
+    """Write the call's row before making it, so a call whose worker dies is still on record."""
+    row = ModelCall(job_id=claim.id, stage=stage, tier=tier, model=p.models.tier(tier).model,
+                    attempt=1, outcome="started", delivery=claim.deliveries)
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def _cost(p: Pipeline, tier: str, attempt: Attempt) -> Decimal:
+    return call_cost(p.models.tier(tier), attempt.usage, config=p.models) if attempt.ok else Decimal(0)
+
+
+def _total_cost(p: Pipeline, tier: str, attempts: Iterable[Attempt]) -> Decimal:
+    return sum((_cost(p, tier, a) for a in attempts), Decimal(0))
+
+
+def _record_attempts(
+    session: Session, p: Pipeline, *, call_id: int, claim: Claim, stage: Stage, tier: str,
+    attempts: Iterable[Attempt], applied: bool,
+) -> None:
+    """Fill in the started row with the first attempt and add a row for each retry.
+
+    ``applied`` is False when this delivery lost the race to move the job: its calls happened and
+    cost money, but did not count."""
+    tier_cfg = p.models.tier(tier)
+    for a in attempts:
+        cost = _cost(p, tier, a)
+        values = dict(
+            outcome="ok" if a.ok else "error", attempt=a.number,
+            input_tokens=a.usage.input_tokens, output_tokens=a.usage.output_tokens,
+            cache_creation_input_tokens=a.usage.cache_creation_input_tokens,
+            cache_read_input_tokens=a.usage.cache_read_input_tokens,
+            cost_usd=cost, latency_ms=a.latency_ms, request_id=a.request_id, status_code=a.status_code,
+            stop_reason=a.stop_reason, error_type=a.error_type, error_message=a.error_message,
+            response_text=a.text, applied=applied and a.ok, started_at=a.started_at,
+            finished_at=a.finished_at,
+        )
+        if a.number == 1:
+            session.execute(update(ModelCall).where(ModelCall.id == call_id).values(**values)
+                            .execution_options(synchronize_session=False))
+        else:
+            session.add(ModelCall(job_id=claim.id, stage=stage, tier=tier, model=tier_cfg.model,
+                                  delivery=claim.deliveries, **values))
+
+
+def _add_cost(session: Session, job_id: int, cost: Decimal) -> None:
+    if cost:
+        session.execute(update(Job).where(Job.id == job_id).values(cost_usd=Job.cost_usd + cost)
+                        .execution_options(synchronize_session=False))
+
+
+# -- the stage skeleton --------------------------------------------------------------------------
+
+
+def _claim(p: Pipeline, job_id: int, status: JobStatus,
+           call: Callable[[Claim], tuple[Stage, str] | None] | None = None) -> tuple[Claim, int | None] | None:
+    """Begin the stage; fail a poison job; write the started call row if ``call`` asks for one."""
+
+    def do(session: Session) -> tuple[Claim, int | None] | None:
+        claim = begin_stage(session, job_id, status=status)
+        if claim is None:
+            return None
+        if claim.deliveries > p.max_deliveries:
+            transition(session, job_id, frm=status, version=claim.version, to=JobStatus.FAILED,
+                       error=f"poison job: the {status.value} stage was started {claim.deliveries - 1} "
+                             f"times and never finished (did it kill its worker?)",
+                       detail="poison")
+            return None
+        wanted = call(claim) if call else None
+        call_id = _start_call(session, p, claim, stage=wanted[0], tier=wanted[1]) if wanted else None
+        return claim, call_id
+
+    return p.run(do)
+
+
+def _call(p: Pipeline, *, tier: str, prompt: Prompt, max_tokens: int) -> CallResult | CallFailed:
+    try:
+        return p.client.call(tier=tier, model=p.models.tier(tier).model, system=prompt.system,
+                             user=prompt.user, max_tokens=max_tokens)
+    except CallFailed as failed:
+        return failed
+
+
+def _fail_after_call(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage: Stage,
+                     tier: str, failed: CallFailed) -> None:
+    what = "transient error, retries exhausted" if failed.transient else "permanent error"
+    error = f"{stage.value} call to {tier} failed ({what}): {failed}"
+
+    def do(session: Session) -> None:
+        _record_attempts(session, p, call_id=call_id, claim=claim, stage=stage, tier=tier,
+                         attempts=failed.attempts, applied=False)
+        _add_cost(session, claim.id, _total_cost(p, tier, failed.attempts))
+        transition(session, claim.id, frm=status, version=claim.version, to=JobStatus.FAILED,
+                   error=error, detail=f"{stage.value} call failed")
+
+    p.run(do)
+
+
+# -- triage ----------------------------------------------------------------------------------------
+
+
+def triage(p: Pipeline, job_id: int) -> Handoff | None:
+    tier = p.models.triage_tier
+    claimed = _claim(p, job_id, JobStatus.TRIAGING, lambda c: (Stage.TRIAGE, tier))
+    if claimed is None:
+        return None
+    claim, call_id = claimed
+    assert call_id is not None
+    result = _call(p, tier=tier, prompt=triage_prompt(claim.kind, claim.payload),
+                   max_tokens=p.models.limits.triage_max_tokens)
+    if isinstance(result, CallFailed):
+        _fail_after_call(p, claim, call_id, status=JobStatus.TRIAGING, stage=Stage.TRIAGE, tier=tier,
+                         failed=result)
+        return None
+
+    verdict = parse_triage(result.text, min_confidence=p.models.routing.min_confidence)
+    target = tier_for(verdict, p.models.routing)
+
+    def do(session: Session) -> Handoff | None:
+        cost = _total_cost(p, tier, result.attempts)
+        moved = transition(session, job_id, frm=JobStatus.TRIAGING, version=claim.version,
+                           to=JobStatus.WORKING, detail=f"triage: {verdict.difficulty} -> {target}",
+                           difficulty=verdict.difficulty, tier=target, attempt=1,
+                           cost_usd=Job.cost_usd + cost)
+        _record_attempts(session, p, call_id=call_id, claim=claim, stage=Stage.TRIAGE, tier=tier,
+                         attempts=result.attempts, applied=moved)
+        if not moved:
+            _add_cost(session, job_id, cost)
+            return None
+        session.add(RoutingDecision(job_id=job_id, reason_kind="triage", verdict=verdict.difficulty,
+                                    confidence=verdict.confidence, reason=verdict.reason, to_tier=target))
+        return Handoff(WORK, job_id, target)
+
+    return p.run(do)
+
+
+# -- work --------------------------------------------------------------------------------------------
+
+
+def work(p: Pipeline, job_id: int) -> Handoff | None:
+    claimed = _claim(p, job_id, JobStatus.WORKING, lambda c: (Stage.WORK, c.tier or ""))
+    if claimed is None:
+        return None
+    claim, call_id = claimed
+    assert call_id is not None and claim.tier is not None
+    tier = claim.tier
+    result = _call(p, tier=tier, prompt=work_prompt(claim.kind, claim.payload, feedback=claim.feedback),
+                   max_tokens=p.models.limits.work_max_tokens)
+    if isinstance(result, CallFailed):
+        _fail_after_call(p, claim, call_id, status=JobStatus.WORKING, stage=Stage.WORK, tier=tier,
+                         failed=result)
+        return None
+
+    def do(session: Session) -> Handoff | None:
+        cost = _total_cost(p, tier, result.attempts)
+        moved = transition(session, job_id, frm=JobStatus.WORKING, version=claim.version,
+                           to=JobStatus.VALIDATING, detail=f"{tier} attempt {claim.attempt} answered",
+                           candidate=result.text, candidate_stop=result.stop_reason,
+                           cost_usd=Job.cost_usd + cost)
+        _record_attempts(session, p, call_id=call_id, claim=claim, stage=Stage.WORK, tier=tier,
+                         attempts=result.attempts, applied=moved)
+        if not moved:
+            _add_cost(session, job_id, cost)
+            return None
+        return Handoff(VALIDATE, job_id, "validate")
+
+    return p.run(do)
+
+
+# -- validate ------------------------------------------------------------------------------------
+
+
+def _quick_verdict(claim: Claim) -> Verdict | None:
+    """The verdict that needs no model: a bad stop, or a machine-checkable kind."""
+    answer = claim.candidate or ""
+    return check_stop(claim.candidate, claim.candidate_stop) or deterministic_check(
+        JobKind(claim.kind), claim.payload, answer)
+
+
+def validate(p: Pipeline, job_id: int) -> Handoff | None:
+    checker = p.models.format_check_tier
+    claimed = _claim(p, job_id, JobStatus.VALIDATING,
+                     lambda c: None if _quick_verdict(c) else (Stage.FORMAT_CHECK, checker))
+    if claimed is None:
+        return None
+    claim, call_id = claimed
+    assert claim.tier is not None
+    verdict = _quick_verdict(claim)
+    result: CallResult | None = None
+    if verdict is None:
+        assert call_id is not None
+        answer = claim.candidate or ""
+        outcome = _call(p, tier=checker, prompt=format_check_prompt(JobKind(claim.kind), claim.payload, answer),
+                        max_tokens=p.models.limits.format_check_max_tokens)
+        if isinstance(outcome, CallFailed):
+            _fail_after_call(p, claim, call_id, status=JobStatus.VALIDATING, stage=Stage.FORMAT_CHECK,
+                             tier=checker, failed=outcome)
+            return None
+        result = outcome
+        verdict = parse_format_check(result.text, answer)
+    return p.run(lambda session: _apply_verdict(session, p, claim, call_id, verdict, result))
+
+
+def _apply_verdict(session: Session, p: Pipeline, claim: Claim, call_id: int | None, verdict: Verdict,
+                   result: CallResult | None) -> Handoff | None:
+    tier = claim.tier or ""
+    checker = p.models.format_check_tier
+    cost = _total_cost(p, checker, result.attempts) if result is not None else Decimal(0)
+    common = dict(frm=JobStatus.VALIDATING, version=claim.version, cost_usd=Job.cost_usd + cost)
+
+    if verdict.ok:
+        moved = transition(session, claim.id, to=JobStatus.SUCCEEDED, detail=f"{verdict.validator} ok",
+                           output=verdict.output, feedback=None, **common)
+        handoff = None
+    else:
+        step = after_failed_validation(tier, claim.attempt, p.models.routing)
+        reasons = verdict.feedback
+        if step.action == "fail":
+            moved = transition(session, claim.id, to=JobStatus.FAILED, detail="validation failed",
+                               error=f"validation failed at {tier} after {claim.attempt} attempt(s): {reasons}",
+                               **common)
+            handoff = None
+        else:
+            assert step.tier is not None
+            extra = {"escalations": Job.escalations + 1} if step.action == "escalate" else {}
+            moved = transition(session, claim.id, to=JobStatus.WORKING,
+                               detail=f"validation failed; {step.action} -> {step.tier}",
+                               tier=step.tier, attempt=step.attempt, feedback=reasons, **extra, **common)
+            if moved:
+                session.add(RoutingDecision(job_id=claim.id, reason_kind=step.action, from_tier=tier,
+                                            to_tier=step.tier, reason=reasons[:2000]))
+            handoff = Handoff(WORK, claim.id, step.tier)
+    if result is not None and call_id is not None:
+        _record_attempts(session, p, call_id=call_id, claim=claim, stage=Stage.FORMAT_CHECK, tier=checker,
+                         attempts=result.attempts, applied=moved)
+    if not moved:
+        _add_cost(session, claim.id, cost)
+        return None
+    session.add(ValidationVerdict(job_id=claim.id, tier=tier, attempt=claim.attempt, validator=verdict.validator,
+                                  ok=verdict.ok, problems=verdict.problems))
+    return handoff
+

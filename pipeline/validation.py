@@ -1,0 +1,102 @@
+"""Checks on a work answer before it is returned.
+
+Classify and extract answers are checked deterministically. Drafts and free generation are not
+machine-checkable, so they get a Haiku format check; ``parse_format_check`` reads its answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+
+from pipeline.models import JobKind
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    validator: str
+    problems: list[str] = field(default_factory=list)
+    output: Any = None  # the parsed answer to keep, when ok
+
+    @property
+    def feedback(self) -> str:
+        return "; ".join(self.problems)
+
+
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```\s*$", re.DOTALL)
+
+
+def _strip_fence(text: str) -> str:
+    text = text.strip()
+    m = _FENCE.match(text)
+    return m.group(1).strip() if m else text
+
+
+def _load_json(text: str) -> Any:
+    try:
+        return json.loads(_strip_fence(text))
+    except (json.JSONDecodeError, RecursionError):
+        return None
+
+
+def check_stop(answer: str | None, stop_reason: str | None) -> Verdict | None:
+    """A refusal, a truncated or an empty answer fails whatever the kind."""
+    if stop_reason == "refusal":
+        return Verdict(False, "answer", ["the model refused to answer"])
+    if stop_reason == "max_tokens":
+        return Verdict(False, "answer", ["the answer was cut off at max_tokens"])
+    if answer is None or not answer.strip():
+        return Verdict(False, "answer", ["the answer is empty"])
+    return None
+
+
+def check_label(answer: str, labels: list[str]) -> Verdict:
+    data = _load_json(answer)
+    if isinstance(data, dict) and "label" in data:
+        label = data["label"]
+    elif data is None and "\n" not in answer.strip():
+        label = answer.strip().strip('"')  # a bare label is a fair answer too
+    else:
+        return Verdict(False, "label", ['answer is not {"label": ...}'])
+    if label not in labels:
+        return Verdict(False, "label", [f"label {label!r} is not one of {labels}"])
+    return Verdict(True, "label", output={"label": label})
+
+
+def check_schema(answer: str, schema: dict[str, Any]) -> Verdict:
+    data = _load_json(answer)
+    if data is None:
+        return Verdict(False, "json_schema", ["answer is not valid JSON"])
+    validator_cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    errors = sorted(validator_cls(schema).iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        problems = [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in errors[:5]]
+        return Verdict(False, "json_schema", problems)
+    return Verdict(True, "json_schema", output=data)
+
+
+def deterministic_check(kind: JobKind, payload: dict[str, Any], answer: str) -> Verdict | None:
+    """The verdict for machine-checkable kinds; None where a format check must decide."""
+    if kind is JobKind.CLASSIFY:
+        return check_label(answer, payload["labels"])
+    if kind is JobKind.EXTRACT:
+        return check_schema(answer, payload["schema"])
+    return None
+
+
+def parse_format_check(text: str | None, answer: str) -> Verdict:
+    """Read the format checker's answer. If the checker itself answers nonsense, the draft is
+    not failed for it: the checker's confusion is not evidence against the draft."""
+    data = _load_json(text or "")
+    if not isinstance(data, dict) or not isinstance(data.get("ok"), bool):
+        return Verdict(True, "format_check", ["format check answer unreadable; accepted"],
+                       output={"text": answer})
+    problems = [str(p) for p in data.get("problems") or [] if str(p).strip()]
+    if data["ok"]:
+        return Verdict(True, "format_check", output={"text": answer})
+    return Verdict(False, "format_check", problems or ["the format check failed without a reason"])
