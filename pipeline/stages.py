@@ -316,7 +316,8 @@ def _apply_verdict(session: Session, p: Pipeline, claim: Claim, call_id: int | N
                                detail=f"validation failed; {step.action} -> {step.tier}",
                                tier=step.tier, attempt=step.attempt, feedback=reasons, **extra, **common)
             if moved:
-                session.add(RoutingDecision(job_id=claim.id, reason_kind=step.action, from_tier=tier,
+                kind = "escalation" if step.action == "escalate" else "retry"
+                session.add(RoutingDecision(job_id=claim.id, reason_kind=kind, from_tier=tier,
                                             to_tier=step.tier, reason=reasons[:2000]))
             handoff = Handoff(WORK, claim.id, step.tier)
     if result is not None and call_id is not None:

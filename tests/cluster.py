@@ -1,0 +1,127 @@
+"""Real switchyard processes for end-to-end and fault tests: workers per tier and the dispatcher,
+each started with the `switchyard` command in its own process group, so a test can SIGKILL or
+SIGTERM one exactly as an operator's supervisor would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.report import terminal_count
+
+SWITCHYARD = str(Path(sys.executable).parent / "switchyard")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            os.killpg(self.popen.pid, sig)
+
+
+@dataclass
+class Cluster:
+    database_url: str
+    broker_url: str
+    claude_url: str
+    workdir: Path
+    env_extra: dict[str, str] = field(default_factory=dict)
+    procs: list[Proc] = field(default_factory=list)
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "SWITCHYARD_"))}
+        env.update({
+            "DATABASE_URL": self.database_url,
+            "BROKER_URL": self.broker_url,
+            "ANTHROPIC_API_KEY": "test-key",
+            "ANTHROPIC_BASE_URL": self.claude_url,
+            "SWITCHYARD_CALL_TIMEOUT_S": "10",
+            "SWITCHYARD_DISPATCH_INTERVAL_S": "0.2",
+            "SWITCHYARD_STAGE_DEADLINE_S": "60",
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(self.env_extra)
+        return env
+
+    def _start(self, name: str, args: list[str], ready: str | None, timeout: float = 30.0) -> Proc:
+        log = self.workdir / f"{name}-{len(self.procs)}.log"
+        fh = log.open("wb")
+        popen = subprocess.Popen([SWITCHYARD, *args], stdout=fh, stderr=subprocess.STDOUT, env=self.env(),
+                                 start_new_session=True)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        if ready:
+            deadline = time.monotonic() + timeout
+            while ready not in log.read_text(errors="replace"):
+                if not proc.alive:
+                    raise RuntimeError(f"{name} exited with {popen.returncode}:\n{proc.tail()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} not ready after {timeout} s:\n{proc.tail()}")
+                time.sleep(0.1)
+        return proc
+
+    def worker(self, tier: str, *, concurrency: int = 8, extra: list[str] | None = None) -> Proc:
+        return self._start(f"worker-{tier}", ["worker", "--tier", tier, "--concurrency", str(concurrency),
+                                              *(extra or [])], ready=" ready.")
+
+    def dispatcher(self) -> Proc:
+        return self._start("dispatcher", ["dispatcher"], ready="dispatcher:")
+
+    def start_all(self, *, concurrency: int = 8) -> None:
+        for tier in ("triage", "sonnet", "opus", "validate"):
+            self.worker(tier, concurrency=concurrency)
+        self.dispatcher()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for p in self.procs:
+            p.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.signal(signal.SIGKILL)
+                p.popen.wait(5)
+        self.procs.clear()
+
+    def logs(self) -> str:
+        return "\n\n".join(f"== {p.name} ==\n{p.tail()}" for p in self.procs)
+
+
+def wait_for_batch(sessions: sessionmaker[Session], batch_id: int, *, timeout: float,
+                   cluster: Cluster | None = None, check: Callable[[], None] | None = None) -> None:
+    """Poll Postgres until every job of the batch is terminal."""
+    deadline = time.monotonic() + timeout
+    done = total = 0
+    while time.monotonic() < deadline:
+        with sessions() as s:
+            done, total = terminal_count(s, batch_id=batch_id)
+        if total and done == total:
+            return
+        if check:
+            check()
+        time.sleep(0.25)
+    detail = cluster.logs() if cluster else ""
+    raise AssertionError(f"batch {batch_id}: only {done}/{total} jobs terminal after {timeout} s\n{detail}")

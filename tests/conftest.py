@@ -1,0 +1,94 @@
+"""Shared fixtures: a fresh Postgres database built by the real migrations, a Redis database of
+this run's own, and the fake Claude over HTTP.
+
+Isolation between test runs on one machine (several developers' runs can share the services):
+each session creates its own Postgres database and drops it afterwards, and uses the Redis
+database number in SWITCHYARD_TEST_REDIS_DB (default 9), which it flushes at the start.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline import migrate
+from pipeline.config import ModelConfig, load_config
+from pipeline.db import make_engine, session_factory
+from pipeline.fake_claude import FakeClaude
+
+PG_SERVER = os.environ.get("SWITCHYARD_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+REDIS_SERVER = os.environ.get("SWITCHYARD_TEST_REDIS", "redis://127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("SWITCHYARD_TEST_REDIS_DB", "9"))
+
+
+def _admin_engine() -> Engine:
+    return create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A new database, migrated to head with `alembic upgrade head`, dropped at the end."""
+    name = f"sy_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = _admin_engine()
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = f"{PG_SERVER}/{name}"
+    try:
+        migrate.upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Iterator[Engine]:
+    eng = make_engine(database_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    return session_factory(engine)
+
+
+@pytest.fixture()
+def db(engine: Engine) -> Iterator[Session]:
+    """A session inside a transaction that is rolled back after the test."""
+    conn = engine.connect()
+    trans = conn.begin()
+    session = Session(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    try:
+        yield session
+    finally:
+        session.close()
+        trans.rollback()
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> str:
+    url = f"{REDIS_SERVER}/{REDIS_DB}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture(scope="session")
+def models() -> ModelConfig:
+    return load_config()
+
+
+@pytest.fixture(scope="session")
+def fake_claude() -> Iterator[FakeClaude]:
+    """The fake Claude on a free port, shared by the session. Tests steer it with hints in the
+    job text, and read its counters through .stats() and .requests()."""
+    with FakeClaude(port=0) as fake:
+        yield fake

@@ -1,0 +1,158 @@
+"""The whole pipeline, for real: worker processes for the four queues and the dispatcher, on
+Postgres and Redis, calling the fake Claude over HTTP through the official SDK."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.config import ModelConfig
+from pipeline.enqueue import enqueue_file
+from pipeline.fake_claude import FakeClaude
+from pipeline.models import Job, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
+from pipeline.pricing import Usage, call_cost
+from pipeline.report import summarize
+from pipeline.routing import parse_triage, tier_for
+from tests.cluster import Cluster, wait_for_batch
+
+LABELS = ["billing", "bug", "account", "other"]
+SCHEMA = {"type": "object", "required": ["name", "amount"],
+          "properties": {"name": {"type": "string"}, "amount": {"type": "number", "minimum": 0},
+                         "paid": {"type": "boolean"}}}
+
+
+def mixed_jobs(n: int, seed: int = 1) -> list[dict]:
+    """A realistic mix, with some jobs steered: hard ones, ones Sonnet gets wrong, ones that need
+    one retry, unsure or garbled triage verdicts, pinned tiers, and a few that cannot succeed."""
+    rng = random.Random(seed)
+    jobs: list[dict] = []
+    for i in range(n):
+        hint = rng.choice(["", "", "", "", "[fake:difficulty=hard]", "[fake:invalid=sonnet]", "[fake:invalid_once]",
+                           "[fake:confidence=0.2]", "[fake:triage=garbage]", "[fake:difficulty=easy]"])
+        kind = ("classify", "extract", "draft", "generate")[i % 4]
+        job: dict = {"key": f"job-{i}", "kind": kind}
+        if kind == "classify":
+            job |= {"text": f"Ticket {i}: I was charged twice for my plan. {hint}", "labels": LABELS}
+        elif kind == "extract":
+            job |= {"text": f"Receipt {i} for Dana Smith, 42.50 paid. {hint}", "schema": SCHEMA}
+        elif kind == "draft":
+            job |= {"instructions": f"Reply to ticket {i} with an apology. {hint}", "context": "Order late by 3 days."}
+        else:
+            job |= {"prompt": f"Summarise item {i} in two lines. {hint}"}
+        if i % 25 == 0:
+            job["tier"] = "opus" if i % 50 == 0 else "sonnet"
+        jobs.append(job)
+    # Two that fail validation everywhere: they must end failed, with reasons.
+    jobs.append({"key": "doomed-1", "kind": "classify", "text": "Nothing fits [fake:invalid=all]", "labels": LABELS})
+    jobs.append({"key": "doomed-2", "kind": "generate", "prompt": "Write nonsense [fake:invalid=all]"})
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def cluster(database_url: str, broker_url: str, fake_claude: FakeClaude, tmp_path_factory: pytest.TempPathFactory):
+    c = Cluster(database_url=database_url, broker_url=broker_url, claude_url=fake_claude.base_url,
+                workdir=tmp_path_factory.mktemp("cluster"))
+    c.start_all(concurrency=8)
+    yield c
+    c.stop()
+
+
+def test_two_hundred_mixed_jobs_end_to_end(cluster: Cluster, sessions: sessionmaker[Session], models: ModelConfig,
+                                           fake_claude: FakeClaude, tmp_path: Path) -> None:
+    jobs = mixed_jobs(198)
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    requests_before = fake_claude.stats()["total_requests"] if "total_requests" in fake_claude.stats() else None
+
+    report = enqueue_file(sessions, path, batch="e2e-mixed", config=models)
+    assert report.accepted == 200 and report.batch_id is not None
+    wait_for_batch(sessions, report.batch_id, timeout=180, cluster=cluster)
+
+    with sessions() as s:
+        rows = s.scalars(select(Job).where(Job.batch_id == report.batch_id)).all()
+        by_key = {j.key: j for j in rows}
+
+        # Every job is terminal; only the doomed ones failed, and they say why.
+        statuses = Counter(j.status for j in rows)
+        assert statuses[JobStatus.FAILED] == 2, {j.key: j.error for j in rows if j.status is JobStatus.FAILED}
+        assert statuses[JobStatus.SUCCEEDED] == 198
+        for key in ("doomed-1", "doomed-2"):
+            assert "validation failed at opus" in (by_key[key].error or "")
+
+        # Each triaged job's first work tier is what the policy makes of its triage answer.
+        for job in rows:
+            decisions = s.scalars(select(RoutingDecision).where(RoutingDecision.job_id == job.id)
+                                  .order_by(RoutingDecision.id)).all()
+            first_work = s.scalars(select(ModelCall).where(ModelCall.job_id == job.id, ModelCall.stage == Stage.WORK)
+                                   .order_by(ModelCall.id)).first()
+            assert first_work is not None
+            if job.pinned_tier:
+                assert decisions[0].reason_kind == "pinned" and first_work.tier == job.pinned_tier
+                continue
+            triage_call = s.scalars(select(ModelCall).where(ModelCall.job_id == job.id,
+                                                            ModelCall.stage == Stage.TRIAGE)).one()
+            verdict = parse_triage(triage_call.response_text, min_confidence=models.routing.min_confidence)
+            assert decisions[0].reason_kind == "triage"
+            assert decisions[0].verdict == verdict.difficulty == job.difficulty
+            assert decisions[0].to_tier == tier_for(verdict, models.routing) == first_work.tier
+
+        # Steered jobs took the path their hints force.
+        for job in rows:
+            text = json.dumps(job.payload)
+            if "[fake:invalid=sonnet]" in text and job.pinned_tier != "sonnet":
+                assert job.status is JobStatus.SUCCEEDED and job.tier == "opus"
+                if job.difficulty in ("easy", "medium"):
+                    assert job.escalations == 1
+            if "[fake:triage=garbage]" in text or "[fake:confidence=0.2]" in text:
+                if not job.pinned_tier:
+                    assert job.difficulty == "ambiguous" and first_tier(s, job.id) == "opus"
+
+        # Escalations happened exactly where validation failed with the retry used up.
+        for job in rows:
+            verdicts = s.scalars(select(ValidationVerdict).where(ValidationVerdict.job_id == job.id)
+                                 .order_by(ValidationVerdict.id)).all()
+            escalations = s.scalars(select(RoutingDecision).where(RoutingDecision.job_id == job.id,
+                                                                  RoutingDecision.reason_kind == "escalation")).all()
+            expected = [v for v in verdicts if not v.ok and v.tier == "sonnet"
+                        and v.attempt > models.routing.retries_per_tier]
+            assert len(escalations) == len(expected) == job.escalations, (job.key, job.payload, [(v.tier, v.attempt, v.ok, v.problems) for v in verdicts], job.error)
+            assert verdicts[-1].ok == (job.status is JobStatus.SUCCEEDED)
+        assert sum(j.escalations for j in rows) > 0
+
+        # The money adds up: each call's cost is its tokens at its tier's price, each job's cost is
+        # the sum of its calls, and the summary is the sum of the jobs.
+        calls = s.scalars(select(ModelCall).join(Job).where(Job.batch_id == report.batch_id)).all()
+        for c in calls:
+            usage = Usage(c.input_tokens, c.output_tokens, c.cache_creation_input_tokens, c.cache_read_input_tokens)
+            expected_cost = call_cost(models.tier(c.tier), usage, config=models) if c.outcome == "ok" else 0
+            assert c.cost_usd == pytest.approx(Decimal(expected_cost), abs=Decimal("1e-8"))
+            assert c.model == models.tier(c.tier).model
+            assert c.request_id and c.request_id.startswith("req_")
+        per_job = Counter()
+        for c in calls:
+            per_job[c.job_id] += c.cost_usd
+        for job in rows:
+            assert job.cost_usd == pytest.approx(per_job[job.id], abs=Decimal("1e-8"))
+        summary = summarize(s, models, batch_id=report.batch_id)
+        assert summary.cost_usd == pytest.approx(sum(j.cost_usd for j in rows), abs=Decimal("1e-6"))
+        assert sum(t.calls for t in summary.tiers) == len(calls)
+        assert sum(t.input_tokens for t in summary.tiers) == sum(c.input_tokens for c in calls)
+        assert summary.top_tier_cost_usd > summary.cost_usd > 0
+
+        # Every recorded call went over HTTP to the fake: its log has each request id.
+        logged = {r["request_id"] for r in fake_claude.requests()}
+        assert {c.request_id for c in calls} <= logged
+        assert s.scalar(select(func.count()).select_from(ModelCall).where(ModelCall.outcome == "started")) == 0
+    del requests_before
+
+
+def first_tier(s: Session, job_id: int) -> str | None:
+    return s.scalar(select(RoutingDecision.to_tier).where(RoutingDecision.job_id == job_id)
+                    .order_by(RoutingDecision.id).limit(1))
