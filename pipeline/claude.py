@@ -116,8 +116,9 @@ def translate(exc: Exception) -> ClaudeError:
     if isinstance(exc, anthropic.APIConnectionError):
         return TransientClaudeError(f"connection failed: {exc}", error_type="connection_error")
     if isinstance(exc, anthropic.APIStatusError):
-        body = exc.body if isinstance(exc.body, dict) else {}
-        err = body.get("error") if isinstance(body.get("error"), dict) else {}
+        body: dict[str, Any] = exc.body if isinstance(exc.body, dict) else {}
+        raw_err = body.get("error")
+        err: dict[str, Any] = raw_err if isinstance(raw_err, dict) else {}
         message = str(err.get("message") or exc.message)
         error_type = str(err.get("type") or type(exc).__name__)
         request_id = _header(exc.response.headers, "request-id") or body.get("request_id")

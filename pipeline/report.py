@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import ColumnElement, and_, case, func, select, true
 from sqlalchemy.orm import Session
 
 from pipeline.config import ModelConfig
@@ -45,7 +45,7 @@ class Summary:
 
 
 def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = None) -> Summary:
-    job_filter = Job.batch_id == batch_id if batch_id is not None else True
+    job_filter: ColumnElement[bool] = Job.batch_id == batch_id if batch_id is not None else true()
     by_status = {
         str(s.value if isinstance(s, JobStatus) else s): n
         for s, n in session.execute(select(Job.status, func.count()).where(job_filter).group_by(Job.status))
@@ -54,7 +54,8 @@ def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = N
     for tier, n in session.execute(
         select(Job.tier, func.count()).where(job_filter, Job.tier.is_not(None)).group_by(Job.tier)
     ):
-        tiers.setdefault(tier, TierLine(tier)).jobs = n
+        if tier is not None:
+            tiers.setdefault(tier, TierLine(tier)).jobs = n
     calls = select(ModelCall.tier, func.count(), func.sum(ModelCall.input_tokens), func.sum(ModelCall.output_tokens),
                    func.sum(ModelCall.cost_usd)).join(Job, Job.id == ModelCall.job_id).where(job_filter)
     for tier, n, tin, tout, cost in session.execute(calls.group_by(ModelCall.tier)):

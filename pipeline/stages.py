@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
@@ -295,26 +295,24 @@ def _apply_verdict(session: Session, p: Pipeline, claim: Claim, call_id: int | N
     tier = claim.tier or ""
     checker = p.models.format_check_tier
     cost = _total_cost(p, checker, result.attempts) if result is not None else Decimal(0)
-    common = dict(frm=JobStatus.VALIDATING, version=claim.version, cost_usd=Job.cost_usd + cost)
+    def move(to: JobStatus, detail: str, **values: Any) -> bool:
+        return transition(session, claim.id, frm=JobStatus.VALIDATING, version=claim.version, to=to,
+                          detail=detail, cost_usd=Job.cost_usd + cost, **values)
 
+    handoff: Handoff | None = None
     if verdict.ok:
-        moved = transition(session, claim.id, to=JobStatus.SUCCEEDED, detail=f"{verdict.validator} ok",
-                           output=verdict.output, feedback=None, **common)
-        handoff = None
+        moved = move(JobStatus.SUCCEEDED, f"{verdict.validator} ok", output=verdict.output, feedback=None)
     else:
         step = after_failed_validation(tier, claim.attempt, p.models.routing)
         reasons = verdict.feedback
         if step.action == "fail":
-            moved = transition(session, claim.id, to=JobStatus.FAILED, detail="validation failed",
-                               error=f"validation failed at {tier} after {claim.attempt} attempt(s): {reasons}",
-                               **common)
-            handoff = None
+            moved = move(JobStatus.FAILED, "validation failed",
+                         error=f"validation failed at {tier} after {claim.attempt} attempt(s): {reasons}")
         else:
             assert step.tier is not None
             extra = {"escalations": Job.escalations + 1} if step.action == "escalate" else {}
-            moved = transition(session, claim.id, to=JobStatus.WORKING,
-                               detail=f"validation failed; {step.action} -> {step.tier}",
-                               tier=step.tier, attempt=step.attempt, feedback=reasons, **extra, **common)
+            moved = move(JobStatus.WORKING, f"validation failed; {step.action} -> {step.tier}",
+                         tier=step.tier, attempt=step.attempt, feedback=reasons, **extra)
             if moved:
                 kind = "escalation" if step.action == "escalate" else "retry"
                 session.add(RoutingDecision(job_id=claim.id, reason_kind=kind, from_tier=tier,
