@@ -73,6 +73,8 @@ def worker(
     concurrency: Annotated[int | None, typer.Option(min=1, help="Calls in flight (threads).")] = None,
     pool: Annotated[Pool, typer.Option(help="Celery pool. Threads keep many slow calls in flight.")] = Pool.threads,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics on this port (default: SWITCHYARD_METRICS_PORT, else none).")] = None,
 ) -> None:
     """Run a worker for one tier's queue."""
     s = settings()
@@ -88,13 +90,47 @@ def worker(
 
     celery_app = workers.celery.app
     celery_app.conf.worker_concurrency = n
-    celery_app.worker_main(["worker", "-Q", tier, "-P", pool.value, "-c", str(n), "-n", f"{tier}@%h",
-                            "-l", loglevel, "--without-mingle", "--without-gossip"])
+    port = metrics_port if metrics_port is not None else s.metrics_port
+    heartbeat = _start_worker_side(s, celery_app, tier=tier, concurrency=n, pool=pool.value, metrics_port=port)
+    try:
+        celery_app.worker_main(["worker", "-Q", tier, "-P", pool.value, "-c", str(n), "-n", f"{tier}@%h",
+                                "-l", loglevel, "--without-mingle", "--without-gossip"])
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+
+
+def _start_worker_side(s: Settings, celery_app: Any, *, tier: str, concurrency: int, pool: str,
+                       metrics_port: int | None) -> Any:
+    """Metrics (if asked for) and the heartbeat that `switchyard status` reads (on Redis)."""
+    from pipeline import metrics
+
+    tick = None
+    if metrics_port:
+        metrics.serve(metrics_port)
+        celery_app.conf.switchyard_hooks = {"on_attempt": metrics.attempt_observer(s.models),
+                                            "on_wait": metrics.observe_wait}
+        err.print(f"metrics on :{metrics_port}/metrics")
+    if not s.uses_redis:
+        return None
+    import redis
+
+    from pipeline.ops import Heartbeat, queue_depths
+    from workers.base import busy
+
+    client = redis.Redis.from_url(s.broker_url, socket_timeout=5, socket_connect_timeout=5)
+    if metrics_port:
+        def tick() -> None:
+            metrics.set_depths(queue_depths(client, [tier]))
+    return Heartbeat(client, tier=tier, concurrency=concurrency, pool=pool, busy=busy,
+                     metrics_port=metrics_port, tick=tick).start()
 
 
 @app.command()
 def dispatcher(
     interval: Annotated[float | None, typer.Option(help="Seconds between rounds.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics (queue depths) on this port (default: SWITCHYARD_METRICS_PORT).")] = None,
 ) -> None:
     """Feed queued jobs to the stages as capacity frees up, and republish stalled ones."""
     import logging
@@ -111,6 +147,9 @@ def dispatcher(
 
     p = build_pipeline(s, concurrency=4)
     stop = threading.Event()
+    port = metrics_port if metrics_port is not None else s.metrics_port
+    if port and s.uses_redis:
+        _serve_depths(s, port, stop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     err.print(f"dispatcher: max {s.max_in_flight} jobs in flight, stage deadline "
@@ -118,6 +157,61 @@ def dispatcher(
     run_dispatcher(p, publisher(workers.celery.app), max_in_flight=s.max_in_flight,
                    interval_s=interval or s.dispatch_interval_s, deadline_s=s.effective_stage_deadline_s,
                    stop=stop)
+
+
+def _serve_depths(s: Settings, port: int, stop: Any) -> None:
+    """Export every queue's depth, refreshed every few seconds: what an autoscaler reads."""
+    import contextlib
+    import threading
+
+    import redis
+
+    from pipeline import metrics
+    from pipeline.ops import queue_depths
+    from workers.config import queue_names
+
+    metrics.serve(port)
+    client = redis.Redis.from_url(s.broker_url, socket_timeout=5, socket_connect_timeout=5)
+    queues = queue_names(s)
+
+    def refresh() -> None:
+        while not stop.is_set():
+            # A lost broker is the dispatcher's own loop to report; the gauge just waits for it.
+            with contextlib.suppress(redis.RedisError):
+                metrics.set_depths(queue_depths(client, queues))
+            stop.wait(5.0)
+
+    threading.Thread(target=refresh, name="switchyard-depths", daemon=True).start()
+    err.print(f"metrics on :{port}/metrics")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one snapshot as JSON.")] = False,
+    watch: Annotated[bool, typer.Option(help="Refresh live until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes with --watch.")] = 2.0,
+) -> None:
+    """Queues, jobs in flight, workers online and recent throughput, per tier."""
+    import time
+
+    from pipeline.ops_view import StatusSource, render_status
+
+    source = StatusSource(settings())
+    if as_json:
+        print(json.dumps(source.snapshot().as_dict(), default=str))
+        return
+    if not watch:
+        console.print(render_status(source.snapshot()))
+        return
+    from rich.live import Live
+
+    with Live(render_status(source.snapshot()), console=console, screen=False, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(render_status(source.snapshot()), refresh=True)
+        except KeyboardInterrupt:
+            pass
 
 
 @app.command("fake-claude")

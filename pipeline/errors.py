@@ -5,6 +5,7 @@
     ├── JobInputError          a job the user submitted is invalid; says which line and why
     │   └── InputFileError     a whole input file is unusable (missing, unreadable, wrong format)
     ├── NotFound               a job or batch id that does not exist
+    ├── RateLimited            a tier's shared budget has no turn for a call soon enough
     └── ClaudeError            a model call failed; translated from the SDK at the client boundary
         ├── TransientClaudeError   worth retrying: 429, 5xx, 529, timeouts, dropped connections
         └── PermanentClaudeError   never retried: 4xx other than 429, a spend-limit 429
@@ -43,6 +44,16 @@ class InputFileError(JobInputError):
 
 class NotFound(SwitchyardError):
     pass
+
+
+class RateLimited(SwitchyardError):
+    """No turn within the tier's rate-limit budget soon enough; raised before any request is sent,
+    so the stage hands the job back to its queue instead of holding a worker thread."""
+
+    def __init__(self, tier: str, wait_s: float) -> None:
+        super().__init__(f"tier {tier} is rate limited for another {wait_s:.1f} s")
+        self.tier = tier
+        self.wait_s = wait_s
 
 
 class ClaudeError(SwitchyardError):
