@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import ModelConfig
 from pipeline.enqueue import enqueue_file
 from pipeline.fake_claude import FakeClaude, FakeOptions
-from pipeline.models import Job, JobStatus
+from pipeline.models import Job, JobStatus, ModelCall
 from pipeline.ratelimit import RedisRateLimiter
 from tests.cluster import SWITCHYARD, Cluster, wait_for_batch
 
@@ -55,13 +58,37 @@ def cluster(database_url: str, broker_url: str, fake: FakeClaude,
                 env_extra={"SWITCHYARD_RATE_LIMITS": f"sonnet.rpm={RPM}",
                            "SWITCHYARD_RATE_WINDOW_S": str(WINDOW_S)})
     try:
-        c.worker("sonnet", concurrency=4)
-        c.worker("sonnet", concurrency=4)
+        for _ in range(2):
+            c.worker("sonnet", concurrency=4, extra=["--metrics-port", str(free_port())])
         c.worker("validate", concurrency=4)
         c.dispatcher()
         yield c
     finally:
         c.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def metrics_ports(cluster: Cluster) -> list[int]:
+    return [int(p.popen.args[p.popen.args.index("--metrics-port") + 1])  # type: ignore[union-attr]
+            for p in cluster.procs if "--metrics-port" in p.popen.args]  # type: ignore[operator]
+
+
+def scrape(ports: list[int]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of every port's /metrics, summed over the ports."""
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
 
 
 def enqueue_pinned(sessions: sessionmaker[Session], models: ModelConfig, tmp_path: Path, name: str,
@@ -163,3 +190,37 @@ def test_status_json_reports_queues_workers_and_throughput(
     assert pids == {p.popen.pid for p in cluster.procs if p.name.startswith("worker-")}
     assert st["finished_5m"].get("succeeded", 0) >= finished >= 3
     assert st["limits"]["sonnet"]["rpm"] == RPM
+
+
+def test_worker_metrics_count_calls_tokens_cost_stages_and_waits(
+    cluster: Cluster, fake: FakeClaude, sessions: sessionmaker[Session], models: ModelConfig, tmp_path: Path,
+) -> None:
+    ports = metrics_ports(cluster)
+    assert len(ports) == 2
+    before = scrape(ports)
+    fake.reset()
+    n = 10
+    batch = enqueue_pinned(sessions, models, tmp_path, "metrics", [f"Invoice {i} unpaid" for i in range(n)])
+    wait_for_batch(sessions, batch, timeout=120, cluster=cluster)
+    # The heartbeat thread refreshes the queue-depth gauge every 5 s; wait for one round.
+    deadline = time.monotonic() + 30
+    while not any(k[0] == "switchyard_queue_depth" for k in scrape(ports)):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    after = scrape(ports)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    log = sonnet_requests(fake)
+    assert delta("switchyard_calls_total", tier="sonnet", outcome="ok") == n == len(log)
+    assert delta("switchyard_tokens_total", tier="sonnet", direction="output") == sum(r["output_tokens"] for r in log)
+    assert delta("switchyard_call_latency_seconds_count", tier="sonnet") == n
+    assert delta("switchyard_stage_runs_total", queue="sonnet", stage="work", outcome="handoff") == n
+    with sessions() as s:
+        cost = s.scalar(select(func.sum(ModelCall.cost_usd)).join(Job).where(Job.batch_id == batch))
+    assert delta("switchyard_cost_usd_total", tier="sonnet") == pytest.approx(float(cost), rel=1e-6)
+    # Ten calls arriving together against a burst of five: some waited for their turn.
+    assert delta("switchyard_rate_limit_wait_seconds_count", tier="sonnet") > 0
+    assert after[("switchyard_queue_depth", (("queue", "sonnet"),))] == 0
