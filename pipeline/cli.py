@@ -83,6 +83,7 @@ def worker(
     queues = queue_names(s)
     if tier not in queues:
         raise ConfigError(f"unknown tier {tier!r}: expected one of {', '.join(queues)}")
+    s.tier_limits()  # a mistake in SWITCHYARD_RATE_LIMITS stops the worker now, not at its first job
     # Model calls are I/O-bound and take seconds: 64 threads wait on them for the cost of one
     # process, where a prefork pool of 2 would hold 2 calls.
     n = concurrency or DEFAULT_CONCURRENCY.get(tier, 64)
