@@ -247,8 +247,9 @@ class RedisRateLimiter:
         r = self.reserve(tier, input_tokens=input_tokens, output_tokens=output_tokens)
         if not r.granted:
             raise RateLimited(tier, r.wait_s)
-        if r.wait_s > 0:
-            self._sleep(r.wait_s)
+        if r.wait_s <= 0:
+            return 0.0  # the script saw no pause, and there was no wait for one to begin in
+        self._sleep(r.wait_s)
         # A 429 may have paused the tier while this reservation was waiting its turn.
         while (left := self.paused_for(tier)) > 0:
             if time.monotonic() - started + left > self.max_wait_s:
