@@ -85,6 +85,15 @@ class RateLimiter(Protocol):
     def penalize(self, tier: str, *, retry_after: float) -> None: ...
 
 
+class ModelClient(Protocol):
+    """What the stages call: ClaudeClient, or a test hook wrapped around it (pipeline.testhooks)."""
+
+    def call(self, *, tier: str, model: str, system: str, user: str, max_tokens: int,
+             on_retry: Callable[[int], None] | None = None) -> CallResult: ...
+
+    def close(self) -> None: ...
+
+
 class NoLimit:
     pauses_on_penalty = False
 
@@ -210,7 +219,10 @@ class ClaudeClient:
         if self.on_attempt is not None:
             self.on_attempt(tier, model, attempt)
 
-    def call(self, *, tier: str, model: str, system: str, user: str, max_tokens: int) -> CallResult:
+    def call(self, *, tier: str, model: str, system: str, user: str, max_tokens: int,
+             on_retry: Callable[[int], None] | None = None) -> CallResult:
+        """Make the call, retrying transient failures. ``on_retry(n)`` runs before attempt n > 1:
+        the stage renews its claim there, so the sweeper knows a call in its retries is alive."""
         attempts: list[Attempt] = []
         estimate = (len(system) + len(user)) // 4
         for number in range(1, self.attempts + 1):
@@ -218,6 +230,8 @@ class ClaudeClient:
                 self.limiter.acquire(tier, input_tokens=estimate, output_tokens=max_tokens)
             except RateLimited as exc:
                 raise Deferred(tier, exc.wait_s, attempts) from exc
+            if on_retry is not None and number > 1:
+                on_retry(number)
             started = datetime.now(UTC)
             t0 = time.perf_counter()
             try:

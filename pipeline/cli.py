@@ -140,7 +140,7 @@ def dispatcher(
 
     from pipeline.dispatch import run_dispatcher
     from pipeline.runtime import build_pipeline
-    from workers.base import publisher
+    from workers.base import broker_watch, publisher
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = settings()
@@ -154,9 +154,10 @@ def dispatcher(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     err.print(f"dispatcher: max {s.max_in_flight} jobs in flight, stage deadline "
-              f"{s.effective_stage_deadline_s:.0f} s")
+              f"{s.effective_stage_deadline_s:.0f} s, claim deadline {s.effective_claim_deadline_s:.0f} s")
     run_dispatcher(p, publisher(workers.celery.app), max_in_flight=s.max_in_flight,
                    interval_s=interval or s.dispatch_interval_s, deadline_s=s.effective_stage_deadline_s,
+                   claim_deadline_s=s.effective_claim_deadline_s, broker_lost=broker_watch(s.broker_url),
                    stop=stop)
 
 

@@ -73,7 +73,8 @@ def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = N
             target=run_dispatcher, name="switchyard-dispatcher", daemon=True,
             args=(p, publisher(app)),
             kwargs=dict(max_in_flight=settings.max_in_flight, interval_s=0.2,
-                        deadline_s=settings.effective_stage_deadline_s, stop=stop),
+                        deadline_s=settings.effective_stage_deadline_s,
+                        claim_deadline_s=settings.effective_claim_deadline_s, stop=stop),
         )
         with embedded_worker(app, queues=queue_names(settings), concurrency=16):
             dispatcher.start()

@@ -13,10 +13,11 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
+from functools import partial
 from typing import Protocol
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.models import ACTIVE, Job, JobStatus, ModelCall, RoutingDecision, utcnow
@@ -68,13 +69,18 @@ def dispatch(session: Session, *, max_in_flight: int, limit: int = 1000) -> list
     return handoffs
 
 
-def sweep(session: Session, *, deadline_s: float, limit: int = 1000) -> list[Handoff]:
-    """Republish jobs whose current stage began more than ``deadline_s`` ago."""
+def sweep(session: Session, *, deadline_s: float, claim_deadline_s: float, lost_before: datetime | None = None,
+          limit: int = 1000) -> list[Handoff]:
+    """Republish stages whose worker died, and stages whose message was lost (see the module doc)."""
     now = utcnow()
-    cutoff = now - timedelta(seconds=deadline_s)
+    claim_cutoff = now - timedelta(seconds=claim_deadline_s)
+    lost_cutoff = now - timedelta(seconds=deadline_s)
+    if lost_before is not None:
+        lost_cutoff = max(lost_cutoff, lost_before)
+    lost = and_(Job.claimed_at.is_(None), Job.stage_started_at < lost_cutoff)
     rows = session.execute(
-        select(Job.id, Job.status, Job.tier)
-        .where(Job.status.in_(ACTIVE), Job.stage_started_at < cutoff)
+        select(Job.id, Job.status, Job.tier, Job.claimed_at)
+        .where(Job.status.in_(ACTIVE), or_(Job.claimed_at < claim_cutoff, lost))
         .order_by(Job.stage_started_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -82,17 +88,22 @@ def sweep(session: Session, *, deadline_s: float, limit: int = 1000) -> list[Han
     if not rows:
         return []
     ids = [r.id for r in rows]
-    # Restart the clock so the next sweep gives the republished message a full deadline.
-    session.execute(update(Job).where(Job.id.in_(ids)).values(stage_started_at=now)
+    # Restart the clock so the next sweep gives the republished message a full deadline, and drop
+    # the dead worker's claim so that message may take the stage.
+    session.execute(update(Job).where(Job.id.in_(ids)).values(stage_started_at=now, claimed_at=None)
                     .execution_options(synchronize_session=False))
-    # A call still "started" past the deadline will never report back: its worker is gone.
-    session.execute(
-        update(ModelCall)
-        .where(ModelCall.job_id.in_(ids), ModelCall.outcome == "started", ModelCall.started_at < cutoff)
-        .values(outcome="abandoned", finished_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    log.warning("sweeper: republishing %d job(s) stalled for over %.0f s", len(ids), deadline_s)
+    dead = [r.id for r in rows if r.claimed_at is not None]
+    if dead:
+        # A call still "started" under a dead claim will never report back: its worker is gone.
+        session.execute(
+            update(ModelCall)
+            .where(ModelCall.job_id.in_(dead), ModelCall.outcome == "started", ModelCall.started_at < claim_cutoff)
+            .values(outcome="abandoned", finished_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    log.warning("sweeper: republishing %d job(s): %d whose worker stopped for over %.0f s, %d whose message "
+                "was lost%s", len(ids), len(dead), claim_deadline_s, len(ids) - len(dead),
+                " (the broker lost its data)" if lost_before else f" (unclaimed for over {deadline_s:.0f} s)")
     return [h for r in rows if (h := handoff_for(r.id, r.status, r.tier)) is not None]
 
 
@@ -109,16 +120,29 @@ def run_dispatcher(
     max_in_flight: int,
     interval_s: float,
     deadline_s: float,
+    claim_deadline_s: float,
+    broker_lost: Callable[[], bool] | None = None,
     stop: Stopper | None = None,
     on_tick: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Dispatch and sweep until ``stop`` is set. Publishing happens after each commit."""
+    """Dispatch and sweep until ``stop`` is set. Publishing happens after each commit.
+
+    ``broker_lost()`` says whether the broker lost its messages since it was last asked."""
     stop = stop or threading.Event()
     while not stop.is_set():
         dispatched = p.run(lambda s: dispatch(s, max_in_flight=max_in_flight))
         publish(dispatched)
-        swept = p.run(lambda s: sweep(s, deadline_s=deadline_s))
-        publish(swept)
+        # Asked after dispatching: what was just published may have gone with the broker's data
+        # too, and is unclaimed, so the sweep below covers it.
+        lost_before = utcnow() if broker_lost is not None and broker_lost() else None
+        # Past the limit of one sweep, a broker loss must still reach every job: sweep again until
+        # a sweep comes back short (each republished job's clock restarts after ``lost_before``).
+        while True:
+            swept = p.run(partial(sweep, deadline_s=deadline_s, claim_deadline_s=claim_deadline_s,
+                                  lost_before=lost_before))
+            publish(swept)
+            if lost_before is None or len(swept) < 1000:
+                break
         if on_tick:
             on_tick(len(dispatched), len(swept))
         # A full dispatch means more is waiting and there was room: go again at once.

@@ -118,6 +118,11 @@ class Job(Base):
     # How many times the current stage was begun. A worker that dies mid-stage leaves this
     # raised; past the limit the job is a poison job and fails instead of looping.
     deliveries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When a worker last showed it is alive on the current stage (claimed it, or began another
+    # attempt of its call); NULL while no worker holds the stage. A stale claim means the worker
+    # died, and is swept after the short claim deadline; a job merely waiting in the broker's
+    # queue has no claim and is swept only after the long stage deadline (pipeline.dispatch).
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     difficulty: Mapped[str | None] = mapped_column(String(20))
     tier: Mapped[str | None] = mapped_column(String(40))

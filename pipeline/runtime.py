@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pipeline.claude import AttemptObserver, ClaudeClient, RateLimiter
+from pipeline.claude import AttemptObserver, ClaudeClient, ModelClient, RateLimiter
 from pipeline.db import make_engine, session_factory
 from pipeline.errors import ConfigError
 from pipeline.settings import Settings
@@ -30,7 +30,7 @@ def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLi
     if limiter is None:
         limiter = build_limiter(settings, on_wait=on_wait)
     engine = make_engine(settings.database_url, pool_size=min(max(concurrency // 4, 4), 16))
-    client = ClaudeClient(
+    client: ModelClient = ClaudeClient(
         api_key=settings.api_key,
         base_url=settings.anthropic_base_url,
         timeout_s=settings.call_timeout_s,
@@ -40,5 +40,9 @@ def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLi
         max_connections=max(concurrency, 10),
         on_attempt=on_attempt,
     )
+    if settings.test_crash_on:
+        from pipeline.testhooks import CrashOnMarker
+
+        client = CrashOnMarker(client, settings.test_crash_on)
     return Pipeline(sessions=session_factory(engine), client=client, models=settings.models,
-                    max_deliveries=settings.max_deliveries)
+                    max_deliveries=settings.max_deliveries, claim_deadline_s=settings.effective_claim_deadline_s)

@@ -39,8 +39,16 @@ class Settings(BaseSettings):
     # A stage that has made no progress for this long is republished by the sweeper. It must be
     # longer than the slowest stage can legitimately take, retries included.
     stage_deadline_s: float | None = Field(None, alias="SWITCHYARD_STAGE_DEADLINE_S")
+    # A stage a worker has begun, with no sign of life (a new call attempt) for this long, is taken
+    # to have lost its worker and is republished. It must exceed one call attempt plus its backoff;
+    # it is what bounds recovery after a worker is killed.
+    claim_deadline_s: float | None = Field(None, alias="SWITCHYARD_CLAIM_DEADLINE_S")
     # A job whose stage was started this many times without finishing is a poison job.
     max_deliveries: int = Field(3, alias="SWITCHYARD_MAX_DELIVERIES")
+    # TEST HOOK, off by default: a worker whose call prompt contains this marker kills its own
+    # process, as the kernel's OOM killer would. It exists for the poison-job fault test
+    # (tests/faults) and does nothing unless set; see pipeline/testhooks.py.
+    test_crash_on: str | None = Field(None, alias="SWITCHYARD_TEST_CRASH_ON")
 
     # Rate limits per tier, over those of the model configuration: "sonnet.rpm=50,opus.otpm=8000".
     rate_limits: str | None = Field(None, alias="SWITCHYARD_RATE_LIMITS")
@@ -73,3 +81,10 @@ class Settings(BaseSettings):
         if self.stage_deadline_s is not None:
             return self.stage_deadline_s
         return self.call_timeout_s * self.call_attempts + self.retry_max_backoff_s * self.call_attempts + 60
+
+    @property
+    def effective_claim_deadline_s(self) -> float:
+        if self.claim_deadline_s is not None:
+            return self.claim_deadline_s
+        # One attempt, then the longest wait before the next (a retry-after is honoured up to 60 s).
+        return self.call_timeout_s + max(self.retry_max_backoff_s, 60.0) + 30

@@ -8,6 +8,7 @@ touch the broker, so they are tested with nothing but a database and the fake Cl
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -19,17 +20,18 @@ from sqlalchemy import delete, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.claude import Attempt, CallFailed, CallResult, ClaudeClient, Deferred
+from pipeline.claude import Attempt, CallFailed, CallResult, Deferred, ModelClient
 from pipeline.config import ModelConfig
 from pipeline.db import transaction
 from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
 from pipeline.pricing import call_cost
 from pipeline.prompts import Prompt, format_check_prompt, triage_prompt, work_prompt
 from pipeline.routing import after_failed_validation, parse_triage, tier_for
-from pipeline.states import Claim, begin_stage, release_stage, transition
+from pipeline.states import Claim, begin_stage, release_stage, renew_claim, transition
 from pipeline.validation import Verdict, check_stop, deterministic_check, parse_format_check
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 WORK, VALIDATE, TRIAGE = "work", "validate", "triage"
 
@@ -54,10 +56,13 @@ class Pipeline:
     """What the stages need, built once per process by an entry point."""
 
     sessions: sessionmaker[Session]
-    client: ClaudeClient
+    client: ModelClient
     models: ModelConfig
     max_deliveries: int = 3
     db_retry_s: float = 60.0
+    # How long a claimed stage may show no sign of life before another delivery may take it over
+    # (and the sweeper republishes it): longer than one call attempt plus its backoff.
+    claim_deadline_s: float = 300.0
 
     def run(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in one transaction, retrying if the database connection drops.
@@ -153,7 +158,7 @@ def _claim(p: Pipeline, job_id: int, status: JobStatus,
     """Begin the stage; fail a poison job; write the started call row if ``call`` asks for one."""
 
     def do(session: Session) -> tuple[Claim, int | None] | None:
-        claim = begin_stage(session, job_id, status=status)
+        claim = begin_stage(session, job_id, status=status, claim_deadline_s=p.claim_deadline_s)
         if claim is None:
             return None
         if claim.deliveries > p.max_deliveries:
@@ -169,10 +174,20 @@ def _claim(p: Pipeline, job_id: int, status: JobStatus,
     return p.run(do)
 
 
-def _call(p: Pipeline, *, tier: str, prompt: Prompt, max_tokens: int) -> CallResult | CallFailed | Deferred:
+def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt, max_tokens: int) -> CallResult | CallFailed | Deferred:
+    def renew(_attempt: int) -> None:
+        # Best effort and without Pipeline.run's retries: a missed renewal costs at worst a
+        # duplicate delivery (which the version check absorbs), while blocking here on a database
+        # outage would hold up a call that is already paid for.
+        try:
+            with transaction(p.sessions) as session:
+                renew_claim(session, claim.id, version=claim.version)
+        except OperationalError as exc:
+            log.warning("job %s: could not renew the stage claim: %s", claim.id, exc.orig or exc)
+
     try:
         return p.client.call(tier=tier, model=p.models.tier(tier).model, system=prompt.system,
-                             user=prompt.user, max_tokens=max_tokens)
+                             user=prompt.user, max_tokens=max_tokens, on_retry=renew)
     except (CallFailed, Deferred) as outcome:
         return outcome
 
@@ -227,7 +242,7 @@ def triage(p: Pipeline, job_id: int) -> Handoff | None:
         return None
     claim, call_id = claimed
     assert call_id is not None
-    result = _call(p, tier=tier, prompt=triage_prompt(claim.kind, claim.payload),
+    result = _call(p, claim, tier=tier, prompt=triage_prompt(claim.kind, claim.payload),
                    max_tokens=p.models.limits.triage_max_tokens)
     if isinstance(result, Deferred):
         return _defer(p, claim, call_id, status=JobStatus.TRIAGING, stage=Stage.TRIAGE, tier=tier, deferred=result)
@@ -267,7 +282,7 @@ def work(p: Pipeline, job_id: int) -> Handoff | None:
     claim, call_id = claimed
     assert call_id is not None and claim.tier is not None
     tier = claim.tier
-    result = _call(p, tier=tier, prompt=work_prompt(claim.kind, claim.payload, feedback=claim.feedback),
+    result = _call(p, claim, tier=tier, prompt=work_prompt(claim.kind, claim.payload, feedback=claim.feedback),
                    max_tokens=p.models.limits.work_max_tokens)
     if isinstance(result, Deferred):
         return _defer(p, claim, call_id, status=JobStatus.WORKING, stage=Stage.WORK, tier=tier, deferred=result)
@@ -315,7 +330,7 @@ def validate(p: Pipeline, job_id: int) -> Handoff | None:
     if verdict is None:
         assert call_id is not None
         answer = claim.candidate or ""
-        outcome = _call(p, tier=checker, prompt=format_check_prompt(JobKind(claim.kind), claim.payload, answer),
+        outcome = _call(p, claim, tier=checker, prompt=format_check_prompt(JobKind(claim.kind), claim.payload, answer),
                         max_tokens=p.models.limits.format_check_max_tokens)
         if isinstance(outcome, Deferred):
             return _defer(p, claim, call_id, status=JobStatus.VALIDATING, stage=Stage.FORMAT_CHECK, tier=checker,

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.models import TERMINAL, Job, JobEvent, JobStatus, utcnow
@@ -46,8 +46,9 @@ def check(frm: JobStatus, to: JobStatus) -> None:
 
 
 def _entry_values(to: JobStatus, now: datetime) -> dict[str, Any]:
+    # A new stage starts unclaimed: no worker holds it until one begins it.
     values: dict[str, Any] = {"status": to, "version": Job.version + 1, "updated_at": now,
-                              "deliveries": 0}
+                              "deliveries": 0, "claimed_at": None}
     if to in TERMINAL:
         values.update(finished_at=now, stage_started_at=None, candidate=None)
     else:
@@ -133,15 +134,22 @@ class Claim:
     candidate_stop: str | None
 
 
-def begin_stage(session: Session, job_id: int, *, status: JobStatus) -> Claim | None:
-    """Record that a stage is starting on a job, if the job is in that stage at all.
+def begin_stage(session: Session, job_id: int, *, status: JobStatus, claim_deadline_s: float) -> Claim | None:
+    """Claim the job for the stage that is starting, if it is in that stage and no live worker
+    holds it.
 
-    Returns None for a stale or duplicate message (the job has moved on). The delivery count it
-    raises is what catches a poison job that kills its worker on every try."""
+    Returns None for a stale message (the job has moved on) and for a duplicate one (another worker
+    claimed the stage less than ``claim_deadline_s`` ago and is still on it). Refusing duplicates
+    here matters twice over: the sweeper and Redis's visibility timeout both republish, and without
+    this guard two workers would pay for the same call at once, and each duplicate would count as a
+    delivery, failing a healthy job as poison. The delivery count is raised only by real claims,
+    so it counts the workers that began this stage and died (or stalled) on it."""
+    now = utcnow()
     row = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == status)
-        .values(deliveries=Job.deliveries + 1, stage_started_at=utcnow())
+        .where(Job.id == job_id, Job.status == status,
+               or_(Job.claimed_at.is_(None), Job.claimed_at < now - timedelta(seconds=claim_deadline_s)))
+        .values(deliveries=Job.deliveries + 1, claimed_at=now)
         .returning(Job.id, Job.version, Job.deliveries, Job.kind, Job.payload, Job.tier, Job.attempt,
                    Job.feedback, Job.candidate, Job.candidate_stop)
         .execution_options(synchronize_session=False)
@@ -158,10 +166,23 @@ def release_stage(session: Session, job_id: int, *, status: JobStatus, version: 
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == status, Job.version == version, Job.deliveries > 0)
-        .values(deliveries=Job.deliveries - 1, stage_started_at=utcnow())
+        # ...and gives up its claim, or the handed-back message would find the stage still held.
+        .values(deliveries=Job.deliveries - 1, stage_started_at=utcnow(), claimed_at=None)
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
+def renew_claim(session: Session, job_id: int, *, version: int) -> bool:
+    """Show the sweeper that the worker holding this stage is alive (it is starting another attempt
+    of its call), so the claim deadline need only cover one attempt, not all of them."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.version == version, Job.claimed_at.is_not(None))
+        .values(claimed_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def status_of(session: Session, job_id: int) -> JobStatus | None:

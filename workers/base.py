@@ -41,6 +41,41 @@ def current_pipeline(app: Celery) -> Pipeline:
     return _pipeline
 
 
+BROKER_MARKER = "switchyard:broker-alive"
+
+
+def broker_watch(broker_url: str) -> Callable[[], bool] | None:
+    """A check the dispatcher runs each round: has the broker lost its data since the last round?
+
+    Redis keeps switchyard's messages in memory only; a FLUSHALL, a FLUSHDB of the broker's
+    database, or a restart without persistence drops every queued message at once. A marker key
+    goes down with them, so its absence tells the sweeper to republish every unclaimed stage now
+    rather than after the long stage deadline. Other brokers: no check (None)."""
+    if not broker_url.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5)
+
+    def lost() -> bool:
+        try:
+            # SET NX: True only when the marker was missing, i.e. at first start or after a loss.
+            created = bool(client.set(BROKER_MARKER, "1", nx=True))
+        except redis.RedisError as exc:
+            # The broker is unreachable: nothing can be republished now anyway. Once it is back
+            # without the marker, the next round sees the loss.
+            log.warning("cannot check the broker for lost messages: %s", exc)
+            return False
+        # At first start a fresh broker looks like a lost one: the unclaimed stages are then
+        # republished once, which duplicates are harmless to.
+        if created:
+            log.warning("the broker has lost its data (marker %r missing): republishing unclaimed stages",
+                        BROKER_MARKER)
+        return created
+
+    return lost
+
+
 def publisher(app: Celery) -> Callable[[Iterable[Handoff]], None]:
     def publish(handoffs: Iterable[Handoff]) -> None:
         for h in handoffs:
