@@ -69,9 +69,34 @@ def dispatch(session: Session, *, max_in_flight: int, limit: int = 1000) -> list
     return handoffs
 
 
+# A job whose stage has died under it this many times is a suspect: it may be what kills workers.
+SUSPECT_DELIVERIES = 2
+
+
+def _queue(status: JobStatus, tier: str | None) -> str:
+    h = handoff_for(0, status, tier)
+    return h.queue if h else ""
+
+
+def _on_probation(session: Session, claim_cutoff: datetime) -> set[str]:
+    """Queues where a suspect is running right now (a live claim on a job that died before)."""
+    rows = session.execute(
+        select(Job.status, Job.tier).distinct()
+        .where(Job.status.in_(ACTIVE), Job.claimed_at >= claim_cutoff, Job.deliveries >= SUSPECT_DELIVERIES)
+    ).all()
+    return {_queue(r.status, r.tier) for r in rows}
+
+
 def sweep(session: Session, *, deadline_s: float, claim_deadline_s: float, lost_before: datetime | None = None,
           limit: int = 1000) -> list[Handoff]:
-    """Republish stages whose worker died, and stages whose message was lost (see the module doc)."""
+    """Republish stages whose worker died, and stages whose message was lost (see the module doc).
+
+    Suspects go on probation. A poison job kills every job in flight beside it on its worker, and
+    they are all swept and republished together, so without care the innocent ones would die with
+    it again and again and be failed as poison too. So a job that has already died
+    ``SUSPECT_DELIVERIES`` times is republished only while no other suspect of its queue is running,
+    one at a time: the poison job then dies alone, and an innocent suspect finishes. A first death
+    (the usual case: one worker killed) is republished at once, keeping recovery fast."""
     now = utcnow()
     claim_cutoff = now - timedelta(seconds=claim_deadline_s)
     lost_cutoff = now - timedelta(seconds=deadline_s)
@@ -79,7 +104,7 @@ def sweep(session: Session, *, deadline_s: float, claim_deadline_s: float, lost_
         lost_cutoff = max(lost_cutoff, lost_before)
     lost = and_(Job.claimed_at.is_(None), Job.stage_started_at < lost_cutoff)
     rows = session.execute(
-        select(Job.id, Job.status, Job.tier, Job.claimed_at)
+        select(Job.id, Job.status, Job.tier, Job.claimed_at, Job.deliveries)
         .where(Job.status.in_(ACTIVE), or_(Job.claimed_at < claim_cutoff, lost))
         .order_by(Job.stage_started_at)
         .limit(limit)
@@ -87,11 +112,6 @@ def sweep(session: Session, *, deadline_s: float, claim_deadline_s: float, lost_
     ).all()
     if not rows:
         return []
-    ids = [r.id for r in rows]
-    # Restart the clock so the next sweep gives the republished message a full deadline, and drop
-    # the dead worker's claim so that message may take the stage.
-    session.execute(update(Job).where(Job.id.in_(ids)).values(stage_started_at=now, claimed_at=None)
-                    .execution_options(synchronize_session=False))
     dead = [r.id for r in rows if r.claimed_at is not None]
     if dead:
         # A call still "started" under a dead claim will never report back: its worker is gone.
@@ -101,10 +121,28 @@ def sweep(session: Session, *, deadline_s: float, claim_deadline_s: float, lost_
             .values(outcome="abandoned", finished_at=now)
             .execution_options(synchronize_session=False)
         )
+    busy = _on_probation(session, claim_cutoff)
+    chosen, held = [], 0
+    for r in rows:
+        if r.claimed_at is not None and r.deliveries >= SUSPECT_DELIVERIES:
+            queue = _queue(r.status, r.tier)
+            if queue in busy:
+                held += 1  # left as it is (a stale claim): a later sweep takes it up
+                continue
+            busy.add(queue)
+        chosen.append(r)
+    if not chosen:
+        return []
+    ids = [r.id for r in chosen]
+    # Restart the clock so the next sweep gives the republished message a full deadline, and drop
+    # the dead worker's claim so that message may take the stage.
+    session.execute(update(Job).where(Job.id.in_(ids)).values(stage_started_at=now, claimed_at=None)
+                    .execution_options(synchronize_session=False))
+    n_dead = sum(1 for r in chosen if r.claimed_at is not None)
     log.warning("sweeper: republishing %d job(s): %d whose worker stopped for over %.0f s, %d whose message "
-                "was lost%s", len(ids), len(dead), claim_deadline_s, len(ids) - len(dead),
-                " (the broker lost its data)" if lost_before else f" (unclaimed for over {deadline_s:.0f} s)")
-    return [h for r in rows if (h := handoff_for(r.id, r.status, r.tier)) is not None]
+                "was lost%s; %d suspect(s) held on probation", len(ids), n_dead, claim_deadline_s, len(ids) - n_dead,
+                " (the broker lost its data)" if lost_before else f" (unclaimed for over {deadline_s:.0f} s)", held)
+    return [h for r in chosen if (h := handoff_for(r.id, r.status, r.tier)) is not None]
 
 
 class Stopper(Protocol):

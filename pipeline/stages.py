@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.claude import Attempt, CallFailed, CallResult, Deferred, ModelClient
 from pipeline.config import ModelConfig
 from pipeline.db import transaction
-from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
+from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict, utcnow
 from pipeline.pricing import call_cost
 from pipeline.prompts import Prompt, format_check_prompt, triage_prompt, work_prompt
 from pipeline.routing import after_failed_validation, parse_triage, tier_for
@@ -161,6 +161,12 @@ def _claim(p: Pipeline, job_id: int, status: JobStatus,
         claim = begin_stage(session, job_id, status=status, claim_deadline_s=p.claim_deadline_s)
         if claim is None:
             return None
+        # A call row of this job still "started" belongs to an earlier claim that is dead (a live
+        # one would have kept us out). The sweeper closes such rows when it republishes, but a
+        # duplicate message can take over a stale claim before the sweeper gets to it.
+        session.execute(
+            update(ModelCall).where(ModelCall.job_id == job_id, ModelCall.outcome == "started")
+            .values(outcome="abandoned", finished_at=utcnow()).execution_options(synchronize_session=False))
         if claim.deliveries > p.max_deliveries:
             transition(session, job_id, frm=status, version=claim.version, to=JobStatus.FAILED,
                        error=f"poison job: the {status.value} stage was started {claim.deliveries - 1} "

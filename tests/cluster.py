@@ -8,8 +8,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,8 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    args: list[str] = field(default_factory=list)
+    ready: str | None = None
 
     def tail(self, lines: int = 40) -> str:
         try:
@@ -49,6 +53,7 @@ class Cluster:
     workdir: Path
     env_extra: dict[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
+    started: int = 0
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "SWITCHYARD_"))}
@@ -66,11 +71,12 @@ class Cluster:
         return env
 
     def _start(self, name: str, args: list[str], ready: str | None, timeout: float = 30.0) -> Proc:
-        log = self.workdir / f"{name}-{len(self.procs)}.log"
+        self.started += 1
+        log = self.workdir / f"{name}-{self.started}.log"
         fh = log.open("wb")
         popen = subprocess.Popen([SWITCHYARD, *args], stdout=fh, stderr=subprocess.STDOUT, env=self.env(),
                                  start_new_session=True)
-        proc = Proc(name, popen, log)
+        proc = Proc(name, popen, log, args, ready)
         self.procs.append(proc)
         if ready:
             deadline = time.monotonic() + timeout
@@ -93,6 +99,37 @@ class Cluster:
         for tier in ("triage", "sonnet", "opus", "validate"):
             self.worker(tier, concurrency=concurrency)
         self.dispatcher()
+
+    def restart(self, proc: Proc, *, wait_ready: bool = True) -> Proc:
+        """Start ``proc`` again (after it died or was stopped), as a supervisor would."""
+        if proc.alive:
+            raise RuntimeError(f"{proc.name} is still running")
+        proc.popen.wait()
+        self.procs.remove(proc)
+        return self._start(proc.name, proc.args, proc.ready if wait_ready else None)
+
+    @contextmanager
+    def supervised(self, *, interval: float = 0.2) -> Iterator[list[tuple[str, int]]]:
+        """Restart any process that dies, like systemd's Restart=always; yields the list of
+        (name, exit code) of each death seen."""
+        deaths: list[tuple[str, int]] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(interval):
+                for proc in list(self.procs):
+                    code = proc.popen.poll()
+                    if code is not None:
+                        deaths.append((proc.name, code))
+                        self.restart(proc, wait_ready=False)
+
+        thread = threading.Thread(target=watch, name="supervisor", daemon=True)
+        thread.start()
+        try:
+            yield deaths
+        finally:
+            stop.set()
+            thread.join(5)
 
     def stop(self, timeout: float = 20.0) -> None:
         for p in self.procs:
