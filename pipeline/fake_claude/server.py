@@ -309,6 +309,16 @@ class FakeClaude:
         self._responder.reset()
         self._recorder.reset()
 
+    def reconfigure(self, options: FakeOptions) -> None:
+        """Serve with new options from now on (a new fault mix, say) and start a fresh log, on the
+        same address: clients keep their base URL and connections. Call it between runs, not
+        while requests are in flight."""
+        self.options = options
+        self._responder = Responder(options)
+        if self._server is not None:
+            self._server.responder = self._responder
+        self._recorder.reset()
+
     def __enter__(self) -> Self:
         self.start()
         return self
