@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.config import ModelConfig
 from pipeline.errors import InputFileError, JobInputError
-from pipeline.jobspec import PROMPT_OVERHEAD_TOKENS, JobSpec, parse_job, parse_line
+from pipeline.jobspec import JobSpec, max_job_tokens, parse_job, parse_line
 from pipeline.models import Batch, Job, JobStatus, utcnow
 
 CHUNK = 2000
@@ -83,7 +83,7 @@ def _csv_row(row: dict[str, str | None]) -> dict[str, Any]:
 
 def iter_lines(path: Path, fmt: str, *, config: ModelConfig) -> Iterator[tuple[int, str, JobSpec | JobInputError]]:
     """Yield (line number, raw text, job or the error for that line), streaming."""
-    max_tokens = min(t.context_tokens for t in config.tiers.values()) - PROMPT_OVERHEAD_TOKENS
+    max_tokens = max_job_tokens(config)
     tiers = config.work_tiers
     try:
         fh: IO[bytes] = path.open("rb")

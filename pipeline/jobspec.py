@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 from jsonschema.exceptions import SchemaError
 
+from pipeline.config import ModelConfig
 from pipeline.errors import JobInputError
 from pipeline.models import JobKind
 
@@ -22,8 +23,14 @@ MAX_KEY_LENGTH = 200
 # Characters per token for the size estimate at enqueue time. Deliberately pessimistic (real
 # English runs ~4): a job rejected here would have failed at the API anyway.
 CHARS_PER_TOKEN = 3.5
-# Room left in the context window for the prompt scaffolding and the answer.
-PROMPT_OVERHEAD_TOKENS = 2_500
+# Outside ASCII a character is often a token or more (CJK, emoji): such text is counted by its
+# UTF-8 bytes instead, two bytes a token, so a page of Chinese is not taken for a quarter of its size.
+NON_ASCII_BYTES_PER_TOKEN = 2.0
+# The prompts' own text (system prompt, section tags) around the job; tests/unit/test_context_limit
+# checks the real prompts stay under it.
+PROMPT_SCAFFOLD_TOKENS = 600
+# Validation feedback shown to a retried work call is cut to this (pipeline.prompts).
+FEEDBACK_MAX_CHARS = 4_000
 
 _FIELDS: dict[JobKind, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # kind: (required text fields, optional text fields)
@@ -54,9 +61,31 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def estimate_text_tokens(text: str) -> int:
+    """A pessimistic token count for ``text``, without a tokenizer."""
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    other_bytes = len(text.encode("utf-8", "surrogatepass")) - ascii_chars
+    return math.ceil(ascii_chars / CHARS_PER_TOKEN + other_bytes / NON_ASCII_BYTES_PER_TOKEN)
+
+
 def estimate_tokens(payload: dict[str, Any]) -> int:
-    chars = sum(len(v) if isinstance(v, str) else len(json.dumps(v)) for v in payload.values())
-    return math.ceil(chars / CHARS_PER_TOKEN)
+    return sum(estimate_text_tokens(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
+               for v in payload.values())
+
+
+def max_job_tokens(config: ModelConfig) -> int:
+    """The largest job (estimated tokens) whose every prompt fits every tier's context window.
+
+    A job's text is sent whole in each stage, and the context must also hold what comes with it:
+    the prompts' scaffolding, the answer under check (the format check shows the work answer, up
+    to work_max_tokens), the validator's feedback on a retry, and the tokens the call may write."""
+    limits = config.limits
+    per_stage = max(
+        limits.triage_max_tokens,
+        math.ceil(FEEDBACK_MAX_CHARS / CHARS_PER_TOKEN) + limits.work_max_tokens,
+        limits.work_max_tokens + limits.format_check_max_tokens,
+    )
+    return min(t.context_tokens for t in config.tiers.values()) - PROMPT_SCAFFOLD_TOKENS - per_stage
 
 
 def _text(obj: dict[str, Any], name: str, *, required: bool) -> str | None:
