@@ -26,8 +26,8 @@ from sqlalchemy.orm import Session
 
 from pipeline.config import ModelConfig
 from pipeline.errors import InputFileError, JobInputError
-from pipeline.jobspec import JobSpec, max_job_tokens, parse_job, parse_line
-from pipeline.models import Batch, Job, JobStatus, utcnow
+from pipeline.jobspec import JobSpec, digest, max_job_tokens, parse_job, parse_line
+from pipeline.models import Batch, Job, JobKind, JobStatus, utcnow
 
 CHUNK = 2000
 FORMATS = ("jsonl", "csv")
@@ -136,14 +136,31 @@ def _upsert(session: Session, table: Any) -> Any:
     return insert(table)
 
 
-def _write(session: Session, batch_id: int, specs: list[JobSpec]) -> int:
+def _write(session: Session, batch_id: int, chunk: list[tuple[int, JobSpec]]) -> tuple[int, list[tuple[int, JobSpec]]]:
+    """Insert a chunk; return (new jobs, lines whose key the batch already has for a different job)."""
     now = utcnow()
     rows = [{"batch_id": batch_id, "key": s.key, "kind": s.kind, "payload": s.payload, "meta": s.metadata,
              "pinned_tier": s.tier, "status": JobStatus.QUEUED, "created_at": now, "updated_at": now}
-            for s in specs]
-    # RETURNING counts only the rows that were new: a key the batch already has returns nothing.
-    stmt = _upsert(session, Job).on_conflict_do_nothing(index_elements=["batch_id", "key"]).returning(Job.id)
-    return len(session.execute(stmt, rows).all())
+            for _, s in chunk]
+    # RETURNING names only the rows that were new: a key the batch already has returns nothing.
+    stmt = _upsert(session, Job).on_conflict_do_nothing(index_elements=["batch_id", "key"]).returning(Job.key)
+    new = set(session.scalars(stmt, rows).all())
+    seen = [(n, s) for n, s in chunk if s.key not in new]
+    if not seen:
+        return len(new), []
+    # A key already there is an idempotent re-run only if it names the same job; the same key for
+    # different content is the user's mistake, and silently keeping either one would hide it.
+    existing = {
+        r.key: digest({"kind": JobKind(r.kind).value, "payload": r.payload, "tier": r.pinned_tier,
+                       "metadata": r.meta})
+        for r in session.execute(select(Job.key, Job.kind, Job.payload, Job.meta, Job.pinned_tier)
+                                 .where(Job.batch_id == batch_id, Job.key.in_([s.key for _, s in seen])))
+    }
+    return len(new), [(n, s) for n, s in seen if existing.get(s.key) != s.content_digest()]
+
+
+def _key_conflict(key: str) -> str:
+    return f"key {key!r} was already used in this batch for a different job"
 
 
 def enqueue_file(
@@ -157,9 +174,19 @@ def enqueue_file(
     progress: Progress | None = None,
     max_reported: int = 1000,
 ) -> EnqueueReport:
-    """Check, then write. Raises JobInputError for the first bad line unless ``skip_invalid``."""
+    """Check, then write. Raises JobInputError for the first bad line unless ``skip_invalid``.
+
+    Without ``skip_invalid`` the file is written in one transaction: a key that turns out, at
+    write time, to clash with a different job (earlier in the file or already in the batch) rejects
+    the whole file, and nothing of it is left behind. With ``skip_invalid`` each chunk commits as
+    it goes and such lines are reported with the other bad ones."""
     fmt = detect_format(path, fmt)
     report = EnqueueReport(batch=batch)
+
+    def bad(number: int, reason: str, raw: str) -> None:
+        report.invalid_count += 1
+        if len(report.invalid) < max_reported:
+            report.invalid.append(BadLine(number, reason, raw[:2000]))
 
     if not skip_invalid:
         # Pass 1: check everything, write nothing. A 1M-line file is read twice rather than held.
@@ -168,36 +195,52 @@ def enqueue_file(
                 raise JobInputError(item.reason, line=number, source=str(path))
     with session_factory() as session:
         batch_id = get_or_create_batch(session, batch)
-        session.commit()
+        if skip_invalid:
+            session.commit()
         report.batch_id = batch_id
-        chunk: list[JobSpec] = []
-        keys: set[str] = set()
+        chunk: list[tuple[int, JobSpec]] = []
+        raws: dict[int, str] = {}
+        digests: dict[str, str] = {}
 
         def flush() -> None:
             if chunk:
-                report.accepted += _write(session, batch_id, chunk)
-                session.commit()
+                accepted, clashes = _write(session, batch_id, chunk)
+                if clashes and not skip_invalid:
+                    number, spec = clashes[0]
+                    session.rollback()
+                    raise JobInputError(_key_conflict(spec.key), line=number, source=str(path))
+                report.accepted += accepted
+                for number, spec in clashes:
+                    bad(number, _key_conflict(spec.key), raws.get(number, ""))
+                if skip_invalid:
+                    session.commit()
                 chunk.clear()
-                keys.clear()
+                raws.clear()
+                digests.clear()
             if progress:
                 progress(report.read, report.accepted)
 
         for number, raw, item in iter_lines(path, fmt, config=config):
             report.read += 1
             if isinstance(item, JobInputError):
-                report.invalid_count += 1
-                if len(report.invalid) < max_reported:
-                    report.invalid.append(BadLine(number, item.reason, raw[:2000]))
+                bad(number, item.reason, raw)
                 continue
-            if item.key in keys:
+            if item.key in digests:
                 # The same key twice in one chunk would make one multi-row insert conflict with
-                # itself; the first occurrence wins, as it would across chunks.
+                # itself: the same job again is a duplicate; a different one is a mistake.
+                if digests[item.key] != item.content_digest():
+                    if not skip_invalid:
+                        session.rollback()
+                        raise JobInputError(_key_conflict(item.key), line=number, source=str(path))
+                    bad(number, _key_conflict(item.key), raw)
                 continue
-            keys.add(item.key)
-            chunk.append(item)
+            digests[item.key] = item.content_digest()
+            chunk.append((number, item))
+            raws[number] = raw[:2000]  # what a report keeps of a line, not the whole of a huge one
             if len(chunk) >= CHUNK:
                 flush()
         flush()
+        session.commit()
     valid = report.read - report.invalid_count
     report.duplicates = valid - report.accepted
     return report

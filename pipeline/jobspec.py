@@ -39,6 +39,13 @@ _FIELDS: dict[JobKind, tuple[tuple[str, ...], tuple[str, ...]]] = {
     JobKind.DRAFT: (("instructions",), ("context",)),
     JobKind.GENERATE: (("prompt",), ()),
 }
+# Nested JSON (metadata, a schema) deeper than this is refused: Postgres, jsonschema and our own
+# digest all recurse through it, and no honest job needs more.
+MAX_DEPTH = 64
+# Metadata rides along with the job and is not sent to the model, so the context check does not
+# bound it; this does.
+MAX_METADATA_BYTES = 65_536
+
 _COMMON = {"key", "kind", "tier", "metadata"}
 _EXTRA = {JobKind.CLASSIFY: {"labels"}, JobKind.EXTRACT: {"schema"}}
 
@@ -103,6 +110,42 @@ def _text(obj: dict[str, Any], name: str, *, required: bool) -> str | None:
     return value
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """A value quoted in an error message, cut so that a hostile one cannot flood the message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_string(text: str, name: str) -> None:
+    if "\x00" in text:
+        raise JobInputError(f"field {name!r} contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise JobInputError(f"field {name!r} contains invalid Unicode (an unpaired surrogate)") from None
+
+
+def _check_storable(value: Any, name: str) -> None:
+    """Refuse, with the field's name, what Postgres cannot store or what would recurse too deep:
+    NUL characters and unpaired surrogates anywhere (keys included), NaN and infinities, and
+    nesting past MAX_DEPTH. Walked without recursion, so a hostile depth cannot crash the check."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise JobInputError(f"field {name!r} is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(item, str):
+            _check_string(item, name)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise JobInputError(f"field {name!r} contains {item}, which JSON cannot hold")
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                _check_string(k, name)
+                stack.append((v, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
 def _labels(obj: dict[str, Any]) -> list[str]:
     labels = obj.get("labels")
     if labels is None:
@@ -142,13 +185,16 @@ def parse_job(obj: Any, *, work_tiers: tuple[str, ...], max_tokens: int | None =
     except ValueError:
         kind = None
     if kind is None:
-        raise JobInputError(f"unknown kind {kind_raw!r}: expected classify, extract, draft or generate")
+        raise JobInputError(f"unknown kind {_short(kind_raw)}: expected classify, extract, draft or generate")
 
     required, optional = _FIELDS[kind]
     allowed = _COMMON | set(required) | set(optional) | _EXTRA.get(kind, set())
     unknown = sorted(set(obj) - allowed)
     if unknown:
-        raise JobInputError(f"unknown field(s) {', '.join(map(repr, unknown))} for a {kind.value} job")
+        shown = ", ".join(_short(u, 40) for u in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise JobInputError(f"unknown field(s) {shown} for a {kind.value} job")
+    for name in allowed & set(obj):
+        _check_storable(obj[name], name)
 
     payload: dict[str, Any] = {}
     for name in required:
@@ -164,11 +210,13 @@ def parse_job(obj: Any, *, work_tiers: tuple[str, ...], max_tokens: int | None =
 
     tier = obj.get("tier")
     if tier is not None and tier not in work_tiers:
-        raise JobInputError(f"unknown tier {tier!r}: expected one of {', '.join(work_tiers)}")
+        raise JobInputError(f"unknown tier {_short(tier)}: expected one of {', '.join(work_tiers)}")
 
     metadata = obj.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise JobInputError("field 'metadata' must be a JSON object")
+    if metadata is not None and len(json.dumps(metadata, ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
+        raise JobInputError(f"field 'metadata' is larger than {MAX_METADATA_BYTES:,} bytes")
 
     if max_tokens is not None:
         size = estimate_tokens(payload)
