@@ -51,12 +51,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         Path(target).write_text(json.dumps(FIGURES, indent=2) + "\n")
 
 
-@pytest.fixture()
+@pytest.fixture
 def figures() -> dict[str, Any]:
     return FIGURES
 
 
-@pytest.fixture()
+@pytest.fixture
 def make_fake() -> Iterator[Callable[..., FakeClaude]]:
     fakes: list[FakeClaude] = []
 
@@ -70,7 +70,7 @@ def make_fake() -> Iterator[Callable[..., FakeClaude]]:
         fake.stop()
 
 
-@pytest.fixture()
+@pytest.fixture
 def make_cluster(database_url: str, broker_url: str, tmp_path: Path,
                  request: pytest.FixtureRequest) -> Iterator[Callable[..., Cluster]]:
     clusters: list[Cluster] = []
@@ -97,7 +97,8 @@ def enqueue_mixed(sessions: sessionmaker[Session], models: ModelConfig, tmp_path
     path = tmp_path / f"{name}.jsonl"
     path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
     report = enqueue_file(sessions, path, batch=name, config=models)
-    assert report.accepted == size and report.batch_id is not None
+    assert report.accepted == size
+    assert report.batch_id is not None
     return report.batch_id
 
 

@@ -25,6 +25,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from decimal import Decimal
+from itertools import pairwise
 from typing import Any
 
 from sqlalchemy import select
@@ -80,12 +81,14 @@ def _check_path(job: Job, events: list[JobEvent]) -> None:
     path = [(e.from_status, e.to_status, e.detail) for e in events]
     assert events, f"{where} has no transitions"
     assert events[0].from_status is Q, f"{where} does not start at queued: {path}"
-    for before, after in zip(events, events[1:], strict=False):
+    for before, after in pairwise(events):
         assert after.from_status is before.to_status, f"{where} moved twice out of one state: {path}"
     for e in events:
-        assert e.from_status is not None and e.to_status in ALLOWED[e.from_status], f"{where}: illegal step {path}"
+        assert e.from_status is not None, f"{where}: a step from nowhere {path}"
+        assert e.to_status in ALLOWED[e.from_status], f"{where}: illegal step {path}"
     terminal = [e for e in events if e.to_status in TERMINAL]
-    assert len(terminal) == 1 and terminal[0] is events[-1], f"{where} has {len(terminal)} final results: {path}"
+    assert len(terminal) == 1, f"{where} has {len(terminal)} final results: {path}"
+    assert terminal[0] is events[-1], f"{where} moved on after its final result: {path}"
     assert events[-1].to_status is job.status, f"{where}: last event is not its status: {path}"
     assert len(events) == job.version, f"{where}: {len(events)} transitions but version {job.version}: {path}"
 
@@ -116,12 +119,15 @@ def check_exactly_once(sessions: sessionmaker[Session], batch_id: int, *, fake: 
     assert not not_done, f"{len(not_done)} job(s) not terminal: {dict(list(not_done.items())[:10])}"
     for job in jobs:
         _check_path(job, events[job.id])
-        assert job.finished_at is not None and job.claimed_at is None
+        assert job.finished_at is not None
+        assert job.claimed_at is None
         passed = [v for v in verdicts[job.id] if v.ok]
         if job.status is S:
-            assert len(passed) == 1 and job.output is not None, f"job {job.key}: {len(passed)} passing verdicts"
+            assert len(passed) == 1, f"job {job.key}: {len(passed)} passing verdicts"
+            assert job.output is not None, f"job {job.key} succeeded without an output"
         else:
-            assert not passed and job.error, f"job {job.key} ended {job.status.value} without a reason"
+            assert not passed, f"job {job.key} ended {job.status.value} with a passing verdict"
+            assert job.error, f"job {job.key} ended {job.status.value} without a reason"
 
     # -- no stage moved a job twice ------------------------------------------------------------------
     for job in jobs:

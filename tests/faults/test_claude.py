@@ -78,7 +78,8 @@ def test_claude_misbehaves(pair: tuple[str, str], shared: tuple[FakeClaude, Clus
     for spec in PERMANENT:  # failed at once: one attempt, the API's message
         job = by_key[spec["key"]]
         assert job.status is JobStatus.FAILED, job.error
-        assert "permanent error" in (job.error or "") and "Injected fault: invalid request" in (job.error or "")
+        assert "permanent error" in (job.error or "")
+        assert "Injected fault: invalid request" in (job.error or "")
         assert [c.attempt for c in calls if c.job_id == job.id and c.status_code == 400] == [1]
     # Every error row is one of the injected transient faults (or a permanent job's 400).
     permanent_ids = {by_key[p["key"]].id for p in PERMANENT}

@@ -135,7 +135,9 @@ def test_poison_job_fails_after_bounded_deliveries(make_fake: Callable[..., Fake
     with sessions() as s:
         job = s.scalars(select(Job).where(Job.batch_id == batch_id, Job.key == "poison")).one()
     assert job.status is JobStatus.FAILED
-    assert job.error and "poison job" in job.error and "started 3 times" in job.error
+    assert job.error
+    assert "poison job" in job.error
+    assert "started 3 times" in job.error
     # It took the worker down once per delivery, and no more.
     assert [name for name, _ in deaths] == ["worker-sonnet"] * 3, deaths
     assert not {k: v for k, v in unexpected_failures(facts).items() if k != "poison"}, unexpected_failures(facts)
@@ -161,5 +163,6 @@ def test_sigterm_hands_back_in_flight_calls(make_fake: Callable[..., FakeClaude]
     wait_for_batch(sessions, batch_id, timeout=180, cluster=cluster)
     facts = check_exactly_once(sessions, batch_id, fake=fake, max_attempts=CALL_ATTEMPTS)
     assert not unexpected_failures(facts), unexpected_failures(facts)
-    assert facts.abandoned_calls == 0 and facts.repeated_calls == 0
+    assert facts.abandoned_calls == 0
+    assert facts.repeated_calls == 0
     figures["sigterm"] = summary(facts)

@@ -49,15 +49,19 @@ def nested(depth: int, leaf: Any) -> Any:
 
 def check_valid(spec: JobSpec) -> None:
     """What a job that passed must be: storable in Postgres text and JSONB, keyed, sized."""
-    assert spec.key and len(spec.key) <= 200
+    assert spec.key
+    assert len(spec.key) <= 200
     stored = json.dumps({"payload": spec.payload, "metadata": spec.metadata, "key": spec.key}, ensure_ascii=False)
     stored.encode("utf-8")  # no lone surrogates
-    assert "\x00" not in stored and "\\u0000" not in stored  # Postgres text and JSONB refuse NUL
+    assert "\x00" not in stored  # Postgres text and JSONB refuse NUL
+    assert "\\u0000" not in stored
 
 
 def check_message(exc: JobInputError) -> None:
     message = str(exc)
-    assert message and "\n" not in message and "Traceback" not in message
+    assert message
+    assert "\n" not in message
+    assert "Traceback" not in message
     assert len(message) < 500, message
 
 
@@ -143,7 +147,8 @@ def test_enqueue_writes_all_or_nothing(sessions: sessionmaker[Session], models: 
         report = enqueue_file(sessions, path, batch=name, config=models, skip_invalid=skip_invalid)
     except JobInputError as exc:
         check_message(exc)
-        assert not skip_invalid and not all_valid
+        assert not skip_invalid
+        assert not all_valid
         assert _count(sessions, name) == (0, 0)  # nothing half-written
         return
     assert skip_invalid or all(_ok(o) for o in objs)
