@@ -1,0 +1,92 @@
+"""Stage claims and the sweeper's two deadlines, on Postgres with no broker: what lets a killed
+worker's jobs come back fast without republishing healthy queued work, and keeps a poison job from
+taking innocent jobs down with it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import select, update
+
+from pipeline import stages
+from pipeline.dispatch import sweep
+from pipeline.models import Job, JobStatus, ModelCall, utcnow
+from pipeline.stages import Handoff, Pipeline
+from pipeline.states import begin_stage
+from tests.unit.test_stages import dispatched, enqueue, job, pipeline  # noqa: F401  (the fixture)
+
+
+def _age_claim(p: Pipeline, jid: int, seconds: float) -> None:
+    stale = utcnow() - timedelta(seconds=seconds)
+    p.run(lambda s: s.execute(update(Job).where(Job.id == jid).values(claimed_at=stale)))
+
+
+def _swept(p: Pipeline, **kw: object) -> list[int]:
+    return [h.job_id for h in p.run(lambda s: sweep(s, **{"deadline_s": 3600, "claim_deadline_s": 60, **kw}))]
+
+
+def test_a_duplicate_message_is_refused_while_a_live_worker_holds_the_stage(pipeline: Pipeline,  # noqa: F811
+                                                                            tmp_path: Path) -> None:
+    [jid] = enqueue(pipeline, tmp_path, {"kind": "generate", "prompt": "dup"})
+    dispatched(pipeline)
+    first = pipeline.run(lambda s: begin_stage(s, jid, status=JobStatus.TRIAGING, claim_deadline_s=60))
+    assert first is not None
+    assert first.deliveries == 1
+    # A second delivery (sweeper, visibility timeout) while the first is alive: no call, no count.
+    assert pipeline.run(lambda s: begin_stage(s, jid, status=JobStatus.TRIAGING, claim_deadline_s=60)) is None
+    assert job(pipeline, jid).deliveries == 1
+    # Once the claim is stale, the worker is presumed dead and another delivery may take over.
+    _age_claim(pipeline, jid, 61)
+    again = pipeline.run(lambda s: begin_stage(s, jid, status=JobStatus.TRIAGING, claim_deadline_s=60))
+    assert again is not None
+    assert again.deliveries == 2
+
+
+def test_a_dead_claim_is_swept_after_the_short_deadline_and_queued_work_is_left_alone(
+        pipeline: Pipeline, tmp_path: Path) -> None:  # noqa: F811
+    held, waiting = enqueue(pipeline, tmp_path, {"kind": "generate", "prompt": "held"},
+                            {"kind": "generate", "prompt": "waiting"})
+    dispatched(pipeline)
+    pipeline.run(lambda s: begin_stage(s, held, status=JobStatus.TRIAGING, claim_deadline_s=60))
+    assert held not in _swept(pipeline)
+    _age_claim(pipeline, held, 61)
+    # The unclaimed one has waited only seconds: it is left in its queue.
+    swept = _swept(pipeline)
+    assert held in swept
+    assert waiting not in swept
+    assert job(pipeline, held).claimed_at is None
+    # ...unless the broker lost its data, when every stage left unclaimed is republished at once.
+    assert waiting in _swept(pipeline, lost_before=utcnow())
+
+
+def test_claiming_a_stage_closes_the_dead_claims_calls(pipeline: Pipeline, tmp_path: Path) -> None:  # noqa: F811
+    [jid] = enqueue(pipeline, tmp_path, {"kind": "generate", "prompt": "orphan", "tier": "sonnet"})
+    dispatched(pipeline)
+    claimed = stages._claim(pipeline, jid, JobStatus.WORKING, lambda c: (stages.Stage.WORK, "sonnet"))
+    assert claimed is not None
+    _age_claim(pipeline, jid, 10_000)  # its worker died mid-call
+    # A duplicate message takes over before any sweep: the dead call is closed, the job finishes.
+    assert stages.work(pipeline, jid) == Handoff("validate", jid, "validate")
+    with pipeline.sessions() as s:
+        outcomes = [(c.delivery, c.outcome) for c in s.scalars(select(ModelCall).where(ModelCall.job_id == jid)
+                                                                .order_by(ModelCall.id))]
+    assert outcomes == [(1, "abandoned"), (2, "ok")]
+
+
+def test_suspects_are_republished_one_at_a_time_per_queue(pipeline: Pipeline, tmp_path: Path) -> None:  # noqa: F811
+    a, b = enqueue(pipeline, tmp_path, {"kind": "generate", "prompt": "a", "tier": "opus"},
+                   {"kind": "generate", "prompt": "b", "tier": "opus"})
+    dispatched(pipeline)
+    # Both died twice on the opus queue (one of them may be killing the worker).
+    pipeline.run(lambda s: s.execute(update(Job).where(Job.id.in_([a, b]))
+                                     .values(deliveries=2, claimed_at=utcnow() - timedelta(hours=1))))
+    first = [j for j in _swept(pipeline) if j in (a, b)]
+    assert len(first) == 1
+    # While that one runs, the other waits on probation.
+    pipeline.run(lambda s: s.execute(update(Job).where(Job.id == first[0]).values(claimed_at=utcnow())))
+    assert not [j for j in _swept(pipeline) if j in (a, b)]
+    # When it is done, the other goes.
+    pipeline.run(lambda s: s.execute(update(Job).where(Job.id == first[0]).values(claimed_at=None)))
+    assert stages.work(pipeline, first[0]) is not None
+    assert [j for j in _swept(pipeline) if j in (a, b)] == [b if first[0] == a else a]
