@@ -79,10 +79,15 @@ def _queue(status: JobStatus, tier: str | None) -> str:
 
 
 def _on_probation(session: Session, claim_cutoff: datetime) -> set[str]:
-    """Queues where a suspect is running right now (a live claim on a job that died before)."""
+    """Queues where a suspect is on probation right now: running (a live claim), or republished
+    and on its way to a worker. Counting only running ones would let the next sweep send a second
+    suspect while the first still waits in the queue, and the two could die together again. A
+    republished suspect whose message is lost stops counting after the claim deadline."""
     rows = session.execute(
         select(Job.status, Job.tier).distinct()
-        .where(Job.status.in_(ACTIVE), Job.claimed_at >= claim_cutoff, Job.deliveries >= SUSPECT_DELIVERIES)
+        .where(Job.status.in_(ACTIVE), Job.deliveries >= SUSPECT_DELIVERIES,
+               or_(Job.claimed_at >= claim_cutoff,
+                   and_(Job.claimed_at.is_(None), Job.stage_started_at >= claim_cutoff)))
     ).all()
     return {_queue(r.status, r.tier) for r in rows}
 
