@@ -15,8 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline.models import TERMINAL, Job
 from pipeline.report import terminal_count
 
 SWITCHYARD = str(Path(sys.executable).parent / "switchyard")
@@ -161,4 +163,9 @@ def wait_for_batch(sessions: sessionmaker[Session], batch_id: int, *, timeout: f
             check()
         time.sleep(0.25)
     detail = cluster.logs() if cluster else ""
-    raise AssertionError(f"batch {batch_id}: only {done}/{total} jobs terminal after {timeout} s\n{detail}")
+    with sessions() as s:
+        stuck = s.execute(select(Job.id, Job.key, Job.status, Job.tier, Job.deliveries, Job.claimed_at,
+                                 Job.stage_started_at)
+                          .where(Job.batch_id == batch_id, Job.status.not_in(list(TERMINAL))).limit(5)).all()
+    raise AssertionError(f"batch {batch_id}: only {done}/{total} jobs terminal after {timeout} s; "
+                         f"some not terminal: {[tuple(r) for r in stuck]}\n{detail}")
