@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -144,6 +144,19 @@ def _record_attempts(
                                   delivery=claim.deliveries, **values))
 
 
+def _applied_before(session: Session, call_id: int | None) -> bool:
+    """True if this very call was already applied: Pipeline.run is replaying a transaction whose
+    commit reached Postgres but whose acknowledgement was lost with the connection (a restart, a
+    dropped backend). Replaying it would find the job moved, record the call as not applied and
+    count its cost twice, and drop the hand-off; instead the stage returns its hand-off again."""
+    if call_id is None:
+        return False
+    # The stage records its call in the same transaction as the move; nobody else ever writes "ok"
+    # or "error" on this row. (When the first commit had lost the race, the hand-off returned
+    # again is a harmless duplicate.)
+    return session.scalar(select(ModelCall.outcome).where(ModelCall.id == call_id)) in ("ok", "error")
+
+
 def _add_cost(session: Session, job_id: int, cost: Decimal) -> None:
     if cost:
         session.execute(update(Job).where(Job.id == job_id).values(cost_usd=Job.cost_usd + cost)
@@ -261,6 +274,8 @@ def triage(p: Pipeline, job_id: int) -> Handoff | None:
     target = tier_for(verdict, p.models.routing)
 
     def do(session: Session) -> Handoff | None:
+        if _applied_before(session, call_id):
+            return Handoff(WORK, job_id, target)
         cost = _total_cost(p, tier, result.attempts)
         moved = transition(session, job_id, frm=JobStatus.TRIAGING, version=claim.version,
                            to=JobStatus.WORKING, detail=f"triage: {verdict.difficulty} -> {target}",
@@ -298,6 +313,8 @@ def work(p: Pipeline, job_id: int) -> Handoff | None:
         return None
 
     def do(session: Session) -> Handoff | None:
+        if _applied_before(session, call_id):
+            return Handoff(VALIDATE, job_id, "validate")
         cost = _total_cost(p, tier, result.attempts)
         moved = transition(session, job_id, frm=JobStatus.WORKING, version=claim.version,
                            to=JobStatus.VALIDATING, detail=f"{tier} attempt {claim.attempt} answered",
@@ -355,7 +372,11 @@ def _apply_verdict(session: Session, p: Pipeline, claim: Claim, call_id: int | N
     tier = claim.tier or ""
     checker = p.models.format_check_tier
     cost = _total_cost(p, checker, result.attempts) if result is not None else Decimal(0)
+    replay = _applied_before(session, call_id)
+
     def move(to: JobStatus, detail: str, **values: Any) -> bool:
+        if replay:
+            return False
         return transition(session, claim.id, frm=JobStatus.VALIDATING, version=claim.version, to=to,
                           detail=detail, cost_usd=Job.cost_usd + cost, **values)
 
@@ -378,6 +399,8 @@ def _apply_verdict(session: Session, p: Pipeline, claim: Claim, call_id: int | N
                 session.add(RoutingDecision(job_id=claim.id, reason_kind=kind, from_tier=tier,
                                             to_tier=step.tier, reason=reasons[:2000]))
             handoff = Handoff(WORK, claim.id, step.tier)
+    if replay:
+        return handoff
     if result is not None and call_id is not None:
         _record_attempts(session, p, call_id=call_id, claim=claim, stage=Stage.FORMAT_CHECK, tier=checker,
                          attempts=result.attempts, applied=moved)

@@ -90,3 +90,29 @@ def test_suspects_are_republished_one_at_a_time_per_queue(pipeline: Pipeline, tm
     pipeline.run(lambda s: s.execute(update(Job).where(Job.id == first[0]).values(claimed_at=None)))
     assert stages.work(pipeline, first[0]) is not None
     assert [j for j in _swept(pipeline) if j in (a, b)] == [b if first[0] == a else a]
+
+
+def test_a_replayed_transaction_whose_commit_went_through_hands_off_again(pipeline: Pipeline,  # noqa: F811
+                                                                          tmp_path: Path) -> None:
+    """Pipeline.run retries a transaction when the connection drops, even if the commit reached
+    Postgres and only its acknowledgement was lost. The replay must not record the call again as
+    unapplied, count its cost twice, or drop the hand-off."""
+    [jid] = enqueue(pipeline, tmp_path, {"kind": "generate", "prompt": "replayed", "tier": "sonnet"})
+    dispatched(pipeline)
+    real_run = pipeline.run
+    replays: list[int] = []
+
+    def run_twice(fn):  # type: ignore[no-untyped-def]
+        first = real_run(fn)
+        if fn.__qualname__.startswith("work.") and not replays:
+            replays.append(1)
+            return real_run(fn)  # the same unit of work again, as after a lost acknowledgement
+        return first
+
+    pipeline.run = run_twice  # type: ignore[method-assign]
+    assert stages.work(pipeline, jid) == Handoff("validate", jid, "validate")
+    assert replays
+    with pipeline.sessions() as s:
+        calls = s.scalars(select(ModelCall).where(ModelCall.job_id == jid)).all()
+    assert [(c.outcome, c.applied) for c in calls] == [("ok", True)]
+    assert job(pipeline, jid).cost_usd == calls[0].cost_usd
