@@ -193,7 +193,8 @@ def _claim(p: Pipeline, job_id: int, status: JobStatus,
     return p.run(do)
 
 
-def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt, max_tokens: int) -> CallResult | CallFailed | Deferred:
+def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,
+          max_tokens: int) -> CallResult | CallFailed | Deferred:
     def renew(_attempt: int) -> None:
         # Best effort and without Pipeline.run's retries: a missed renewal costs at worst a
         # duplicate delivery (which the version check absorbs), while blocking here on a database
