@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.errors import ConfigError, SwitchyardError
 from pipeline.settings import Settings
@@ -27,6 +28,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(jobs_app, name="jobs")
 
 console = Console()
+# Errors are one sentence on one line, however narrow the terminal: scripts grep them.
 err = Console(stderr=True)
 
 
@@ -320,6 +322,11 @@ def _usd(value: Decimal) -> str:
 # -- entry point ---------------------------------------------------------------------------------------
 
 
+def _error(message: str) -> None:
+    # Text, not markup: a message may quote the user's own brackets ("[tiers.opus]", a job's text).
+    err.print(Text.assemble(("error: ", "red"), message), highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     from kombu.exceptions import OperationalError as BrokerError
     from sqlalchemy.exc import OperationalError as DatabaseError
@@ -327,14 +334,14 @@ def main() -> None:
     try:
         app()
     except SwitchyardError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        _error(str(exc))
         sys.exit(2)
     except DatabaseError as exc:
         first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        err.print(f"[red]error:[/] cannot use the database (DATABASE_URL): {first}", highlight=False)
+        _error(f"cannot use the database (DATABASE_URL): {first}")
         sys.exit(2)
     except BrokerError as exc:
-        err.print(f"[red]error:[/] cannot reach the broker (BROKER_URL): {exc}", highlight=False)
+        _error(f"cannot reach the broker (BROKER_URL): {exc}")
         sys.exit(2)
 
 
