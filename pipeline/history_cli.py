@@ -35,10 +35,22 @@ STATUS_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "q
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 
 
-def _sessions() -> sessionmaker[Session]:
+@contextmanager
+def _sessions() -> Iterator[sessionmaker[Session]]:
+    """A session factory for one command; its connections are closed when the command ends."""
     from pipeline.db import make_engine, session_factory
 
-    return session_factory(make_engine(settings().database_url, pool_size=2))
+    engine = make_engine(settings().database_url, pool_size=2)
+    try:
+        yield session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def _session() -> Iterator[Session]:
+    with _sessions() as sessions, sessions() as session:
+        yield session
 
 
 def _print_json(obj: Any) -> None:
@@ -79,7 +91,6 @@ def enqueue(
     from pipeline.enqueue import Tick, enqueue_file, invalid_line_json
 
     s = settings()
-    sessions = _sessions()
     name = batch or file.stem
     target = invalid_report or file.with_name(file.name + ".invalid.jsonl")
     report_fh: IO[str] | None = None
@@ -100,8 +111,9 @@ def enqueue(
             bar.update(task, description=what, completed=t.bytes_read, total=t.bytes_total)
 
         try:
-            report = enqueue_file(sessions, file, batch=name, config=s.models, fmt=format, skip_invalid=skip_invalid,
-                                  progress=progress, on_invalid=on_invalid)
+            with _sessions() as sessions:
+                report = enqueue_file(sessions, file, batch=name, config=s.models, fmt=format,
+                                      skip_invalid=skip_invalid, progress=progress, on_invalid=on_invalid)
         finally:
             if report_fh is not None:
                 report_fh.close()
@@ -119,7 +131,8 @@ def enqueue(
             console.print(f"bad lines written to {target}")
     if wait:
         assert report.batch_id is not None
-        final = _follow(sessions, report.batch_id, name, quiet=as_json)
+        with _sessions() as sessions:
+            final = _follow(sessions, report.batch_id, name, quiet=as_json)
         if as_json:
             _print_json({**out, "progress": final})
 
@@ -169,7 +182,7 @@ def cancel(
     as_json: JsonFlag = False,
 ) -> None:
     """Cancel the batch's jobs that have not started yet. Jobs already running finish."""
-    with _sessions()() as session:
+    with _session() as session:
         result = history.cancel_batch(db_session=session, batch=batch)
     if as_json:
         _print_json(result)
@@ -204,7 +217,7 @@ def jobs_list(
         until=history.parse_time(until, option="--until") if until else None,
         key_prefix=key_prefix,
     )
-    with _sessions()() as session:
+    with _session() as session:
         page = history.list_jobs(db_session=session, filters=filters, limit=limit, cursor=cursor)
     if as_json:
         _print_json(page)
@@ -230,7 +243,7 @@ def jobs_show(
     as_json: JsonFlag = False,
 ) -> None:
     """The whole story of one job: input, routing, every model call, validation and the result."""
-    with _sessions()() as session:
+    with _session() as session:
         story = history.get_job(db_session=session, job_id=job_id)
     if as_json:
         _print_json({**history.jsonable(story), "triage": history.jsonable(story.triage),
@@ -305,7 +318,7 @@ def batches(
     as_json: JsonFlag = False,
 ) -> None:
     """Batches, newest first, with their jobs per status and their cost."""
-    with _sessions()() as session:
+    with _session() as session:
         rows = history.list_batches(db_session=session, limit=limit)
     if as_json:
         _print_json([{**history.jsonable(b), "done": b.done, "finished": b.finished} for b in rows])
@@ -334,7 +347,7 @@ def stats(
     from pipeline.report import summarize
 
     s = settings()
-    with _sessions()() as session:
+    with _session() as session:
         batch_id = history.find_batch(db_session=session, batch=batch).id if batch else None
         summary = summarize(session, s.models, batch_id=batch_id,
                             since=history.parse_time(since, option="--since") if since else None,
@@ -388,9 +401,8 @@ def export(
     enqueued. In CSV the output cell is JSON unless it is a plain string."""
     if format not in ("jsonl", "csv"):
         raise InvalidQuery(f"unknown format {format!r}: expected jsonl or csv")
-    sessions = _sessions()
     n = 0
-    with sessions() as session, _output(out) as fh:
+    with _session() as session, _output(out) as fh:
         b = history.find_batch(db_session=session, batch=batch)
         rows = history.iter_results(db_session=session, batch_id=b.id)
         if format == "jsonl":
