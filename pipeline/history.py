@@ -337,6 +337,16 @@ def _filtered(db_session: Session, stmt: Any, filters: JobFilters) -> Any:
         stmt = stmt.where(Job.created_at >= filters.since)
     if filters.until is not None:
         stmt = stmt.where(Job.created_at < filters.until)
+        if filters.batch is None and not filters.status:
+            # A window that ends in the past: left alone, the planner walks the primary key back
+            # from the newest job, through every job created since. The newest id inside the
+            # window bounds that walk (safely: no job of the window has a larger id). It is read
+            # through the created_at BRIN index; "id + 0" stops the planner from turning max(id)
+            # into the same backward walk.
+            window = [Job.created_at < filters.until]
+            if filters.since is not None:
+                window.append(Job.created_at >= filters.since)
+            stmt = stmt.where(Job.id <= select(func.max(Job.id + 0)).where(*window).scalar_subquery())
     if filters.key_prefix:
         stmt = stmt.where(Job.key.like(_like_prefix(filters.key_prefix), escape="\\"))
     return stmt

@@ -163,8 +163,12 @@ def _follow(sessions: sessionmaker[Session], batch_id: int, name: str, *, quiet:
             live.update(_progress_view(name, p, 0), refresh=not quiet)
             while p.done < p.total:
                 time.sleep(interval_s)
+                asked = time.monotonic()
                 with sessions() as session:
                     p = history.batch_progress(db_session=session, batch_id=batch_id)
+                # Counting a million-job batch takes a good part of a second: poll it less often,
+                # so that following a batch never becomes a load of its own.
+                interval_s = max(interval_s, 5 * (time.monotonic() - asked))
                 if not quiet:
                     live.update(_progress_view(name, p, time.monotonic() - start), refresh=True)
     except KeyboardInterrupt:
