@@ -155,6 +155,7 @@ def _follow(sessions: sessionmaker[Session], batch_id: int, name: str, *, quiet:
     """Redraw the batch's per-tier counts until every job is terminal. Ctrl-C stops following,
     not the batch."""
     start = time.monotonic()
+    sys.stdout.flush()
     with sessions() as session:
         p = history.batch_progress(db_session=session, batch_id=batch_id)
     try:
@@ -243,11 +244,18 @@ def jobs_list(
 
 @jobs_app.command("show")
 def jobs_show(
-    job_id: Annotated[int, typer.Argument(metavar="ID", help="The job's id (from `jobs list`).")],
+    job: Annotated[str, typer.Argument(metavar="ID", help="The job's id (from `jobs list`), or its key with --batch.")],
+    batch: Annotated[str | None, typer.Option(help="Read ID as the job's key in this batch.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """The whole story of one job: input, routing, every model call, validation and the result."""
     with _session() as session:
+        if batch is not None:
+            job_id = history.find_job_id(db_session=session, batch=batch, key=job)
+        elif job.isdigit():
+            job_id = int(job)
+        else:
+            raise InvalidQuery(f"{job!r} is not a job id; to look a job up by its key, add --batch BATCH")
         story = history.get_job(db_session=session, job_id=job_id)
     if as_json:
         _print_json({**history.jsonable(story), "triage": history.jsonable(story.triage),
