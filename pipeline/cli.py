@@ -5,6 +5,7 @@ A user's mistake (a bad file, a bad flag, an unreachable database) prints one se
 
 from __future__ import annotations
 
+import json
 import sys
 from decimal import Decimal
 from enum import StrEnum
