@@ -262,8 +262,7 @@ def enqueue_file(
         tick("checking", read, pos)
         if first is not None:
             more = f" ({bad:,} bad lines in all)" if bad > 1 else ""
-            raise JobInputError(f"{first[1].reason}{more}. Nothing was written; fix the file, or use --skip-invalid "
-                                f"to enqueue the good lines", line=first[0], source=str(path))
+            raise JobInputError(first[1].reason + more, line=first[0], source=str(path))
     with session_factory() as session:
         batch_id = get_or_create_batch(session, batch)
         session.commit()
