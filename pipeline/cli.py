@@ -246,44 +246,7 @@ def fake_claude(
 # -- work ----------------------------------------------------------------------------------------------
 
 
-@app.command()
-def enqueue(
-    file: Annotated[Path, typer.Argument(help="Jobs, one per line (JSON Lines) or one per row (CSV).")],
-    batch: Annotated[str | None, typer.Option(help="Batch name (default: the file's name).")] = None,
-    format: Annotated[str | None, typer.Option("--format", help="jsonl or csv (default: by extension).")] = None,
-    skip_invalid: Annotated[bool, typer.Option(help="Keep the good lines; write the bad ones to a report.")] = False,
-    invalid_report: Annotated[Path | None, typer.Option(help="Where --skip-invalid writes bad lines.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-) -> None:
-    """Add a file of jobs to a batch. Re-running the same file adds no duplicates."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from pipeline.db import make_engine, session_factory
-    from pipeline.enqueue import enqueue_file, write_invalid_report
-
-    s = settings()
-    sessions = session_factory(make_engine(s.database_url))
-    name = batch or file.stem
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=err, disable=as_json or not err.is_terminal) as bar:
-        task = bar.add_task("checking and writing")
-        report = enqueue_file(
-            sessions, file, batch=name, config=s.models, fmt=format, skip_invalid=skip_invalid,
-            progress=lambda read, accepted: bar.update(
-                task, description=f"read {read:,} lines, accepted {accepted:,} jobs"),
-        )
-    if report.invalid_count:
-        target = invalid_report or file.with_name(file.name + ".invalid.jsonl")
-        write_invalid_report(report, target)
-    out = {"batch": report.batch, "batch_id": report.batch_id, "read": report.read, "accepted": report.accepted,
-           "duplicates": report.duplicates, "invalid": report.invalid_count}
-    if as_json:
-        print(json.dumps(out))
-        return
-    console.print(f"batch [bold]{report.batch}[/]: {report.accepted:,} new job(s), {report.duplicates:,} already "
-                  f"there, {report.invalid_count:,} invalid")
-    if report.invalid_count:
-        console.print(f"bad lines written to {target}")
+# enqueue, cancel, jobs list|show, batches, stats and export live in pipeline/history_cli.py.
 
 
 @app.command()
@@ -320,6 +283,8 @@ def _usd(value: Decimal) -> str:
 
 
 # -- entry point ---------------------------------------------------------------------------------------
+
+import pipeline.history_cli  # noqa: E402, F401  (registers the batch and history commands on `app`)
 
 
 def _error(message: str) -> None:

@@ -7,6 +7,17 @@ on ``(batch_id, key)``), so re-running the same file adds nothing.
 
 By default the whole file is checked before anything is written, so a bad line rejects the file
 and loses nothing already accepted; ``skip_invalid`` keeps the good lines and reports the bad.
+
+CSV: the first row names the columns, which are the JSON Lines fields: ``key``, ``kind``, the
+kind's text fields (``text``; ``instructions`` and ``context``; ``prompt``), ``labels``,
+``schema``, ``tier`` and ``metadata``. An empty cell is a field left out, so one file can mix
+kinds. ``schema`` and ``metadata`` cells hold JSON; ``labels`` holds a JSON array or
+``billing|bug|other``. Every other cell is text, taken as it is. A column that is not a job field
+rejects the file at its header. The line number of a row is the line its record starts on.
+
+On Postgres each chunk is COPYed into a temporary table and moved into ``jobs`` by one
+``INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING id``: a VALUES list of 2,000 rows x 9
+parameters is a statement the driver has to parse anew for every chunk, and took twice as long.
 """
 
 from __future__ import annotations
@@ -16,17 +27,18 @@ import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from pipeline.config import ModelConfig
 from pipeline.errors import InputFileError, JobInputError
-from pipeline.jobspec import JobSpec, digest, max_job_tokens, parse_job, parse_line
+from pipeline.jobspec import JOB_FIELDS, JobSpec, digest, max_job_tokens, parse_job, parse_line
 from pipeline.models import Batch, Job, JobKind, JobStatus, utcnow
 
 CHUNK = 2000
@@ -53,7 +65,21 @@ class EnqueueReport:
     invalid_count: int = 0
 
 
-Progress = Callable[[int, int], None]  # (lines read, jobs accepted)
+@dataclass(frozen=True)
+class Tick:
+    """Where an enqueue has got to, for a progress bar."""
+
+    phase: str  # "checking" (the first pass, default mode) or "writing"
+    read: int  # lines (rows) read in this phase
+    accepted: int  # new jobs written so far
+    bytes_read: int
+    bytes_total: int
+
+
+Progress = Callable[[Tick], None]
+InvalidSink = Callable[[BadLine], None]
+
+CSV_COLUMNS = JOB_FIELDS
 
 
 def detect_format(path: Path, fmt: str | None) -> str:
@@ -81,10 +107,13 @@ def _csv_row(row: dict[str, str | None]) -> dict[str, Any]:
     return obj
 
 
-def iter_lines(path: Path, fmt: str, *, config: ModelConfig) -> Iterator[tuple[int, str, JobSpec | JobInputError]]:
-    """Yield (line number, raw text, job or the error for that line), streaming."""
+def iter_lines(path: Path, fmt: str, *, config: ModelConfig,
+               position: list[int] | None = None) -> Iterator[tuple[int, str, JobSpec | JobInputError]]:
+    """Yield (line number, raw text, job or the error for that line), streaming. If given,
+    ``position[0]`` is kept at the bytes read so far."""
     max_tokens = max_job_tokens(config)
     tiers = config.work_tiers
+    pos = position if position is not None else [0]
     try:
         fh: IO[bytes] = path.open("rb")
     except OSError as exc:
@@ -92,6 +121,7 @@ def iter_lines(path: Path, fmt: str, *, config: ModelConfig) -> Iterator[tuple[i
     with fh:
         if fmt == "jsonl":
             for number, raw in enumerate(fh, start=1):
+                pos[0] += len(raw)
                 if not raw.strip():
                     continue
                 try:
@@ -105,8 +135,18 @@ def iter_lines(path: Path, fmt: str, *, config: ModelConfig) -> Iterator[tuple[i
                 reader = csv.DictReader(text)
                 if not reader.fieldnames or "kind" not in reader.fieldnames:
                     raise InputFileError(f"{path}: a CSV file needs a header row with at least a 'kind' column")
+                unknown = [c for c in reader.fieldnames if c not in CSV_COLUMNS]
+                if unknown:
+                    raise InputFileError(f"{path}, line 1: column(s) {', '.join(map(repr, unknown))} are not job "
+                                         f"fields (expected some of {', '.join(sorted(CSV_COLUMNS))})")
+                start = reader.line_num + 1
                 for row in reader:
-                    number = reader.line_num
+                    pos[0] = fh.tell()
+                    number, start = start, reader.line_num + 1
+                    if None in row:
+                        yield number, json.dumps(row.pop(None)), JobInputError(
+                            f"row has {len(reader.fieldnames) + 1}+ cells, the header names {len(reader.fieldnames)}")
+                        continue
                     try:
                         yield number, json.dumps(row), parse_job(_csv_row(row), work_tiers=tiers,
                                                                  max_tokens=max_tokens)
@@ -115,13 +155,17 @@ def iter_lines(path: Path, fmt: str, *, config: ModelConfig) -> Iterator[tuple[i
             except UnicodeDecodeError as exc:
                 raise InputFileError(f"{path} is not valid UTF-8 (byte {exc.start})") from None
             except csv.Error as exc:
-                raise InputFileError(f"{path}: malformed CSV: {exc}") from None
+                raise InputFileError(f"{path}, line {reader.line_num}: malformed CSV: {exc}") from None
 
 
 def get_or_create_batch(session: Session, name: str) -> int:
-    existing = session.scalar(select(Batch.id).where(Batch.name == name))
+    existing = session.execute(select(Batch.id, Batch.cancelled_at).where(Batch.name == name)).first()
     if existing is not None:
-        return existing
+        if existing.cancelled_at is not None:
+            # Jobs added now would be dispatched: a cancelled batch stays cancelled.
+            raise JobInputError(f"batch {name!r} was cancelled at {existing.cancelled_at:%Y-%m-%d %H:%M:%S %Z}; "
+                                f"enqueue into a new batch name")
+        return int(existing.id)
     stmt = _upsert(session, Batch).values(name=name, created_at=utcnow()).on_conflict_do_nothing()
     session.execute(stmt)
     return session.scalar(select(Batch.id).where(Batch.name == name))  # type: ignore[return-value]
@@ -136,15 +180,50 @@ def _upsert(session: Session, table: Any) -> Any:
     return insert(table)
 
 
-def _write(session: Session, batch_id: int, chunk: list[tuple[int, JobSpec]]) -> tuple[int, list[tuple[int, JobSpec]]]:
-    """Insert a chunk; return (new jobs, lines whose key the batch already has for a different job)."""
+_PG_STAGE = text("""
+    CREATE TEMP TABLE IF NOT EXISTS enqueue_stage (n int, key text, kind text, payload text, meta text, tier text)
+    ON COMMIT DELETE ROWS
+""")
+_PG_INSERT = text("""
+    INSERT INTO jobs (batch_id, key, kind, payload, metadata, pinned_tier, status, created_at, updated_at)
+    SELECT :batch_id, key, kind, payload::jsonb, meta::jsonb, tier, 'queued', :now, :now
+    FROM enqueue_stage ORDER BY n
+    ON CONFLICT (batch_id, key) DO NOTHING
+    RETURNING key
+""")
+
+
+def _write_pg(session: Session, batch_id: int, specs: list[JobSpec], now: datetime) -> set[str]:
+    # COPY the chunk into a temporary table (the driver formats COPY rows in C), then move it into
+    # jobs in one INSERT ... SELECT that skips keys the batch already has. The stage empties itself
+    # at commit.
+    session.execute(_PG_STAGE)
+    # A whole file may be one transaction (the default mode): empty what the last chunk staged.
+    session.execute(text("TRUNCATE enqueue_stage"))
+    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+    with cursor, cursor.copy("COPY enqueue_stage (n, key, kind, payload, meta, tier) FROM STDIN") as copy:
+        for n, s in enumerate(specs):
+            copy.write_row((n, s.key, s.kind.value, json.dumps(s.payload, ensure_ascii=False),
+                            None if s.metadata is None else json.dumps(s.metadata, ensure_ascii=False), s.tier))
+    return set(session.scalars(_PG_INSERT, {"batch_id": batch_id, "now": now}).all())
+
+
+def _insert_new(session: Session, batch_id: int, specs: list[JobSpec]) -> set[str]:
+    """Insert the chunk; return the keys that were new (RETURNING names only rows that did not
+    conflict, so a key the batch already has returns nothing)."""
     now = utcnow()
+    if session.get_bind().dialect.name == "postgresql":
+        return _write_pg(session, batch_id, specs, now)
     rows = [{"batch_id": batch_id, "key": s.key, "kind": s.kind, "payload": s.payload, "meta": s.metadata,
              "pinned_tier": s.tier, "status": JobStatus.QUEUED, "created_at": now, "updated_at": now}
-            for _, s in chunk]
-    # RETURNING names only the rows that were new: a key the batch already has returns nothing.
+            for s in specs]
     stmt = _upsert(session, Job).on_conflict_do_nothing(index_elements=["batch_id", "key"]).returning(Job.key)
-    new = set(session.scalars(stmt, rows).all())
+    return set(session.scalars(stmt, rows).all())
+
+
+def _write(session: Session, batch_id: int, chunk: list[tuple[int, JobSpec]]) -> tuple[int, list[tuple[int, JobSpec]]]:
+    """Insert a chunk; return (new jobs, lines whose key the batch already has for a different job)."""
+    new = _insert_new(session, batch_id, [s for _, s in chunk])
     seen = [(n, s) for n, s in chunk if s.key not in new]
     if not seen:
         return len(new), []
@@ -172,27 +251,46 @@ def enqueue_file(
     fmt: str | None = None,
     skip_invalid: bool = False,
     progress: Progress | None = None,
+    on_invalid: InvalidSink | None = None,
     max_reported: int = 1000,
+    chunk_size: int = CHUNK,
 ) -> EnqueueReport:
     """Check, then write. Raises JobInputError for the first bad line unless ``skip_invalid``.
 
     Without ``skip_invalid`` the file is written in one transaction: a key that turns out, at
     write time, to clash with a different job (earlier in the file or already in the batch) rejects
     the whole file, and nothing of it is left behind. With ``skip_invalid`` each chunk commits as
-    it goes and such lines are reported with the other bad ones."""
+    it goes and such lines are reported with the other bad ones.
+
+    With ``skip_invalid`` every bad line goes to ``on_invalid`` as it is met (so a report of any
+    size is written in bounded memory), and the first ``max_reported`` also to ``report.invalid``."""
     fmt = detect_format(path, fmt)
     report = EnqueueReport(batch=batch)
+    try:
+        total = path.stat().st_size
+    except OSError as exc:
+        raise InputFileError(f"cannot read {path}: {exc.strerror}") from None
 
-    def bad(number: int, reason: str, raw: str) -> None:
-        report.invalid_count += 1
-        if len(report.invalid) < max_reported:
-            report.invalid.append(BadLine(number, reason, raw[:2000]))
+    def tick(phase: str, read: int, pos: list[int]) -> None:
+        if progress:
+            progress(Tick(phase, read, report.accepted, pos[0], total))
 
     if not skip_invalid:
         # Pass 1: check everything, write nothing. A 1M-line file is read twice rather than held.
-        for number, _raw, item in iter_lines(path, fmt, config=config):
+        first: tuple[int, JobInputError] | None = None
+        bad = read = 0
+        pos = [0]
+        for number, _raw, item in iter_lines(path, fmt, config=config, position=pos):
+            read += 1
             if isinstance(item, JobInputError):
-                raise JobInputError(item.reason, line=number, source=str(path))
+                bad += 1
+                first = first or (number, item)
+            if read % chunk_size == 0:
+                tick("checking", read, pos)
+        tick("checking", read, pos)
+        if first is not None:
+            more = f" ({bad:,} bad lines in all)" if bad > 1 else ""
+            raise JobInputError(first[1].reason + more, line=first[0], source=str(path))
     with session_factory() as session:
         batch_id = get_or_create_batch(session, batch)
         if skip_invalid:
@@ -201,43 +299,52 @@ def enqueue_file(
         chunk: list[tuple[int, JobSpec]] = []
         raws: dict[int, str] = {}
         digests: dict[str, str] = {}
+        pos = [0]
+
+        def report_bad(number: int, reason: str, raw: str) -> None:
+            report.invalid_count += 1
+            bad_line = BadLine(number, reason, raw[:2000])
+            if len(report.invalid) < max_reported:
+                report.invalid.append(bad_line)
+            if on_invalid:
+                on_invalid(bad_line)
+
+        def reject(number: int, key: str) -> None:
+            session.rollback()
+            raise JobInputError(_key_conflict(key), line=number, source=str(path))
 
         def flush() -> None:
             if chunk:
                 accepted, clashes = _write(session, batch_id, chunk)
                 if clashes and not skip_invalid:
-                    number, spec = clashes[0]
-                    session.rollback()
-                    raise JobInputError(_key_conflict(spec.key), line=number, source=str(path))
+                    reject(clashes[0][0], clashes[0][1].key)
                 report.accepted += accepted
                 for number, spec in clashes:
-                    bad(number, _key_conflict(spec.key), raws.get(number, ""))
+                    report_bad(number, _key_conflict(spec.key), raws.get(number, ""))
                 if skip_invalid:
                     session.commit()
                 chunk.clear()
                 raws.clear()
                 digests.clear()
-            if progress:
-                progress(report.read, report.accepted)
+            tick("writing", report.read, pos)
 
-        for number, raw, item in iter_lines(path, fmt, config=config):
+        for number, raw, item in iter_lines(path, fmt, config=config, position=pos):
             report.read += 1
             if isinstance(item, JobInputError):
-                bad(number, item.reason, raw)
+                report_bad(number, item.reason, raw)
                 continue
             if item.key in digests:
                 # The same key twice in one chunk would make one multi-row insert conflict with
                 # itself: the same job again is a duplicate; a different one is a mistake.
                 if digests[item.key] != item.content_digest():
                     if not skip_invalid:
-                        session.rollback()
-                        raise JobInputError(_key_conflict(item.key), line=number, source=str(path))
-                    bad(number, _key_conflict(item.key), raw)
+                        reject(number, item.key)
+                    report_bad(number, _key_conflict(item.key), raw)
                 continue
             digests[item.key] = item.content_digest()
             chunk.append((number, item))
             raws[number] = raw[:2000]  # what a report keeps of a line, not the whole of a huge one
-            if len(chunk) >= CHUNK:
+            if len(chunk) >= chunk_size:
                 flush()
         flush()
         session.commit()
@@ -246,7 +353,12 @@ def enqueue_file(
     return report
 
 
+def invalid_line_json(bad: BadLine) -> str:
+    """One line of a --skip-invalid report: JSON with the line number, the reason and the input."""
+    return json.dumps({"line": bad.line, "error": bad.reason, "input": bad.raw}, ensure_ascii=False)
+
+
 def write_invalid_report(report: EnqueueReport, path: Path) -> None:
     with path.open("w") as fh:
         for bad in report.invalid:
-            fh.write(json.dumps({"line": bad.line, "error": bad.reason, "input": bad.raw}) + "\n")
+            fh.write(invalid_line_json(bad) + "\n")

@@ -6,6 +6,7 @@
     │   └── InputFileError     a whole input file is unusable (missing, unreadable, wrong format)
     ├── NotFound               a job or batch id that does not exist
     ├── RateLimited            a tier's shared budget has no turn for a call soon enough
+    ├── InvalidQuery           a history query the user wrote wrongly (a bad time, cursor, limit)
     └── ClaudeError            a model call failed; translated from the SDK at the client boundary
         ├── TransientClaudeError   worth retrying: 429, 5xx, 529, timeouts, dropped connections
         └── PermanentClaudeError   never retried: 4xx other than 429, a spend-limit 429
@@ -54,6 +55,10 @@ class RateLimited(SwitchyardError):
         super().__init__(f"tier {tier} is rate limited for another {wait_s:.1f} s")
         self.tier = tier
         self.wait_s = wait_s
+
+
+class InvalidQuery(SwitchyardError):
+    pass
 
 
 class ClaudeError(SwitchyardError):
