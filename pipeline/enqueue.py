@@ -7,6 +7,7 @@ on ``(batch_id, key)``), so re-running the same file adds nothing.
 
 By default the whole file is checked before anything is written, so a bad line rejects the file
 and loses nothing already accepted; ``skip_invalid`` keeps the good lines and reports the bad.
+The HTTP API sends the items of a request body through the same ``enqueue_items``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -54,6 +55,7 @@ class EnqueueReport:
 
 
 Progress = Callable[[int, int], None]  # (lines read, jobs accepted)
+Parsed = tuple[int, str, JobSpec | JobInputError]  # (line or index, raw text, job or its error)
 
 
 def detect_format(path: Path, fmt: str | None) -> str:
@@ -81,9 +83,13 @@ def _csv_row(row: dict[str, str | None]) -> dict[str, Any]:
     return obj
 
 
-def iter_lines(path: Path, fmt: str, *, config: ModelConfig) -> Iterator[tuple[int, str, JobSpec | JobInputError]]:
+def max_job_tokens(config: ModelConfig) -> int:
+    return min(t.context_tokens for t in config.tiers.values()) - PROMPT_OVERHEAD_TOKENS
+
+
+def iter_lines(path: Path, fmt: str, *, config: ModelConfig) -> Iterator[Parsed]:
     """Yield (line number, raw text, job or the error for that line), streaming."""
-    max_tokens = min(t.context_tokens for t in config.tiers.values()) - PROMPT_OVERHEAD_TOKENS
+    max_tokens = max_job_tokens(config)
     tiers = config.work_tiers
     try:
         fh: IO[bytes] = path.open("rb")
@@ -118,13 +124,16 @@ def iter_lines(path: Path, fmt: str, *, config: ModelConfig) -> Iterator[tuple[i
                 raise InputFileError(f"{path}: malformed CSV: {exc}") from None
 
 
-def get_or_create_batch(session: Session, name: str) -> int:
-    existing = session.scalar(select(Batch.id).where(Batch.name == name))
+def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = None) -> int:
+    """The id of the tenant's batch called ``name``, created if new. ``tenant_id`` None is the
+    operator's own namespace (batches enqueued from the CLI)."""
+    where = (Batch.name == name, Batch.tenant_id.is_(None) if tenant_id is None else Batch.tenant_id == tenant_id)
+    existing = session.scalar(select(Batch.id).where(*where))
     if existing is not None:
         return existing
-    stmt = _upsert(session, Batch).values(name=name, created_at=utcnow()).on_conflict_do_nothing()
+    stmt = _upsert(session, Batch).values(name=name, tenant_id=tenant_id, created_at=utcnow()).on_conflict_do_nothing()
     session.execute(stmt)
-    return session.scalar(select(Batch.id).where(Batch.name == name))  # type: ignore[return-value]
+    return session.scalar(select(Batch.id).where(*where))  # type: ignore[return-value]
 
 
 def _upsert(session: Session, table: Any) -> Any:
@@ -146,29 +155,57 @@ def _write(session: Session, batch_id: int, specs: list[JobSpec]) -> int:
     return len(session.execute(stmt, rows).all())
 
 
-def enqueue_file(
+def iter_objects(objects: Iterable[Any], *, config: ModelConfig) -> Iterator[Parsed]:
+    """Yield (index, raw text, job or the error for that item) for decoded job objects, such as
+    the items of an HTTP body. Indexes start at 0; an item that is already an error (it did not
+    decode) passes through."""
+    max_tokens = max_job_tokens(config)
+    for index, obj in enumerate(objects):
+        if isinstance(obj, JobInputError):
+            yield index, "", obj
+            continue
+        try:
+            yield index, "", parse_job(obj, work_tiers=config.work_tiers, max_tokens=max_tokens)
+        except JobInputError as exc:
+            yield index, "", exc
+
+
+# Called inside the writing transaction, after the jobs are written and before the commit, with
+# (session, batch id, jobs written so far). Raising rolls the whole submission back.
+BeforeCommit = Callable[[Session, int, int], None]
+
+
+def enqueue_items(
     session_factory: Callable[[], Session],
-    path: Path,
+    source: Callable[[], Iterator[Parsed]],
     *,
     batch: str,
-    config: ModelConfig,
-    fmt: str | None = None,
+    tenant_id: int | None = None,
+    where: str | None = None,
     skip_invalid: bool = False,
+    atomic: bool = False,
+    before_commit: BeforeCommit | None = None,
     progress: Progress | None = None,
     max_reported: int = 1000,
 ) -> EnqueueReport:
-    """Check, then write. Raises JobInputError for the first bad line unless ``skip_invalid``."""
-    fmt = detect_format(path, fmt)
+    """Check, then write: the one path by which jobs enter Postgres, from a file or an HTTP body.
+
+    ``source`` is called once per pass and yields (line or index, raw text, job or error). Raises
+    JobInputError for the first bad item unless ``skip_invalid``. With ``atomic``, everything
+    (the batch row included) is one transaction, so a refused submission leaves nothing behind;
+    otherwise each chunk is committed as it is written, which suits files of any size.
+    """
     report = EnqueueReport(batch=batch)
 
     if not skip_invalid:
         # Pass 1: check everything, write nothing. A 1M-line file is read twice rather than held.
-        for number, _raw, item in iter_lines(path, fmt, config=config):
+        for number, _raw, item in source():
             if isinstance(item, JobInputError):
-                raise JobInputError(item.reason, line=number, source=str(path))
+                raise JobInputError(item.reason, line=number, source=where)
     with session_factory() as session:
-        batch_id = get_or_create_batch(session, batch)
-        session.commit()
+        batch_id = get_or_create_batch(session, batch, tenant_id=tenant_id)
+        if not atomic:
+            session.commit()
         report.batch_id = batch_id
         chunk: list[JobSpec] = []
         keys: set[str] = set()
@@ -176,13 +213,14 @@ def enqueue_file(
         def flush() -> None:
             if chunk:
                 report.accepted += _write(session, batch_id, chunk)
-                session.commit()
+                if not atomic:
+                    session.commit()
                 chunk.clear()
                 keys.clear()
             if progress:
                 progress(report.read, report.accepted)
 
-        for number, raw, item in iter_lines(path, fmt, config=config):
+        for number, raw, item in source():
             report.read += 1
             if isinstance(item, JobInputError):
                 report.invalid_count += 1
@@ -198,9 +236,31 @@ def enqueue_file(
             if len(chunk) >= CHUNK:
                 flush()
         flush()
+        if before_commit is not None:
+            before_commit(session, batch_id, report.accepted)
+        session.commit()
     valid = report.read - report.invalid_count
     report.duplicates = valid - report.accepted
     return report
+
+
+def enqueue_file(
+    session_factory: Callable[[], Session],
+    path: Path,
+    *,
+    batch: str,
+    config: ModelConfig,
+    fmt: str | None = None,
+    skip_invalid: bool = False,
+    progress: Progress | None = None,
+    max_reported: int = 1000,
+    tenant_id: int | None = None,
+) -> EnqueueReport:
+    """Check, then write. Raises JobInputError for the first bad line unless ``skip_invalid``."""
+    fmt = detect_format(path, fmt)
+    return enqueue_items(session_factory, lambda: iter_lines(path, fmt, config=config), batch=batch,
+                         tenant_id=tenant_id, where=str(path), skip_invalid=skip_invalid, progress=progress,
+                         max_reported=max_reported)
 
 
 def write_invalid_report(report: EnqueueReport, path: Path) -> None:

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     # A job whose stage was started this many times without finishing is a poison job.
     max_deliveries: int = Field(3, alias="SWITCHYARD_MAX_DELIVERIES")
 
+    # The HTTP API (`switchyard serve`). A request body past this many bytes is refused with 413
+    # while it streams in; a batch of more jobs than this is refused with 413 before any is written.
+    api_max_body_bytes: int = Field(64 * 1024 * 1024, alias="SWITCHYARD_API_MAX_BODY_BYTES")
+    api_max_batch_jobs: int = Field(100_000, alias="SWITCHYARD_API_MAX_BATCH_JOBS")
+
     @cached_property
     def models(self) -> ModelConfig:
         return load_config(self.config_path)
