@@ -5,6 +5,7 @@
     ├── JobInputError          a job the user submitted is invalid; says which line and why
     │   └── InputFileError     a whole input file is unusable (missing, unreadable, wrong format)
     ├── NotFound               a job or batch id that does not exist
+    ├── InvalidQuery           a history query the user wrote wrongly (a bad time, cursor, limit)
     └── ClaudeError            a model call failed; translated from the SDK at the client boundary
         ├── TransientClaudeError   worth retrying: 429, 5xx, 529, timeouts, dropped connections
         └── PermanentClaudeError   never retried: 4xx other than 429, a spend-limit 429
@@ -42,6 +43,10 @@ class InputFileError(JobInputError):
 
 
 class NotFound(SwitchyardError):
+    pass
+
+
+class InvalidQuery(SwitchyardError):
     pass
 
 

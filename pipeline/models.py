@@ -21,7 +21,6 @@ from sqlalchemy import (
     Numeric,
     String,
     Text,
-    UniqueConstraint,
     func,
     text,
 )
@@ -133,10 +132,18 @@ class Batch(Base):
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
-        UniqueConstraint("batch_id", "key"),
+        # The idempotency key (ON CONFLICT (batch_id, key) infers it). varchar_pattern_ops also lets
+        # `jobs list --key-prefix` (LIKE 'p%') range-scan it whatever the database collation.
+        Index("uq_jobs_batch_id_key", "batch_id", "key", unique=True,
+              postgresql_ops={"key": "varchar_pattern_ops"}),
         # The dispatcher takes the oldest queued jobs, and the sweeper scans each active status
         # for stale stages: both read this index, never the whole table.
         Index("ix_jobs_status_stage_started_at", "status", "stage_started_at"),
+        # History queries (pipeline/history.py says which query reads which index, and why).
+        Index("ix_jobs_batch_id_id", "batch_id", "id"),
+        Index("ix_jobs_batch_id_status_id", "batch_id", "status", "id"),
+        Index("ix_jobs_status_id", "status", "id"),
+        Index("ix_jobs_created_at", "created_at", postgresql_using="brin"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

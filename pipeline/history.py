@@ -1,0 +1,503 @@
+"""Job history: the queries behind `switchyard jobs list|show`, `batches`, `cancel` and `export`,
+and behind the HTTP API. Plain functions over a session, keyword-only, returning dataclasses; the
+CLI and the API only format what they return. None of them commits, except ``cancel_batch``
+(see there why).
+
+Indexes (migration ``history_indexes``), each for a query here, at millions of jobs:
+
+- ``ix_jobs_batch_id_id`` (batch_id, id): ``list_jobs(batch=...)`` walks it backwards from the
+  cursor and stops after ``limit`` rows, and ``iter_results`` (export) streams a batch in id order;
+  neither ever sorts or counts the batch.
+- ``ix_jobs_batch_id_status_id`` (batch_id, status, id): ``list_jobs(batch=..., status=...)``
+  (keyset within one status of one batch), ``cancel_batch`` (the queued jobs of a batch, without
+  reading the finished ones), and the per-status counts of ``list_batches``, ``get_batch`` and
+  ``batch_progress`` (an index-only scan).
+- ``ix_jobs_status_id`` (status, id): ``list_jobs(status=...)`` across batches, e.g. every failed
+  job, newest first, without reading the millions that succeeded. The dispatcher's
+  ``status = 'queued' ORDER BY id`` reads it too.
+- ``ix_jobs_created_at`` (BRIN): ``since``/``until``. Jobs are inserted in time order, so a BRIN
+  index of a few pages narrows a window to its blocks; a B-tree would cost a write on every
+  transition for a filter that is mostly combined with a batch anyway.
+- ``uq_jobs_batch_id_key`` is now built with ``varchar_pattern_ops`` on ``key``: still the
+  idempotency key for ``ON CONFLICT (batch_id, key)``, and also a range scan for
+  ``key_prefix`` (``LIKE 'p%'``), which a default-collation B-tree cannot serve unless the
+  database collation is "C".
+- model_calls, validation_verdicts, routing_decisions and job_events are read per job by their
+  existing ``job_id`` indexes (``get_job``).
+
+Every index on ``jobs`` costs a write on each of a job's ~7 transitions (a status change is never
+a HOT update), so ``tier`` and ``kind``, with a handful of values each, get no index of their own:
+they filter rows of one of the scans above.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from pipeline.errors import InvalidQuery, NotFound
+from pipeline.models import (
+    TERMINAL,
+    Batch,
+    Job,
+    JobEvent,
+    JobKind,
+    JobStatus,
+    ModelCall,
+    RoutingDecision,
+    ValidationVerdict,
+    utcnow,
+)
+from pipeline.states import transition_many
+
+MAX_LIMIT = 1000
+CANCEL_CHUNK = 5000
+
+# -- filters and parsing -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobFilters:
+    """What ``list_jobs`` selects. Empty fields select everything; ``status`` is any of."""
+
+    batch: str | None = None  # a batch name (or its numeric id)
+    status: tuple[JobStatus, ...] = ()
+    tier: str | None = None
+    kind: JobKind | None = None
+    since: datetime | None = None  # created at or after
+    until: datetime | None = None  # created before
+    key_prefix: str | None = None
+
+
+_RELATIVE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_time(text: str, *, option: str = "time", now: datetime | None = None) -> datetime:
+    """An ISO 8601 date or datetime (UTC unless it says otherwise), or an age such as ``30m``,
+    ``6h``, ``2d``, ``1w`` meaning that long before now."""
+    m = _RELATIVE.match(text)
+    if m:
+        return (now or utcnow()) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        try:
+            parsed = datetime.combine(date.fromisoformat(text.strip()), datetime.min.time())
+        except ValueError:
+            raise InvalidQuery(f"{option} {text!r} is not a time: use ISO 8601 (2026-11-25 or "
+                               f"2026-11-25T14:00:00Z) or an age like 30m, 6h, 2d") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def parse_status(text: str) -> JobStatus:
+    try:
+        return JobStatus(text)
+    except ValueError:
+        raise InvalidQuery(f"unknown status {text!r}: expected one of "
+                           f"{', '.join(s.value for s in JobStatus)}") from None
+
+
+def parse_kind(text: str) -> JobKind:
+    try:
+        return JobKind(text)
+    except ValueError:
+        raise InvalidQuery(f"unknown kind {text!r}: expected one of {', '.join(k.value for k in JobKind)}") from None
+
+
+def encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"j1:{last_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The id a page ended at. Opaque to callers, so the paging scheme can change."""
+    bad = InvalidQuery(f"cursor {cursor!r} is not one that `jobs list` printed")
+    try:
+        prefix, _, value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
+        last_id = int(value)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise bad from None
+    if prefix != "j1":
+        raise bad
+    return last_id
+
+
+# -- serialisation ---------------------------------------------------------------------------------
+
+
+def jsonable(obj: Any) -> Any:
+    """Dataclasses, enums, Decimals and datetimes as JSON-ready values (money stays exact, as a
+    string)."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, Decimal):
+        return f"{obj:f}"  # never "0E-8"
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+# -- batches ---------------------------------------------------------------------------------------
+
+
+def find_batch(*, db_session: Session, batch: str) -> Batch:
+    """A batch by name, or by id when no batch has that name. NotFound otherwise."""
+    row = db_session.scalar(select(Batch).where(Batch.name == batch))
+    if row is None and batch.isdigit():
+        row = db_session.get(Batch, int(batch))
+    if row is None:
+        raise NotFound(f"no batch named {batch!r} (`switchyard batches` lists them)")
+    return row
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    id: int
+    name: str
+    created_at: datetime
+    cancelled_at: datetime | None
+    jobs: int
+    by_status: dict[str, int]
+    cost_usd: Decimal
+
+    @property
+    def done(self) -> int:
+        return sum(n for s, n in self.by_status.items() if JobStatus(s) in TERMINAL)
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.jobs
+
+
+def _batch_counts(db_session: Session, batch_ids: Sequence[int]) -> dict[int, tuple[dict[str, int], Decimal]]:
+    out: dict[int, tuple[dict[str, int], Decimal]] = {i: ({}, Decimal(0)) for i in batch_ids}
+    if not batch_ids:
+        return out
+    rows = db_session.execute(
+        select(Job.batch_id, Job.status, func.count(), func.coalesce(func.sum(Job.cost_usd), 0))
+        .where(Job.batch_id.in_(batch_ids)).group_by(Job.batch_id, Job.status)
+    )
+    for batch_id, status, n, cost in rows:
+        counts, total = out[batch_id]
+        counts[JobStatus(status).value] = int(n)
+        out[batch_id] = (counts, total + Decimal(cost))
+    return out
+
+
+def _summary(b: Batch, counts: dict[str, int], cost: Decimal) -> BatchSummary:
+    return BatchSummary(id=b.id, name=b.name, created_at=b.created_at, cancelled_at=b.cancelled_at,
+                        jobs=sum(counts.values()), by_status=dict(sorted(counts.items())), cost_usd=cost)
+
+
+def list_batches(*, db_session: Session, limit: int = 100) -> list[BatchSummary]:
+    """The newest ``limit`` batches, each with its jobs per status and its cost so far."""
+    batches = db_session.scalars(select(Batch).order_by(Batch.id.desc()).limit(limit)).all()
+    counts = _batch_counts(db_session, [b.id for b in batches])
+    return [_summary(b, *counts[b.id]) for b in batches]
+
+
+def get_batch(*, db_session: Session, batch: str) -> BatchSummary:
+    b = find_batch(db_session=db_session, batch=batch)
+    return _summary(b, *_batch_counts(db_session, [b.id])[b.id])
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    """A batch's state right now: what `enqueue --wait` redraws."""
+
+    batch_id: int
+    total: int
+    done: int
+    by_status: dict[str, int]
+    by_tier: dict[str, dict[str, int]]  # tier (or "-" before triage) -> status -> jobs
+    cost_usd: Decimal
+
+
+def batch_progress(*, db_session: Session, batch_id: int) -> BatchProgress:
+    by_status: dict[str, int] = {}
+    by_tier: dict[str, dict[str, int]] = {}
+    cost = Decimal(0)
+    for status, tier, n, c in db_session.execute(
+        select(Job.status, Job.tier, func.count(), func.coalesce(func.sum(Job.cost_usd), 0))
+        .where(Job.batch_id == batch_id).group_by(Job.status, Job.tier)
+    ):
+        s = JobStatus(status).value
+        by_status[s] = by_status.get(s, 0) + int(n)
+        tier_counts = by_tier.setdefault(tier or "-", {})
+        tier_counts[s] = tier_counts.get(s, 0) + int(n)
+        cost += Decimal(c)
+    done = sum(n for s, n in by_status.items() if JobStatus(s) in TERMINAL)
+    return BatchProgress(batch_id=batch_id, total=sum(by_status.values()), done=done, by_status=by_status,
+                         by_tier=by_tier, cost_usd=cost)
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    batch: str
+    batch_id: int
+    cancelled: int
+    cancelled_at: datetime
+
+
+def cancel_batch(*, db_session: Session, batch: str, chunk: int = CANCEL_CHUNK) -> CancelResult:
+    """Cancel every job of the batch that has not started (status queued).
+
+    Unlike the other functions here this commits, once per chunk: cancelling a million queued jobs
+    must not hold a million row locks in one transaction while the dispatcher waits. Each chunk is
+    one conditional bulk transition, so a job the dispatcher took meanwhile (it locks with SKIP
+    LOCKED, as this does) is left to run, and running the command again is harmless."""
+    b = find_batch(db_session=db_session, batch=batch)
+    now = utcnow()
+    db_session.execute(update(Batch).where(Batch.id == b.id, Batch.cancelled_at.is_(None))
+                       .values(cancelled_at=now).execution_options(synchronize_session=False))
+    db_session.commit()
+    cancelled = 0
+    while True:
+        ids = db_session.scalars(
+            select(Job.id).where(Job.batch_id == b.id, Job.status == JobStatus.QUEUED)
+            .order_by(Job.id).limit(chunk).with_for_update(skip_locked=True)
+        ).all()
+        if not ids:
+            break
+        cancelled += len(transition_many(db_session, ids, frm=JobStatus.QUEUED, to=JobStatus.CANCELLED,
+                                         detail="batch cancelled", error="cancelled before it started"))
+        db_session.commit()
+    db_session.refresh(b)
+    return CancelResult(batch=b.name, batch_id=b.id, cancelled=cancelled, cancelled_at=b.cancelled_at or now)
+
+
+# -- jobs ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    id: int
+    batch: str
+    key: str
+    kind: str
+    status: str
+    tier: str | None
+    difficulty: str | None
+    attempt: int
+    escalations: int
+    cost_usd: Decimal
+    created_at: datetime
+    finished_at: datetime | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class JobPage:
+    jobs: list[JobSummary]
+    next_cursor: str | None  # None on the last page
+
+
+_SUMMARY_COLUMNS = (Job.id, Batch.name, Job.key, Job.kind, Job.status, Job.tier, Job.difficulty, Job.attempt,
+                    Job.escalations, Job.cost_usd, Job.created_at, Job.finished_at, Job.error)
+
+
+def _job_summary(row: Any) -> JobSummary:
+    (id_, batch, key, kind, status, tier, difficulty, attempt, escalations, cost, created, finished, error) = row
+    return JobSummary(id=id_, batch=batch, key=key, kind=JobKind(kind).value, status=JobStatus(status).value,
+                      tier=tier, difficulty=difficulty, attempt=attempt, escalations=escalations,
+                      cost_usd=Decimal(cost), created_at=created, finished_at=finished, error=error)
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _filtered(db_session: Session, stmt: Any, filters: JobFilters) -> Any:
+    if filters.batch is not None:
+        stmt = stmt.where(Job.batch_id == find_batch(db_session=db_session, batch=filters.batch).id)
+    if filters.status:
+        one = len(filters.status) == 1
+        stmt = stmt.where(Job.status == filters.status[0] if one else Job.status.in_(filters.status))
+    if filters.tier is not None:
+        stmt = stmt.where(Job.tier == filters.tier)
+    if filters.kind is not None:
+        stmt = stmt.where(Job.kind == filters.kind)
+    if filters.since is not None:
+        stmt = stmt.where(Job.created_at >= filters.since)
+    if filters.until is not None:
+        stmt = stmt.where(Job.created_at < filters.until)
+    if filters.key_prefix:
+        stmt = stmt.where(Job.key.like(_like_prefix(filters.key_prefix), escape="\\"))
+    return stmt
+
+
+def list_jobs(*, db_session: Session, filters: JobFilters | None = None, limit: int = 50,
+              cursor: str | None = None) -> JobPage:
+    """One page of jobs, newest first. Pass the page's ``next_cursor`` back for the next one.
+
+    Keyset pagination on id (``id < cursor``), never OFFSET: page 10,000 costs what page 1 does,
+    and jobs added meanwhile neither shift nor repeat rows."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise InvalidQuery(f"limit must be between 1 and {MAX_LIMIT}, not {limit}")
+    stmt = select(*_SUMMARY_COLUMNS).join(Batch, Batch.id == Job.batch_id)
+    stmt = _filtered(db_session, stmt, filters or JobFilters())
+    if cursor is not None:
+        stmt = stmt.where(Job.id < decode_cursor(cursor))
+    rows = db_session.execute(stmt.order_by(Job.id.desc()).limit(limit + 1)).all()
+    jobs = [_job_summary(r) for r in rows[:limit]]
+    return JobPage(jobs=jobs, next_cursor=encode_cursor(jobs[-1].id) if len(rows) > limit else None)
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    id: int
+    stage: str
+    tier: str
+    model: str
+    attempt: int
+    delivery: int
+    outcome: str
+    applied: bool
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    cost_usd: Decimal
+    latency_ms: float | None
+    request_id: str | None
+    status_code: int | None
+    stop_reason: str | None
+    error_type: str | None
+    error_message: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class RoutingRecord:
+    reason_kind: str  # triage | pinned | retry | escalation
+    verdict: str | None
+    confidence: float | None
+    reason: str | None
+    from_tier: str | None
+    to_tier: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class VerdictRecord:
+    tier: str
+    attempt: int
+    validator: str
+    ok: bool
+    problems: list[str]
+    at: datetime
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    from_status: str | None
+    to_status: str
+    at: datetime
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class JobStory:
+    """Everything that happened to one job, each list in the order it happened."""
+
+    job: JobSummary
+    payload: dict[str, Any]
+    metadata: dict[str, Any] | None
+    pinned_tier: str | None
+    output: Any
+    routing: list[RoutingRecord] = field(default_factory=list)
+    calls: list[CallRecord] = field(default_factory=list)
+    validations: list[VerdictRecord] = field(default_factory=list)
+    events: list[EventRecord] = field(default_factory=list)
+
+    @property
+    def triage(self) -> RoutingRecord | None:
+        return next((r for r in self.routing if r.reason_kind == "triage"), None)
+
+    @property
+    def escalations(self) -> list[RoutingRecord]:
+        return [r for r in self.routing if r.reason_kind == "escalation"]
+
+
+def get_job(*, db_session: Session, job_id: int) -> JobStory:
+    row: Any = db_session.execute(
+        select(*_SUMMARY_COLUMNS, Job.payload, Job.meta, Job.pinned_tier, Job.output)
+        .join(Batch, Batch.id == Job.batch_id).where(Job.id == job_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"no job with id {job_id}")
+    payload, meta, pinned, output = row[-4:]
+    calls = [
+        CallRecord(id=c.id, stage=c.stage.value, tier=c.tier, model=c.model, attempt=c.attempt, delivery=c.delivery,
+                   outcome=c.outcome, applied=c.applied, input_tokens=c.input_tokens, output_tokens=c.output_tokens,
+                   cache_creation_input_tokens=c.cache_creation_input_tokens,
+                   cache_read_input_tokens=c.cache_read_input_tokens, cost_usd=Decimal(c.cost_usd),
+                   latency_ms=c.latency_ms, request_id=c.request_id, status_code=c.status_code,
+                   stop_reason=c.stop_reason, error_type=c.error_type, error_message=c.error_message,
+                   started_at=c.started_at, finished_at=c.finished_at)
+        for c in db_session.scalars(select(ModelCall).where(ModelCall.job_id == job_id).order_by(ModelCall.id))
+    ]
+    routing = [
+        RoutingRecord(reason_kind=r.reason_kind, verdict=r.verdict, confidence=r.confidence, reason=r.reason,
+                      from_tier=r.from_tier, to_tier=r.to_tier, at=r.created_at)
+        for r in db_session.scalars(select(RoutingDecision).where(RoutingDecision.job_id == job_id)
+                                    .order_by(RoutingDecision.id))
+    ]
+    validations = [
+        VerdictRecord(tier=v.tier, attempt=v.attempt, validator=v.validator, ok=v.ok, problems=list(v.problems or []),
+                      at=v.created_at)
+        for v in db_session.scalars(select(ValidationVerdict).where(ValidationVerdict.job_id == job_id)
+                                    .order_by(ValidationVerdict.id))
+    ]
+    events = [
+        EventRecord(from_status=e.from_status.value if e.from_status else None, to_status=e.to_status.value,
+                    at=e.at, detail=e.detail)
+        for e in db_session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
+    ]
+    return JobStory(job=_job_summary(row[:len(_SUMMARY_COLUMNS)]), payload=payload, metadata=meta,
+                    pinned_tier=pinned, output=output, routing=routing, calls=calls, validations=validations,
+                    events=events)
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    key: str
+    status: str
+    tier: str | None
+    output: Any
+    error: str | None
+    cost_usd: Decimal
+
+
+EXPORT_FIELDS = tuple(f.name for f in fields(ResultRow))
+
+
+def iter_results(*, db_session: Session, batch_id: int, chunk: int = 1000) -> Iterator[ResultRow]:
+    """Every job of a batch in the order it was enqueued, streamed: a server-side cursor on
+    Postgres fetches ``chunk`` rows at a time, so a million-job export holds one chunk."""
+    stmt = (select(Job.key, Job.status, Job.tier, Job.output, Job.error, Job.cost_usd)
+            .where(Job.batch_id == batch_id).order_by(Job.id)
+            .execution_options(yield_per=chunk))
+    for key, status, tier, output, error, cost in db_session.execute(stmt):
+        yield ResultRow(key=key, status=JobStatus(status).value, tier=tier, output=output, error=error,
+                        cost_usd=Decimal(cost))
