@@ -155,19 +155,19 @@ def _write(session: Session, batch_id: int, specs: list[JobSpec]) -> int:
     return len(session.execute(stmt, rows).all())
 
 
-def iter_objects(objects: Iterable[Any], *, config: ModelConfig) -> Iterator[Parsed]:
-    """Yield (index, raw text, job or the error for that item) for decoded job objects, such as
-    the items of an HTTP body. Indexes start at 0; an item that is already an error (it did not
-    decode) passes through."""
+def iter_objects(numbered: Iterable[tuple[int, Any]], *, config: ModelConfig) -> Iterator[Parsed]:
+    """Yield (number, raw text, job or the error for that item) for (number, decoded object)
+    pairs, such as the items of an HTTP body with their index or line. An item that is already an
+    error (it did not decode) passes through."""
     max_tokens = max_job_tokens(config)
-    for index, obj in enumerate(objects):
+    for number, obj in numbered:
         if isinstance(obj, JobInputError):
-            yield index, "", obj
+            yield number, "", obj
             continue
         try:
-            yield index, "", parse_job(obj, work_tiers=config.work_tiers, max_tokens=max_tokens)
+            yield number, "", parse_job(obj, work_tiers=config.work_tiers, max_tokens=max_tokens)
         except JobInputError as exc:
-            yield index, "", exc
+            yield number, "", exc
 
 
 # Called inside the writing transaction, after the jobs are written and before the commit, with

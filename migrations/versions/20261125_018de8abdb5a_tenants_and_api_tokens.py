@@ -5,7 +5,7 @@ tenant (the operator's own) and a partial unique index keeps their names unique 
 The ``batches`` changes go through ``batch_alter_table`` so that SQLite (the demo) can apply them.
 
 Revision ID: 018de8abdb5a
-Revises: 6ef84f92384f
+Revises: 33390e351dd8
 Create Date: 2026-11-25 20:32:13.674887
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '018de8abdb5a'
-down_revision: str | None = '6ef84f92384f'
+down_revision: str | None = '33390e351dd8'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -43,18 +43,22 @@ async def spool(request: Request, *, max_bytes: int) -> IO[bytes]:
     if declared.isdigit() and int(declared) > max_bytes:
         raise BodyTooLarge(f"request body is {int(declared):,} bytes, over the limit of {max_bytes:,}")
     fh = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 - returned to the caller
-    size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise BodyTooLarge(f"request body is over the limit of {max_bytes:,} bytes")
-            fh.write(chunk)
+        await _copy(request, fh, max_bytes=max_bytes)
     except BaseException:
         fh.close()
         raise
     fh.seek(0)
     return fh
+
+
+async def _copy(request: Request, fh: IO[bytes], *, max_bytes: int) -> None:
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise BodyTooLarge(f"request body is over the limit of {max_bytes:,} bytes")
+        fh.write(chunk)
 
 
 def _too_many(max_items: int) -> BodyTooLarge:
@@ -97,6 +101,7 @@ class _ArrayReader:
         self.utf8 = codecs.getincrementaldecoder("utf-8")()
         self.decoder = json.JSONDecoder()
         self.buf, self.pos, self.eof = "", 0, False
+        self.index = 0  # of the item being read
 
     def more(self) -> bool:
         if self.eof:
@@ -149,30 +154,34 @@ def iter_json_array(fh: IO[bytes], *, max_items: int) -> Iterator[tuple[int, Any
     A body that is not an array, or breaks off, yields one error at the index where it went wrong
     and stops: nothing after it can be trusted."""
     fh.seek(0)
-    r = _ArrayReader(fh)
-    index = 0
+    reader = _ArrayReader(fh)
     try:
-        if r.peek() != "[":
-            raise JobInputError("request body must be a JSON array of jobs (or JSON Lines, with Content-Type "
-                                "application/x-ndjson)")
-        r.pos += 1
-        if r.peek() == "]":
-            r.pos += 1
-        else:
-            while True:
-                if index >= max_items:
-                    raise _too_many(max_items)
-                item = r.value()
-                yield index, item
-                index += 1
-                sep = r.peek()
-                r.pos += 1
-                if sep == "]":
-                    break
-                if sep != ",":
-                    raise JobInputError("expected ',' or ']' after the previous item" if sep else
-                                        "the array is not closed: the body ends before ']'")
-        if r.peek() != "":
-            raise JobInputError("unexpected data after the closing ']' of the array")
+        for item in _array_items(reader, max_items=max_items):
+            yield reader.index, item
+            reader.index += 1
     except JobInputError as exc:
-        yield index, exc
+        yield reader.index, exc
+
+
+def _array_items(r: _ArrayReader, *, max_items: int) -> Iterator[Any]:
+    """The items; the caller advances ``r.index`` past each one it has taken."""
+    if r.peek() != "[":
+        raise JobInputError("request body must be a JSON array of jobs (or JSON Lines, with Content-Type "
+                            "application/x-ndjson)")
+    r.pos += 1
+    if r.peek() == "]":
+        r.pos += 1
+    else:
+        while True:
+            if r.index >= max_items:
+                raise _too_many(max_items)
+            yield r.value()
+            sep = r.peek()
+            r.pos += 1
+            if sep == "]":
+                break
+            if sep != ",":
+                raise JobInputError("expected ',' or ']' after the previous item" if sep else
+                                    "the array is not closed: the body ends before ']'")
+    if r.peek() != "":
+        raise JobInputError("unexpected data after the closing ']' of the array")
