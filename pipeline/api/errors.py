@@ -12,6 +12,7 @@ and never a secret or a stack trace.
     └── BrokerDown                  503
     request validation (FastAPI)    422  with each parameter named
     the database unreachable        503
+    anything else (a bug)           500  with no details
 """
 
 from __future__ import annotations
@@ -113,6 +114,11 @@ def install(app: FastAPI) -> None:
         # The driver's message can hold the connection string: log the class only.
         log.error("database unavailable: %s", type(exc.orig).__name__ if exc.orig else type(exc).__name__)
         return _answer(503, "the database is unavailable; try again shortly", headers={"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def bug(_request: Request, _exc: Exception) -> JSONResponse:
+        # A bug. Starlette logs the traceback after this answer; the caller gets no details.
+        return _answer(500, "internal error: the server failed to answer this request; it has been logged")
 
     @app.exception_handler(DataError)
     async def unstorable(_request: Request, exc: DBAPIError) -> JSONResponse:

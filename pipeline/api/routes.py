@@ -238,7 +238,7 @@ def batch_results(batch_id: int, request: Request, db: Db, who: Who) -> Streamin
 # -- stats and queue -------------------------------------------------------------------------------
 
 
-@router.get("/stats", response_model=schemas.Stats, tags=["stats"], responses=ERRORS)
+@router.get("/stats", response_model=schemas.Stats, tags=["stats"], responses={**ERRORS, **NOT_FOUND})
 def stats(request: Request, db: Db, who: Who,
           batch_id: Annotated[int | None, Query(description="Only this batch.")] = None,
           since: Annotated[str | None, Query(description="Jobs created at or after (ISO 8601 or an age).")] = None,
