@@ -63,26 +63,35 @@ def test_http_batch_runs_to_the_end(server: Server, make_token: MakeToken, datab
         assert float(summary["cost_usd"]) > 0
 
         lines = c.get(f"/v1/batches/{batch_id}/results")
-        assert lines.status_code == 200 and lines.headers["content-type"].startswith("application/x-ndjson")
+        assert lines.status_code == 200
+        assert lines.headers["content-type"].startswith("application/x-ndjson")
         results = [json.loads(line) for line in lines.text.splitlines()]
         assert [r["key"] for r in results] == [j["key"] for j in jobs()]  # in submission order
         for r in results:
             if r["key"] == "doomed":
-                assert r["status"] == "failed" and "validation failed" in r["error"]
+                assert r["status"] == "failed"
+                assert "validation failed" in r["error"]
             else:
-                assert r["status"] == "succeeded" and r["output"] is not None and r["tier"] in ("sonnet", "opus")
+                assert r["status"] == "succeeded"
+                assert r["output"] is not None
+                assert r["tier"] in ("sonnet", "opus")
 
         # The routing story of a job Sonnet got wrong: triaged, worked, failed validation, escalated.
         page = c.get("/v1/jobs", params={"batch": "over-http", "limit": 100}).json()
         by_key = {j["key"]: j for j in page["jobs"]}
-        assert len(by_key) == 25 and page["next_cursor"] is None
+        assert len(by_key) == 25
+        assert page["next_cursor"] is None
         story = c.get(f"/v1/jobs/{by_key['h-2']['id']}").json()
         assert "[fake:invalid=sonnet]" in json.dumps(story["payload"])
-        assert story["job"]["status"] == "succeeded" and story["job"]["tier"] == "opus"
+        assert story["job"]["status"] == "succeeded"
+        assert story["job"]["tier"] == "opus"
         kinds = [r["reason_kind"] for r in story["routing"]]
-        assert kinds[0] in ("triage", "pinned") and story["calls"] and story["events"][-1]["to_status"] == "succeeded"
+        assert kinds[0] in ("triage", "pinned")
+        assert story["calls"]
+        assert story["events"][-1]["to_status"] == "succeeded"
         if story["routing"][0]["to_tier"] == "sonnet":
-            assert "escalation" in kinds and any(not v["ok"] for v in story["validations"])
+            assert "escalation" in kinds
+            assert any(not v["ok"] for v in story["validations"])
         assert story["metadata"] == {"n": 2}
 
         stats = c.get("/v1/stats", params={"batch_id": batch_id}).json()

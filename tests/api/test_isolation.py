@@ -55,14 +55,17 @@ def test_tenant_b_cannot_touch_tenant_a(server: Server, make_token: MakeToken, s
 
         # Batch names are per tenant: B's "shared-name" is a batch of its own.
         sub_b = b.post("/v1/batches", params={"name": "shared-name"}, json=[job(i) for i in range(2)])
-        assert sub_b.status_code == 201 and sub_b.json()["accepted"] == 2
+        assert sub_b.status_code == 201
+        assert sub_b.json()["accepted"] == 2
         assert sub_b.json()["batch_id"] != batch_a
         assert a.get(f"/v1/batches/{batch_a}").json()["jobs"] == 3
         assert a.get("/v1/jobs/" + str(job_a)).status_code == 200
 
         # A can do all of it to its own batch.
         results = a.get(f"/v1/batches/{batch_a}/results")
-        assert results.status_code == 200 and len(results.text.splitlines()) == 3
+        assert results.status_code == 200
+        assert len(results.text.splitlines()) == 3
         cancelled = a.post(f"/v1/batches/{batch_a}/cancel")
-        assert cancelled.status_code == 200 and cancelled.json()["cancelled"] == 3
+        assert cancelled.status_code == 200
+        assert cancelled.json()["cancelled"] == 3
         assert b.get("/v1/batches").json()["batches"][0]["by_status"] == {"queued": 2}

@@ -28,10 +28,12 @@ def test_one_job_is_idempotent_by_key(server: Server, make_token: MakeToken, ten
         first = c.post("/v1/jobs", params={"batch": "one"}, json=job(1))
         again = c.post("/v1/jobs", params={"batch": "one"}, json=job(1))
         assert (first.status_code, again.status_code) == (201, 200)
-        assert first.json()["created"] is True and again.json()["created"] is False
+        assert first.json()["created"] is True
+        assert again.json()["created"] is False
         assert first.json()["id"] == again.json()["id"]
         story = c.get(f"/v1/jobs/{first.json()['id']}").json()
-        assert story["job"]["status"] == "queued" and story["payload"]["labels"] == ["billing", "bug"]
+        assert story["job"]["status"] == "queued"
+        assert story["payload"]["labels"] == ["billing", "bug"]
 
 
 @pytest.mark.parametrize("fmt", ["array", "jsonl"])
@@ -48,7 +50,8 @@ def test_batch_body_is_idempotent(server: Server, make_token: MakeToken, tenant_
         assert first.json() | {"batch_id": 0} == {"batch_id": 0, "batch": "b", "read": 50, "accepted": 50,
                                                    "duplicates": 0}
         again = c.post("/v1/batches", params={"name": "b"}, **send)  # type: ignore[arg-type]
-        assert again.json()["accepted"] == 0 and again.json()["duplicates"] == 50
+        assert again.json()["accepted"] == 0
+        assert again.json()["duplicates"] == 50
         assert c.get(f"/v1/batches/{first.json()['batch_id']}").json()["jobs"] == 50
 
 
@@ -91,8 +94,10 @@ def test_bad_item_in_array_names_index_and_field(server: Server, make_token: Mak
         one = c.post("/v1/jobs", params={"batch": "bad-one"}, json=bad)
     assert r.status_code == 422, r.text
     assert r.json()["item"] == 2
-    assert r.json()["detail"].startswith("item 2: ") and named in r.json()["detail"]
-    assert one.status_code == 422 and named in one.json()["detail"]
+    assert r.json()["detail"].startswith("item 2: ")
+    assert named in r.json()["detail"]
+    assert one.status_code == 422
+    assert named in one.json()["detail"]
     # Nothing half-written: not the good items before it, not even the batch.
     assert not batch_exists(sessions, tenant_name, "bad")
     assert not batch_exists(sessions, tenant_name, "bad-one")
@@ -108,8 +113,11 @@ def test_bad_line_in_jsonl_names_line(server: Server, make_token: MakeToken, ses
         broken = c.post("/v1/batches", params={"name": "bad-lines"}, content=b'{"kind": "generate", "prompt": "x"}\n{',
                         headers={"Content-Type": "application/x-ndjson"})
     assert r.status_code == 422
-    assert r.json()["line"] == 4 and "line 4: field 'labels' must be a non-empty list" in r.json()["detail"]
-    assert broken.status_code == 422 and broken.json()["line"] == 2 and "not valid JSON" in broken.json()["detail"]
+    assert r.json()["line"] == 4
+    assert "line 4: field 'labels' must be a non-empty list" in r.json()["detail"]
+    assert broken.status_code == 422
+    assert broken.json()["line"] == 2
+    assert "not valid JSON" in broken.json()["detail"]
     assert not batch_exists(sessions, tenant_name, "bad-lines")
 
 
@@ -151,7 +159,8 @@ def test_bad_parameters_are_named(server: Server, make_token: MakeToken, tenant_
 def test_submission_needs_a_batch_name(server: Server, make_token: MakeToken, tenant_name: str) -> None:
     with server.client(make_token(tenant_name)) as c:
         r = c.post("/v1/batches", json=[job(0)])
-    assert r.status_code == 422 and "query parameter 'name'" in r.json()["detail"]
+    assert r.status_code == 422
+    assert "query parameter 'name'" in r.json()["detail"]
 
 
 def test_oversized_bodies_are_413_and_write_nothing(server: Server, make_token: MakeToken,
@@ -173,7 +182,8 @@ def test_oversized_bodies_are_413_and_write_nothing(server: Server, make_token: 
     for r in (declared, chunked, one):
         assert r.status_code == 413, r.text
         assert f"{MAX_BODY_BYTES:,}" in r.json()["detail"]
-    assert many.status_code == 413 and f"more than {MAX_BATCH_JOBS:,} jobs" in many.json()["detail"]
+    assert many.status_code == 413
+    assert f"more than {MAX_BATCH_JOBS:,} jobs" in many.json()["detail"]
     assert not batch_exists(sessions, tenant_name, "big")
 
 
@@ -226,13 +236,16 @@ def test_cancelled_batch_takes_no_new_jobs(server: Server, make_token: MakeToken
         batch_id = c.post("/v1/batches", params={"name": "c"}, json=[job(0), job(1)]).json()["batch_id"]
         assert c.post(f"/v1/batches/{batch_id}/cancel").json()["cancelled"] == 2
         again = c.post(f"/v1/batches/{batch_id}/cancel")
-        assert again.status_code == 200 and again.json()["cancelled"] == 0
+        assert again.status_code == 200
+        assert again.json()["cancelled"] == 0
         r = c.post("/v1/batches", params={"name": "c"}, json=[job(2)])
-        assert r.status_code == 409 and f"batch {batch_id} was cancelled" in r.json()["detail"]
+        assert r.status_code == 409
+        assert f"batch {batch_id} was cancelled" in r.json()["detail"]
         # Resubmitting what it already has is still harmless.
         assert c.post("/v1/batches", params={"name": "c"}, json=[job(0)]).status_code == 201
         summary = c.get(f"/v1/batches/{batch_id}").json()
-        assert summary["by_status"] == {"cancelled": 2} and summary["finished"] is True
+        assert summary["by_status"] == {"cancelled": 2}
+        assert summary["finished"] is True
 
 
 def test_job_list_paging_and_filters(server: Server, make_token: MakeToken, tenant_name: str) -> None:
