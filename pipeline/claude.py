@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import anthropic
 import httpx2 as httpx
 
-from pipeline.errors import ClaudeError, PermanentClaudeError, TransientClaudeError
+from pipeline.errors import ClaudeError, PermanentClaudeError, RateLimited, TransientClaudeError
 from pipeline.pricing import Usage
 
 # The SDK honours retry-after up to 60 s; so do we. A longer wait is better spent re-queued.
@@ -70,19 +70,45 @@ class CallFailed(ClaudeError):
 
 
 class RateLimiter(Protocol):
-    """A budget shared by every worker of a tier (see pipeline.ratelimit)."""
+    """A budget shared by every worker of a tier (see pipeline.ratelimit).
 
-    def acquire(self, tier: str, *, input_tokens: int, output_tokens: int) -> None: ...
+    ``acquire`` waits for a turn (or raises RateLimited before anything is sent); ``adjust``
+    corrects the reservation once the usage is known; ``penalize`` pauses the tier after a 429.
+    ``pauses_on_penalty`` says whether the next ``acquire`` waits out that pause itself."""
+
+    pauses_on_penalty: bool
+
+    def acquire(self, tier: str, *, input_tokens: int, output_tokens: int) -> float | None: ...
+
+    def adjust(self, tier: str, *, input_tokens: int = 0, output_tokens: int = 0) -> None: ...
 
     def penalize(self, tier: str, *, retry_after: float) -> None: ...
 
 
 class NoLimit:
-    def acquire(self, tier: str, *, input_tokens: int, output_tokens: int) -> None:
+    pauses_on_penalty = False
+
+    def acquire(self, tier: str, *, input_tokens: int, output_tokens: int) -> float | None:
+        return None
+
+    def adjust(self, tier: str, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
         return None
 
     def penalize(self, tier: str, *, retry_after: float) -> None:
         return None
+
+
+class Deferred(RateLimited):
+    """The tier's budget has no turn soon enough: the caller should hand the job back and try again
+    in ``wait_s``. Carries the attempts already made (empty when it happens before the first)."""
+
+    def __init__(self, tier: str, wait_s: float, attempts: list[Attempt]) -> None:
+        super().__init__(tier, wait_s)
+        self.attempts = attempts
+
+
+# Told about every HTTP attempt once it has ended (metrics): tier, model, the attempt.
+AttemptObserver = Callable[[str, str, "Attempt"], None]
 
 
 def _header(headers: Any, name: str) -> str | None:
@@ -116,8 +142,9 @@ def translate(exc: Exception) -> ClaudeError:
     if isinstance(exc, anthropic.APIConnectionError):
         return TransientClaudeError(f"connection failed: {exc}", error_type="connection_error")
     if isinstance(exc, anthropic.APIStatusError):
-        body = exc.body if isinstance(exc.body, dict) else {}
-        err = body.get("error") if isinstance(body.get("error"), dict) else {}
+        body: dict[str, Any] = exc.body if isinstance(exc.body, dict) else {}
+        raw_err = body.get("error")
+        err: dict[str, Any] = raw_err if isinstance(raw_err, dict) else {}
         message = str(err.get("message") or exc.message)
         error_type = str(err.get("type") or type(exc).__name__)
         request_id = _header(exc.response.headers, "request-id") or body.get("request_id")
@@ -148,8 +175,10 @@ class ClaudeClient:
         limiter: RateLimiter | None = None,
         sleep: Callable[[float], None] = time.sleep,
         max_connections: int = 1000,
+        on_attempt: AttemptObserver | None = None,
     ) -> None:
         self.attempts = max(1, attempts)
+        self.on_attempt = on_attempt
         self.max_backoff_s = max_backoff_s
         self.limiter = limiter or NoLimit()
         self._sleep = sleep
@@ -177,11 +206,18 @@ class ClaudeClient:
             delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
         return delay
 
+    def _observe(self, tier: str, model: str, attempt: Attempt) -> None:
+        if self.on_attempt is not None:
+            self.on_attempt(tier, model, attempt)
+
     def call(self, *, tier: str, model: str, system: str, user: str, max_tokens: int) -> CallResult:
         attempts: list[Attempt] = []
         estimate = (len(system) + len(user)) // 4
         for number in range(1, self.attempts + 1):
-            self.limiter.acquire(tier, input_tokens=estimate, output_tokens=max_tokens)
+            try:
+                self.limiter.acquire(tier, input_tokens=estimate, output_tokens=max_tokens)
+            except RateLimited as exc:
+                raise Deferred(tier, exc.wait_s, attempts) from exc
             started = datetime.now(UTC)
             t0 = time.perf_counter()
             try:
@@ -194,17 +230,26 @@ class ClaudeClient:
                 message = raw.parse()
             except anthropic.APIError as exc:
                 err = translate(exc)
-                attempts.append(Attempt(
+                attempt = Attempt(
                     number=number, started_at=started, finished_at=datetime.now(UTC),
                     latency_ms=(time.perf_counter() - t0) * 1000, ok=False, status_code=err.status,
                     request_id=err.request_id, error_type=err.error_type, error_message=str(err),
                     retry_after=err.retry_after,
-                ))
+                )
+                attempts.append(attempt)
+                self._observe(tier, model, attempt)
+                # A failed request produced no output: give the reserved output tokens back.
+                self.limiter.adjust(tier, output_tokens=-max_tokens)
+                retry_after = err.retry_after
                 if err.status == 429 and err.retry_after is not None:
                     self.limiter.penalize(tier, retry_after=err.retry_after)
+                    if self.limiter.pauses_on_penalty:
+                        # The next acquire waits out the pause, or hands the job back if it is long:
+                        # sleeping retry-after here would hold the thread whatever its length.
+                        retry_after = None
                 if isinstance(err, PermanentClaudeError) or number == self.attempts:
                     raise CallFailed(err, attempts) from exc
-                self._sleep(self.backoff(number, err.retry_after))
+                self._sleep(self.backoff(number, retry_after))
                 continue
             latency = (time.perf_counter() - t0) * 1000
             u = message.usage
@@ -214,12 +259,18 @@ class ClaudeClient:
                 cache_creation_input_tokens=u.cache_creation_input_tokens or 0,
                 cache_read_input_tokens=u.cache_read_input_tokens or 0,
             )
+            # Settle the reservation: the real input count for the estimate, the real output for
+            # max_tokens (pipeline.ratelimit explains why it reserves the worst case).
+            self.limiter.adjust(tier, input_tokens=usage.billed_input_tokens - estimate,
+                                output_tokens=usage.output_tokens - max_tokens)
             text = "".join(getattr(b, "text", "") for b in message.content if b.type == "text")
-            attempts.append(Attempt(
+            attempt = Attempt(
                 number=number, started_at=started, finished_at=datetime.now(UTC), latency_ms=latency,
                 ok=True, status_code=raw.http_response.status_code,
                 request_id=raw.headers.get("request-id") or getattr(message, "_request_id", None),
                 usage=usage, text=text, stop_reason=message.stop_reason,
-            ))
+            )
+            attempts.append(attempt)
+            self._observe(tier, model, attempt)
             return CallResult(text=text, stop_reason=message.stop_reason, attempts=attempts)
         raise AssertionError("unreachable: the loop returns or raises")

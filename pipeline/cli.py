@@ -79,6 +79,8 @@ def worker(
     concurrency: Annotated[int | None, typer.Option(min=1, help="Calls in flight (threads).")] = None,
     pool: Annotated[Pool, typer.Option(help="Celery pool. Threads keep many slow calls in flight.")] = Pool.threads,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics on this port (default: SWITCHYARD_METRICS_PORT, else none).")] = None,
 ) -> None:
     """Run a worker for one tier's queue."""
     s = settings()
@@ -87,6 +89,7 @@ def worker(
     queues = queue_names(s)
     if tier not in queues:
         raise ConfigError(f"unknown tier {tier!r}: expected one of {', '.join(queues)}")
+    s.tier_limits()  # a mistake in SWITCHYARD_RATE_LIMITS stops the worker now, not at its first job
     # Model calls are I/O-bound and take seconds: 64 threads wait on them for the cost of one
     # process, where a prefork pool of 2 would hold 2 calls.
     n = concurrency or DEFAULT_CONCURRENCY.get(tier, 64)
@@ -94,13 +97,47 @@ def worker(
 
     celery_app = workers.celery.app
     celery_app.conf.worker_concurrency = n
-    celery_app.worker_main(["worker", "-Q", tier, "-P", pool.value, "-c", str(n), "-n", f"{tier}@%h",
-                            "-l", loglevel, "--without-mingle", "--without-gossip"])
+    port = metrics_port if metrics_port is not None else s.metrics_port
+    heartbeat = _start_worker_side(s, celery_app, tier=tier, concurrency=n, pool=pool.value, metrics_port=port)
+    try:
+        celery_app.worker_main(["worker", "-Q", tier, "-P", pool.value, "-c", str(n), "-n", f"{tier}@%h",
+                                "-l", loglevel, "--without-mingle", "--without-gossip"])
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+
+
+def _start_worker_side(s: Settings, celery_app: Any, *, tier: str, concurrency: int, pool: str,
+                       metrics_port: int | None) -> Any:
+    """Metrics (if asked for) and the heartbeat that `switchyard status` reads (on Redis)."""
+    from pipeline import metrics
+
+    tick = None
+    if metrics_port:
+        metrics.serve(metrics_port)
+        celery_app.conf.switchyard_hooks = {"on_attempt": metrics.attempt_observer(s.models),
+                                            "on_wait": metrics.observe_wait}
+        err.print(f"metrics on :{metrics_port}/metrics")
+    if not s.uses_redis:
+        return None
+    import redis
+
+    from pipeline.ops import Heartbeat, queue_depths
+    from workers.base import busy
+
+    client = redis.Redis.from_url(s.broker_url, socket_timeout=5, socket_connect_timeout=5)
+    if metrics_port:
+        def tick() -> None:
+            metrics.set_depths(queue_depths(client, [tier]))
+    return Heartbeat(client, tier=tier, concurrency=concurrency, pool=pool, busy=busy,
+                     metrics_port=metrics_port, tick=tick).start()
 
 
 @app.command()
 def dispatcher(
     interval: Annotated[float | None, typer.Option(help="Seconds between rounds.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics (queue depths) on this port (default: SWITCHYARD_METRICS_PORT).")] = None,
 ) -> None:
     """Feed queued jobs to the stages as capacity frees up, and republish stalled ones."""
     import logging
@@ -117,6 +154,9 @@ def dispatcher(
 
     p = build_pipeline(s, concurrency=4)
     stop = threading.Event()
+    port = metrics_port if metrics_port is not None else s.metrics_port
+    if port and s.uses_redis:
+        _serve_depths(s, port, stop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     err.print(f"dispatcher: max {s.max_in_flight} jobs in flight, stage deadline "
@@ -124,6 +164,61 @@ def dispatcher(
     run_dispatcher(p, publisher(workers.celery.app), max_in_flight=s.max_in_flight,
                    interval_s=interval or s.dispatch_interval_s, deadline_s=s.effective_stage_deadline_s,
                    stop=stop)
+
+
+def _serve_depths(s: Settings, port: int, stop: Any) -> None:
+    """Export every queue's depth, refreshed every few seconds: what an autoscaler reads."""
+    import contextlib
+    import threading
+
+    import redis
+
+    from pipeline import metrics
+    from pipeline.ops import queue_depths
+    from workers.config import queue_names
+
+    metrics.serve(port)
+    client = redis.Redis.from_url(s.broker_url, socket_timeout=5, socket_connect_timeout=5)
+    queues = queue_names(s)
+
+    def refresh() -> None:
+        while not stop.is_set():
+            # A lost broker is the dispatcher's own loop to report; the gauge just waits for it.
+            with contextlib.suppress(redis.RedisError):
+                metrics.set_depths(queue_depths(client, queues))
+            stop.wait(5.0)
+
+    threading.Thread(target=refresh, name="switchyard-depths", daemon=True).start()
+    err.print(f"metrics on :{port}/metrics")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one snapshot as JSON.")] = False,
+    watch: Annotated[bool, typer.Option(help="Refresh live until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes with --watch.")] = 2.0,
+) -> None:
+    """Queues, jobs in flight, workers online and recent throughput, per tier."""
+    import time
+
+    from pipeline.ops_view import StatusSource, render_status
+
+    source = StatusSource(settings())
+    if as_json:
+        print(json.dumps(source.snapshot().as_dict(), default=str))
+        return
+    if not watch:
+        console.print(render_status(source.snapshot()))
+        return
+    from rich.live import Live
+
+    with Live(render_status(source.snapshot()), console=console, screen=False, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(render_status(source.snapshot()), refresh=True)
+        except KeyboardInterrupt:
+            pass
 
 
 @app.command("fake-claude")
@@ -154,44 +249,7 @@ def fake_claude(
 # -- work ----------------------------------------------------------------------------------------------
 
 
-@app.command()
-def enqueue(
-    file: Annotated[Path, typer.Argument(help="Jobs, one per line (JSON Lines) or one per row (CSV).")],
-    batch: Annotated[str | None, typer.Option(help="Batch name (default: the file's name).")] = None,
-    format: Annotated[str | None, typer.Option("--format", help="jsonl or csv (default: by extension).")] = None,
-    skip_invalid: Annotated[bool, typer.Option(help="Keep the good lines; write the bad ones to a report.")] = False,
-    invalid_report: Annotated[Path | None, typer.Option(help="Where --skip-invalid writes bad lines.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-) -> None:
-    """Add a file of jobs to a batch. Re-running the same file adds no duplicates."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from pipeline.db import make_engine, session_factory
-    from pipeline.enqueue import enqueue_file, write_invalid_report
-
-    s = settings()
-    sessions = session_factory(make_engine(s.database_url))
-    name = batch or file.stem
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=err, disable=as_json or not err.is_terminal) as bar:
-        task = bar.add_task("checking and writing")
-        report = enqueue_file(
-            sessions, file, batch=name, config=s.models, fmt=format, skip_invalid=skip_invalid,
-            progress=lambda read, accepted: bar.update(
-                task, description=f"read {read:,} lines, accepted {accepted:,} jobs"),
-        )
-    if report.invalid_count:
-        target = invalid_report or file.with_name(file.name + ".invalid.jsonl")
-        write_invalid_report(report, target)
-    out = {"batch": report.batch, "batch_id": report.batch_id, "read": report.read, "accepted": report.accepted,
-           "duplicates": report.duplicates, "invalid": report.invalid_count}
-    if as_json:
-        print(json.dumps(out))
-        return
-    console.print(f"batch [bold]{report.batch}[/]: {report.accepted:,} new job(s), {report.duplicates:,} already "
-                  f"there, {report.invalid_count:,} invalid")
-    if report.invalid_count:
-        console.print(f"bad lines written to {target}")
+# enqueue, cancel, jobs list|show, batches, stats and export live in pipeline/history_cli.py.
 
 
 @app.command()
@@ -228,6 +286,8 @@ def _usd(value: Decimal) -> str:
 
 
 # -- entry point ---------------------------------------------------------------------------------------
+
+import pipeline.history_cli  # noqa: E402, F401  (registers the batch and history commands on `app`)
 
 
 def main() -> None:

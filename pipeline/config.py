@@ -25,6 +25,11 @@ class TierConfig:
     input_per_mtok: Decimal
     output_per_mtok: Decimal
     context_tokens: int = 200_000
+    # The organisation's limits for this model class, per minute: requests, input tokens, output
+    # tokens. 0 means not limited here. Every worker of the tier shares them (pipeline.ratelimit).
+    rpm: int = 0
+    itpm: int = 0
+    otpm: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,13 @@ def _decimal(raw: dict[str, Any], key: str, where: str) -> Decimal:
     return value
 
 
+def _limit(raw: dict[str, Any], key: str, where: str) -> int:
+    value = raw.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: {key!r} must be a whole number of at least 0 (0: no limit), not {value!r}")
+    return value
+
+
 def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> ModelConfig:
     tiers_raw = raw.get("tiers")
     if not isinstance(tiers_raw, dict) or not tiers_raw:
@@ -99,6 +111,9 @@ def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> Model
             input_per_mtok=_decimal(t, "input_per_mtok", where),
             output_per_mtok=_decimal(t, "output_per_mtok", where),
             context_tokens=int(t.get("context_tokens", 200_000)),
+            rpm=_limit(t, "rpm", where),
+            itpm=_limit(t, "itpm", where),
+            otpm=_limit(t, "otpm", where),
         )
 
     r = raw.get("routing", {})

@@ -3,11 +3,22 @@
 The file is read as a stream and written in multi-row inserts, so memory stays flat whatever its
 size. Nothing is published to the broker here: the dispatcher feeds the stages from Postgres as
 capacity frees up. A job's key is its idempotency key within the batch (``ON CONFLICT DO NOTHING``
-on ``(batch_id, key)``), so re-running the same file adds nothing.
+on ``(batch_id, key)``), so re-running the same file adds nothing. The HTTP API sends the jobs of
+a request body through the same ``enqueue_items`` (in one transaction).
 
 By default the whole file is checked before anything is written, so a bad line rejects the file
 and loses nothing already accepted; ``skip_invalid`` keeps the good lines and reports the bad.
-The HTTP API sends the items of a request body through the same ``enqueue_items``.
+
+CSV: the first row names the columns, which are the JSON Lines fields: ``key``, ``kind``, the
+kind's text fields (``text``; ``instructions`` and ``context``; ``prompt``), ``labels``,
+``schema``, ``tier`` and ``metadata``. An empty cell is a field left out, so one file can mix
+kinds. ``schema`` and ``metadata`` cells hold JSON; ``labels`` holds a JSON array or
+``billing|bug|other``. Every other cell is text, taken as it is. A column that is not a job field
+rejects the file at its header. The line number of a row is the line its record starts on.
+
+On Postgres each chunk is COPYed into a temporary table and moved into ``jobs`` by one
+``INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING id``: a VALUES list of 2,000 rows x 9
+parameters is a statement the driver has to parse anew for every chunk, and took twice as long.
 """
 
 from __future__ import annotations
@@ -17,17 +28,18 @@ import io
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from pipeline.config import ModelConfig
-from pipeline.errors import InputFileError, JobInputError
-from pipeline.jobspec import PROMPT_OVERHEAD_TOKENS, JobSpec, parse_job, parse_line
+from pipeline.errors import BatchCancelled, InputFileError, JobInputError
+from pipeline.jobspec import JOB_FIELDS, PROMPT_OVERHEAD_TOKENS, JobSpec, parse_job, parse_line
 from pipeline.models import Batch, Job, JobStatus, utcnow
 
 CHUNK = 2000
@@ -54,8 +66,27 @@ class EnqueueReport:
     invalid_count: int = 0
 
 
-Progress = Callable[[int, int], None]  # (lines read, jobs accepted)
+@dataclass(frozen=True)
+class Tick:
+    """Where an enqueue has got to, for a progress bar."""
+
+    phase: str  # "checking" (the first pass, default mode) or "writing"
+    read: int  # lines (rows) read in this phase
+    accepted: int  # new jobs written so far
+    bytes_read: int
+    bytes_total: int
+
+
+Progress = Callable[[Tick], None]
+InvalidSink = Callable[[BadLine], None]
 Parsed = tuple[int, str, JobSpec | JobInputError]  # (line or index, raw text, job or its error)
+# Yields the items to enqueue; called once per pass, keeping position[0] at the bytes read so far.
+Source = Callable[[list[int]], Iterator[Parsed]]
+# Called inside the writing transaction of an atomic enqueue, after the jobs are written and before
+# the commit, with (session, batch id, new jobs). Raising rolls the whole enqueue back.
+BeforeCommit = Callable[[Session, int, int], None]
+
+CSV_COLUMNS = JOB_FIELDS
 
 
 def detect_format(path: Path, fmt: str | None) -> str:
@@ -87,10 +118,13 @@ def max_job_tokens(config: ModelConfig) -> int:
     return min(t.context_tokens for t in config.tiers.values()) - PROMPT_OVERHEAD_TOKENS
 
 
-def iter_lines(path: Path, fmt: str, *, config: ModelConfig) -> Iterator[Parsed]:
-    """Yield (line number, raw text, job or the error for that line), streaming."""
+def iter_lines(path: Path, fmt: str, *, config: ModelConfig,
+               position: list[int] | None = None) -> Iterator[Parsed]:
+    """Yield (line number, raw text, job or the error for that line), streaming. If given,
+    ``position[0]`` is kept at the bytes read so far."""
     max_tokens = max_job_tokens(config)
     tiers = config.work_tiers
+    pos = position if position is not None else [0]
     try:
         fh: IO[bytes] = path.open("rb")
     except OSError as exc:
@@ -98,6 +132,7 @@ def iter_lines(path: Path, fmt: str, *, config: ModelConfig) -> Iterator[Parsed]
     with fh:
         if fmt == "jsonl":
             for number, raw in enumerate(fh, start=1):
+                pos[0] += len(raw)
                 if not raw.strip():
                     continue
                 try:
@@ -111,8 +146,18 @@ def iter_lines(path: Path, fmt: str, *, config: ModelConfig) -> Iterator[Parsed]
                 reader = csv.DictReader(text)
                 if not reader.fieldnames or "kind" not in reader.fieldnames:
                     raise InputFileError(f"{path}: a CSV file needs a header row with at least a 'kind' column")
+                unknown = [c for c in reader.fieldnames if c not in CSV_COLUMNS]
+                if unknown:
+                    raise InputFileError(f"{path}, line 1: column(s) {', '.join(map(repr, unknown))} are not job "
+                                         f"fields (expected some of {', '.join(sorted(CSV_COLUMNS))})")
+                start = reader.line_num + 1
                 for row in reader:
-                    number = reader.line_num
+                    pos[0] = fh.tell()
+                    number, start = start, reader.line_num + 1
+                    if None in row:
+                        yield number, json.dumps(row.pop(None)), JobInputError(
+                            f"row has {len(reader.fieldnames) + 1}+ cells, the header names {len(reader.fieldnames)}")
+                        continue
                     try:
                         yield number, json.dumps(row), parse_job(_csv_row(row), work_tiers=tiers,
                                                                  max_tokens=max_tokens)
@@ -121,43 +166,12 @@ def iter_lines(path: Path, fmt: str, *, config: ModelConfig) -> Iterator[Parsed]
             except UnicodeDecodeError as exc:
                 raise InputFileError(f"{path} is not valid UTF-8 (byte {exc.start})") from None
             except csv.Error as exc:
-                raise InputFileError(f"{path}: malformed CSV: {exc}") from None
-
-
-def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = None) -> int:
-    """The id of the tenant's batch called ``name``, created if new. ``tenant_id`` None is the
-    operator's own namespace (batches enqueued from the CLI)."""
-    where = (Batch.name == name, Batch.tenant_id.is_(None) if tenant_id is None else Batch.tenant_id == tenant_id)
-    existing = session.scalar(select(Batch.id).where(*where))
-    if existing is not None:
-        return existing
-    stmt = _upsert(session, Batch).values(name=name, tenant_id=tenant_id, created_at=utcnow()).on_conflict_do_nothing()
-    session.execute(stmt)
-    return session.scalar(select(Batch.id).where(*where))  # type: ignore[return-value]
-
-
-def _upsert(session: Session, table: Any) -> Any:
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return pg_insert(table)
-    if dialect == "sqlite":
-        return sqlite_insert(table)
-    return insert(table)
-
-
-def _write(session: Session, batch_id: int, specs: list[JobSpec]) -> int:
-    now = utcnow()
-    rows = [{"batch_id": batch_id, "key": s.key, "kind": s.kind, "payload": s.payload, "meta": s.metadata,
-             "pinned_tier": s.tier, "status": JobStatus.QUEUED, "created_at": now, "updated_at": now}
-            for s in specs]
-    # RETURNING counts only the rows that were new: a key the batch already has returns nothing.
-    stmt = _upsert(session, Job).on_conflict_do_nothing(index_elements=["batch_id", "key"]).returning(Job.id)
-    return len(session.execute(stmt, rows).all())
+                raise InputFileError(f"{path}, line {reader.line_num}: malformed CSV: {exc}") from None
 
 
 def iter_objects(numbered: Iterable[tuple[int, Any]], *, config: ModelConfig) -> Iterator[Parsed]:
     """Yield (number, raw text, job or the error for that item) for (number, decoded object)
-    pairs, such as the items of an HTTP body with their index or line. An item that is already an
+    pairs, such as the jobs of an HTTP body with their index or line. An item that is already an
     error (it did not decode) passes through."""
     max_tokens = max_job_tokens(config)
     for number, obj in numbered:
@@ -170,38 +184,123 @@ def iter_objects(numbered: Iterable[tuple[int, Any]], *, config: ModelConfig) ->
             yield number, "", exc
 
 
-# Called inside the writing transaction, after the jobs are written and before the commit, with
-# (session, batch id, jobs written so far). Raising rolls the whole submission back.
-BeforeCommit = Callable[[Session, int, int], None]
+def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = None) -> int:
+    """The id of the batch called ``name`` in a tenant's namespace (None: the operator's, for
+    batches enqueued from the CLI), created if new."""
+    scope = Batch.tenant_id.is_(None) if tenant_id is None else Batch.tenant_id == tenant_id
+    existing = session.execute(select(Batch.id, Batch.cancelled_at).where(Batch.name == name, scope)).first()
+    if existing is not None:
+        if existing.cancelled_at is not None:
+            # Jobs added now would be dispatched: a cancelled batch stays cancelled.
+            raise BatchCancelled(f"batch {name!r} was cancelled at {existing.cancelled_at:%Y-%m-%d %H:%M:%S %Z}; "
+                                 f"enqueue into a new batch name")
+        return int(existing.id)
+    stmt = _upsert(session, Batch).values(name=name, tenant_id=tenant_id, created_at=utcnow()).on_conflict_do_nothing()
+    session.execute(stmt)
+    return session.scalar(select(Batch.id).where(Batch.name == name, scope))  # type: ignore[return-value]
+
+
+def _upsert(session: Session, table: Any) -> Any:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return pg_insert(table)
+    if dialect == "sqlite":
+        return sqlite_insert(table)
+    return insert(table)
+
+
+_PG_STAGE = text("""
+    CREATE TEMP TABLE IF NOT EXISTS enqueue_stage (n int, key text, kind text, payload text, meta text, tier text)
+    ON COMMIT DELETE ROWS
+""")
+_PG_INSERT = text("""
+    INSERT INTO jobs (batch_id, key, kind, payload, metadata, pinned_tier, status, created_at, updated_at)
+    SELECT :batch_id, key, kind, payload::jsonb, meta::jsonb, tier, 'queued', :now, :now
+    FROM enqueue_stage ORDER BY n
+    ON CONFLICT (batch_id, key) DO NOTHING
+    RETURNING id
+""")
+
+
+def _write_pg(session: Session, batch_id: int, specs: list[JobSpec], now: datetime) -> int:
+    # COPY the chunk into a temporary table (the driver formats COPY rows in C), then move it into
+    # jobs in one INSERT ... SELECT that skips keys the batch already has. The stage empties itself
+    # at commit.
+    session.execute(_PG_STAGE)
+    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+    with cursor, cursor.copy("COPY enqueue_stage (n, key, kind, payload, meta, tier) FROM STDIN") as copy:
+        for n, s in enumerate(specs):
+            copy.write_row((n, s.key, s.kind.value, json.dumps(s.payload, ensure_ascii=False),
+                            None if s.metadata is None else json.dumps(s.metadata, ensure_ascii=False), s.tier))
+    new = len(session.execute(_PG_INSERT, {"batch_id": batch_id, "now": now}).all())
+    # Emptied here too, not only at commit: an atomic enqueue (the HTTP API) writes every chunk in
+    # one transaction, and must not move the earlier chunks again with each later one.
+    session.execute(text("TRUNCATE enqueue_stage"))
+    return new
+
+
+def _write(session: Session, batch_id: int, specs: list[JobSpec]) -> int:
+    """Insert the chunk's new jobs; returns how many were new (RETURNING counts only rows that did
+    not conflict, so a key the batch already has returns nothing)."""
+    now = utcnow()
+    if session.get_bind().dialect.name == "postgresql":
+        return _write_pg(session, batch_id, specs, now)
+    rows = [{"batch_id": batch_id, "key": s.key, "kind": s.kind, "payload": s.payload, "meta": s.metadata,
+             "pinned_tier": s.tier, "status": JobStatus.QUEUED, "created_at": now, "updated_at": now}
+            for s in specs]
+    stmt = _upsert(session, Job).on_conflict_do_nothing(index_elements=["batch_id", "key"]).returning(Job.id)
+    return len(session.execute(stmt, rows).all())
 
 
 def enqueue_items(
     session_factory: Callable[[], Session],
-    source: Callable[[], Iterator[Parsed]],
+    source: Source,
     *,
     batch: str,
     tenant_id: int | None = None,
     where: str | None = None,
+    advice: str = "",
     skip_invalid: bool = False,
     atomic: bool = False,
     before_commit: BeforeCommit | None = None,
     progress: Progress | None = None,
+    on_invalid: InvalidSink | None = None,
     max_reported: int = 1000,
+    chunk_size: int = CHUNK,
+    total_bytes: int = 0,
 ) -> EnqueueReport:
     """Check, then write: the one path by which jobs enter Postgres, from a file or an HTTP body.
 
-    ``source`` is called once per pass and yields (line or index, raw text, job or error). Raises
-    JobInputError for the first bad item unless ``skip_invalid``. With ``atomic``, everything
-    (the batch row included) is one transaction, so a refused submission leaves nothing behind;
-    otherwise each chunk is committed as it is written, which suits files of any size.
-    """
+    ``source`` is called once per pass. Raises JobInputError for the first bad item (``where`` and
+    its number say where; ``advice`` is added to the message) unless ``skip_invalid``. With
+    ``atomic`` everything, the batch row included, is one transaction and ``before_commit`` may
+    still refuse it, so a refused enqueue leaves nothing behind; otherwise each chunk is committed
+    as it is written, which suits files of any size.
+
+    With ``skip_invalid`` every bad line goes to ``on_invalid`` as it is met (so a report of any
+    size is written in bounded memory), and the first ``max_reported`` also to ``report.invalid``."""
     report = EnqueueReport(batch=batch)
+
+    def tick(phase: str, read: int, pos: list[int]) -> None:
+        if progress:
+            progress(Tick(phase, read, report.accepted, pos[0], total_bytes))
 
     if not skip_invalid:
         # Pass 1: check everything, write nothing. A 1M-line file is read twice rather than held.
-        for number, _raw, item in source():
+        first: tuple[int, JobInputError] | None = None
+        bad = read = 0
+        pos = [0]
+        for number, _raw, item in source(pos):
+            read += 1
             if isinstance(item, JobInputError):
-                raise JobInputError(item.reason, line=number, source=where)
+                bad += 1
+                first = first or (number, item)
+            if read % chunk_size == 0:
+                tick("checking", read, pos)
+        tick("checking", read, pos)
+        if first is not None:
+            more = f" ({bad:,} bad lines in all)" if bad > 1 else ""
+            raise JobInputError(f"{first[1].reason}{more}{advice}", line=first[0], source=where)
     with session_factory() as session:
         batch_id = get_or_create_batch(session, batch, tenant_id=tenant_id)
         if not atomic:
@@ -209,6 +308,7 @@ def enqueue_items(
         report.batch_id = batch_id
         chunk: list[JobSpec] = []
         keys: set[str] = set()
+        pos = [0]
 
         def flush() -> None:
             if chunk:
@@ -217,15 +317,17 @@ def enqueue_items(
                     session.commit()
                 chunk.clear()
                 keys.clear()
-            if progress:
-                progress(report.read, report.accepted)
+            tick("writing", report.read, pos)
 
-        for number, raw, item in source():
+        for number, raw, item in source(pos):
             report.read += 1
             if isinstance(item, JobInputError):
                 report.invalid_count += 1
+                bad_line = BadLine(number, item.reason, raw[:2000])
                 if len(report.invalid) < max_reported:
-                    report.invalid.append(BadLine(number, item.reason, raw[:2000]))
+                    report.invalid.append(bad_line)
+                if on_invalid:
+                    on_invalid(bad_line)
                 continue
             if item.key in keys:
                 # The same key twice in one chunk would make one multi-row insert conflict with
@@ -233,7 +335,7 @@ def enqueue_items(
                 continue
             keys.add(item.key)
             chunk.append(item)
-            if len(chunk) >= CHUNK:
+            if len(chunk) >= chunk_size:
                 flush()
         flush()
         if before_commit is not None:
@@ -253,17 +355,32 @@ def enqueue_file(
     fmt: str | None = None,
     skip_invalid: bool = False,
     progress: Progress | None = None,
+    on_invalid: InvalidSink | None = None,
     max_reported: int = 1000,
-    tenant_id: int | None = None,
+    chunk_size: int = CHUNK,
 ) -> EnqueueReport:
-    """Check, then write. Raises JobInputError for the first bad line unless ``skip_invalid``."""
+    """Check, then write. Raises JobInputError for the first bad line unless ``skip_invalid``.
+
+    With ``skip_invalid`` every bad line goes to ``on_invalid`` as it is met (so a report of any
+    size is written in bounded memory), and the first ``max_reported`` also to ``report.invalid``."""
     fmt = detect_format(path, fmt)
-    return enqueue_items(session_factory, lambda: iter_lines(path, fmt, config=config), batch=batch,
-                         tenant_id=tenant_id, where=str(path), skip_invalid=skip_invalid, progress=progress,
-                         max_reported=max_reported)
+    try:
+        total = path.stat().st_size
+    except OSError as exc:
+        raise InputFileError(f"cannot read {path}: {exc.strerror}") from None
+    return enqueue_items(
+        session_factory, lambda pos: iter_lines(path, fmt, config=config, position=pos), batch=batch,
+        where=str(path), advice=". Nothing was written; fix the file, or use --skip-invalid to enqueue the good lines",
+        skip_invalid=skip_invalid, progress=progress, on_invalid=on_invalid, max_reported=max_reported,
+        chunk_size=chunk_size, total_bytes=total)
+
+
+def invalid_line_json(bad: BadLine) -> str:
+    """One line of a --skip-invalid report: JSON with the line number, the reason and the input."""
+    return json.dumps({"line": bad.line, "error": bad.reason, "input": bad.raw}, ensure_ascii=False)
 
 
 def write_invalid_report(report: EnqueueReport, path: Path) -> None:
     with path.open("w") as fh:
         for bad in report.invalid:
-            fh.write(json.dumps({"line": bad.line, "error": bad.reason, "input": bad.raw}) + "\n")
+            fh.write(invalid_line_json(bad) + "\n")

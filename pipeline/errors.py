@@ -3,8 +3,10 @@
     SwitchyardError
     ├── ConfigError            the configuration (environment or models file) is wrong
     ├── JobInputError          a job the user submitted is invalid; says which line and why
-    │   └── InputFileError     a whole input file is unusable (missing, unreadable, wrong format)
+    │   ├── InputFileError     a whole input file is unusable (missing, unreadable, wrong format)
+    │   └── BatchCancelled     jobs sent to a batch that was cancelled
     ├── NotFound               a job or batch id that does not exist
+    ├── RateLimited            a tier's shared budget has no turn for a call soon enough
     ├── InvalidQuery           a history query the user wrote wrongly (a bad time, cursor, limit)
     └── ClaudeError            a model call failed; translated from the SDK at the client boundary
         ├── TransientClaudeError   worth retrying: 429, 5xx, 529, timeouts, dropped connections
@@ -42,8 +44,22 @@ class InputFileError(JobInputError):
     pass
 
 
+class BatchCancelled(JobInputError):
+    pass
+
+
 class NotFound(SwitchyardError):
     pass
+
+
+class RateLimited(SwitchyardError):
+    """No turn within the tier's rate-limit budget soon enough; raised before any request is sent,
+    so the stage hands the job back to its queue instead of holding a worker thread."""
+
+    def __init__(self, tier: str, wait_s: float) -> None:
+        super().__init__(f"tier {tier} is rate limited for another {wait_s:.1f} s")
+        self.tier = tier
+        self.wait_s = wait_s
 
 
 class InvalidQuery(SwitchyardError):

@@ -34,6 +34,9 @@ _FIELDS: dict[JobKind, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 _COMMON = {"key", "kind", "tier", "metadata"}
 _EXTRA = {JobKind.CLASSIFY: {"labels"}, JobKind.EXTRACT: {"schema"}}
+# Every field a job of some kind may have: the columns a CSV file may name.
+JOB_FIELDS = frozenset(_COMMON | {f for req, opt in _FIELDS.values() for f in (*req, *opt)}
+                       | {f for extra in _EXTRA.values() for f in extra})
 
 
 @dataclass(frozen=True)

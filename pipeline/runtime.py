@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
-from pipeline.claude import ClaudeClient, RateLimiter
+from collections.abc import Callable
+
+from pipeline.claude import AttemptObserver, ClaudeClient, RateLimiter
 from pipeline.db import make_engine, session_factory
 from pipeline.errors import ConfigError
 from pipeline.settings import Settings
 from pipeline.stages import Pipeline
 
 
-def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLimiter | None = None) -> Pipeline:
+def build_limiter(settings: Settings, *, on_wait: Callable[[str, float], None] | None = None) -> RateLimiter | None:
+    """The tiers' shared budgets, in the broker's Redis. None for the in-process broker of the demo:
+    one process has no one to share a budget with, and the API's 429s are still retried."""
+    if not settings.uses_redis:
+        return None
+    from pipeline.ratelimit import RedisRateLimiter
+
+    return RedisRateLimiter.from_url(settings.broker_url, settings.tier_limits(), window_s=settings.rate_window_s,
+                                     max_wait_s=settings.rate_max_wait_s, on_wait=on_wait)
+
+
+def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLimiter | None = None,
+                   on_attempt: AttemptObserver | None = None,
+                   on_wait: Callable[[str, float], None] | None = None) -> Pipeline:
     if not settings.api_key:
         raise ConfigError("ANTHROPIC_API_KEY is not set (for the fake Claude, any value will do)")
+    if limiter is None:
+        limiter = build_limiter(settings, on_wait=on_wait)
     engine = make_engine(settings.database_url, pool_size=min(max(concurrency // 4, 4), 16))
     client = ClaudeClient(
         api_key=settings.api_key,
@@ -21,6 +38,7 @@ def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLi
         max_backoff_s=settings.retry_max_backoff_s,
         limiter=limiter,
         max_connections=max(concurrency, 10),
+        on_attempt=on_attempt,
     )
     return Pipeline(sessions=session_factory(engine), client=client, models=settings.models,
                     max_deliveries=settings.max_deliveries)

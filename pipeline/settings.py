@@ -10,6 +10,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.config import ModelConfig, load_config
+from pipeline.ratelimit import TierLimits, parse_overrides
 
 DEFAULT_SQLITE_URL = "sqlite:///.switchyard/switchyard.sqlite"
 
@@ -45,10 +46,27 @@ class Settings(BaseSettings):
     # while it streams in; a batch of more jobs than this is refused with 413 before any is written.
     api_max_body_bytes: int = Field(64 * 1024 * 1024, alias="SWITCHYARD_API_MAX_BODY_BYTES")
     api_max_batch_jobs: int = Field(100_000, alias="SWITCHYARD_API_MAX_BATCH_JOBS")
+    # Rate limits per tier, over those of the model configuration: "sonnet.rpm=50,opus.otpm=8000".
+    rate_limits: str | None = Field(None, alias="SWITCHYARD_RATE_LIMITS")
+    # The limits are per this many seconds. Anthropic's are per minute; tests shorten it.
+    rate_window_s: float = Field(60.0, alias="SWITCHYARD_RATE_WINDOW_S", gt=0)
+    # A call that would wait longer than this for its tier's budget hands its job back to the queue
+    # with a countdown instead of holding a worker thread (pipeline.ratelimit).
+    rate_max_wait_s: float = Field(10.0, alias="SWITCHYARD_RATE_MAX_WAIT_S", ge=0)
+    # Serve Prometheus metrics on this port (workers and the dispatcher); unset: no metrics server.
+    metrics_port: int | None = Field(None, alias="SWITCHYARD_METRICS_PORT")
 
     @cached_property
     def models(self) -> ModelConfig:
         return load_config(self.config_path)
+
+    def tier_limits(self) -> dict[str, TierLimits]:
+        base = {name: TierLimits(t.rpm, t.itpm, t.otpm) for name, t in self.models.tiers.items()}
+        return parse_overrides(self.rate_limits, base)
+
+    @property
+    def uses_redis(self) -> bool:
+        return self.broker_url.startswith(("redis://", "rediss://", "unix://"))
 
     @property
     def api_key(self) -> str | None:

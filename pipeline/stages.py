@@ -8,24 +8,25 @@ touch the broker, so they are tested with nothing but a database and the fake Cl
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import update
+from sqlalchemy import delete, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.claude import Attempt, CallFailed, CallResult, ClaudeClient
+from pipeline.claude import Attempt, CallFailed, CallResult, ClaudeClient, Deferred
 from pipeline.config import ModelConfig
 from pipeline.db import transaction
 from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
 from pipeline.pricing import call_cost
 from pipeline.prompts import Prompt, format_check_prompt, triage_prompt, work_prompt
 from pipeline.routing import after_failed_validation, parse_triage, tier_for
-from pipeline.states import Claim, begin_stage, transition
+from pipeline.states import Claim, begin_stage, release_stage, transition
 from pipeline.validation import Verdict, check_stop, deterministic_check, parse_format_check
 
 T = TypeVar("T")
@@ -40,6 +41,12 @@ class Handoff:
     stage: str  # triage | work | validate
     job_id: int
     queue: str
+    # Publish with this countdown: the same stage handed back to wait for its tier's rate limit.
+    delay_s: float = 0.0
+
+# A hand-back waits at most this long in the broker; if the tier is still busy it is handed back
+# again. Far below any stage deadline, so the sweeper never takes a waiting job for a lost one.
+MAX_DEFER_S = 60.0
 
 
 @dataclass
@@ -162,12 +169,37 @@ def _claim(p: Pipeline, job_id: int, status: JobStatus,
     return p.run(do)
 
 
-def _call(p: Pipeline, *, tier: str, prompt: Prompt, max_tokens: int) -> CallResult | CallFailed:
+def _call(p: Pipeline, *, tier: str, prompt: Prompt, max_tokens: int) -> CallResult | CallFailed | Deferred:
     try:
         return p.client.call(tier=tier, model=p.models.tier(tier).model, system=prompt.system,
                              user=prompt.user, max_tokens=max_tokens)
-    except CallFailed as failed:
-        return failed
+    except (CallFailed, Deferred) as outcome:
+        return outcome
+
+
+def _defer(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage: Stage, tier: str,
+           deferred: Deferred) -> Handoff | None:
+    """Hand the job back to its queue until the tier's budget has room, instead of holding a
+    worker thread (pipeline.ratelimit says when that happens). Attempts already made are recorded;
+    a call that never started leaves no row."""
+
+    def do(session: Session) -> bool:
+        if deferred.attempts:
+            _record_attempts(session, p, call_id=call_id, claim=claim, stage=stage, tier=tier,
+                             attempts=deferred.attempts, applied=False)
+            _add_cost(session, claim.id, _total_cost(p, tier, deferred.attempts))
+        else:
+            session.execute(delete(ModelCall).where(ModelCall.id == call_id)
+                            .execution_options(synchronize_session=False))
+        return release_stage(session, claim.id, status=status, version=claim.version)
+
+    if not p.run(do):
+        return None
+    again = handoff_for(claim.id, status, claim.tier)
+    if again is None:
+        return None
+    # Jitter spreads the handed-back jobs over the refill instead of returning them all at once.
+    return replace(again, delay_s=min(MAX_DEFER_S, deferred.wait_s) + random.uniform(0, 1))
 
 
 def _fail_after_call(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage: Stage,
@@ -197,6 +229,8 @@ def triage(p: Pipeline, job_id: int) -> Handoff | None:
     assert call_id is not None
     result = _call(p, tier=tier, prompt=triage_prompt(claim.kind, claim.payload),
                    max_tokens=p.models.limits.triage_max_tokens)
+    if isinstance(result, Deferred):
+        return _defer(p, claim, call_id, status=JobStatus.TRIAGING, stage=Stage.TRIAGE, tier=tier, deferred=result)
     if isinstance(result, CallFailed):
         _fail_after_call(p, claim, call_id, status=JobStatus.TRIAGING, stage=Stage.TRIAGE, tier=tier,
                          failed=result)
@@ -235,6 +269,8 @@ def work(p: Pipeline, job_id: int) -> Handoff | None:
     tier = claim.tier
     result = _call(p, tier=tier, prompt=work_prompt(claim.kind, claim.payload, feedback=claim.feedback),
                    max_tokens=p.models.limits.work_max_tokens)
+    if isinstance(result, Deferred):
+        return _defer(p, claim, call_id, status=JobStatus.WORKING, stage=Stage.WORK, tier=tier, deferred=result)
     if isinstance(result, CallFailed):
         _fail_after_call(p, claim, call_id, status=JobStatus.WORKING, stage=Stage.WORK, tier=tier,
                          failed=result)
@@ -281,6 +317,9 @@ def validate(p: Pipeline, job_id: int) -> Handoff | None:
         answer = claim.candidate or ""
         outcome = _call(p, tier=checker, prompt=format_check_prompt(JobKind(claim.kind), claim.payload, answer),
                         max_tokens=p.models.limits.format_check_max_tokens)
+        if isinstance(outcome, Deferred):
+            return _defer(p, claim, call_id, status=JobStatus.VALIDATING, stage=Stage.FORMAT_CHECK, tier=checker,
+                          deferred=outcome)
         if isinstance(outcome, CallFailed):
             _fail_after_call(p, claim, call_id, status=JobStatus.VALIDATING, stage=Stage.FORMAT_CHECK,
                              tier=checker, failed=outcome)
@@ -295,26 +334,24 @@ def _apply_verdict(session: Session, p: Pipeline, claim: Claim, call_id: int | N
     tier = claim.tier or ""
     checker = p.models.format_check_tier
     cost = _total_cost(p, checker, result.attempts) if result is not None else Decimal(0)
-    common = dict(frm=JobStatus.VALIDATING, version=claim.version, cost_usd=Job.cost_usd + cost)
+    def move(to: JobStatus, detail: str, **values: Any) -> bool:
+        return transition(session, claim.id, frm=JobStatus.VALIDATING, version=claim.version, to=to,
+                          detail=detail, cost_usd=Job.cost_usd + cost, **values)
 
+    handoff: Handoff | None = None
     if verdict.ok:
-        moved = transition(session, claim.id, to=JobStatus.SUCCEEDED, detail=f"{verdict.validator} ok",
-                           output=verdict.output, feedback=None, **common)
-        handoff = None
+        moved = move(JobStatus.SUCCEEDED, f"{verdict.validator} ok", output=verdict.output, feedback=None)
     else:
         step = after_failed_validation(tier, claim.attempt, p.models.routing)
         reasons = verdict.feedback
         if step.action == "fail":
-            moved = transition(session, claim.id, to=JobStatus.FAILED, detail="validation failed",
-                               error=f"validation failed at {tier} after {claim.attempt} attempt(s): {reasons}",
-                               **common)
-            handoff = None
+            moved = move(JobStatus.FAILED, "validation failed",
+                         error=f"validation failed at {tier} after {claim.attempt} attempt(s): {reasons}")
         else:
             assert step.tier is not None
             extra = {"escalations": Job.escalations + 1} if step.action == "escalate" else {}
-            moved = transition(session, claim.id, to=JobStatus.WORKING,
-                               detail=f"validation failed; {step.action} -> {step.tier}",
-                               tier=step.tier, attempt=step.attempt, feedback=reasons, **extra, **common)
+            moved = move(JobStatus.WORKING, f"validation failed; {step.action} -> {step.tier}",
+                         tier=step.tier, attempt=step.attempt, feedback=reasons, **extra)
             if moved:
                 kind = "escalation" if step.action == "escalate" else "retry"
                 session.add(RoutingDecision(job_id=claim.id, reason_kind=kind, from_tier=tier,

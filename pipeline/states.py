@@ -151,5 +151,18 @@ def begin_stage(session: Session, job_id: int, *, status: JobStatus) -> Claim | 
     return Claim(*row)
 
 
+def release_stage(session: Session, job_id: int, *, status: JobStatus, version: int) -> bool:
+    """Undo ``begin_stage`` for a stage that handed its job back unstarted (a rate-limit wait):
+    the delivery did not run, so it must not count towards the poison-job bound, and the sweeper's
+    clock restarts. True if the job was still where the stage left it."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == status, Job.version == version, Job.deliveries > 0)
+        .values(deliveries=Job.deliveries - 1, stage_started_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
 def status_of(session: Session, job_id: int) -> JobStatus | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))

@@ -59,8 +59,10 @@ def check_label(answer: str, labels: list[str]) -> Verdict:
     data = _load_json(answer)
     if isinstance(data, dict) and "label" in data:
         label = data["label"]
+    elif isinstance(data, str):
+        label = data  # a JSON string holding the label
     elif data is None and "\n" not in answer.strip():
-        label = answer.strip().strip('"')  # a bare label is a fair answer too
+        label = answer.strip()  # a bare label is a fair answer too
     else:
         return Verdict(False, "label", ['answer is not {"label": ...}'])
     if label not in labels:

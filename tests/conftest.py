@@ -60,7 +60,7 @@ def sessions(engine: Engine) -> sessionmaker[Session]:
     return session_factory(engine)
 
 
-@pytest.fixture()
+@pytest.fixture
 def db(engine: Engine) -> Iterator[Session]:
     """A session inside a transaction that is rolled back after the test."""
     conn = engine.connect()

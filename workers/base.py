@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 from celery import Celery, Task
 
+from pipeline.metrics import BUSY, STAGE_SECONDS, STAGES
 from pipeline.settings import Settings
 from pipeline.stages import Handoff, Pipeline
 from workers.config import TASKS
@@ -33,14 +35,19 @@ def current_pipeline(app: Celery) -> Pipeline:
                 from pipeline.runtime import build_pipeline
 
                 settings: Settings = app.conf.switchyard_settings
-                _pipeline = build_pipeline(settings, concurrency=app.conf.worker_concurrency or 16)
+                # The worker command installs metrics callbacks here when --metrics-port is given.
+                hooks = app.conf.get("switchyard_hooks") or {}
+                _pipeline = build_pipeline(settings, concurrency=app.conf.worker_concurrency or 16, **hooks)
     return _pipeline
 
 
 def publisher(app: Celery) -> Callable[[Iterable[Handoff]], None]:
     def publish(handoffs: Iterable[Handoff]) -> None:
         for h in handoffs:
-            app.send_task(TASKS[h.stage], args=[h.job_id], queue=h.queue)
+            # A countdown (a job handed back to wait for its tier's rate limit) is held by a worker
+            # outside its pool until due: it takes no thread while it waits.
+            app.send_task(TASKS[h.stage], args=[h.job_id], queue=h.queue,
+                          countdown=h.delay_s if h.delay_s > 0 else None)
 
     return publish
 
@@ -57,6 +64,40 @@ class StageTask(Task):  # type: ignore[misc]
 
     def run_stage(self, job_id: int) -> None:
         p = current_pipeline(self.app)
-        handoff = type(self).stage(p, job_id)
-        if handoff is not None:
-            publisher(self.app)([handoff])
+        queue = (self.request.delivery_info or {}).get("routing_key") or "?"
+        stage = self.name.rsplit(".", 1)[-1]
+        outcome = "error"
+        t0 = time.perf_counter()
+        BUSY.labels(queue).inc()
+        _busy.add(1)
+        try:
+            handoff = type(self).stage(p, job_id)
+            if handoff is None:
+                outcome = "ended"
+            else:
+                outcome = "deferred" if handoff.delay_s > 0 else "handoff"
+                publisher(self.app)([handoff])
+        finally:
+            _busy.add(-1)
+            BUSY.labels(queue).dec()
+            STAGES.labels(queue, stage, outcome).inc()
+            STAGE_SECONDS.labels(queue, stage).observe(time.perf_counter() - t0)
+
+
+class _Gauge:
+    """Stage runs in progress in this process, for the worker's heartbeat."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.value += n
+
+
+_busy = _Gauge()
+
+
+def busy() -> int:
+    return _busy.value

@@ -14,8 +14,8 @@ from celery.worker import state
 @contextmanager
 def embedded_worker(app: Celery, *, queues: Sequence[str], concurrency: int = 8, pool: str = "threads",
                     loglevel: str = "WARNING") -> Iterator[None]:
-    import workers.triage  # noqa: F401  (register the tasks on the app)
-    import workers.validate  # noqa: F401
+    import workers.triage
+    import workers.validate
     import workers.work  # noqa: F401
 
     worker = app.WorkController(

@@ -4,7 +4,7 @@ and never a secret or a stack trace.
     SwitchyardError                 400, unless one of these:
     ├── Unauthorized                401  (WWW-Authenticate: Bearer)
     ├── NotFound                    404  (also for another tenant's job or batch)
-    ├── Conflict                    409
+    ├── Conflict, BatchCancelled    409
     ├── BodyTooLarge                413
     ├── UnsupportedMediaType        415
     ├── JobInputError, InvalidQuery 422  (a bad item names its index or line)
@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 
 from pipeline.api.bodies import BodyTooLarge, UnsupportedMediaType
 from pipeline.api.status import BrokerDown
-from pipeline.errors import InvalidQuery, JobInputError, NotFound, SwitchyardError
+from pipeline.errors import BatchCancelled, InvalidQuery, JobInputError, NotFound, SwitchyardError
 from pipeline.tenants import LimitExceeded
 
 log = logging.getLogger("switchyard.api")
@@ -46,6 +46,7 @@ STATUS: list[tuple[type[SwitchyardError], int]] = [
     (Unauthorized, 401),
     (NotFound, 404),
     (Conflict, 409),
+    (BatchCancelled, 409),
     (BodyTooLarge, 413),
     (UnsupportedMediaType, 415),
     (JobInputError, 422),

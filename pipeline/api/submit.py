@@ -5,7 +5,7 @@ one transaction per request, so a refused or invalid submission leaves nothing b
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import IO, Any
 
 from sqlalchemy import select
@@ -15,8 +15,8 @@ from pipeline import tenants
 from pipeline.api.bodies import JSON, JSON_LINES, UnsupportedMediaType, iter_json_array, iter_json_lines
 from pipeline.api.errors import BadItem, Conflict
 from pipeline.config import ModelConfig
-from pipeline.enqueue import EnqueueReport, Parsed, enqueue_items, iter_objects
-from pipeline.errors import JobInputError
+from pipeline.enqueue import EnqueueReport, Source, enqueue_items, iter_objects
+from pipeline.errors import BatchCancelled, JobInputError
 from pipeline.jobspec import JobSpec
 from pipeline.models import Batch, Job
 from pipeline.tenants import Caller
@@ -26,7 +26,9 @@ log = logging.getLogger("switchyard.api")
 
 def _guard(who: Caller) -> Callable[[Session, int, int], None]:
     """Checks made inside the writing transaction, after the jobs are written: they see this
-    submission's own rows, and the tenant's row lock makes its submissions take turns."""
+    submission's own rows, and the tenant's row lock makes its submissions take turns. (A batch
+    cancelled before the submission began was refused by ``get_or_create_batch``; this catches
+    one cancelled while it was being written.)"""
 
     def before_commit(session: Session, batch_id: int, accepted: int) -> None:
         tenant = tenants.lock(session, who.tenant_id)
@@ -49,12 +51,12 @@ def check_spend(sessions: sessionmaker[Session], who: Caller) -> None:
             tenants.check_spend(session, tenant)
 
 
-def submit_items(sessions: sessionmaker[Session], source: Callable[[], Iterator[Parsed]], *, who: Caller,
+def submit_items(sessions: sessionmaker[Session], source: Source, *, who: Caller,
                  batch: str, lines: bool) -> EnqueueReport:
     try:
         report = enqueue_items(sessions, source, batch=batch, tenant_id=who.tenant_id, atomic=True,
                                before_commit=_guard(who))
-    except BadItem:
+    except (BadItem, BatchCancelled):
         raise
     except JobInputError as exc:
         number = exc.line if exc.line is not None else 0
@@ -75,14 +77,13 @@ def body_reader(media_type: str) -> tuple[Any, bool]:
                                f"{JSON} or JSON Lines as {JSON_LINES[0]}")
 
 
-def batch_source(body: IO[bytes], reader: Any, *, config: ModelConfig,
-                 max_items: int) -> Callable[[], Iterator[Parsed]]:
+def batch_source(body: IO[bytes], reader: Any, *, config: ModelConfig, max_items: int) -> Source:
     """A re-readable source of parsed jobs from a spooled body: ``enqueue_items`` reads it twice."""
-    return lambda: iter_objects(reader(body, max_items=max_items), config=config)
+    return lambda _position: iter_objects(reader(body, max_items=max_items), config=config)
 
 
-def one_job_source(spec: JobSpec) -> Callable[[], Iterator[Parsed]]:
-    return lambda: iter([(0, "", spec)])
+def one_job_source(spec: JobSpec) -> Source:
+    return lambda _position: iter([(0, "", spec)])
 
 
 def find_job(session: Session, batch_id: int, key: str) -> tuple[int, str]:

@@ -64,10 +64,8 @@ def classify(prompt: Prompt, invalid: bool) -> str:
     words = set(re.findall(r"[a-z0-9]+", job_text(prompt).lower()))
     scores = [len(set(re.findall(r"[a-z0-9]+", label.lower())) & words) for label in labels]
     best = max(scores)
-    if best > 0:
-        candidates = [label for label, score in zip(labels, scores, strict=True) if score == best]
-    else:
-        candidates = labels
+    # A label named in the text wins; with none named, any label is as plausible as another.
+    candidates = [label for label, score in zip(labels, scores, strict=True) if score == best] if best else labels
     return json.dumps({"label": candidates[pick(prompt.digest, "label", len(candidates))]},
                       ensure_ascii=False)
 

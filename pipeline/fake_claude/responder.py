@@ -164,7 +164,7 @@ class Responder:
             check_headers(headers, self.options.api_key)
             limit = int(query.get("limit", "20"))
             if not 1 <= limit <= 1000:
-                raise ValueError(limit)
+                raise ValueError(limit)  # noqa: TRY301 - one answer for unparseable and out of range
         except RequestInvalid as exc:
             return self._error(exc, request_id, None, now)
         except ValueError:

@@ -238,11 +238,11 @@ def test_cancelled_batch_takes_no_new_jobs(server: Server, make_token: MakeToken
         again = c.post(f"/v1/batches/{batch_id}/cancel")
         assert again.status_code == 200
         assert again.json()["cancelled"] == 0
-        r = c.post("/v1/batches", params={"name": "c"}, json=[job(2)])
-        assert r.status_code == 409
-        assert f"batch {batch_id} was cancelled" in r.json()["detail"]
-        # Resubmitting what it already has is still harmless.
-        assert c.post("/v1/batches", params={"name": "c"}, json=[job(0)]).status_code == 201
+        for body in ([job(2)], [job(0)]):  # new jobs, or ones it already has: a cancelled batch stays closed
+            r = c.post("/v1/batches", params={"name": "c"}, json=body)
+            assert r.status_code == 409
+            assert "batch 'c' was cancelled" in r.json()["detail"]
+        assert c.post("/v1/jobs", params={"batch": "c"}, json=job(3)).status_code == 409
         summary = c.get(f"/v1/batches/{batch_id}").json()
         assert summary["by_status"] == {"cancelled": 2}
         assert summary["finished"] is True

@@ -1,0 +1,94 @@
+"""The Claude client over real HTTP to the fake: who retries, how often, and what fails at once."""
+
+from __future__ import annotations
+
+import anthropic
+import httpx2 as httpx
+import pytest
+
+from pipeline.claude import CallFailed, ClaudeClient, translate
+from pipeline.errors import PermanentClaudeError, TransientClaudeError
+from pipeline.fake_claude import FakeClaude
+from pipeline.models import JobKind
+from pipeline.prompts import work_prompt
+
+MODEL = "claude-sonnet-5-5"
+
+
+class Sleeps(list[float]):
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def client(fake: FakeClaude, sleeps: Sleeps, **kw: object) -> ClaudeClient:
+    return ClaudeClient(api_key="test", base_url=fake.base_url, sleep=sleeps, **kw)  # type: ignore[arg-type]
+
+
+def call(c: ClaudeClient, text: str):  # type: ignore[no-untyped-def]
+    p = work_prompt(JobKind.GENERATE, {"prompt": text})
+    return c.call(tier="sonnet", model=MODEL, system=p.system, user=p.user, max_tokens=200)
+
+
+
+def test_transient_errors_are_retried_and_counted(fake_claude: FakeClaude) -> None:
+    sleeps = Sleeps()
+    fake_claude.reset()
+    result = call(client(fake_claude, sleeps), "retry me [fake:error=529] [fake:times=2]")
+    assert [a.status_code for a in result.attempts] == [529, 529, 200]
+    assert [a.error_type for a in result.attempts[:2]] == ["overloaded_error"] * 2
+    assert len(sleeps) == 2 and all(0 <= s <= 30 for s in sleeps)
+    assert fake_claude.stats()["total"] == 3  # the SDK itself retried nothing
+
+
+def test_retry_after_is_honoured(fake_claude: FakeClaude) -> None:
+    sleeps = Sleeps()
+    result = call(client(fake_claude, sleeps), "slow down [fake:error=429] [fake:times=1]")
+    assert result.attempts[0].status_code == 429
+    assert result.attempts[0].retry_after is not None and result.attempts[0].retry_after >= 1
+    assert sleeps[0] >= result.attempts[0].retry_after
+
+
+def test_retries_are_bounded(fake_claude: FakeClaude) -> None:
+    sleeps = Sleeps()
+    fake_claude.reset()
+    with pytest.raises(CallFailed) as info:
+        call(client(fake_claude, sleeps, attempts=3), "always failing [fake:error=500]")
+    assert info.value.transient and len(info.value.attempts) == 3
+    assert fake_claude.stats()["total"] == 3
+
+
+@pytest.mark.parametrize(("code", "status"), [("400", 400), ("401", 401), ("404", 404), ("413", 413)])
+def test_client_errors_fail_at_once_with_the_api_message(fake_claude: FakeClaude, code: str, status: int) -> None:
+    sleeps = Sleeps()
+    with pytest.raises(CallFailed) as info:
+        call(client(fake_claude, sleeps), f"bad [fake:error={code}]")
+    assert not info.value.transient and len(info.value.attempts) == 1 and sleeps == []
+    assert str(info.value).startswith(f"{status} ") and info.value.request_id
+
+
+def test_unknown_model_is_a_permanent_error(fake_claude: FakeClaude) -> None:
+    c = client(fake_claude, Sleeps())
+    with pytest.raises(CallFailed) as info:
+        c.call(tier="sonnet", model="claude-nonexistent", system="s", user="u", max_tokens=10)
+    assert info.value.status == 404 and "not_found_error" in str(info.value)
+
+
+def test_dropped_connections_and_stalls_are_transient(fake_claude: FakeClaude) -> None:
+    sleeps = Sleeps()
+    result = call(client(fake_claude, sleeps), "flaky [fake:error=drop] [fake:times=1]")
+    assert result.attempts[0].error_type == "connection_error" and result.attempts[-1].ok
+    fast = client(fake_claude, sleeps, timeout_s=0.3, attempts=2)
+    with pytest.raises(CallFailed) as info:
+        call(fast, "stuck [fake:error=stall] [fake:latency_ms=0]")
+    assert info.value.transient and {a.error_type for a in info.value.attempts} == {"timeout"}
+
+
+def test_a_spend_limit_429_is_not_retried() -> None:
+    request = httpx.Request("POST", "http://x/v1/messages")
+    body = {"type": "error", "error": {"type": "rate_limit_error", "message": "spend limit reached"}}
+    without = anthropic.RateLimitError("spend", response=httpx.Response(429, request=request), body=body)
+    assert isinstance(translate(without), PermanentClaudeError)
+    with_header = anthropic.RateLimitError(
+        "slow", response=httpx.Response(429, request=request, headers={"retry-after": "3"}), body=body)
+    err = translate(with_header)
+    assert isinstance(err, TransientClaudeError) and err.retry_after == 3

@@ -1,0 +1,107 @@
+"""Bad input fails clearly, naming the line and the problem, and loses nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.config import ModelConfig
+from pipeline.enqueue import enqueue_file
+from pipeline.errors import JobInputError
+from pipeline.jobspec import parse_job, parse_line
+from pipeline.models import Batch, Job
+
+TIERS = ("sonnet", "opus")
+GOOD = {"key": "a", "kind": "classify", "text": "hello", "labels": ["x", "y"]}
+
+
+@pytest.mark.parametrize(("obj", "message"), [
+    ({"kind": "summarise", "text": "x"}, "unknown kind 'summarise'"),
+    ({"text": "x"}, "missing required field 'kind'"),
+    ({"kind": "classify", "text": "x"}, "a classify job needs 'labels'"),
+    ({"kind": "classify", "text": "x", "labels": []}, "non-empty list"),
+    ({"kind": "classify", "text": "x", "labels": ["a", "a"]}, "the same label twice"),
+    ({"kind": "classify", "text": 5, "labels": ["a"]}, "'text' must be a string, not int"),
+    ({"kind": "classify", "text": "  ", "labels": ["a"]}, "'text' must not be empty"),
+    ({"kind": "extract", "text": "x"}, "an extract job needs 'schema'"),
+    ({"kind": "extract", "text": "x", "schema": {"type": "objekt"}}, "not a valid JSON Schema"),
+    ({"kind": "extract", "text": "x", "schema": {"type": "object", "required": "name"}}, "not a valid JSON Schema"),
+    ({"kind": "extract", "text": "x", "schema": []}, "must be a JSON object"),
+    ({"kind": "draft"}, "missing required field 'instructions'"),
+    ({"kind": "generate", "prompt": "x", "tier": "haiku"}, "unknown tier 'haiku'"),
+    ({"kind": "generate", "prompt": "x", "temperature": 1}, "unknown field(s) 'temperature'"),
+    ({"kind": "generate", "prompt": "x", "metadata": [1]}, "'metadata' must be a JSON object"),
+    ({"kind": "generate", "prompt": "x", "key": ""}, "'key' must be a non-empty string"),
+    ({"kind": "generate", "prompt": "a\x00b"}, "NUL"),
+    ([1, 2], "must be a JSON object, not list"),
+])
+def test_each_bad_job_gets_one_clear_reason(obj: object, message: str) -> None:
+    with pytest.raises(JobInputError) as info:
+        parse_job(obj, work_tiers=TIERS)
+    assert message in str(info.value)
+
+
+def test_malformed_lines() -> None:
+    with pytest.raises(JobInputError, match="not valid JSON"):
+        parse_line('{"kind": "generate", "prompt": ', work_tiers=TIERS)
+    with pytest.raises(JobInputError, match="not valid UTF-8"):
+        parse_line(b'{"kind": "generate", "prompt": "\xff"}', work_tiers=TIERS)
+    with pytest.raises(JobInputError, match="nested too deeply"):
+        parse_line("[" * 100_000 + "]" * 100_000, work_tiers=TIERS)
+
+
+def test_a_job_too_large_for_the_context_is_rejected_with_its_size() -> None:
+    with pytest.raises(JobInputError, match=r"too large for the model's context: about [\d,]+ tokens, limit 1,000"):
+        parse_job({"kind": "generate", "prompt": "x" * 10_000}, work_tiers=TIERS, max_tokens=1000)
+
+
+def test_default_key_is_the_content() -> None:
+    a = parse_job({"kind": "generate", "prompt": "same"}, work_tiers=TIERS)
+    b = parse_job({"kind": "generate", "prompt": "same"}, work_tiers=TIERS)
+    c = parse_job({"kind": "generate", "prompt": "other"}, work_tiers=TIERS)
+    assert a.key == b.key != c.key and a.key.startswith("sha256:")
+
+
+def _count(sessions: sessionmaker[Session], batch: str) -> int:
+    with sessions() as s:
+        return s.scalar(select(func.count()).select_from(Job).join(Batch).where(Batch.name == batch)) or 0
+
+
+def test_a_bad_line_rejects_the_file_and_writes_nothing(sessions: sessionmaker[Session], models: ModelConfig,
+                                                         tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    lines = [json.dumps(GOOD), json.dumps({**GOOD, "key": "b"}), '{"kind": "classify", "text": "no labels"}']
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(JobInputError) as info:
+        enqueue_file(sessions, path, batch="bad-line", config=models)
+    assert str(info.value) == f"{path}, line 3: a classify job needs 'labels', a list of the allowed labels"
+    assert _count(sessions, "bad-line") == 0
+
+    report = enqueue_file(sessions, path, batch="bad-line", config=models, skip_invalid=True)
+    assert (report.accepted, report.invalid_count, report.invalid[0].line) == (2, 1, 3)
+    # Nothing already accepted is lost by a later bad file into the same batch.
+    (tmp_path / "worse.jsonl").write_text("not json\n")
+    with pytest.raises(JobInputError, match="line 1: not valid JSON"):
+        enqueue_file(sessions, tmp_path / "worse.jsonl", batch="bad-line", config=models)
+    assert _count(sessions, "bad-line") == 2
+
+
+def test_cli_prints_one_sentence_and_no_traceback(database_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps({"kind": "poem", "text": "x"}) + "\n")
+    switchyard = str(Path(sys.executable).parent / "switchyard")
+    env = {"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([switchyard, "enqueue", str(path), "--batch", "cli-bad"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2
+    assert "line 2: unknown kind 'poem'" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    missing = subprocess.run([switchyard, "enqueue", str(tmp_path / "nope.jsonl")], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 2 and "cannot read" in missing.stderr and "Traceback" not in missing.stderr

@@ -1,0 +1,84 @@
+"""The routing policy and triage parsing, garbage included."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import load_config, parse_config
+from pipeline.errors import ConfigError
+from pipeline.routing import AMBIGUOUS, after_failed_validation, parse_triage, tier_for
+
+POLICY = load_config().routing
+
+
+@pytest.mark.parametrize(("text", "difficulty", "confidence"), [
+    ('{"difficulty": "easy", "confidence": 0.9, "reason": "short"}', "easy", 0.9),
+    ('{"difficulty": "MEDIUM", "confidence": 0.75, "reason": "x"}', "medium", 0.75),
+    ('Sure! {"difficulty": "hard", "confidence": 1, "reason": "long"} Hope that helps.', "hard", 1.0),
+    ('```json\n{"difficulty": "easy", "confidence": 0.8}\n```', "easy", 0.8),
+])
+def test_parse_triage_reads_verdicts(text: str, difficulty: str, confidence: float) -> None:
+    v = parse_triage(text, min_confidence=0.6)
+    assert (v.difficulty, v.confidence, v.parsed) == (difficulty, confidence, True)
+
+
+@pytest.mark.parametrize("text", [
+    None, "", "   ", "this job looks hard to me", "{not json}", "[1, 2, 3]", '"hard"',
+    '{"difficulty": "impossible", "confidence": 0.9}', '{"difficulty": 3, "confidence": 0.9}',
+    '{"difficulty": "easy"}', '{"difficulty": "easy", "confidence": "high"}',
+    '{"difficulty": "easy", "confidence": 1.5}', '{"difficulty": "easy", "confidence": -0.1}',
+    '{"difficulty": "easy", "confidence": true}', "{" * 5000 + "}" * 5000,
+])
+def test_garbage_triage_is_ambiguous_never_an_error(text: str | None) -> None:
+    v = parse_triage(text, min_confidence=0.6)
+    assert v.difficulty == AMBIGUOUS
+    assert tier_for(v, POLICY) == "opus"
+
+
+def test_low_confidence_is_ambiguous_but_keeps_its_confidence() -> None:
+    v = parse_triage('{"difficulty": "easy", "confidence": 0.4, "reason": "unsure"}', min_confidence=0.6)
+    assert v.difficulty == AMBIGUOUS and v.confidence == 0.4 and v.parsed
+    assert "low confidence" in v.reason
+
+
+def test_default_policy_maps_difficulty_to_tier() -> None:
+    route = {d: tier_for(parse_triage(f'{{"difficulty": "{d}", "confidence": 0.9}}', min_confidence=0.6), POLICY)
+             for d in ("easy", "medium", "hard")}
+    assert route == {"easy": "sonnet", "medium": "sonnet", "hard": "opus"}
+
+
+def test_policy_is_configuration() -> None:
+    raw = {"tiers": {n: {"model": f"claude-{n}-9", "input_per_mtok": 1, "output_per_mtok": 2}
+                     for n in ("haiku", "sonnet", "opus")},
+           "routing": {"easy": "sonnet", "medium": "opus", "hard": "opus", "min_confidence": 0.9}}
+    policy = parse_config(raw).routing
+    v = parse_triage('{"difficulty": "medium", "confidence": 0.95}', min_confidence=policy.min_confidence)
+    assert tier_for(v, policy) == "opus"
+    assert parse_triage('{"difficulty": "easy", "confidence": 0.85}', min_confidence=0.9).difficulty == AMBIGUOUS
+
+
+def test_failed_validation_retries_then_escalates_then_fails() -> None:
+    assert after_failed_validation("sonnet", 1, POLICY).action == "retry"
+    step = after_failed_validation("sonnet", 2, POLICY)
+    assert (step.action, step.tier, step.attempt) == ("escalate", "opus", 1)
+    assert after_failed_validation("opus", 1, POLICY).action == "retry"
+    assert after_failed_validation("opus", 2, POLICY).action == "fail"
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({}, "needs a [tiers.NAME] table"),
+    ({"tiers": {"haiku": {"input_per_mtok": 1, "output_per_mtok": 1}}}, "needs a model id"),
+    ({"tiers": {"haiku": {"model": "m", "input_per_mtok": "x", "output_per_mtok": 1}}}, "must be a number"),
+    ({"tiers": {"haiku": {"model": "m", "input_per_mtok": 1, "output_per_mtok": 1}}}, "no [tiers.*] table"),
+])
+def test_bad_configuration_names_the_problem(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("*", r"\*")):
+        parse_config(raw)
+
+
+def test_swapping_a_model_is_a_config_change(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    text = (load_config.__module__ and __import__("importlib.resources").resources.files("pipeline")
+            .joinpath("defaults.toml").read_text())
+    custom = tmp_path / "models.toml"
+    custom.write_text(text.replace('model = "claude-opus-5-5"', 'model = "claude-opus-6"'))
+    assert load_config(custom).tier("opus").model == "claude-opus-6"
