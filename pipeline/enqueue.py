@@ -259,7 +259,6 @@ def enqueue_items(
     batch: str,
     tenant_id: int | None = None,
     where: str | None = None,
-    advice: str = "",
     skip_invalid: bool = False,
     atomic: bool = False,
     before_commit: BeforeCommit | None = None,
@@ -272,7 +271,7 @@ def enqueue_items(
     """Check, then write: the one path by which jobs enter Postgres, from a file or an HTTP body.
 
     ``source`` is called once per pass. Raises JobInputError for the first bad item (``where`` and
-    its number say where; ``advice`` is added to the message) unless ``skip_invalid``. With
+    its number say where) unless ``skip_invalid``. With
     ``atomic`` everything, the batch row included, is one transaction and ``before_commit`` may
     still refuse it, so a refused enqueue leaves nothing behind; otherwise each chunk is committed
     as it is written, which suits files of any size.
@@ -300,7 +299,7 @@ def enqueue_items(
         tick("checking", read, pos)
         if first is not None:
             more = f" ({bad:,} bad lines in all)" if bad > 1 else ""
-            raise JobInputError(f"{first[1].reason}{more}{advice}", line=first[0], source=where)
+            raise JobInputError(first[1].reason + more, line=first[0], source=where)
     with session_factory() as session:
         batch_id = get_or_create_batch(session, batch, tenant_id=tenant_id)
         if not atomic:
@@ -370,8 +369,7 @@ def enqueue_file(
         raise InputFileError(f"cannot read {path}: {exc.strerror}") from None
     return enqueue_items(
         session_factory, lambda pos: iter_lines(path, fmt, config=config, position=pos), batch=batch,
-        where=str(path), advice=". Nothing was written; fix the file, or use --skip-invalid to enqueue the good lines",
-        skip_invalid=skip_invalid, progress=progress, on_invalid=on_invalid, max_reported=max_reported,
+        where=str(path), skip_invalid=skip_invalid, progress=progress, on_invalid=on_invalid, max_reported=max_reported,
         chunk_size=chunk_size, total_bytes=total)
 
 

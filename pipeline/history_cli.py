@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import history
 from pipeline.cli import app, console, err, jobs_app, settings
-from pipeline.errors import InvalidQuery
+from pipeline.errors import InputFileError, InvalidQuery, JobInputError
 from pipeline.models import JobStatus
 
 STATUS_ORDER = [s.value for s in JobStatus]
@@ -114,6 +114,11 @@ def enqueue(
             with _sessions() as sessions:
                 report = enqueue_file(sessions, file, batch=name, config=s.models, fmt=format,
                                       skip_invalid=skip_invalid, progress=progress, on_invalid=on_invalid)
+        except JobInputError as exc:
+            if exc.line is None or isinstance(exc, InputFileError):
+                raise
+            raise JobInputError(f"{exc.reason}. Nothing was written: fix the file, or add --skip-invalid to enqueue "
+                                f"the good lines", line=exc.line, source=exc.source) from None
         finally:
             if report_fh is not None:
                 report_fh.close()

@@ -34,12 +34,15 @@ def _shape(i: int) -> tuple[JobStatus, str | None]:
 
 
 @pytest.fixture(scope="module")
-def shaped(sessions: sessionmaker[Session], models: ModelConfig, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def shaped(history_sessions: sessionmaker[Session], models: ModelConfig,
+           tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Two batches: 'hist-a' with N shaped jobs created an hour apart from T0, and 'hist-b'."""
     d = tmp_path_factory.mktemp("hist")
-    enqueue_file(sessions, write_jsonl(d / "a.jsonl", (job_line(i) for i in range(N))), batch="hist-a", config=models)
-    enqueue_file(sessions, write_jsonl(d / "b.jsonl", (job_line(i) for i in range(30))), batch="hist-b", config=models)
-    with sessions() as s:
+    enqueue_file(history_sessions, write_jsonl(d / "a.jsonl", (job_line(i) for i in range(N))), batch="hist-a",
+                 config=models)
+    enqueue_file(history_sessions, write_jsonl(d / "b.jsonl", (job_line(i) for i in range(30))), batch="hist-b",
+                 config=models)
+    with history_sessions() as s:
         jobs = s.scalars(select(Job).join(Batch).where(Batch.name == "hist-a").order_by(Job.id)).all()
         for i, job in enumerate(jobs):
             status, tier = _shape(i)
@@ -67,9 +70,9 @@ def _expected(shaped: dict, pred) -> list[int]:
     return sorted((shaped["ids"][i] for i in range(N) if pred(i)), reverse=True)
 
 
-def test_cursor_pages_through_a_batch_newest_first_without_gaps(database_url: str, shaped: dict) -> None:
+def test_cursor_pages_through_a_batch_newest_first_without_gaps(history_url: str, shaped: dict) -> None:
     # The real command as a subprocess, page after page.
-    jobs, pages = _all_pages(lambda *a: switchyard_json(database_url, *a), "--batch", "hist-a", limit=25)
+    jobs, pages = _all_pages(lambda *a: switchyard_json(history_url, *a), "--batch", "hist-a", limit=25)
     assert [j["id"] for j in jobs] == sorted(shaped["ids"], reverse=True)
     assert pages == 5  # 120 jobs at 25 a page
 
@@ -114,7 +117,7 @@ def test_key_prefix_treats_like_wildcards_literally(db: Session) -> None:
     assert page.jobs == []
 
 
-def test_bad_queries_are_one_sentence(sy, database_url: str, shaped: dict) -> None:
+def test_bad_queries_are_one_sentence(sy, history_url: str, shaped: dict) -> None:
     for args, words in [
         (["jobs", "list", "--status", "done"], "unknown status 'done'"),
         (["jobs", "list", "--since", "last tuesday"], "--since 'last tuesday' is not a time"),
@@ -129,7 +132,7 @@ def test_bad_queries_are_one_sentence(sy, database_url: str, shaped: dict) -> No
         assert code == 2, (args, out, err)
         assert words in " ".join(err.split()), (args, err)
     # And once as a real process: one line on stderr, no traceback.
-    proc = switchyard(database_url, "jobs", "show", "987654321", ok=False)
+    proc = switchyard(history_url, "jobs", "show", "987654321", ok=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: no job with id 987654321"
 
@@ -158,23 +161,23 @@ def test_batches_count_each_status_and_sum_cost(sy_json, sy, shaped: dict) -> No
     assert "hist-b" in table
 
 
-def test_cancel_stops_only_jobs_not_started(database_url: str, sessions: sessionmaker[Session], models: ModelConfig,
-                                            tmp_path: Path) -> None:
-    enqueue_file(sessions, write_jsonl(tmp_path / "c.jsonl", (job_line(i) for i in range(50))), batch="to-cancel",
-                 config=models)
-    with sessions() as s:
+def test_cancel_stops_only_jobs_not_started(history_url: str, history_sessions: sessionmaker[Session],
+                                            models: ModelConfig, tmp_path: Path) -> None:
+    enqueue_file(history_sessions, write_jsonl(tmp_path / "c.jsonl", (job_line(i) for i in range(50))),
+                 batch="to-cancel", config=models)
+    with history_sessions() as s:
         ids = s.scalars(select(Job.id).join(Batch).where(Batch.name == "to-cancel").order_by(Job.id)).all()
         # The dispatcher already took ten of them: those have started and must run on.
         transition_many(s, ids[:10], frm=JobStatus.QUEUED, to=JobStatus.TRIAGING, detail="dispatched to triage")
         s.commit()
 
-    out = switchyard_json(database_url, "cancel", "to-cancel")
+    out = switchyard_json(history_url, "cancel", "to-cancel")
     assert out["cancelled"] == 40
     assert out["batch"] == "to-cancel"
-    again = switchyard(database_url, "cancel", "to-cancel").stdout
+    again = switchyard(history_url, "cancel", "to-cancel").stdout
     assert "cancelled 0 job(s)" in again
 
-    with sessions() as s:
+    with history_sessions() as s:
         jobs = s.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id)).all()
         assert [j.status for j in jobs[:10]] == [JobStatus.TRIAGING] * 10
         assert [j.status for j in jobs[10:]] == [JobStatus.CANCELLED] * 40
@@ -187,20 +190,20 @@ def test_cancel_stops_only_jobs_not_started(database_url: str, sessions: session
         assert batch.cancelled_at is not None
 
     # A cancelled batch takes no new jobs.
-    proc = switchyard(database_url, "enqueue", str(tmp_path / "c.jsonl"), "--batch", "to-cancel", ok=False)
+    proc = switchyard(history_url, "enqueue", str(tmp_path / "c.jsonl"), "--batch", "to-cancel", ok=False)
     assert proc.returncode == 2
     assert "was cancelled" in proc.stderr
 
 
-def test_export_round_trips_to_the_input_keys(database_url: str, shaped: dict, tmp_path: Path) -> None:
-    lines = switchyard(database_url, "export", "hist-a").stdout.splitlines()
+def test_export_round_trips_to_the_input_keys(history_url: str, shaped: dict, tmp_path: Path) -> None:
+    lines = switchyard(history_url, "export", "hist-a").stdout.splitlines()
     rows = [json.loads(x) for x in lines]
     assert [r["key"] for r in rows] == shaped["keys"]
     assert set(rows[0]) == {"key", "status", "tier", "output", "error", "cost_usd"}
     assert [r["status"] for r in rows] == [_shape(i)[0].value for i in range(N)]
 
     out = tmp_path / "a.csv"
-    switchyard(database_url, "export", "hist-a", "--format", "csv", "--out", str(out))
+    switchyard(history_url, "export", "hist-a", "--format", "csv", "--out", str(out))
     table = list(csv.DictReader(io.StringIO(out.read_text())))
     assert [r["key"] for r in table] == shaped["keys"]
     assert [r["tier"] or None for r in table] == [_shape(i)[1] for i in range(N)]

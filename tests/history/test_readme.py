@@ -25,12 +25,12 @@ def readme_commands() -> list[str]:
     return [line for block in blocks for line in block.splitlines() if line.strip()]
 
 
-def test_readme_history_commands_work_as_written(database_url: str, tmp_path: Path) -> None:
+def test_readme_history_commands_work_as_written(history_url: str, tmp_path: Path) -> None:
     commands = readme_commands()
     assert len(commands) >= 12
     (tmp_path / "pipeline" / "samples").mkdir(parents=True)
     shutil.copy(ROOT / "pipeline" / "samples" / "demo.jsonl", tmp_path / "pipeline" / "samples" / "demo.jsonl")
-    env = cli_env(database_url)
+    env = cli_env(history_url)
     env["PATH"] = f"{Path(SWITCHYARD).parent}{os.pathsep}{env.get('PATH', '')}"
     for command in commands:
         proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -90,12 +90,13 @@ def _check(session: Session, models: ModelConfig) -> None:
     assert sonnet.p95_latency_ms == pytest.approx(percentile(sonnet_ms, 0.95))
     assert tiers["haiku"].p50_latency_ms == pytest.approx((LATENCIES[0] + LATENCIES[4]) / 2)
     assert s.cost_usd == Decimal("0.072")
-    # --since: only j2 was created two days after the others.
-    late = summarize(session, models, since=datetime(2026, 3, 2, tzinfo=UTC))
+    # A time window (the shared test database holds other tests' jobs, all created in real time):
+    # only j2 was created two days after the others.
+    late = summarize(session, models, since=datetime(2026, 3, 2, tzinfo=UTC), until=datetime(2026, 3, 9, tzinfo=UTC))
     assert late.jobs == 1
     assert sum(t.calls for t in late.tiers) == 2
-    everything = summarize(session, models)
-    assert everything.jobs == 3
+    march = summarize(session, models, since=datetime(2026, 3, 1, tzinfo=UTC), until=datetime(2026, 4, 1, tzinfo=UTC))
+    assert march.jobs == 3
 
 
 def test_summary_on_postgres(db: Session, models: ModelConfig) -> None:

@@ -38,22 +38,22 @@ JOBS = [
 
 
 @pytest.fixture(scope="module")
-def story(database_url: str, broker_url: str, fake_claude: FakeClaude,
+def story(history_url: str, broker_url: str, fake_claude: FakeClaude,
           tmp_path_factory: pytest.TempPathFactory) -> dict:
     work = tmp_path_factory.mktemp("story")
-    cluster = Cluster(database_url=database_url, broker_url=broker_url, claude_url=fake_claude.base_url,
+    cluster = Cluster(database_url=history_url, broker_url=broker_url, claude_url=fake_claude.base_url,
                       workdir=work)
     cluster.start_all(concurrency=4)
     try:
         path = write_jsonl(work / "story.jsonl", JOBS)
         # --wait follows the batch to its end; --json prints the final per-tier counts.
-        out = switchyard_json(database_url, "enqueue", str(path), "--batch", BATCH, "--wait")
+        out = switchyard_json(history_url, "enqueue", str(path), "--batch", BATCH, "--wait")
     except BaseException:
         print(cluster.logs())
         raise
     finally:
         cluster.stop()
-    jobs = switchyard_json(database_url, "jobs", "list", "--batch", BATCH)["jobs"]
+    jobs = switchyard_json(history_url, "jobs", "list", "--batch", BATCH)["jobs"]
     return {"enqueue": out, "ids": {j["key"]: j["id"] for j in jobs}}
 
 
@@ -67,10 +67,10 @@ def test_enqueue_wait_follows_the_batch_to_the_end(story: dict) -> None:
     assert progress["by_tier"]["opus"]["succeeded"] >= 3  # the two escalated, hard, pinned
 
 
-def test_jobs_show_tells_the_whole_story_of_an_escalated_job(database_url: str, story: dict,
-                                                             sessions: sessionmaker[Session]) -> None:
+def test_jobs_show_tells_the_whole_story_of_an_escalated_job(history_url: str, story: dict,
+                                                             history_sessions: sessionmaker[Session]) -> None:
     job_id = story["ids"]["esc-classify"]
-    shown = switchyard_json(database_url, "jobs", "show", str(job_id))
+    shown = switchyard_json(history_url, "jobs", "show", str(job_id))
 
     assert shown["job"]["status"] == "succeeded"
     assert shown["job"]["tier"] == "opus"
@@ -102,29 +102,29 @@ def test_jobs_show_tells_the_whole_story_of_an_escalated_job(database_url: str, 
                      ("working", "validating"), ("validating", "succeeded")]
 
     # The same facts as the rows hold.
-    with sessions() as s:
+    with history_sessions() as s:
         calls = s.scalars(select(ModelCall).where(ModelCall.job_id == job_id).order_by(ModelCall.id)).all()
         assert [c["id"] for c in shown["calls"]] == [c.id for c in calls]
         assert [c["input_tokens"] for c in shown["calls"]] == [c.input_tokens for c in calls]
 
     # And for a person: the story reads top to bottom.
-    text = switchyard(database_url, "jobs", "show", str(job_id)).stdout
+    text = switchyard(history_url, "jobs", "show", str(job_id)).stdout
     for words in ("triage verdict easy", "escalation: sonnet -> opus", "model calls", "validation", "timeline",
                   "claude-opus"):
         assert words in text, text
 
 
-def test_failed_job_shows_its_error(database_url: str, story: dict) -> None:
-    shown = switchyard_json(database_url, "jobs", "show", str(story["ids"]["doomed"]))
+def test_failed_job_shows_its_error(history_url: str, story: dict) -> None:
+    shown = switchyard_json(history_url, "jobs", "show", str(story["ids"]["doomed"]))
     assert shown["job"]["status"] == "failed"
     assert "validation failed at opus" in shown["job"]["error"]
-    assert "validation failed at opus" in switchyard(database_url, "jobs", "show", str(story["ids"]["doomed"])).stdout
+    assert "validation failed at opus" in switchyard(history_url, "jobs", "show", str(story["ids"]["doomed"])).stdout
 
 
-def test_stats_sum_to_the_raw_rows(database_url: str, story: dict, sessions: sessionmaker[Session]) -> None:
-    stats = switchyard_json(database_url, "stats", "--batch", BATCH)
+def test_stats_sum_to_the_raw_rows(history_url: str, story: dict, history_sessions: sessionmaker[Session]) -> None:
+    stats = switchyard_json(history_url, "stats", "--batch", BATCH)
     tiers = {t["tier"]: t for t in stats["tiers"]}
-    with sessions() as s:
+    with history_sessions() as s:
         batch_id = s.scalar(select(Batch.id).where(Batch.name == BATCH))
         jobs = s.scalars(select(Job).where(Job.batch_id == batch_id)).all()
         calls = s.scalars(select(ModelCall).join(Job).where(Job.batch_id == batch_id)).all()
@@ -161,13 +161,13 @@ def test_stats_sum_to_the_raw_rows(database_url: str, story: dict, sessions: ses
     assert sum(t["calls"] for t in stats["tiers"]) == len(calls)
     assert Decimal(stats["saving_usd"]) == Decimal(stats["top_tier_cost_usd"]) - Decimal(stats["cost_usd"])
 
-    table = switchyard(database_url, "stats", "--batch", BATCH).stdout
+    table = switchyard(history_url, "stats", "--batch", BATCH).stdout
     assert "saved" in table
     assert "p95" in table
 
 
-def test_export_round_trips_to_the_input_keys(database_url: str, story: dict, tmp_path: Path) -> None:
-    rows = [json.loads(x) for x in switchyard(database_url, "export", BATCH).stdout.splitlines()]
+def test_export_round_trips_to_the_input_keys(history_url: str, story: dict, tmp_path: Path) -> None:
+    rows = [json.loads(x) for x in switchyard(history_url, "export", BATCH).stdout.splitlines()]
     assert [r["key"] for r in rows] == [j["key"] for j in JOBS]
     for r in rows:
         if r["key"] == "doomed":
@@ -179,7 +179,7 @@ def test_export_round_trips_to_the_input_keys(database_url: str, story: dict, tm
         assert Decimal(r["cost_usd"]) > 0
 
     out = tmp_path / "story.csv"
-    switchyard(database_url, "export", BATCH, "--format", "csv", "--out", str(out))
+    switchyard(history_url, "export", BATCH, "--format", "csv", "--out", str(out))
     table = list(csv.DictReader(io.StringIO(out.read_text())))
     assert [r["key"] for r in table] == [j["key"] for j in JOBS]
     assert [r["status"] for r in table] == [r["status"] for r in rows]
