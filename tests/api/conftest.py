@@ -9,17 +9,21 @@ import re
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2 as httpx
 import pytest
+from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import tenants
-from pipeline.db import transaction
+from pipeline import migrate, tenants
+from pipeline.db import make_engine, session_factory, transaction
 from tests.cluster import SWITCHYARD
+from tests.conftest import PG_SERVER
 
 # Never a real key: the tests check that it appears in no log line, answer or row.
 FAKE_API_KEY = "sk-ant-test-DO-NOT-LEAK-3b9f2c7e"
@@ -39,6 +43,8 @@ class Server:
     log: Path
     popen: subprocess.Popen[bytes]
     env: dict[str, str]
+    database_url: str
+    sessions: sessionmaker[Session]
 
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -50,6 +56,10 @@ class Server:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([SWITCHYARD, *args], env=self.env, capture_output=True, text=True, timeout=60,
                               check=False)
+
+    def make_token(self, tenant: str) -> str:
+        with transaction(self.sessions) as session:
+            return tenants.create_token(session, tenant).token
 
 
 def server_env(database_url: str, broker_url: str) -> dict[str, str]:
@@ -63,44 +73,93 @@ def server_env(database_url: str, broker_url: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def server(database_url: str, broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def fresh_database() -> Iterator[Callable[[str], str]]:
+    """Databases of the API tests' own. Their tests leave queued jobs behind, which the next
+    dispatcher to run on the shared test database (another module's cluster) would feed first."""
+    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+    made: list[str] = []
+
+    def make(tag: str) -> str:
+        name = f"sy_api_{tag}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        made.append(name)
+        url = f"{PG_SERVER}/{name}"
+        migrate.upgrade(url)
+        return url
+
+    try:
+        yield make
+    finally:
+        with admin.connect() as conn:
+            for name in made:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextmanager
+def serve(database_url: str, broker_url: str, workdir: Path) -> Iterator[Server]:
+    """`switchyard serve` on a free port, with debug logging (the secrets test should see
+    everything the server could say), until the block ends."""
     port = free_port()
-    log = tmp_path_factory.mktemp("api") / "serve.log"
+    log = workdir / "serve.log"
     env = server_env(database_url, broker_url)
+    engine = make_engine(database_url, pool_size=2)
     with log.open("wb") as fh:
-        # Debug logging: the secrets test should see everything the server could say.
         popen = subprocess.Popen([SWITCHYARD, "serve", "--port", str(port), "--log-level", "debug"], stdout=fh,
                                  stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    srv = Server(url=f"http://127.0.0.1:{port}", log=log, popen=popen, env=env)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{srv.url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if popen.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"switchyard serve did not start:\n{srv.logs()[-3000:]}")
-        time.sleep(0.1)
-    yield srv
-    popen.terminate()
+    srv = Server(url=f"http://127.0.0.1:{port}", log=log, popen=popen, env=env, database_url=database_url,
+                 sessions=session_factory(engine))
     try:
-        popen.wait(10)
-    except subprocess.TimeoutExpired:
-        popen.kill()
-        popen.wait(5)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{srv.url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"switchyard serve did not start:\n{srv.logs()[-3000:]}")
+            time.sleep(0.1)
+        yield srv
+    finally:
+        popen.terminate()
+        try:
+            popen.wait(10)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(5)
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def server(fresh_database: Callable[[str], str], broker_url: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The server most API tests share, on a database of its own."""
+    with serve(fresh_database("main"), broker_url, tmp_path_factory.mktemp("api")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def cluster_server(fresh_database: Callable[[str], str], broker_url: str,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server on a database with nothing queued but what its test submits: for the tests that
+    run workers, whose dispatcher would otherwise feed every job the other tests left queued."""
+    with serve(fresh_database("cluster"), broker_url, tmp_path_factory.mktemp("api-cluster")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def api_sessions(server: Server) -> sessionmaker[Session]:
+    return server.sessions
 
 
 MakeToken = Callable[[str], str]
 
 
 @pytest.fixture(scope="session")
-def make_token(sessions: sessionmaker[Session]) -> MakeToken:
-    def make(tenant: str) -> str:
-        with transaction(sessions) as session:
-            return tenants.create_token(session, tenant).token
-
-    return make
+def make_token(server: Server) -> MakeToken:
+    return server.make_token
 
 
 @pytest.fixture

@@ -46,7 +46,8 @@ def test_right_prefix_wrong_secret_is_401(server: Server, make_token: MakeToken,
         assert c.get("/v1/jobs").status_code == 200
 
 
-def test_cli_token_lifecycle_and_revocation(server: Server, sessions: sessionmaker[Session], tenant_name: str) -> None:
+def test_cli_token_lifecycle_and_revocation(server: Server, api_sessions: sessionmaker[Session],
+                                            tenant_name: str) -> None:
     made = server.cli("tokens", "create", "--tenant", tenant_name, "--json")
     assert made.returncode == 0, made.stderr
     new = json.loads(made.stdout)
@@ -61,7 +62,7 @@ def test_cli_token_lifecycle_and_revocation(server: Server, sessions: sessionmak
     assert listed.returncode == 0, listed.stderr
     assert [t["prefix"] for t in json.loads(listed.stdout)] == [prefix]
     assert token.split("_", 2)[2] not in listed.stdout
-    with sessions() as s:
+    with api_sessions() as s:
         row = s.scalars(select(ApiToken).where(ApiToken.prefix == prefix)).one()
         assert token not in repr(row.__dict__)
         assert token.split("_", 2)[2] not in row.secret_sha256

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pipeline.fake_claude import FakeClaude
-from tests.api.conftest import MakeToken, Server
+from tests.api.conftest import Server
 from tests.cluster import Cluster
 
 LABELS = ["billing", "bug", "account", "other"]
@@ -36,13 +36,13 @@ def jobs() -> list[dict[str, object]]:
 
 
 @pytest.mark.e2e
-def test_http_batch_runs_to_the_end(server: Server, make_token: MakeToken, database_url: str, broker_url: str,
-                                    fake_claude: FakeClaude, tmp_path_factory: pytest.TempPathFactory,
-                                    tenant_name: str) -> None:
-    cluster = Cluster(database_url=database_url, broker_url=broker_url, claude_url=fake_claude.base_url,
+def test_http_batch_runs_to_the_end(cluster_server: Server, broker_url: str, fake_claude: FakeClaude,
+                                    tmp_path_factory: pytest.TempPathFactory, tenant_name: str) -> None:
+    server = cluster_server
+    cluster = Cluster(database_url=server.database_url, broker_url=broker_url, claude_url=fake_claude.base_url,
                       workdir=tmp_path_factory.mktemp("api-cluster"))
     body = "".join(json.dumps(j) + "\n" for j in jobs()).encode()
-    with server.client(make_token(tenant_name)) as c:
+    with server.client(server.make_token(tenant_name)) as c:
         sub = c.post("/v1/batches", params={"name": "over-http"}, content=body,
                      headers={"Content-Type": "application/x-ndjson"})
         assert sub.status_code == 201, sub.text

@@ -20,7 +20,7 @@ def _same_as_missing(r_other: object, r_missing: object, other_id: int, missing_
     assert other == missing
 
 
-def test_tenant_b_cannot_touch_tenant_a(server: Server, make_token: MakeToken, sessions: sessionmaker[Session],
+def test_tenant_b_cannot_touch_tenant_a(server: Server, make_token: MakeToken, api_sessions: sessionmaker[Session],
                                         tenant_name: str) -> None:
     token_a, token_b = make_token(tenant_name + "-a"), make_token(tenant_name + "-b")
     with server.client(token_a) as a, server.client(token_b) as b:
@@ -40,7 +40,7 @@ def test_tenant_b_cannot_touch_tenant_a(server: Server, make_token: MakeToken, s
         # Change: cancelling A's batch as B is a 404 and cancels nothing.
         _same_as_missing(b.post(f"/v1/batches/{batch_a}/cancel"), b.post(f"/v1/batches/{missing}/cancel"),
                          batch_a, missing)
-        with sessions() as s:
+        with api_sessions() as s:
             queued = s.scalar(select(func.count()).select_from(Job).where(Job.batch_id == batch_a,
                                                                           Job.status == JobStatus.QUEUED))
         assert queued == 3

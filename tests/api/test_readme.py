@@ -30,8 +30,9 @@ def client_session() -> str:
 
 
 @pytest.mark.e2e
-def test_readme_curl_session_works_as_written(server: Server, database_url: str, broker_url: str,
-                                              fake_claude: FakeClaude, tmp_path: Path) -> None:
+def test_readme_curl_session_works_as_written(cluster_server: Server, broker_url: str, fake_claude: FakeClaude,
+                                              tmp_path: Path) -> None:
+    server = cluster_server
     script = client_session()
     assert "API=http://127.0.0.1:8000\n" in script
     script = script.replace("API=http://127.0.0.1:8000\n", f"API={server.url}\n", 1)
@@ -39,7 +40,7 @@ def test_readme_curl_session_works_as_written(server: Server, database_url: str,
     shutil.copy(ROOT / "pipeline" / "samples" / "demo.jsonl", tmp_path / "pipeline" / "samples" / "demo.jsonl")
     env = dict(server.env, PATH=f"{Path(SWITCHYARD).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
-    cluster = Cluster(database_url=database_url, broker_url=broker_url, claude_url=fake_claude.base_url,
+    cluster = Cluster(database_url=server.database_url, broker_url=broker_url, claude_url=fake_claude.base_url,
                       workdir=tmp_path)
     try:
         cluster.start_all(concurrency=4)

@@ -40,7 +40,7 @@ def _exercise(server: Server, token: str, revoked: str) -> list[str]:
     return seen
 
 
-def test_no_secret_in_answers_logs_or_rows(server: Server, make_token: MakeToken, sessions: sessionmaker[Session],
+def test_no_secret_in_answers_logs_or_rows(server: Server, make_token: MakeToken, api_sessions: sessionmaker[Session],
                                            tenant_name: str) -> None:
     token = make_token(tenant_name)
     revoked = make_token(tenant_name)
@@ -53,7 +53,7 @@ def test_no_secret_in_answers_logs_or_rows(server: Server, make_token: MakeToken
     time.sleep(0.5)  # let the server flush its log
     logs = server.logs()
     assert "POST /v1/batches?name=s" in logs  # the log is the server's, and it logged these requests
-    with sessions() as s:
+    with api_sessions() as s:
         rows = "\n".join(str(v) for t in Base.metadata.sorted_tables
                          for v in s.execute(text(f"SELECT t::text FROM {t.name} t")).scalars())
     assert tenant_name in rows

@@ -17,8 +17,8 @@ from pipeline.models import Batch, Job, JobStatus, ModelCall, Stage, Tenant, utc
 from tests.api.conftest import MAX_BATCH_JOBS, MAX_BODY_BYTES, MakeToken, Server, job
 
 
-def batch_exists(sessions: sessionmaker[Session], tenant: str, name: str) -> bool:
-    with sessions() as s:
+def batch_exists(api_sessions: sessionmaker[Session], tenant: str, name: str) -> bool:
+    with api_sessions() as s:
         return s.scalar(select(func.count()).select_from(Batch).join(Tenant, Tenant.id == Batch.tenant_id)
                         .where(Tenant.name == tenant, Batch.name == name)) == 1
 
@@ -86,8 +86,9 @@ BAD_ITEMS = [
 
 
 @pytest.mark.parametrize(("bad", "named"), BAD_ITEMS)
-def test_bad_item_in_array_names_index_and_field(server: Server, make_token: MakeToken, sessions: sessionmaker[Session],
-                                                 tenant_name: str, bad: object, named: str) -> None:
+def test_bad_item_in_array_names_index_and_field(server: Server, make_token: MakeToken,
+                                                 api_sessions: sessionmaker[Session], tenant_name: str, bad: object,
+                                                 named: str) -> None:
     body = [job(0), job(1), bad, job(3)]
     with server.client(make_token(tenant_name)) as c:
         r = c.post("/v1/batches", params={"name": "bad"}, json=body)
@@ -99,11 +100,11 @@ def test_bad_item_in_array_names_index_and_field(server: Server, make_token: Mak
     assert one.status_code == 422
     assert named in one.json()["detail"]
     # Nothing half-written: not the good items before it, not even the batch.
-    assert not batch_exists(sessions, tenant_name, "bad")
-    assert not batch_exists(sessions, tenant_name, "bad-one")
+    assert not batch_exists(api_sessions, tenant_name, "bad")
+    assert not batch_exists(api_sessions, tenant_name, "bad-one")
 
 
-def test_bad_line_in_jsonl_names_line(server: Server, make_token: MakeToken, sessions: sessionmaker[Session],
+def test_bad_line_in_jsonl_names_line(server: Server, make_token: MakeToken, api_sessions: sessionmaker[Session],
                                       tenant_name: str) -> None:
     body = (json.dumps(job(0)) + "\n\n" + json.dumps(job(1)) + "\n" + '{"kind": "classify", "text": "x", "labels": []}'
             + "\n" + json.dumps(job(3)) + "\n")
@@ -118,7 +119,7 @@ def test_bad_line_in_jsonl_names_line(server: Server, make_token: MakeToken, ses
     assert broken.status_code == 422
     assert broken.json()["line"] == 2
     assert "not valid JSON" in broken.json()["detail"]
-    assert not batch_exists(sessions, tenant_name, "bad-lines")
+    assert not batch_exists(api_sessions, tenant_name, "bad-lines")
 
 
 @pytest.mark.parametrize(("body", "content_type", "status", "says"), [
@@ -164,7 +165,7 @@ def test_submission_needs_a_batch_name(server: Server, make_token: MakeToken, te
 
 
 def test_oversized_bodies_are_413_and_write_nothing(server: Server, make_token: MakeToken,
-                                                    sessions: sessionmaker[Session], tenant_name: str) -> None:
+                                                    api_sessions: sessionmaker[Session], tenant_name: str) -> None:
     big = {"kind": "generate", "prompt": "x" * 4000}
     n = MAX_BODY_BYTES // 4000 + 10
 
@@ -184,13 +185,13 @@ def test_oversized_bodies_are_413_and_write_nothing(server: Server, make_token: 
         assert f"{MAX_BODY_BYTES:,}" in r.json()["detail"]
     assert many.status_code == 413
     assert f"more than {MAX_BATCH_JOBS:,} jobs" in many.json()["detail"]
-    assert not batch_exists(sessions, tenant_name, "big")
+    assert not batch_exists(api_sessions, tenant_name, "big")
 
 
-def test_jobs_in_flight_limit(server: Server, make_token: MakeToken, sessions: sessionmaker[Session],
+def test_jobs_in_flight_limit(server: Server, make_token: MakeToken, api_sessions: sessionmaker[Session],
                               tenant_name: str) -> None:
     token = make_token(tenant_name)
-    with transaction(sessions) as s:
+    with transaction(api_sessions) as s:
         tenants.set_limits(s, tenant_name, max_jobs_in_flight=5, max_spend_per_day_usd=None)
     with server.client(token) as c:
         assert c.post("/v1/batches", params={"name": "l1"}, json=[job(i) for i in range(4)]).status_code == 201
@@ -200,22 +201,22 @@ def test_jobs_in_flight_limit(server: Server, make_token: MakeToken, sessions: s
                                          "over its limit of 5 (4 already queued or running); retry when some have "
                                          "finished")
         assert over.headers["retry-after"]
-        assert not batch_exists(sessions, tenant_name, "l2")
+        assert not batch_exists(api_sessions, tenant_name, "l2")
         # Duplicates are not new work, and a finished job no longer counts.
         assert c.post("/v1/batches", params={"name": "l1"}, json=[job(i) for i in range(4)]).status_code == 201
-        with sessions() as s, s.begin():
+        with api_sessions() as s, s.begin():
             s.execute(Job.__table__.update().where(Job.key == "k-0", Job.batch_id.in_(
                 select(Batch.id).join(Tenant).where(Tenant.name == tenant_name))).values(status=JobStatus.SUCCEEDED))
         ok = c.post("/v1/jobs", params={"batch": "l1"}, json=job(9))
         assert ok.status_code == 201, ok.text
 
 
-def test_spend_per_day_limit(server: Server, make_token: MakeToken, sessions: sessionmaker[Session],
+def test_spend_per_day_limit(server: Server, make_token: MakeToken, api_sessions: sessionmaker[Session],
                              tenant_name: str) -> None:
     token = make_token(tenant_name)
     with server.client(token) as c:
         batch_id = c.post("/v1/batches", params={"name": "s"}, json=[job(0)]).json()["batch_id"]
-    with transaction(sessions) as s:
+    with transaction(api_sessions) as s:
         tenants.set_limits(s, tenant_name, max_jobs_in_flight=None, max_spend_per_day_usd=Decimal("0.50"))
         job_id = s.scalar(select(Job.id).where(Job.batch_id == batch_id))
         s.add(ModelCall(job_id=job_id, stage=Stage.WORK, tier="opus", model="m", attempt=1, outcome="ok",
