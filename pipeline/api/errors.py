@@ -27,7 +27,6 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException
 
 from pipeline.api.bodies import BodyTooLarge, UnsupportedMediaType
-from pipeline.api.status import BrokerDown
 from pipeline.errors import BatchCancelled, InvalidQuery, JobInputError, NotFound, SwitchyardError
 from pipeline.tenants import LimitExceeded
 
@@ -39,6 +38,10 @@ class Unauthorized(SwitchyardError):
 
 
 class Conflict(SwitchyardError):
+    pass
+
+
+class BrokerDown(SwitchyardError):
     pass
 
 
@@ -54,6 +57,10 @@ STATUS: list[tuple[type[SwitchyardError], int]] = [
     (LimitExceeded, 429),
     (BrokerDown, 503),
 ]
+
+
+SUBMIT_PATHS = ("/v1/jobs", "/v1/batches")
+REFUSALS = {409: "batch_cancelled", 413: "too_large", 415: "media_type", 422: "invalid", 429: "tenant_limit"}
 
 
 class BadItem(JobInputError):
@@ -86,8 +93,10 @@ def _where(loc: tuple[Any, ...]) -> str:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(SwitchyardError)
-    async def switchyard_error(_request: Request, exc: SwitchyardError) -> JSONResponse:
+    async def switchyard_error(request: Request, exc: SwitchyardError) -> JSONResponse:
         status = next((code for cls, code in STATUS if isinstance(exc, cls)), 400)
+        if request.method == "POST" and request.url.path in SUBMIT_PATHS and status != 401:
+            request.app.state.metrics.refused.labels(REFUSALS.get(status, "other")).inc()
         headers: dict[str, str] = {}
         if isinstance(exc, Unauthorized):
             headers["WWW-Authenticate"] = "Bearer"

@@ -1,7 +1,7 @@
 """Prometheus metrics of the API: requests by route and status, their latency, jobs accepted and
-submissions refused by a limit; and, read at scrape time, the broker's queue depths and the jobs
-in each unfinished status. No label carries a tenant or anything a caller typed, so a scrape
-shows no tenant's business and the label set stays small."""
+submissions refused by a limit; and, read at scrape time, the broker's queue depths (the same
+series the workers export) and the jobs queued or in each stage. No label carries a tenant or
+anything a caller typed, so a scrape shows no tenant's business and the label set stays small."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipeline.api import status as status_mod
+from pipeline import ops
 
 
 class ApiMetrics:
@@ -38,19 +39,23 @@ class LiveCollector(Collector):
         self.api = api
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        depth = GaugeMetricFamily("switchyard_queue_depth", "Messages waiting in a broker queue.", labels=["queue"])
+        depth = GaugeMetricFamily("switchyard_queue_depth", "Messages waiting in a queue (all priorities).",
+                                  labels=["queue"])
         if self.api.broker is not None:
             try:
-                for queue, n in status_mod.queue_depths(self.api.broker, self.api.queues).items():
+                for queue, n in ops.queue_depths(self.api.broker, self.api.queues).items():
                     depth.add_metric([queue], n)
-            except status_mod.BrokerDown:
+            except redis.RedisError:
                 pass
         yield depth
-        jobs = GaugeMetricFamily("switchyard_jobs", "Unfinished jobs by status (every tenant's).", labels=["status"])
+        jobs = GaugeMetricFamily("switchyard_jobs", "Jobs queued or in a stage, by status (every tenant's).",
+                                 labels=["status"])
         try:
             with self.api.sessions() as session:
-                for status, n in status_mod.unfinished_jobs(session).items():
-                    jobs.add_metric([status], n)
+                in_flight, queued, _, _ = ops.job_counts(session)
+            jobs.add_metric(["queued"], queued)
+            for status, by_tier in in_flight.items():
+                jobs.add_metric([status], sum(by_tier.values()))
         except SQLAlchemyError:
             pass
         yield jobs

@@ -7,16 +7,19 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Annotated, Any
 
+import redis
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pipeline import history, report, tenants
-from pipeline.api import schemas, status
+from pipeline import history, ops, report, tenants
+from pipeline.api import schemas
 from pipeline.api.bodies import JSON_LINES, UnsupportedMediaType, media_type, spool
 from pipeline.api.deps import Db, State, Who, state
+from pipeline.api.errors import BrokerDown
 from pipeline.api.submit import batch_source, body_reader, check_spend, find_job, one_job_source, submit_items
 from pipeline.enqueue import max_job_tokens
 from pipeline.errors import JobInputError, NotFound
@@ -111,6 +114,7 @@ async def submit_job(request: Request, who: Who, batch: BatchName) -> JSONRespon
         with api.sessions() as session:
             return find_job(session, result.batch_id or 0, spec.key)
 
+    request.app.state.metrics.jobs_accepted.inc(result.accepted)
     job_id, job_status = await run_in_threadpool(lookup)
     out = schemas.JobSubmitted(id=job_id, batch_id=result.batch_id or 0, batch=batch, key=spec.key,
                                created=result.accepted == 1, status=job_status)
@@ -135,6 +139,7 @@ async def submit_batch(request: Request, who: Who, name: BatchName) -> schemas.B
     with await spool(request, max_bytes=api.max_body_bytes) as body:
         source = batch_source(body, reader, config=api.models, max_items=api.max_batch_jobs)
         result = await run_in_threadpool(submit_items, api.sessions, source, who=who, batch=name, lines=lines)
+    request.app.state.metrics.jobs_accepted.inc(result.accepted)
     return schemas.BatchSubmitted(batch_id=result.batch_id or 0, batch=name, read=result.read,
                                   accepted=result.accepted, duplicates=result.duplicates)
 
@@ -254,20 +259,27 @@ def stats(request: Request, db: Db, who: Who,
     return JSONResponse(summary.to_dict())
 
 
-@router.get("/queue", response_model=schemas.QueueStatus, tags=["stats"], responses=ERRORS)
+@router.get("/queue", response_model=schemas.QueueStatus, tags=["stats"],
+            responses={**ERRORS, 503: {"model": schemas.Error, "description": "The broker is unreachable."}})
 def queue(api: State, db: Db, who: Who) -> schemas.QueueStatus:
-    """How busy switchyard is (messages waiting per queue, every tenant's unfinished jobs by
-    status), and where this tenant stands against its limits."""
-    depths = status.queue_depths(api.broker, api.queues) if api.broker is not None else {}
+    """How busy switchyard is, per queue (the operator's `switchyard status`, without worker hosts),
+    and where this tenant stands against its limits."""
     tenant = db.get(Tenant, who.tenant_id)
     if tenant is None:
         raise NotFound("this token's tenant no longer exists")
+    if api.broker is None:
+        raise BrokerDown("queue status needs a Redis broker (BROKER_URL)")
+    try:
+        now = ops.gather(api.broker, db, api.queues, tier_of={"triage": api.models.triage_tier,
+                                                                "validate": api.models.triage_tier})
+    except redis.RedisError as exc:
+        raise BrokerDown(f"the broker is unreachable ({type(exc).__name__})") from None
     spent = tenants.spend_today(db, tenant.id)
+    limit = tenant.max_spend_per_day_usd
     return schemas.QueueStatus(
-        queues=depths, jobs_by_status=status.unfinished_jobs(db),
+        queues=[schemas.QueueLine(**asdict(q)) for q in now.queues], queued=now.queued, in_flight=now.in_flight,
+        finished_1m=now.finished_1m, finished_5m=now.finished_5m,
         tenant=schemas.TenantUsage(
             tenant=tenant.name, jobs_in_flight=tenants.jobs_in_flight(db, tenant.id),
             max_jobs_in_flight=tenant.max_jobs_in_flight, spend_today_usd=f"{spent:f}",
-            max_spend_per_day_usd=f"{tenant.max_spend_per_day_usd:f}" if tenant.max_spend_per_day_usd is not None
-            else None))
-
+            max_spend_per_day_usd=f"{limit:f}" if limit is not None else None))

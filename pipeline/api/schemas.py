@@ -173,9 +173,25 @@ class TenantUsage(BaseModel):
     max_spend_per_day_usd: Money | None
 
 
+class QueueLine(BaseModel):
+    queue: str
+    depth: int = Field(description="Messages waiting in the broker queue.")
+    reserved: int = Field(description="Messages workers hold (running or waiting out a countdown).")
+    in_flight: int = Field(description="Jobs in the stage this queue serves.")
+    workers: int
+    concurrency: int
+    busy: int
+    paused_s: float = Field(description="Seconds the tier is paused by a rate limit (a 429 from the API).")
+
+
 class QueueStatus(BaseModel):
-    queues: dict[str, int] = Field(description="Messages waiting in each broker queue.")
-    jobs_by_status: dict[str, int] = Field(description="Every tenant's unfinished jobs by status.")
+    """The operator's view (`switchyard status`), without worker hosts, and this tenant's standing."""
+
+    queues: list[QueueLine]
+    queued: int = Field(description="Every tenant's jobs waiting to be dispatched.")
+    in_flight: dict[str, dict[str, int]] = Field(description="Jobs in a stage: status -> tier -> jobs.")
+    finished_1m: dict[str, int]
+    finished_5m: dict[str, int]
     tenant: TenantUsage
 
 

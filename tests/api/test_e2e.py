@@ -55,6 +55,10 @@ def test_http_batch_runs_to_the_end(cluster_server: Server, broker_url: str, fak
             while not (summary := c.get(f"/v1/batches/{batch_id}").json())["finished"]:
                 assert time.monotonic() < deadline, f"not finished: {summary}\n{cluster.logs()}"
                 time.sleep(0.5)
+            # Queue status is the operator's view: every queue with its workers online.
+            queue = c.get("/v1/queue").json()
+            assert [q["queue"] for q in queue["queues"]] == ["triage", "sonnet", "opus", "validate"]
+            assert all(q["workers"] >= 1 for q in queue["queues"]), queue
         finally:
             cluster.stop()
 

@@ -266,3 +266,19 @@ def test_job_list_paging_and_filters(server: Server, make_token: MakeToken, tena
         assert len(c.get("/v1/jobs", params={"key_prefix": "k-", "status": ["queued", "failed"]}).json()["jobs"]) == 7
         assert c.get("/v1/jobs", params={"since": "1h"}).json()["jobs"]
         assert c.get("/v1/jobs", params={"until": "2000-01-01"}).json()["jobs"] == []
+
+
+def test_metrics_count_requests_and_show_the_queues(server: Server, make_token: MakeToken, tenant_name: str) -> None:
+    with server.client(make_token(tenant_name)) as c:
+        assert c.post("/v1/batches", params={"name": "m"}, json=[job(0)]).status_code == 201
+        assert c.get("/v1/jobs/0").status_code == 404
+        assert c.post("/v1/batches", params={"name": "m"}, json=[{"kind": "x"}]).status_code == 422
+        text = c.get("/metrics").text
+    assert 'switchyard_api_requests_total{method="POST",route="/v1/batches",status="201"}' in text
+    # By route template, never by raw path: ids do not become labels.
+    assert 'route="/v1/jobs/{job_id}",status="404"' in text
+    assert 'switchyard_queue_depth{queue="triage"}' in text
+    assert 'switchyard_jobs{status="queued"}' in text
+    assert 'switchyard_api_submissions_refused_total{reason="invalid"}' in text
+    assert "switchyard_api_jobs_accepted_total" in text
+    assert tenant_name not in text
