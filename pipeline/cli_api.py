@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.errors import SwitchyardError
 from pipeline.settings import Settings
@@ -24,10 +25,10 @@ TenantOpt = Annotated[str, typer.Option("--tenant", help="The tenant's name.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 
-def _sessions():  # type: ignore[no-untyped-def]
+def _sessions() -> sessionmaker[Session]:
     from pipeline.db import make_engine, session_factory
 
-    return session_factory(make_engine(Settings().database_url, pool_size=1))  # type: ignore[call-arg]
+    return session_factory(make_engine(Settings().database_url, pool_size=1))
 
 
 def _when(value: object) -> str:
@@ -148,6 +149,6 @@ def serve(
     """Run the HTTP API (OpenAPI document at /docs and /openapi.json)."""
     import uvicorn
 
-    Settings()  # type: ignore[call-arg]  # fail here, in one sentence, on a bad environment
+    Settings()  # fail here, in one sentence, on a bad environment
     uvicorn.run("pipeline.api.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, proxy_headers=False)

@@ -94,7 +94,7 @@ def _health(api: ApiState) -> JSONResponse:
 
 def app_from_env() -> FastAPI:
     """For `uvicorn --factory pipeline.api.app:app_from_env` (and `switchyard serve`)."""
-    s = Settings()  # type: ignore[call-arg]
+    s = Settings()
     if not log.handlers:
         # uvicorn configures its own loggers only; submissions and cancels are worth a line too.
         handler = logging.StreamHandler()
