@@ -26,6 +26,12 @@ db_app = typer.Typer(no_args_is_help=True, help="The database schema (Alembic mi
 jobs_app = typer.Typer(no_args_is_help=True, help="Job history.")
 app.add_typer(db_app, name="db")
 app.add_typer(jobs_app, name="jobs")
+# The HTTP API and its tokens live in their own module (pipeline/cli_api.py).
+from pipeline.cli_api import serve, tenants_app, tokens_app  # noqa: E402
+
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(tenants_app, name="tenants")
+app.command()(serve)
 
 console = Console()
 # Errors are one sentence on one line, however narrow the terminal: scripts grep them.

@@ -3,7 +3,8 @@
 The file is read as a stream and written in multi-row inserts, so memory stays flat whatever its
 size. Nothing is published to the broker here: the dispatcher feeds the stages from Postgres as
 capacity frees up. A job's key is its idempotency key within the batch (``ON CONFLICT DO NOTHING``
-on ``(batch_id, key)``), so re-running the same file adds nothing.
+on ``(batch_id, key)``), so re-running the same file adds nothing. The HTTP API sends the jobs of
+a request body through the same ``enqueue_items`` (in one transaction).
 
 By default the whole file is checked before anything is written, so a bad line rejects the file
 and loses nothing already accepted; ``skip_invalid`` keeps the good lines and reports the bad.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +38,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from pipeline.config import ModelConfig
-from pipeline.errors import InputFileError, JobInputError
+from pipeline.errors import BatchCancelled, InputFileError, JobInputError
 from pipeline.jobspec import JOB_FIELDS, JobSpec, digest, max_job_tokens, parse_job, parse_line
 from pipeline.models import Batch, Job, JobKind, JobStatus, utcnow
 
@@ -78,6 +79,12 @@ class Tick:
 
 Progress = Callable[[Tick], None]
 InvalidSink = Callable[[BadLine], None]
+Parsed = tuple[int, str, JobSpec | JobInputError]  # (line or index, raw text, job or its error)
+# Yields the items to enqueue; called once per pass, keeping position[0] at the bytes read so far.
+Source = Callable[[list[int]], Iterator[Parsed]]
+# Called inside the writing transaction of an atomic enqueue, after the jobs are written and before
+# the commit, with (session, batch id, new jobs). Raising rolls the whole enqueue back.
+BeforeCommit = Callable[[Session, int, int], None]
 
 CSV_COLUMNS = JOB_FIELDS
 
@@ -108,7 +115,7 @@ def _csv_row(row: dict[str, str | None]) -> dict[str, Any]:
 
 
 def iter_lines(path: Path, fmt: str, *, config: ModelConfig,
-               position: list[int] | None = None) -> Iterator[tuple[int, str, JobSpec | JobInputError]]:
+               position: list[int] | None = None) -> Iterator[Parsed]:
     """Yield (line number, raw text, job or the error for that line), streaming. If given,
     ``position[0]`` is kept at the bytes read so far."""
     max_tokens = max_job_tokens(config)
@@ -158,17 +165,35 @@ def iter_lines(path: Path, fmt: str, *, config: ModelConfig,
                 raise InputFileError(f"{path}, line {reader.line_num}: malformed CSV: {exc}") from None
 
 
-def get_or_create_batch(session: Session, name: str) -> int:
-    existing = session.execute(select(Batch.id, Batch.cancelled_at).where(Batch.name == name)).first()
+def iter_objects(numbered: Iterable[tuple[int, Any]], *, config: ModelConfig) -> Iterator[Parsed]:
+    """Yield (number, raw text, job or the error for that item) for (number, decoded object)
+    pairs, such as the jobs of an HTTP body with their index or line. An item that is already an
+    error (it did not decode) passes through."""
+    max_tokens = max_job_tokens(config)
+    for number, obj in numbered:
+        if isinstance(obj, JobInputError):
+            yield number, "", obj
+            continue
+        try:
+            yield number, "", parse_job(obj, work_tiers=config.work_tiers, max_tokens=max_tokens)
+        except JobInputError as exc:
+            yield number, "", exc
+
+
+def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = None) -> int:
+    """The id of the batch called ``name`` in a tenant's namespace (None: the operator's, for
+    batches enqueued from the CLI), created if new."""
+    scope = Batch.tenant_id.is_(None) if tenant_id is None else Batch.tenant_id == tenant_id
+    existing = session.execute(select(Batch.id, Batch.cancelled_at).where(Batch.name == name, scope)).first()
     if existing is not None:
         if existing.cancelled_at is not None:
             # Jobs added now would be dispatched: a cancelled batch stays cancelled.
-            raise JobInputError(f"batch {name!r} was cancelled at {existing.cancelled_at:%Y-%m-%d %H:%M:%S %Z}; "
-                                f"enqueue into a new batch name")
+            raise BatchCancelled(f"batch {name!r} was cancelled at {existing.cancelled_at:%Y-%m-%d %H:%M:%S %Z}; "
+                                 f"enqueue into a new batch name")
         return int(existing.id)
-    stmt = _upsert(session, Batch).values(name=name, created_at=utcnow()).on_conflict_do_nothing()
+    stmt = _upsert(session, Batch).values(name=name, tenant_id=tenant_id, created_at=utcnow()).on_conflict_do_nothing()
     session.execute(stmt)
-    return session.scalar(select(Batch.id).where(Batch.name == name))  # type: ignore[return-value]
+    return session.scalar(select(Batch.id).where(Batch.name == name, scope))  # type: ignore[return-value]
 
 
 def _upsert(session: Session, table: Any) -> Any:
@@ -198,14 +223,16 @@ def _write_pg(session: Session, batch_id: int, specs: list[JobSpec], now: dateti
     # jobs in one INSERT ... SELECT that skips keys the batch already has. The stage empties itself
     # at commit.
     session.execute(_PG_STAGE)
-    # A whole file may be one transaction (the default mode): empty what the last chunk staged.
-    session.execute(text("TRUNCATE enqueue_stage"))
     cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
     with cursor, cursor.copy("COPY enqueue_stage (n, key, kind, payload, meta, tier) FROM STDIN") as copy:
         for n, s in enumerate(specs):
             copy.write_row((n, s.key, s.kind.value, json.dumps(s.payload, ensure_ascii=False),
                             None if s.metadata is None else json.dumps(s.metadata, ensure_ascii=False), s.tier))
-    return set(session.scalars(_PG_INSERT, {"batch_id": batch_id, "now": now}).all())
+    new = set(session.scalars(_PG_INSERT, {"batch_id": batch_id, "now": now}).all())
+    # Emptied here too, not only at commit: an atomic enqueue (the HTTP API) writes every chunk in
+    # one transaction, and must not move the earlier chunks again with each later one.
+    session.execute(text("TRUNCATE enqueue_stage"))
+    return new
 
 
 def _insert_new(session: Session, batch_id: int, specs: list[JobSpec]) -> set[str]:
@@ -222,7 +249,7 @@ def _insert_new(session: Session, batch_id: int, specs: list[JobSpec]) -> set[st
 
 
 def _write(session: Session, batch_id: int, chunk: list[tuple[int, JobSpec]]) -> tuple[int, list[tuple[int, JobSpec]]]:
-    """Insert a chunk; return (new jobs, lines whose key the batch already has for a different job)."""
+    """Insert a chunk; return (new jobs, items whose key the batch already has for a different job)."""
     new = _insert_new(session, batch_id, [s for _, s in chunk])
     seen = [(n, s) for n, s in chunk if s.key not in new]
     if not seen:
@@ -242,45 +269,47 @@ def _key_conflict(key: str) -> str:
     return f"key {key!r} was already used in this batch for a different job"
 
 
-def enqueue_file(
+def enqueue_items(
     session_factory: Callable[[], Session],
-    path: Path,
+    source: Source,
     *,
     batch: str,
-    config: ModelConfig,
-    fmt: str | None = None,
+    tenant_id: int | None = None,
+    where: str | None = None,
     skip_invalid: bool = False,
+    atomic: bool = False,
+    before_commit: BeforeCommit | None = None,
     progress: Progress | None = None,
     on_invalid: InvalidSink | None = None,
     max_reported: int = 1000,
     chunk_size: int = CHUNK,
+    total_bytes: int = 0,
 ) -> EnqueueReport:
-    """Check, then write. Raises JobInputError for the first bad line unless ``skip_invalid``.
+    """Check, then write: the one path by which jobs enter Postgres, from a file or an HTTP body.
 
-    Without ``skip_invalid`` the file is written in one transaction: a key that turns out, at
-    write time, to clash with a different job (earlier in the file or already in the batch) rejects
-    the whole file, and nothing of it is left behind. With ``skip_invalid`` each chunk commits as
-    it goes and such lines are reported with the other bad ones.
+    ``source`` is called once per pass. Raises JobInputError for the first bad item (``where`` and
+    its number say where) unless ``skip_invalid``. A key that turns out, at write time, to clash
+    with a different job (earlier in the input or already in the batch) is such a bad item too;
+    without ``skip_invalid`` it rejects the whole input, which is why a file is then written
+    ``atomic`` (see enqueue_file). With
+    ``atomic`` everything, the batch row included, is one transaction and ``before_commit`` may
+    still refuse it, so a refused enqueue leaves nothing behind; otherwise each chunk is committed
+    as it is written, which suits files of any size.
 
     With ``skip_invalid`` every bad line goes to ``on_invalid`` as it is met (so a report of any
     size is written in bounded memory), and the first ``max_reported`` also to ``report.invalid``."""
-    fmt = detect_format(path, fmt)
     report = EnqueueReport(batch=batch)
-    try:
-        total = path.stat().st_size
-    except OSError as exc:
-        raise InputFileError(f"cannot read {path}: {exc.strerror}") from None
 
     def tick(phase: str, read: int, pos: list[int]) -> None:
         if progress:
-            progress(Tick(phase, read, report.accepted, pos[0], total))
+            progress(Tick(phase, read, report.accepted, pos[0], total_bytes))
 
     if not skip_invalid:
         # Pass 1: check everything, write nothing. A 1M-line file is read twice rather than held.
         first: tuple[int, JobInputError] | None = None
         bad = read = 0
         pos = [0]
-        for number, _raw, item in iter_lines(path, fmt, config=config, position=pos):
+        for number, _raw, item in source(pos):
             read += 1
             if isinstance(item, JobInputError):
                 bad += 1
@@ -290,10 +319,10 @@ def enqueue_file(
         tick("checking", read, pos)
         if first is not None:
             more = f" ({bad:,} bad lines in all)" if bad > 1 else ""
-            raise JobInputError(first[1].reason + more, line=first[0], source=str(path))
+            raise JobInputError(first[1].reason + more, line=first[0], source=where)
     with session_factory() as session:
-        batch_id = get_or_create_batch(session, batch)
-        if skip_invalid:
+        batch_id = get_or_create_batch(session, batch, tenant_id=tenant_id)
+        if not atomic:
             session.commit()
         report.batch_id = batch_id
         chunk: list[tuple[int, JobSpec]] = []
@@ -311,7 +340,7 @@ def enqueue_file(
 
         def reject(number: int, key: str) -> None:
             session.rollback()
-            raise JobInputError(_key_conflict(key), line=number, source=str(path))
+            raise JobInputError(_key_conflict(key), line=number, source=where)
 
         def flush() -> None:
             if chunk:
@@ -321,14 +350,14 @@ def enqueue_file(
                 report.accepted += accepted
                 for number, spec in clashes:
                     report_bad(number, _key_conflict(spec.key), raws.get(number, ""))
-                if skip_invalid:
+                if not atomic:
                     session.commit()
                 chunk.clear()
                 raws.clear()
                 digests.clear()
             tick("writing", report.read, pos)
 
-        for number, raw, item in iter_lines(path, fmt, config=config, position=pos):
+        for number, raw, item in source(pos):
             report.read += 1
             if isinstance(item, JobInputError):
                 report_bad(number, item.reason, raw)
@@ -347,10 +376,42 @@ def enqueue_file(
             if len(chunk) >= chunk_size:
                 flush()
         flush()
+        if before_commit is not None:
+            before_commit(session, batch_id, report.accepted)
         session.commit()
     valid = report.read - report.invalid_count
     report.duplicates = valid - report.accepted
     return report
+
+
+def enqueue_file(
+    session_factory: Callable[[], Session],
+    path: Path,
+    *,
+    batch: str,
+    config: ModelConfig,
+    fmt: str | None = None,
+    skip_invalid: bool = False,
+    progress: Progress | None = None,
+    on_invalid: InvalidSink | None = None,
+    max_reported: int = 1000,
+    chunk_size: int = CHUNK,
+) -> EnqueueReport:
+    """Check, then write. Raises JobInputError for the first bad line unless ``skip_invalid``.
+
+    Without ``skip_invalid`` the file is written in one transaction, so a line rejected at write
+    time (a key reused for a different job) leaves nothing of the file behind. With it, each chunk
+    commits as it goes; every bad line goes to ``on_invalid`` as it is met (so a report of any
+    size is written in bounded memory), and the first ``max_reported`` also to ``report.invalid``."""
+    fmt = detect_format(path, fmt)
+    try:
+        total = path.stat().st_size
+    except OSError as exc:
+        raise InputFileError(f"cannot read {path}: {exc.strerror}") from None
+    return enqueue_items(
+        session_factory, lambda pos: iter_lines(path, fmt, config=config, position=pos), batch=batch,
+        where=str(path), skip_invalid=skip_invalid, atomic=not skip_invalid, progress=progress,
+        on_invalid=on_invalid, max_reported=max_reported, chunk_size=chunk_size, total_bytes=total)
 
 
 def invalid_line_json(bad: BadLine) -> str:

@@ -3,7 +3,8 @@
     SwitchyardError
     ├── ConfigError            the configuration (environment or models file) is wrong
     ├── JobInputError          a job the user submitted is invalid; says which line and why
-    │   └── InputFileError     a whole input file is unusable (missing, unreadable, wrong format)
+    │   ├── InputFileError     a whole input file is unusable (missing, unreadable, wrong format)
+    │   └── BatchCancelled     jobs sent to a batch that was cancelled
     ├── NotFound               a job or batch id that does not exist
     ├── RateLimited            a tier's shared budget has no turn for a call soon enough
     ├── InvalidQuery           a history query the user wrote wrongly (a bad time, cursor, limit)
@@ -40,6 +41,10 @@ class JobInputError(SwitchyardError):
 
 
 class InputFileError(JobInputError):
+    pass
+
+
+class BatchCancelled(JobInputError):
     pass
 
 

@@ -47,7 +47,7 @@ from decimal import Decimal
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, true, update
 from sqlalchemy.orm import Session
 
 from pipeline.errors import InvalidQuery, NotFound
@@ -82,6 +82,8 @@ class JobFilters:
     since: datetime | None = None  # created at or after
     until: datetime | None = None  # created before
     key_prefix: str | None = None
+    # Only this tenant's jobs (the HTTP API always sets it); None reads every tenant's (the CLI).
+    tenant_id: int | None = None
 
 
 _RELATIVE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
@@ -161,11 +163,24 @@ def jsonable(obj: Any) -> Any:
 # -- batches ---------------------------------------------------------------------------------------
 
 
-def find_batch(*, db_session: Session, batch: str) -> Batch:
-    """A batch by name, or by id when no batch has that name. NotFound otherwise."""
-    row = db_session.scalar(select(Batch).where(Batch.name == batch))
+def _tenant_scope(tenant_id: int | None) -> Any:
+    """Batches a caller may see: a tenant only its own; no tenant (the operator's CLI) all."""
+    return Batch.tenant_id == tenant_id if tenant_id is not None else true()
+
+
+def find_batch(*, db_session: Session, batch: str | int, tenant_id: int | None = None) -> Batch:
+    """A batch by name, or by id when no batch has that name (an int is an id only). NotFound
+    otherwise, and also for another tenant's batch, so that its existence does not show. Names
+    are unique per tenant: without a tenant, a name two tenants use finds the older batch."""
+    scope = _tenant_scope(tenant_id)
+    if isinstance(batch, int):
+        row = db_session.scalar(select(Batch).where(Batch.id == batch, scope))
+        if row is None:
+            raise NotFound(f"no batch with id {batch}")
+        return row
+    row = db_session.scalar(select(Batch).where(Batch.name == batch, scope).order_by(Batch.id).limit(1))
     if row is None and batch.isdigit():
-        row = db_session.get(Batch, int(batch))
+        row = db_session.scalar(select(Batch).where(Batch.id == int(batch), scope))
     if row is None:
         raise NotFound(f"no batch named {batch!r} (`switchyard batches` lists them)")
     return row
@@ -210,15 +225,16 @@ def _summary(b: Batch, counts: dict[str, int], cost: Decimal) -> BatchSummary:
                         jobs=sum(counts.values()), by_status=dict(sorted(counts.items())), cost_usd=cost)
 
 
-def list_batches(*, db_session: Session, limit: int = 100) -> list[BatchSummary]:
+def list_batches(*, db_session: Session, limit: int = 100, tenant_id: int | None = None) -> list[BatchSummary]:
     """The newest ``limit`` batches, each with its jobs per status and its cost so far."""
-    batches = db_session.scalars(select(Batch).order_by(Batch.id.desc()).limit(limit)).all()
+    batches = db_session.scalars(select(Batch).where(_tenant_scope(tenant_id)).order_by(Batch.id.desc())
+                                 .limit(limit)).all()
     counts = _batch_counts(db_session, [b.id for b in batches])
     return [_summary(b, *counts[b.id]) for b in batches]
 
 
-def get_batch(*, db_session: Session, batch: str) -> BatchSummary:
-    b = find_batch(db_session=db_session, batch=batch)
+def get_batch(*, db_session: Session, batch: str | int, tenant_id: int | None = None) -> BatchSummary:
+    b = find_batch(db_session=db_session, batch=batch, tenant_id=tenant_id)
     return _summary(b, *_batch_counts(db_session, [b.id])[b.id])
 
 
@@ -260,14 +276,15 @@ class CancelResult:
     cancelled_at: datetime
 
 
-def cancel_batch(*, db_session: Session, batch: str, chunk: int = CANCEL_CHUNK) -> CancelResult:
+def cancel_batch(*, db_session: Session, batch: str | int, chunk: int = CANCEL_CHUNK,
+                 tenant_id: int | None = None) -> CancelResult:
     """Cancel every job of the batch that has not started (status queued).
 
     Unlike the other functions here this commits, once per chunk: cancelling a million queued jobs
     must not hold a million row locks in one transaction while the dispatcher waits. Each chunk is
     one conditional bulk transition, so a job the dispatcher took meanwhile (it locks with SKIP
     LOCKED, as this does) is left to run, and running the command again is harmless."""
-    b = find_batch(db_session=db_session, batch=batch)
+    b = find_batch(db_session=db_session, batch=batch, tenant_id=tenant_id)
     now = utcnow()
     db_session.execute(update(Batch).where(Batch.id == b.id, Batch.cancelled_at.is_(None))
                        .values(cancelled_at=now).execution_options(synchronize_session=False))
@@ -330,7 +347,10 @@ def _like_prefix(prefix: str) -> str:
 
 def _filtered(db_session: Session, stmt: Any, filters: JobFilters) -> Any:
     if filters.batch is not None:
-        stmt = stmt.where(Job.batch_id == find_batch(db_session=db_session, batch=filters.batch).id)
+        stmt = stmt.where(Job.batch_id == find_batch(db_session=db_session, batch=filters.batch,
+                                                     tenant_id=filters.tenant_id).id)
+    if filters.tenant_id is not None:
+        stmt = stmt.where(Batch.tenant_id == filters.tenant_id)
     if filters.status:
         one = len(filters.status) == 1
         stmt = stmt.where(Job.status == filters.status[0] if one else Job.status.in_(filters.status))
@@ -460,10 +480,10 @@ def find_job_id(*, db_session: Session, batch: str, key: str) -> int:
     return job_id
 
 
-def get_job(*, db_session: Session, job_id: int) -> JobStory:
+def get_job(*, db_session: Session, job_id: int, tenant_id: int | None = None) -> JobStory:
     row: Any = db_session.execute(
         select(*_SUMMARY_COLUMNS, Job.payload, Job.meta, Job.pinned_tier, Job.output)
-        .join(Batch, Batch.id == Job.batch_id).where(Job.id == job_id)
+        .join(Batch, Batch.id == Job.batch_id).where(Job.id == job_id, _tenant_scope(tenant_id))
     ).first()
     if row is None:
         raise NotFound(f"no job with id {job_id}")

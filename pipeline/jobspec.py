@@ -176,10 +176,32 @@ def _schema(obj: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def _storable(value: Any, field: str) -> None:
+    """Postgres stores no NUL character in text or JSONB, and UTF-8 has no lone surrogates (JSON's
+    ``"\\ud800"``): refuse them here, naming the field, rather than fail at the insert."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise JobInputError(f"field {field!r} contains a NUL character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise JobInputError(f"field {field!r} contains an invalid Unicode character (a lone surrogate)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _storable(k, field)
+            _storable(v, field)
+    elif isinstance(value, list):
+        for v in value:
+            _storable(v, field)
+
+
 def parse_job(obj: Any, *, work_tiers: tuple[str, ...], max_tokens: int | None = None) -> JobSpec:
     """Check one decoded job object and return it normalised."""
     if not isinstance(obj, dict):
         raise JobInputError(f"a job must be a JSON object, not {type(obj).__name__}")
+    for name, value in obj.items():
+        _storable(name, name.encode("utf-8", "replace").decode().replace("\x00", "\\0"))
+        _storable(value, name)
     kind_raw = obj.get("kind")
     if kind_raw is None:
         raise JobInputError("missing required field 'kind' (classify, extract, draft or generate)")

@@ -21,7 +21,9 @@ from sqlalchemy import (
     Numeric,
     String,
     Text,
+    UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
@@ -83,11 +85,47 @@ def _enum(cls: type[enum.Enum], name: str) -> Enum:
     )
 
 
-class Batch(Base):
-    __tablename__ = "batches"
+class Tenant(Base):
+    """A team using the HTTP API. Its limits are NULL when it has none."""
+
+    __tablename__ = "tenants"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    # Jobs accepted and not yet finished (queued or in a stage). Queued jobs count: the dispatcher
+    # takes the oldest first, so a tenant's backlog delays everyone submitted after it.
+    max_jobs_in_flight: Mapped[int | None] = mapped_column(Integer)
+    max_spend_per_day_usd: Mapped[Decimal | None] = mapped_column(Money)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
+
+
+class ApiToken(Base):
+    """A bearer token, kept only as the SHA-256 of its secret part. The public prefix is the
+    lookup key, so checking a token is one index hit and one constant-time compare."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(String(20), unique=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+    __table_args__ = (
+        # Names are unique per tenant. Batches enqueued from the CLI have no tenant (the operator's
+        # own); NULLs are distinct in a unique constraint, so a partial index keeps those unique.
+        UniqueConstraint("tenant_id", "name"),
+        Index("uq_batches_name_no_tenant", "name", unique=True,
+              postgresql_where=text("tenant_id IS NULL"), sqlite_where=text("tenant_id IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

@@ -15,7 +15,7 @@ from sqlalchemy import and_, case, func, select, true
 from sqlalchemy.orm import Session
 
 from pipeline.config import ModelConfig
-from pipeline.models import Job, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
+from pipeline.models import Batch, Job, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
 from pipeline.pricing import MILLION
 
 
@@ -120,12 +120,15 @@ def _latencies(session: Session, job_filter: Any, line_for: Callable[[str], Tier
 
 
 def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = None,
-              since: datetime | None = None, until: datetime | None = None) -> Summary:
+              since: datetime | None = None, until: datetime | None = None,
+              tenant_id: int | None = None) -> Summary:
     """Per-tier figures for the jobs of a batch and/or created in [since, until), or all jobs.
 
     Every call a job made counts, including failed, repeated and abandoned ones: they were requests
     the API saw. Each figure is a plain aggregate over the rows, so the sums can be checked in SQL."""
     conds: list[Any] = []
+    if tenant_id is not None:
+        conds.append(Job.batch_id.in_(select(Batch.id).where(Batch.tenant_id == tenant_id)))
     if batch_id is not None:
         conds.append(Job.batch_id == batch_id)
     if since is not None:

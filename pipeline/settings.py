@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     # (tests/faults) and does nothing unless set; see pipeline/testhooks.py.
     test_crash_on: str | None = Field(None, alias="SWITCHYARD_TEST_CRASH_ON")
 
+    # The HTTP API (`switchyard serve`). A request body past this many bytes is refused with 413
+    # while it streams in; a batch of more jobs than this is refused with 413 before any is written.
+    api_max_body_bytes: int = Field(64 * 1024 * 1024, alias="SWITCHYARD_API_MAX_BODY_BYTES")
+    api_max_batch_jobs: int = Field(100_000, alias="SWITCHYARD_API_MAX_BATCH_JOBS")
     # Rate limits per tier, over those of the model configuration: "sonnet.rpm=50,opus.otpm=8000".
     rate_limits: str | None = Field(None, alias="SWITCHYARD_RATE_LIMITS")
     # The limits are per this many seconds. Anthropic's are per minute; tests shorten it.

@@ -1,0 +1,88 @@
+"""Prometheus metrics of the API: requests by route and status, their latency, jobs accepted and
+submissions refused by a limit; and, read at scrape time, the broker's queue depths (the same
+series the workers export) and the jobs queued or in each stage. No label carries a tenant or
+anything a caller typed, so a scrape shows no tenant's business and the label set stays small."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipeline import ops
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("switchyard_api_requests_total", "HTTP requests answered.",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("switchyard_api_request_seconds", "Time to answer an HTTP request (until the "
+                                 "first byte of a streamed body).", ["method", "route"], registry=self.registry)
+        self.jobs_accepted = Counter("switchyard_api_jobs_accepted_total", "New jobs written by API submissions.",
+                                     registry=self.registry)
+        self.refused = Counter("switchyard_api_submissions_refused_total", "Submissions refused, by reason.",
+                               ["reason"], registry=self.registry)
+
+
+class LiveCollector(Collector):
+    """Queue depths and unfinished jobs, read when Prometheus scrapes."""
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("switchyard_queue_depth", "Messages waiting in a queue (all priorities).",
+                                  labels=["queue"])
+        if self.api.broker is not None:
+            try:
+                for queue, n in ops.queue_depths(self.api.broker, self.api.queues).items():
+                    depth.add_metric([queue], n)
+            except redis.RedisError:
+                pass
+        yield depth
+        jobs = GaugeMetricFamily("switchyard_jobs", "Jobs queued or in a stage, by status (every tenant's).",
+                                 labels=["status"])
+        try:
+            with self.api.sessions() as session:
+                in_flight, queued, _, _ = ops.job_counts(session)
+            jobs.add_metric(["queued"], queued)
+            for status, by_tier in in_flight.items():
+                jobs.add_metric([status], sum(by_tier.values()))
+        except SQLAlchemyError:
+            pass
+        yield jobs
+
+
+class MetricsMiddleware:
+    """Counts and times every request by its route template (``/v1/jobs/{job_id}``), never by the
+    raw path, so ids do not explode the label set."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                route = scope.get("route")
+                path = getattr(route, "path", None) or "unmatched"
+                self.metrics.latency.labels(scope["method"], path).observe(time.perf_counter() - start)
+                self.metrics.requests.labels(scope["method"], path, str(status["code"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)

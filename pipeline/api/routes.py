@@ -1,0 +1,285 @@
+"""The tenant-facing endpoints: submit, follow, cancel and fetch work. Each is a thin layer over
+the domain functions the CLI uses (``enqueue_items``, ``pipeline.history``, ``report``), always
+scoped to the caller's tenant: another tenant's job or batch answers 404, like a missing one."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Annotated, Any
+
+import redis
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from pipeline import history, ops, report, tenants
+from pipeline.api import schemas
+from pipeline.api.bodies import JSON_LINES, UnsupportedMediaType, media_type, spool
+from pipeline.api.deps import Db, State, Who, state
+from pipeline.api.errors import BrokerDown
+from pipeline.api.submit import batch_source, body_reader, check_spend, find_job, one_job_source, submit_items
+from pipeline.enqueue import max_job_tokens
+from pipeline.errors import JobInputError, NotFound
+from pipeline.jobspec import MAX_KEY_LENGTH, parse_job
+from pipeline.models import Batch, Tenant
+
+log = logging.getLogger("switchyard.api")
+
+router = APIRouter(prefix="/v1")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": schemas.Error, "description": text} for code, text in {
+        401: "No token, or one that is unknown, malformed or revoked.",
+        422: "A parameter or the body is invalid; `detail` names it.",
+    }.items()
+}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": schemas.Error, "description": "No such id for this tenant."}}
+SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": schemas.Error, "description": text} for code, text in {
+        409: "The batch was cancelled.",
+        413: "The body, or the number of jobs in it, is over the configured limit.",
+        415: "The Content-Type is not JSON or JSON Lines.",
+        429: "A tenant limit (jobs in flight, spend per day) would be exceeded; `detail` gives the numbers.",
+    }.items()
+}
+
+# A name: printable, no control characters (Postgres text cannot hold NUL).
+NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+BatchName = Annotated[str, Query(min_length=1, max_length=200, pattern=NAME_PATTERN,
+                                 description="The batch to add to (created if new). Names are per tenant.")]
+
+_TEXT = {"type": "string", "minLength": 1}
+_COMMON = {"key": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH,
+                   "description": "Idempotency key within the batch; default: a digest of the content."},
+           "tier": {"type": "string", "description": "Pin a work tier (skips triage), e.g. sonnet or opus."},
+           "metadata": {"type": "object", "description": "Kept with the job, returned with it."}}
+
+
+def _kind(kind: str, required: dict[str, Any], optional: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": False, "required": ["kind", *required],
+            "properties": {"kind": {"type": "string", "enum": [kind]}, **required, **(optional or {}), **_COMMON}}
+
+
+JOB_SCHEMA: dict[str, Any] = {"title": "Job", "oneOf": [
+    _kind("classify", {"text": _TEXT, "labels": {"type": "array", "minItems": 1, "uniqueItems": True,
+                                                  "items": _TEXT}}),
+    _kind("extract", {"text": _TEXT, "schema": {"type": "object", "description": "A JSON Schema."}}),
+    _kind("draft", {"instructions": _TEXT}, {"context": {"type": "string"}}),
+    _kind("generate", {"prompt": _TEXT}),
+]}
+
+
+def _body(content: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _json(obj: Any, status_code: int = 200) -> JSONResponse:
+    return JSONResponse(history.jsonable(obj), status_code=status_code)
+
+
+# -- submission ------------------------------------------------------------------------------------
+
+
+@router.post("/jobs", status_code=201, response_model=schemas.JobSubmitted, tags=["submit"],
+             responses={200: {"model": schemas.JobSubmitted, "description": "The batch already had a job with "
+                                                                            "this key: nothing was added."},
+                        **ERRORS, **SUBMIT_ERRORS},
+             openapi_extra=_body({"application/json": {"schema": JOB_SCHEMA}}))
+async def submit_job(request: Request, who: Who, batch: BatchName) -> JSONResponse:
+    """Submit one job. Its `key` (or, without one, its content) makes a repeat harmless."""
+    api = state(request)
+    await run_in_threadpool(check_spend, api.sessions, who)
+    kind = media_type(request)
+    if kind not in ("application/json", ""):
+        raise UnsupportedMediaType(f"Content-Type {kind!r} is not supported: send the job as application/json")
+    with await spool(request, max_bytes=api.max_body_bytes) as body:
+        raw = body.read()
+    try:
+        obj = json.loads(raw)
+    except UnicodeDecodeError:
+        raise JobInputError("body is not valid UTF-8") from None
+    except RecursionError:
+        raise JobInputError("body: JSON is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise JobInputError(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    spec = parse_job(obj, work_tiers=api.models.work_tiers, max_tokens=max_job_tokens(api.models))
+    result = await run_in_threadpool(submit_items, api.sessions, one_job_source(spec), who=who, batch=batch,
+                                     lines=False)
+
+    def lookup() -> tuple[int, str]:
+        with api.sessions() as session:
+            return find_job(session, result.batch_id or 0, spec.key)
+
+    request.app.state.metrics.jobs_accepted.inc(result.accepted)
+    job_id, job_status = await run_in_threadpool(lookup)
+    out = schemas.JobSubmitted(id=job_id, batch_id=result.batch_id or 0, batch=batch, key=spec.key,
+                               created=result.accepted == 1, status=job_status)
+    return JSONResponse(out.model_dump(), status_code=201 if out.created else 200)
+
+
+@router.post("/batches", status_code=201, response_model=schemas.BatchSubmitted, tags=["submit"],
+             responses={**ERRORS, **SUBMIT_ERRORS},
+             openapi_extra=_body({
+                 "application/json": {"schema": {"type": "array", "items": JOB_SCHEMA}},
+                 JSON_LINES[0]: {"schema": {"type": "string", "description": "One job object per line."}},
+             }))
+async def submit_batch(request: Request, who: Who, name: BatchName) -> schemas.BatchSubmitted:
+    """Submit jobs to a batch: a JSON array, or JSON Lines (`application/x-ndjson`) streamed in.
+
+    Every job is checked before any is written: one bad job refuses the request (422, naming its
+    index or line and the field) and nothing is kept. Keys already in the batch are skipped, so
+    sending the same body twice adds nothing."""
+    api = state(request)
+    await run_in_threadpool(check_spend, api.sessions, who)
+    reader, lines = body_reader(media_type(request))
+    with await spool(request, max_bytes=api.max_body_bytes) as body:
+        source = batch_source(body, reader, config=api.models, max_items=api.max_batch_jobs)
+        result = await run_in_threadpool(submit_items, api.sessions, source, who=who, batch=name, lines=lines)
+    request.app.state.metrics.jobs_accepted.inc(result.accepted)
+    return schemas.BatchSubmitted(batch_id=result.batch_id or 0, batch=name, read=result.read,
+                                  accepted=result.accepted, duplicates=result.duplicates)
+
+
+# -- jobs ------------------------------------------------------------------------------------------
+
+
+@router.get("/jobs", response_model=schemas.JobPage, tags=["jobs"], responses={**ERRORS, **NOT_FOUND})
+def list_jobs(
+    db: Db, who: Who,
+    batch: Annotated[str | None, Query(max_length=200, pattern=NAME_PATTERN,
+                                       description="A batch name or id.")] = None,
+    status: Annotated[list[str] | None, Query(description="Any of these statuses (repeat the parameter).")] = None,
+    tier: Annotated[str | None, Query(max_length=40, pattern=NAME_PATTERN)] = None,
+    kind: Annotated[str | None, Query(description="classify, extract, draft or generate")] = None,
+    since: Annotated[str | None, Query(description="Created at or after: ISO 8601 or an age (30m, 6h, 2d).")] = None,
+    until: Annotated[str | None, Query(description="Created before: ISO 8601 or an age.")] = None,
+    key_prefix: Annotated[str | None, Query(max_length=200, pattern=NAME_PATTERN)] = None,
+    limit: Annotated[int, Query(ge=1, le=history.MAX_LIMIT)] = 50,
+    cursor: Annotated[str | None, Query(max_length=100, description="`next_cursor` of the previous page.")] = None,
+) -> JSONResponse:
+    """The tenant's jobs, newest first, a page at a time (keyset paging: follow `next_cursor`)."""
+    filters = history.JobFilters(
+        batch=batch, status=tuple(history.parse_status(s) for s in status or ()), tier=tier,
+        kind=history.parse_kind(kind) if kind else None,
+        since=history.parse_time(since, option="since") if since else None,
+        until=history.parse_time(until, option="until") if until else None,
+        key_prefix=key_prefix, tenant_id=who.tenant_id)
+    return _json(history.list_jobs(db_session=db, filters=filters, limit=limit, cursor=cursor))
+
+
+@router.get("/jobs/{job_id}", response_model=schemas.JobStory, tags=["jobs"], responses={**ERRORS, **NOT_FOUND})
+def get_job(job_id: int, db: Db, who: Who) -> JSONResponse:
+    """One job with its whole story: routing decisions, every model call, validation verdicts and
+    status changes, each in the order they happened."""
+    return _json(history.get_job(db_session=db, job_id=job_id, tenant_id=who.tenant_id))
+
+
+# -- batches ---------------------------------------------------------------------------------------
+
+
+def _batch(summary: history.BatchSummary) -> dict[str, Any]:
+    out: dict[str, Any] = history.jsonable(summary)
+    out.update(done=summary.done, finished=summary.finished)
+    return out
+
+
+@router.get("/batches", response_model=schemas.BatchList, tags=["batches"], responses=ERRORS)
+def list_batches(db: Db, who: Who, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JSONResponse:
+    """The tenant's newest batches, each with its jobs per status and its cost so far."""
+    batches = history.list_batches(db_session=db, limit=limit, tenant_id=who.tenant_id)
+    return JSONResponse({"batches": [_batch(b) for b in batches]})
+
+
+@router.get("/batches/{batch_id}", response_model=schemas.BatchSummary, tags=["batches"],
+            responses={**ERRORS, **NOT_FOUND})
+def get_batch(batch_id: int, db: Db, who: Who) -> JSONResponse:
+    """One batch: its jobs per status, how many are done, and its cost so far."""
+    return JSONResponse(_batch(history.get_batch(db_session=db, batch=batch_id, tenant_id=who.tenant_id)))
+
+
+@router.post("/batches/{batch_id}/cancel", response_model=schemas.Cancelled, tags=["batches"],
+             responses={**ERRORS, **NOT_FOUND})
+def cancel_batch(batch_id: int, db: Db, who: Who) -> JSONResponse:
+    """Cancel the batch's jobs that have not started; jobs already in a stage finish. The batch
+    then takes no new jobs. Repeating it is harmless."""
+    result = history.cancel_batch(db_session=db, batch=batch_id, tenant_id=who.tenant_id)
+    log.info("tenant %s cancelled batch %d: %d job(s)", who.tenant, batch_id, result.cancelled)
+    return _json(result)
+
+
+def _own_batch(db: Db, batch_id: int, who: Who) -> Batch:
+    return history.find_batch(db_session=db, batch=batch_id, tenant_id=who.tenant_id)
+
+
+@router.get("/batches/{batch_id}/results", tags=["batches"], responses={
+    200: {"description": "One JSON object per line: key, status, tier, output, error, cost_usd; in the order "
+                         "the jobs were submitted.", "content": {JSON_LINES[0]: {"schema": {"type": "string"}}}},
+    **ERRORS, **NOT_FOUND})
+def batch_results(batch_id: int, request: Request, db: Db, who: Who) -> StreamingResponse:
+    """Stream the batch's results as JSON Lines, whether or not it has finished."""
+    batch = _own_batch(db, batch_id, who)
+    sessions = state(request).sessions
+
+    def lines() -> Iterator[bytes]:
+        # Its own session: the response streams after the request's session is closed.
+        with sessions() as session:
+            chunk: list[str] = []
+            for row in history.iter_results(db_session=session, batch_id=batch.id):
+                chunk.append(json.dumps(history.jsonable(row), ensure_ascii=False))
+                if len(chunk) >= 200:
+                    yield ("\n".join(chunk) + "\n").encode()
+                    chunk.clear()
+            if chunk:
+                yield ("\n".join(chunk) + "\n").encode()
+
+    return StreamingResponse(lines(), media_type=JSON_LINES[0],
+                             headers={"Content-Disposition": f'attachment; filename="batch-{batch.id}.jsonl"'})
+
+
+# -- stats and queue -------------------------------------------------------------------------------
+
+
+@router.get("/stats", response_model=schemas.Stats, tags=["stats"], responses={**ERRORS, **NOT_FOUND})
+def stats(request: Request, db: Db, who: Who,
+          batch_id: Annotated[int | None, Query(description="Only this batch.")] = None,
+          since: Annotated[str | None, Query(description="Jobs created at or after (ISO 8601 or an age).")] = None,
+          until: Annotated[str | None, Query(description="Jobs created before.")] = None) -> JSONResponse:
+    """Per tier: jobs, calls, tokens, cost, latency percentiles, escalation and validation-failure
+    rates, for the tenant's jobs (or one batch of them)."""
+    if batch_id is not None:
+        _own_batch(db, batch_id, who)
+    summary = report.summarize(
+        db, state(request).models, batch_id=batch_id, tenant_id=who.tenant_id,
+        since=history.parse_time(since, option="since") if since else None,
+        until=history.parse_time(until, option="until") if until else None)
+    return JSONResponse(summary.to_dict())
+
+
+@router.get("/queue", response_model=schemas.QueueStatus, tags=["stats"],
+            responses={**ERRORS, 503: {"model": schemas.Error, "description": "The broker is unreachable."}})
+def queue(api: State, db: Db, who: Who) -> schemas.QueueStatus:
+    """How busy switchyard is, per queue (the operator's `switchyard status`, without worker hosts),
+    and where this tenant stands against its limits."""
+    tenant = db.get(Tenant, who.tenant_id)
+    if tenant is None:
+        raise NotFound("this token's tenant no longer exists")
+    if api.broker is None:
+        raise BrokerDown("queue status needs a Redis broker (BROKER_URL)")
+    try:
+        now = ops.gather(api.broker, db, api.queues, tier_of={"triage": api.models.triage_tier,
+                                                                "validate": api.models.triage_tier})
+    except redis.RedisError as exc:
+        raise BrokerDown(f"the broker is unreachable ({type(exc).__name__})") from None
+    spent = tenants.spend_today(db, tenant.id)
+    limit = tenant.max_spend_per_day_usd
+    return schemas.QueueStatus(
+        queues=[schemas.QueueLine(**asdict(q)) for q in now.queues], queued=now.queued, in_flight=now.in_flight,
+        finished_1m=now.finished_1m, finished_5m=now.finished_5m,
+        tenant=schemas.TenantUsage(
+            tenant=tenant.name, jobs_in_flight=tenants.jobs_in_flight(db, tenant.id),
+            max_jobs_in_flight=tenant.max_jobs_in_flight, spend_today_usd=f"{spent:f}",
+            max_spend_per_day_usd=f"{limit:f}" if limit is not None else None))

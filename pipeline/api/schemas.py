@@ -1,0 +1,201 @@
+"""The shapes of the API's answers, for the OpenAPI document and for checking what is sent.
+
+Money is a decimal string ("0.00123400"), never a float, so sums stay exact. Times are ISO 8601
+with a UTC offset."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Money = str
+
+
+class Error(BaseModel):
+    detail: str = Field(description="One sentence: what was wrong and where.")
+    errors: list[dict[str, Any]] | None = Field(None, description="For a bad request: each problem, with where.")
+    item: int | None = Field(None, description="A batch body's bad item: its 0-based index in a JSON array.")
+    line: int | None = Field(None, description="A batch body's bad item: its 1-based line in JSON Lines.")
+
+
+class JobSubmitted(BaseModel):
+    id: int
+    batch_id: int
+    batch: str
+    key: str
+    created: bool = Field(description="False when the batch already had a job with this key (nothing was added).")
+    status: str
+
+
+class BatchSubmitted(BaseModel):
+    batch_id: int
+    batch: str
+    read: int = Field(description="Jobs in the body.")
+    accepted: int = Field(description="New jobs written.")
+    duplicates: int = Field(description="Jobs whose key the batch already had.")
+
+
+class JobSummary(BaseModel):
+    id: int
+    batch: str
+    key: str
+    kind: str
+    status: str
+    tier: str | None
+    difficulty: str | None
+    attempt: int
+    escalations: int
+    cost_usd: Money
+    created_at: datetime
+    finished_at: datetime | None
+    error: str | None
+
+
+class JobPage(BaseModel):
+    jobs: list[JobSummary]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last one.")
+
+
+class Routing(BaseModel):
+    reason_kind: str = Field(description="triage | pinned | retry | escalation")
+    verdict: str | None
+    confidence: float | None
+    reason: str | None
+    from_tier: str | None
+    to_tier: str
+    at: datetime
+
+
+class Call(BaseModel):
+    id: int
+    stage: str
+    tier: str
+    model: str
+    attempt: int
+    delivery: int
+    outcome: str
+    applied: bool
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    cost_usd: Money
+    latency_ms: float | None
+    request_id: str | None
+    status_code: int | None
+    stop_reason: str | None
+    error_type: str | None
+    error_message: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
+class Verdict(BaseModel):
+    tier: str
+    attempt: int
+    validator: str
+    ok: bool
+    problems: list[str]
+    at: datetime
+
+
+class Event(BaseModel):
+    from_status: str | None
+    to_status: str
+    at: datetime
+    detail: str | None
+
+
+class JobStory(BaseModel):
+    """A job and everything that happened to it, each list in the order it happened."""
+
+    job: JobSummary
+    payload: dict[str, Any]
+    metadata: dict[str, Any] | None
+    pinned_tier: str | None
+    output: Any = None
+    routing: list[Routing]
+    calls: list[Call]
+    validations: list[Verdict]
+    events: list[Event]
+
+
+class BatchSummary(BaseModel):
+    id: int
+    name: str
+    created_at: datetime
+    cancelled_at: datetime | None
+    jobs: int
+    done: int = Field(description="Jobs that have finished: succeeded, failed or cancelled.")
+    finished: bool
+    by_status: dict[str, int]
+    cost_usd: Money
+
+
+class BatchList(BaseModel):
+    batches: list[BatchSummary]
+
+
+class Cancelled(BaseModel):
+    batch: str
+    batch_id: int
+    cancelled: int = Field(description="Queued jobs cancelled now. Jobs already in a stage finish.")
+    cancelled_at: datetime
+
+
+class TierStats(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    tier: str
+    jobs: int
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: Money
+
+
+class Stats(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    jobs: int
+    by_status: dict[str, int]
+    tiers: list[TierStats]
+    cost_usd: Money
+
+
+class TenantUsage(BaseModel):
+    tenant: str
+    jobs_in_flight: int
+    max_jobs_in_flight: int | None
+    spend_today_usd: Money
+    max_spend_per_day_usd: Money | None
+
+
+class QueueLine(BaseModel):
+    queue: str
+    depth: int = Field(description="Messages waiting in the broker queue.")
+    reserved: int = Field(description="Messages workers hold (running or waiting out a countdown).")
+    in_flight: int = Field(description="Jobs in the stage this queue serves.")
+    workers: int
+    concurrency: int
+    busy: int
+    paused_s: float = Field(description="Seconds the tier is paused by a rate limit (a 429 from the API).")
+
+
+class QueueStatus(BaseModel):
+    """The operator's view (`switchyard status`), without worker hosts, and this tenant's standing."""
+
+    queues: list[QueueLine]
+    queued: int = Field(description="Every tenant's jobs waiting to be dispatched.")
+    in_flight: dict[str, dict[str, int]] = Field(description="Jobs in a stage: status -> tier -> jobs.")
+    finished_1m: dict[str, int]
+    finished_5m: dict[str, int]
+    tenant: TenantUsage
+
+
+class Health(BaseModel):
+    status: str = Field(description="ok, or failing")
+    postgres: str
+    broker: str

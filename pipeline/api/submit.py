@@ -1,0 +1,91 @@
+"""Submitting work over HTTP: the same checks and the same insert path as `switchyard enqueue`
+(``enqueue_items``), plus what only the API needs: the tenant's batch namespace, its limits, and
+one transaction per request, so a refused or invalid submission leaves nothing behind."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import IO, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline import tenants
+from pipeline.api.bodies import JSON, JSON_LINES, UnsupportedMediaType, iter_json_array, iter_json_lines
+from pipeline.api.errors import BadItem, Conflict
+from pipeline.config import ModelConfig
+from pipeline.enqueue import EnqueueReport, Source, enqueue_items, iter_objects
+from pipeline.errors import BatchCancelled, JobInputError
+from pipeline.jobspec import JobSpec
+from pipeline.models import Batch, Job
+from pipeline.tenants import Caller
+
+log = logging.getLogger("switchyard.api")
+
+
+def _guard(who: Caller) -> Callable[[Session, int, int], None]:
+    """Checks made inside the writing transaction, after the jobs are written: they see this
+    submission's own rows, and the tenant's row lock makes its submissions take turns. (A batch
+    cancelled before the submission began was refused by ``get_or_create_batch``; this catches
+    one cancelled while it was being written.)"""
+
+    def before_commit(session: Session, batch_id: int, accepted: int) -> None:
+        tenant = tenants.lock(session, who.tenant_id)
+        if accepted == 0:
+            return
+        cancelled = session.scalar(select(Batch.cancelled_at).where(Batch.id == batch_id))
+        if cancelled is not None:
+            raise Conflict(f"batch {batch_id} was cancelled at {cancelled:%Y-%m-%d %H:%M:%S} UTC and takes no "
+                           f"new jobs; submit to a new batch")
+        tenants.check_in_flight(session, tenant, new_jobs=accepted)
+
+    return before_commit
+
+
+def check_spend(sessions: sessionmaker[Session], who: Caller) -> None:
+    """Refuse early, before reading a large body, when today's spend is already over the limit."""
+    with sessions() as session:
+        tenant = session.get(tenants.Tenant, who.tenant_id)
+        if tenant is not None:
+            tenants.check_spend(session, tenant)
+
+
+def submit_items(sessions: sessionmaker[Session], source: Source, *, who: Caller,
+                 batch: str, lines: bool) -> EnqueueReport:
+    try:
+        report = enqueue_items(sessions, source, batch=batch, tenant_id=who.tenant_id, atomic=True,
+                               before_commit=_guard(who))
+    except (BadItem, BatchCancelled):
+        raise
+    except JobInputError as exc:
+        number = exc.line if exc.line is not None else 0
+        raise BadItem(exc.reason, line=number if lines else None, index=None if lines else number) from None
+    log.info("tenant %s: batch %r: %d new job(s), %d duplicate(s)", who.tenant, batch, report.accepted,
+             report.duplicates)
+    return report
+
+
+def body_reader(media_type: str) -> tuple[Any, bool]:
+    """How to read a batch body of this Content-Type, and whether it is JSON Lines. Checked before
+    the body is read."""
+    if media_type in JSON_LINES:
+        return iter_json_lines, True
+    if media_type in (JSON, ""):
+        return iter_json_array, False
+    raise UnsupportedMediaType(f"Content-Type {media_type!r} is not supported: send a JSON array as "
+                               f"{JSON} or JSON Lines as {JSON_LINES[0]}")
+
+
+def batch_source(body: IO[bytes], reader: Any, *, config: ModelConfig, max_items: int) -> Source:
+    """A re-readable source of parsed jobs from a spooled body: ``enqueue_items`` reads it twice."""
+    return lambda _position: iter_objects(reader(body, max_items=max_items), config=config)
+
+
+def one_job_source(spec: JobSpec) -> Source:
+    return lambda _position: iter([(0, "", spec)])
+
+
+def find_job(session: Session, batch_id: int, key: str) -> tuple[int, str]:
+    row = session.execute(select(Job.id, Job.status).where(Job.batch_id == batch_id, Job.key == key)).one()
+    return row.id, row.status.value

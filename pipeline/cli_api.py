@@ -1,0 +1,154 @@
+"""`switchyard serve`, `switchyard tokens ...` and `switchyard tenants ...`: the HTTP API and who
+may use it. Registered on the main app by pipeline/cli.py."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal, InvalidOperation
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.errors import SwitchyardError
+from pipeline.settings import Settings
+
+tokens_app = typer.Typer(no_args_is_help=True, help="API tokens: each belongs to a tenant; only its hash is stored.")
+tenants_app = typer.Typer(no_args_is_help=True, help="Tenants of the HTTP API and their limits.")
+
+console = Console()
+err = Console(stderr=True)
+
+TenantOpt = Annotated[str, typer.Option("--tenant", help="The tenant's name.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+def _sessions() -> sessionmaker[Session]:
+    from pipeline.db import make_engine, session_factory
+
+    return session_factory(make_engine(Settings().database_url, pool_size=1))
+
+
+def _when(value: object) -> str:
+    return value.isoformat(timespec="seconds") if value is not None else ""  # type: ignore[attr-defined]
+
+
+@tokens_app.command("create")
+def tokens_create(tenant: TenantOpt, as_json: JsonOpt = False) -> None:
+    """Make a token for TENANT (created if new). The token is printed once and never stored."""
+    from pipeline import tenants
+    from pipeline.db import transaction
+
+    with transaction(_sessions()) as session:
+        new = tenants.create_token(session, tenant)
+    if as_json:
+        print(json.dumps({"tenant": new.tenant, "prefix": new.prefix, "token": new.token,
+                          "created_at": _when(new.created_at)}))
+        return
+    err.print(f"token for tenant [bold]{new.tenant}[/] (prefix {new.prefix}); it is shown only this once:")
+    print(new.token)
+
+
+@tokens_app.command("list")
+def tokens_list(tenant: Annotated[str | None, typer.Option("--tenant", help="Only this tenant's.")] = None,
+                as_json: JsonOpt = False) -> None:
+    """List tokens: prefix, tenant, created, revoked. Never the secret."""
+    from pipeline import tenants
+
+    with _sessions()() as session:
+        rows = tenants.list_tokens(session, tenant)
+    if as_json:
+        print(json.dumps([{"tenant": t.tenant, "prefix": t.prefix, "created_at": _when(t.created_at),
+                           "revoked_at": _when(t.revoked_at) or None} for t in rows]))
+        return
+    table = Table()
+    for col in ("prefix", "tenant", "created", "revoked"):
+        table.add_column(col)
+    for t in rows:
+        table.add_row(t.prefix, t.tenant, _when(t.created_at), _when(t.revoked_at) or "-")
+    console.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(prefix: Annotated[str, typer.Argument(help="The token's prefix (from `tokens list`).")],
+                  tenant: TenantOpt, as_json: JsonOpt = False) -> None:
+    """Revoke one of TENANT's tokens: requests with it get 401 from now on."""
+    from pipeline import tenants
+    from pipeline.db import transaction
+
+    with transaction(_sessions()) as session:
+        info = tenants.revoke_token(session, tenant, prefix)
+    if as_json:
+        print(json.dumps({"tenant": info.tenant, "prefix": info.prefix, "revoked_at": _when(info.revoked_at)}))
+        return
+    console.print(f"revoked token {info.prefix} of tenant {info.tenant} at {_when(info.revoked_at)}")
+
+
+@tenants_app.command("list")
+def tenants_list(as_json: JsonOpt = False) -> None:
+    """List tenants with their limits (empty: no limit)."""
+    from pipeline import tenants
+
+    with _sessions()() as session:
+        rows = [(t.name, t.max_jobs_in_flight, t.max_spend_per_day_usd, t.created_at)
+                for t in tenants.get_all(session)]
+    if as_json:
+        print(json.dumps([{"tenant": n, "max_jobs_in_flight": j, "max_spend_per_day_usd":
+                           f"{s:f}" if s is not None else None, "created_at": _when(c)} for n, j, s, c in rows]))
+        return
+    table = Table()
+    for col in ("tenant", "jobs in flight (max)", "spend per day (max USD)", "created"):
+        table.add_column(col)
+    for n, j, s, c in rows:
+        table.add_row(n, "" if j is None else f"{j:,}", "" if s is None else f"{s:f}", _when(c))
+    console.print(table)
+
+
+def _usd(value: str | None) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        return Decimal(value)
+    except InvalidOperation:
+        raise SwitchyardError(f"--spend-per-day {value!r} is not a number of dollars") from None
+
+
+@tenants_app.command("limits")
+def tenants_limits(
+    name: Annotated[str, typer.Argument(help="The tenant.")],
+    jobs_in_flight: Annotated[int | None, typer.Option(help="Most jobs queued or running at once.")] = None,
+    spend_per_day: Annotated[str | None, typer.Option(help="Most USD of model calls per UTC day.")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove both limits first.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set a tenant's limits, enforced when it submits work (429 with the numbers)."""
+    from pipeline import tenants
+    from pipeline.db import transaction
+
+    with transaction(_sessions()) as session:
+        t = tenants.set_limits(session, name, max_jobs_in_flight=jobs_in_flight,
+                               max_spend_per_day_usd=_usd(spend_per_day), clear=clear)
+        out = {"tenant": t.name, "max_jobs_in_flight": t.max_jobs_in_flight,
+               "max_spend_per_day_usd": f"{t.max_spend_per_day_usd:f}" if t.max_spend_per_day_usd is not None
+               else None}
+    if as_json:
+        print(json.dumps(out))
+        return
+    console.print(f"tenant {out['tenant']}: jobs in flight {out['max_jobs_in_flight'] or 'unlimited'}, "
+                  f"spend per day {out['max_spend_per_day_usd'] or 'unlimited'}")
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes.")] = 1,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Run the HTTP API (OpenAPI document at /docs and /openapi.json)."""
+    import uvicorn
+
+    Settings()  # fail here, in one sentence, on a bad environment
+    uvicorn.run("pipeline.api.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level=log_level, proxy_headers=False)

@@ -1,0 +1,234 @@
+"""Tenants, their API tokens and their limits.
+
+A token is ``sy_<prefix>_<secret>``. Only the SHA-256 of the secret is stored: the secret has 256
+bits of entropy, so a plain hash is as good as a slow one and costs nothing per request. The prefix
+is public (``tokens list`` shows it) and is the lookup key, so checking a token is one index hit
+and one constant-time compare. Verbs take a session and never commit; the caller owns the
+transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from decimal import Decimal
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from pipeline.errors import NotFound, SwitchyardError
+from pipeline.models import TERMINAL, ApiToken, Batch, Job, ModelCall, Tenant, utcnow
+
+TOKEN_RE = re.compile(r"^sy_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
+TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class LimitExceeded(SwitchyardError):
+    """A submission would take a tenant past one of its limits. Says which, and the numbers."""
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class NewToken:
+    id: int
+    tenant: str
+    prefix: str
+    token: str  # shown once, never stored
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: int
+    tenant: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request is from: the tenant a valid token belongs to."""
+
+    tenant_id: int
+    tenant: str
+    token_prefix: str
+
+
+def _sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def check_tenant_name(name: str) -> str:
+    if not TENANT_NAME_RE.match(name):
+        raise SwitchyardError(f"tenant name {name!r} must be 1-100 letters, digits, '.', '_' or '-'")
+    return name
+
+
+def get_by_name(session: Session, name: str) -> Tenant | None:
+    return session.scalar(select(Tenant).where(Tenant.name == name))
+
+
+def get_or_create(session: Session, name: str) -> Tenant:
+    tenant = get_by_name(session, check_tenant_name(name))
+    if tenant is None:
+        tenant = Tenant(name=name, created_at=utcnow())
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def require(session: Session, name: str) -> Tenant:
+    tenant = get_by_name(session, name)
+    if tenant is None:
+        raise NotFound(f"no tenant called {name!r}")
+    return tenant
+
+
+def get_all(session: Session) -> list[Tenant]:
+    return list(session.scalars(select(Tenant).order_by(Tenant.name)))
+
+
+def set_limits(session: Session, name: str, *, max_jobs_in_flight: int | None, max_spend_per_day_usd: Decimal | None,
+               clear: bool = False) -> Tenant:
+    """Set the limits given (None leaves one as it is); ``clear`` first removes both."""
+    tenant = require(session, name)
+    if clear:
+        tenant.max_jobs_in_flight = None
+        tenant.max_spend_per_day_usd = None
+    if max_jobs_in_flight is not None:
+        if max_jobs_in_flight < 0:
+            raise SwitchyardError("--jobs-in-flight must be 0 or more")
+        tenant.max_jobs_in_flight = max_jobs_in_flight
+    if max_spend_per_day_usd is not None:
+        if max_spend_per_day_usd < 0:
+            raise SwitchyardError("--spend-per-day must be 0 or more")
+        tenant.max_spend_per_day_usd = max_spend_per_day_usd
+    session.flush()
+    return tenant
+
+
+# -- tokens ---------------------------------------------------------------------------------------------
+
+
+def create_token(session: Session, tenant_name: str) -> NewToken:
+    """Make a token for the tenant (created if new). The secret is in the result and nowhere else."""
+    tenant = get_or_create(session, tenant_name)
+    prefix = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    row = ApiToken(tenant_id=tenant.id, prefix=prefix, secret_sha256=_sha256(secret), created_at=utcnow())
+    session.add(row)
+    session.flush()
+    return NewToken(id=row.id, tenant=tenant.name, prefix=prefix, token=f"sy_{prefix}_{secret}",
+                    created_at=row.created_at)
+
+
+def list_tokens(session: Session, tenant_name: str | None = None) -> list[TokenInfo]:
+    stmt = select(ApiToken, Tenant.name).join(Tenant, Tenant.id == ApiToken.tenant_id).order_by(ApiToken.id)
+    if tenant_name is not None:
+        stmt = stmt.where(Tenant.id == require(session, tenant_name).id)
+    return [TokenInfo(t.id, name, t.prefix, t.created_at, t.revoked_at) for t, name in session.execute(stmt)]
+
+
+def revoke_token(session: Session, tenant_name: str, prefix: str) -> TokenInfo:
+    """Revoke the tenant's token with this prefix (a whole token is accepted too). Idempotent."""
+    match = TOKEN_RE.match(prefix)
+    if match:
+        prefix = match.group(1)
+    tenant = require(session, tenant_name)
+    row = session.scalar(select(ApiToken).where(ApiToken.tenant_id == tenant.id, ApiToken.prefix == prefix))
+    if row is None:
+        raise NotFound(f"tenant {tenant_name!r} has no token with prefix {prefix!r}")
+    if row.revoked_at is None:
+        session.execute(update(ApiToken).where(ApiToken.id == row.id, ApiToken.revoked_at.is_(None))
+                        .values(revoked_at=utcnow()))
+        session.refresh(row)
+    return TokenInfo(row.id, tenant.name, row.prefix, row.created_at, row.revoked_at)
+
+
+def authenticate(session: Session, token: str) -> Caller | None:
+    """The caller a token stands for, or None if it is malformed, unknown or revoked."""
+    match = TOKEN_RE.match(token)
+    if match is None:
+        return None
+    prefix, secret = match.groups()
+    row = session.execute(
+        select(ApiToken.secret_sha256, ApiToken.revoked_at, Tenant.id, Tenant.name)
+        .join(Tenant, Tenant.id == ApiToken.tenant_id).where(ApiToken.prefix == prefix)
+    ).first()
+    # Hash and compare even when the prefix is unknown, so timing does not tell which prefixes exist.
+    expected = row.secret_sha256 if row is not None else "0" * 64
+    ok = hmac.compare_digest(_sha256(secret), expected)
+    if row is None or not ok or row.revoked_at is not None:
+        return None
+    return Caller(tenant_id=row.id, tenant=row.name, token_prefix=prefix)
+
+
+# -- limits ----------------------------------------------------------------------------------------------
+
+
+def jobs_in_flight(session: Session, tenant_id: int) -> int:
+    """The tenant's jobs accepted and not finished: queued or in a stage."""
+    return session.scalar(
+        select(func.count()).select_from(Job).join(Batch, Batch.id == Job.batch_id)
+        .where(Batch.tenant_id == tenant_id, Job.status.not_in(list(TERMINAL)))
+    ) or 0
+
+
+def day_start(now: datetime) -> datetime:
+    return datetime.combine(now.date(), time(0), tzinfo=now.tzinfo)
+
+
+def spend_today(session: Session, tenant_id: int, *, now: datetime | None = None) -> Decimal:
+    """What the tenant's model calls have cost since 00:00 UTC."""
+    since = day_start(now or utcnow())
+    total = session.scalar(
+        select(func.coalesce(func.sum(ModelCall.cost_usd), 0))
+        .join(Job, Job.id == ModelCall.job_id).join(Batch, Batch.id == Job.batch_id)
+        .where(Batch.tenant_id == tenant_id, ModelCall.started_at >= since)
+    )
+    return Decimal(total or 0)
+
+
+def lock(session: Session, tenant_id: int) -> Tenant:
+    """Lock the tenant's row for the rest of the transaction: a tenant's submissions then check
+    their limits one at a time, so two at once cannot both squeeze under a limit."""
+    tenant = session.scalar(select(Tenant).where(Tenant.id == tenant_id).with_for_update())
+    if tenant is None:
+        raise NotFound(f"tenant {tenant_id} does not exist")
+    return tenant
+
+
+def check_spend(session: Session, tenant: Tenant, *, now: datetime | None = None) -> None:
+    if tenant.max_spend_per_day_usd is None:
+        return
+    now = now or utcnow()
+    spent = spend_today(session, tenant.id, now=now)
+    if spent >= tenant.max_spend_per_day_usd:
+        resume = day_start(now) + timedelta(days=1)
+        raise LimitExceeded(
+            f"tenant {tenant.name!r} has spent ${spent:.4f} today (UTC), at or over its daily spend limit of "
+            f"${tenant.max_spend_per_day_usd:.4f}; submissions are accepted again from {resume:%Y-%m-%d %H:%M} UTC",
+            retry_after_s=max(1, int((resume - now).total_seconds())),
+        )
+
+
+def check_in_flight(session: Session, tenant: Tenant, *, new_jobs: int) -> None:
+    """Called after the new jobs are written, inside the same transaction: they are counted."""
+    if tenant.max_jobs_in_flight is None or new_jobs == 0:
+        return
+    total = jobs_in_flight(session, tenant.id)
+    if total > tenant.max_jobs_in_flight:
+        raise LimitExceeded(
+            f"tenant {tenant.name!r} would have {total:,} jobs in flight with these {new_jobs:,} new ones, over its "
+            f"limit of {tenant.max_jobs_in_flight:,} ({total - new_jobs:,} already queued or running); retry when "
+            f"some have finished",
+            retry_after_s=30,
+        )
