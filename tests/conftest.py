@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
@@ -32,20 +32,35 @@ def _admin_engine() -> Engine:
 
 
 @pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    """A new database, migrated to head with `alembic upgrade head`, dropped at the end."""
-    name = f"sy_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+def fresh_database() -> Iterator[Callable[[str], str]]:
+    """``fresh_database(tag)`` makes a new database, migrated to head with the real migrations, and
+    drops it when the session ends. Tests that leave many jobs queued use one of their own: in a
+    shared database the next dispatcher to run (another module's cluster) would feed those first."""
     admin = _admin_engine()
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = f"{PG_SERVER}/{name}"
-    try:
+    made: list[str] = []
+
+    def make(tag: str) -> str:
+        name = f"sy_{tag}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        made.append(name)
+        url = f"{PG_SERVER}/{name}"
         migrate.upgrade(url)
-        yield url
+        return url
+
+    try:
+        yield make
     finally:
         with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            for name in made:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_url(fresh_database: Callable[[str], str]) -> str:
+    """The database most tests share, migrated to head with `alembic upgrade head`."""
+    return fresh_database("test")
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import re
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,13 +16,11 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
-from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import migrate, tenants
+from pipeline import tenants
 from pipeline.db import make_engine, session_factory, transaction
 from tests.cluster import SWITCHYARD
-from tests.conftest import PG_SERVER
 
 # Never a real key: the tests check that it appears in no log line, answer or row.
 FAKE_API_KEY = "sk-ant-test-DO-NOT-LEAK-3b9f2c7e"
@@ -70,31 +67,6 @@ def server_env(database_url: str, broker_url: str) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
     })
     return env
-
-
-@pytest.fixture(scope="session")
-def fresh_database() -> Iterator[Callable[[str], str]]:
-    """Databases of the API tests' own. Their tests leave queued jobs behind, which the next
-    dispatcher to run on the shared test database (another module's cluster) would feed first."""
-    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
-    made: list[str] = []
-
-    def make(tag: str) -> str:
-        name = f"sy_api_{tag}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        made.append(name)
-        url = f"{PG_SERVER}/{name}"
-        migrate.upgrade(url)
-        return url
-
-    try:
-        yield make
-    finally:
-        with admin.connect() as conn:
-            for name in made:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @contextmanager

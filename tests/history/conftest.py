@@ -6,42 +6,15 @@ drops it when the session ends."""
 from __future__ import annotations
 
 import json
-import os
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import cli, migrate
+from pipeline import cli
 from pipeline.db import make_engine, session_factory
-from tests.conftest import PG_SERVER
-
-
-@pytest.fixture(scope="session")
-def fresh_database() -> Iterator[Callable[[str], str]]:
-    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
-    made: list[str] = []
-
-    def make(tag: str) -> str:
-        name = f"sy_hist_{tag}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        made.append(name)
-        url = f"{PG_SERVER}/{name}"
-        migrate.upgrade(url)
-        return url
-
-    try:
-        yield make
-    finally:
-        with admin.connect() as conn:
-            for name in made:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="module")
