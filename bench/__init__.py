@@ -1,0 +1,10 @@
+"""switchyard's benchmarks: the pipeline's own cost, measured against what a user would run instead.
+
+Each benchmark measures switchyard and its baseline side by side in the same run, on the local
+Postgres, Redis and the fake Claude, and reports ratios: these machines are shared and noisy, and
+an absolute figure means little on them. They are not tests and never run from ``make test``.
+
+    python -m bench                 # all four, full size
+    python -m bench --quick         # all four, each under a minute
+    python -m bench overhead --quick
+"""

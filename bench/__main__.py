@@ -1,0 +1,46 @@
+"""`python -m bench [BENCHMARK ...] [--quick]`: run the benchmarks, print one table, write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from rich.console import Console
+
+from bench import report
+from bench.report import Figure
+
+console = Console()
+
+
+def _benchmarks() -> dict[str, Callable[..., list[Figure]]]:
+    from bench import overhead
+
+    return {"overhead": overhead.run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    benchmarks = _benchmarks()
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("names", nargs="*", choices=[*benchmarks, []], metavar="BENCHMARK",
+                        help=f"which to run (default: all): {', '.join(benchmarks)}")
+    parser.add_argument("--quick", action="store_true", help="the small size: each benchmark under a minute")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    args = parser.parse_args(argv)
+    figures: list[Figure] = []
+    for name in args.names or list(benchmarks):
+        figures += benchmarks[name](quick=args.quick, console=console)
+    if args.json:
+        import json
+
+        print(json.dumps([f.to_json() for f in figures], indent=2, default=str))
+    else:
+        console.print(report.table(figures))
+    report.write_results(figures, args=argv, console=Console(stderr=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

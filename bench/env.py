@@ -1,0 +1,226 @@
+"""The benchmarks' surroundings: a scratch Postgres database, the benchmark Redis database, the fake
+Claude in its own process, and worker processes started the way an operator starts them.
+
+Everything here is real: the same ``switchyard worker`` and ``switchyard dispatcher`` commands, the
+same migrations, the fake over HTTP through the official SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import Engine, create_engine, text
+
+from pipeline import migrate
+
+PG_SERVER = os.environ.get("SWITCHYARD_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+REDIS_SERVER = os.environ.get("SWITCHYARD_BENCH_REDIS", "redis://127.0.0.1:6379")
+# Benchmarks own this Redis database and flush it; tests use their own (SWITCHYARD_TEST_REDIS_DB).
+REDIS_DB = int(os.environ.get("SWITCHYARD_BENCH_REDIS_DB", "7"))
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: `celery -A bench.bare` imports from here
+
+
+def admin_engine() -> Engine:
+    return create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+
+
+@contextmanager
+def scratch_database(prefix: str = "sy_bench", *, migrated: bool = True) -> Iterator[str]:
+    """A new database (migrated to head with the real migrations), dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = admin_engine()
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = f"{PG_SERVER}/{name}"
+    try:
+        if migrated:
+            migrate.upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def broker_url() -> str:
+    """The benchmark Redis database, emptied: a run never sees a previous run's messages."""
+    url = f"{REDIS_SERVER}/{REDIS_DB}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, from /proc (0 once it has exited)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return 0
+    return 0
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.alive:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+
+
+@dataclass
+class Processes:
+    """Processes started for one measurement, each in its own process group, all stopped together."""
+
+    env: dict[str, str]
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sy-bench-")))
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], *, ready: str | None, timeout: float = 60.0,
+              env: dict[str, str] | None = None) -> Proc:
+        log = self.workdir / f"{name}-{len(self.procs)}.log"
+        with log.open("wb") as fh:
+            popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}, cwd=ROOT,
+                                     start_new_session=True)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        if ready:
+            deadline = time.monotonic() + timeout
+            while ready not in log.read_text(errors="replace"):
+                if not proc.alive:
+                    raise RuntimeError(f"{name} exited with {popen.returncode}:\n{proc.tail()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} not ready after {timeout:.0f} s:\n{proc.tail()}")
+                time.sleep(0.05)
+        return proc
+
+    def check(self) -> None:
+        for p in self.procs:
+            if not p.alive:
+                raise RuntimeError(f"{p.name} died with {p.popen.returncode}:\n{p.tail()}")
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.alive:
+                os.killpg(p.popen.pid, signal.SIGTERM)
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs.clear()
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def switchyard_env(*, database_url: str, broker: str, claude_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "SWITCHYARD_"))}
+    env.update({
+        "DATABASE_URL": database_url,
+        "BROKER_URL": broker,
+        "ANTHROPIC_API_KEY": "bench-key",
+        "ANTHROPIC_BASE_URL": claude_url,
+        "SWITCHYARD_CALL_TIMEOUT_S": "120",
+        "SWITCHYARD_DISPATCH_INTERVAL_S": "0.2",
+        "SWITCHYARD_STAGE_DEADLINE_S": "600",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Fake:
+    """The fake Claude in its own process, so its CPU never shares a GIL with what is measured."""
+
+    proc: Proc
+    url: str
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + "/_fake/stats", timeout=10) as r:
+            return json.loads(r.read())  # type: ignore[no-any-return]
+
+    def reset(self) -> None:
+        req = urllib.request.Request(self.url + "/_fake/reset", data=b"{}", method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            r.read()
+
+
+def start_fake(procs: Processes, *, latency_ms: float = 0.0) -> Fake:
+    port = free_port()
+    argv = [sys.executable, "-m", "pipeline.fake_claude", "--port", str(port), "--latency-ms", str(latency_ms)]
+    proc = procs.start("fake-claude", argv, ready="listening on")
+    return Fake(proc, f"http://127.0.0.1:{port}")
+
+
+def switchyard(*args: str) -> list[str]:
+    return [str(BIN / "switchyard"), *args]
+
+
+def start_worker(procs: Processes, tier: str, *, concurrency: int, loglevel: str = "INFO",
+                 env: dict[str, str] | None = None) -> Proc:
+    return procs.start(f"worker-{tier}", switchyard("worker", "--tier", tier, "--concurrency", str(concurrency),
+                                                    "--loglevel", loglevel), ready=" ready.", env=env)
+
+
+def start_dispatcher(procs: Processes, *, env: dict[str, str] | None = None) -> Proc:
+    return procs.start("dispatcher", switchyard("dispatcher"), ready="dispatcher:", env=env)
+
+
+def wait_until(predicate: Any, *, timeout: float, interval: float = 0.1, procs: Processes | None = None,
+               what: str = "condition") -> float:
+    """Poll ``predicate`` until it is true; returns the monotonic time it was first seen true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return time.monotonic()
+        if procs:
+            procs.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached after {timeout:.0f} s")
+        time.sleep(interval)

@@ -1,0 +1,140 @@
+"""Benchmark 1: orchestration overhead, with the fake Claude answering at once.
+
+switchyard: jobs per second from the start of the enqueue until every job of the batch is
+terminal, through the real worker processes (triage, sonnet, opus, validate) and the dispatcher.
+Baseline, in the same run: the bare Celery app of ``bench.bare`` (same broker, same worker
+settings, same pool and concurrency) passing each job through three tasks on three queues, each
+making one row update; timed from inserting the rows until every row has passed the third task.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from celery import Celery
+from rich.console import Console
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from bench import env
+from bench.bare import CREATE, QUEUES, TABLE, make_bare_app
+from bench.jobs import classify_jobs, write_jsonl
+from bench.report import Figure
+from pipeline.db import make_engine, session_factory
+from pipeline.enqueue import enqueue_file
+from pipeline.models import Job, JobStatus
+from pipeline.report import terminal_count
+from pipeline.settings import Settings
+
+NAME = "overhead"
+WARMUP = 50
+TIERS = ("triage", "sonnet", "opus", "validate")
+
+
+@dataclass
+class Run:
+    jobs: int
+    seconds: float
+    ok: int
+
+    @property
+    def rate(self) -> float:
+        return self.jobs / self.seconds
+
+
+def _switchyard_batch(sessions: sessionmaker[Session], settings: Settings, path: Path, batch: str,
+                      procs: env.Processes, timeout: float) -> Run:
+    n = sum(1 for _ in path.open())
+    t0 = time.monotonic()
+    report = enqueue_file(sessions, path, batch=batch, config=settings.models)
+    assert report.batch_id is not None and report.accepted == n, report
+
+    def done() -> bool:
+        with sessions() as s:
+            finished, _ = terminal_count(s, batch_id=report.batch_id)  # type: ignore[arg-type]
+        return finished == n
+
+    t1 = env.wait_until(done, timeout=timeout, interval=0.05, procs=procs, what=f"switchyard batch {batch}")
+    with sessions() as s:
+        ok = s.scalar(select(func.count()).where(Job.batch_id == report.batch_id,
+                                                 Job.status == JobStatus.SUCCEEDED)) or 0
+    return Run(n, t1 - t0, ok)
+
+
+def measure_switchyard(database_url: str, broker: str, fake: env.Fake, workdir: Path, *, n: int,
+                       concurrency: int, console: Console) -> Run:
+    settings = Settings(DATABASE_URL=database_url, BROKER_URL=broker)
+    sessions = session_factory(make_engine(database_url, pool_size=2))
+    e = env.switchyard_env(database_url=database_url, broker=broker, claude_url=fake.url)
+    with env.Processes(e, workdir=workdir) as procs:
+        for tier in TIERS:
+            env.start_worker(procs, tier, concurrency=concurrency)
+        env.start_dispatcher(procs)
+        _switchyard_batch(sessions, settings, write_jsonl(workdir / "warm.jsonl", classify_jobs(WARMUP, prefix="w")),
+                          "overhead-warmup", procs, timeout=120)
+        path = write_jsonl(workdir / "jobs.jsonl", classify_jobs(n))
+        console.print(f"  switchyard: {n:,} jobs through {len(TIERS)} workers (concurrency {concurrency}) ...")
+        return _switchyard_batch(sessions, settings, path, f"overhead-{time.time_ns()}", procs, timeout=60 + n / 5)
+
+
+def _bare_batch(database_url: str, bare_app: Celery, first_id: int, n: int, procs: env.Processes,
+                timeout: float) -> Run:
+    engine = make_engine(database_url, pool_size=2)
+    ids = list(range(first_id, first_id + n))
+    t0 = time.monotonic()
+    with engine.begin() as conn:
+        conn.execute(text(f"INSERT INTO {TABLE} (id) SELECT * FROM unnest(CAST(:ids AS bigint[]))"), {"ids": ids})
+    with bare_app.producer_or_acquire() as producer:
+        for i in ids:
+            bare_app.send_task("bare.step", args=[i, 1], queue=QUEUES[0], producer=producer)
+
+    def done() -> bool:
+        with engine.connect() as conn:
+            return conn.scalar(text(f"SELECT count(*) FROM {TABLE} WHERE id >= :a AND id < :b AND step = 3"),
+                               {"a": first_id, "b": first_id + n}) == n
+
+    t1 = env.wait_until(done, timeout=timeout, interval=0.05, procs=procs, what="bare batch")
+    engine.dispose()
+    return Run(n, t1 - t0, n)
+
+
+def measure_bare(database_url: str, broker: str, workdir: Path, *, n: int, concurrency: int,
+                 console: Console) -> Run:
+    publisher = make_bare_app(Settings(BROKER_URL=broker, DATABASE_URL=database_url))
+    engine = make_engine(database_url, pool_size=1)
+    with engine.begin() as conn:
+        conn.execute(text(CREATE))
+    engine.dispose()
+    e = env.switchyard_env(database_url=database_url, broker=broker, claude_url="http://127.0.0.1:9",
+                           BARE_CONCURRENCY=str(concurrency))
+    with env.Processes(e, workdir=workdir) as procs:
+        for q in QUEUES:
+            procs.start(f"bare-{q}", [sys.executable, "-m", "celery", "-A", "bench.bare", "worker", "-Q", q,
+                                      "-P", "threads", "-c", str(concurrency), "-n", f"{q}@%h", "-l", "INFO",
+                                      "--without-mingle", "--without-gossip"], ready=" ready.")
+        _bare_batch(database_url, publisher, 1, WARMUP, procs, timeout=120)
+        console.print(f"  bare Celery: {n:,} jobs through {len(QUEUES)} workers (concurrency {concurrency}) ...")
+        return _bare_batch(database_url, publisher, 1_000_000 + time.time_ns() % 1_000_000 * 10_000, n, procs,
+                           timeout=60 + n / 5)
+
+
+def run(*, quick: bool, console: Console, jobs: int | None = None, concurrency: int = 16) -> list[Figure]:
+    n = jobs or (1000 if quick else 5000)
+    console.print(f"[bold]overhead[/]: {n:,} classify jobs, fake Claude at zero latency")
+    broker = env.broker_url()
+    with env.scratch_database() as db, env.Processes(env.switchyard_env(database_url=db, broker=broker,
+                                                                        claude_url="")) as procs:
+        fake = env.start_fake(procs, latency_ms=0)
+        bare = measure_bare(db, broker, procs.workdir, n=n, concurrency=concurrency, console=console)
+        console.print(f"  bare Celery: {bare.rate:.1f} jobs/s ({bare.seconds:.1f} s)")
+        env.broker_url()  # empty the broker between the two
+        sy = measure_switchyard(db, broker, fake, procs.workdir, n=n, concurrency=concurrency, console=console)
+    note = "" if sy.ok == sy.jobs else f"only {sy.ok}/{sy.jobs} succeeded"
+    console.print(f"  switchyard: {sy.rate:.1f} jobs/s ({sy.seconds:.1f} s) {note}")
+    return [Figure(NAME, f"jobs/s, {n:,} jobs enqueue→terminal", sy.rate, "jobs/s", baseline=bare.rate,
+                   baseline_name="bare Celery", target=0.8, note=note,
+                   extra={"jobs": n, "concurrency": concurrency, "switchyard_s": sy.seconds, "bare_s": bare.seconds,
+                          "succeeded": sy.ok})]
