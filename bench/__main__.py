@@ -27,11 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", choices=[*benchmarks, []], metavar="BENCHMARK",
                         help=f"which to run (default: all): {', '.join(benchmarks)}")
     parser.add_argument("--quick", action="store_true", help="the small size: each benchmark under a minute")
+    parser.add_argument("--profile", action="store_true",
+                        help="attach py-spy to the processes measured (bench/results/profiles/)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     args = parser.parse_args(argv)
     figures: list[Figure] = []
     for name in args.names or list(benchmarks):
-        figures += benchmarks[name](quick=args.quick, console=console)
+        figures += benchmarks[name](quick=args.quick, console=console, profile=args.profile)
     if args.json:
         import json
 

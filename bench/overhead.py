@@ -9,9 +9,10 @@ making one row update; timed from inserting the rows until every row has passed 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from celery import Celery
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from bench import env
 from bench.bare import CREATE, QUEUES, TABLE, make_bare_app
 from bench.jobs import classify_jobs, write_jsonl
+from bench.profile import CpuMeter, Recorder, postgres_pids
 from bench.report import Figure
 from pipeline.db import make_engine, session_factory
 from pipeline.enqueue import enqueue_file
@@ -39,6 +41,7 @@ class Run:
     jobs: int
     seconds: float
     ok: int
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process, during the batch
 
     @property
     def rate(self) -> float:
@@ -64,8 +67,18 @@ def _switchyard_batch(sessions: sessionmaker[Session], settings: Settings, path:
     return Run(n, t1 - t0, ok)
 
 
+def _meter(procs: env.Processes, database_url: str, extra: list[env.Proc]) -> CpuMeter:
+    meter = CpuMeter()
+    for p in [*procs.procs, *extra]:
+        meter.add(p.name, lambda pid=p.pid: [pid])
+    engine = make_engine(database_url, pool_size=1)
+    meter.add("postgres", lambda: postgres_pids(engine, engine.url.database or ""))
+    meter.add("bench (enqueue, publish, poll)", lambda: [os.getpid()])
+    return meter
+
+
 def measure_switchyard(database_url: str, broker: str, fake: env.Fake, workdir: Path, *, n: int,
-                       concurrency: int, console: Console) -> Run:
+                       concurrency: int, console: Console, profile: bool = False) -> Run:
     settings = Settings(DATABASE_URL=database_url, BROKER_URL=broker)
     sessions = session_factory(make_engine(database_url, pool_size=2))
     e = env.switchyard_env(database_url=database_url, broker=broker, claude_url=fake.url)
@@ -77,7 +90,14 @@ def measure_switchyard(database_url: str, broker: str, fake: env.Fake, workdir: 
                           "overhead-warmup", procs, timeout=120)
         path = write_jsonl(workdir / "jobs.jsonl", classify_jobs(n))
         console.print(f"  switchyard: {n:,} jobs through {len(TIERS)} workers (concurrency {concurrency}) ...")
-        return _switchyard_batch(sessions, settings, path, f"overhead-{time.time_ns()}", procs, timeout=60 + n / 5)
+        meter = _meter(procs, database_url, [fake.proc])
+        recorder = _recorder("switchyard", procs) if profile else None
+        meter.start()
+        run = _switchyard_batch(sessions, settings, path, f"overhead-{time.time_ns()}", procs, timeout=60 + n / 5)
+        run.cpu = meter.stop()
+        if recorder:
+            recorder.stop()
+        return run
 
 
 def _bare_batch(database_url: str, bare_app: Celery, first_id: int, n: int, procs: env.Processes,
@@ -101,8 +121,17 @@ def _bare_batch(database_url: str, bare_app: Celery, first_id: int, n: int, proc
     return Run(n, t1 - t0, n)
 
 
+def _recorder(label: str, procs: env.Processes) -> Recorder:
+    recorder = Recorder(f"overhead-{label}")
+    for p in procs.procs:
+        if p.name != "fake-claude":
+            recorder.attach(p)
+    time.sleep(1)  # py-spy takes a moment to attach
+    return recorder
+
+
 def measure_bare(database_url: str, broker: str, workdir: Path, *, n: int, concurrency: int,
-                 console: Console) -> Run:
+                 console: Console, profile: bool = False) -> Run:
     publisher = make_bare_app(Settings(BROKER_URL=broker, DATABASE_URL=database_url))
     engine = make_engine(database_url, pool_size=1)
     with engine.begin() as conn:
@@ -117,24 +146,39 @@ def measure_bare(database_url: str, broker: str, workdir: Path, *, n: int, concu
                                       "--without-mingle", "--without-gossip"], ready=" ready.")
         _bare_batch(database_url, publisher, 1, WARMUP, procs, timeout=120)
         console.print(f"  bare Celery: {n:,} jobs through {len(QUEUES)} workers (concurrency {concurrency}) ...")
-        return _bare_batch(database_url, publisher, 1_000_000 + time.time_ns() % 1_000_000 * 10_000, n, procs,
-                           timeout=60 + n / 5)
+        meter = _meter(procs, database_url, [])
+        recorder = _recorder("bare", procs) if profile else None
+        meter.start()
+        run = _bare_batch(database_url, publisher, 1_000_000, n, procs, timeout=60 + n / 5)
+        run.cpu = meter.stop()
+        if recorder:
+            recorder.stop()
+        return run
 
 
-def run(*, quick: bool, console: Console, jobs: int | None = None, concurrency: int = 16) -> list[Figure]:
+def _cpu_line(run: Run) -> str:
+    per_job = {k: 1000 * v / run.jobs for k, v in sorted(run.cpu.items(), key=lambda kv: -kv[1]) if v}
+    return ", ".join(f"{k} {v:.1f}" for k, v in per_job.items())
+
+
+def run(*, quick: bool, console: Console, jobs: int | None = None, concurrency: int = 16,
+        profile: bool = False) -> list[Figure]:
     n = jobs or (1000 if quick else 5000)
     console.print(f"[bold]overhead[/]: {n:,} classify jobs, fake Claude at zero latency")
     broker = env.broker_url()
     with env.scratch_database() as db, env.Processes(env.switchyard_env(database_url=db, broker=broker,
                                                                         claude_url="")) as procs:
         fake = env.start_fake(procs, latency_ms=0)
-        bare = measure_bare(db, broker, procs.workdir, n=n, concurrency=concurrency, console=console)
-        console.print(f"  bare Celery: {bare.rate:.1f} jobs/s ({bare.seconds:.1f} s)")
+        bare = measure_bare(db, broker, procs.workdir, n=n, concurrency=concurrency, console=console,
+                            profile=profile)
+        console.print(f"  bare Celery: {bare.rate:.1f} jobs/s ({bare.seconds:.1f} s); CPU ms per job: "
+                      f"{_cpu_line(bare)}")
         env.broker_url()  # empty the broker between the two
-        sy = measure_switchyard(db, broker, fake, procs.workdir, n=n, concurrency=concurrency, console=console)
+        sy = measure_switchyard(db, broker, fake, procs.workdir, n=n, concurrency=concurrency, console=console,
+                                profile=profile)
     note = "" if sy.ok == sy.jobs else f"only {sy.ok}/{sy.jobs} succeeded"
-    console.print(f"  switchyard: {sy.rate:.1f} jobs/s ({sy.seconds:.1f} s) {note}")
+    console.print(f"  switchyard: {sy.rate:.1f} jobs/s ({sy.seconds:.1f} s) {note}; CPU ms per job: {_cpu_line(sy)}")
     return [Figure(NAME, f"jobs/s, {n:,} jobs enqueue→terminal", sy.rate, "jobs/s", baseline=bare.rate,
                    baseline_name="bare Celery", target=0.8, note=note,
                    extra={"jobs": n, "concurrency": concurrency, "switchyard_s": sy.seconds, "bare_s": bare.seconds,
-                          "succeeded": sy.ok})]
+                          "succeeded": sy.ok, "cpu_s_switchyard": sy.cpu, "cpu_s_bare": bare.cpu})]
