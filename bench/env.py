@@ -124,8 +124,8 @@ class Processes:
               env: dict[str, str] | None = None) -> Proc:
         log = self.workdir / f"{name}-{len(self.procs)}.log"
         with log.open("wb") as fh:
-            popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}, cwd=ROOT,
-                                     start_new_session=True)
+            popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
+                                     cwd=ROOT, start_new_session=True)
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         if ready:

@@ -125,4 +125,4 @@ def summarise(path: Path, *, top: int = 25, match: str = "") -> str:
 
 if __name__ == "__main__":
     for arg in sys.argv[1:]:
-        print(summarise(Path(arg), match="" if len(sys.argv) < 3 else ""))
+        print(summarise(Path(arg)))

@@ -33,7 +33,7 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+def make_engine(url: str, *, pool_size: int = 10, pre_ping: bool = True) -> Engine:
     url = normalise_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -52,12 +52,13 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
 
         return engine
     # pool_pre_ping: a worker outlives Postgres restarts; a dead pooled connection is replaced
-    # before use instead of failing the task that drew it.
+    # before use instead of failing the task that drew it. It costs a round trip per checkout, so
+    # callers that retry a failed unit of work themselves (Pipeline.run) turn it off.
     return create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_recycle=1800,
     )
 

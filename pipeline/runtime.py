@@ -29,7 +29,10 @@ def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLi
         raise ConfigError("ANTHROPIC_API_KEY is not set (for the fake Claude, any value will do)")
     if limiter is None:
         limiter = build_limiter(settings, on_wait=on_wait)
-    engine = make_engine(settings.database_url, pool_size=min(max(concurrency // 4, 4), 16))
+    # No pre-ping: Pipeline.run retries a unit of work that fails on a dead connection (SQLAlchemy
+    # then discards the pool's other stale connections), so the ping per checkout (two per stage)
+    # bought nothing the retry does not already give.
+    engine = make_engine(settings.database_url, pool_size=min(max(concurrency // 4, 4), 16), pre_ping=False)
     client: ModelClient = ClaudeClient(
         api_key=settings.api_key,
         base_url=settings.anthropic_base_url,

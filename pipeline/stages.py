@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -67,9 +67,10 @@ class Pipeline:
     def run(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in one transaction, retrying if the database connection drops.
 
-        A Postgres restart must not lose a model call that already cost money: the connection
-        pool's pre-ping replaces dead connections, and this retries the unit of work until the
-        server is back (bounded by ``db_retry_s``)."""
+        A Postgres restart must not lose a model call that already cost money: a dead pooled
+        connection fails the unit of work (SQLAlchemy then discards it and the pool's other stale
+        connections), and this retries it until the server is back (bounded by ``db_retry_s``).
+        That is also why the pipeline's engine has no pre-ping (runtime.build_pipeline)."""
         delay, waited = 0.2, 0.0
         while True:
             try:
@@ -98,13 +99,22 @@ def handoff_for(job_id: int, status: JobStatus, tier: str | None) -> Handoff | N
 # -- recording calls ---------------------------------------------------------------------------
 
 
+# The hot path writes through Core on the tables, not ORM objects and a unit-of-work flush: the
+# rows are write-only here, and the ORM's bookkeeping cost more CPU than the SQL (see bench/).
+_JOBS, _CALLS = cast(Table, Job.__table__), cast(Table, ModelCall.__table__)
+_DECISIONS, _VERDICTS = cast(Table, RoutingDecision.__table__), cast(Table, ValidationVerdict.__table__)
+
+
+# ...and statements built once, executed with bound parameters.
+_INSERT_CALL = insert(_CALLS).returning(_CALLS.c.id)
+_UPDATE_CALL = update(_CALLS).where(_CALLS.c.id == bindparam("b_call_id"))
+
+
 def _start_call(session: Session, p: Pipeline, claim: Claim, *, stage: Stage, tier: str) -> int:
     """Write the call's row before making it, so a call whose worker dies is still on record."""
-    row = ModelCall(job_id=claim.id, stage=stage, tier=tier, model=p.models.tier(tier).model,
-                    attempt=1, outcome="started", delivery=claim.deliveries)
-    session.add(row)
-    session.flush()
-    return row.id
+    return session.execute(_INSERT_CALL, {  # type: ignore[no-any-return]
+        "job_id": claim.id, "stage": stage, "tier": tier, "model": p.models.tier(tier).model, "attempt": 1,
+        "outcome": "started", "delivery": claim.deliveries, "started_at": utcnow()}).scalar_one()
 
 
 def _cost(p: Pipeline, tier: str, attempt: Attempt) -> Decimal:
@@ -137,11 +147,10 @@ def _record_attempts(
             finished_at=a.finished_at,
         )
         if a.number == 1:
-            session.execute(update(ModelCall).where(ModelCall.id == call_id).values(**values)
-                            .execution_options(synchronize_session=False))
+            session.execute(_UPDATE_CALL, {"b_call_id": call_id, **values})
         else:
-            session.add(ModelCall(job_id=claim.id, stage=stage, tier=tier, model=tier_cfg.model,
-                                  delivery=claim.deliveries, **values))
+            session.execute(insert(_CALLS), {"job_id": claim.id, "stage": stage, "tier": tier, "model": tier_cfg.model,
+                                             "delivery": claim.deliveries, **values})
 
 
 def _applied_before(session: Session, call_id: int | None) -> bool:
@@ -159,8 +168,7 @@ def _applied_before(session: Session, call_id: int | None) -> bool:
 
 def _add_cost(session: Session, job_id: int, cost: Decimal) -> None:
     if cost:
-        session.execute(update(Job).where(Job.id == job_id).values(cost_usd=Job.cost_usd + cost)
-                        .execution_options(synchronize_session=False))
+        session.execute(update(_JOBS).where(_JOBS.c.id == job_id).values(cost_usd=_JOBS.c.cost_usd + cost))
 
 
 # -- the stage skeleton --------------------------------------------------------------------------
@@ -280,15 +288,15 @@ def triage(p: Pipeline, job_id: int) -> Handoff | None:
         cost = _total_cost(p, tier, result.attempts)
         moved = transition(session, job_id, frm=JobStatus.TRIAGING, version=claim.version,
                            to=JobStatus.WORKING, detail=f"triage: {verdict.difficulty} -> {target}",
-                           difficulty=verdict.difficulty, tier=target, attempt=1,
-                           cost_usd=Job.cost_usd + cost)
+                           difficulty=verdict.difficulty, tier=target, attempt=1, add={"cost_usd": cost})
         _record_attempts(session, p, call_id=call_id, claim=claim, stage=Stage.TRIAGE, tier=tier,
                          attempts=result.attempts, applied=moved)
         if not moved:
             _add_cost(session, job_id, cost)
             return None
-        session.add(RoutingDecision(job_id=job_id, reason_kind="triage", verdict=verdict.difficulty,
-                                    confidence=verdict.confidence, reason=verdict.reason, to_tier=target))
+        session.execute(insert(_DECISIONS), {
+            "job_id": job_id, "reason_kind": "triage", "verdict": verdict.difficulty, "confidence": verdict.confidence,
+            "reason": verdict.reason, "to_tier": target, "created_at": utcnow()})
         return Handoff(WORK, job_id, target)
 
     return p.run(do)
@@ -319,8 +327,7 @@ def work(p: Pipeline, job_id: int) -> Handoff | None:
         cost = _total_cost(p, tier, result.attempts)
         moved = transition(session, job_id, frm=JobStatus.WORKING, version=claim.version,
                            to=JobStatus.VALIDATING, detail=f"{tier} attempt {claim.attempt} answered",
-                           candidate=result.text, candidate_stop=result.stop_reason,
-                           cost_usd=Job.cost_usd + cost)
+                           candidate=result.text, candidate_stop=result.stop_reason, add={"cost_usd": cost})
         _record_attempts(session, p, call_id=call_id, claim=claim, stage=Stage.WORK, tier=tier,
                          attempts=result.attempts, applied=moved)
         if not moved:
@@ -374,12 +381,13 @@ def _apply_verdict(session: Session, p: Pipeline, claim: Claim, call_id: int | N
     checker = p.models.format_check_tier
     cost = _total_cost(p, checker, result.attempts) if result is not None else Decimal(0)
     replay = _applied_before(session, call_id)
+    added: dict[str, Any] = {"cost_usd": cost}
 
     def move(to: JobStatus, detail: str, **values: Any) -> bool:
         if replay:
             return False
         return transition(session, claim.id, frm=JobStatus.VALIDATING, version=claim.version, to=to,
-                          detail=detail, cost_usd=Job.cost_usd + cost, **values)
+                          detail=detail, add=added, **values)
 
     handoff: Handoff | None = None
     if verdict.ok:
@@ -392,13 +400,15 @@ def _apply_verdict(session: Session, p: Pipeline, claim: Claim, call_id: int | N
                          error=f"validation failed at {tier} after {claim.attempt} attempt(s): {reasons}")
         else:
             assert step.tier is not None
-            extra = {"escalations": Job.escalations + 1} if step.action == "escalate" else {}
+            if step.action == "escalate":
+                added["escalations"] = 1
             moved = move(JobStatus.WORKING, f"validation failed; {step.action} -> {step.tier}",
-                         tier=step.tier, attempt=step.attempt, feedback=reasons, **extra)
+                         tier=step.tier, attempt=step.attempt, feedback=reasons)
             if moved:
                 kind = "escalation" if step.action == "escalate" else "retry"
-                session.add(RoutingDecision(job_id=claim.id, reason_kind=kind, from_tier=tier,
-                                            to_tier=step.tier, reason=reasons[:2000]))
+                session.execute(insert(_DECISIONS), {"job_id": claim.id, "reason_kind": kind, "from_tier": tier,
+                                                     "to_tier": step.tier, "reason": reasons[:2000],
+                                                     "created_at": utcnow()})
             handoff = Handoff(WORK, claim.id, step.tier)
     if replay:
         return handoff
@@ -408,7 +418,8 @@ def _apply_verdict(session: Session, p: Pipeline, claim: Claim, call_id: int | N
     if not moved:
         _add_cost(session, claim.id, cost)
         return None
-    session.add(ValidationVerdict(job_id=claim.id, tier=tier, attempt=claim.attempt, validator=verdict.validator,
-                                  ok=verdict.ok, problems=verdict.problems))
+    session.execute(insert(_VERDICTS), {"job_id": claim.id, "tier": tier, "attempt": claim.attempt,
+                                        "validator": verdict.validator, "ok": verdict.ok, "problems": verdict.problems,
+                                        "created_at": utcnow()})
     return handoff
 

@@ -12,13 +12,15 @@ successful transition also writes a ``job_events`` row with its timestamp.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import timedelta
+from typing import Any, cast
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import Table, bindparam, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import ClauseElement
 
 from pipeline.models import TERMINAL, Job, JobEvent, JobStatus, utcnow
 
@@ -45,7 +47,16 @@ def check(frm: JobStatus, to: JobStatus) -> None:
         raise IllegalTransition(f"a job cannot go from {frm.value} to {to.value}")
 
 
-def _entry_values(to: JobStatus, now: datetime) -> dict[str, Any]:
+_JOBS, _EVENTS = cast(Table, Job.__table__), cast(Table, JobEvent.__table__)
+
+
+def _column(key: str) -> str:
+    """An ORM attribute name (``meta``) as the table's column name (``metadata``), for Core."""
+    attr = Job.__mapper__.attrs.get(key)
+    return attr.columns[0].name if attr is not None else key  # type: ignore[attr-defined,no-any-return]
+
+
+def _entry_values(to: JobStatus, now: Any) -> dict[str, Any]:
     # A new stage starts unclaimed: no worker holds it until one begins it.
     values: dict[str, Any] = {"status": to, "version": Job.version + 1, "updated_at": now,
                               "deliveries": 0, "claimed_at": None}
@@ -64,21 +75,56 @@ def transition(
     version: int,
     to: JobStatus,
     detail: str | None = None,
+    add: Mapping[str, Any] | None = None,
     **values: Any,
 ) -> bool:
-    """Move one job if it is still at ``frm``/``version``. True if this call moved it."""
+    """Move one job if it is still at ``frm``/``version``. True if this call moved it.
+
+    ``values`` are columns to set; ``add`` columns to increase by an amount (``cost_usd``)."""
     check(frm, to)
-    now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == frm, Job.version == version)
-        .values(**_entry_values(to, now), **values)
-        .execution_options(synchronize_session=False)
+    add = add or {}
+    if any(isinstance(v, ClauseElement) for v in values.values()):
+        # A SQL expression as a value (Job.cost_usd + x): build the statement for this call alone.
+        stmt = _transition_statement(frm, to, (), tuple(add), expressions=values)
+        params = {}
+    else:
+        stmt = _cached_transition_statement(frm, to, tuple(sorted(values)), tuple(sorted(add)))
+        params = {f"v_{k}": v for k, v in values.items()}
+    params.update({f"a_{k}": v for k, v in add.items()})
+    params.update(b_id=job_id, b_version=version, b_now=utcnow(), b_detail=detail)
+    return session.execute(stmt, params).first() is not None
+
+
+def _transition_statement(frm: JobStatus, to: JobStatus, keys: tuple[str, ...], adds: tuple[str, ...], *,
+                          expressions: Mapping[str, Any] | None = None) -> Any:
+    """One statement: the conditional UPDATE, and the job_events row inserted from what it RETURNs,
+    so the event exists exactly when the job moved.
+
+    Why not ORM update() then session.add(JobEvent): this runs on every hop of every job, and
+    building statements cost more CPU than Postgres spent running them (bench/). So: one round
+    trip, Core on the tables, and for the usual call shapes a statement built once and executed
+    with bound parameters (``_cached_transition_statement``)."""
+    now = bindparam("b_now", type_=_EVENTS.c.at.type)
+    sets = {**_entry_values(to, now), **{k: bindparam(f"v_{k}") for k in keys}, **(expressions or {})}
+    sets.update({k: getattr(Job, k) + bindparam(f"a_{k}") for k in adds})
+    moved = (
+        update(_JOBS)
+        .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.status == frm, _JOBS.c.version == bindparam("b_version"))
+        .values({_column(k): v for k, v in sets.items()})
+        .returning(_JOBS.c.id)
+        .cte("moved")
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return False
-    session.add(JobEvent(job_id=job_id, from_status=frm, to_status=to, at=now, detail=detail))
-    return True
+    return insert(_EVENTS).from_select(
+        ["job_id", "from_status", "to_status", "at", "detail"],
+        select(moved.c.id, literal(frm, _EVENTS.c.from_status.type), literal(to, _EVENTS.c.to_status.type), now,
+               bindparam("b_detail", type_=_EVENTS.c.detail.type)),
+    ).returning(_EVENTS.c.job_id)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_transition_statement(frm: JobStatus, to: JobStatus, keys: tuple[str, ...],
+                                 adds: tuple[str, ...]) -> Any:
+    return _transition_statement(frm, to, keys, adds)
 
 
 @dataclass(frozen=True)
@@ -134,6 +180,18 @@ class Claim:
     candidate_stop: str | None
 
 
+# Built once, run with bound parameters, on the table rather than the ORM entity: every stage of
+# every job begins here, and building the statement each time cost more CPU than running it.
+_BEGIN_STAGE = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.status == bindparam("b_status"),
+           or_(_JOBS.c.claimed_at.is_(None), _JOBS.c.claimed_at < bindparam("b_stale")))
+    .values(deliveries=_JOBS.c.deliveries + 1, claimed_at=bindparam("b_now"))
+    .returning(_JOBS.c.id, _JOBS.c.version, _JOBS.c.deliveries, _JOBS.c.kind, _JOBS.c.payload, _JOBS.c.tier,
+               _JOBS.c.attempt, _JOBS.c.feedback, _JOBS.c.candidate, _JOBS.c.candidate_stop)
+)
+
+
 def begin_stage(session: Session, job_id: int, *, status: JobStatus, claim_deadline_s: float) -> Claim | None:
     """Claim the job for the stage that is starting, if it is in that stage and no live worker
     holds it.
@@ -145,15 +203,8 @@ def begin_stage(session: Session, job_id: int, *, status: JobStatus, claim_deadl
     delivery, failing a healthy job as poison. The delivery count is raised only by real claims,
     so it counts the workers that began this stage and died (or stalled) on it."""
     now = utcnow()
-    row = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == status,
-               or_(Job.claimed_at.is_(None), Job.claimed_at < now - timedelta(seconds=claim_deadline_s)))
-        .values(deliveries=Job.deliveries + 1, claimed_at=now)
-        .returning(Job.id, Job.version, Job.deliveries, Job.kind, Job.payload, Job.tier, Job.attempt,
-                   Job.feedback, Job.candidate, Job.candidate_stop)
-        .execution_options(synchronize_session=False)
-    ).first()
+    row = session.execute(_BEGIN_STAGE, {"b_id": job_id, "b_status": status, "b_now": now,
+                                         "b_stale": now - timedelta(seconds=claim_deadline_s)}).first()
     if row is None:
         return None
     return Claim(*row)

@@ -1,0 +1,45 @@
+"""The pipeline's engine has no pre-ping (it cost a round trip per transaction): a unit of work
+that draws a connection Postgres has dropped must be retried by Pipeline.run, not fail the stage."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from pipeline.claude import ClaudeClient
+from pipeline.config import ModelConfig
+from pipeline.db import make_engine, session_factory
+from pipeline.fake_claude import FakeClaude
+from pipeline.models import Batch
+from pipeline.stages import Pipeline
+
+
+@pytest.fixture
+def pipeline(database_url: str, fake_claude: FakeClaude, models: ModelConfig) -> Iterator[Pipeline]:
+    engine = make_engine(database_url, pool_size=2, pre_ping=False)
+    client = ClaudeClient(api_key="test", base_url=fake_claude.base_url, attempts=1)
+    yield Pipeline(sessions=session_factory(engine), client=client, models=models)
+    client.close()
+    engine.dispose()
+
+
+def test_a_connection_killed_in_the_pool_is_replaced_by_the_retry(pipeline: Pipeline, database_url: str) -> None:
+    pids = [pipeline.run(lambda s: s.scalar(text("SELECT pg_backend_pid()"))) for _ in range(2)]
+    admin = make_engine(database_url, pool_size=1)
+    with admin.begin() as conn:  # what a Postgres restart does to every pooled connection
+        for pid in set(pids):
+            assert conn.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    admin.dispose()
+
+    def write(session: Session) -> int:
+        session.add(Batch(name="after-the-kill"))
+        session.flush()
+        return int(session.scalar(text("SELECT pg_backend_pid()")))
+
+    new_pid = pipeline.run(write)
+    assert new_pid not in pids
+    with pipeline.sessions() as s:
+        assert s.scalar(select(Batch.id).where(Batch.name == "after-the-kill")) is not None
