@@ -11,13 +11,14 @@ from rich.console import Console
 from bench import report
 from bench.report import Figure
 
-console = Console()
+# Wide enough for the table when the output is not a terminal (make bench | tee ...).
+console = Console(width=150)
 
 
 def _benchmarks() -> dict[str, Callable[..., list[Figure]]]:
-    from bench import overhead
+    from bench import enqueue, inflight, overhead
 
-    return {"overhead": overhead.run}
+    return {"overhead": overhead.run, "inflight": inflight.run, "enqueue": enqueue.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,96 @@
+"""Benchmark 3: enqueue speed. A JSON Lines file of 200,000 jobs, timed until it is durable in
+Postgres (``enqueue_file`` returns after its last commit), against COPY of the same rows into a
+bare table (no index, no constraint) — the fastest way Postgres takes rows in. Both in this
+process, both reading and parsing the same file."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import psycopg
+from rich.console import Console
+from sqlalchemy import text
+
+from bench import env
+from bench.report import Figure
+from pipeline.db import make_engine, session_factory
+from pipeline.enqueue import enqueue_file
+from pipeline.settings import Settings
+
+NAME = "enqueue"
+LABELS = ["billing", "bug", "account", "other"]
+SCHEMA = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
+
+
+def write_file(path: Path, n: int) -> Path:
+    """A realistic mix of the four kinds, a few pinned, some with metadata."""
+    with path.open("w") as fh:
+        for i in range(n):
+            kind = ("classify", "extract", "draft", "generate")[i % 4]
+            job: dict = {"key": f"k-{i}", "kind": kind}
+            if kind == "classify":
+                job |= {"text": f"Ticket {i}: I was charged twice for my plan this month.", "labels": LABELS}
+            elif kind == "extract":
+                job |= {"text": f"Receipt {i} for Dana Smith, 42.50 paid.", "schema": SCHEMA}
+            elif kind == "draft":
+                job |= {"instructions": f"Reply to ticket {i} with an apology.", "context": "Order late by 3 days."}
+            else:
+                job |= {"prompt": f"Summarise item {i} in two lines."}
+            if i % 10 == 0:
+                job["metadata"] = {"customer": f"c-{i % 997}", "priority": i % 3}
+            if i % 25 == 0:
+                job["tier"] = "sonnet"
+            fh.write(json.dumps(job) + "\n")
+    return path
+
+
+BARE = """CREATE TABLE IF NOT EXISTS bench_copy (batch_id bigint, key text, kind text, payload jsonb, metadata jsonb,
+                                                pinned_tier text)"""
+_NOT_PAYLOAD = {"key", "kind", "tier", "metadata"}
+
+
+def copy_baseline(dsn: str, path: Path) -> float:
+    """COPY the same rows into a bare table: read, parse, and stream them through the driver."""
+    t0 = time.monotonic()
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur, path.open("rb") as fh:
+        with cur.copy("COPY bench_copy (batch_id, key, kind, payload, metadata, pinned_tier) FROM STDIN") as copy:
+            for line in fh:
+                job = json.loads(line)
+                payload = {k: v for k, v in job.items() if k not in _NOT_PAYLOAD}
+                meta = job.get("metadata")
+                copy.write_row((1, job.get("key"), job["kind"], json.dumps(payload),
+                                json.dumps(meta) if meta is not None else None, job.get("tier")))
+        conn.commit()
+    return time.monotonic() - t0
+
+
+def run(*, quick: bool, console: Console, profile: bool = False) -> list[Figure]:
+    n = 20_000 if quick else 200_000
+    console.print(f"[bold]enqueue[/]: a {n:,}-job JSON Lines file until durable, against COPY into a bare table")
+    with env.scratch_database() as db:
+        path = write_file(env.Processes(env={}).workdir / "jobs.jsonl", n)
+        engine = make_engine(db, pool_size=2)
+        with engine.begin() as conn:
+            conn.execute(text(BARE))
+        dsn = db.replace("postgresql+psycopg://", "postgresql://")
+        copy_s = copy_baseline(dsn, path)
+        settings = Settings(DATABASE_URL=db)
+        t0 = time.monotonic()
+        if profile:
+            from pyinstrument import Profiler
+
+            profiler = Profiler()
+            profiler.start()
+        report = enqueue_file(session_factory(engine), path, batch="bench-enqueue", config=settings.models)
+        sy_s = time.monotonic() - t0
+        if profile:
+            profiler.stop()
+            console.print(profiler.output_text(color=False, show_all=False))
+        assert report.accepted == n, report
+        engine.dispose()
+    console.print(f"  COPY {n / copy_s:,.0f} jobs/s ({copy_s:.1f} s); switchyard {n / sy_s:,.0f} jobs/s ({sy_s:.1f} s)")
+    return [Figure(NAME, f"jobs/s, {n:,}-job file until durable", n / sy_s, "jobs/s", baseline=n / copy_s,
+                   baseline_name="COPY, bare table", target=0.5,
+                   extra={"jobs": n, "switchyard_s": sy_s, "copy_s": copy_s})]

@@ -1,0 +1,185 @@
+"""Benchmark 2: calls in flight under realistic model latency.
+
+At each worker concurrency C the fake Claude answers after L = C / 40 s, so the ideal throughput
+C / L is 40 jobs/s whatever C (well under the orchestration limit of benchmark 1). The jobs are
+pinned to one work tier, so each makes exactly one model call (work) and one deterministic
+validation: the tier's C threads are the only thing between the jobs and the fake. Figures, each
+against the ideal: throughput, and the mean number of calls in flight at the fake (sampled from
+its own counter through the middle half of the run) against C. And the work tier's worker memory:
+its growth from idle to the peak of the run, per call in flight.
+
+Baseline, in the same run: the plain script a user would write instead, a ThreadPoolExecutor of C
+threads calling the SDK against the same fake.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anthropic
+from rich.console import Console
+from sqlalchemy import func, select
+
+from bench import env
+from bench.jobs import classify_jobs, write_jsonl
+from bench.report import Figure
+from pipeline.db import make_engine, session_factory
+from pipeline.enqueue import enqueue_file
+from pipeline.models import Job, JobStatus
+from pipeline.report import terminal_count
+from pipeline.settings import Settings
+
+NAME = "in-flight"
+IDEAL_RATE = 40.0  # jobs/s: C / L with L = C / 40
+TIER = "sonnet"
+
+
+@dataclass
+class Sampled:
+    seconds: float
+    jobs: int
+    samples: list[tuple[float, int]] = field(default_factory=list)  # (time since start, in flight)
+    max_in_flight: int = 0
+    rss_idle_kib: int = 0
+    rss_peak_kib: int = 0
+    ok: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.jobs / self.seconds
+
+    def mean_in_flight(self) -> float:
+        """Mean over the middle half of the run: the ramp-up and the last partial wave are not
+        what the workers can hold, they are what any finite batch looks like at its edges."""
+        lo, hi = self.seconds * 0.25, self.seconds * 0.75
+        window = [n for t, n in self.samples if lo <= t <= hi]
+        return sum(window) / len(window) if window else 0.0
+
+
+class Sampler(threading.Thread):
+    """Reads the fake's in-flight counter (and a process's memory) every ``interval`` seconds."""
+
+    def __init__(self, fake: env.Fake, rss_pid: int | None, interval: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.fake, self.rss_pid, self.interval = fake, rss_pid, interval
+        self.samples: list[tuple[float, int]] = []
+        self.rss_peak = 0
+        self.t0 = time.monotonic()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                n = int(self.fake.stats()["in_flight"])
+            except OSError:
+                n = -1
+            if n >= 0:
+                self.samples.append((time.monotonic() - self.t0, n))
+            if self.rss_pid:
+                self.rss_peak = max(self.rss_peak, env.rss_kib(self.rss_pid))
+            self.done.wait(self.interval)
+
+
+def measure_switchyard(c: int, n: int, db: str, broker: str, workdir: Path, console: Console) -> Sampled:
+    latency_ms = c / 40 * 1000
+    sessions = session_factory(make_engine(db, pool_size=2))
+    settings = Settings(DATABASE_URL=db, BROKER_URL=broker)
+    with env.Processes(env.switchyard_env(database_url=db, broker=broker, claude_url=""), workdir=workdir) as procs:
+        fake = env.start_fake(procs, latency_ms=latency_ms)
+        e = {"ANTHROPIC_BASE_URL": fake.url}
+        worker = env.start_worker(procs, TIER, concurrency=c, env=e)
+        env.start_worker(procs, "validate", concurrency=c, env=e)
+        env.start_dispatcher(procs, env=e)
+        # Warm up: one wave through, so the pools and threads exist before idle memory is read.
+        warm = write_jsonl(workdir / f"warm-{c}.jsonl", classify_jobs(min(c, 50), tier=TIER, prefix=f"w{c}"))
+        report = enqueue_file(sessions, warm, batch=f"warm-{c}-{time.time_ns()}", config=settings.models)
+        _wait(sessions, report.batch_id, report.accepted, procs, timeout=60 + 3 * latency_ms / 1000)
+        rss_idle = env.rss_kib(worker.pid)
+        fake.reset()
+        path = write_jsonl(workdir / f"jobs-{c}.jsonl", classify_jobs(n, tier=TIER, prefix=f"j{c}"))
+        sampler = Sampler(fake, worker.pid)
+        sampler.start()
+        report = enqueue_file(sessions, path, batch=f"inflight-{c}-{time.time_ns()}", config=settings.models)
+        t1 = _wait(sessions, report.batch_id, n, procs, timeout=120 + 4 * n / IDEAL_RATE)
+        sampler.done.set()
+        sampler.join()
+        stats = fake.stats()
+        with sessions() as s:
+            ok = s.scalar(select(func.count()).where(Job.batch_id == report.batch_id,
+                                                     Job.status == JobStatus.SUCCEEDED)) or 0
+    return Sampled(t1 - sampler.t0, n, sampler.samples, int(stats["max_in_flight"]), rss_idle,
+                   sampler.rss_peak, ok)
+
+
+def _wait(sessions, batch_id, n, procs, timeout: float) -> float:  # type: ignore[no-untyped-def]
+    def done() -> bool:
+        with sessions() as s:
+            return terminal_count(s, batch_id=batch_id)[0] >= n  # type: ignore[no-any-return]
+
+    return env.wait_until(done, timeout=timeout, interval=0.1, procs=procs, what=f"batch {batch_id}")
+
+
+def measure_script(c: int, n: int, workdir: Path) -> Sampled:
+    """The plain script: C threads, each calling the SDK, as many calls as there are jobs."""
+    latency_ms = c / 40 * 1000
+    with env.Processes(env.switchyard_env(database_url="", broker="", claude_url=""), workdir=workdir) as procs:
+        fake = env.start_fake(procs, latency_ms=latency_ms)
+        client = anthropic.Anthropic(api_key="bench-key", base_url=fake.url, max_retries=0,
+                                     http_client=anthropic.DefaultHttpxClient(
+                                         limits=anthropic.DEFAULT_CONNECTION_LIMITS.__class__(
+                                             max_connections=c, max_keepalive_connections=c)))
+
+        def one(i: int) -> str:
+            msg = client.messages.create(model="claude-sonnet-5-5", max_tokens=256, messages=[
+                {"role": "user", "content": f"Classify ticket {i}: I was charged twice. Labels: billing, bug, other."}])
+            return msg.content[0].text if msg.content else ""
+
+        with ThreadPoolExecutor(c) as pool:
+            list(pool.map(one, range(min(c, 50))))  # warm-up, as on the other side
+            fake.reset()
+            sampler = Sampler(fake, os.getpid())
+            sampler.start()
+            results = list(pool.map(one, range(n)))
+            t1 = time.monotonic()
+        sampler.done.set()
+        sampler.join()
+        stats = fake.stats()
+        client.close()
+    return Sampled(t1 - sampler.t0, n, sampler.samples, int(stats["max_in_flight"]), ok=len(results))
+
+
+def run(*, quick: bool, console: Console, profile: bool = False) -> list[Figure]:
+    levels = (40,) if quick else (50, 200, 500)
+    figures: list[Figure] = []
+    broker = env.broker_url()
+    with env.scratch_database() as db:
+        workdir = env.Processes(env={}).workdir
+        for c in levels:
+            n = 4 * c if quick else 2000
+            console.print(f"[bold]in-flight[/]: C={c}, L={c / 40:.2f} s, {n:,} jobs (ideal {IDEAL_RATE:.0f} jobs/s)")
+            script = measure_script(c, n, workdir)
+            sy = measure_switchyard(c, n, db, broker, workdir, console)
+            growth = max(0, sy.rss_peak_kib - sy.rss_idle_kib) / 1024
+            per_call = growth / max(1, sy.max_in_flight)
+            console.print(f"  script: {script.rate:.1f} jobs/s, mean in flight {script.mean_in_flight():.0f}; "
+                          f"switchyard: {sy.rate:.1f} jobs/s, mean in flight {sy.mean_in_flight():.0f} "
+                          f"(max {sy.max_in_flight}), worker RSS {sy.rss_idle_kib / 1024:.0f} -> "
+                          f"{sy.rss_peak_kib / 1024:.0f} MiB, {sy.ok}/{sy.jobs} succeeded")
+            extra = {"C": c, "latency_s": c / 40, "jobs": n, "succeeded": sy.ok,
+                     "script_rate": script.rate, "script_mean_in_flight": script.mean_in_flight(),
+                     "max_in_flight": sy.max_in_flight, "rss_idle_mib": sy.rss_idle_kib / 1024,
+                     "rss_peak_mib": sy.rss_peak_kib / 1024}
+            figures += [
+                Figure(NAME, f"C={c}: throughput vs ideal {IDEAL_RATE:.0f}/s", sy.rate, "jobs/s",
+                       baseline=IDEAL_RATE, baseline_name=f"ideal; script {script.rate:.1f}", target=0.9, extra=extra),
+                Figure(NAME, f"C={c}: mean calls in flight vs C", sy.mean_in_flight(), "calls", baseline=float(c),
+                       baseline_name=f"C; script {script.mean_in_flight():.0f}", target=0.9),
+                Figure(NAME, f"C={c}: worker memory per call in flight", per_call * 1024, "KiB", target=1024,
+                       target_kind="<"),
+            ]
+    return figures
