@@ -16,9 +16,9 @@ console = Console(width=150)
 
 
 def _benchmarks() -> dict[str, Callable[..., list[Figure]]]:
-    from bench import enqueue, inflight, overhead
+    from bench import enqueue, history, inflight, overhead
 
-    return {"overhead": overhead.run, "inflight": inflight.run, "enqueue": enqueue.run}
+    return {"overhead": overhead.run, "inflight": inflight.run, "enqueue": enqueue.run, "history": history.run}
 
 
 def main(argv: list[str] | None = None) -> int:

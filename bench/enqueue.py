@@ -66,8 +66,8 @@ def copy_baseline(dsn: str, path: Path) -> float:
     return time.monotonic() - t0
 
 
-def run(*, quick: bool, console: Console, profile: bool = False) -> list[Figure]:
-    n = 20_000 if quick else 200_000
+def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | None = None) -> list[Figure]:
+    n = jobs or (20_000 if quick else 200_000)
     console.print(f"[bold]enqueue[/]: a {n:,}-job JSON Lines file until durable, against COPY into a bare table")
     with env.scratch_database() as db:
         path = write_file(env.Processes(env={}).workdir / "jobs.jsonl", n)

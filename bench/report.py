@@ -51,12 +51,16 @@ class Figure:
             return self.value <= self.target
         if self.target_kind == "<":
             return self.value < self.target
+        if self.target_kind == ">=":
+            return self.value >= self.target
         raise ValueError(self.target_kind)
 
     def target_text(self) -> str:
         if self.target is None:
             return ""
-        kind = {"ratio>=": "ratio ≥", "ratio<=": "ratio ≤", "<=": "≤", "<": "<"}[self.target_kind]
+        if self.target_kind == ">=" and not self.unit:
+            return "yes"
+        kind = {"ratio>=": "ratio ≥", "ratio<=": "ratio ≤", "<=": "≤", "<": "<", ">=": "≥"}[self.target_kind]
         return f"{kind} {self.target:g}{'' if kind.startswith('ratio') else ' ' + self.unit}"
 
     def to_json(self) -> dict[str, Any]:

@@ -1,0 +1,250 @@
+"""Benchmark 4: history queries on 1,000,000 jobs with their calls, decisions, verdicts and events.
+
+The rows are made by Postgres itself (INSERT ... SELECT generate_series), in the proportions a
+real run leaves: 100 batches of 10,000 jobs over a month, most succeeded, two or three calls, one
+routing decision, one verdict and four events per finished job. Then the four questions the CLI
+asks: jobs of a batch with a status, jobs of a tier in a time window, one job's whole story, and
+the per-tier stats of a batch. p50 and p95 over many runs with varied arguments, and EXPLAIN of
+every statement they send: which tables each reads by index, and any it scans whole.
+
+The queries are ``pipeline.history`` and ``pipeline.report.summarize`` when main has them, else
+SQL equivalent to what ``jobs list``, ``jobs show`` and ``stats`` need.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from rich.console import Console
+from sqlalchemy import Engine, event, text
+from sqlalchemy.orm import Session
+
+from bench import env
+from bench.report import Figure
+from pipeline.db import make_engine, session_factory
+from pipeline.settings import Settings
+
+NAME = "history"
+PER_BATCH = 10_000
+T0 = datetime(2026, 10, 1, tzinfo=UTC)
+STEP_S = 2.5  # one job every 2.5 s: 1M jobs span a month
+
+GENERATE = [
+    "INSERT INTO batches (name, created_at) SELECT 'bench-' || b, :t0 + (b - 1) * (:per * :step) * interval '1 second' "
+    "FROM generate_series(1, :nb) b",
+    # Jobs: 90% succeeded, 5% failed, 3% queued, 2% working; tiers 70/30 sonnet/opus once routed.
+    """INSERT INTO jobs (batch_id, key, kind, payload, status, version, deliveries, difficulty, tier, attempt,
+                         escalations, cost_usd, output, error, created_at, updated_at, stage_started_at, finished_at)
+       SELECT (SELECT min(id) FROM batches) + (g - 1) / :per, 'k-' || g,
+              (ARRAY['classify','extract','draft','generate'])[1 + g % 4],
+              jsonb_build_object('text', 'Ticket ' || g || ': I was charged twice',
+                                 'labels', '["billing","bug"]'::jsonb),
+              st, CASE WHEN st = 'queued' THEN 0 ELSE 4 END, 0,
+              CASE WHEN st = 'queued' THEN NULL ELSE (ARRAY['easy','medium','hard'])[1 + g % 3] END,
+              CASE WHEN st = 'queued' THEN NULL WHEN (g * 7) % 10 < 7 THEN 'sonnet' ELSE 'opus' END,
+              CASE WHEN st = 'queued' THEN 0 ELSE 1 END, CASE WHEN g % 50 = 0 THEN 1 ELSE 0 END,
+              CASE WHEN st = 'queued' THEN 0 ELSE 0.0021 END,
+              CASE WHEN st = 'succeeded' THEN '{"label": "billing"}'::jsonb END,
+              CASE WHEN st = 'failed' THEN 'validation failed at opus after 2 attempt(s)' END,
+              t, t + interval '30 seconds', CASE WHEN st = 'working' THEN t + interval '10 seconds' END,
+              CASE WHEN st IN ('succeeded', 'failed') THEN t + interval '30 seconds' END
+       FROM (SELECT g, :t0 + g * :step * interval '1 second' AS t,
+                    CASE WHEN g % 100 < 90 THEN 'succeeded' WHEN g % 100 < 95 THEN 'failed'
+                         WHEN g % 100 < 98 THEN 'queued' ELSE 'working' END AS st
+             FROM generate_series(1, :n) g) s""",
+    # Calls: triage (haiku) and work for every routed job, a format check for one in ten.
+    """INSERT INTO model_calls (job_id, stage, tier, model, attempt, delivery, outcome, input_tokens, output_tokens,
+                                cache_creation_input_tokens, cache_read_input_tokens, cost_usd, latency_ms, request_id,
+                                status_code, stop_reason, response_text, applied, started_at, finished_at)
+       SELECT j.id, s.stage, CASE WHEN s.stage = 'work' THEN j.tier ELSE 'haiku' END,
+              CASE WHEN s.stage = 'work' THEN 'claude-' || j.tier || '-5-5' ELSE 'claude-haiku-5-5' END,
+              1, 1, 'ok', 120 + j.id % 50, 40 + j.id % 30, 0, 0, 0.0007, 400 + (j.id * 37) % 2000,
+              'req_' || j.id || s.stage, 200, 'end_turn', '{"label": "billing"}', true,
+              j.created_at + s.off * interval '1 second', j.created_at + (s.off + 2) * interval '1 second'
+       FROM jobs j CROSS JOIN (VALUES ('triage', 1), ('work', 5), ('format_check', 12)) s(stage, off)
+       WHERE j.tier IS NOT NULL AND (s.stage <> 'format_check' OR j.id % 10 = 0)""",
+    """INSERT INTO routing_decisions (job_id, reason_kind, verdict, confidence, reason, to_tier, created_at)
+       SELECT id, 'triage', difficulty, 0.9, 'Routine job with clear instructions.', tier,
+              created_at + interval '3 seconds' FROM jobs WHERE tier IS NOT NULL""",
+    """INSERT INTO validation_verdicts (job_id, tier, attempt, validator, ok, problems, created_at)
+       SELECT id, tier, 1, 'label', status = 'succeeded', '[]'::jsonb, finished_at
+       FROM jobs WHERE finished_at IS NOT NULL""",
+    """INSERT INTO job_events (job_id, from_status, to_status, at, detail)
+       SELECT j.id, e.frm, CASE WHEN e.too = 'end' THEN j.status ELSE e.too END,
+              j.created_at + e.off * interval '1 second', e.detail
+       FROM jobs j CROSS JOIN (VALUES ('queued', 'triaging', 0, 'dispatched to triage'),
+                                      ('triaging', 'working', 3, 'triage: easy -> sonnet'),
+                                      ('working', 'validating', 8, 'sonnet attempt 1 answered'),
+                                      ('validating', 'end', 30, 'label ok')) e(frm, too, off, detail)
+       WHERE j.finished_at IS NOT NULL""",
+]
+
+
+def generate(engine: Engine, n: int, console: Console) -> None:
+    params = {"n": n, "per": PER_BATCH, "nb": (n + PER_BATCH - 1) // PER_BATCH, "t0": T0, "step": STEP_S}
+    t0 = time.monotonic()
+    with engine.begin() as conn:
+        for sql in GENERATE:
+            conn.execute(text(sql), params)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE"))
+    with engine.connect() as conn:
+        counts = {t: conn.scalar(text(f"SELECT count(*) FROM {t}")) for t in
+                  ("jobs", "model_calls", "routing_decisions", "validation_verdicts", "job_events")}
+    made = ", ".join(f"{k} {v:,}" for k, v in counts.items())
+    console.print(f"  generated in {time.monotonic() - t0:.0f} s: {made}")
+
+
+# -- the queries: pipeline.history when it exists, else SQL doing the same work ---------------------
+
+JOB_COLUMNS = ("j.id, j.key, j.kind, j.status, j.tier, j.attempt, j.escalations, j.cost_usd, j.error, "
+               "j.created_at, j.finished_at, b.name")
+
+
+def _sql_queries() -> dict[str, Callable[[Session, random.Random, int], Any]]:
+    def by_batch_status(s: Session, rng: random.Random, n: int) -> Any:
+        batch = 1 + rng.randrange(max(1, n // PER_BATCH))
+        status = rng.choice(["failed", "succeeded", "queued"])
+        return s.execute(text(f"SELECT {JOB_COLUMNS} FROM jobs j JOIN batches b ON b.id = j.batch_id "
+                              "WHERE j.batch_id = :b AND j.status = :s ORDER BY j.id DESC LIMIT 50"),
+                         {"b": batch, "s": status}).all()
+
+    def by_tier_time(s: Session, rng: random.Random, n: int) -> Any:
+        start = T0 + timedelta(seconds=rng.uniform(0, n * STEP_S - 3600))
+        return s.execute(text(f"SELECT {JOB_COLUMNS} FROM jobs j JOIN batches b ON b.id = j.batch_id "
+                              "WHERE j.tier = :t AND j.created_at >= :a AND j.created_at < :z "
+                              "ORDER BY j.id DESC LIMIT 50"),
+                         {"t": rng.choice(["sonnet", "opus"]), "a": start, "z": start + timedelta(hours=1)}).all()
+
+    def story(s: Session, rng: random.Random, n: int) -> Any:
+        job_id = 1 + rng.randrange(n)
+        out = [s.execute(text(f"SELECT {JOB_COLUMNS}, j.payload, j.metadata, j.output FROM jobs j "
+                              "JOIN batches b ON b.id = j.batch_id WHERE j.id = :id"), {"id": job_id}).all()]
+        for table in ("model_calls", "routing_decisions", "validation_verdicts", "job_events"):
+            out.append(s.execute(text(f"SELECT * FROM {table} WHERE job_id = :id ORDER BY id"), {"id": job_id}).all())
+        return out
+
+    def stats(s: Session, rng: random.Random, n: int) -> Any:
+        batch = 1 + rng.randrange(max(1, n // PER_BATCH))
+        return [
+            s.execute(text("SELECT status, count(*) FROM jobs WHERE batch_id = :b GROUP BY status"),
+                      {"b": batch}).all(),
+            s.execute(text("SELECT tier, count(*) FROM jobs WHERE batch_id = :b AND tier IS NOT NULL GROUP BY tier"),
+                      {"b": batch}).all(),
+            s.execute(text("SELECT c.tier, count(*), sum(c.input_tokens), sum(c.output_tokens), sum(c.cost_usd), "
+                           "percentile_cont(0.5) WITHIN GROUP (ORDER BY c.latency_ms), "
+                           "percentile_cont(0.95) WITHIN GROUP (ORDER BY c.latency_ms) "
+                           "FROM model_calls c JOIN jobs j ON j.id = c.job_id WHERE j.batch_id = :b GROUP BY c.tier"),
+                      {"b": batch}).all(),
+        ]
+
+    return {"jobs by batch and status": by_batch_status, "jobs by tier and time range": by_tier_time,
+            "one job's full story": story, "stats per tier (one batch)": stats}
+
+
+def _real_queries() -> dict[str, Callable[[Session, random.Random, int], Any]] | None:
+    try:
+        from pipeline.history import JobFilters, get_job, list_jobs  # type: ignore[attr-defined]
+
+        from pipeline.report import summarize
+    except ImportError:
+        return None
+    from pipeline.models import JobStatus
+
+    config = Settings().models
+
+    def by_batch_status(s: Session, rng: random.Random, n: int) -> Any:
+        batch = str(1 + rng.randrange(max(1, n // PER_BATCH)))
+        status = JobStatus(rng.choice(["failed", "succeeded", "queued"]))
+        return list_jobs(db_session=s, filters=JobFilters(batch=batch, status=(status,)), limit=50)
+
+    def by_tier_time(s: Session, rng: random.Random, n: int) -> Any:
+        start = T0 + timedelta(seconds=rng.uniform(0, n * STEP_S - 3600))
+        return list_jobs(db_session=s, filters=JobFilters(tier=rng.choice(["sonnet", "opus"]), since=start,
+                                                           until=start + timedelta(hours=1)), limit=50)
+
+    def story(s: Session, rng: random.Random, n: int) -> Any:
+        return get_job(db_session=s, job_id=1 + rng.randrange(n))
+
+    def stats(s: Session, rng: random.Random, n: int) -> Any:
+        return summarize(s, config, batch_id=1 + rng.randrange(max(1, n // PER_BATCH)))
+
+    return {"jobs by batch and status": by_batch_status, "jobs by tier and time range": by_tier_time,
+            "one job's full story": story, "stats per tier (one batch)": stats}
+
+
+# -- EXPLAIN ---------------------------------------------------------------------------------------
+
+_SCAN = re.compile(r"(Seq Scan|Parallel Seq Scan|Index Only Scan|Index Scan|Bitmap Heap Scan)(?: Backward)?"
+                   r"(?: using (\w+))? on (\w+)")
+
+
+def explain(engine: Engine, fn: Callable[[Session, random.Random, int], Any], n: int) -> dict[str, Any]:
+    """Run ``fn`` once, capture the statements it sends, and EXPLAIN each with its parameters."""
+    captured: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        captured.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        with session_factory(engine)() as s:
+            fn(s, random.Random(7), n)
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    scans: list[str] = []
+    seq: list[str] = []
+    with engine.connect() as conn:
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        for statement, parameters in captured:
+            cursor.execute("EXPLAIN " + statement, parameters)
+            plan = "\n".join(r[0] for r in cursor.fetchall())
+            for kind, index, table in _SCAN.findall(plan):
+                scans.append(f"{table}: {kind}{' ' + index if index else ''}")
+                if "Seq Scan" in kind and table != "batches":
+                    seq.append(table)
+    return {"statements": len(captured), "scans": sorted(set(scans)), "seq_scans": sorted(set(seq))}
+
+
+def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | None = None,
+        runs: int | None = None) -> list[Figure]:
+    n = jobs or (100_000 if quick else 1_000_000)
+    runs = runs or (60 if quick else 200)
+    real = _real_queries()
+    source = "pipeline.history" if real else "SQL equivalent to jobs list/show/stats (pipeline.history not on main)"
+    console.print(f"[bold]history[/]: {n:,} jobs; {runs} runs of each query; through {source}")
+    figures: list[Figure] = []
+    with env.scratch_database() as db:
+        engine = make_engine(db, pool_size=2)
+        generate(engine, n, console)
+        sessions = session_factory(engine)
+        for name, fn in (real or _sql_queries()).items():
+            rng = random.Random(1)
+            times = []
+            with sessions() as s:
+                fn(s, rng, n)  # warm the connection and the statement caches
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    fn(s, rng, n)
+                    times.append((time.perf_counter() - t0) * 1000)
+                    s.rollback()
+            p50 = statistics.median(times)
+            p95 = statistics.quantiles(times, n=20)[18]
+            plan = explain(engine, fn, n)
+            indexed = not plan["seq_scans"]
+            console.print(f"  {name}: p50 {p50:.1f} ms, p95 {p95:.1f} ms; {plan['statements']} statement(s); "
+                          f"{'; '.join(plan['scans'])}")
+            figures.append(Figure(NAME, f"{name}: p95 (p50 {p50:.1f} ms)", p95, "ms", target=20, target_kind="<",
+                                  note="" if indexed else f"seq scan on {', '.join(plan['seq_scans'])}",
+                                  extra={"p50_ms": p50, "p95_ms": p95, "runs": runs, "jobs": n, "source": source,
+                                         **plan}))
+            figures.append(Figure(NAME, f"{name}: EXPLAIN uses indexes", 1.0 if indexed else 0.0, "", target=1,
+                                  target_kind=">=", note="; ".join(plan["scans"])))
+        engine.dispose()
+    return figures
