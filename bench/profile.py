@@ -123,6 +123,38 @@ def summarise(path: Path, *, top: int = 25, match: str = "") -> str:
     return "\n".join(out)
 
 
+# Where a sample's time goes, by the innermost frame that belongs to one of these (first match
+# from the top of the stack wins: the SDK's own JSON parsing counts as the model call).
+CATEGORIES = (
+    ("model call (anthropic SDK, httpx)", ("anthropic/", "httpx", "httpcore", "h11/", "pydantic")),
+    ("database (SQLAlchemy, psycopg)", ("sqlalchemy/", "psycopg")),
+    ("broker (Celery, kombu, redis)", ("celery/", "kombu/", "redis/", "billiard/", "vine/")),
+    ("switchyard's own code", ("pipeline/", "workers/", "bench/bare")),
+)
+
+
+def categorise(path: Path) -> dict[str, float]:
+    """Share of samples per category: the frame nearest the leaf decides."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        label = "other (threading, logging, stdlib)"
+        for frame in reversed(frames):
+            hit = next((name for name, marks in CATEGORIES if any(m in frame for m in marks)), None)
+            if hit:
+                label = hit
+                break
+        counts[label] += n
+    return {k: v / total for k, v in counts.most_common()} if total else {}
+
+
 if __name__ == "__main__":
     for arg in sys.argv[1:]:
-        print(summarise(Path(arg)))
+        shares = categorise(Path(arg))
+        print(f"{Path(arg).stem}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()))
