@@ -185,6 +185,12 @@ _SCAN = re.compile(r"(Seq Scan|Parallel Seq Scan|Index Only Scan|Index Scan|Bitm
                    r"(?: using (\w+))? on (\w+)")
 
 
+# An index that only orders the rows (the primary key, walked backwards) while a filter throws
+# away thousands of them is not an index serving the query.
+_FILTERED = re.compile(r"Rows Removed by (?:Filter|Index Recheck): (\d+)")
+MAX_FILTERED = 1000
+
+
 def explain(engine: Engine, fn: Callable[[Session, random.Random, int], Any], n: int) -> dict[str, Any]:
     """Run ``fn`` once, capture the statements it sends, and EXPLAIN each with its parameters."""
     captured: list[tuple[str, Any]] = []
@@ -200,22 +206,25 @@ def explain(engine: Engine, fn: Callable[[Session, random.Random, int], Any], n:
         event.remove(engine, "before_cursor_execute", capture)
     scans: list[str] = []
     seq: list[str] = []
+    filtered = 0
     with engine.connect() as conn:
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         for statement, parameters in captured:
-            cursor.execute("EXPLAIN " + statement, parameters)
+            cursor.execute("EXPLAIN ANALYZE " + statement, parameters)
             plan = "\n".join(r[0] for r in cursor.fetchall())
+            filtered += sum(int(x) for x in _FILTERED.findall(plan))
             for kind, index, table in _SCAN.findall(plan):
                 scans.append(f"{table}: {kind}{' ' + index if index else ''}")
                 if "Seq Scan" in kind and table != "batches":
                     seq.append(table)
-    return {"statements": len(captured), "scans": sorted(set(scans)), "seq_scans": sorted(set(seq))}
+    return {"statements": len(captured), "scans": sorted(set(scans)), "seq_scans": sorted(set(seq)),
+            "rows_removed_by_filter": filtered}
 
 
 def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | None = None,
         runs: int | None = None) -> list[Figure]:
     n = jobs or (100_000 if quick else 1_000_000)
-    runs = runs or (60 if quick else 200)
+    runs = runs or (60 if quick else 100)
     real = _real_queries()
     source = "pipeline.history" if real else "SQL equivalent to jobs list/show/stats (pipeline.history not on main)"
     console.print(f"[bold]history[/]: {n:,} jobs; {runs} runs of each query; through {source}")
@@ -237,14 +246,15 @@ def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | Non
             p50 = statistics.median(times)
             p95 = statistics.quantiles(times, n=20)[18]
             plan = explain(engine, fn, n)
-            indexed = not plan["seq_scans"]
+            indexed = not plan["seq_scans"] and plan["rows_removed_by_filter"] <= MAX_FILTERED
             console.print(f"  {name}: p50 {p50:.1f} ms, p95 {p95:.1f} ms; {plan['statements']} statement(s); "
-                          f"{'; '.join(plan['scans'])}")
+                          f"{'; '.join(plan['scans'])}; rows removed by filter {plan['rows_removed_by_filter']:,}")
             figures.append(Figure(NAME, f"{name}: p95 (p50 {p50:.1f} ms)", p95, "ms", target=20, target_kind="<",
-                                  note="" if indexed else f"seq scan on {', '.join(plan['seq_scans'])}",
+                                  note="" if indexed else f"seq scans: {', '.join(plan['seq_scans']) or 'none'}; "
+                                                          f"rows removed by filter: {plan['rows_removed_by_filter']:,}",
                                   extra={"p50_ms": p50, "p95_ms": p95, "runs": runs, "jobs": n, "source": source,
                                          **plan}))
-            figures.append(Figure(NAME, f"{name}: EXPLAIN uses indexes", 1.0 if indexed else 0.0, "", target=1,
+            figures.append(Figure(NAME, f"{name}: EXPLAIN: indexes serve it", 1.0 if indexed else 0.0, "", target=1,
                                   target_kind=">=", note="; ".join(plan["scans"])))
         engine.dispose()
     return figures

@@ -137,3 +137,11 @@ def write_results(figures: list[Figure], *, args: list[str], console: Console) -
     (RESULTS_DIR / "latest.json").write_text(json.dumps(doc, indent=2, default=str))
     console.print(f"results written to {path}")
     return path
+
+
+if __name__ == "__main__":
+    # `python -m bench.report`: the latest run's table in Markdown, with the machine (for the README).
+    latest = json.loads((RESULTS_DIR / "latest.json").read_text())
+    m = latest["machine"]
+    print(latest["markdown"])
+    print(f"\n{m['nproc']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, Python {m['python']}, run {latest['at']}")
