@@ -150,8 +150,7 @@ def _sql_queries() -> dict[str, Callable[[Session, random.Random, int], Any]]:
 
 def _real_queries() -> dict[str, Callable[[Session, random.Random, int], Any]] | None:
     try:
-        from pipeline.history import JobFilters, get_job, list_jobs  # type: ignore[attr-defined]
-
+        from pipeline.history import JobFilters, get_job, list_jobs
         from pipeline.report import summarize
     except ImportError:
         return None
