@@ -16,6 +16,7 @@ import pytest
 import redis
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from pipeline import migrate
 from pipeline.config import ModelConfig, load_config
@@ -28,7 +29,9 @@ REDIS_DB = int(os.environ.get("SWITCHYARD_TEST_REDIS_DB", "9"))
 
 
 def _admin_engine() -> Engine:
-    return create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+    # No pool: the fault tests restart Postgres mid-session, and a pooled admin connection would be
+    # dead for every database made after that.
+    return create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT", poolclass=NullPool)
 
 
 @pytest.fixture(scope="session")
