@@ -46,15 +46,27 @@ from pipeline.errors import ConfigError, RateLimited
 PREFIX = "switchyard:ratelimit"
 KINDS = ("rpm", "itpm", "otpm")
 
-# KEYS: bucket hash, pause key. ARGV: now_ms (<0: use Redis TIME), window_ms, max_wait_ms, then
-# (limit, amount) for requests, input tokens, output tokens; limit 0 means unlimited.
-# Returns {granted (0/1), wait_ms}.
-_RESERVE = """
+# Shared by the scripts below. `now`: the caller's clock in ms, or Redis's own when ARGV[1] < 0 (so
+# workers on different hosts agree). `refill`: a bucket's level after refilling up to `now`.
+_PRELUDE = """
 local now = tonumber(ARGV[1])
 if now < 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+local function refill(name, limit, rate)
+  local level = tonumber(redis.call('HGET', KEYS[1], name .. 'l'))
+  local at = tonumber(redis.call('HGET', KEYS[1], name .. 't'))
+  if level == nil or at == nil then return limit, now end
+  if now > at then return math.min(limit, level + (now - at) * rate), now end
+  return level, at
+end
+"""
+
+# KEYS: bucket hash, pause key. ARGV: now_ms (<0: use Redis TIME), window_ms, max_wait_ms, then
+# (limit, amount) for requests, input tokens, output tokens; limit 0 means unlimited.
+# Returns {granted (0/1), wait_ms}.
+_RESERVE = _PRELUDE + """
 local window = tonumber(ARGV[2])
 local max_wait = tonumber(ARGV[3])
 local wait = 0
@@ -69,13 +81,7 @@ for n = 1, 3 do
   local amount = tonumber(ARGV[3 + 2 * n])
   if limit > 0 then
     local rate = limit / window
-    local level = tonumber(redis.call('HGET', KEYS[1], names[n] .. 'l'))
-    local at = tonumber(redis.call('HGET', KEYS[1], names[n] .. 't'))
-    if level == nil or at == nil then level = limit; at = now end
-    if now > at then
-      level = math.min(limit, level + (now - at) * rate)
-      at = now
-    end
+    local level, at = refill(names[n], limit, rate)
     -- A request bigger than the whole bucket waits for a full bucket, not forever.
     local after = level - math.min(amount, limit)
     local w = (at - now) + math.max(0, -after) / rate
@@ -100,12 +106,7 @@ return {1, math.ceil(wait)}
 
 # KEYS: bucket hash. ARGV: now_ms, window_ms, then (limit, delta) for the three buckets: a positive
 # delta takes more tokens, a negative one gives tokens back (never above the limit).
-_ADJUST = """
-local now = tonumber(ARGV[1])
-if now < 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+_ADJUST = _PRELUDE + """
 local window = tonumber(ARGV[2])
 local names = {'r', 'i', 'o'}
 for n = 1, 3 do
@@ -113,13 +114,7 @@ for n = 1, 3 do
   local delta = tonumber(ARGV[2 + 2 * n])
   if limit > 0 and delta ~= 0 then
     local rate = limit / window
-    local level = tonumber(redis.call('HGET', KEYS[1], names[n] .. 'l'))
-    local at = tonumber(redis.call('HGET', KEYS[1], names[n] .. 't'))
-    if level == nil or at == nil then level = limit; at = now end
-    if now > at then
-      level = math.min(limit, level + (now - at) * rate)
-      at = now
-    end
+    local level, at = refill(names[n], limit, rate)
     level = math.min(limit, level - delta)
     redis.call('HSET', KEYS[1], names[n] .. 'l', tostring(level), names[n] .. 't', tostring(at))
   end
@@ -129,12 +124,7 @@ return 1
 
 # KEYS: bucket hash, pause key. ARGV: now_ms, pause_ms. Extends the pause (never shortens it) and
 # drains the request bucket until the pause ends.
-_PENALIZE = """
-local now = tonumber(ARGV[1])
-if now < 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+_PENALIZE = _PRELUDE + """
 local pause = tonumber(ARGV[2])
 local left = redis.call('PTTL', KEYS[2])
 if left < pause then
