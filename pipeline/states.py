@@ -83,15 +83,28 @@ def transition(
     ``values`` are columns to set; ``add`` columns to increase by an amount (``cost_usd``)."""
     check(frm, to)
     add = add or {}
+    adds = tuple(sorted(add))
+    params: dict[str, Any] = {f"a_{k}": v for k, v in add.items()}
+    params.update(b_id=job_id, b_version=version, b_now=utcnow(), b_detail=detail)
     if any(isinstance(v, ClauseElement) for v in values.values()):
         # A SQL expression as a value (Job.cost_usd + x): build the statement for this call alone.
-        stmt = _transition_statement(frm, to, (), tuple(add), expressions=values)
-        params = {}
+        keys: tuple[str, ...] = ()
+        expressions: Mapping[str, Any] | None = values
     else:
-        stmt = _cached_transition_statement(frm, to, tuple(sorted(values)), tuple(sorted(add)))
-        params = {f"v_{k}": v for k, v in values.items()}
-    params.update({f"a_{k}": v for k, v in add.items()})
-    params.update(b_id=job_id, b_version=version, b_now=utcnow(), b_detail=detail)
+        keys, expressions = tuple(sorted(values)), None
+        params.update({f"v_{k}": v for k, v in values.items()})
+    if session.get_bind().dialect.name != "postgresql":
+        # Data-modifying CTEs are Postgres's: on SQLite (the embedded demo) the same two writes go
+        # as two statements in the same transaction.
+        if session.execute(_update_statement(frm, to, keys, adds, expressions=expressions), params).first() is None:
+            return False
+        session.execute(insert(_EVENTS).values(job_id=job_id, from_status=frm, to_status=to, at=params["b_now"],
+                                               detail=detail))
+        return True
+    if expressions is not None:
+        stmt = _transition_statement(frm, to, keys, adds, expressions=expressions)
+    else:
+        stmt = _cached_transition_statement(frm, to, keys, adds)
     return session.execute(stmt, params).first() is not None
 
 
@@ -105,20 +118,26 @@ def _transition_statement(frm: JobStatus, to: JobStatus, keys: tuple[str, ...], 
     trip, Core on the tables, and for the usual call shapes a statement built once and executed
     with bound parameters (``_cached_transition_statement``)."""
     now = bindparam("b_now", type_=_EVENTS.c.at.type)
-    sets = {**_entry_values(to, now), **{k: bindparam(f"v_{k}") for k in keys}, **(expressions or {})}
-    sets.update({k: getattr(Job, k) + bindparam(f"a_{k}") for k in adds})
-    moved = (
-        update(_JOBS)
-        .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.status == frm, _JOBS.c.version == bindparam("b_version"))
-        .values({_column(k): v for k, v in sets.items()})
-        .returning(_JOBS.c.id)
-        .cte("moved")
-    )
+    moved = _update_statement(frm, to, keys, adds, expressions=expressions).cte("moved")
     return insert(_EVENTS).from_select(
         ["job_id", "from_status", "to_status", "at", "detail"],
         select(moved.c.id, literal(frm, _EVENTS.c.from_status.type), literal(to, _EVENTS.c.to_status.type), now,
                bindparam("b_detail", type_=_EVENTS.c.detail.type)),
     ).returning(_EVENTS.c.job_id)
+
+
+def _update_statement(frm: JobStatus, to: JobStatus, keys: tuple[str, ...], adds: tuple[str, ...], *,
+                      expressions: Mapping[str, Any] | None = None) -> Any:
+    """The conditional UPDATE of a transition, RETURNING the id when it moved the job."""
+    now = bindparam("b_now", type_=_EVENTS.c.at.type)
+    sets = {**_entry_values(to, now), **{k: bindparam(f"v_{k}") for k in keys}, **(expressions or {})}
+    sets.update({k: getattr(Job, k) + bindparam(f"a_{k}") for k in adds})
+    return (
+        update(_JOBS)
+        .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.status == frm, _JOBS.c.version == bindparam("b_version"))
+        .values({_column(k): v for k, v in sets.items()})
+        .returning(_JOBS.c.id)
+    )
 
 
 @functools.lru_cache(maxsize=256)
