@@ -76,14 +76,24 @@ class Pipeline:
             try:
                 with transaction(self.sessions) as session:
                     return fn(session)
-            except OperationalError:
+            except OperationalError as exc:
                 # OperationalError is the driver's word for a lost or refused connection; a
                 # constraint or programming error is a different class and is raised at once.
-                if waited >= self.db_retry_s:
+                if waited >= self.db_retry_s or not _worth_retrying(exc):
                     raise
                 time.sleep(delay)
                 waited += delay
                 delay = min(delay * 2, 5.0)
+
+
+def _worth_retrying(exc: OperationalError) -> bool:
+    """SQLite reports syntax errors as OperationalError too; of its errors only a busy database is
+    worth waiting for. On Postgres every OperationalError is a connection that went away."""
+    if exc.connection_invalidated:
+        return True
+    if type(exc.orig).__module__.startswith("sqlite3"):
+        return "locked" in str(exc.orig) or "busy" in str(exc.orig)
+    return True
 
 
 def handoff_for(job_id: int, status: JobStatus, tier: str | None) -> Handoff | None:

@@ -43,3 +43,19 @@ def test_a_connection_killed_in_the_pool_is_replaced_by_the_retry(pipeline: Pipe
     assert new_pid not in pids
     with pipeline.sessions() as s:
         assert s.scalar(select(Batch.id).where(Batch.name == "after-the-kill")) is not None
+
+
+def test_a_sqlite_programming_error_is_not_retried_as_a_lost_connection(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy.exc import OperationalError
+
+    sessions = session_factory(make_engine(f"sqlite:///{tmp_path}/x.sqlite"))
+    p = Pipeline(sessions=sessions, client=None, models=None, db_retry_s=60)  # type: ignore[arg-type]
+    tries: list[int] = []
+
+    def bad_sql(session: Session) -> None:
+        tries.append(1)
+        session.execute(text("WITH x AS (UPDATE nowhere SET a = 1 RETURNING a) SELECT 1"))
+
+    with pytest.raises(OperationalError, match="syntax error"):
+        p.run(bad_sql)
+    assert tries == [1]  # raised at once, not retried for a minute as if the server had gone
