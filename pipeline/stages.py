@@ -75,6 +75,9 @@ class Pipeline:
         while True:
             try:
                 with transaction(self.sessions) as session:
+                    # Only a retried unit of work can follow a commit whose acknowledgement was
+                    # lost; a first run need not look for its own earlier commit (_applied_before).
+                    session.info[REPLAY] = waited > 0
                     return fn(session)
             except OperationalError as exc:
                 # OperationalError is the driver's word for a lost or refused connection; a
@@ -84,6 +87,9 @@ class Pipeline:
                 time.sleep(delay)
                 waited += delay
                 delay = min(delay * 2, 5.0)
+
+
+REPLAY = "switchyard.replay"
 
 
 def _worth_retrying(exc: OperationalError) -> bool:
@@ -168,7 +174,7 @@ def _applied_before(session: Session, call_id: int | None) -> bool:
     commit reached Postgres but whose acknowledgement was lost with the connection (a restart, a
     dropped backend). Replaying it would find the job moved, record the call as not applied and
     count its cost twice, and drop the hand-off; instead the stage returns its hand-off again."""
-    if call_id is None:
+    if call_id is None or not session.info.get(REPLAY):
         return False
     # The stage records its call in the same transaction as the move; nobody else ever writes "ok"
     # or "error" on this row. (When the first commit had lost the race, the hand-off returned
@@ -192,12 +198,16 @@ def _claim(p: Pipeline, job_id: int, status: JobStatus,
         claim = begin_stage(session, job_id, status=status, claim_deadline_s=p.claim_deadline_s)
         if claim is None:
             return None
-        # A call row of this job still "started" belongs to an earlier claim that is dead (a live
-        # one would have kept us out). The sweeper closes such rows when it republishes, but a
-        # duplicate message can take over a stale claim before the sweeper gets to it.
-        session.execute(
-            update(ModelCall).where(ModelCall.job_id == job_id, ModelCall.outcome == "started")
-            .values(outcome="abandoned", finished_at=utcnow()).execution_options(synchronize_session=False))
+        if claim.deliveries > 1:
+            # A call row of this job still "started" belongs to an earlier claim of this stage that
+            # is dead (a live one would have kept us out). The sweeper closes such rows when it
+            # republishes, but a duplicate message can take over a stale claim before the sweeper
+            # gets to it. The first claim of a stage has no such predecessor: every move into a
+            # stage, and every hand-back (release_stage), closes the call row it came from in the
+            # same transaction, so that case skips the statement.
+            session.execute(
+                update(ModelCall).where(ModelCall.job_id == job_id, ModelCall.outcome == "started")
+                .values(outcome="abandoned", finished_at=utcnow()).execution_options(synchronize_session=False))
         if claim.deliveries > p.max_deliveries:
             transition(session, job_id, frm=status, version=claim.version, to=JobStatus.FAILED,
                        error=f"poison job: the {status.value} stage was started {claim.deliveries - 1} "

@@ -8,6 +8,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from pipeline import stages
 from pipeline.dispatch import sweep
@@ -99,19 +101,29 @@ def test_a_replayed_transaction_whose_commit_went_through_hands_off_again(pipeli
     unapplied, count its cost twice, or drop the hand-off."""
     [jid] = enqueue(pipeline, tmp_path, {"kind": "generate", "prompt": "replayed", "tier": "sonnet"})
     dispatched(pipeline)
-    real_run = pipeline.run
-    replays: list[int] = []
+    real_sessions = pipeline.sessions
+    opened: list[Session] = []
 
-    def run_twice(fn):  # type: ignore[no-untyped-def]
-        first = real_run(fn)
-        if fn.__qualname__.startswith("work.") and not replays:
-            replays.append(1)
-            return real_run(fn)  # the same unit of work again, as after a lost acknowledgement
-        return first
+    def sessions() -> Session:
+        # The work stage's second unit of work (after the claim) is its result: let its COMMIT
+        # reach Postgres, then lose the acknowledgement the way a dropped connection does.
+        session = real_sessions()
+        opened.append(session)
+        if len(opened) == 2:
+            real_commit = session.commit
 
-    pipeline.run = run_twice  # type: ignore[method-assign]
+            def commit() -> None:
+                real_commit()
+                raise OperationalError("COMMIT", {}, ConnectionError("server closed the connection unexpectedly"),
+                                       connection_invalidated=True)
+
+            session.commit = commit  # type: ignore[method-assign]
+        return session
+
+    pipeline.sessions = sessions  # type: ignore[assignment]
     assert stages.work(pipeline, jid) == Handoff("validate", jid, "validate")
-    assert replays
+    assert len(opened) == 3  # the claim, the result whose acknowledgement was lost, its replay
+    pipeline.sessions = real_sessions
     with pipeline.sessions() as s:
         calls = s.scalars(select(ModelCall).where(ModelCall.job_id == jid)).all()
     assert [(c.outcome, c.applied) for c in calls] == [("ok", True)]
