@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
@@ -18,6 +18,16 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+# What runs a statement: an ORM Session, or a Core Connection where the ORM's unit-of-work
+# bookkeeping would be pure cost (the stages' hot path, Pipeline.run). Both have execute, scalar and
+# scalars; the state machine and the dispatcher take either.
+Executor = Session | Connection
+
+
+def dialect_name(db: Executor) -> str:
+    return db.dialect.name if isinstance(db, Connection) else db.get_bind().dialect.name
 
 
 class Base(DeclarativeBase):

@@ -18,8 +18,8 @@ from functools import partial
 from typing import Protocol
 
 from sqlalchemy import and_, func, insert, or_, select, update
-from sqlalchemy.orm import Session
 
+from pipeline.db import Executor
 from pipeline.models import ACTIVE, Job, JobStatus, ModelCall, RoutingDecision, utcnow
 from pipeline.stages import Handoff, Pipeline, handoff_for
 from pipeline.states import transition_many
@@ -29,11 +29,11 @@ log = logging.getLogger(__name__)
 Publish = Callable[[Iterable[Handoff]], None]
 
 
-def active_count(session: Session) -> int:
+def active_count(session: Executor) -> int:
     return session.scalar(select(func.count()).select_from(Job).where(Job.status.in_(ACTIVE))) or 0
 
 
-def dispatch(session: Session, *, max_in_flight: int, limit: int = 1000) -> list[Handoff]:
+def dispatch(session: Executor, *, max_in_flight: int, limit: int = 1000) -> list[Handoff]:
     """Move up to ``limit`` queued jobs into their first stage, within ``max_in_flight``."""
     room = min(limit, max_in_flight - active_count(session))
     if room <= 0:
@@ -78,7 +78,7 @@ def _queue(status: JobStatus, tier: str | None) -> str:
     return h.queue if h else ""
 
 
-def _on_probation(session: Session, claim_cutoff: datetime) -> set[str]:
+def _on_probation(session: Executor, claim_cutoff: datetime) -> set[str]:
     """Queues where a suspect is on probation right now: running (a live claim), or republished
     and on its way to a worker. Counting only running ones would let the next sweep send a second
     suspect while the first still waits in the queue, and the two could die together again. A
@@ -92,7 +92,7 @@ def _on_probation(session: Session, claim_cutoff: datetime) -> set[str]:
     return {_queue(r.status, r.tier) for r in rows}
 
 
-def sweep(session: Session, *, deadline_s: float, claim_deadline_s: float, lost_before: datetime | None = None,
+def sweep(session: Executor, *, deadline_s: float, claim_deadline_s: float, lost_before: datetime | None = None,
           limit: int = 1000) -> list[Handoff]:
     """Republish stages whose worker died, and stages whose message was lost (see the module doc).
 

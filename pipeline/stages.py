@@ -16,13 +16,12 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Table, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, delete, insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.claude import Attempt, CallFailed, CallResult, Deferred, ModelClient
 from pipeline.config import ModelConfig
-from pipeline.db import transaction
 from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict, utcnow
 from pipeline.pricing import call_cost
 from pipeline.prompts import Prompt, format_check_prompt, triage_prompt, work_prompt
@@ -64,8 +63,16 @@ class Pipeline:
     # (and the sweeper republishes it): longer than one call attempt plus its backoff.
     claim_deadline_s: float = 300.0
 
-    def run(self, fn: Callable[[Session], T]) -> T:
+    @property
+    def engine(self) -> Engine:
+        return cast(Engine, self.sessions.kw["bind"])
+
+    def run(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in one transaction, retrying if the database connection drops.
+
+        ``fn`` gets a Core Connection, not an ORM Session: every stage of every job runs a few of
+        these, and the Session's per-transaction bookkeeping (snapshots, autobegin, the ORM
+        execution layer) cost more CPU than the statements, which are all Core (bench/).
 
         A Postgres restart must not lose a model call that already cost money: a dead pooled
         connection fails the unit of work (SQLAlchemy then discards it and the pool's other stale
@@ -74,11 +81,12 @@ class Pipeline:
         delay, waited = 0.2, 0.0
         while True:
             try:
-                with transaction(self.sessions) as session:
+                with self.engine.begin() as conn:
                     # Only a retried unit of work can follow a commit whose acknowledgement was
                     # lost; a first run need not look for its own earlier commit (_applied_before).
-                    session.info[REPLAY] = waited > 0
-                    return fn(session)
+                    # (Connection.info lives with the pooled connection: set on every run.)
+                    conn.info[REPLAY] = waited > 0
+                    return fn(conn)
             except OperationalError as exc:
                 # OperationalError is the driver's word for a lost or refused connection; a
                 # constraint or programming error is a different class and is raised at once.
@@ -126,7 +134,7 @@ _INSERT_CALL = insert(_CALLS).returning(_CALLS.c.id)
 _UPDATE_CALL = update(_CALLS).where(_CALLS.c.id == bindparam("b_call_id"))
 
 
-def _start_call(session: Session, p: Pipeline, claim: Claim, *, stage: Stage, tier: str) -> int:
+def _start_call(session: Connection, p: Pipeline, claim: Claim, *, stage: Stage, tier: str) -> int:
     """Write the call's row before making it, so a call whose worker dies is still on record."""
     return session.execute(_INSERT_CALL, {  # type: ignore[no-any-return]
         "job_id": claim.id, "stage": stage, "tier": tier, "model": p.models.tier(tier).model, "attempt": 1,
@@ -142,7 +150,7 @@ def _total_cost(p: Pipeline, tier: str, attempts: Iterable[Attempt]) -> Decimal:
 
 
 def _record_attempts(
-    session: Session, p: Pipeline, *, call_id: int, claim: Claim, stage: Stage, tier: str,
+    session: Connection, p: Pipeline, *, call_id: int, claim: Claim, stage: Stage, tier: str,
     attempts: Iterable[Attempt], applied: bool,
 ) -> None:
     """Fill in the started row with the first attempt and add a row for each retry.
@@ -169,7 +177,7 @@ def _record_attempts(
                                              "delivery": claim.deliveries, **values})
 
 
-def _applied_before(session: Session, call_id: int | None) -> bool:
+def _applied_before(session: Connection, call_id: int | None) -> bool:
     """True if this very call was already applied: Pipeline.run is replaying a transaction whose
     commit reached Postgres but whose acknowledgement was lost with the connection (a restart, a
     dropped backend). Replaying it would find the job moved, record the call as not applied and
@@ -182,7 +190,7 @@ def _applied_before(session: Session, call_id: int | None) -> bool:
     return session.scalar(select(ModelCall.outcome).where(ModelCall.id == call_id)) in ("ok", "error")
 
 
-def _add_cost(session: Session, job_id: int, cost: Decimal) -> None:
+def _add_cost(session: Connection, job_id: int, cost: Decimal) -> None:
     if cost:
         session.execute(update(_JOBS).where(_JOBS.c.id == job_id).values(cost_usd=_JOBS.c.cost_usd + cost))
 
@@ -194,7 +202,7 @@ def _claim(p: Pipeline, job_id: int, status: JobStatus,
            call: Callable[[Claim], tuple[Stage, str] | None] | None = None) -> tuple[Claim, int | None] | None:
     """Begin the stage; fail a poison job; write the started call row if ``call`` asks for one."""
 
-    def do(session: Session) -> tuple[Claim, int | None] | None:
+    def do(session: Connection) -> tuple[Claim, int | None] | None:
         claim = begin_stage(session, job_id, status=status, claim_deadline_s=p.claim_deadline_s)
         if claim is None:
             return None
@@ -228,8 +236,8 @@ def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,
         # duplicate delivery (which the version check absorbs), while blocking here on a database
         # outage would hold up a call that is already paid for.
         try:
-            with transaction(p.sessions) as session:
-                renew_claim(session, claim.id, version=claim.version)
+            with p.engine.begin() as conn:
+                renew_claim(conn, claim.id, version=claim.version)
         except OperationalError as exc:
             log.warning("job %s: could not renew the stage claim: %s", claim.id, exc.orig or exc)
 
@@ -246,7 +254,7 @@ def _defer(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage:
     worker thread (pipeline.ratelimit says when that happens). Attempts already made are recorded;
     a call that never started leaves no row."""
 
-    def do(session: Session) -> bool:
+    def do(session: Connection) -> bool:
         if deferred.attempts:
             _record_attempts(session, p, call_id=call_id, claim=claim, stage=stage, tier=tier,
                              attempts=deferred.attempts, applied=False)
@@ -270,7 +278,7 @@ def _fail_after_call(p: Pipeline, claim: Claim, call_id: int, *, status: JobStat
     what = "transient error, retries exhausted" if failed.transient else "permanent error"
     error = f"{stage.value} call to {tier} failed ({what}): {failed}"
 
-    def do(session: Session) -> None:
+    def do(session: Connection) -> None:
         _record_attempts(session, p, call_id=call_id, claim=claim, stage=stage, tier=tier,
                          attempts=failed.attempts, applied=False)
         _add_cost(session, claim.id, _total_cost(p, tier, failed.attempts))
@@ -302,7 +310,7 @@ def triage(p: Pipeline, job_id: int) -> Handoff | None:
     verdict = parse_triage(result.text, min_confidence=p.models.routing.min_confidence)
     target = tier_for(verdict, p.models.routing)
 
-    def do(session: Session) -> Handoff | None:
+    def do(session: Connection) -> Handoff | None:
         if _applied_before(session, call_id):
             return Handoff(WORK, job_id, target)
         cost = _total_cost(p, tier, result.attempts)
@@ -341,7 +349,7 @@ def work(p: Pipeline, job_id: int) -> Handoff | None:
                          failed=result)
         return None
 
-    def do(session: Session) -> Handoff | None:
+    def do(session: Connection) -> Handoff | None:
         if _applied_before(session, call_id):
             return Handoff(VALIDATE, job_id, "validate")
         cost = _total_cost(p, tier, result.attempts)
@@ -395,7 +403,7 @@ def validate(p: Pipeline, job_id: int) -> Handoff | None:
     return p.run(lambda session: _apply_verdict(session, p, claim, call_id, verdict, result))
 
 
-def _apply_verdict(session: Session, p: Pipeline, claim: Claim, call_id: int | None, verdict: Verdict,
+def _apply_verdict(session: Connection, p: Pipeline, claim: Claim, call_id: int | None, verdict: Verdict,
                    result: CallResult | None) -> Handoff | None:
     tier = claim.tier or ""
     checker = p.models.format_check_tier

@@ -19,9 +19,9 @@ from datetime import timedelta
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, insert, literal, or_, select, update
-from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 
+from pipeline.db import Executor, dialect_name
 from pipeline.models import TERMINAL, Job, JobEvent, JobStatus, utcnow
 
 Q, T, W, V = JobStatus.QUEUED, JobStatus.TRIAGING, JobStatus.WORKING, JobStatus.VALIDATING
@@ -68,7 +68,7 @@ def _entry_values(to: JobStatus, now: Any) -> dict[str, Any]:
 
 
 def transition(
-    session: Session,
+    session: Executor,
     job_id: int,
     *,
     frm: JobStatus,
@@ -93,7 +93,7 @@ def transition(
     else:
         keys, expressions = tuple(sorted(values)), None
         params.update({f"v_{k}": v for k, v in values.items()})
-    if session.get_bind().dialect.name != "postgresql":
+    if dialect_name(session) != "postgresql":
         # Data-modifying CTEs are Postgres's: on SQLite (the embedded demo) the same two writes go
         # as two statements in the same transaction.
         if session.execute(_update_statement(frm, to, keys, adds, expressions=expressions), params).first() is None:
@@ -153,7 +153,7 @@ class Moved:
 
 
 def transition_many(
-    session: Session,
+    session: Executor,
     job_ids: Sequence[int],
     *,
     frm: JobStatus,
@@ -211,7 +211,7 @@ _BEGIN_STAGE = (
 )
 
 
-def begin_stage(session: Session, job_id: int, *, status: JobStatus, claim_deadline_s: float) -> Claim | None:
+def begin_stage(session: Executor, job_id: int, *, status: JobStatus, claim_deadline_s: float) -> Claim | None:
     """Claim the job for the stage that is starting, if it is in that stage and no live worker
     holds it.
 
@@ -229,7 +229,7 @@ def begin_stage(session: Session, job_id: int, *, status: JobStatus, claim_deadl
     return Claim(*row)
 
 
-def release_stage(session: Session, job_id: int, *, status: JobStatus, version: int) -> bool:
+def release_stage(session: Executor, job_id: int, *, status: JobStatus, version: int) -> bool:
     """Undo ``begin_stage`` for a stage that handed its job back unstarted (a rate-limit wait):
     the delivery did not run, so it must not count towards the poison-job bound, and the sweeper's
     clock restarts. True if the job was still where the stage left it."""
@@ -243,7 +243,7 @@ def release_stage(session: Session, job_id: int, *, status: JobStatus, version: 
     return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
 
-def renew_claim(session: Session, job_id: int, *, version: int) -> bool:
+def renew_claim(session: Executor, job_id: int, *, version: int) -> bool:
     """Show the sweeper that the worker holding this stage is alive (it is starting another attempt
     of its call), so the claim deadline need only cover one attempt, not all of them."""
     result = session.execute(
@@ -255,5 +255,5 @@ def renew_claim(session: Session, job_id: int, *, version: int) -> bool:
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def status_of(session: Session, job_id: int) -> JobStatus | None:
+def status_of(session: Executor, job_id: int) -> JobStatus | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))

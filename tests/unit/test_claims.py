@@ -7,9 +7,8 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, event, select, update
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
 
 from pipeline import stages
 from pipeline.dispatch import sweep
@@ -101,29 +100,22 @@ def test_a_replayed_transaction_whose_commit_went_through_hands_off_again(pipeli
     unapplied, count its cost twice, or drop the hand-off."""
     [jid] = enqueue(pipeline, tmp_path, {"kind": "generate", "prompt": "replayed", "tier": "sonnet"})
     dispatched(pipeline)
-    real_sessions = pipeline.sessions
-    opened: list[Session] = []
+    commits: list[int] = []
 
-    def sessions() -> Session:
+    def lose_the_acknowledgement(conn: Connection) -> None:
         # The work stage's second unit of work (after the claim) is its result: let its COMMIT
-        # reach Postgres, then lose the acknowledgement the way a dropped connection does.
-        session = real_sessions()
-        opened.append(session)
-        if len(opened) == 2:
-            real_commit = session.commit
+        # reach Postgres, then fail the way a connection dropped before the answer came does.
+        commits.append(1)
+        if len(commits) == 2:
+            conn.connection.dbapi_connection.commit()  # type: ignore[union-attr]
+            raise OperationalError("COMMIT", {}, ConnectionError("server closed the connection unexpectedly"))
 
-            def commit() -> None:
-                real_commit()
-                raise OperationalError("COMMIT", {}, ConnectionError("server closed the connection unexpectedly"),
-                                       connection_invalidated=True)
-
-            session.commit = commit  # type: ignore[method-assign]
-        return session
-
-    pipeline.sessions = sessions  # type: ignore[assignment]
-    assert stages.work(pipeline, jid) == Handoff("validate", jid, "validate")
-    assert len(opened) == 3  # the claim, the result whose acknowledgement was lost, its replay
-    pipeline.sessions = real_sessions
+    event.listen(pipeline.engine, "commit", lose_the_acknowledgement)
+    try:
+        assert stages.work(pipeline, jid) == Handoff("validate", jid, "validate")
+    finally:
+        event.remove(pipeline.engine, "commit", lose_the_acknowledgement)
+    assert len(commits) == 3  # the claim, the result whose acknowledgement was lost, its replay
     with pipeline.sessions() as s:
         calls = s.scalars(select(ModelCall).where(ModelCall.job_id == jid)).all()
     assert [(c.outcome, c.applied) for c in calls] == [("ok", True)]

@@ -6,14 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import select, text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, insert, select, text
 
 from pipeline.claude import ClaudeClient
 from pipeline.config import ModelConfig
 from pipeline.db import make_engine, session_factory
 from pipeline.fake_claude import FakeClaude
-from pipeline.models import Batch
+from pipeline.models import Batch, utcnow
 from pipeline.stages import Pipeline
 
 
@@ -34,10 +33,9 @@ def test_a_connection_killed_in_the_pool_is_replaced_by_the_retry(pipeline: Pipe
             assert conn.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
     admin.dispose()
 
-    def write(session: Session) -> int:
-        session.add(Batch(name="after-the-kill"))
-        session.flush()
-        return int(session.scalar(text("SELECT pg_backend_pid()")))
+    def write(conn: Connection) -> int:
+        conn.execute(insert(Batch).values(name="after-the-kill", created_at=utcnow()))
+        return int(conn.scalar(text("SELECT pg_backend_pid()")))
 
     new_pid = pipeline.run(write)
     assert new_pid not in pids
@@ -52,9 +50,9 @@ def test_a_sqlite_programming_error_is_not_retried_as_a_lost_connection(tmp_path
     p = Pipeline(sessions=sessions, client=None, models=None, db_retry_s=60)  # type: ignore[arg-type]
     tries: list[int] = []
 
-    def bad_sql(session: Session) -> None:
+    def bad_sql(conn: Connection) -> None:
         tries.append(1)
-        session.execute(text("WITH x AS (UPDATE nowhere SET a = 1 RETURNING a) SELECT 1"))
+        conn.execute(text("WITH x AS (UPDATE nowhere SET a = 1 RETURNING a) SELECT 1"))
 
     with pytest.raises(OperationalError, match="syntax error"):
         p.run(bad_sql)
