@@ -12,6 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, TypeVar, cast
@@ -67,8 +68,12 @@ class Pipeline:
     def engine(self) -> Engine:
         return cast(Engine, self.sessions.kw["bind"])
 
-    def run(self, fn: Callable[[Connection], T]) -> T:
+    def run(self, fn: Callable[[Connection], T], *, autocommit: bool = False) -> T:
         """Run ``fn`` in one transaction, retrying if the database connection drops.
+
+        With ``autocommit`` there is no transaction around ``fn``: each of its statements commits
+        on its own, sparing the BEGIN and COMMIT round trips, for units whose statements need not
+        stand or fall together. A retry then runs ``fn`` again over what already committed.
 
         ``fn`` gets a Core Connection, not an ORM Session: every stage of every job runs a few of
         these, and the Session's per-transaction bookkeeping (snapshots, autobegin, the ORM
@@ -81,7 +86,7 @@ class Pipeline:
         delay, waited = 0.2, 0.0
         while True:
             try:
-                with self.engine.begin() as conn:
+                with self._unit(autocommit) as conn:
                     # Only a retried unit of work can follow a commit whose acknowledgement was
                     # lost; a first run need not look for its own earlier commit (_applied_before).
                     # (Connection.info lives with the pooled connection: set on every run.)
@@ -95,6 +100,13 @@ class Pipeline:
                 time.sleep(delay)
                 waited += delay
                 delay = min(delay * 2, 5.0)
+
+    def _unit(self, autocommit: bool) -> AbstractContextManager[Connection]:
+        if not autocommit:
+            return self.engine.begin()
+        conn = self.engine.connect()
+        conn.execution_options(isolation_level="AUTOCOMMIT")  # a client-side switch: no round trip
+        return conn
 
 
 REPLAY = "switchyard.replay"
@@ -200,13 +212,19 @@ def _add_cost(session: Connection, job_id: int, cost: Decimal) -> None:
 
 def _claim(p: Pipeline, job_id: int, status: JobStatus,
            call: Callable[[Claim], tuple[Stage, str] | None] | None = None) -> tuple[Claim, int | None] | None:
-    """Begin the stage; fail a poison job; write the started call row if ``call`` asks for one."""
+    """Begin the stage; fail a poison job; write the started call row if ``call`` asks for one.
+
+    Each statement commits on its own (Pipeline.run's autocommit): none needs the others to stand.
+    A worker that dies after the claim and before the call row has made no call, and the next
+    claim counts its delivery. A retry after a lost connection replays the claim with the same
+    stamp (begin_stage) and closes any call row the first run had already written."""
+    now = utcnow()
 
     def do(session: Connection) -> tuple[Claim, int | None] | None:
-        claim = begin_stage(session, job_id, status=status, claim_deadline_s=p.claim_deadline_s)
+        claim = begin_stage(session, job_id, status=status, claim_deadline_s=p.claim_deadline_s, now=now)
         if claim is None:
             return None
-        if claim.deliveries > 1:
+        if claim.deliveries > 1 or session.info.get(REPLAY):
             # A call row of this job still "started" belongs to an earlier claim of this stage that
             # is dead (a live one would have kept us out). The sweeper closes such rows when it
             # republishes, but a duplicate message can take over a stale claim before the sweeper
@@ -217,16 +235,21 @@ def _claim(p: Pipeline, job_id: int, status: JobStatus,
                 update(ModelCall).where(ModelCall.job_id == job_id, ModelCall.outcome == "started")
                 .values(outcome="abandoned", finished_at=utcnow()).execution_options(synchronize_session=False))
         if claim.deliveries > p.max_deliveries:
-            transition(session, job_id, frm=status, version=claim.version, to=JobStatus.FAILED,
-                       error=f"poison job: the {status.value} stage was started {claim.deliveries - 1} "
-                             f"times and never finished (did it kill its worker?)",
-                       detail="poison")
-            return None
+            return claim, None
         wanted = call(claim) if call else None
         call_id = _start_call(session, p, claim, stage=wanted[0], tier=wanted[1]) if wanted else None
         return claim, call_id
 
-    return p.run(do)
+    claimed = p.run(do, autocommit=True)
+    if claimed is not None and claimed[0].deliveries > p.max_deliveries:
+        claim = claimed[0]
+        # A transition is a unit of its own (the move and its event row together).
+        p.run(lambda session: transition(
+            session, job_id, frm=status, version=claim.version, to=JobStatus.FAILED, detail="poison",
+            error=f"poison job: the {status.value} stage was started {claim.deliveries - 1} times and never "
+                  f"finished (did it kill its worker?)"))
+        return None
+    return claimed
 
 
 def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,

@@ -15,10 +15,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, insert, literal, or_, select, update
+from sqlalchemy import Table, bindparam, case, insert, literal, or_, select, update
 from sqlalchemy.sql import ClauseElement
 
 from pipeline.db import Executor, dialect_name
@@ -201,17 +201,22 @@ class Claim:
 
 # Built once, run with bound parameters, on the table rather than the ORM entity: every stage of
 # every job begins here, and building the statement each time cost more CPU than running it.
+_NOW = bindparam("b_now", type_=_JOBS.c.claimed_at.type)
 _BEGIN_STAGE = (
     update(_JOBS)
     .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.status == bindparam("b_status"),
-           or_(_JOBS.c.claimed_at.is_(None), _JOBS.c.claimed_at < bindparam("b_stale")))
-    .values(deliveries=_JOBS.c.deliveries + 1, claimed_at=bindparam("b_now"))
+           or_(_JOBS.c.claimed_at.is_(None), _JOBS.c.claimed_at < bindparam("b_stale"), _JOBS.c.claimed_at == _NOW))
+    # A claim already stamped with this very time is this claim, committed once and now replayed
+    # (its acknowledgement was lost with the connection): taken again, and not counted twice.
+    .values(deliveries=case((_JOBS.c.claimed_at == _NOW, _JOBS.c.deliveries), else_=_JOBS.c.deliveries + 1),
+            claimed_at=_NOW)
     .returning(_JOBS.c.id, _JOBS.c.version, _JOBS.c.deliveries, _JOBS.c.kind, _JOBS.c.payload, _JOBS.c.tier,
                _JOBS.c.attempt, _JOBS.c.feedback, _JOBS.c.candidate, _JOBS.c.candidate_stop)
 )
 
 
-def begin_stage(session: Executor, job_id: int, *, status: JobStatus, claim_deadline_s: float) -> Claim | None:
+def begin_stage(session: Executor, job_id: int, *, status: JobStatus, claim_deadline_s: float,
+                now: datetime | None = None) -> Claim | None:
     """Claim the job for the stage that is starting, if it is in that stage and no live worker
     holds it.
 
@@ -220,8 +225,11 @@ def begin_stage(session: Executor, job_id: int, *, status: JobStatus, claim_dead
     here matters twice over: the sweeper and Redis's visibility timeout both republish, and without
     this guard two workers would pay for the same call at once, and each duplicate would count as a
     delivery, failing a healthy job as poison. The delivery count is raised only by real claims,
-    so it counts the workers that began this stage and died (or stalled) on it."""
-    now = utcnow()
+    so it counts the workers that began this stage and died (or stalled) on it.
+
+    ``now`` stamps the claim; a caller that may replay the claim (Pipeline.run after a lost
+    connection) passes the same one each time, so the replay finds its own claim, not a rival's."""
+    now = now or utcnow()
     row = session.execute(_BEGIN_STAGE, {"b_id": job_id, "b_status": status, "b_now": now,
                                          "b_stale": now - timedelta(seconds=claim_deadline_s)}).first()
     if row is None:

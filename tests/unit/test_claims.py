@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 
 from pipeline import stages
 from pipeline.dispatch import sweep
-from pipeline.models import Job, JobStatus, ModelCall, utcnow
+from pipeline.models import Job, JobEvent, JobStatus, ModelCall, utcnow
 from pipeline.stages import Handoff, Pipeline
 from pipeline.states import begin_stage
 from tests.unit.test_stages import dispatched, enqueue, job, pipeline  # noqa: F401  (the fixture)
@@ -103,10 +103,11 @@ def test_a_replayed_transaction_whose_commit_went_through_hands_off_again(pipeli
     commits: list[int] = []
 
     def lose_the_acknowledgement(conn: Connection) -> None:
-        # The work stage's second unit of work (after the claim) is its result: let its COMMIT
-        # reach Postgres, then fail the way a connection dropped before the answer came does.
+        # The claim commits statement by statement (autocommit); the stage's one transaction is its
+        # result: let its COMMIT reach Postgres, then fail the way a connection dropped before the
+        # answer came does.
         commits.append(1)
-        if len(commits) == 2:
+        if len(commits) == 1:
             conn.connection.dbapi_connection.commit()  # type: ignore[union-attr]
             raise OperationalError("COMMIT", {}, ConnectionError("server closed the connection unexpectedly"))
 
@@ -115,8 +116,37 @@ def test_a_replayed_transaction_whose_commit_went_through_hands_off_again(pipeli
         assert stages.work(pipeline, jid) == Handoff("validate", jid, "validate")
     finally:
         event.remove(pipeline.engine, "commit", lose_the_acknowledgement)
-    assert len(commits) == 3  # the claim, the result whose acknowledgement was lost, its replay
+    assert len(commits) == 2  # the result whose acknowledgement was lost, and its replay
     with pipeline.sessions() as s:
         calls = s.scalars(select(ModelCall).where(ModelCall.job_id == jid)).all()
     assert [(c.outcome, c.applied) for c in calls] == [("ok", True)]
     assert job(pipeline, jid).cost_usd == calls[0].cost_usd
+
+
+def test_a_replayed_claim_takes_its_own_claim_again_without_counting_a_delivery(pipeline: Pipeline,  # noqa: F811
+                                                                               tmp_path: Path) -> None:
+    """The claim's statements commit one by one. If the connection drops after the call row is
+    written, Pipeline.run replays the claim: it must find its own claim (not refuse it as a live
+    rival's, which would strand the job until the claim deadline), count the delivery once, and
+    close the call row the first run left."""
+    [jid] = enqueue(pipeline, tmp_path, {"kind": "generate", "prompt": "claim replayed", "tier": "sonnet"})
+    dispatched(pipeline)
+    lost: list[str] = []
+
+    def drop_after_call_row(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.startswith("INSERT INTO model_calls") and not lost:
+            lost.append(statement)
+            raise OperationalError(statement, parameters, ConnectionError("server closed the connection unexpectedly"))
+
+    event.listen(pipeline.engine, "after_cursor_execute", drop_after_call_row)
+    try:
+        assert stages.work(pipeline, jid) == Handoff("validate", jid, "validate")
+    finally:
+        event.remove(pipeline.engine, "after_cursor_execute", drop_after_call_row)
+    assert lost
+    with pipeline.sessions() as s:
+        calls = s.scalars(select(ModelCall).where(ModelCall.job_id == jid).order_by(ModelCall.id)).all()
+        events = s.scalars(select(JobEvent.to_status).where(JobEvent.job_id == jid).order_by(JobEvent.id)).all()
+    assert [(c.outcome, c.applied, c.delivery) for c in calls] == [("abandoned", False, 1), ("ok", True, 1)]
+    assert job(pipeline, jid).status is JobStatus.VALIDATING
+    assert events[-1] is JobStatus.VALIDATING
