@@ -202,12 +202,13 @@ def test_worker_metrics_count_calls_tokens_cost_stages_and_waits(
     n = 10
     batch = enqueue_pinned(sessions, models, tmp_path, "metrics", [f"Invoice {i} unpaid" for i in range(n)])
     wait_for_batch(sessions, batch, timeout=120, cluster=cluster)
-    # The heartbeat thread refreshes the queue-depth gauge every 5 s; wait for one round.
+    # The heartbeat thread refreshes the queue-depth gauge every 5 s, so a scrape can still show a
+    # sample taken while the batch was queued: wait for one taken after it drained.
+    depth = ("switchyard_queue_depth", (("queue", "sonnet"),))
     deadline = time.monotonic() + 30
-    while not any(k[0] == "switchyard_queue_depth" for k in scrape(ports)):
-        assert time.monotonic() < deadline
+    while (after := scrape(ports)).get(depth) != 0:
+        assert time.monotonic() < deadline, f"sonnet queue depth still {after.get(depth)} with the batch done"
         time.sleep(0.5)
-    after = scrape(ports)
 
     def delta(name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))
@@ -223,4 +224,3 @@ def test_worker_metrics_count_calls_tokens_cost_stages_and_waits(
     assert delta("switchyard_cost_usd_total", tier="sonnet") == pytest.approx(float(cost), rel=1e-6)
     # Ten calls arriving together against a burst of five: some waited for their turn.
     assert delta("switchyard_rate_limit_wait_seconds_count", tier="sonnet") > 0
-    assert after[("switchyard_queue_depth", (("queue", "sonnet"),))] == 0
