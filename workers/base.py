@@ -78,11 +78,18 @@ def broker_watch(broker_url: str) -> Callable[[], bool] | None:
 
 def publisher(app: Celery) -> Callable[[Iterable[Handoff]], None]:
     def publish(handoffs: Iterable[Handoff]) -> None:
-        for h in handoffs:
-            # A countdown (a job handed back to wait for its tier's rate limit) is held by a worker
-            # outside its pool until due: it takes no thread while it waits.
-            app.send_task(TASKS[h.stage], args=[h.job_id], queue=h.queue,
-                          countdown=h.delay_s if h.delay_s > 0 else None)
+        handoffs = list(handoffs)
+        if not handoffs:
+            return  # most dispatcher rounds have nothing to send
+        # One producer (one pooled broker connection) for the whole lot: the dispatcher publishes
+        # up to a thousand jobs a round, and acquiring the producer anew for each cost more than
+        # sending the message.
+        with app.producer_or_acquire() as producer:
+            for h in handoffs:
+                # A countdown (a job handed back to wait for its tier's rate limit) is held by a
+                # worker outside its pool until due: it takes no thread while it waits.
+                app.send_task(TASKS[h.stage], args=[h.job_id], queue=h.queue, producer=producer,
+                              countdown=h.delay_s if h.delay_s > 0 else None)
 
     return publish
 
