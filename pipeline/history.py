@@ -364,14 +364,20 @@ def _filtered(db_session: Session, stmt: Any, filters: JobFilters) -> Any:
         stmt = stmt.where(Job.created_at < filters.until)
         if filters.batch is None and not filters.status:
             # A window that ends in the past: left alone, the planner walks the primary key back
-            # from the newest job, through every job created since. The newest id inside the
-            # window bounds that walk (safely: no job of the window has a larger id). It is read
-            # through the created_at BRIN index; "id + 0" stops the planner from turning max(id)
-            # into the same backward walk.
+            # from the newest job, through every job created since, and on past the window's
+            # start to the oldest job when the window holds fewer matching jobs than a page. The
+            # window's newest and oldest ids bound that walk at both ends (safely: no job of the
+            # window lies outside them, whatever order ids and created_at are in). Both come from
+            # one read of the window through the created_at BRIN index; "id + 0" stops the
+            # planner from turning max(id) into the same backward walk.
             window = [Job.created_at < filters.until]
             if filters.since is not None:
                 window.append(Job.created_at >= filters.since)
-            stmt = stmt.where(Job.id <= select(func.max(Job.id + 0)).where(*window).scalar_subquery())
+            ids = select(func.min(Job.id + 0).label("lo"), func.max(Job.id + 0).label("hi")).where(*window) \
+                .cte("window_ids")
+            stmt = stmt.where(Job.id <= select(ids.c.hi).scalar_subquery())
+            if filters.since is not None:
+                stmt = stmt.where(Job.id >= select(ids.c.lo).scalar_subquery())
     if filters.key_prefix:
         stmt = stmt.where(Job.key.like(_like_prefix(filters.key_prefix), escape="\\"))
     return stmt
