@@ -14,10 +14,10 @@ SQL equivalent to what ``jobs list``, ``jobs show`` and ``stats`` need.
 from __future__ import annotations
 
 import random
-import re
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -180,44 +180,115 @@ def _real_queries() -> dict[str, Callable[[Session, random.Random, int], Any]] |
 
 # -- EXPLAIN ---------------------------------------------------------------------------------------
 
-_SCAN = re.compile(r"(Seq Scan|Parallel Seq Scan|Index Only Scan|Index Scan|Bitmap Heap Scan)(?: Backward)?"
-                   r"(?: using (\w+))? on (\w+)")
-
-
-# An index that only orders the rows (the primary key, walked backwards) while a filter throws
-# away thousands of them is not an index serving the query.
-_FILTERED = re.compile(r"Rows Removed by (?:Filter|Index Recheck): (\d+)")
+# "Indexes serve it" means, in EXPLAIN ANALYZE of every statement the query sends, for each of
+# EXPLAIN_DRAWS draws of its arguments (one draw can be lucky: a plan may go bad only for some
+# windows or batches):
+# - no sequential scan of a table other than batches (a handful of rows);
+# - at most MAX_FILTERED rows read and then thrown away by a filter, or by the recheck of a
+#   B-tree bitmap that went lossy, summed over every loop of every node. An index that only
+#   orders the rows (the primary key, walked backwards) while a filter selects them is not an
+#   index serving the query.
+# - A BRIN index is lossy by design: it keeps one summary per range of pages_per_range pages, so
+#   a bitmap heap scan through it rechecks every row of each range it returns, and throws away the
+#   rows outside the window at both ends. Those rows are counted apart ("BRIN recheck") and allowed
+#   up to two ranges' worth of pages a scan; a BRIN scan that throws away more than that is
+#   reading ranges the window is not in (the table's physical order no longer follows the
+#   column, or the plan leans on the BRIN for a condition it cannot check), and fails.
+EXPLAIN_DRAWS = 5
 MAX_FILTERED = 1000
 
 
+@dataclass
+class _PlanCheck:
+    brin: dict[str, int]  # BRIN index name -> pages_per_range
+    scans: set[str] = field(default_factory=set)
+    seq: set[str] = field(default_factory=set)
+    filtered: int = 0
+    brin_recheck: int = 0
+    brin_excess: list[str] = field(default_factory=list)
+
+    def walk(self, node: dict[str, Any]) -> None:
+        kind, loops = node["Node Type"], node.get("Actual Loops", 1)
+        table = node.get("Relation Name")
+        removed = round(node.get("Rows Removed by Filter", 0) * loops)
+        recheck = round(node.get("Rows Removed by Index Recheck", 0) * loops)
+        if kind == "Seq Scan":
+            self.scans.add(f"{table}: {'Parallel ' if node.get('Parallel Aware') else ''}Seq Scan")
+            if table != "batches":
+                self.seq.add(str(table))
+        elif kind in ("Index Scan", "Index Only Scan"):
+            backward = " Backward" if node.get("Scan Direction") == "Backward" else ""
+            self.scans.add(f"{table}: {kind}{backward} {node['Index Name']}")
+        elif kind == "Bitmap Heap Scan":
+            indexes = sorted(_bitmap_indexes(node))
+            self.scans.add(f"{table}: Bitmap Heap Scan ({', '.join(indexes)})")
+            ranges = [self.brin[i] for i in indexes if i in self.brin]
+            if ranges and recheck:
+                self.brin_recheck += recheck
+                # The pages whose rows were all thrown away: the heap pages read, in the share of
+                # rows read that the recheck discarded.
+                read = node["Actual Rows"] * loops + recheck + removed
+                pages = node.get("Exact Heap Blocks", 0) + node.get("Lossy Heap Blocks", 0)
+                wasted = pages * recheck / read if read else 0
+                if wasted > 2 * max(ranges):
+                    self.brin_excess.append(f"{table}: {wasted:.0f} pages rechecked for nothing")
+                recheck = 0
+        self.filtered += removed + recheck
+        for child in node.get("Plans", []):
+            self.walk(child)
+
+
+def _bitmap_indexes(node: dict[str, Any]) -> set[str]:
+    names = {node["Index Name"]} if node["Node Type"] == "Bitmap Index Scan" else set()
+    for child in node.get("Plans", []):
+        if child["Node Type"] in ("Bitmap Index Scan", "BitmapAnd", "BitmapOr"):
+            names |= _bitmap_indexes(child)
+    return names
+
+
+def _brin_indexes(conn: Any) -> dict[str, int]:
+    rows = conn.execute(text(
+        "SELECT c.relname, coalesce((SELECT split_part(o, '=', 2)::int FROM unnest(c.reloptions) o "
+        "WHERE o LIKE 'pages_per_range=%'), 128) FROM pg_class c JOIN pg_am a ON a.oid = c.relam "
+        "WHERE a.amname = 'brin'"))
+    return {name: int(ppr) for name, ppr in rows}
+
+
 def explain(engine: Engine, fn: Callable[[Session, random.Random, int], Any], n: int) -> dict[str, Any]:
-    """Run ``fn`` once, capture the statements it sends, and EXPLAIN each with its parameters."""
-    captured: list[tuple[str, Any]] = []
-
-    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-        captured.append((statement, parameters))
-
-    event.listen(engine, "before_cursor_execute", capture)
-    try:
-        with session_factory(engine)() as s:
-            fn(s, random.Random(7), n)
-    finally:
-        event.remove(engine, "before_cursor_execute", capture)
-    scans: list[str] = []
-    seq: list[str] = []
-    filtered = 0
+    """Run ``fn`` for EXPLAIN_DRAWS draws of its arguments, capture the statements each sends, and
+    EXPLAIN ANALYZE each with its parameters. Counts are the worst draw's."""
     with engine.connect() as conn:
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        for statement, parameters in captured:
-            cursor.execute("EXPLAIN ANALYZE " + statement, parameters)
-            plan = "\n".join(r[0] for r in cursor.fetchall())
-            filtered += sum(int(x) for x in _FILTERED.findall(plan))
-            for kind, index, table in _SCAN.findall(plan):
-                scans.append(f"{table}: {kind}{' ' + index if index else ''}")
-                if "Seq Scan" in kind and table != "batches":
-                    seq.append(table)
-    return {"statements": len(captured), "scans": sorted(set(scans)), "seq_scans": sorted(set(seq)),
-            "rows_removed_by_filter": filtered}
+        brin = _brin_indexes(conn)
+    checks: list[_PlanCheck] = []
+    statements = 0
+    for draw in range(EXPLAIN_DRAWS):
+        captured: list[tuple[str, Any]] = []
+
+        def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool,
+                    into: list[tuple[str, Any]] = captured) -> None:
+            into.append((statement, parameters))
+
+        event.listen(engine, "before_cursor_execute", capture)
+        try:
+            with session_factory(engine)() as s:
+                fn(s, random.Random(7 + draw), n)
+        finally:
+            event.remove(engine, "before_cursor_execute", capture)
+        check = _PlanCheck(brin)
+        with engine.connect() as conn:
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            for statement, parameters in captured:
+                cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters)
+                check.walk(cursor.fetchone()[0][0]["Plan"])
+        checks.append(check)
+        statements = max(statements, len(captured))
+    worst = max(checks, key=lambda c: c.filtered)
+    return {"statements": statements, "draws": EXPLAIN_DRAWS,
+            "scans": sorted(set().union(*(c.scans for c in checks))),
+            "seq_scans": sorted(set().union(*(c.seq for c in checks))),
+            "rows_removed_by_filter": worst.filtered,
+            "brin_recheck_rows": max(c.brin_recheck for c in checks),
+            "brin_excess": sorted({e for c in checks for e in c.brin_excess})}
 
 
 def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | None = None,
@@ -245,12 +316,16 @@ def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | Non
             p50 = statistics.median(times)
             p95 = statistics.quantiles(times, n=20)[18]
             plan = explain(engine, fn, n)
-            indexed = not plan["seq_scans"] and plan["rows_removed_by_filter"] <= MAX_FILTERED
+            indexed = (not plan["seq_scans"] and plan["rows_removed_by_filter"] <= MAX_FILTERED
+                       and not plan["brin_excess"])
             console.print(f"  {name}: p50 {p50:.1f} ms, p95 {p95:.1f} ms; {plan['statements']} statement(s); "
-                          f"{'; '.join(plan['scans'])}; rows removed by filter {plan['rows_removed_by_filter']:,}")
+                          f"{'; '.join(plan['scans'])}; rows removed by filter {plan['rows_removed_by_filter']:,}, "
+                          f"BRIN recheck {plan['brin_recheck_rows']:,} (worst of {plan['draws']} draws)"
+                          + (f"; BRIN over-reads: {', '.join(plan['brin_excess'])}" if plan["brin_excess"] else ""))
             figures.append(Figure(NAME, f"{name}: p95 (p50 {p50:.1f} ms)", p95, "ms", target=20, target_kind="<",
                                   note="" if indexed else f"seq scans: {', '.join(plan['seq_scans']) or 'none'}; "
-                                                          f"rows removed by filter: {plan['rows_removed_by_filter']:,}",
+                                                          f"rows removed by filter: {plan['rows_removed_by_filter']:,}"
+                                                          + "".join(f"; {e}" for e in plan["brin_excess"]),
                                   extra={"p50_ms": p50, "p95_ms": p95, "runs": runs, "jobs": n, "source": source,
                                          **plan}))
             figures.append(Figure(NAME, f"{name}: EXPLAIN: indexes serve it", 1.0 if indexed else 0.0, "", target=1,

@@ -36,6 +36,10 @@ def run_migrations_online() -> None:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SET lock_timeout = '10s'"))
             connection.execute(text("SET statement_timeout = '15min'"))
+            # Session settings, so they outlive this transaction. Ending it here lets Alembic own
+            # the migrations' transaction, which a migration needs to step out of it
+            # (autocommit_block, for CREATE INDEX CONCURRENTLY).
+            connection.commit()
         context.configure(
             connection=connection,
             target_metadata=target_metadata,

@@ -16,8 +16,20 @@ below were checked with ``scripts/explain_history.py`` on 1,000,000 jobs in 10 b
 - ``ix_jobs_status_id`` (status, id): ``list_jobs(status=...)`` across batches, e.g. every failed
   job, newest first (0.08 ms), without reading the millions that succeeded.
 - ``ix_jobs_created_at`` (BRIN): ``since``/``until``. Jobs are inserted in time order, so a BRIN
-  index of a few pages narrows a window to its blocks. A window that ends in the past is bounded
-  by the newest id inside it (see ``_filtered``): 128 ms -> 5 ms for a one-hour window.
+  index of a few pages narrows a window to its blocks. A window that ends in the past is turned
+  into the range of ids inside it, read once through this index (see ``_filtered``), which bounds
+  the walk at both ends: 128 ms -> 5 ms for a one-hour window with the newest id only, and the
+  oldest id stops a window that holds less than a page from walking on to the oldest job.
+- ``ix_jobs_tier_created_at`` (tier, created_at) WHERE tier IS NOT NULL (migration
+  ``history_stats_indexes``): ``list_jobs(tier=..., since=..., until=...)``. Together with the
+  window's id range on the primary key it hands over exactly the tier's jobs of the window, where
+  a heap filter threw away the other tiers' (bench/history.py, 1M jobs, one-hour windows: p95
+  220 ms -> about 5 ms, most of it the id range's lower bound, which ends the walk that went on
+  past the window). (tier, id) would match ``ORDER BY id`` and the cursor, but with the window
+  already an id range the planner ANDs it with the lossy BRIN bitmap and rechecks every row of
+  the window's pages; on (tier, created_at) the window is an exact range. A tier without a window
+  is read by walking the primary key back (the tiers are a handful, each a large share of the
+  jobs, so a page is found within a few hundred rows).
 - ``uq_jobs_batch_id_key`` is built with ``varchar_pattern_ops`` on ``key``: still the
   idempotency key for ``ON CONFLICT (batch_id, key)``, and also a range scan for ``key_prefix``
   (``LIKE 'p%'`` becomes ``key ~>=~ 'p' AND key ~<~ 'q'``; 0.1 ms), which a default-collation
@@ -28,11 +40,12 @@ below were checked with ``scripts/explain_history.py`` on 1,000,000 jobs in 10 b
 What no index makes cheap, on purpose: the per-status counts and costs of ``list_batches`` and
 ``batch_progress`` are aggregates over every job of the batches shown (0.3 s for 1M jobs, a
 parallel scan; 80 ms for a 100k batch), and ``report.summarize`` aggregates the calls of the jobs
-it covers. Counters kept up to date on each transition would make every worker contend for one
-row per batch. ``tier`` and ``kind``, with a handful of values each, get no index either: they
-filter the rows of one of the scans above. Every index on ``jobs`` costs a write on each of a
-job's ~7 transitions (a status change is never a HOT update), which is why the history adds
-only four.
+it covers (it reads them by job id range; its docstring says how). Counters kept up to date on
+each transition would make every worker contend for one row per batch. ``kind`` gets no index,
+and ``tier`` only the one for windows above: they filter the rows of one of the scans above.
+Every index on ``jobs`` costs a write on each of a job's ~7 transitions (a status change is
+never a HOT update), which is why the history adds only five, and the tier one is partial: a
+job enters it only once triage has given it a tier (about 3 us a transition after that).
 """
 
 from __future__ import annotations
@@ -364,14 +377,20 @@ def _filtered(db_session: Session, stmt: Any, filters: JobFilters) -> Any:
         stmt = stmt.where(Job.created_at < filters.until)
         if filters.batch is None and not filters.status:
             # A window that ends in the past: left alone, the planner walks the primary key back
-            # from the newest job, through every job created since. The newest id inside the
-            # window bounds that walk (safely: no job of the window has a larger id). It is read
-            # through the created_at BRIN index; "id + 0" stops the planner from turning max(id)
-            # into the same backward walk.
+            # from the newest job, through every job created since, and on past the window's
+            # start to the oldest job when the window holds fewer matching jobs than a page. The
+            # window's newest and oldest ids bound that walk at both ends (safely: no job of the
+            # window lies outside them, whatever order ids and created_at are in). Both come from
+            # one read of the window through the created_at BRIN index; "id + 0" stops the
+            # planner from turning max(id) into the same backward walk.
             window = [Job.created_at < filters.until]
             if filters.since is not None:
                 window.append(Job.created_at >= filters.since)
-            stmt = stmt.where(Job.id <= select(func.max(Job.id + 0)).where(*window).scalar_subquery())
+            ids = select(func.min(Job.id + 0).label("lo"), func.max(Job.id + 0).label("hi")).where(*window) \
+                .cte("window_ids")
+            stmt = stmt.where(Job.id <= select(ids.c.hi).scalar_subquery())
+            if filters.since is not None:
+                stmt = stmt.where(Job.id >= select(ids.c.lo).scalar_subquery())
     if filters.key_prefix:
         stmt = stmt.where(Job.key.like(_like_prefix(filters.key_prefix), escape="\\"))
     return stmt

@@ -145,6 +145,10 @@ class Job(Base):
         Index("ix_jobs_batch_id_status_id", "batch_id", "status", "id"),
         Index("ix_jobs_status_id", "status", "id"),
         Index("ix_jobs_created_at", "created_at", postgresql_using="brin"),
+        # Jobs of a tier in a time window. Partial: a job enters it only once triage gives it a
+        # tier, so enqueueing and the first transitions do not pay for it.
+        Index("ix_jobs_tier_created_at", "tier", "created_at", postgresql_where=text("tier IS NOT NULL"),
+              sqlite_where=text("tier IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -204,6 +208,12 @@ class RoutingDecision(Base):
     """Why a job went to a tier: a triage verdict, a pin, a retry or an escalation."""
 
     __tablename__ = "routing_decisions"
+    __table_args__ = (
+        # report.summarize counts a batch's escalations per tier without reading every job's
+        # triage decision.
+        Index("ix_routing_decisions_escalation_job_id", "job_id", postgresql_where=text("reason_kind = 'escalation'"),
+              sqlite_where=text("reason_kind = 'escalation'")),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
@@ -220,6 +230,12 @@ class ModelCall(Base):
     """Every HTTP call to Claude, successful or not, with its tokens and cost."""
 
     __tablename__ = "model_calls"
+    __table_args__ = (
+        # report.summarize's "last successful work call of each job" reads only work calls. The
+        # stage never changes after the insert, so the call's later update can still be HOT.
+        Index("ix_model_calls_work_job_id", "job_id", postgresql_where=text("stage = 'work'"),
+              sqlite_where=text("stage = 'work'")),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)

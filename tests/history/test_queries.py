@@ -18,7 +18,7 @@ from pipeline import history
 from pipeline.config import ModelConfig
 from pipeline.enqueue import enqueue_file
 from pipeline.errors import InvalidQuery
-from pipeline.models import Batch, Job, JobEvent, JobStatus
+from pipeline.models import Batch, Job, JobEvent, JobKind, JobStatus
 from pipeline.states import transition_many
 from tests.history.helpers import job_line, switchyard, switchyard_json, write_jsonl
 
@@ -96,6 +96,48 @@ def test_each_filter_selects_exactly_its_jobs(sy_json, shaped: dict, args: list[
     assert expected, "the filter must select something"
     assert len(expected) < N, "the filter must exclude something"
     assert [j["id"] for j in jobs] == expected
+
+
+@pytest.mark.parametrize(("args", "pred"), [
+    # Across batches, a window that ends in the past is read as the range of ids inside it.
+    (["--tier", "opus", "--since", "2026-01-11T00:00:00Z", "--until", "2026-01-13T00:00:00Z"],
+     lambda i: 12 <= i < 60 and _shape(i)[1] == "opus"),
+    # Fewer jobs than a page: the walk stops at the window's first id, the result is the same.
+    (["--tier", "sonnet", "--since", "2026-01-11T00:00:00Z", "--until", "2026-01-11T05:00:00Z"],
+     lambda i: 12 <= i < 17 and _shape(i)[1] == "sonnet"),
+    (["--since", "2026-01-11T00:00:00Z", "--until", "2026-01-12T00:00:00Z"], lambda i: 12 <= i < 36),
+    (["--tier", "opus", "--until", "2026-01-11"], lambda i: i < 12 and _shape(i)[1] == "opus"),
+])
+def test_time_windows_across_batches(sy_json, shaped: dict, args: list[str], pred) -> None:
+    jobs, _ = _all_pages(sy_json, *args, limit=7)
+    expected = _expected(shaped, pred)
+    assert expected, "the window must select something"
+    assert [j["id"] for j in jobs] == expected
+
+
+def test_window_bounds_hold_when_ids_and_created_at_disagree(db: Session) -> None:
+    # Jobs whose created_at is not in id order (a clock step, rows written with an old time): the
+    # window's id range is its smallest and largest id, so paging still finds every job in it.
+    t0 = datetime(2001, 1, 1, tzinfo=UTC)
+    batch = Batch(name="scrambled-window")
+    db.add(batch)
+    db.flush()
+    hours = [5, 1, 9, 3, 0, 7, 2, 8, 6, 4]
+    jobs = [Job(batch_id=batch.id, key=f"s{i}", kind=JobKind.CLASSIFY, payload={}, status=JobStatus.SUCCEEDED,
+                tier="opus" if h % 2 else "sonnet", created_at=t0 + timedelta(hours=h)) for i, h in enumerate(hours)]
+    db.add_all(jobs)
+    db.flush()
+    filters = history.JobFilters(tier="opus", since=t0 + timedelta(hours=2), until=t0 + timedelta(hours=8))
+    got: list[int] = []
+    cursor = None
+    while True:
+        page = history.list_jobs(db_session=db, filters=filters, limit=1, cursor=cursor)
+        got += [j.id for j in page.jobs]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert got == sorted((j.id for j, h in zip(jobs, hours, strict=True) if h % 2 and 2 <= h < 8), reverse=True)
+    assert len(got) == 3
 
 
 def test_filters_across_batches_and_batch_filter(sy_json, sy, shaped: dict) -> None:

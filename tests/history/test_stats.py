@@ -21,9 +21,11 @@ from pipeline.report import percentile, summarize
 LATENCIES = [120.0, 80.0, 300.0, 95.0, 410.0, 150.0, 99.0]
 
 
-def build(session: Session) -> tuple[int, int]:
+def build(session: Session, *, interleaved: bool = False) -> tuple[int, int]:
     """Two batches; the first has a job whose work stage was delivered twice (a repeated call and
-    an abandoned one) and an escalation. Returns the batch ids."""
+    an abandoned one) and an escalation. Returns the batch ids. ``interleaved`` gives the second
+    batch's job an id between the first batch's two, as concurrent enqueues do: the first batch's
+    id range then holds a job that is not its own."""
     t0 = datetime(2026, 3, 1, tzinfo=UTC)
     a, b = Batch(name="stats-a", created_at=t0), Batch(name="stats-b", created_at=t0)
     session.add_all([a, b])
@@ -34,21 +36,23 @@ def build(session: Session) -> tuple[int, int]:
              created_at=t0 + timedelta(days=2))
     j3 = Job(batch_id=b.id, key="j3", kind=JobKind.GENERATE, payload={}, status=JobStatus.SUCCEEDED, tier="sonnet",
              created_at=t0)
-    session.add_all([j1, j2, j3])
-    session.flush()
+    for job in [j1, j3, j2] if interleaved else [j1, j2, j3]:
+        session.add(job)
+        session.flush()
 
     def call(job: Job, tier: str, ms: float | None, *, stage: Stage = Stage.WORK, delivery: int = 1,
-             outcome: str = "ok", cost: str = "0.01") -> ModelCall:
+             outcome: str = "ok", cost: str = "0.01", tokens: tuple[int, int] = (100, 10)) -> ModelCall:
         return ModelCall(job_id=job.id, stage=stage, tier=tier, model=f"m-{tier}", attempt=1, delivery=delivery,
-                         outcome=outcome, input_tokens=100, output_tokens=10, cache_creation_input_tokens=0,
-                         cache_read_input_tokens=0, cost_usd=Decimal(cost), latency_ms=ms, started_at=t0)
+                         outcome=outcome, input_tokens=tokens[0], output_tokens=tokens[1],
+                         cache_creation_input_tokens=0, cache_read_input_tokens=0, cost_usd=Decimal(cost),
+                         latency_ms=ms, started_at=t0)
 
     session.add_all([
         call(j1, "haiku", LATENCIES[0], stage=Stage.TRIAGE, cost="0.001"),
         call(j1, "sonnet", None, delivery=1, outcome="abandoned", cost="0"),
         call(j1, "sonnet", LATENCIES[1], delivery=2),
         call(j1, "sonnet", LATENCIES[2]),
-        call(j1, "opus", LATENCIES[3], cost="0.05"),
+        call(j1, "opus", LATENCIES[3], cost="0.05", tokens=(700, 70)),
         call(j2, "haiku", LATENCIES[4], stage=Stage.TRIAGE, cost="0.001"),
         call(j2, "sonnet", LATENCIES[5], outcome="error", cost="0"),
         call(j3, "sonnet", LATENCIES[6]),
@@ -71,8 +75,8 @@ def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
     engine.dispose()
 
 
-def _check(session: Session, models: ModelConfig) -> None:
-    a, _b = build(session)
+def _check(session: Session, models: ModelConfig, *, interleaved: bool) -> None:
+    a, _b = build(session, interleaved=interleaved)
     s = summarize(session, models, batch_id=a)
     tiers = {t.tier: t for t in s.tiers}
     assert s.jobs == 2
@@ -90,6 +94,11 @@ def _check(session: Session, models: ModelConfig) -> None:
     assert sonnet.p95_latency_ms == pytest.approx(percentile(sonnet_ms, 0.95))
     assert tiers["haiku"].p50_latency_ms == pytest.approx((LATENCIES[0] + LATENCIES[4]) / 2)
     assert s.cost_usd == Decimal("0.072")
+    assert s.escalations == 1
+    # The top-tier comparison prices each job's last successful work call: j1's opus call (j2's
+    # only work call failed), not its earlier sonnet ones.
+    top = models.tier(models.top_tier)
+    assert s.top_tier_cost_usd == (700 * top.input_per_mtok + 70 * top.output_per_mtok) / 1_000_000
     # A time window (the shared test database holds other tests' jobs, all created in real time):
     # only j2 was created two days after the others.
     late = summarize(session, models, since=datetime(2026, 3, 2, tzinfo=UTC), until=datetime(2026, 3, 9, tzinfo=UTC))
@@ -99,13 +108,16 @@ def _check(session: Session, models: ModelConfig) -> None:
     assert march.jobs == 3
 
 
-def test_summary_on_postgres(db: Session, models: ModelConfig) -> None:
-    _check(db, models)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["batch-alone-in-its-ids", "ids-interleaved"])
+def test_summary_on_postgres(db: Session, models: ModelConfig, interleaved: bool) -> None:
+    _check(db, models, interleaved=interleaved)
 
 
-def test_summary_on_sqlite_computes_percentiles_in_python(sqlite_engine: Engine, models: ModelConfig) -> None:
+@pytest.mark.parametrize("interleaved", [False, True], ids=["batch-alone-in-its-ids", "ids-interleaved"])
+def test_summary_on_sqlite_computes_percentiles_in_python(sqlite_engine: Engine, models: ModelConfig,
+                                                          interleaved: bool) -> None:
     with Session(sqlite_engine) as session:
-        _check(session, models)
+        _check(session, models, interleaved=interleaved)
 
 
 def test_percentile_interpolates_like_percentile_cont() -> None:
