@@ -106,8 +106,11 @@ def enqueue(
         task = bar.add_task("reading", total=None)
 
         def progress(t: Tick) -> None:
-            what = (f"checking: {t.read:,} lines read" if t.phase == "checking"
-                    else f"writing: {t.read:,} lines read, {t.accepted:,} jobs accepted")
+            if t.phase == "checking":
+                what = f"rejected, counting bad lines: {t.read:,} lines read"
+            else:
+                # "rewriting": the file repeats a key, so it is written again, each key checked.
+                what = f"{t.phase}: {t.read:,} lines read, {t.accepted:,} jobs accepted"
             bar.update(task, description=what, completed=t.bytes_read, total=t.bytes_total)
 
         try:
