@@ -381,8 +381,8 @@ def enqueue_file(
 ) -> EnqueueReport:
     """Check and write. Raises JobInputError for the first bad line unless ``skip_invalid``.
 
-    Without ``skip_invalid`` the file is written in one transaction, so a line rejected at write
-    time (a key reused for a different job) leaves nothing of the file behind. With it, each chunk
+    Without ``skip_invalid`` the file is written in one transaction, so a bad line, or one rejected
+    at write time (a key reused for a different job), leaves nothing of the file behind. With it, each chunk
     commits as it goes; every bad line goes to ``on_invalid`` as it is met (so a report of any
     size is written in bounded memory), and the first ``max_reported`` also to ``report.invalid``."""
     fmt = detect_format(path, fmt)
