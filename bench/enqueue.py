@@ -1,7 +1,12 @@
 """Benchmark 3: enqueue speed. A JSON Lines file of 200,000 jobs, timed until it is durable in
 Postgres (``enqueue_file`` returns after its last commit), against COPY of the same rows into a
 bare table (no index, no constraint) — the fastest way Postgres takes rows in. Both in this
-process, both reading and parsing the same file."""
+process, both reading and parsing the same file.
+
+The baseline parses with the standard json module and COPYs text, as it always has, so its figure
+stays comparable from run to run. switchyard itself now decodes with orjson and COPYs binary; the
+same baseline with those tools is measured too and printed beside it (``copy_fast``, not the
+target's baseline), so nobody mistakes the ratio for one against the fastest client."""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ import json
 import time
 from pathlib import Path
 
+import orjson
 import psycopg
+from psycopg.types.json import set_json_dumps
 from rich.console import Console
 from sqlalchemy import text
 
@@ -66,6 +73,24 @@ def copy_baseline(dsn: str, path: Path) -> float:
     return time.monotonic() - t0
 
 
+def copy_baseline_fast(dsn: str, path: Path) -> float:
+    """The same rows, parsed with orjson and sent as a binary COPY, as switchyard sends them."""
+    t0 = time.monotonic()
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur, path.open("rb") as fh:
+        set_json_dumps(lambda text: text, context=cur)  # the JSON below is text already
+        with cur.copy("COPY bench_copy (batch_id, key, kind, payload, metadata, pinned_tier) FROM STDIN "
+                      "(FORMAT BINARY)") as copy:
+            copy.set_types(["int8", "text", "text", "jsonb", "jsonb", "text"])
+            for line in fh:
+                job = orjson.loads(line)
+                payload = {k: v for k, v in job.items() if k not in _NOT_PAYLOAD}
+                meta = job.get("metadata")
+                copy.write_row((1, job.get("key"), job["kind"], orjson.dumps(payload).decode(),
+                                orjson.dumps(meta).decode() if meta is not None else None, job.get("tier")))
+        conn.commit()
+    return time.monotonic() - t0
+
+
 def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | None = None) -> list[Figure]:
     n = jobs or (20_000 if quick else 200_000)
     console.print(f"[bold]enqueue[/]: a {n:,}-job JSON Lines file until durable, against COPY into a bare table")
@@ -89,8 +114,11 @@ def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | Non
             profiler.stop()
             console.print(profiler.output_text(color=False, show_all=False))
         assert report.accepted == n, report
+        fast_s = copy_baseline_fast(dsn, path)  # after, so its rows never share the machine with switchyard's
         engine.dispose()
     console.print(f"  COPY {n / copy_s:,.0f} jobs/s ({copy_s:.1f} s); switchyard {n / sy_s:,.0f} jobs/s ({sy_s:.1f} s)")
+    console.print(f"  (COPY with orjson and binary rows, switchyard's own tools: {n / fast_s:,.0f} jobs/s, "
+                  f"ratio {fast_s / sy_s:.2f})")
     return [Figure(NAME, f"jobs/s, {n:,}-job file until durable", n / sy_s, "jobs/s", baseline=n / copy_s,
                    baseline_name="COPY, bare table", target=0.5,
-                   extra={"jobs": n, "switchyard_s": sy_s, "copy_s": copy_s})]
+                   extra={"jobs": n, "switchyard_s": sy_s, "copy_s": copy_s, "copy_fast_s": fast_s})]

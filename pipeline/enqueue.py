@@ -1,13 +1,18 @@
 """Taking a file of jobs into Postgres, the queue of record.
 
-The file is read as a stream and written in multi-row inserts, so memory stays flat whatever its
-size. Nothing is published to the broker here: the dispatcher feeds the stages from Postgres as
-capacity frees up. A job's key is its idempotency key within the batch (``ON CONFLICT DO NOTHING``
-on ``(batch_id, key)``), so re-running the same file adds nothing. The HTTP API sends the jobs of
-a request body through the same ``enqueue_items`` (in one transaction).
+The file is read as a stream, checked line by line and written as it is read, so memory stays
+flat whatever its size and it is read once. Nothing is published to the broker here: the
+dispatcher feeds the stages from Postgres as capacity frees up. A job's key is its idempotency key
+within the batch (``ON CONFLICT DO NOTHING`` on ``(batch_id, key)``), so re-running the same file
+adds nothing. The HTTP API sends the jobs of a request body through the same ``enqueue_items`` (in
+one transaction). How rows reach ``jobs`` (one COPY for a new batch, staged chunks otherwise, plain
+inserts on SQLite) is pipeline.enqueue_write's business.
 
-By default the whole file is checked before anything is written, so a bad line rejects the file
-and loses nothing already accepted; ``skip_invalid`` keeps the good lines and reports the bad.
+By default a bad line rejects the whole file and loses nothing already accepted: the file is
+written in one transaction, rolled back at the first bad line (the rest is still read, to count
+the bad lines). The first chunk is checked before the database is touched at all, so a small bad
+input costs nothing there. ``skip_invalid`` keeps the good lines, committing chunk by chunk, and
+reports the bad.
 
 CSV: the first row names the columns, which are the JSON Lines fields: ``key``, ``kind``, the
 kind's text fields (``text``; ``instructions`` and ``context``; ``prompt``), ``labels``,
@@ -15,10 +20,6 @@ kind's text fields (``text``; ``instructions`` and ``context``; ``prompt``), ``l
 kinds. ``schema`` and ``metadata`` cells hold JSON; ``labels`` holds a JSON array or
 ``billing|bug|other``. Every other cell is text, taken as it is. A column that is not a job field
 rejects the file at its header. The line number of a row is the line its record starts on.
-
-On Postgres each chunk is COPYed into a temporary table and moved into ``jobs`` by one
-``INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING id``: a VALUES list of 2,000 rows x 9
-parameters is a statement the driver has to parse anew for every chunk, and took twice as long.
 """
 
 from __future__ import annotations
@@ -27,22 +28,25 @@ import csv
 import io
 import json
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
-from sqlalchemy import insert, select, text
+from sqlalchemy import insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from pipeline.config import ModelConfig
+from pipeline.enqueue_write import KeyRepeated, Writer, open_writer
 from pipeline.errors import BatchCancelled, InputFileError, JobInputError
-from pipeline.jobspec import JOB_FIELDS, JobSpec, digest, max_job_tokens, parse_job, parse_line
-from pipeline.models import Batch, Job, JobKind, JobStatus, utcnow
+from pipeline.jobspec import JOB_FIELDS, JobSpec, max_job_tokens, parse_job, parse_line
+from pipeline.models import Batch, utcnow
 
-CHUNK = 2000
+# Lines per chunk: what a progress tick, a --skip-invalid commit and a staged INSERT ... SELECT
+# cover, and what is held before the database is first touched.
+CHUNK = 5000
 FORMATS = ("jsonl", "csv")
 # CSV cells that hold JSON rather than text.
 _CSV_JSON = {"labels", "schema", "metadata"}
@@ -70,8 +74,11 @@ class EnqueueReport:
 class Tick:
     """Where an enqueue has got to, for a progress bar."""
 
-    phase: str  # "checking" (the first pass, default mode) or "writing"
-    read: int  # lines (rows) read in this phase
+    # "writing"; "rewriting" when a new batch's file repeats a key and is written again, checking
+    # each key against the batch; "checking" once a bad line has rejected the input (read on to
+    # count the bad lines, writing nothing).
+    phase: str
+    read: int  # lines (rows) read in this pass
     accepted: int  # new jobs written so far
     bytes_read: int
     bytes_total: int
@@ -80,7 +87,8 @@ class Tick:
 Progress = Callable[[Tick], None]
 InvalidSink = Callable[[BadLine], None]
 Parsed = tuple[int, str, JobSpec | JobInputError]  # (line or index, raw text, job or its error)
-# Yields the items to enqueue; called once per pass, keeping position[0] at the bytes read so far.
+# Yields the items to enqueue, keeping position[0] at the bytes read so far. Called once, or again
+# if a new batch's input repeats a key (see pipeline.enqueue_write).
 Source = Callable[[list[int]], Iterator[Parsed]]
 # Called inside the writing transaction of an atomic enqueue, after the jobs are written and before
 # the commit, with (session, batch id, new jobs). Raising rolls the whole enqueue back.
@@ -205,66 +213,6 @@ def _upsert(session: Session, table: Any) -> Any:
     return insert(table)
 
 
-_PG_STAGE = text("""
-    CREATE TEMP TABLE IF NOT EXISTS enqueue_stage (n int, key text, kind text, payload text, meta text, tier text)
-    ON COMMIT DELETE ROWS
-""")
-_PG_INSERT = text("""
-    INSERT INTO jobs (batch_id, key, kind, payload, metadata, pinned_tier, status, created_at, updated_at)
-    SELECT :batch_id, key, kind, payload::jsonb, meta::jsonb, tier, 'queued', :now, :now
-    FROM enqueue_stage ORDER BY n
-    ON CONFLICT (batch_id, key) DO NOTHING
-    RETURNING key
-""")
-
-
-def _write_pg(session: Session, batch_id: int, specs: list[JobSpec], now: datetime) -> set[str]:
-    # COPY the chunk into a temporary table (the driver formats COPY rows in C), then move it into
-    # jobs in one INSERT ... SELECT that skips keys the batch already has. The stage empties itself
-    # at commit.
-    session.execute(_PG_STAGE)
-    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
-    with cursor, cursor.copy("COPY enqueue_stage (n, key, kind, payload, meta, tier) FROM STDIN") as copy:
-        for n, s in enumerate(specs):
-            copy.write_row((n, s.key, s.kind.value, json.dumps(s.payload, ensure_ascii=False),
-                            None if s.metadata is None else json.dumps(s.metadata, ensure_ascii=False), s.tier))
-    new = set(session.scalars(_PG_INSERT, {"batch_id": batch_id, "now": now}).all())
-    # Emptied here too, not only at commit: an atomic enqueue (the HTTP API) writes every chunk in
-    # one transaction, and must not move the earlier chunks again with each later one.
-    session.execute(text("TRUNCATE enqueue_stage"))
-    return new
-
-
-def _insert_new(session: Session, batch_id: int, specs: list[JobSpec]) -> set[str]:
-    """Insert the chunk; return the keys that were new (RETURNING names only rows that did not
-    conflict, so a key the batch already has returns nothing)."""
-    now = utcnow()
-    if session.get_bind().dialect.name == "postgresql":
-        return _write_pg(session, batch_id, specs, now)
-    rows = [{"batch_id": batch_id, "key": s.key, "kind": s.kind, "payload": s.payload, "meta": s.metadata,
-             "pinned_tier": s.tier, "status": JobStatus.QUEUED, "created_at": now, "updated_at": now}
-            for s in specs]
-    stmt = _upsert(session, Job).on_conflict_do_nothing(index_elements=["batch_id", "key"]).returning(Job.key)
-    return set(session.scalars(stmt, rows).all())
-
-
-def _write(session: Session, batch_id: int, chunk: list[tuple[int, JobSpec]]) -> tuple[int, list[tuple[int, JobSpec]]]:
-    """Insert a chunk; return (new jobs, items whose key the batch already has for a different job)."""
-    new = _insert_new(session, batch_id, [s for _, s in chunk])
-    seen = [(n, s) for n, s in chunk if s.key not in new]
-    if not seen:
-        return len(new), []
-    # A key already there is an idempotent re-run only if it names the same job; the same key for
-    # different content is the user's mistake, and silently keeping either one would hide it.
-    existing = {
-        r.key: digest({"kind": JobKind(r.kind).value, "payload": r.payload, "tier": r.pinned_tier,
-                       "metadata": r.meta})
-        for r in session.execute(select(Job.key, Job.kind, Job.payload, Job.meta, Job.pinned_tier)
-                                 .where(Job.batch_id == batch_id, Job.key.in_([s.key for _, s in seen])))
-    }
-    return len(new), [(n, s) for n, s in seen if existing.get(s.key) != s.content_digest()]
-
-
 def _key_conflict(key: str) -> str:
     return f"key {key!r} was already used in this batch for a different job"
 
@@ -285,103 +233,137 @@ def enqueue_items(
     chunk_size: int = CHUNK,
     total_bytes: int = 0,
 ) -> EnqueueReport:
-    """Check, then write: the one path by which jobs enter Postgres, from a file or an HTTP body.
+    """Check and write: the one path by which jobs enter Postgres, from a file or an HTTP body.
 
-    ``source`` is called once per pass. Raises JobInputError for the first bad item (``where`` and
-    its number say where) unless ``skip_invalid``. A key that turns out, at write time, to clash
-    with a different job (earlier in the input or already in the batch) is such a bad item too;
-    without ``skip_invalid`` it rejects the whole input, which is why a file is then written
-    ``atomic`` (see enqueue_file). With
+    Raises JobInputError for the first bad item (``where`` and its number say where) unless
+    ``skip_invalid``. A key that turns out, at write time, to clash with a different job (earlier
+    in the input or already in the batch) is such a bad item too. Without ``skip_invalid`` a bad
+    item rejects the whole input, so it must then be written ``atomic`` (see enqueue_file). With
     ``atomic`` everything, the batch row included, is one transaction and ``before_commit`` may
     still refuse it, so a refused enqueue leaves nothing behind; otherwise each chunk is committed
     as it is written, which suits files of any size.
 
     With ``skip_invalid`` every bad line goes to ``on_invalid`` as it is met (so a report of any
     size is written in bounded memory), and the first ``max_reported`` also to ``report.invalid``."""
-    report = EnqueueReport(batch=batch)
-
-    def tick(phase: str, read: int, pos: list[int]) -> None:
-        if progress:
-            progress(Tick(phase, read, report.accepted, pos[0], total_bytes))
-
-    if not skip_invalid:
-        # Pass 1: check everything, write nothing. A 1M-line file is read twice rather than held.
-        first: tuple[int, JobInputError] | None = None
-        bad = read = 0
-        pos = [0]
-        for number, _raw, item in source(pos):
-            read += 1
-            if isinstance(item, JobInputError):
-                bad += 1
-                first = first or (number, item)
-            if read % chunk_size == 0:
-                tick("checking", read, pos)
-        tick("checking", read, pos)
-        if first is not None:
-            more = f" ({bad:,} bad lines in all)" if bad > 1 else ""
-            raise JobInputError(first[1].reason + more, line=first[0], source=where)
     with session_factory() as session:
-        batch_id = get_or_create_batch(session, batch, tenant_id=tenant_id)
-        if not atomic:
-            session.commit()
-        report.batch_id = batch_id
-        chunk: list[tuple[int, JobSpec]] = []
-        raws: dict[int, str] = {}
-        digests: dict[str, str] = {}
-        pos = [0]
-
-        def report_bad(number: int, reason: str, raw: str) -> None:
-            report.invalid_count += 1
-            bad_line = BadLine(number, reason, raw[:2000])
-            if len(report.invalid) < max_reported:
-                report.invalid.append(bad_line)
-            if on_invalid:
-                on_invalid(bad_line)
-
-        def reject(number: int, key: str) -> None:
+        # One COPY for the whole input needs the input in one transaction, and that only a bad
+        # line may end (a key clash can't happen in an empty batch, and a repeat starts over).
+        copy = atomic and not skip_invalid
+        try:
+            report = _enqueue_pass(session, source, batch=batch, tenant_id=tenant_id, where=where, atomic=atomic,
+                                   skip_invalid=skip_invalid, copy=copy, phase="writing", progress=progress,
+                                   on_invalid=on_invalid, max_reported=max_reported, chunk_size=chunk_size,
+                                   total_bytes=total_bytes)
+        except KeyRepeated:
             session.rollback()
-            raise JobInputError(_key_conflict(key), line=number, source=where)
-
-        def flush() -> None:
-            if chunk:
-                accepted, clashes = _write(session, batch_id, chunk)
-                if clashes and not skip_invalid:
-                    reject(clashes[0][0], clashes[0][1].key)
-                report.accepted += accepted
-                for number, spec in clashes:
-                    report_bad(number, _key_conflict(spec.key), raws.get(number, ""))
-                if not atomic:
-                    session.commit()
-                chunk.clear()
-                raws.clear()
-                digests.clear()
-            tick("writing", report.read, pos)
-
-        for number, raw, item in source(pos):
-            report.read += 1
-            if isinstance(item, JobInputError):
-                report_bad(number, item.reason, raw)
-                continue
-            if item.key in digests:
-                # The same key twice in one chunk would make one multi-row insert conflict with
-                # itself: the same job again is a duplicate; a different one is a mistake.
-                if digests[item.key] != item.content_digest():
-                    if not skip_invalid:
-                        reject(number, item.key)
-                    report_bad(number, _key_conflict(item.key), raw)
-                continue
-            digests[item.key] = item.content_digest()
-            chunk.append((number, item))
-            raws[number] = raw[:2000]  # what a report keeps of a line, not the whole of a huge one
-            if len(chunk) >= chunk_size:
-                flush()
-        flush()
+            report = _enqueue_pass(session, source, batch=batch, tenant_id=tenant_id, where=where, atomic=atomic,
+                                   skip_invalid=skip_invalid, copy=False, phase="rewriting", progress=progress,
+                                   on_invalid=on_invalid, max_reported=max_reported, chunk_size=chunk_size,
+                                   total_bytes=total_bytes)
         if before_commit is not None:
-            before_commit(session, batch_id, report.accepted)
+            assert report.batch_id is not None
+            before_commit(session, report.batch_id, report.accepted)
         session.commit()
     valid = report.read - report.invalid_count
     report.duplicates = valid - report.accepted
     return report
+
+
+def _enqueue_pass(session: Session, source: Source, *, batch: str, tenant_id: int | None, where: str | None,
+                  atomic: bool, skip_invalid: bool, copy: bool, phase: str, progress: Progress | None,
+                  on_invalid: InvalidSink | None, max_reported: int, chunk_size: int,
+                  total_bytes: int) -> EnqueueReport:
+    """One reading of the input, writing as it goes; the caller commits the last of it."""
+    report = EnqueueReport(batch=batch)
+    pos = [0]
+    held: list[tuple[int, JobSpec]] = []  # the first chunk, until it is complete
+    raws: dict[int, str] = {}  # this chunk's lines, for the report of a clash (skip_invalid only)
+    pending = 0  # items given to the writer since its last flush
+
+    def tick(what: str) -> None:
+        if progress:
+            progress(Tick(what, report.read, report.accepted, pos[0], total_bytes))
+
+    def report_bad(number: int, reason: str, raw: str) -> None:
+        report.invalid_count += 1
+        bad_line = BadLine(number, reason, raw[:2000])
+        if len(report.invalid) < max_reported:
+            report.invalid.append(bad_line)
+        if on_invalid:
+            on_invalid(bad_line)
+
+    with ExitStack() as stack:
+        writer: Writer | None = None
+
+        def start() -> Writer:
+            batch_id = get_or_create_batch(session, batch, tenant_id=tenant_id)
+            if not atomic:
+                session.commit()
+            report.batch_id = batch_id
+            w = stack.enter_context(open_writer(session, batch_id, copy=copy))
+            for number, spec in held:
+                w.add(number, spec)
+            held.clear()
+            return w
+
+        def flush(w: Writer) -> None:
+            written = w.flush()
+            if written.clashes and not skip_invalid:
+                number, key = written.clashes[0]
+                session.rollback()
+                raise JobInputError(_key_conflict(key), line=number, source=where)
+            report.accepted += written.new
+            for number, key in written.clashes:
+                report_bad(number, _key_conflict(key), raws.get(number, ""))
+            if not atomic:
+                session.commit()
+            raws.clear()
+            tick(phase)
+
+        items = source(pos)
+        for number, raw, item in items:
+            report.read += 1
+            if isinstance(item, JobInputError):
+                if not skip_invalid:
+                    if writer is not None:
+                        writer.abort()
+                    session.rollback()
+                    _reject(items, report, first=(number, item), where=where, tick=tick)
+                report_bad(number, item.reason, raw)
+                continue
+            if skip_invalid:
+                raws[number] = raw[:2000]  # what a report keeps of a line, not the whole of a huge one
+            if writer is None:
+                held.append((number, item))
+                if len(held) >= chunk_size:
+                    writer = start()
+                    flush(writer)
+                continue
+            writer.add(number, item)
+            pending += 1
+            if pending >= chunk_size:
+                pending = 0
+                flush(writer)
+        if writer is None:
+            writer = start()
+        flush(writer)
+        writer.close()
+    return report
+
+
+def _reject(items: Iterator[Parsed], report: EnqueueReport, *, first: tuple[int, JobInputError], where: str | None,
+            tick: Callable[[str], None]) -> NoReturn:
+    """Read on only to count the bad lines, then raise for the first."""
+    bad = 1
+    for _number, _raw, item in items:
+        report.read += 1
+        if isinstance(item, JobInputError):
+            bad += 1
+        if report.read % CHUNK == 0:
+            tick("checking")
+    tick("checking")
+    more = f" ({bad:,} bad lines in all)" if bad > 1 else ""
+    raise JobInputError(first[1].reason + more, line=first[0], source=where)
 
 
 def enqueue_file(
@@ -397,10 +379,10 @@ def enqueue_file(
     max_reported: int = 1000,
     chunk_size: int = CHUNK,
 ) -> EnqueueReport:
-    """Check, then write. Raises JobInputError for the first bad line unless ``skip_invalid``.
+    """Check and write. Raises JobInputError for the first bad line unless ``skip_invalid``.
 
-    Without ``skip_invalid`` the file is written in one transaction, so a line rejected at write
-    time (a key reused for a different job) leaves nothing of the file behind. With it, each chunk
+    Without ``skip_invalid`` the file is written in one transaction, so a bad line, or one rejected
+    at write time (a key reused for a different job), leaves nothing of the file behind. With it, each chunk
     commits as it goes; every bad line goes to ``on_invalid`` as it is met (so a report of any
     size is written in bounded memory), and the first ``max_reported`` also to ``report.invalid``."""
     fmt = detect_format(path, fmt)

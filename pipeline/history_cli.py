@@ -104,10 +104,20 @@ def enqueue(
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
                   console=err, disable=as_json or not err.is_terminal) as bar:
         task = bar.add_task("reading", total=None)
+        rewound = False
 
         def progress(t: Tick) -> None:
-            what = (f"checking: {t.read:,} lines read" if t.phase == "checking"
-                    else f"writing: {t.read:,} lines read, {t.accepted:,} jobs accepted")
+            nonlocal rewound
+            if t.phase == "rewriting" and not rewound:
+                # The file is read again from its start: a bar that reached its end has stopped
+                # its clock, and would show it stopped for the whole second reading.
+                bar.reset(task)
+                rewound = True
+            if t.phase == "checking":
+                what = f"rejected, counting bad lines: {t.read:,} lines read"
+            else:
+                # "rewriting": the file repeats a key, so it is written again, each key checked.
+                what = f"{t.phase}: {t.read:,} lines read, {t.accepted:,} jobs accepted"
             bar.update(task, description=what, completed=t.bytes_read, total=t.bytes_total)
 
         try:

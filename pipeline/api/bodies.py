@@ -2,8 +2,9 @@
 
 A body is copied to a spooled temporary file as it arrives (memory up to ``SPOOL_IN_MEMORY``,
 then disk), counting bytes: past the limit the request is refused with 413 at once, not after
-the whole body was buffered. The spool is then read twice by ``enqueue_items`` (check, then
-write), one item at a time, so a large batch never sits in memory as Python objects.
+the whole body was buffered. The spool is then read by ``enqueue_items`` one item at a time
+(again, if a new batch's body repeats a key), so a large batch never sits in memory as Python
+objects.
 """
 
 from __future__ import annotations

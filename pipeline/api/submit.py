@@ -78,7 +78,8 @@ def body_reader(media_type: str) -> tuple[Any, bool]:
 
 
 def batch_source(body: IO[bytes], reader: Any, *, config: ModelConfig, max_items: int) -> Source:
-    """A re-readable source of parsed jobs from a spooled body: ``enqueue_items`` reads it twice."""
+    """A re-readable source of parsed jobs from a spooled body: ``enqueue_items`` reads it again if
+    a new batch's body repeats a key."""
     return lambda _position: iter_objects(reader(body, max_items=max_items), config=config)
 
 

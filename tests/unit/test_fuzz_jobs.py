@@ -111,6 +111,53 @@ def test_hostile_lines_are_explained(raw: bytes) -> None:
         check_valid(spec)
 
 
+def _outcome(line: str | bytes) -> tuple[Any, ...]:
+    try:
+        s = parse_line(line, work_tiers=TIERS, max_tokens=LIMIT)
+    except JobInputError as exc:
+        return ("refused", str(exc))
+    return ("accepted", s, json.dumps(s.payload), json.dumps(s.metadata))  # exact numbers, not only equal ones
+
+
+# Numbers orjson reads differently from the standard parser (past 64 bits it rounds to a float).
+big_numbers = st.sampled_from([10**25, -(10**25), 2**63, 2**64 - 1, 2**64, -(2**63) - 1, 1e300, 1e16])
+any_values = st.recursive(scalars | big_numbers, lambda inner: st.lists(inner, max_size=4)
+                          | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+mixed_objects = st.fixed_dictionaries({}, optional={name: (good_values.get(name, st.nothing()) | any_values)
+                                                    for name in FIELDS})
+# Mostly valid jobs, so that what is stored is compared, not only which message is given.
+valid_jobs = st.one_of(
+    st.fixed_dictionaries({"kind": st.just("generate"), "prompt": st.text(min_size=1, max_size=20)},
+                          optional={"metadata": st.dictionaries(st.text(max_size=5), any_values, max_size=4),
+                                    "key": st.text(min_size=1, max_size=10)}),
+    st.fixed_dictionaries({"kind": st.just("extract"), "text": st.just("x"),
+                           "schema": st.fixed_dictionaries({"type": st.just("object")},
+                                                           optional={"maximum": big_numbers,
+                                                                     "x": any_values})}),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(mixed_objects | valid_jobs, st.booleans())
+def test_both_decoders_agree(obj: dict[str, Any], ascii_only: bool) -> None:
+    """Bytes are decoded by orjson, text by the standard parser: the same line gives the same job
+    or the same message either way."""
+    line = json.dumps(obj, ensure_ascii=ascii_only)
+    try:
+        raw = line.encode()
+    except UnicodeEncodeError:
+        return  # a lone surrogate written raw: as bytes that is not UTF-8, so not the same line
+    assert _outcome(raw) == _outcome(line)
+
+
+@pytest.mark.parametrize("depth", [64, 65, 300, 1023])
+def test_both_decoders_agree_on_depth(depth: int) -> None:
+    nest = '{"a":' * depth + "1" + "}" * depth
+    for line in ('{"kind":"extract","text":"x","schema":{"type":"object","x":' + nest + "}}",
+                 '{"kind":"generate","prompt":"x","metadata":' + nest + "}"):
+        assert _outcome(line.encode()) == _outcome(line)
+
+
 def test_a_deeply_nested_schema_is_rejected_not_crashed() -> None:
     deep = '{"kind": "extract", "text": "x", "schema": ' + '{"not": ' * 900 + "{}" + "}" * 901
     with pytest.raises(JobInputError, match="nested more than 64 levels deep") as info:
