@@ -89,8 +89,9 @@ class Pipeline:
                 with self._unit(autocommit) as conn:
                     # Only a retried unit of work can follow a commit whose acknowledgement was
                     # lost; a first run need not look for its own earlier commit (_applied_before).
-                    # (Connection.info lives with the pooled connection: set on every run.)
-                    conn.info[REPLAY] = waited > 0
+                    # An execution option lives as long as this checkout, unlike Connection.info,
+                    # which stays with the pooled connection.
+                    conn.execution_options(**{REPLAY: waited > 0})
                     return fn(conn)
             except OperationalError as exc:
                 # OperationalError is the driver's word for a lost or refused connection; a
@@ -109,7 +110,12 @@ class Pipeline:
         return conn
 
 
-REPLAY = "switchyard.replay"
+REPLAY = "switchyard_replay"
+
+
+def replaying(conn: Connection) -> bool:
+    """True in a unit of work that Pipeline.run is running again after a lost connection."""
+    return bool(conn.get_execution_options().get(REPLAY))
 
 
 def _worth_retrying(exc: OperationalError) -> bool:
@@ -194,7 +200,7 @@ def _applied_before(session: Connection, call_id: int | None) -> bool:
     commit reached Postgres but whose acknowledgement was lost with the connection (a restart, a
     dropped backend). Replaying it would find the job moved, record the call as not applied and
     count its cost twice, and drop the hand-off; instead the stage returns its hand-off again."""
-    if call_id is None or not session.info.get(REPLAY):
+    if call_id is None or not replaying(session):
         return False
     # The stage records its call in the same transaction as the move; nobody else ever writes "ok"
     # or "error" on this row. (When the first commit had lost the race, the hand-off returned
@@ -224,7 +230,7 @@ def _claim(p: Pipeline, job_id: int, status: JobStatus,
         claim = begin_stage(session, job_id, status=status, claim_deadline_s=p.claim_deadline_s, now=now)
         if claim is None:
             return None
-        if claim.deliveries > 1 or session.info.get(REPLAY):
+        if claim.deliveries > 1 or replaying(session):
             # A call row of this job still "started" belongs to an earlier claim of this stage that
             # is dead (a live one would have kept us out). The sweeper closes such rows when it
             # republishes, but a duplicate message can take over a stale claim before the sweeper
@@ -401,13 +407,20 @@ def _quick_verdict(claim: Claim) -> Verdict | None:
 
 def validate(p: Pipeline, job_id: int) -> Handoff | None:
     checker = p.models.format_check_tier
-    claimed = _claim(p, job_id, JobStatus.VALIDATING,
-                     lambda c: None if _quick_verdict(c) else (Stage.FORMAT_CHECK, checker))
+    # The quick verdict decides whether the claim writes a call row; kept, not worked out again
+    # (a schema check of the answer is the costliest CPU of the stage).
+    quick: dict[str, Verdict | None] = {}
+
+    def format_check(claim: Claim) -> tuple[Stage, str] | None:
+        quick["verdict"] = _quick_verdict(claim)
+        return None if quick["verdict"] else (Stage.FORMAT_CHECK, checker)
+
+    claimed = _claim(p, job_id, JobStatus.VALIDATING, format_check)
     if claimed is None:
         return None
     claim, call_id = claimed
     assert claim.tier is not None
-    verdict = _quick_verdict(claim)
+    verdict = quick["verdict"]
     result: CallResult | None = None
     if verdict is None:
         assert call_id is not None
