@@ -298,18 +298,35 @@ def _error(message: str) -> None:
     err.print(Text.assemble(("error: ", "red"), message), highlight=False, soft_wrap=True)
 
 
+def _missing_table(exc: Exception) -> str | None:
+    """The driver's words for a table that does not exist (a database never migrated), else None.
+    Postgres says it with SQLSTATE 42P01, SQLite with "no such table"."""
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "sqlstate", None) == "42P01" or "no such table" in str(orig):
+        return str(orig).strip().splitlines()[0]
+    return None
+
+
 def main() -> None:
     from kombu.exceptions import OperationalError as BrokerError
     from sqlalchemy.exc import OperationalError as DatabaseError
+    from sqlalchemy.exc import ProgrammingError
 
     try:
         app()
     except SwitchyardError as exc:
         _error(str(exc))
         sys.exit(2)
-    except DatabaseError as exc:
+    except (DatabaseError, ProgrammingError) as exc:
+        missing = _missing_table(exc)
+        if missing is None and isinstance(exc, ProgrammingError):
+            raise  # a statement of ours is wrong: a bug, and its traceback is what to report
         first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        _error(f"cannot use the database (DATABASE_URL): {first}")
+        if missing is not None:
+            _error(f"the database at DATABASE_URL has no switchyard tables yet ({missing}): "
+                   f"run 'switchyard db upgrade' first")
+        else:
+            _error(f"cannot use the database (DATABASE_URL): {first}")
         sys.exit(2)
     except BrokerError as exc:
         _error(f"cannot reach the broker (BROKER_URL): {exc}")
