@@ -8,7 +8,7 @@ four batches; the cluster is shared by the four, and the fake is reconfigured be
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import ModelConfig
+from pipeline.db import make_engine, session_factory
 from pipeline.fake_claude import FakeClaude, FakeOptions
 from pipeline.models import Job, JobStatus, ModelCall
 from tests.cluster import Cluster, wait_for_batch
@@ -43,10 +44,24 @@ def options(pair: tuple[str, str]) -> FakeOptions:
 
 
 @pytest.fixture(scope="module")
-def shared(database_url: str, broker_url: str, tmp_path_factory: pytest.TempPathFactory
+def own_database(fresh_database: Callable[[str], str]) -> str:
+    """A database of this module's own: the checks below match every request the fake served to a
+    row of this module's batches, so no other test's unfinished jobs may reach this cluster."""
+    return fresh_database("claude_faults")
+
+
+@pytest.fixture(scope="module")
+def sessions(own_database: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(own_database)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def shared(own_database: str, broker_url: str, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[tuple[FakeClaude, Cluster]]:
     with FakeClaude(port=0) as fake:
-        cluster = Cluster(database_url=database_url, broker_url=broker_url, claude_url=fake.base_url,
+        cluster = Cluster(database_url=own_database, broker_url=broker_url, claude_url=fake.base_url,
                           workdir=tmp_path_factory.mktemp("claude-faults"), env_extra=dict(FAST_ENV))
         cluster.start_all(concurrency=16)
         try:
