@@ -25,10 +25,14 @@ from bench.bare import CREATE, QUEUES, TABLE, make_bare_app
 from bench.jobs import classify_jobs, write_jsonl
 from bench.profile import CpuMeter, Recorder, postgres_pids
 from bench.report import Figure
+from pipeline import stages
 from pipeline.db import make_engine, session_factory
+from pipeline.dispatch import dispatch
 from pipeline.enqueue import enqueue_file
-from pipeline.models import Job, JobStatus
+from pipeline.models import Job, JobKind, JobStatus
+from pipeline.prompts import triage_prompt
 from pipeline.report import terminal_count
+from pipeline.runtime import build_pipeline
 from pipeline.settings import Settings
 
 NAME = "overhead"
@@ -156,6 +160,36 @@ def measure_bare(database_url: str, broker: str, workdir: Path, *, n: int, concu
         return run
 
 
+def measure_stages(database_url: str, fake_url: str, workdir: Path, *, n: int) -> dict[str, float]:
+    """CPU ms per job of each stage called as a plain function in this process, one job at a time,
+    against the same Postgres and fake Claude: switchyard's own work (claim, model call, result)
+    with no broker, no Celery and no threads. Also the model call alone, through ClaudeClient and
+    the SDK. What a worker's CPU per job adds to these is Celery's cost of a hop."""
+    settings = Settings(DATABASE_URL=database_url, ANTHROPIC_BASE_URL=fake_url, ANTHROPIC_API_KEY="bench-key")
+    p = build_pipeline(settings, concurrency=1)
+    path = write_jsonl(workdir / "stages.jsonl", classify_jobs(n, prefix="s"))
+    enqueue_file(p.sessions, path, batch=f"overhead-stages-{time.time_ns()}", config=settings.models)
+    handoffs = p.run(lambda s: dispatch(s, max_in_flight=n, limit=n))
+    run = {"triage": stages.triage, "work": stages.work, "validate": stages.validate}
+    cpu: dict[str, float] = {}
+    while handoffs:
+        stage = handoffs[0].stage
+        now = [h for h in handoffs if h.stage == stage]
+        t0 = time.process_time()
+        after = [run[stage](p, h.job_id) for h in now]
+        cpu[stage] = cpu.get(stage, 0.0) + time.process_time() - t0
+        handoffs = [h for h in handoffs if h.stage != stage] + [h for h in after if h is not None]
+    prompt = triage_prompt(JobKind.CLASSIFY, classify_jobs(1)[0])
+    tier = settings.models.triage_tier
+    t0 = time.process_time()
+    for _ in range(n):
+        p.client.call(tier=tier, model=settings.models.tier(tier).model, system=prompt.system, user=prompt.user,
+                      max_tokens=settings.models.limits.triage_max_tokens)
+    cpu["model call alone"] = time.process_time() - t0
+    p.engine.dispose()
+    return {k: 1000 * v / n for k, v in cpu.items()}
+
+
 def _cpu_line(run: Run) -> str:
     per_job = {k: 1000 * v / run.jobs for k, v in sorted(run.cpu.items(), key=lambda kv: -kv[1]) if v}
     return ", ".join(f"{k} {v:.1f}" for k, v in per_job.items())
@@ -176,9 +210,14 @@ def run(*, quick: bool, console: Console, jobs: int | None = None, concurrency: 
         env.broker_url()  # empty the broker between the two
         sy = measure_switchyard(db, broker, fake, procs.workdir, n=n, concurrency=concurrency, console=console,
                                 profile=profile)
-    note = "" if sy.ok == sy.jobs else f"only {sy.ok}/{sy.jobs} succeeded"
-    console.print(f"  switchyard: {sy.rate:.1f} jobs/s ({sy.seconds:.1f} s) {note}; CPU ms per job: {_cpu_line(sy)}")
+        note = "" if sy.ok == sy.jobs else f"only {sy.ok}/{sy.jobs} succeeded"
+        console.print(f"  switchyard: {sy.rate:.1f} jobs/s ({sy.seconds:.1f} s) {note}; CPU ms per job: "
+                      f"{_cpu_line(sy)}")
+        alone = measure_stages(db, fake.url, procs.workdir, n=min(n, 1000))
+    console.print("  the stages as plain functions, no broker (CPU ms per job): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in alone.items()))
     return [Figure(NAME, f"jobs/s, {n:,} jobs enqueue→terminal", sy.rate, "jobs/s", baseline=bare.rate,
                    baseline_name="bare Celery", target=0.8, note=note,
                    extra={"jobs": n, "concurrency": concurrency, "switchyard_s": sy.seconds, "bare_s": bare.seconds,
-                          "succeeded": sy.ok, "cpu_s_switchyard": sy.cpu, "cpu_s_bare": bare.cpu})]
+                          "succeeded": sy.ok, "cpu_s_switchyard": sy.cpu, "cpu_s_bare": bare.cpu,
+                          "stages_alone_cpu_ms_per_job": alone})]

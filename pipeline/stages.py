@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, Table, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, Engine, Table, delete, insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,7 +27,7 @@ from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision,
 from pipeline.pricing import call_cost
 from pipeline.prompts import Prompt, format_check_prompt, triage_prompt, work_prompt
 from pipeline.routing import after_failed_validation, parse_triage, tier_for
-from pipeline.states import Claim, begin_stage, release_stage, renew_claim, transition
+from pipeline.states import Also, Claim, begin_stage, release_stage, renew_claim, transition
 from pipeline.validation import Verdict, check_stop, deterministic_check, parse_format_check
 
 T = TypeVar("T")
@@ -102,6 +102,11 @@ class Pipeline:
                 waited += delay
                 delay = min(delay * 2, 5.0)
 
+    def record(self, fn: Callable[[Connection], T]) -> T:
+        """Run a stage's result: on Postgres one statement (states.Also), so in autocommit, sparing
+        BEGIN and COMMIT; elsewhere the same writes as separate statements in one transaction."""
+        return self.run(fn, autocommit=self.engine.dialect.name == "postgresql")
+
     def _unit(self, autocommit: bool) -> AbstractContextManager[Connection]:
         if not autocommit:
             return self.engine.begin()
@@ -149,7 +154,6 @@ _DECISIONS, _VERDICTS = cast(Table, RoutingDecision.__table__), cast(Table, Vali
 
 # ...and statements built once, executed with bound parameters.
 _INSERT_CALL = insert(_CALLS).returning(_CALLS.c.id)
-_UPDATE_CALL = update(_CALLS).where(_CALLS.c.id == bindparam("b_call_id"))
 
 
 def _start_call(session: Connection, p: Pipeline, claim: Claim, *, stage: Stage, tier: str) -> int:
@@ -167,32 +171,39 @@ def _total_cost(p: Pipeline, tier: str, attempts: Iterable[Attempt]) -> Decimal:
     return sum((_cost(p, tier, a) for a in attempts), Decimal(0))
 
 
-def _record_attempts(
-    session: Connection, p: Pipeline, *, call_id: int, claim: Claim, stage: Stage, tier: str,
-    attempts: Iterable[Attempt], applied: bool,
-) -> None:
-    """Fill in the started row with the first attempt and add a row for each retry.
+def _call_writes(p: Pipeline, *, call_id: int, claim: Claim, stage: Stage, tier: str, attempts: Iterable[Attempt],
+                 applied: bool | None = None) -> list[Also]:
+    """The call's record: its started row filled in with the first attempt, a row for each retry.
 
-    ``applied`` is False when this delivery lost the race to move the job: its calls happened and
-    cost money, but did not count."""
+    A successful attempt is ``applied`` if the transition it goes with moves the job (None), or
+    never (False: the stage is failing or handing the job back). A delivery that lost the race to
+    move the job made calls that happened and cost money, but did not count."""
     tier_cfg = p.models.tier(tier)
+    flag = "applied" if applied is None else None
+    first: list[Also] = []
+    retries: list[dict[str, Any]] = []
     for a in attempts:
-        cost = _cost(p, tier, a)
         values = dict(
             outcome="ok" if a.ok else "error", attempt=a.number,
             input_tokens=a.usage.input_tokens, output_tokens=a.usage.output_tokens,
             cache_creation_input_tokens=a.usage.cache_creation_input_tokens,
             cache_read_input_tokens=a.usage.cache_read_input_tokens,
-            cost_usd=cost, latency_ms=a.latency_ms, request_id=a.request_id, status_code=a.status_code,
+            cost_usd=_cost(p, tier, a), latency_ms=a.latency_ms, request_id=a.request_id, status_code=a.status_code,
             stop_reason=a.stop_reason, error_type=a.error_type, error_message=a.error_message,
-            response_text=a.text, applied=applied and a.ok, started_at=a.started_at,
+            response_text=a.text, applied=a.ok and applied is not False, started_at=a.started_at,
             finished_at=a.finished_at,
         )
         if a.number == 1:
-            session.execute(_UPDATE_CALL, {"b_call_id": call_id, **values})
+            first.append(Also(_CALLS, row_id=call_id, values=values, when="always", moved_flag=flag))
         else:
-            session.execute(insert(_CALLS), {"job_id": claim.id, "stage": stage, "tier": tier, "model": tier_cfg.model,
-                                             "delivery": claim.deliveries, **values})
+            retries.append({"job_id": claim.id, "stage": stage, "tier": tier, "model": tier_cfg.model,
+                            "delivery": claim.deliveries, **values})
+    return first + ([Also(_CALLS, rows=retries, when="always", moved_flag=flag)] if retries else [])
+
+
+def _stale_cost(job_id: int, cost: Decimal) -> list[Also]:
+    """The job's cost grows by its calls' even when the transition finds it moved on: they were paid."""
+    return [Also(_JOBS, row_id=job_id, add={"cost_usd": cost}, when="stale")] if cost else []
 
 
 def _applied_before(session: Connection, call_id: int | None) -> bool:
@@ -285,8 +296,9 @@ def _defer(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage:
 
     def do(session: Connection) -> bool:
         if deferred.attempts:
-            _record_attempts(session, p, call_id=call_id, claim=claim, stage=stage, tier=tier,
-                             attempts=deferred.attempts, applied=False)
+            for write in _call_writes(p, call_id=call_id, claim=claim, stage=stage, tier=tier,
+                                      attempts=deferred.attempts, applied=False):
+                write.execute(session, moved=False)
             _add_cost(session, claim.id, _total_cost(p, tier, deferred.attempts))
         else:
             session.execute(delete(ModelCall).where(ModelCall.id == call_id)
@@ -307,14 +319,12 @@ def _fail_after_call(p: Pipeline, claim: Claim, call_id: int, *, status: JobStat
     what = "transient error, retries exhausted" if failed.transient else "permanent error"
     error = f"{stage.value} call to {tier} failed ({what}): {failed}"
 
-    def do(session: Connection) -> None:
-        _record_attempts(session, p, call_id=call_id, claim=claim, stage=stage, tier=tier,
-                         attempts=failed.attempts, applied=False)
-        _add_cost(session, claim.id, _total_cost(p, tier, failed.attempts))
-        transition(session, claim.id, frm=status, version=claim.version, to=JobStatus.FAILED,
-                   error=error, detail=f"{stage.value} call failed")
-
-    p.run(do)
+    cost = _total_cost(p, tier, failed.attempts)
+    writes = [*_call_writes(p, call_id=call_id, claim=claim, stage=stage, tier=tier, attempts=failed.attempts,
+                            applied=False), *_stale_cost(claim.id, cost)]
+    p.record(lambda session: transition(session, claim.id, frm=status, version=claim.version, to=JobStatus.FAILED,
+                                        error=error, detail=f"{stage.value} call failed", add={"cost_usd": cost},
+                                        also=writes))
 
 
 # -- triage ----------------------------------------------------------------------------------------
@@ -339,24 +349,24 @@ def triage(p: Pipeline, job_id: int) -> Handoff | None:
     verdict = parse_triage(result.text, min_confidence=p.models.routing.min_confidence)
     target = tier_for(verdict, p.models.routing)
 
+    cost = _total_cost(p, tier, result.attempts)
+    writes = [
+        *_call_writes(p, call_id=call_id, claim=claim, stage=Stage.TRIAGE, tier=tier, attempts=result.attempts),
+        *_stale_cost(job_id, cost),
+        Also(_DECISIONS, rows=[{"job_id": job_id, "reason_kind": "triage", "verdict": verdict.difficulty,
+                          "confidence": verdict.confidence, "reason": verdict.reason, "from_tier": None,
+                          "to_tier": target, "created_at": utcnow()}]),
+    ]
+
     def do(session: Connection) -> Handoff | None:
         if _applied_before(session, call_id):
             return Handoff(WORK, job_id, target)
-        cost = _total_cost(p, tier, result.attempts)
         moved = transition(session, job_id, frm=JobStatus.TRIAGING, version=claim.version,
                            to=JobStatus.WORKING, detail=f"triage: {verdict.difficulty} -> {target}",
-                           difficulty=verdict.difficulty, tier=target, attempt=1, add={"cost_usd": cost})
-        _record_attempts(session, p, call_id=call_id, claim=claim, stage=Stage.TRIAGE, tier=tier,
-                         attempts=result.attempts, applied=moved)
-        if not moved:
-            _add_cost(session, job_id, cost)
-            return None
-        session.execute(insert(_DECISIONS), {
-            "job_id": job_id, "reason_kind": "triage", "verdict": verdict.difficulty, "confidence": verdict.confidence,
-            "reason": verdict.reason, "to_tier": target, "created_at": utcnow()})
-        return Handoff(WORK, job_id, target)
+                           difficulty=verdict.difficulty, tier=target, attempt=1, add={"cost_usd": cost}, also=writes)
+        return Handoff(WORK, job_id, target) if moved else None
 
-    return p.run(do)
+    return p.record(do)
 
 
 # -- work --------------------------------------------------------------------------------------------
@@ -378,21 +388,20 @@ def work(p: Pipeline, job_id: int) -> Handoff | None:
                          failed=result)
         return None
 
+    cost = _total_cost(p, tier, result.attempts)
+    writes = [*_call_writes(p, call_id=call_id, claim=claim, stage=Stage.WORK, tier=tier, attempts=result.attempts),
+              *_stale_cost(job_id, cost)]
+
     def do(session: Connection) -> Handoff | None:
         if _applied_before(session, call_id):
             return Handoff(VALIDATE, job_id, "validate")
-        cost = _total_cost(p, tier, result.attempts)
         moved = transition(session, job_id, frm=JobStatus.WORKING, version=claim.version,
                            to=JobStatus.VALIDATING, detail=f"{tier} attempt {claim.attempt} answered",
-                           candidate=result.text, candidate_stop=result.stop_reason, add={"cost_usd": cost})
-        _record_attempts(session, p, call_id=call_id, claim=claim, stage=Stage.WORK, tier=tier,
-                         attempts=result.attempts, applied=moved)
-        if not moved:
-            _add_cost(session, job_id, cost)
-            return None
-        return Handoff(VALIDATE, job_id, "validate")
+                           candidate=result.text, candidate_stop=result.stop_reason, add={"cost_usd": cost},
+                           also=writes)
+        return Handoff(VALIDATE, job_id, "validate") if moved else None
 
-    return p.run(do)
+    return p.record(do)
 
 
 # -- validate ------------------------------------------------------------------------------------
@@ -436,7 +445,7 @@ def validate(p: Pipeline, job_id: int) -> Handoff | None:
             return None
         result = outcome
         verdict = parse_format_check(result.text, answer)
-    return p.run(lambda session: _apply_verdict(session, p, claim, call_id, verdict, result))
+    return p.record(lambda session: _apply_verdict(session, p, claim, call_id, verdict, result))
 
 
 def _apply_verdict(session: Connection, p: Pipeline, claim: Claim, call_id: int | None, verdict: Verdict,
@@ -444,46 +453,40 @@ def _apply_verdict(session: Connection, p: Pipeline, claim: Claim, call_id: int 
     tier = claim.tier or ""
     checker = p.models.format_check_tier
     cost = _total_cost(p, checker, result.attempts) if result is not None else Decimal(0)
-    replay = _applied_before(session, call_id)
     added: dict[str, Any] = {"cost_usd": cost}
-
-    def move(to: JobStatus, detail: str, **values: Any) -> bool:
-        if replay:
-            return False
-        return transition(session, claim.id, frm=JobStatus.VALIDATING, version=claim.version, to=to,
-                          detail=detail, add=added, **values)
-
+    writes: list[Also] = []
+    if result is not None and call_id is not None:
+        writes += _call_writes(p, call_id=call_id, claim=claim, stage=Stage.FORMAT_CHECK, tier=checker,
+                               attempts=result.attempts)
+    writes += _stale_cost(claim.id, cost)
+    writes.append(Also(_VERDICTS, rows=[{"job_id": claim.id, "tier": tier, "attempt": claim.attempt,
+                                   "validator": verdict.validator, "ok": verdict.ok, "problems": verdict.problems,
+                                   "created_at": utcnow()}]))
     handoff: Handoff | None = None
+    values: dict[str, Any]
     if verdict.ok:
-        moved = move(JobStatus.SUCCEEDED, f"{verdict.validator} ok", output=verdict.output, feedback=None)
+        to, detail, values = JobStatus.SUCCEEDED, f"{verdict.validator} ok", {"output": verdict.output,
+                                                                                "feedback": None}
     else:
         step = after_failed_validation(tier, claim.attempt, p.models.routing)
         reasons = verdict.feedback
         if step.action == "fail":
-            moved = move(JobStatus.FAILED, "validation failed",
-                         error=f"validation failed at {tier} after {claim.attempt} attempt(s): {reasons}")
+            to, detail = JobStatus.FAILED, "validation failed"
+            values = {"error": f"validation failed at {tier} after {claim.attempt} attempt(s): {reasons}"}
         else:
             assert step.tier is not None
             if step.action == "escalate":
                 added["escalations"] = 1
-            moved = move(JobStatus.WORKING, f"validation failed; {step.action} -> {step.tier}",
-                         tier=step.tier, attempt=step.attempt, feedback=reasons)
-            if moved:
-                kind = "escalation" if step.action == "escalate" else "retry"
-                session.execute(insert(_DECISIONS), {"job_id": claim.id, "reason_kind": kind, "from_tier": tier,
-                                                     "to_tier": step.tier, "reason": reasons[:2000],
-                                                     "created_at": utcnow()})
+            to, detail = JobStatus.WORKING, f"validation failed; {step.action} -> {step.tier}"
+            values = {"tier": step.tier, "attempt": step.attempt, "feedback": reasons}
+            writes.append(Also(_DECISIONS, rows=[{
+                "job_id": claim.id, "reason_kind": "escalation" if step.action == "escalate" else "retry",
+                "verdict": None, "confidence": None, "from_tier": tier, "to_tier": step.tier,
+                "reason": reasons[:2000], "created_at": utcnow()}]))
             handoff = Handoff(WORK, claim.id, step.tier)
-    if replay:
+    if _applied_before(session, call_id):
         return handoff
-    if result is not None and call_id is not None:
-        _record_attempts(session, p, call_id=call_id, claim=claim, stage=Stage.FORMAT_CHECK, tier=checker,
-                         attempts=result.attempts, applied=moved)
-    if not moved:
-        _add_cost(session, claim.id, cost)
-        return None
-    session.execute(insert(_VERDICTS), {"job_id": claim.id, "tier": tier, "attempt": claim.attempt,
-                                        "validator": verdict.validator, "ok": verdict.ok, "problems": verdict.problems,
-                                        "created_at": utcnow()})
-    return handoff
+    moved = transition(session, claim.id, frm=JobStatus.VALIDATING, version=claim.version, to=to, detail=detail,
+                       add=added, also=writes, **values)
+    return handoff if moved else None
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, Literal, cast
 
-from sqlalchemy import Table, bindparam, case, insert, literal, or_, select, update
+from sqlalchemy import Table, and_, bindparam, case, exists, insert, literal, not_, or_, select, union_all, update
 from sqlalchemy.sql import ClauseElement
 
 from pipeline.db import Executor, dialect_name
@@ -76,11 +76,13 @@ def transition(
     to: JobStatus,
     detail: str | None = None,
     add: Mapping[str, Any] | None = None,
+    also: Sequence[Also] = (),
     **values: Any,
 ) -> bool:
     """Move one job if it is still at ``frm``/``version``. True if this call moved it.
 
-    ``values`` are columns to set; ``add`` columns to increase by an amount (``cost_usd``)."""
+    ``values`` are columns to set; ``add`` columns to increase by an amount (``cost_usd``);
+    ``also`` the writes that go with the move (``Also``), in the same statement on Postgres."""
     check(frm, to)
     add = add or {}
     adds = tuple(sorted(add))
@@ -94,24 +96,117 @@ def transition(
         keys, expressions = tuple(sorted(values)), None
         params.update({f"v_{k}": v for k, v in values.items()})
     if dialect_name(session) != "postgresql":
-        # Data-modifying CTEs are Postgres's: on SQLite (the embedded demo) the same two writes go
-        # as two statements in the same transaction.
-        if session.execute(_update_statement(frm, to, keys, adds, expressions=expressions), params).first() is None:
-            return False
-        session.execute(insert(_EVENTS).values(job_id=job_id, from_status=frm, to_status=to, at=params["b_now"],
-                                               detail=detail))
-        return True
+        # Data-modifying CTEs are Postgres's: on SQLite (the embedded demo) the same writes go as
+        # separate statements in the caller's transaction.
+        moved = session.execute(_update_statement(frm, to, keys, adds, expressions=expressions),
+                                params).first() is not None
+        if moved:
+            session.execute(insert(_EVENTS).values(job_id=job_id, from_status=frm, to_status=to,
+                                                   at=params["b_now"], detail=detail))
+        for a in also:
+            a.execute(session, moved=moved)
+        return moved
+    shapes = tuple(a.shape for a in also)
+    for i, a in enumerate(also):
+        params.update(a.params(i))
     if expressions is not None:
-        stmt = _transition_statement(frm, to, keys, adds, expressions=expressions)
+        stmt = _transition_statement(frm, to, keys, adds, shapes, expressions=expressions)
     else:
-        stmt = _cached_transition_statement(frm, to, keys, adds)
+        stmt = _cached_transition_statement(frm, to, keys, adds, shapes)
     return session.execute(stmt, params).first() is not None
 
 
-def _transition_statement(frm: JobStatus, to: JobStatus, keys: tuple[str, ...], adds: tuple[str, ...], *,
+# What an Also's statement depends on, as a hashable key for the statement cache: the table, the
+# columns set and increased, the rows inserted (0 for an update), when it applies, its moved flag.
+AlsoShape = tuple[Table, tuple[str, ...], tuple[str, ...], int, str, str | None]
+
+
+@dataclass(frozen=True)
+class Also:
+    """A write that goes with a transition and may depend on whether it moved the job: the call
+    rows (``applied`` only if the move happened), a routing decision or a verdict (only if it did),
+    the cost of calls whose job had moved on (only if it did not).
+
+    On Postgres each joins the transition's statement as one more data-modifying CTE, so a stage
+    records its result in one round trip that is atomic on its own: no BEGIN, no COMMIT, and
+    nothing half-written if the connection drops. Elsewhere (SQLite) they run after the move, in
+    the caller's transaction.
+
+    ``rows`` are inserted, in order (their ids follow it); with ``row_id`` instead, that row is
+    updated with ``values`` and ``add``."""
+
+    table: Table
+    rows: Sequence[Mapping[str, Any]] = ()
+    row_id: int | None = None
+    values: Mapping[str, Any] = field(default_factory=dict)
+    add: Mapping[str, Any] = field(default_factory=dict)  # columns increased by an amount
+    when: Literal["moved", "stale", "always"] = "moved"  # "stale": only if the job had moved on
+    moved_flag: str | None = None  # a boolean column written as (its value AND the job moved)
+
+    @property
+    def shape(self) -> AlsoShape:
+        keys = self.rows[0] if self.rows else self.values
+        return (self.table, tuple(sorted(keys)), tuple(sorted(self.add)), len(self.rows), self.when,
+                self.moved_flag)
+
+    def params(self, i: int) -> dict[str, Any]:
+        if self.row_id is None:
+            return {f"x{i}_{r}_{k}": v for r, row in enumerate(self.rows) for k, v in row.items()}
+        out = {f"x{i}_{k}": v for k, v in {**self.values, **self.add}.items()}
+        out[f"x{i}_id"] = self.row_id
+        return out
+
+    def execute(self, session: Executor, *, moved: bool) -> None:
+        """The write as a statement of its own, after a transition that ``moved`` the job or not."""
+        if (self.when == "moved" and not moved) or (self.when == "stale" and moved):
+            return
+
+        def flagged(values: Mapping[str, Any]) -> dict[str, Any]:
+            out = dict(values)
+            if self.moved_flag:
+                out[self.moved_flag] = bool(out[self.moved_flag]) and moved
+            return out
+
+        if self.row_id is None:
+            session.execute(insert(self.table), [flagged(row) for row in self.rows])
+            return
+        values = flagged(self.values)
+        values.update({k: self.table.c[k] + v for k, v in self.add.items()})
+        session.execute(update(self.table).where(self.table.c.id == self.row_id).values(values))
+
+
+def _also_cte(i: int, shape: AlsoShape, moved: Any) -> Any:
+    """One Also as a CTE of the transition's statement; ``moved`` is the UPDATE's CTE."""
+    table, keys, adds, rows, when, flag = shape
+    did_move = exists(select(moved.c.id))
+    cond = {"moved": did_move, "stale": not_(did_move), "always": None}[when]
+
+    def sets(prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k in keys:
+            param = bindparam(f"{prefix}_{k}", type_=table.c[k].type)
+            out[k] = and_(param, did_move) if k == flag else param
+        return out
+
+    if not rows:
+        values = sets(f"x{i}")
+        values.update({k: table.c[k] + bindparam(f"x{i}_{k}", type_=table.c[k].type) for k in adds})
+        stmt = update(table).where(table.c.id == bindparam(f"x{i}_id")).values(values)
+        return (stmt if cond is None else stmt.where(cond)).cte(f"also{i}")
+    # INSERT ... SELECT :values [WHERE [NOT] EXISTS (moved)] for each row, in order: a UNION ALL
+    # appends its branches in the order given, so the rows' ids follow the list.
+    selects = [select(*sets(f"x{i}_{r}").values()) for r in range(rows)]
+    if cond is not None:
+        selects = [sel.where(cond) for sel in selects]
+    source = selects[0] if rows == 1 else union_all(*selects)
+    return insert(table).from_select(list(keys), source).cte(f"also{i}")
+
+
+def _transition_statement(frm: JobStatus, to: JobStatus, keys: tuple[str, ...], adds: tuple[str, ...],
+                          shapes: tuple[AlsoShape, ...] = (), *,
                           expressions: Mapping[str, Any] | None = None) -> Any:
-    """One statement: the conditional UPDATE, and the job_events row inserted from what it RETURNs,
-    so the event exists exactly when the job moved.
+    """One statement: the conditional UPDATE, the job_events row inserted from what it RETURNs
+    (so the event exists exactly when the job moved), and the writes that go with it (``Also``).
 
     Why not ORM update() then session.add(JobEvent): this runs on every hop of every job, and
     building statements cost more CPU than Postgres spent running them (bench/). So: one round
@@ -119,11 +214,14 @@ def _transition_statement(frm: JobStatus, to: JobStatus, keys: tuple[str, ...], 
     with bound parameters (``_cached_transition_statement``)."""
     now = bindparam("b_now", type_=_EVENTS.c.at.type)
     moved = _update_statement(frm, to, keys, adds, expressions=expressions).cte("moved")
-    return insert(_EVENTS).from_select(
+    stmt = insert(_EVENTS).from_select(
         ["job_id", "from_status", "to_status", "at", "detail"],
         select(moved.c.id, literal(frm, _EVENTS.c.from_status.type), literal(to, _EVENTS.c.to_status.type), now,
                bindparam("b_detail", type_=_EVENTS.c.detail.type)),
     ).returning(_EVENTS.c.job_id)
+    if shapes:
+        stmt = stmt.add_cte(*(_also_cte(i, shape, moved) for i, shape in enumerate(shapes)))
+    return stmt
 
 
 def _update_statement(frm: JobStatus, to: JobStatus, keys: tuple[str, ...], adds: tuple[str, ...], *,
@@ -142,8 +240,8 @@ def _update_statement(frm: JobStatus, to: JobStatus, keys: tuple[str, ...], adds
 
 @functools.lru_cache(maxsize=256)
 def _cached_transition_statement(frm: JobStatus, to: JobStatus, keys: tuple[str, ...],
-                                 adds: tuple[str, ...]) -> Any:
-    return _transition_statement(frm, to, keys, adds)
+                                 adds: tuple[str, ...], shapes: tuple[AlsoShape, ...]) -> Any:
+    return _transition_statement(frm, to, keys, adds, shapes)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import Connection, event, select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.exc import OperationalError
 
 from pipeline import stages
@@ -93,34 +93,37 @@ def test_suspects_are_republished_one_at_a_time_per_queue(pipeline: Pipeline, tm
     assert [j for j in _swept(pipeline) if j in (a, b)] == [b if first[0] == a else a]
 
 
-def test_a_replayed_transaction_whose_commit_went_through_hands_off_again(pipeline: Pipeline,  # noqa: F811
-                                                                          tmp_path: Path) -> None:
-    """Pipeline.run retries a transaction when the connection drops, even if the commit reached
-    Postgres and only its acknowledgement was lost. The replay must not record the call again as
+def test_a_replayed_result_whose_commit_went_through_hands_off_again(pipeline: Pipeline,  # noqa: F811
+                                                                     tmp_path: Path) -> None:
+    """Pipeline.run retries a stage's result when the connection drops, even if the result reached
+    Postgres and only the acknowledgement was lost. The replay must not record the call again as
     unapplied, count its cost twice, or drop the hand-off."""
     [jid] = enqueue(pipeline, tmp_path, {"kind": "generate", "prompt": "replayed", "tier": "sonnet"})
     dispatched(pipeline)
-    commits: list[int] = []
+    results: list[str] = []
 
-    def lose_the_acknowledgement(conn: Connection) -> None:
-        # The claim commits statement by statement (autocommit); the stage's one transaction is its
-        # result: let its COMMIT reach Postgres, then fail the way a connection dropped before the
-        # answer came does.
-        commits.append(1)
-        if len(commits) == 1:
-            conn.connection.dbapi_connection.commit()  # type: ignore[union-attr]
-            raise OperationalError("COMMIT", {}, ConnectionError("server closed the connection unexpectedly"))
+    def lose_the_acknowledgement(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        # The result is one statement in autocommit (states.Also): the transition, its event and the
+        # call row together. Once Postgres has run (and so committed) it, fail the way a connection
+        # dropped before the answer came does.
+        if "INSERT INTO job_events" in statement:
+            results.append(statement)
+            if len(results) == 1:
+                raise OperationalError(statement, parameters,
+                                       ConnectionError("server closed the connection unexpectedly"))
 
-    event.listen(pipeline.engine, "commit", lose_the_acknowledgement)
+    event.listen(pipeline.engine, "after_cursor_execute", lose_the_acknowledgement)
     try:
         assert stages.work(pipeline, jid) == Handoff("validate", jid, "validate")
     finally:
-        event.remove(pipeline.engine, "commit", lose_the_acknowledgement)
-    assert len(commits) == 2  # the result whose acknowledgement was lost, and its replay
+        event.remove(pipeline.engine, "after_cursor_execute", lose_the_acknowledgement)
+    assert len(results) == 1  # the replay found the result applied and did not send it again
     with pipeline.sessions() as s:
         calls = s.scalars(select(ModelCall).where(ModelCall.job_id == jid)).all()
+        events = s.scalars(select(JobEvent.to_status).where(JobEvent.job_id == jid)).all()
     assert [(c.outcome, c.applied) for c in calls] == [("ok", True)]
     assert job(pipeline, jid).cost_usd == calls[0].cost_usd
+    assert events.count(JobStatus.VALIDATING) == 1
 
 
 def test_a_replayed_claim_takes_its_own_claim_again_without_counting_a_delivery(pipeline: Pipeline,  # noqa: F811
