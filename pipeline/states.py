@@ -189,6 +189,9 @@ def _also_cte(i: int, shape: AlsoShape, moved: Any) -> Any:
         return out
 
     if not rows:
+        # An update of the job's own row (the "stale" cost) sits beside the transition's UPDATE of
+        # that row. Postgres leaves undefined which of two writes to one row in a statement wins,
+        # but here at most one writes: the EXISTS makes them exclusive.
         values = sets(f"x{i}")
         values.update({k: table.c[k] + bindparam(f"x{i}_{k}", type_=table.c[k].type) for k in adds})
         stmt = update(table).where(table.c.id == bindparam(f"x{i}_id")).values(values)
