@@ -97,14 +97,21 @@ class Sampler(threading.Thread):
             self.done.wait(self.interval)
 
 
-def measure_switchyard(c: int, n: int, db: str, broker: str, workdir: Path, console: Console) -> Sampled:
+def measure_switchyard(c: int, n: int, db: str, broker: str, workdir: Path, console: Console, *,
+                       processes: int = 1) -> Sampled:
+    """The tier's C threads in one worker process, or split over ``processes`` of them (memory is
+    then the first one's)."""
     latency_ms = c / 40 * 1000
     sessions = session_factory(make_engine(db, pool_size=2))
     settings = Settings(DATABASE_URL=db, BROKER_URL=broker)
     with env.Processes(env.switchyard_env(database_url=db, broker=broker, claude_url=""), workdir=workdir) as procs:
         fake = env.start_fake(procs, latency_ms=latency_ms)
         e = {"ANTHROPIC_BASE_URL": fake.url}
-        worker = env.start_worker(procs, TIER, concurrency=c, env=e)
+        worker = env.start_worker(procs, TIER, concurrency=c // processes, env=e)
+        for i in range(1, processes):
+            procs.start(f"worker-{TIER}-{i}", env.switchyard("worker", "--tier", TIER, "--concurrency",
+                                                             str(c // processes), "--loglevel", "INFO"),
+                        ready=" ready.", env=e)
         env.start_worker(procs, "validate", concurrency=c, env=e)
         env.start_dispatcher(procs, env=e)
         # Warm up: one wave through, so the pools and threads exist before idle memory is read.
@@ -205,5 +212,19 @@ def run(*, quick: bool, console: Console, profile: bool = False) -> list[Figure]
                        baseline_name=f"C; script {script.mean_in_flight():.0f}", target=0.9),
                 Figure(NAME, f"C={c}: worker memory per call in flight", per_call * 1024, "KiB", target=1024,
                        target_kind="<"),
+            ]
+        if not quick:
+            # Not a target: the same C over two processes, which shows what limits one process at
+            # a large C (its single GIL at each wave boundary; README, Benchmarks).
+            c = levels[-1]
+            console.print(f"[bold]in-flight[/]: C={c} as 2 worker processes of {c // 2} threads")
+            two = measure_switchyard(c, 2000, db, broker, workdir, console, processes=2)
+            console.print(f"  switchyard, 2 processes: {two.steady_rate():.1f} jobs/s steady, {two.rate:.1f} end "
+                          f"to end, mean in flight {two.mean_in_flight():.0f}")
+            figures += [
+                Figure(NAME, f"C={c} as 2 processes × {c // 2}: throughput (steady)", two.steady_rate(), "jobs/s",
+                       baseline=IDEAL_RATE, baseline_name="ideal", note="diagnostic, no target"),
+                Figure(NAME, f"C={c} as 2 processes × {c // 2}: mean calls in flight", two.mean_in_flight(),
+                       "calls", baseline=float(c), baseline_name="C", note="diagnostic, no target"),
             ]
     return figures
