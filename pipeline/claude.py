@@ -9,7 +9,9 @@ Every HTTP attempt, failed or not, comes back to the caller so it can be recorde
 
 from __future__ import annotations
 
+import itertools
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ from pipeline.pricing import Usage
 # The SDK honours retry-after up to 60 s; so do we. A longer wait is better spent re-queued.
 MAX_RETRY_AFTER_S = 60.0
 BASE_BACKOFF_S = 0.5
+# The most connections one HTTP pool holds (ClaudeClient explains why there are several).
+SHARD_CONNECTIONS = 32
 
 
 @dataclass
@@ -191,22 +195,45 @@ class ClaudeClient:
         self.max_backoff_s = max_backoff_s
         self.limiter = limiter or NoLimit()
         self._sleep = sleep
-        # One pooled HTTP client per process, sized for the worker's concurrency: every thread
-        # of a threads-pool worker shares it.
-        http_client = httpx.Client(
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            timeout=httpx.Timeout(timeout_s, connect=5.0),
-        )
-        self._sdk = anthropic.Anthropic(
-            api_key=api_key,
-            base_url=base_url,
-            max_retries=0,
-            timeout=httpx.Timeout(timeout_s, connect=5.0),
-            http_client=http_client,
-        )
+        # httpcore's pool walks every connection it holds on each request and on each response
+        # close: with one pool of 500 connections that walk was a third of a 500-thread worker's
+        # GIL time (bench/inflight, C=500), quadratic in the calls in flight. So the connections are
+        # split into shards of at most SHARD_CONNECTIONS, each with its own SDK client, and every
+        # thread keeps to one shard (assigned round robin at its first call): a request walks only
+        # its shard's connections, and a shard never has more threads than connections.
+        shards = max(1, -(-max_connections // SHARD_CONNECTIONS))
+        self._per_shard = -(-max_connections // shards)
+        self._sdk_options: dict[str, Any] = dict(api_key=api_key, base_url=base_url, max_retries=0,
+                                                 timeout=httpx.Timeout(timeout_s, connect=5.0))
+        # Made at first use: each holds an SSL context, and most processes need one or two.
+        self._shards: list[anthropic.Anthropic | None] = [None] * shards
+        self._shards_lock = threading.Lock()
+        self._next_shard = itertools.count()
+        self._local = threading.local()
+
+    @property
+    def _sdk(self) -> anthropic.Anthropic:
+        """This thread's SDK client (its shard of the connections)."""
+        sdk: anthropic.Anthropic | None = getattr(self._local, "sdk", None)
+        if sdk is None:
+            sdk = self._local.sdk = self._shard(next(self._next_shard) % len(self._shards))
+        return sdk
+
+    def _shard(self, i: int) -> anthropic.Anthropic:
+        with self._shards_lock:
+            sdk = self._shards[i]
+            if sdk is None:
+                n = self._per_shard
+                http_client = httpx.Client(limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+                                           timeout=self._sdk_options["timeout"])
+                sdk = self._shards[i] = anthropic.Anthropic(http_client=http_client, **self._sdk_options)
+            return sdk
 
     def close(self) -> None:
-        self._sdk.close()
+        with self._shards_lock:
+            for sdk in self._shards:
+                if sdk is not None:
+                    sdk.close()
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         """Seconds to wait before attempt ``attempt + 1``: full jitter, never under retry-after."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
 import anthropic
 import httpx2 as httpx
 import pytest
@@ -92,3 +96,27 @@ def test_a_spend_limit_429_is_not_retried() -> None:
         "slow", response=httpx.Response(429, request=request, headers={"retry-after": "3"}), body=body)
     err = translate(with_header)
     assert isinstance(err, TransientClaudeError) and err.retry_after == 3
+
+
+def test_many_threads_share_the_connections_in_shards_and_all_calls_fly_at_once(fake_claude: FakeClaude) -> None:
+    # 80 threads, each with one slow call: all 80 must be at the fake together (no thread waits
+    # for a connection), while no HTTP pool serves more threads than its shard's connections.
+    c = client(fake_claude, Sleeps(), max_connections=80)
+    threads = 80
+    start = threading.Barrier(threads)
+    used: list[object] = []
+
+    def one(i: int) -> str:
+        start.wait()
+        used.append(c._sdk)
+        return call(c, f"ticket {i} [fake:latency_ms=1500]").text
+
+    fake_claude.reset()
+    # Earlier tests' stalled requests may still be open at the fake: count on top of them.
+    before = fake_claude.stats()["in_flight"]
+    with ThreadPoolExecutor(threads) as pool:
+        answers = list(pool.map(one, range(threads)))
+    c.close()
+    assert all(answers) and fake_claude.stats()["max_in_flight"] - before == threads
+    per_shard = Counter(id(sdk) for sdk in used)
+    assert len(per_shard) == 3 and max(per_shard.values()) <= 27, per_shard
