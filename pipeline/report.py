@@ -147,12 +147,22 @@ def _calls(scoped: Scoped, postgres: bool) -> Any:
         func.count().filter(repeated), func.coalesce(func.sum(ModelCall.cost_usd).filter(repeated), 0),
         func.count().filter(ModelCall.outcome == "abandoned"),
     ]
-    columns = [ModelCall.tier, *figures, func.count(func.distinct(ModelCall.job_id)).filter(work)]
     if not postgres:
+        columns = [ModelCall.tier, *figures, func.count(func.distinct(ModelCall.job_id)).filter(work)]
         return scoped(_tagged("calls", *columns, null()).group_by(ModelCall.tier), ModelCall.job_id)
-    # In the same pass: percentile_cont skips the calls without a latency.
-    ms = func.percentile_cont(array([0.5, 0.95])).within_group(ModelCall.latency_ms)
-    return scoped(_tagged("calls", *columns, ms).group_by(ModelCall.tier), ModelCall.job_id)
+    # Ordered aggregates (percentile_cont, count(DISTINCT)) rule out hashing the groups: Postgres
+    # then sorts every call row by tier, and forming and sorting those rows took a third of the
+    # statement's time. Hashed instead, each tier collects its latencies and its work calls' job
+    # ids, and only those values are sorted. percentile_cont skips the NULL latencies.
+    by_tier = scoped(select(ModelCall.tier, *figures, func.array_agg(ModelCall.latency_ms).label("ms"),
+                            func.array_agg(ModelCall.job_id).filter(work).label("worked"))
+                     .group_by(ModelCall.tier), ModelCall.job_id).subquery()
+    # unnest in a select list streams the values; in FROM it would first copy them into a tuplestore.
+    ms = select(func.unnest(by_tier.c.ms).label("v")).correlate(by_tier).subquery()
+    worked = select(func.unnest(by_tier.c.worked).label("v")).correlate(by_tier).subquery()
+    return _tagged("calls", *[c for c in by_tier.c if c.name not in ("ms", "worked")],
+                   select(func.count(worked.c.v.distinct())).scalar_subquery(),
+                   select(func.percentile_cont(array([0.5, 0.95])).within_group(ms.c.v)).scalar_subquery())
 
 
 def _latencies(session: Session, scoped: Scoped, bounds: dict[str, int],
