@@ -12,7 +12,9 @@ below were checked with ``scripts/explain_history.py`` on 1,000,000 jobs in 10 b
   and ``batch_progress`` (enqueue --wait) read one batch through it, never the table.
 - ``ix_jobs_batch_id_status_id`` (batch_id, status, id): ``list_jobs(batch=..., status=...)``
   (0.06 ms) and ``cancel_batch``'s "queued jobs of this batch" (2 ms for 1,000 of them), without
-  reading the batch's finished jobs.
+  reading the batch's finished jobs. It also carries tier and escalations (INCLUDE, migration
+  ``jobs_batch_status_index_covers_stats``), so that ``report.summarize``'s pass over a batch's
+  jobs is an index-only scan.
 - ``ix_jobs_status_id`` (status, id): ``list_jobs(status=...)`` across batches, e.g. every failed
   job, newest first (0.08 ms), without reading the millions that succeeded.
 - ``ix_jobs_created_at`` (BRIN): ``since``/``until``. Jobs are inserted in time order, so a BRIN

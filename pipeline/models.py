@@ -142,7 +142,7 @@ class Job(Base):
         Index("ix_jobs_status_stage_started_at", "status", "stage_started_at"),
         # History queries (pipeline/history.py says which query reads which index, and why).
         Index("ix_jobs_batch_id_id", "batch_id", "id"),
-        Index("ix_jobs_batch_id_status_id", "batch_id", "status", "id"),
+        Index("ix_jobs_batch_id_status_id", "batch_id", "status", "id", postgresql_include=["tier", "escalations"]),
         Index("ix_jobs_status_id", "status", "id"),
         Index("ix_jobs_created_at", "created_at", postgresql_using="brin"),
         # Jobs of a tier in a time window. Partial: a job enters it only once triage gives it a

@@ -3,6 +3,7 @@ job to the top tier. Read straight from the rows, so anyone can check it with SQ
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -11,8 +12,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, case, func, literal, select, true
-from sqlalchemy.dialects.postgresql import distinct_on
+from sqlalchemy import BigInteger, and_, bindparam, case, func, literal, literal_column, null, select, true, union_all
+from sqlalchemy.dialects.postgresql import array, distinct_on
 from sqlalchemy.orm import Session
 
 from pipeline.config import ModelConfig
@@ -97,91 +98,131 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+# The summarized jobs' id range, bound when a statement runs: the statements that read the child
+# tables over it are then the same for every batch, and are built once (``_per_tier_in_range``).
+LO = bindparam("lo", type_=BigInteger)
+HI = bindparam("hi", type_=BigInteger)
+
 # (statement on a child table, its job_id column) -> the statement, kept to the summarized jobs
 Scoped = Callable[[Any, Any], Any]
 
 
-def _child_scope(session: Session, job_filter: Any, *, jobs: int, lo: int, hi: int) -> Scoped:
+def _only_these(session: Session, *, jobs: int, lo: int, hi: int) -> bool:
+    """Whether the summarized jobs are all the jobs with an id in [lo, hi]."""
+    return hi - lo + 1 == jobs or session.scalar(
+        select(func.count()).select_from(Job).where(Job.id.between(lo, hi))) == jobs
+
+
+def _child_scope(job_filter: Any | None) -> Scoped:
     """How a query on calls, decisions or verdicts keeps only the rows of the summarized jobs.
 
     Every such query is bounded by the jobs' id range, so it reads the child table's job_id
     index over that range instead of scanning the table (joined to jobs, the planner scans all
     of routing_decisions and validation_verdicts to hash-join a batch's 10,000 jobs). When no
     other job has an id in the range (the usual case: a batch is enqueued in one go, and a time
-    window is a stretch of ids), the range alone selects the rows and the join to jobs is
-    dropped. Otherwise the join applies the filter to what the range reads."""
-    only_these = hi - lo + 1 == jobs or session.scalar(
-        select(func.count()).select_from(Job).where(Job.id.between(lo, hi))) == jobs
+    window is a stretch of ids), the range alone selects the rows: ``job_filter`` is None and the
+    join to jobs is dropped. Otherwise the join applies the filter to what the range reads."""
 
     def scoped(stmt: Any, job_id: Any) -> Any:
-        stmt = stmt.where(job_id.between(lo, hi))
-        return stmt if only_these else stmt.join(Job, Job.id == job_id).where(job_filter)
+        stmt = stmt.where(job_id.between(LO, HI))
+        return stmt if job_filter is None else stmt.join(Job, Job.id == job_id).where(job_filter)
 
     return scoped
 
 
-def _calls(session: Session, scoped: Scoped, line_for: Callable[[str], TierLine]) -> None:
-    """Per tier: calls, tokens, cost, failed/repeated/abandoned calls, jobs worked, latencies."""
+def _tagged(kind: str, *columns: Any) -> Any:
+    """A select whose rows say which figures they carry (the arms of ``_per_tier``)."""
+    return select(literal_column(f"'{kind}'"), *columns)
+
+
+def _calls(scoped: Scoped, postgres: bool) -> Any:
+    """Per tier: calls, tokens, cost, failed/repeated/abandoned calls, jobs worked, and the latency
+    percentiles as [p50, p95] (NULL on SQLite, which has no percentile_cont: see ``_latencies``)."""
     repeated = ModelCall.delivery > 1
-    postgres = session.get_bind().dialect.name == "postgresql"
-    columns = [
-        ModelCall.tier, func.count(), func.sum(ModelCall.input_tokens), func.sum(ModelCall.output_tokens),
+    work = ModelCall.stage == Stage.WORK
+    figures: list[Any] = [
+        func.count(), func.sum(ModelCall.input_tokens), func.sum(ModelCall.output_tokens),
         func.sum(ModelCall.cost_usd), func.sum(ModelCall.cache_creation_input_tokens),
         func.sum(ModelCall.cache_read_input_tokens), func.count().filter(ModelCall.outcome == "error"),
         func.count().filter(repeated), func.coalesce(func.sum(ModelCall.cost_usd).filter(repeated), 0),
         func.count().filter(ModelCall.outcome == "abandoned"),
-        func.count(func.distinct(ModelCall.job_id)).filter(ModelCall.stage == Stage.WORK),
     ]
-    if postgres:
-        # In the same pass: percentile_cont skips the calls without a latency.
-        columns += [func.percentile_cont(0.5).within_group(ModelCall.latency_ms),
-                    func.percentile_cont(0.95).within_group(ModelCall.latency_ms)]
-    for row in session.execute(scoped(select(*columns).group_by(ModelCall.tier), ModelCall.job_id)):
-        tier, n, tin, tout, cost, cw, cr, failed, rep, rep_cost, abandoned, worked = row[:12]
-        line = line_for(tier)
-        line.calls, line.input_tokens, line.output_tokens = n, int(tin or 0), int(tout or 0)
-        line.cost_usd = Decimal(cost or 0)
-        line.cache_creation_input_tokens, line.cache_read_input_tokens = int(cw or 0), int(cr or 0)
-        line.failed_calls, line.repeated_calls, line.abandoned_calls = int(failed), int(rep), int(abandoned)
-        line.repeated_cost_usd, line.worked = Decimal(rep_cost), int(worked)
-        if postgres:
-            line.p50_latency_ms, line.p95_latency_ms = row[12], row[13]
     if not postgres:
-        _latencies(session, scoped, line_for)
+        columns = [ModelCall.tier, *figures, func.count(func.distinct(ModelCall.job_id)).filter(work)]
+        return scoped(_tagged("calls", *columns, null()).group_by(ModelCall.tier), ModelCall.job_id)
+    # Ordered aggregates (percentile_cont, count(DISTINCT)) rule out hashing the groups: Postgres
+    # then sorts every call row by tier, and forming and sorting those rows took a third of the
+    # statement's time. Hashed instead, each tier collects its latencies and its work calls' job
+    # ids, and only those values are sorted. percentile_cont skips the NULL latencies.
+    by_tier = scoped(select(ModelCall.tier, *figures, func.array_agg(ModelCall.latency_ms).label("ms"),
+                            func.array_agg(ModelCall.job_id).filter(work).label("worked"))
+                     .group_by(ModelCall.tier), ModelCall.job_id).subquery()
+    # unnest in a select list streams the values; in FROM it would first copy them into a tuplestore.
+    ms = select(func.unnest(by_tier.c.ms).label("v")).correlate(by_tier).subquery()
+    worked = select(func.unnest(by_tier.c.worked).label("v")).correlate(by_tier).subquery()
+    return _tagged("calls", *[c for c in by_tier.c if c.name not in ("ms", "worked")],
+                   select(func.count(worked.c.v.distinct())).scalar_subquery(),
+                   select(func.percentile_cont(array([0.5, 0.95])).within_group(ms.c.v)).scalar_subquery())
 
 
-def _latencies(session: Session, scoped: Scoped, line_for: Callable[[str], TierLine]) -> None:
+def _latencies(session: Session, scoped: Scoped, bounds: dict[str, int],
+               line_for: Callable[[str], TierLine]) -> None:
     """SQLite (the demo) has no percentile_cont: the same interpolation in Python, on a demo's rows.
     (On Postgres ``_calls`` computes them.)"""
     by_tier: dict[str, list[float]] = defaultdict(list)
     for tier, ms in session.execute(scoped(select(ModelCall.tier, ModelCall.latency_ms)
-                                           .where(ModelCall.latency_ms.is_not(None)), ModelCall.job_id)):
+                                           .where(ModelCall.latency_ms.is_not(None)), ModelCall.job_id), bounds):
         by_tier[tier].append(float(ms or 0))
     for tier, values in by_tier.items():
         line = line_for(tier)
         line.p50_latency_ms, line.p95_latency_ms = percentile(values, 0.5), percentile(values, 0.95)
 
 
-def _last_work_tokens(session: Session, scoped: Scoped) -> tuple[int, int]:
+def _last_work_tokens(scoped: Scoped, postgres: bool) -> Any:
     """Input and output tokens of each job's last successful work call, summed."""
     # The stage as a literal, so that a prepared (generic) plan can still use the partial index of
     # work calls.
     ok_work = (ModelCall.stage == literal(Stage.WORK.value, literal_execute=True), ModelCall.outcome == "ok")
-    if session.get_bind().dialect.name == "postgresql":
+    if postgres:
         # DISTINCT ON picks each job's newest such call in one pass over the range.
         last = scoped(select(ModelCall.input_tokens, ModelCall.output_tokens).where(*ok_work)
                       .ext(distinct_on(ModelCall.job_id)).order_by(ModelCall.job_id, ModelCall.id.desc()),
                       ModelCall.job_id).subquery()
-        row = session.execute(select(func.coalesce(func.sum(last.c.input_tokens), 0),
-                                     func.coalesce(func.sum(last.c.output_tokens), 0))).one()
-        return int(row[0]), int(row[1])
+        return _tagged("top", null(), func.coalesce(func.sum(last.c.input_tokens), 0),
+                       func.coalesce(func.sum(last.c.output_tokens), 0))
     last_id = scoped(select(func.max(ModelCall.id).label("id")).where(*ok_work).group_by(ModelCall.job_id),
                      ModelCall.job_id).subquery()
-    row = session.execute(
-        select(func.coalesce(func.sum(ModelCall.input_tokens), 0), func.coalesce(func.sum(ModelCall.output_tokens), 0))
-        .join(last_id, last_id.c.id == ModelCall.id)
-    ).one()
-    return int(row[0]), int(row[1])
+    return (_tagged("top", null(), func.coalesce(func.sum(ModelCall.input_tokens), 0),
+                    func.coalesce(func.sum(ModelCall.output_tokens), 0))
+            .join_from(ModelCall, last_id, last_id.c.id == ModelCall.id))
+
+
+def _per_tier(scoped: Scoped, postgres: bool) -> Any:
+    """Calls, escalations and verdicts per tier, and the tokens of the top-tier comparison: one
+    statement, so one round trip. Each row starts with its kind and tier; the shorter arms are
+    padded with NULLs to the width of the calls."""
+    arms = [
+        _calls(scoped, postgres),
+        # A literal, not a bound parameter, so that a prepared (generic) plan can still use the
+        # partial index of escalations.
+        scoped(_tagged("escalations", RoutingDecision.from_tier, func.count())
+               .where(RoutingDecision.reason_kind == literal("escalation", literal_execute=True))
+               .group_by(RoutingDecision.from_tier), RoutingDecision.job_id),
+        scoped(_tagged("verdicts", ValidationVerdict.tier, func.count(),
+                       func.count().filter(ValidationVerdict.ok.is_(False)))
+               .group_by(ValidationVerdict.tier), ValidationVerdict.job_id),
+        # What the top tier would have cost: each job's last successful work call, same tokens,
+        # the top tier's prices. No triage and no format checks in that world.
+        _last_work_tokens(scoped, postgres),
+    ]
+    width = len(arms[0].selected_columns)
+    return union_all(*[arm.add_columns(*[null()] * (width - len(arm.selected_columns))) for arm in arms])
+
+
+@functools.cache
+def _per_tier_in_range(postgres: bool) -> Any:
+    """``_per_tier`` for the usual case, where the id range alone selects the rows."""
+    return _per_tier(_child_scope(None), postgres)
 
 
 def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = None,
@@ -192,10 +233,11 @@ def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = N
     Every call a job made counts, including failed, repeated and abandoned ones: they were requests
     the API saw. Each figure is a plain aggregate over the rows, so the sums can be checked in SQL.
 
-    Five statements (six when the jobs' ids have gaps): the jobs, in one pass that also yields their
-    id range, then calls, escalations, verdicts and the top-tier comparison, each read over that
-    id range (``_child_scope``). A 10,000-job batch among a million jobs reads some 50,000 rows,
-    all through indexes."""
+    Two statements: the jobs, in one pass that also yields their id range, then calls,
+    escalations, verdicts and the top-tier comparison in one statement (``_per_tier``), each read
+    over that id range (``_child_scope``). One more when other jobs have ids in that range
+    (``_only_these``), and on SQLite one more for the percentiles (``_latencies``). A 10,000-job
+    batch among a million jobs reads some 50,000 rows, all through indexes."""
     conds: list[Any] = []
     if tenant_id is not None:
         conds.append(Job.batch_id.in_(select(Batch.id).where(Batch.tenant_id == tenant_id)))
@@ -230,25 +272,33 @@ def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = N
 
     tin = tout = 0
     if lo is not None and hi is not None:
-        scoped = _child_scope(session, job_filter, jobs=sum(by_status.values()), lo=lo, hi=hi)
-        _calls(session, scoped, line_for)
-        for tier, n in session.execute(scoped(
-            select(RoutingDecision.from_tier, func.count())
-            # A literal, not a bound parameter, so that a prepared (generic) plan can still use the
-            # partial index of escalations.
-            .where(RoutingDecision.reason_kind == literal("escalation", literal_execute=True))
-            .group_by(RoutingDecision.from_tier), RoutingDecision.job_id)
-        ):
-            line_for(tier or "-").escalations = n
-        for tier, n, bad in session.execute(scoped(
-            select(ValidationVerdict.tier, func.count(), func.count().filter(ValidationVerdict.ok.is_(False)))
-            .group_by(ValidationVerdict.tier), ValidationVerdict.job_id)
-        ):
-            line = line_for(tier)
-            line.validations, line.validation_failures = n, int(bad)
-        # What the top tier would have cost: each job's last successful work call, same tokens,
-        # the top tier's prices. No triage and no format checks in that world.
-        tin, tout = _last_work_tokens(session, scoped)
+        postgres = session.get_bind().dialect.name == "postgresql"
+        bounds = {"lo": lo, "hi": hi}
+        if _only_these(session, jobs=sum(by_status.values()), lo=lo, hi=hi):
+            scoped, per_tier = _child_scope(None), _per_tier_in_range(postgres)
+        else:
+            scoped = _child_scope(job_filter)
+            per_tier = _per_tier(scoped, postgres)
+        for kind, tier, *figures in session.execute(per_tier, bounds):
+            if kind == "calls":
+                n, inp, outp, cost, cw, cr, failed, rep, rep_cost, abandoned, worked, ms = figures
+                line = line_for(tier)
+                line.calls, line.input_tokens, line.output_tokens = n, int(inp or 0), int(outp or 0)
+                line.cost_usd = Decimal(cost or 0)
+                line.cache_creation_input_tokens, line.cache_read_input_tokens = int(cw or 0), int(cr or 0)
+                line.failed_calls, line.repeated_calls, line.abandoned_calls = int(failed), int(rep), int(abandoned)
+                line.repeated_cost_usd, line.worked = Decimal(rep_cost), int(worked)
+                if ms is not None:  # [p50, p95]; NULL on SQLite, or when no call of the tier has a latency
+                    line.p50_latency_ms, line.p95_latency_ms = ms
+            elif kind == "escalations":
+                line_for(tier or "-").escalations = figures[0]
+            elif kind == "verdicts":
+                line = line_for(tier)
+                line.validations, line.validation_failures = figures[0], int(figures[1])
+            else:  # "top"
+                tin, tout = int(figures[0]), int(figures[1])
+        if not postgres:
+            _latencies(session, scoped, bounds, line_for)
     failures = sum(t.validation_failures for t in tiers.values())
     top = config.tier(config.top_tier)
     top_cost = (Decimal(tin) * top.input_per_mtok + Decimal(tout) * top.output_per_mtok) / MILLION

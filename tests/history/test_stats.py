@@ -1,22 +1,24 @@
-"""report.summarize on rows a factory builds: repeated and abandoned calls are counted, and the
-latency percentiles agree between Postgres (percentile_cont) and SQLite (computed in Python)."""
+"""report.summarize on rows a factory builds: repeated and abandoned calls are counted, the
+latency percentiles agree between Postgres (percentile_cont) and SQLite (computed in Python), and
+on random batches every figure equals the same figure worked out row by row in Python."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from pipeline import migrate
 from pipeline.config import ModelConfig
 from pipeline.db import make_engine
 from pipeline.models import Batch, Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
-from pipeline.report import percentile, summarize
+from pipeline.report import Summary, TierLine, percentile, summarize
 
 LATENCIES = [120.0, 80.0, 300.0, 95.0, 410.0, 150.0, 99.0]
 
@@ -125,3 +127,122 @@ def test_percentile_interpolates_like_percentile_cont() -> None:
     assert percentile([5.0], 0.95) == 5.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
     assert percentile(list(map(float, range(1, 101))), 0.95) == pytest.approx(95.05)
+
+
+def build_mixed(session: Session, seed: int) -> list[int]:
+    """Three batches with every kind of row summarize reads, drawn at random: triage, work and
+    format-check calls at known tiers and one the configuration lacks, failed, abandoned and
+    unfinished calls, repeated deliveries, several work calls per job (escalations, retries),
+    latencies that repeat or are missing (for a whole tier, too), escalations with and without a
+    tier to come from, and verdicts. The first two batches' jobs take turns in id order (each
+    batch's id range holds the other's jobs); the third is alone in its ids. Returns the batch ids."""
+    rng = random.Random(seed)
+    t0 = datetime(2026, 5, 1, tzinfo=UTC)
+    batches = [Batch(name=f"mixed-{seed}-{i}", created_at=t0) for i in range(3)]
+    session.add_all(batches)
+    session.flush()
+    owners = [batches[i % 2] for i in range(40)] + [batches[2]] * 30
+    jobs = []
+    for i, batch in enumerate(owners):
+        job = Job(batch_id=batch.id, key=f"m{i}", kind=JobKind.CLASSIFY, payload={},
+                  status=rng.choice(list(JobStatus)), tier=rng.choice([None, "sonnet", "opus", "legacy"]),
+                  escalations=rng.choice([0, 0, 1, 2]), created_at=t0)
+        session.add(job)
+        session.flush()  # ids in this order
+        jobs.append(job)
+    for job in jobs:
+        for _ in range(rng.randrange(6)):
+            stage = rng.choice([Stage.TRIAGE, Stage.WORK, Stage.WORK, Stage.FORMAT_CHECK])
+            tier = "haiku" if stage != Stage.WORK else rng.choice(["sonnet", "opus", "legacy"])
+            outcome = rng.choice(["ok", "ok", "ok", "error", "abandoned", "started"])
+            # "legacy" never reports a latency; elsewhere a few repeat, some are missing.
+            ms = None if tier == "legacy" or rng.random() < 0.15 else rng.choice(
+                [250.0, round(rng.uniform(40, 4000), 3)])
+            session.add(ModelCall(
+                job_id=job.id, stage=stage, tier=tier, model=f"m-{tier}", attempt=rng.randint(1, 3),
+                delivery=rng.choice([1, 1, 1, 2, 3]), outcome=outcome, input_tokens=rng.randrange(5000),
+                output_tokens=rng.randrange(900), cache_creation_input_tokens=rng.randrange(300),
+                cache_read_input_tokens=rng.randrange(300), cost_usd=Decimal(rng.randrange(100_000)) / 10**6,
+                latency_ms=ms, started_at=t0))
+        for _ in range(rng.randrange(3)):
+            session.add(RoutingDecision(job_id=job.id, reason_kind=rng.choice(["escalation", "triage", "retry"]),
+                                        from_tier=rng.choice([None, "sonnet", "opus"]), to_tier="opus",
+                                        created_at=t0))
+        for _ in range(rng.randrange(3)):
+            session.add(ValidationVerdict(job_id=job.id, tier=rng.choice(["sonnet", "opus", "legacy"]), attempt=1,
+                                          validator="label", ok=rng.random() < 0.7, problems=[], created_at=t0))
+    session.flush()
+    return [b.id for b in batches]
+
+
+def by_hand(session: Session, models: ModelConfig, batch_id: int) -> Summary:
+    """What summarize promises for a batch, worked out row by row in Python."""
+    jobs = session.scalars(select(Job).where(Job.batch_id == batch_id)).all()
+    mine = {j.id for j in jobs}
+    calls = [c for c in session.scalars(select(ModelCall)).all() if c.job_id in mine]
+    decisions = [d for d in session.scalars(select(RoutingDecision)).all() if d.job_id in mine]
+    verdicts = [v for v in session.scalars(select(ValidationVerdict)).all() if v.job_id in mine]
+    tiers = {name: TierLine(name) for name in models.tiers}
+
+    def line(tier: str) -> TierLine:
+        return tiers.setdefault(tier, TierLine(tier))
+
+    for j in jobs:
+        if j.tier is not None:
+            line(j.tier).jobs += 1
+    for tier in {c.tier for c in calls}:
+        these = [c for c in calls if c.tier == tier]
+        repeated = [c for c in these if c.delivery > 1]
+        ms = [c.latency_ms for c in these if c.latency_ms is not None]
+        t = line(tier)
+        t.calls, t.input_tokens, t.output_tokens = len(these), sum(c.input_tokens for c in these), \
+            sum(c.output_tokens for c in these)
+        t.cost_usd = sum((c.cost_usd for c in these), Decimal(0))
+        t.cache_creation_input_tokens = sum(c.cache_creation_input_tokens for c in these)
+        t.cache_read_input_tokens = sum(c.cache_read_input_tokens for c in these)
+        t.failed_calls = sum(c.outcome == "error" for c in these)
+        t.abandoned_calls = sum(c.outcome == "abandoned" for c in these)
+        t.repeated_calls, t.repeated_cost_usd = len(repeated), sum((c.cost_usd for c in repeated), Decimal(0))
+        t.p50_latency_ms, t.p95_latency_ms = percentile(ms, 0.5), percentile(ms, 0.95)
+        t.worked = len({c.job_id for c in these if c.stage == Stage.WORK})
+    for d in decisions:
+        if d.reason_kind == "escalation":
+            line(d.from_tier or "-").escalations += 1
+    for v in verdicts:
+        line(v.tier).validations += 1
+        line(v.tier).validation_failures += not v.ok
+    last_work: dict[int, ModelCall] = {}
+    for c in sorted(calls, key=lambda c: c.id):
+        if c.stage == Stage.WORK and c.outcome == "ok":
+            last_work[c.job_id] = c
+    top = models.tier(models.top_tier)
+    top_cost = sum((c.input_tokens * top.input_per_mtok + c.output_tokens * top.output_per_mtok
+                    for c in last_work.values()), Decimal(0)) / 1_000_000
+    by_status: dict[str, int] = {}
+    for j in jobs:
+        by_status[j.status.value] = by_status.get(j.status.value, 0) + 1
+    return Summary(jobs=len(jobs), by_status=by_status, tiers=list(tiers.values()),
+                   escalations=sum(j.escalations for j in jobs),
+                   validation_failures=sum(t.validation_failures for t in tiers.values()),
+                   cost_usd=sum((t.cost_usd for t in tiers.values()), Decimal(0)), top_tier=models.top_tier,
+                   top_tier_cost_usd=top_cost)
+
+
+def _check_by_hand(session: Session, models: ModelConfig) -> None:
+    for seed in range(3):
+        for batch_id in build_mixed(session, seed):
+            got, want = summarize(session, models, batch_id=batch_id), by_hand(session, models, batch_id)
+            # Every figure exactly, the percentiles too: percentile() is percentile_cont's arithmetic.
+            assert {t.tier: t for t in got.tiers} == {t.tier: t for t in want.tiers}, (seed, batch_id)
+            assert (got.jobs, got.by_status, got.escalations, got.validation_failures, got.cost_usd) == (
+                want.jobs, want.by_status, want.escalations, want.validation_failures, want.cost_usd)
+            assert got.top_tier_cost_usd == want.top_tier_cost_usd, (seed, batch_id)
+
+
+def test_summary_is_the_rows_worked_out_by_hand_on_postgres(db: Session, models: ModelConfig) -> None:
+    _check_by_hand(db, models)
+
+
+def test_summary_is_the_rows_worked_out_by_hand_on_sqlite(sqlite_engine: Engine, models: ModelConfig) -> None:
+    with Session(sqlite_engine) as session:
+        _check_by_hand(session, models)
