@@ -200,7 +200,8 @@ class ClaudeClient:
         # GIL time (bench/inflight, C=500), quadratic in the calls in flight. So the connections are
         # split into shards of at most SHARD_CONNECTIONS, each with its own SDK client, and every
         # thread keeps to one shard (assigned round robin at its first call): a request walks only
-        # its shard's connections, and a shard never has more threads than connections.
+        # its shard's connections, and (with no more threads than max_connections, as the worker
+        # sizes it) a shard never has more threads than connections, so no call waits for one.
         shards = max(1, -(-max_connections // SHARD_CONNECTIONS))
         self._per_shard = -(-max_connections // shards)
         self._sdk_options: dict[str, Any] = dict(api_key=api_key, base_url=base_url, max_retries=0,
