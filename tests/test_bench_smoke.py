@@ -33,4 +33,8 @@ def test_history_benchmark_at_toy_size(console: Console) -> None:
     # The job-story query reads each child table by its job_id index, whatever the size.
     story = next(f for f in figures if f.name.startswith("one job's full story") and "EXPLAIN" in f.name)
     assert "ix_model_calls_job_id" in story.note
+    # Stats per tier is timed beside the floor of reading its rows, which did read them.
+    stats = next(f for f in figures if f.name.startswith("stats per tier") and "EXPLAIN" not in f.name)
+    assert stats.baseline and stats.baseline > 0 and stats.extra["floor_p95_ms"] == stats.baseline
+    assert stats.ratio is not None
     assert "| history |" in report.markdown(figures)
