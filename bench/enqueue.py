@@ -94,8 +94,8 @@ def copy_baseline_fast(dsn: str, path: Path) -> float:
 def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | None = None) -> list[Figure]:
     n = jobs or (20_000 if quick else 200_000)
     console.print(f"[bold]enqueue[/]: a {n:,}-job JSON Lines file until durable, against COPY into a bare table")
-    with env.scratch_database() as db:
-        path = write_file(env.Processes(env={}).workdir / "jobs.jsonl", n)
+    with env.scratch_database() as db, env.workdir() as wd:
+        path = write_file(wd / "jobs.jsonl", n)
         engine = make_engine(db, pool_size=2)
         with engine.begin() as conn:
             conn.execute(text(BARE))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +35,19 @@ REDIS_SERVER = os.environ.get("SWITCHYARD_BENCH_REDIS", "redis://127.0.0.1:6379"
 REDIS_DB = int(os.environ.get("SWITCHYARD_BENCH_REDIS_DB", "7"))
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: `celery -A bench.bare` imports from here
+
+
+@contextmanager
+def workdir() -> Iterator[Path]:
+    """A scratch folder for one benchmark's job files and process logs. Removed when the benchmark
+    ends well; kept, and named on stderr, when it fails, since the logs say why."""
+    path = Path(tempfile.mkdtemp(prefix="sy-bench-"))
+    try:
+        yield path
+    except BaseException:
+        print(f"benchmark files and logs kept in {path}", file=sys.stderr)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def admin_engine() -> Engine:
@@ -117,7 +131,7 @@ class Processes:
     """Processes started for one measurement, each in its own process group, all stopped together."""
 
     env: dict[str, str]
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sy-bench-")))
+    workdir: Path  # where their logs go: see ``workdir()``
     procs: list[Proc] = field(default_factory=list)
 
     def start(self, name: str, argv: list[str], *, ready: str | None, timeout: float = 60.0,

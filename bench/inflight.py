@@ -183,8 +183,7 @@ def run(*, quick: bool, console: Console, profile: bool = False) -> list[Figure]
     levels = (40,) if quick else (50, 200, 500)
     figures: list[Figure] = []
     broker = env.broker_url()
-    with env.scratch_database() as db:
-        workdir = env.Processes(env={}).workdir
+    with env.scratch_database() as db, env.workdir() as workdir:
         for c in levels:
             n = 4 * c if quick else 2000
             console.print(f"[bold]in-flight[/]: C={c}, L={c / 40:.2f} s, {n:,} jobs (ideal {IDEAL_RATE:.0f} jobs/s)")

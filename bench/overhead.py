@@ -200,8 +200,8 @@ def run(*, quick: bool, console: Console, jobs: int | None = None, concurrency: 
     n = jobs or (1000 if quick else 5000)
     console.print(f"[bold]overhead[/]: {n:,} classify jobs, fake Claude at zero latency")
     broker = env.broker_url()
-    with env.scratch_database() as db, env.Processes(env.switchyard_env(database_url=db, broker=broker,
-                                                                        claude_url="")) as procs:
+    with env.scratch_database() as db, env.workdir() as wd, \
+            env.Processes(env.switchyard_env(database_url=db, broker=broker, claude_url=""), workdir=wd) as procs:
         fake = env.start_fake(procs, latency_ms=0)
         bare = measure_bare(db, broker, procs.workdir, n=n, concurrency=concurrency, console=console,
                             profile=profile)

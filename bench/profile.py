@@ -155,6 +155,11 @@ def categorise(path: Path) -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(f"usage: python -m bench.profile FILE...  (collapsed stacks, as written to {PROFILES}/)")
     for arg in sys.argv[1:]:
-        shares = categorise(Path(arg))
+        try:
+            shares = categorise(Path(arg))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            sys.exit(f"bench.profile: {arg}: not a readable py-spy raw profile ({exc})")
         print(f"{Path(arg).stem}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()))
