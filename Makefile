@@ -26,8 +26,8 @@ services: ## Start the local Postgres and Redis if they are not running
 test: $(STAMP) services ## Run the test suite against the real Postgres and Redis
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP) ## Ruff and mypy over pipeline/ and workers/
-	$(VENV)/bin/ruff check pipeline workers tests bench
+lint: $(STAMP) ## Ruff over the code, tests, benchmarks and migrations; mypy over pipeline/ and workers/
+	$(VENV)/bin/ruff check pipeline workers tests bench migrations
 	$(VENV)/bin/mypy pipeline workers
 
 bench: $(STAMP) services ## Run the benchmarks (add BENCH_ARGS=--quick for a short run)

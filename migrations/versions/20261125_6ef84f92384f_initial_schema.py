@@ -1,7 +1,7 @@
 """initial schema
 
 Revision ID: 6ef84f92384f
-Revises: 
+Revises:
 Create Date: 2026-11-25 20:12:11.939876
 """
 
