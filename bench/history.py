@@ -25,7 +25,6 @@ from typing import Any
 
 from rich.console import Console
 from sqlalchemy import Engine, event, text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from bench import env
@@ -97,12 +96,9 @@ def generate(engine: Engine, n: int, console: Console) -> None:
             conn.execute(text(sql), params)
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE"))
-        # Write the generated gigabytes out now: otherwise the checkpointer flushes them while the
-        # queries are being timed, and their p95 measures the disk.
-        try:
-            conn.execute(text("CHECKPOINT"))
-        except DBAPIError as exc:
-            console.print(f"  no CHECKPOINT ({exc.orig}): the timings may overlap the flush of the generated rows")
+    # The generated gigabytes, written out before the queries are timed.
+    if why := env.checkpoint(engine):
+        console.print(f"  no CHECKPOINT ({why}): the timings may overlap the flush of the generated rows")
     with engine.connect() as conn:
         counts = {t: conn.scalar(text(f"SELECT count(*) FROM {t}")) for t in
                   ("jobs", "model_calls", "routing_decisions", "validation_verdicts", "job_events")}

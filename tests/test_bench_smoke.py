@@ -17,8 +17,8 @@ def console() -> Console:
 
 
 def test_enqueue_benchmark_at_toy_size(console: Console) -> None:
-    [fig] = enqueue.run(quick=True, console=console, jobs=300)
-    assert fig.extra["jobs"] == 300
+    [fig] = enqueue.run(quick=True, console=console, jobs=300, rounds=2)
+    assert fig.extra["jobs"] == 300 and len(fig.extra["switchyard_s_each"]) == 2
     assert fig.value > 0 and fig.baseline and fig.baseline > 0
     assert fig.ratio is not None and fig.passed is not None  # a verdict either way: speed is not asserted here
 
