@@ -30,6 +30,7 @@ from sqlalchemy import func, select
 
 from bench import env
 from bench.jobs import classify_jobs, write_jsonl
+from bench.profile import cpu_seconds
 from bench.report import Figure
 from pipeline.db import make_engine, session_factory
 from pipeline.enqueue import enqueue_file
@@ -53,6 +54,14 @@ class Sampled:
     ok: int = 0
 
     finished: list[float] = field(default_factory=list)  # seconds since start at which each job ended
+    # CPU seconds the work tier's worker processes used over the run, and how many there were: a
+    # process near one CPU-second per second is bound by its GIL, whatever its thread count.
+    worker_cpu_s: float = 0.0
+    worker_processes: int = 0
+
+    def worker_busy(self) -> float:
+        """Share of the run each work worker process spent on a CPU (1.0: one core, all the time)."""
+        return self.worker_cpu_s / (self.seconds * self.worker_processes) if self.worker_processes else 0.0
 
     @property
     def rate(self) -> float:
@@ -108,10 +117,11 @@ def measure_switchyard(c: int, n: int, db: str, broker: str, workdir: Path, cons
         fake = env.start_fake(procs, latency_ms=latency_ms)
         e = {"ANTHROPIC_BASE_URL": fake.url}
         worker = env.start_worker(procs, TIER, concurrency=c // processes, env=e)
-        for i in range(1, processes):
+        workers = [worker] + [
             procs.start(f"worker-{TIER}-{i}", env.switchyard("worker", "--tier", TIER, "--concurrency",
                                                              str(c // processes), "--loglevel", "INFO"),
                         ready=" ready.", env=e)
+            for i in range(1, processes)]
         env.start_worker(procs, "validate", concurrency=c, env=e)
         env.start_dispatcher(procs, env=e)
         # Warm up: one wave through, so the pools and threads exist before idle memory is read.
@@ -122,9 +132,11 @@ def measure_switchyard(c: int, n: int, db: str, broker: str, workdir: Path, cons
         fake.reset()
         path = write_jsonl(workdir / f"jobs-{c}.jsonl", classify_jobs(n, tier=TIER, prefix=f"j{c}"))
         sampler = Sampler(fake, worker.pid)
+        cpu0 = sum(cpu_seconds(w.pid) for w in workers)
         sampler.start()
         report = enqueue_file(sessions, path, batch=f"inflight-{c}-{time.time_ns()}", config=settings.models)
         t1 = _wait(sessions, report.batch_id, n, procs, timeout=120 + 4 * n / IDEAL_RATE)
+        cpu = sum(cpu_seconds(w.pid) for w in workers) - cpu0
         sampler.done.set()
         sampler.join()
         stats = fake.stats()
@@ -134,7 +146,7 @@ def measure_switchyard(c: int, n: int, db: str, broker: str, workdir: Path, cons
             ends = s.scalars(select(Job.finished_at).where(Job.batch_id == report.batch_id)).all()
     finished = [e.timestamp() - sampler.wall0 for e in ends if e is not None]
     return Sampled(t1 - sampler.t0, n, sampler.samples, int(stats["max_in_flight"]), rss_idle,
-                   sampler.rss_peak, ok, finished)
+                   sampler.rss_peak, ok, finished, worker_cpu_s=cpu, worker_processes=processes)
 
 
 def _wait(sessions, batch_id, n, procs, timeout: float) -> float:  # type: ignore[no-untyped-def]
@@ -195,12 +207,15 @@ def run(*, quick: bool, console: Console, profile: bool = False) -> list[Figure]
                           f"mean in flight {script.mean_in_flight():.0f}; switchyard: {sy.steady_rate():.1f} jobs/s "
                           f"steady, {sy.rate:.1f} end to end, mean in flight {sy.mean_in_flight():.0f} "
                           f"(max {sy.max_in_flight}), worker RSS {sy.rss_idle_kib / 1024:.0f} -> "
-                          f"{sy.rss_peak_kib / 1024:.0f} MiB, {sy.ok}/{sy.jobs} succeeded")
+                          f"{sy.rss_peak_kib / 1024:.0f} MiB, {sy.ok}/{sy.jobs} succeeded; work worker CPU "
+                          f"{1000 * sy.worker_cpu_s / n:.1f} ms a job, on a CPU {100 * sy.worker_busy():.0f}% "
+                          "of the run")
             extra = {"C": c, "latency_s": c / 40, "jobs": n, "succeeded": sy.ok, "seconds": sy.seconds,
                      "end_to_end_rate": sy.rate, "script_end_to_end_rate": script.rate,
                      "script_steady_rate": script.steady_rate(), "script_mean_in_flight": script.mean_in_flight(),
                      "max_in_flight": sy.max_in_flight, "rss_idle_mib": sy.rss_idle_kib / 1024,
-                     "rss_peak_mib": sy.rss_peak_kib / 1024}
+                     "rss_peak_mib": sy.rss_peak_kib / 1024, "worker_cpu_ms_per_job": 1000 * sy.worker_cpu_s / n,
+                     "worker_busy": sy.worker_busy()}
             figures += [
                 Figure(NAME, f"C={c}: throughput (steady) vs ideal", sy.steady_rate(), "jobs/s",
                        baseline=IDEAL_RATE, baseline_name=f"ideal; script {script.steady_rate():.1f}", target=0.9,
@@ -219,7 +234,9 @@ def run(*, quick: bool, console: Console, profile: bool = False) -> list[Figure]
             console.print(f"[bold]in-flight[/]: C={c} as 2 worker processes of {c // 2} threads")
             two = measure_switchyard(c, 2000, db, broker, workdir, console, processes=2)
             console.print(f"  switchyard, 2 processes: {two.steady_rate():.1f} jobs/s steady, {two.rate:.1f} end "
-                          f"to end, mean in flight {two.mean_in_flight():.0f}")
+                          f"to end, mean in flight {two.mean_in_flight():.0f}; work workers' CPU "
+                          f"{1000 * two.worker_cpu_s / two.jobs:.1f} ms a job, each on a CPU "
+                          f"{100 * two.worker_busy():.0f}% of the run")
             figures += [
                 Figure(NAME, f"C={c} as 2 processes × {c // 2}: throughput (steady)", two.steady_rate(), "jobs/s",
                        baseline=IDEAL_RATE, baseline_name="ideal", note="diagnostic, no target"),
