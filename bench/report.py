@@ -140,8 +140,19 @@ def write_results(figures: list[Figure], *, args: list[str], console: Console) -
 
 
 if __name__ == "__main__":
-    # `python -m bench.report`: the latest run's table in Markdown, with the machine (for the README).
-    latest = json.loads((RESULTS_DIR / "latest.json").read_text())
-    m = latest["machine"]
-    print(latest["markdown"])
-    print(f"\n{m['nproc']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, Python {m['python']}, run {latest['at']}")
+    # `python -m bench.report [FILE]`: a run's table in Markdown, with the machine (for the README).
+    # The latest run by default; a partial run (one benchmark, --quick) is the latest too, so the
+    # full run a README quotes can be named by its file.
+    import sys
+
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS_DIR / "latest.json"
+    try:
+        run = json.loads(path.read_text())
+        m = run["machine"]
+        table = run["markdown"]
+    except FileNotFoundError:
+        sys.exit(f"bench.report: no results at {path}: run `make bench` first")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        sys.exit(f"bench.report: {path} is not a results file written by `make bench` ({exc})")
+    print(table)
+    print(f"\n{m['nproc']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, Python {m['python']}, run {run['at']}")
