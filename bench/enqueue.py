@@ -115,16 +115,15 @@ def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | Non
         settings = Settings(DATABASE_URL=db)
         sessions = session_factory(engine)
 
-        warned: list[str] = []
+        if why := env.checkpoint(engine):
+            console.print(f"  no CHECKPOINT ({why}): a side may pay for flushing what was written before it")
 
         def fresh() -> None:
             # Empty tables, and no dirty pages left for the side about to be timed to flush: not the
             # previous benchmark's, not the other side's.
             with engine.begin() as conn:
                 conn.execute(text("TRUNCATE bench_copy, batches, jobs CASCADE"))
-            if (why := env.checkpoint(engine)) and not warned:
-                warned.append(why)
-                console.print(f"  no CHECKPOINT ({why}): a side may pay for flushing what was written before it")
+            env.checkpoint(engine)
 
         for r in range(rounds):
             fresh()

@@ -342,6 +342,10 @@ def _timed(sessions: Callable[[], Session], fns: list[Callable[[Session, random.
     return times
 
 
+def _p50_p95(times: list[float]) -> tuple[float, float]:
+    return statistics.median(times), statistics.quantiles(times, n=20)[18]
+
+
 def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | None = None,
         runs: int | None = None) -> list[Figure]:
     n = jobs or (100_000 if quick else 1_000_000)
@@ -357,11 +361,10 @@ def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | Non
         for name, fn in (real or _sql_queries()).items():
             floor_name, floor = FLOORS.get(name, ("", None))
             times, *floor_times = _timed(sessions, [fn] if floor is None else [fn, floor], n, runs)
-            p50, p95 = statistics.median(times), statistics.quantiles(times, n=20)[18]
-            floor_p50 = floor_p95 = None
+            p50, p95 = _p50_p95(times)
             floor_extra: dict[str, float] = {}
             if floor_times:
-                floor_p50, floor_p95 = statistics.median(floor_times[0]), statistics.quantiles(floor_times[0], n=20)[18]
+                floor_p50, floor_p95 = _p50_p95(floor_times[0])
                 floor_extra = {"floor_p50_ms": floor_p50, "floor_p95_ms": floor_p95}
                 console.print(f"  {name}: {floor_name}, timed in turn with it: "
                               f"p50 {floor_p50:.1f} ms, p95 {floor_p95:.1f} ms")
@@ -372,7 +375,8 @@ def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | Non
                           f"{'; '.join(plan['scans'])}; rows removed by filter {plan['rows_removed_by_filter']:,}, "
                           f"BRIN recheck {plan['brin_recheck_rows']:,} (worst of {plan['draws']} draws)"
                           + (f"; BRIN over-reads: {', '.join(plan['brin_excess'])}" if plan["brin_excess"] else ""))
-            figures.append(Figure(NAME, f"{name}: p95 (p50 {p50:.1f} ms)", p95, "ms", baseline=floor_p95,
+            figures.append(Figure(NAME, f"{name}: p95 (p50 {p50:.1f} ms)", p95, "ms",
+                                  baseline=floor_extra.get("floor_p95_ms"),
                                   baseline_name=floor_name, target=20, target_kind="<",
                                   note="" if indexed else f"seq scans: {', '.join(plan['seq_scans']) or 'none'}; "
                                                           f"rows removed by filter: {plan['rows_removed_by_filter']:,}"
