@@ -199,8 +199,14 @@ def spend_today(session: Session, tenant_id: int, *, now: datetime | None = None
 
 def lock(session: Session, tenant_id: int) -> Tenant:
     """Lock the tenant's row for the rest of the transaction: a tenant's submissions then check
-    their limits one at a time, so two at once cannot both squeeze under a limit."""
-    tenant = session.scalar(select(Tenant).where(Tenant.id == tenant_id).with_for_update())
+    their limits one at a time, so two at once cannot both squeeze under a limit.
+
+    FOR NO KEY UPDATE, not FOR UPDATE: by the time this is called a submission has inserted its
+    batch, and the foreign key check on that insert holds FOR KEY SHARE on this row. FOR UPDATE
+    conflicts with another submission's key-share lock, so two new batches at once each waited for
+    the other and Postgres aborted all but one. FOR NO KEY UPDATE conflicts only with itself (and
+    stronger), which is all the limit check needs."""
+    tenant = session.scalar(select(Tenant).where(Tenant.id == tenant_id).with_for_update(key_share=True))
     if tenant is None:
         raise NotFound(f"tenant {tenant_id} does not exist")
     return tenant
