@@ -309,20 +309,29 @@ def _missing_table(exc: Exception) -> str | None:
 
 def main() -> None:
     from kombu.exceptions import OperationalError as BrokerError
+    from psycopg import OperationalError as DriverError
     from sqlalchemy.exc import OperationalError as DatabaseError
     from sqlalchemy.exc import ProgrammingError
+
+    from pipeline.db import is_conflict
 
     try:
         app()
     except SwitchyardError as exc:
         _error(str(exc))
         sys.exit(2)
-    except (DatabaseError, ProgrammingError) as exc:
+    except (DatabaseError, ProgrammingError, DriverError) as exc:
+        # DriverError: the driver's own, unwrapped, from the COPYs that enqueue runs on its connection.
         missing = _missing_table(exc)
         if missing is None and isinstance(exc, ProgrammingError):
             raise  # a statement of ours is wrong: a bug, and its traceback is what to report
-        first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        if missing is not None:
+        orig = exc.orig if isinstance(exc, DatabaseError | ProgrammingError) else exc
+        first = str(orig).strip().splitlines()[0] if orig else str(exc)
+        if is_conflict(exc):
+            # Not the database's address or health: it picked this command's transaction to abort.
+            _error(f"the database aborted this command because it conflicted with concurrent work "
+                   f"({type(orig).__name__}); run it again")
+        elif missing is not None:
             _error(f"the database at DATABASE_URL has no switchyard tables yet ({missing}): "
                    f"run 'switchyard db upgrade' first")
         else:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
+import psycopg
 from sqlalchemy import Connection, Engine, MetaData, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 # Stable constraint names, so that Alembic autogenerate and hand-written migrations agree.
@@ -18,6 +24,9 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+log = logging.getLogger("switchyard.db")
+T = TypeVar("T")
 
 
 # What runs a statement: an ORM Session, or a Core Connection where the ORM's unit-of-work
@@ -93,3 +102,35 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+# The SQLSTATEs with which Postgres aborts a transaction to resolve a conflict with another one:
+# serialization_failure and deadlock_detected. Nothing of the aborted transaction is kept, and the
+# same work run again will most likely go through.
+CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
+CONFLICT_ATTEMPTS = 4
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """True if Postgres aborted the transaction to break a deadlock or a serialization conflict."""
+    # SQLAlchemy wraps the driver's error; the COPYs of an enqueue, run on the driver's own
+    # connection, raise it bare.
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    return getattr(orig, "sqlstate", None) in CONFLICT_SQLSTATES
+
+
+def retry_conflicts(work: Callable[[], T], *, what: str, attempts: int = CONFLICT_ATTEMPTS) -> T:
+    """Run ``work``, one whole transaction from its first statement, again when Postgres aborts it
+    as the loser of a deadlock or a serialization conflict, up to ``attempts`` runs in all; then
+    the last error is raised. The random pause keeps two losers from meeting again in step."""
+    attempt = 1
+    while True:
+        try:
+            return work()
+        except (DBAPIError, psycopg.Error) as exc:
+            if attempt >= attempts or not is_conflict(exc):
+                raise
+            attempt += 1
+            log.warning("%s: the database aborted it (%s); retrying, attempt %d of %d", what,
+                        type(exc.orig if isinstance(exc, DBAPIError) else exc).__name__, attempt, attempts)
+            time.sleep(random.uniform(0.01, 0.05 * attempt))

@@ -39,6 +39,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from pipeline.config import ModelConfig
+from pipeline.db import retry_conflicts
 from pipeline.enqueue_write import KeyRepeated, Writer, open_writer
 from pipeline.errors import BatchCancelled, InputFileError, JobInputError
 from pipeline.jobspec import JOB_FIELDS, JobSpec, max_job_tokens, parse_job, parse_line
@@ -244,26 +245,36 @@ def enqueue_items(
     as it is written, which suits files of any size.
 
     With ``skip_invalid`` every bad line goes to ``on_invalid`` as it is met (so a report of any
-    size is written in bounded memory), and the first ``max_reported`` also to ``report.invalid``."""
-    with session_factory() as session:
-        # One COPY for the whole input needs the input in one transaction, and that only a bad
-        # line may end (a key clash can't happen in an empty batch, and a repeat starts over).
-        copy = atomic and not skip_invalid
-        try:
-            report = _enqueue_pass(session, source, batch=batch, tenant_id=tenant_id, where=where, atomic=atomic,
-                                   skip_invalid=skip_invalid, copy=copy, phase="writing", progress=progress,
-                                   on_invalid=on_invalid, max_reported=max_reported, chunk_size=chunk_size,
-                                   total_bytes=total_bytes)
-        except KeyRepeated:
-            session.rollback()
-            report = _enqueue_pass(session, source, batch=batch, tenant_id=tenant_id, where=where, atomic=atomic,
-                                   skip_invalid=skip_invalid, copy=False, phase="rewriting", progress=progress,
-                                   on_invalid=on_invalid, max_reported=max_reported, chunk_size=chunk_size,
-                                   total_bytes=total_bytes)
-        if before_commit is not None:
-            assert report.batch_id is not None
-            before_commit(session, report.batch_id, report.accepted)
-        session.commit()
+    size is written in bounded memory), and the first ``max_reported`` also to ``report.invalid``.
+
+    An atomic enqueue that Postgres aborts to break a deadlock with a concurrent one (two
+    submissions to one batch writing the same keys in different orders, say) is run again from
+    the start, a few times (db.retry_conflicts): nothing of it was kept. One committed chunk by
+    chunk is not, since what it committed would count as duplicates the second time."""
+
+    def attempt() -> EnqueueReport:
+        with session_factory() as session:
+            # One COPY for the whole input needs the input in one transaction, and that only a bad
+            # line may end (a key clash can't happen in an empty batch, and a repeat starts over).
+            copy = atomic and not skip_invalid
+            try:
+                report = _enqueue_pass(session, source, batch=batch, tenant_id=tenant_id, where=where,
+                                       atomic=atomic, skip_invalid=skip_invalid, copy=copy, phase="writing",
+                                       progress=progress, on_invalid=on_invalid, max_reported=max_reported,
+                                       chunk_size=chunk_size, total_bytes=total_bytes)
+            except KeyRepeated:
+                session.rollback()
+                report = _enqueue_pass(session, source, batch=batch, tenant_id=tenant_id, where=where,
+                                       atomic=atomic, skip_invalid=skip_invalid, copy=False, phase="rewriting",
+                                       progress=progress, on_invalid=on_invalid, max_reported=max_reported,
+                                       chunk_size=chunk_size, total_bytes=total_bytes)
+            if before_commit is not None:
+                assert report.batch_id is not None
+                before_commit(session, report.batch_id, report.accepted)
+            session.commit()
+        return report
+
+    report = retry_conflicts(attempt, what=f"enqueue into batch {batch!r}") if atomic else attempt()
     valid = report.read - report.invalid_count
     report.duplicates = valid - report.accepted
     return report

@@ -12,6 +12,7 @@ and never a secret or a stack trace.
     └── BrokerDown                  503
     request validation (FastAPI)    422  with each parameter named
     the database unreachable        503
+    a deadlock it could not retry   503  (Retry-After; a submission is retried a few times first)
     anything else (a bug)           500  with no details
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -27,6 +29,7 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException
 
 from pipeline.api.bodies import BodyTooLarge, UnsupportedMediaType
+from pipeline.db import is_conflict
 from pipeline.errors import BatchCancelled, InvalidQuery, JobInputError, NotFound, SwitchyardError
 from pipeline.tenants import LimitExceeded
 
@@ -120,9 +123,18 @@ def install(app: FastAPI) -> None:
         return _answer(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(OperationalError)
-    async def database_down(_request: Request, exc: OperationalError) -> JSONResponse:
+    @app.exception_handler(psycopg.OperationalError)  # the driver's own, unwrapped, from a submission's COPY
+    async def database_down(_request: Request, exc: OperationalError | psycopg.OperationalError) -> JSONResponse:
         # The driver's message can hold the connection string: log the class only.
-        log.error("database unavailable: %s", type(exc.orig).__name__ if exc.orig else type(exc).__name__)
+        orig = exc.orig if isinstance(exc, OperationalError) else exc
+        cause = type(orig or exc).__name__
+        if is_conflict(exc):
+            # Not an outage: Postgres aborted this request's transaction to break a deadlock or a
+            # serialization conflict with a concurrent one (submissions have already retried it).
+            log.warning("request aborted by the database to resolve a conflict: %s", cause)
+            return _answer(503, "the request collided with concurrent ones in the database and was not applied; "
+                                "send it again", headers={"Retry-After": "1"})
+        log.error("database unavailable: %s", cause)
         return _answer(503, "the database is unavailable; try again shortly", headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
