@@ -110,20 +110,45 @@ def _usd(value: str | None) -> Decimal | None:
     if value is None:
         return None
     try:
-        return Decimal(value)
+        usd = Decimal(value)
     except InvalidOperation:
-        raise SwitchyardError(f"--spend-per-day {value!r} is not a number of dollars") from None
+        usd = Decimal("NaN")
+    if not usd.is_finite():  # Decimal reads "NaN" and "Infinity" too
+        raise SwitchyardError(f"--spend-per-day {value!r} is not a number of dollars")
+    return usd
+
+
+NO_NEW_JOBS = "(it accepts no new jobs)"
+
+
+def _jobs_limit(value: int | None) -> str:
+    """A limit as stored, in words: what is enforced."""
+    if value is None:
+        return "unlimited"
+    return f"at most 0 {NO_NEW_JOBS}" if value == 0 else f"at most {value:,}"
+
+
+def _spend_limit(value: Decimal | None) -> str:
+    if value is None:
+        return "unlimited"
+    if value == 0:
+        return f"at most $0 {NO_NEW_JOBS}"
+    # Dollars to as many places as the limit has (up to the column's 8), and at least cents.
+    cents = value.quantize(Decimal("0.01"))
+    return f"at most ${cents if cents == value else value.normalize():,f}"
 
 
 @tenants_app.command("limits")
 def tenants_limits(
     name: Annotated[str, typer.Argument(help="The tenant.")],
-    jobs_in_flight: Annotated[int | None, typer.Option(help="Most jobs queued or running at once.")] = None,
-    spend_per_day: Annotated[str | None, typer.Option(help="Most USD of model calls per UTC day.")] = None,
+    jobs_in_flight: Annotated[int | None, typer.Option(help="Most jobs queued or running at once (0: none).")] = None,
+    spend_per_day: Annotated[str | None, typer.Option(help="Most USD of model calls per UTC day, to 8 decimal places "
+                                                           "(0: none).")] = None,
     clear: Annotated[bool, typer.Option("--clear", help="Remove both limits first.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Set a tenant's limits, enforced when it submits work (429 with the numbers)."""
+    """Set a tenant's limits, enforced when it submits work (429 with the numbers). A limit of 0
+    accepts no new jobs; --clear removes them. Prints the limits as stored."""
     from pipeline import tenants
     from pipeline.db import transaction
 
@@ -136,8 +161,8 @@ def tenants_limits(
     if as_json:
         print(json.dumps(out))
         return
-    console.print(f"tenant {out['tenant']}: jobs in flight {out['max_jobs_in_flight'] or 'unlimited'}, "
-                  f"spend per day {out['max_spend_per_day_usd'] or 'unlimited'}")
+    console.print(f"tenant {t.name}: jobs in flight {_jobs_limit(t.max_jobs_in_flight)}, "
+                  f"spend per day {_spend_limit(t.max_spend_per_day_usd)}")
 
 
 def serve(

@@ -21,7 +21,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.errors import NotFound, SwitchyardError
-from pipeline.models import TERMINAL, ApiToken, Batch, Job, ModelCall, Tenant, utcnow
+from pipeline.models import TERMINAL, ApiToken, Batch, Job, ModelCall, Money, Tenant, utcnow
 
 TOKEN_RE = re.compile(r"^sy_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -77,7 +77,7 @@ def get_by_name(session: Session, name: str) -> Tenant | None:
 
 
 def get_or_create(session: Session, name: str) -> Tenant:
-    tenant = get_by_name(session, check_tenant_name(name))
+    tenant = get_by_name(session, name)
     if tenant is None:
         tenant = Tenant(name=name, created_at=utcnow())
         session.add(tenant)
@@ -96,22 +96,54 @@ def get_all(session: Session) -> list[Tenant]:
     return list(session.scalars(select(Tenant).order_by(Tenant.name)))
 
 
+# What the limit columns hold (models.Tenant): a Postgres integer, and dollars as Money.
+MAX_JOBS_IN_FLIGHT = 2**31 - 1
+SPEND_PLACES = Money.scale or 0
+SPEND_STEP = Decimal(1).scaleb(-SPEND_PLACES)
+SPEND_CEILING = Decimal(10) ** ((Money.precision or 0) - SPEND_PLACES)
+
+
+def check_jobs_in_flight(value: int) -> int:
+    if value < 0:
+        raise SwitchyardError("--jobs-in-flight must be 0 or more")
+    if value > MAX_JOBS_IN_FLIGHT:
+        raise SwitchyardError(f"--jobs-in-flight {value:,} is over the largest limit, {MAX_JOBS_IN_FLIGHT:,}")
+    return value
+
+
+def check_spend_per_day(value: Decimal) -> Decimal:
+    """The limit as it will be stored. Postgres would round a finer one to the column's places
+    (0.0000000001 to 0), so it is refused rather than stored as something else."""
+    if not value.is_finite():
+        raise SwitchyardError(f"--spend-per-day {str(value)!r} is not a number of dollars")
+    if value < 0:
+        raise SwitchyardError("--spend-per-day must be 0 or more")
+    if value >= SPEND_CEILING:
+        raise SwitchyardError(f"--spend-per-day must be under ${SPEND_CEILING:,f} a day")
+    kept = abs(value.quantize(SPEND_STEP))  # abs: -0 is 0
+    if kept != value:
+        shown = f"{value:f}"
+        raise SwitchyardError(f"--spend-per-day {shown if len(shown) <= 40 else value} has more than {SPEND_PLACES} "
+                              f"decimal places; limits are kept to ${SPEND_STEP:f}")
+    return kept
+
+
 def set_limits(session: Session, name: str, *, max_jobs_in_flight: int | None, max_spend_per_day_usd: Decimal | None,
                clear: bool = False) -> Tenant:
-    """Set the limits given (None leaves one as it is); ``clear`` first removes both."""
+    """Set the limits given (None leaves one as it is); ``clear`` first removes both. A limit of 0
+    accepts no new jobs. The tenant comes back as stored, so the caller shows what is enforced."""
+    jobs = None if max_jobs_in_flight is None else check_jobs_in_flight(max_jobs_in_flight)
+    spend = None if max_spend_per_day_usd is None else check_spend_per_day(max_spend_per_day_usd)
     tenant = require(session, name)
     if clear:
         tenant.max_jobs_in_flight = None
         tenant.max_spend_per_day_usd = None
-    if max_jobs_in_flight is not None:
-        if max_jobs_in_flight < 0:
-            raise SwitchyardError("--jobs-in-flight must be 0 or more")
-        tenant.max_jobs_in_flight = max_jobs_in_flight
-    if max_spend_per_day_usd is not None:
-        if max_spend_per_day_usd < 0:
-            raise SwitchyardError("--spend-per-day must be 0 or more")
-        tenant.max_spend_per_day_usd = max_spend_per_day_usd
+    if jobs is not None:
+        tenant.max_jobs_in_flight = jobs
+    if spend is not None:
+        tenant.max_spend_per_day_usd = spend
     session.flush()
+    session.refresh(tenant)
     return tenant
 
 
@@ -215,6 +247,8 @@ def lock(session: Session, tenant_id: int) -> Tenant:
 def check_spend(session: Session, tenant: Tenant, *, now: datetime | None = None) -> None:
     if tenant.max_spend_per_day_usd is None:
         return
+    if tenant.max_spend_per_day_usd == 0:
+        raise LimitExceeded(f"tenant {tenant.name!r} accepts no new jobs: its daily spend limit is $0")
     now = now or utcnow()
     spent = spend_today(session, tenant.id, now=now)
     if spent >= tenant.max_spend_per_day_usd:
@@ -230,6 +264,8 @@ def check_in_flight(session: Session, tenant: Tenant, *, new_jobs: int) -> None:
     """Called after the new jobs are written, inside the same transaction: they are counted."""
     if tenant.max_jobs_in_flight is None or new_jobs == 0:
         return
+    if tenant.max_jobs_in_flight == 0:
+        raise LimitExceeded(f"tenant {tenant.name!r} accepts no new jobs: its limit of jobs in flight is 0")
     total = jobs_in_flight(session, tenant.id)
     if total > tenant.max_jobs_in_flight:
         raise LimitExceeded(

@@ -232,6 +232,26 @@ def test_spend_per_day_limit(server: Server, make_token: MakeToken, api_sessions
         assert c.get("/v1/queue").json()["tenant"]["spend_today_usd"] == "0.75000000"
 
 
+@pytest.mark.parametrize(("limits", "message"), [
+    ({"max_jobs_in_flight": 0, "max_spend_per_day_usd": None}, "its limit of jobs in flight is 0"),
+    ({"max_jobs_in_flight": None, "max_spend_per_day_usd": Decimal(0)}, "its daily spend limit is $0"),
+])
+def test_a_limit_of_zero_accepts_no_new_jobs_and_says_so(server: Server, make_token: MakeToken,
+                                                         api_sessions: sessionmaker[Session], tenant_name: str,
+                                                         limits: dict[str, object], message: str) -> None:
+    """What `tenants limits` prints for 0 ("it accepts no new jobs") is what is enforced, and the
+    refusal does not promise a later acceptance."""
+    token = make_token(tenant_name)
+    with transaction(api_sessions) as s:
+        tenants.set_limits(s, tenant_name, **limits)  # type: ignore[arg-type]
+    with server.client(token) as c:
+        r = c.post("/v1/jobs", params={"batch": "z"}, json=job(0))
+    assert r.status_code == 429
+    assert r.json()["detail"] == f"tenant '{tenant_name}' accepts no new jobs: {message}"
+    assert "retry-after" not in r.headers
+    assert not batch_exists(api_sessions, tenant_name, "z")
+
+
 def test_cancelled_batch_takes_no_new_jobs(server: Server, make_token: MakeToken, tenant_name: str) -> None:
     with server.client(make_token(tenant_name)) as c:
         batch_id = c.post("/v1/batches", params={"name": "c"}, json=[job(0), job(1)]).json()["batch_id"]
