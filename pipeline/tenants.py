@@ -21,10 +21,13 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.errors import NotFound, SwitchyardError
+from pipeline.jobspec import _short
 from pipeline.models import TERMINAL, ApiToken, Batch, Job, ModelCall, Money, Tenant, utcnow
 
-TOKEN_RE = re.compile(r"^sy_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
-TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# Used with fullmatch: with match, "$" also matches before a final newline, so "a\n" passed.
+TOKEN_RE = re.compile(r"sy_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
+PREFIX_RE = re.compile(r"[0-9a-f]{12}")
+TENANT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class LimitExceeded(SwitchyardError):
@@ -67,8 +70,10 @@ def _sha256(secret: str) -> str:
 
 
 def check_tenant_name(name: str) -> str:
-    if not TENANT_NAME_RE.match(name):
-        raise SwitchyardError(f"tenant name {name!r} must be 1-100 letters, digits, '.', '_' or '-'")
+    # Checked before any lookup too: a name no tenant can have (invalid UTF-8 from the command
+    # line, say) is the user's mistake to name, not something to send to Postgres.
+    if not TENANT_NAME_RE.fullmatch(name):
+        raise SwitchyardError(f"tenant name {_short(name)} must be 1-100 letters, digits, '.', '_' or '-'")
     return name
 
 
@@ -77,7 +82,7 @@ def get_by_name(session: Session, name: str) -> Tenant | None:
 
 
 def get_or_create(session: Session, name: str) -> Tenant:
-    tenant = get_by_name(session, name)
+    tenant = get_by_name(session, check_tenant_name(name))
     if tenant is None:
         tenant = Tenant(name=name, created_at=utcnow())
         session.add(tenant)
@@ -86,7 +91,7 @@ def get_or_create(session: Session, name: str) -> Tenant:
 
 
 def require(session: Session, name: str) -> Tenant:
-    tenant = get_by_name(session, name)
+    tenant = get_by_name(session, check_tenant_name(name))
     if tenant is None:
         raise NotFound(f"no tenant called {name!r}")
     return tenant
@@ -171,9 +176,12 @@ def list_tokens(session: Session, tenant_name: str | None = None) -> list[TokenI
 
 def revoke_token(session: Session, tenant_name: str, prefix: str) -> TokenInfo:
     """Revoke the tenant's token with this prefix (a whole token is accepted too). Idempotent."""
-    match = TOKEN_RE.match(prefix)
+    match = TOKEN_RE.fullmatch(prefix)
     if match:
         prefix = match.group(1)
+    elif not PREFIX_RE.fullmatch(prefix):
+        raise SwitchyardError(f"{_short(prefix)} is not a token prefix (12 hex digits, as `switchyard tokens list` "
+                              f"shows them) or a whole token")
     tenant = require(session, tenant_name)
     row = session.scalar(select(ApiToken).where(ApiToken.tenant_id == tenant.id, ApiToken.prefix == prefix))
     if row is None:
@@ -187,7 +195,7 @@ def revoke_token(session: Session, tenant_name: str, prefix: str) -> TokenInfo:
 
 def authenticate(session: Session, token: str) -> Caller | None:
     """The caller a token stands for, or None if it is malformed, unknown or revoked."""
-    match = TOKEN_RE.match(token)
+    match = TOKEN_RE.fullmatch(token)
     if match is None:
         return None
     prefix, secret = match.groups()

@@ -94,3 +94,28 @@ def test_what_is_printed_is_what_is_stored(sy: Sy, history_sessions: sessionmake
     code, out, err = sy("tenants", "limits", tenant, "--clear", *args, "--json")
     assert code == 0, err
     assert json.loads(out) == {"tenant": tenant, **as_json}
+
+
+@pytest.mark.parametrize("args", [
+    ["tenants", "limits", "\udcff", "--jobs-in-flight", "1"],  # what Python makes of the byte 0xff in argv
+    ["tokens", "list", "--tenant", "\udcff"],
+    ["tokens", "create", "--tenant", "\udcff"],
+])
+def test_a_tenant_name_that_cannot_exist_is_one_sentence(sy: Sy, args: list[str]) -> None:
+    code, _out, err = sy(*args)
+    assert code == 2, err
+    assert one_sentence(err) == "tenant name '\\udcff' must be 1-100 letters, digits, '.', '_' or '-'"
+
+
+def test_a_token_prefix_that_cannot_exist_is_one_sentence(sy: Sy, tenant: str) -> None:
+    for prefix, shown in (("\udcff", "'\\udcff'"), ("x" * 5000, "'" + "x" * 56 + "...")):
+        code, _out, err = sy("tokens", "revoke", prefix, "--tenant", tenant)
+        assert code == 2, err
+        assert one_sentence(err) == (f"{shown} is not a token prefix (12 hex digits, as `switchyard tokens list` shows "
+                                     f"them) or a whole token")
+
+
+def test_a_tenant_name_with_a_final_newline_is_refused(sy: Sy) -> None:
+    code, _out, err = sy("tokens", "create", "--tenant", "a\n")
+    assert code == 2, err
+    assert one_sentence(err) == "tenant name 'a\\n' must be 1-100 letters, digits, '.', '_' or '-'"
