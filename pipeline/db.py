@@ -8,10 +8,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from sqlalchemy import Connection, Engine, MetaData, create_engine, event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -37,6 +39,13 @@ Executor = Session | Connection
 
 def dialect_name(db: Executor) -> str:
     return db.dialect.name if isinstance(db, Connection) else db.get_bind().dialect.name
+
+
+def insert_or_skip(db: Executor, table: Any) -> Any:
+    """An INSERT in this database's dialect, so that it can take ``on_conflict_do_nothing()``: for
+    rows two writers may both create (a batch, a tenant), where the loser should find the
+    winner's row rather than fail."""
+    return pg_insert(table) if dialect_name(db) == "postgresql" else sqlite_insert(table)
 
 
 class Base(DeclarativeBase):

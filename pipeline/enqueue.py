@@ -33,13 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from sqlalchemy import insert, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.config import ModelConfig
-from pipeline.db import retry_conflicts
+from pipeline.db import insert_or_skip, retry_conflicts
 from pipeline.enqueue_write import KeyRepeated, Writer, open_writer
 from pipeline.errors import BatchCancelled, InputFileError, JobInputError
 from pipeline.jobspec import JOB_FIELDS, JobSpec, max_job_tokens, parse_job, parse_line
@@ -200,18 +198,9 @@ def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = 
             raise BatchCancelled(f"batch {name!r} was cancelled at {existing.cancelled_at:%Y-%m-%d %H:%M:%S %Z}; "
                                  f"enqueue into a new batch name")
         return int(existing.id)
-    stmt = _upsert(session, Batch).values(name=name, tenant_id=tenant_id, created_at=utcnow()).on_conflict_do_nothing()
-    session.execute(stmt)
+    session.execute(insert_or_skip(session, Batch).values(name=name, tenant_id=tenant_id, created_at=utcnow())
+                    .on_conflict_do_nothing())
     return session.scalar(select(Batch.id).where(Batch.name == name, scope))  # type: ignore[return-value]
-
-
-def _upsert(session: Session, table: Any) -> Any:
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return pg_insert(table)
-    if dialect == "sqlite":
-        return sqlite_insert(table)
-    return insert(table)
 
 
 def _key_conflict(key: str) -> str:

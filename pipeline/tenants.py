@@ -20,6 +20,7 @@ from decimal import Decimal
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from pipeline.db import insert_or_skip
 from pipeline.errors import NotFound, SwitchyardError
 from pipeline.jobspec import _short
 from pipeline.models import TERMINAL, ApiToken, Batch, Job, ModelCall, Money, Tenant, utcnow
@@ -84,9 +85,12 @@ def get_by_name(session: Session, name: str) -> Tenant | None:
 def get_or_create(session: Session, name: str) -> Tenant:
     tenant = get_by_name(session, check_tenant_name(name))
     if tenant is None:
-        tenant = Tenant(name=name, created_at=utcnow())
-        session.add(tenant)
-        session.flush()
+        # Two commands making the same new tenant at once: the second waits for the first's row
+        # and then takes it, instead of failing on the unique name.
+        session.execute(insert_or_skip(session, Tenant).values(name=name, created_at=utcnow())
+                        .on_conflict_do_nothing())
+        tenant = get_by_name(session, name)
+        assert tenant is not None
     return tenant
 
 
