@@ -141,9 +141,10 @@ def _spend_limit(value: Decimal | None) -> str:
 @tenants_app.command("limits")
 def tenants_limits(
     name: Annotated[str, typer.Argument(help="The tenant.")],
-    jobs_in_flight: Annotated[int | None, typer.Option(help="Most jobs queued or running at once (0: none).")] = None,
-    spend_per_day: Annotated[str | None, typer.Option(help="Most USD of model calls per UTC day, to 8 decimal places "
-                                                           "(0: none).")] = None,
+    jobs_in_flight: Annotated[int | None, typer.Option(help="Most jobs queued or running at once; 0 accepts no new "
+                                                            "jobs.")] = None,
+    spend_per_day: Annotated[str | None, typer.Option(help="Most USD of model calls per UTC day, to 8 decimal places; "
+                                                           "0 accepts no new jobs.")] = None,
     clear: Annotated[bool, typer.Option("--clear", help="Remove both limits first.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
