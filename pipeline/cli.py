@@ -82,7 +82,8 @@ def worker(
     pool: Annotated[Pool, typer.Option(help="Celery pool. Threads keep many slow calls in flight.")] = Pool.threads,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     metrics_port: Annotated[int | None, typer.Option(
-        help="Serve Prometheus metrics on this port (default: SWITCHYARD_METRICS_PORT, else none).")] = None,
+        min=1, max=65535, help="Serve Prometheus metrics on this port (default: SWITCHYARD_METRICS_PORT, else none).")]
+    = None,
 ) -> None:
     """Run a worker for one tier's queue."""
     s = settings()
@@ -137,9 +138,10 @@ def _start_worker_side(s: Settings, celery_app: Any, *, tier: str, concurrency: 
 
 @app.command()
 def dispatcher(
-    interval: Annotated[float | None, typer.Option(help="Seconds between rounds.")] = None,
+    interval: Annotated[float | None, typer.Option(min=0.01, max=3600, help="Seconds between rounds.")] = None,
     metrics_port: Annotated[int | None, typer.Option(
-        help="Serve Prometheus metrics (queue depths) on this port (default: SWITCHYARD_METRICS_PORT).")] = None,
+        min=1, max=65535, help="Serve Prometheus metrics (queue depths) on this port (default: "
+                               "SWITCHYARD_METRICS_PORT).")] = None,
 ) -> None:
     """Feed queued jobs to the stages as capacity frees up, and republish stalled ones."""
     import logging
@@ -199,7 +201,7 @@ def _serve_depths(s: Settings, port: int, stop: Any) -> None:
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print one snapshot as JSON.")] = False,
     watch: Annotated[bool, typer.Option(help="Refresh live until Ctrl-C.")] = False,
-    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes with --watch.")] = 2.0,
+    interval: Annotated[float, typer.Option(min=0.2, max=3600, help="Seconds between refreshes with --watch.")] = 2.0,
 ) -> None:
     """Queues, jobs in flight, workers online and recent throughput, per tier."""
     import time
@@ -226,16 +228,16 @@ def status(
 
 @app.command("fake-claude")
 def fake_claude(
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8765,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    latency_ms: Annotated[float, typer.Option(help="Delay before each answer.")] = 0,
-    latency_jitter_ms: Annotated[float, typer.Option(help="Extra uniform random delay.")] = 0,
+    latency_ms: Annotated[float, typer.Option(min=0, max=3_600_000, help="Delay before each answer.")] = 0,
+    latency_jitter_ms: Annotated[float, typer.Option(min=0, max=3_600_000, help="Extra uniform random delay.")] = 0,
     fault_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of requests that get a fault.")] = 0.0,
     faults: Annotated[str, typer.Option(help="Faults to draw from: 429,529,500,stall,drop,malformed,empty,refusal.")]
     = "429,529,500,stall,drop,malformed,empty,refusal",
-    stall_seconds: Annotated[float, typer.Option(help="How long a 'stall' fault waits.")] = 30.0,
+    stall_seconds: Annotated[float, typer.Option(min=0, max=3600, help="How long a 'stall' fault waits.")] = 30.0,
     seed: Annotated[int, typer.Option(help="Seed for the fault draw.")] = 0,
-    rpm: Annotated[int | None, typer.Option(help="Requests per minute per model class, then 429.")] = None,
+    rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute per model class, then 429.")] = None,
 ) -> None:
     """Serve a fake Claude Messages API for tests, demos and benchmarks."""
     from pipeline.fake_claude import FakeOptions, parse_faults, serve_forever

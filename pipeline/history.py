@@ -101,16 +101,54 @@ class JobFilters:
     tenant_id: int | None = None
 
 
-_RELATIVE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+# ASCII only: ``\d`` (like ``str.isdigit``) also matches other scripts' digits.
+_RELATIVE = re.compile(r"^\s*([0-9]+)\s*([smhdw])\s*$", re.ASCII)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+# The longest age ``parse_time`` takes. Far longer than any job has lived, and far enough from
+# the calendar's ends that subtracting it from now always gives a date.
+MAX_AGE = timedelta(days=36_500)
+# Ids are Postgres BIGINT (SQLite's integer is as wide): no row has an id past this.
+MAX_ID = 2**63 - 1
+
+
+def parse_id(text: str) -> int | None:
+    """The id ``text`` spells in ASCII digits and nothing else, or None. ``str.isdigit`` and
+    ``int`` also take ``²`` or ``٣``, signs, spaces and underscores, none of which is an id that
+    switchyard printed; and a number past ``MAX_ID`` is no row's id (the database cannot even
+    compare one, and ``int`` refuses one of thousands of digits)."""
+    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > len(str(MAX_ID)):
+        return None
+    value = int(text)
+    return value if value <= MAX_ID else None
+
+
+def _is_id(value: int) -> bool:
+    """Whether a row could have this id: a lookup of any other answers NotFound without asking
+    the database, which would refuse an integer past 64 bits as a bad value, not a missing row."""
+    return 0 < value <= MAX_ID
+
+
+def _age(text: str, option: str, now: datetime) -> datetime | None:
+    m = _RELATIVE.match(text)
+    if m is None:
+        return None
+    n, unit = int(m.group(1)), _UNITS[m.group(2)]
+    try:
+        age = timedelta(**{unit: n})
+    except OverflowError:  # past timedelta's own range (a billion days)
+        age = MAX_AGE + MAX_AGE
+    if age > MAX_AGE:
+        raise InvalidQuery(f"{option} {text!r} is too far back: an age is at most {MAX_AGE.days:,}d "
+                           f"(100 years); give an ISO 8601 date for anything older")
+    return now - age
 
 
 def parse_time(text: str, *, option: str = "time", now: datetime | None = None) -> datetime:
     """An ISO 8601 date or datetime (UTC unless it says otherwise), or an age such as ``30m``,
-    ``6h``, ``2d``, ``1w`` meaning that long before now."""
-    m = _RELATIVE.match(text)
-    if m:
-        return (now or utcnow()) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    ``6h``, ``2d``, ``1w`` meaning that long before now (at most ``MAX_AGE``)."""
+    then = _age(text, option, now or utcnow())
+    if then is not None:
+        return then
     try:
         parsed = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -146,10 +184,10 @@ def decode_cursor(cursor: str) -> int:
     bad = InvalidQuery(f"cursor {cursor!r} is not one that `jobs list` printed")
     try:
         prefix, _, value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
-        last_id = int(value)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise bad from None
-    if prefix != "j1":
+    last_id = parse_id(value)
+    if prefix != "j1" or last_id is None:
         raise bad
     return last_id
 
@@ -189,13 +227,14 @@ def find_batch(*, db_session: Session, batch: str | int, tenant_id: int | None =
     are unique per tenant: without a tenant, a name two tenants use finds the older batch."""
     scope = _tenant_scope(tenant_id)
     if isinstance(batch, int):
-        row = db_session.scalar(select(Batch).where(Batch.id == batch, scope))
+        row = db_session.scalar(select(Batch).where(Batch.id == batch, scope)) if _is_id(batch) else None
         if row is None:
             raise NotFound(f"no batch with id {batch}")
         return row
     row = db_session.scalar(select(Batch).where(Batch.name == batch, scope).order_by(Batch.id).limit(1))
-    if row is None and batch.isdigit():
-        row = db_session.scalar(select(Batch).where(Batch.id == int(batch), scope))
+    batch_id = parse_id(batch)
+    if row is None and batch_id is not None:
+        row = db_session.scalar(select(Batch).where(Batch.id == batch_id, scope))
     if row is None:
         raise NotFound(f"no batch named {batch!r} (`switchyard batches` lists them)")
     return row
@@ -502,6 +541,8 @@ def find_job_id(*, db_session: Session, batch: str, key: str) -> int:
 
 
 def get_job(*, db_session: Session, job_id: int, tenant_id: int | None = None) -> JobStory:
+    if not _is_id(job_id):
+        raise NotFound(f"no job with id {job_id}")
     row: Any = db_session.execute(
         select(*_SUMMARY_COLUMNS, Job.payload, Job.meta, Job.pinned_tier, Job.output)
         .join(Batch, Batch.id == Job.batch_id).where(Job.id == job_id, _tenant_scope(tenant_id))

@@ -267,10 +267,12 @@ def jobs_show(
     with _session() as session:
         if batch is not None:
             job_id = history.find_job_id(db_session=session, batch=batch, key=job)
-        elif job.isdigit():
-            job_id = int(job)
         else:
-            raise InvalidQuery(f"{job!r} is not a job id; to look a job up by its key, add --batch BATCH")
+            parsed = history.parse_id(job)
+            if parsed is None:
+                raise InvalidQuery(f"{job!r} is not a job id (a whole number up to {history.MAX_ID}); to look a "
+                                   f"job up by its key, add --batch BATCH")
+            job_id = parsed
         story = history.get_job(db_session=session, job_id=job_id)
     if as_json:
         _print_json({**history.jsonable(story), "triage": history.jsonable(story.triage),

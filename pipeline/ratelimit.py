@@ -164,11 +164,14 @@ def parse_overrides(spec: str | None, tiers: Mapping[str, TierLimits]) -> dict[s
             continue
         name, _, value = part.partition("=")
         tier, _, kind = name.strip().partition(".")
-        if tier not in out or kind not in KINDS or not value.strip().isdigit():
+        digits = value.strip()
+        # ASCII digits only (str.isdigit also takes '²', which int() refuses), and few enough of
+        # them for int() (which refuses thousands) and for the Lua script's numbers.
+        if tier not in out or kind not in KINDS or not (digits.isascii() and digits.isdigit()) or len(digits) > 15:
             raise ConfigError(
                 f"SWITCHYARD_RATE_LIMITS: {part!r} is not TIER.KIND=N with TIER one of {', '.join(sorted(out))} "
                 f"and KIND one of {', '.join(KINDS)}")
-        out[tier] = TierLimits(**{**out[tier].__dict__, kind: int(value)})
+        out[tier] = TierLimits(**{**out[tier].__dict__, kind: int(digits)})
     return out
 
 

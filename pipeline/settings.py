@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.config import ModelConfig, load_config
+from pipeline.errors import ConfigError
 from pipeline.ratelimit import TierLimits, parse_overrides
 
 DEFAULT_SQLITE_URL = "sqlite:///.switchyard/switchyard.sqlite"
@@ -17,6 +19,16 @@ DEFAULT_SQLITE_URL = "sqlite:///.switchyard/switchyard.sqlite"
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", populate_by_name=True)
+
+    def __init__(self, **values: Any) -> None:
+        # pydantic's report is a dozen lines of its own internals; an operator needs the variable,
+        # its value and what is wrong with it.
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            name = ".".join(str(part) for part in first["loc"]) or "the environment"
+            raise ConfigError(f"{name}={first['input']!r}: {first['msg']}") from None
 
     database_url: str = Field(DEFAULT_SQLITE_URL, alias="DATABASE_URL")
     broker_url: str = Field("memory://", alias="BROKER_URL")
@@ -35,7 +47,7 @@ class Settings(BaseSettings):
     # The dispatcher keeps at most this many jobs in the stages at once; the rest wait in
     # Postgres, so Redis never holds a whole batch.
     max_in_flight: int = Field(2000, alias="SWITCHYARD_MAX_IN_FLIGHT")
-    dispatch_interval_s: float = Field(0.5, alias="SWITCHYARD_DISPATCH_INTERVAL_S")
+    dispatch_interval_s: float = Field(0.5, alias="SWITCHYARD_DISPATCH_INTERVAL_S", gt=0, le=3600, allow_inf_nan=False)
     # A stage that has made no progress for this long is republished by the sweeper. It must be
     # longer than the slowest stage can legitimately take, retries included.
     stage_deadline_s: float | None = Field(None, alias="SWITCHYARD_STAGE_DEADLINE_S")
@@ -62,7 +74,7 @@ class Settings(BaseSettings):
     # with a countdown instead of holding a worker thread (pipeline.ratelimit).
     rate_max_wait_s: float = Field(10.0, alias="SWITCHYARD_RATE_MAX_WAIT_S", ge=0)
     # Serve Prometheus metrics on this port (workers and the dispatcher); unset: no metrics server.
-    metrics_port: int | None = Field(None, alias="SWITCHYARD_METRICS_PORT")
+    metrics_port: int | None = Field(None, alias="SWITCHYARD_METRICS_PORT", ge=1, le=65535)
 
     @cached_property
     def models(self) -> ModelConfig:

@@ -8,7 +8,8 @@ from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
@@ -22,10 +23,17 @@ from pipeline.settings import Settings
 
 log = logging.getLogger("switchyard.api")
 
-DESCRIPTION = """\
-Submit bulk Claude work, follow it, and fetch its results. Every endpoint but `/healthz` needs
-`Authorization: Bearer <token>`; a token belongs to one tenant, which sees only its own jobs and
-batches. Errors answer `{"detail": "<one sentence>"}`."""
+# The only endpoints that answer without a token: the health check (for load balancers), and the
+# API's description, which is the same for every deployment and names no tenant. They are the three
+# routes that create_app defines itself below; every other route depends on `caller` (deps.py),
+# the /v1 router as a whole. tests/api/test_auth.py checks every route of the app against this.
+HEALTHZ, OPENAPI, DOCS = "/healthz", "/openapi.json", "/docs"
+PUBLIC_PATHS = (HEALTHZ, OPENAPI, DOCS)
+
+DESCRIPTION = f"""\
+Submit bulk Claude work, follow it, and fetch its results. Every endpoint but `{HEALTHZ}`,
+`{OPENAPI}` and `{DOCS}` needs `Authorization: Bearer <token>`; a token belongs to one tenant,
+which sees only its own jobs and batches. Errors answer `{{"detail": "<one sentence>"}}`."""
 
 
 def broker_client(broker_url: str) -> redis.Redis | None:
@@ -44,7 +52,10 @@ def create_app(*, database_url: str, broker_url: str, models: ModelConfig, max_b
         max_body_bytes=max_body_bytes,
         max_batch_jobs=max_batch_jobs,
     )
-    app = FastAPI(title="switchyard", version="1", description=DESCRIPTION,
+    # FastAPI's own documentation routes are off (ReDoc and the OAuth2 redirect page too): the two
+    # that are public are defined below, as routes of the app like any other.
+    app = FastAPI(title="switchyard", version="1", description=DESCRIPTION, openapi_url=None, docs_url=None,
+                  redoc_url=None,
                   responses={500: {"model": schemas.Error, "description": "A bug: reported without details."}})
     app.state.api = api
     metrics = ApiMetrics()
@@ -54,7 +65,15 @@ def create_app(*, database_url: str, broker_url: str, models: ModelConfig, max_b
     errors.install(app)
     app.include_router(routes.router)
 
-    @app.get("/healthz", response_model=schemas.Health, tags=["ops"],
+    @app.get(OPENAPI, include_in_schema=False)
+    def openapi_document() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get(DOCS, include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=OPENAPI, title="switchyard API")
+
+    @app.get(HEALTHZ, response_model=schemas.Health, tags=["ops"],
              responses={503: {"model": schemas.Health, "description": "Postgres or the broker is unreachable."}})
     def healthz(request: Request) -> JSONResponse:
         """Postgres and the broker answer. Needs no token (for load balancers) and says nothing

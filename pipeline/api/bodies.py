@@ -41,7 +41,10 @@ def media_type(request: Request) -> str:
 async def spool(request: Request, *, max_bytes: int) -> IO[bytes]:
     """Copy the body to a temporary file, refusing it as soon as it passes ``max_bytes``."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
+    # An early refusal only: the copy below bounds the body whatever the header says. The HTTP
+    # server refuses a Content-Length that is not ASCII digits; should one get through, it is
+    # ignored (str.isdigit takes '²', which int() refuses, and int() refuses thousands of digits).
+    if declared.isascii() and declared.isdigit() and len(declared) <= 18 and int(declared) > max_bytes:
         raise BodyTooLarge(f"request body is {int(declared):,} bytes, over the limit of {max_bytes:,}")
     fh = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 - returned to the caller
     try:

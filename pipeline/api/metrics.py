@@ -1,7 +1,11 @@
-"""Prometheus metrics of the API: requests by route and status, their latency, jobs accepted and
-submissions refused by a limit; and, read at scrape time, the broker's queue depths (the same
-series the workers export) and the jobs queued or in each stage. No label carries a tenant or
-anything a caller typed, so a scrape shows no tenant's business and the label set stays small."""
+"""Prometheus metrics of the API: requests by route and status class, their latency, jobs accepted
+and submissions refused by a limit; and, read at scrape time, the broker's queue depths (the same
+series the workers export) and the jobs queued or in each stage.
+
+No label carries a tenant or anything a caller typed: every label value comes from a closed set
+(``METHODS`` or "other", the app's route templates or "unmatched", a status class). Requests are
+counted before their token is checked, so a label taken from the request would let anyone, with
+no token, add series to every scrape without bound."""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from pipeline import ops
 class ApiMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("switchyard_api_requests_total", "HTTP requests answered.",
+        self.requests = Counter("switchyard_api_requests_total", "HTTP requests answered, by status class (2xx...).",
                                 ["method", "route", "status"], registry=self.registry)
         self.latency = Histogram("switchyard_api_request_seconds", "Time to answer an HTTP request (until the "
                                  "first byte of a streamed body).", ["method", "route"], registry=self.registry)
@@ -61,9 +65,20 @@ class LiveCollector(Collector):
         yield jobs
 
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def request_labels(scope: Scope, status: int) -> tuple[str, str, str]:
+    """The method, route and status labels of a request, each from a closed set: a known method
+    or "other"; the route template the app matched (``/v1/jobs/{job_id}``, never the raw path, so
+    ids do not become labels) or "unmatched"; and the status class."""
+    method = scope["method"] if scope["method"] in METHODS else "other"
+    route = getattr(scope.get("route"), "path", None) or "unmatched"
+    return method, route, f"{min(max(status // 100, 1), 5)}xx"
+
+
 class MetricsMiddleware:
-    """Counts and times every request by its route template (``/v1/jobs/{job_id}``), never by the
-    raw path, so ids do not explode the label set."""
+    """Counts and times every request, labelled by ``request_labels``."""
 
     def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app = app
@@ -74,15 +89,12 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = {"code": 500}
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                route = scope.get("route")
-                path = getattr(route, "path", None) or "unmatched"
-                self.metrics.latency.labels(scope["method"], path).observe(time.perf_counter() - start)
-                self.metrics.requests.labels(scope["method"], path, str(status["code"])).inc()
+                method, route, status_class = request_labels(scope, message["status"])
+                self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)
+                self.metrics.requests.labels(method, route, status_class).inc()
             await send(message)
 
         await self.app(scope, receive, send_wrapper)

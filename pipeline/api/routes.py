@@ -11,14 +11,14 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 import redis
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pipeline import history, ops, report, tenants
 from pipeline.api import schemas
 from pipeline.api.bodies import JSON_LINES, UnsupportedMediaType, media_type, spool
-from pipeline.api.deps import Db, State, Who, state
+from pipeline.api.deps import Db, State, Who, caller, state
 from pipeline.api.errors import BrokerDown
 from pipeline.api.submit import batch_source, body_reader, check_spend, find_job, one_job_source, submit_items
 from pipeline.enqueue import max_job_tokens
@@ -28,7 +28,8 @@ from pipeline.models import Batch, Tenant
 
 log = logging.getLogger("switchyard.api")
 
-router = APIRouter(prefix="/v1")
+# Every route under /v1 needs a token, whether or not its handler asks for the caller.
+router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": schemas.Error, "description": text} for code, text in {

@@ -1,15 +1,23 @@
-"""Every request but /healthz needs a valid bearer token; tokens are stored only as hashes."""
+"""Every request but the public ones (/healthz, /openapi.json, /docs) needs a valid bearer token;
+tokens are stored only as hashes."""
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.routing import Route
 
+from pipeline.api.app import PUBLIC_PATHS, create_app
+from pipeline.config import load_config
 from pipeline.models import ApiToken
-from tests.api.conftest import MakeToken, Server
+from tests.api.conftest import MAX_BATCH_JOBS, MAX_BODY_BYTES, MakeToken, Server
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 PROTECTED = [("GET", "/v1/jobs"), ("GET", "/v1/jobs/1"), ("GET", "/v1/batches"), ("GET", "/v1/batches/1"),
              ("POST", "/v1/batches/1/cancel"), ("GET", "/v1/batches/1/results"), ("GET", "/v1/stats"),
@@ -82,6 +90,41 @@ def test_cli_token_lifecycle_and_revocation(server: Server, api_sessions: sessio
     said = " ".join(wrong.stderr.split())  # rich wraps long lines
     assert "has no token with prefix '000000000000'" in said
     assert "Traceback" not in said
+
+
+def test_only_the_public_paths_answer_without_a_token(server: Server) -> None:
+    """The decision, pinned: the health check and the API's description (the same for every
+    deployment, naming no tenant) are public; every other route of the app, whatever its method,
+    answers 401 without a token. A route added later without the token dependency fails here."""
+    assert set(PUBLIC_PATHS) == {"/healthz", "/openapi.json", "/docs"}
+    app = create_app(database_url=server.database_url, broker_url="memory://", models=load_config(),
+                     max_body_bytes=MAX_BODY_BYTES, max_batch_jobs=MAX_BATCH_JOBS)
+    # Every operation the OpenAPI document describes, and every route the app itself holds
+    # (where FastAPI puts its documentation pages, which the document leaves out).
+    described = [(method.upper(), path) for path, ops in app.openapi()["paths"].items() for method in ops]
+    own = [(method, r.path) for r in app.routes if isinstance(r, Route)
+           for method in sorted(r.methods or ()) if method != "HEAD"]
+    routes = sorted({(method, re.sub(r"\{[^}]+\}", "1", path)) for method, path in described + own})
+    assert len(routes) >= 14, routes
+    public = {path for _, path in routes} & set(PUBLIC_PATHS)
+    assert public == set(PUBLIC_PATHS)  # each public path is a route of the app
+    with server.client() as c:
+        for method, path in routes:
+            r = c.request(method, path, json=[])
+            assert r.status_code == (200 if path in PUBLIC_PATHS else 401), (method, path, r.text[:200])
+        # FastAPI's other documentation pages are switched off, not left public.
+        for path in ("/redoc", "/docs/oauth2-redirect"):
+            assert c.get(path).status_code == 404, path
+        assert c.get("/docs").headers["content-type"].startswith("text/html")
+        assert c.get("/openapi.json").json()["info"]["title"] == "switchyard"
+
+
+def test_readme_names_the_public_paths() -> None:
+    text = README.read_text()
+    section = text[text.index("## HTTP API"):]
+    start = section.index("- **Tokens.**")
+    tokens = section[start:section.index("needs `Authorization", start)]
+    assert set(re.findall(r"`(/[a-z.]+)`", tokens)) == set(PUBLIC_PATHS), tokens
 
 
 def test_healthz_needs_no_token_and_checks_both(server: Server) -> None:
