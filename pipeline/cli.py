@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import json
 import sys
-from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from pipeline.errors import ConfigError, SwitchyardError
 from pipeline.settings import Settings
+from pipeline.tables import compact, cost_line, new_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Route bulk Claude work between Haiku, Sonnet and Opus.")
@@ -269,25 +268,20 @@ def demo(
 
 
 def print_summary(summary: Any) -> None:
-    table = Table(title="Routing summary")
-    for col in ("tier", "jobs ended here", "calls", "input tokens", "output tokens", "cost (USD)"):
-        table.add_column(col, justify="right" if col != "tier" else "left")
+    figures = ("jobs ended here", "calls", "input tokens", "output tokens", "cost")
+    table = new_table(("tier", *figures), figures=figures, title="Routing summary")
     for t in summary.tiers:
-        table.add_row(t.tier, str(t.jobs), str(t.calls), f"{t.input_tokens:,}", f"{t.output_tokens:,}",
-                      _usd(t.cost_usd))
-    table.add_row("[bold]total", str(summary.jobs), str(sum(t.calls for t in summary.tiers)),
-                  f"{sum(t.input_tokens for t in summary.tiers):,}", f"{sum(t.output_tokens for t in summary.tiers):,}",
-                  f"[bold]{_usd(summary.cost_usd)}")
+        table.add_row(t.tier, compact(t.jobs), compact(t.calls), compact(t.input_tokens), compact(t.output_tokens),
+                      compact(t.cost_usd, "usd"))
+    table.add_row(Text("total", "bold"), compact(summary.jobs), compact(sum(t.calls for t in summary.tiers)),
+                  compact(sum(t.input_tokens for t in summary.tiers)),
+                  compact(sum(t.output_tokens for t in summary.tiers)), Text(compact(summary.cost_usd, "usd"), "bold"))
     console.print(table)
-    statuses = ", ".join(f"{k} {v}" for k, v in sorted(summary.by_status.items()))
-    console.print(f"jobs: {summary.jobs} ({statuses})")
-    console.print(f"escalations: {summary.escalations}   validation failures: {summary.validation_failures}")
-    console.print(f"cost: {_usd(summary.cost_usd)} routed, against {_usd(summary.top_tier_cost_usd)} sending every "
-                  f"job to {summary.top_tier}: saved {_usd(summary.saving)} ({summary.saving_ratio:.0%})")
-
-
-def _usd(value: Decimal) -> str:
-    return f"${value:,.6f}"
+    statuses = ", ".join(f"{k} {compact(v)}" for k, v in sorted(summary.by_status.items()))
+    console.print(f"jobs: {compact(summary.jobs)} ({statuses})")
+    console.print(f"escalations: {compact(summary.escalations)}   "
+                  f"validation failures: {compact(summary.validation_failures)}")
+    console.print(cost_line(summary))
 
 
 # -- entry point ---------------------------------------------------------------------------------------

@@ -9,11 +9,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.errors import SwitchyardError
 from pipeline.settings import Settings
+from pipeline.tables import compact, new_table, when
 
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens: each belongs to a tenant; only its hash is stored.")
 tenants_app = typer.Typer(no_args_is_help=True, help="Tenants of the HTTP API and their limits.")
@@ -63,11 +64,9 @@ def tokens_list(tenant: Annotated[str | None, typer.Option("--tenant", help="Onl
         print(json.dumps([{"tenant": t.tenant, "prefix": t.prefix, "created_at": _when(t.created_at),
                            "revoked_at": _when(t.revoked_at) or None} for t in rows]))
         return
-    table = Table()
-    for col in ("prefix", "tenant", "created", "revoked"):
-        table.add_column(col)
+    table = new_table(("prefix", "tenant", "created", "revoked"), whole=("prefix", "created", "revoked"))
     for t in rows:
-        table.add_row(t.prefix, t.tenant, _when(t.created_at), _when(t.revoked_at) or "-")
+        table.add_row(t.prefix, Text(t.tenant), when(t.created_at), when(t.revoked_at))
     console.print(table)
 
 
@@ -98,11 +97,10 @@ def tenants_list(as_json: JsonOpt = False) -> None:
         print(json.dumps([{"tenant": n, "max_jobs_in_flight": j, "max_spend_per_day_usd":
                            f"{s:f}" if s is not None else None, "created_at": _when(c)} for n, j, s, c in rows]))
         return
-    table = Table()
-    for col in ("tenant", "jobs in flight (max)", "spend per day (max USD)", "created"):
-        table.add_column(col)
+    limits = ("max jobs in flight", "max spend per day")
+    table = new_table(("tenant", *limits, "created"), figures=limits, whole=("created",))
     for n, j, s, c in rows:
-        table.add_row(n, "" if j is None else f"{j:,}", "" if s is None else f"{s:f}", _when(c))
+        table.add_row(Text(n), "" if j is None else compact(j), "" if s is None else compact(s, "usd"), when(c))
     console.print(table)
 
 

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Group
+from rich.console import Group, RenderableType
 from rich.live import Live
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -27,12 +27,18 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline import history
 from pipeline.cli import app, console, err, jobs_app, settings
 from pipeline.errors import InputFileError, InvalidQuery, JobInputError
-from pipeline.models import JobStatus
+from pipeline.tables import Unit, compact, cost_line, new_table, when
 
-STATUS_ORDER = [s.value for s in JobStatus]
+if TYPE_CHECKING:
+    from pipeline.report import Summary
+
 STATUS_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "queued": "dim"}
+# The tables count the three stages together as "running": seven status columns do not fit 80.
+RUNNING = ("triaging", "working", "validating")
+STATUS_GROUPS = ("queued", "running", "succeeded", "failed", "cancelled")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
+WideFlag = Annotated[bool, typer.Option("--wide", help="More columns, for a terminal wider than 80.")]
 
 
 @contextmanager
@@ -57,20 +63,10 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(history.jsonable(obj), ensure_ascii=False) + "\n")
 
 
-def _usd(value: Decimal) -> str:
-    return f"${value:,.6f}"
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f} ms"
-
-
-def _rate(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
-
-
-def _when(value: Any) -> str:
-    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+def _grouped(by_status: dict[str, int]) -> list[int]:
+    """Jobs per STATUS_GROUPS."""
+    counts = {**by_status, "running": sum(by_status.get(s, 0) for s in RUNNING)}
+    return [counts.get(g, 0) for g in STATUS_GROUPS]
 
 
 # -- enqueue -----------------------------------------------------------------------------------------
@@ -153,15 +149,12 @@ def enqueue(
 
 
 def _progress_view(name: str, p: history.BatchProgress, elapsed: float) -> Group:
-    table = Table(title=f"batch {name}: {p.done:,}/{p.total:,} done, {_usd(p.cost_usd)} so far, {elapsed:,.0f} s",
-                  title_justify="left")
-    table.add_column("tier")
-    for status in STATUS_ORDER:
-        table.add_column(status, justify="right", style=STATUS_STYLE.get(status, ""))
+    title = Text(f"batch {name}: {compact(p.done)}/{compact(p.total)} done, {compact(p.cost_usd, 'usd')} so far, "
+                 f"{compact(elapsed, 's')}")
+    table = new_table(("tier", *STATUS_GROUPS), figures=STATUS_GROUPS, title=title, styles=STATUS_STYLE)
     for tier in sorted(p.by_tier, key=lambda t: (t == "-", t)):
-        counts = p.by_tier[tier]
-        table.add_row("(not triaged)" if tier == "-" else tier, *(f"{counts.get(s, 0):,}" for s in STATUS_ORDER))
-    table.add_row("[bold]all", *(f"[bold]{p.by_status.get(s, 0):,}" for s in STATUS_ORDER))
+        table.add_row(Text("(not triaged)" if tier == "-" else tier), *map(compact, _grouped(p.by_tier[tier])))
+    table.add_row(Text("all", style="bold"), *(Text(compact(n), style="bold") for n in _grouped(p.by_status)))
     return Group(table)
 
 
@@ -227,6 +220,7 @@ def jobs_list(
     key_prefix: Annotated[str | None, typer.Option(help="Only keys starting with this.")] = None,
     limit: Annotated[int, typer.Option(help=f"Jobs per page (1-{history.MAX_LIMIT}).")] = 50,
     cursor: Annotated[str | None, typer.Option(help="Continue after the page that printed this cursor.")] = None,
+    wide: WideFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """List jobs, newest first, a page at a time."""
@@ -242,25 +236,35 @@ def jobs_list(
     if as_json:
         _print_json(page)
         return
-    table = Table()
-    for col in ("id", "batch", "key", "kind", "status", "tier", "esc", "cost", "created", "error"):
-        table.add_column(col, justify="right" if col in ("id", "esc", "cost") else "left",
-                         overflow="fold" if col == "key" else "ellipsis", no_wrap=col == "error")
-    for j in page.jobs:
-        table.add_row(str(j.id), j.batch, j.key, j.kind, Text(j.status, style=STATUS_STYLE.get(j.status, "")),
-                      j.tier or "-", str(j.escalations), _usd(j.cost_usd), _when(j.created_at),
-                      (j.error or "")[:60])
-    console.print(table)
+    console.print(_jobs_table(page.jobs, wide=wide, batch_column=batch is None))
     if page.next_cursor:
         console.print(f"more: add --cursor {page.next_cursor}")
     elif not page.jobs:
         console.print("no jobs match")
 
 
+def _jobs_table(jobs: list[history.JobSummary], *, wide: bool, batch_column: bool) -> Table:
+    cols: tuple[str, ...] = (("id", "batch", "key", "kind", "status", "tier", "esc", "cost", "created", "error")
+                             if wide else ("id", "batch", "key", "status", "tier", "cost"))
+    if not batch_column:  # --batch named it: the room goes to the key
+        cols = tuple(c for c in cols if c != "batch")
+    table = new_table(cols, figures=("id", "esc", "cost"), whole=("created",))
+    for j in jobs:
+        cells: dict[str, RenderableType] = {
+            "id": str(j.id), "batch": Text(j.batch), "key": Text(j.key), "kind": j.kind,
+            "status": Text(j.status, style=STATUS_STYLE.get(j.status, "")), "tier": j.tier or "-",
+            "esc": compact(j.escalations), "cost": compact(j.cost_usd, "usd"), "created": when(j.created_at),
+            # One line, cut to the room left: `jobs show` prints it whole.
+            "error": Text(" ".join((j.error or "").split()), no_wrap=True, overflow="ellipsis")}
+        table.add_row(*(cells[c] for c in cols))
+    return table
+
+
 @jobs_app.command("show")
 def jobs_show(
     job: Annotated[str, typer.Argument(metavar="ID", help="The job's id (from `jobs list`), or its key with --batch.")],
     batch: Annotated[str | None, typer.Option(help="Read ID as the job's key in this batch.")] = None,
+    wide: WideFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """The whole story of one job: input, routing, every model call, validation and the result."""
@@ -282,8 +286,8 @@ def jobs_show(
     console.print(f"[bold]job {j.id}[/]  key {j.key}  batch {j.batch}  kind {j.kind}")
     console.print(Text.assemble("status ", (j.status, STATUS_STYLE.get(j.status, "bold")),
                                 f"   tier {j.tier or '-'}   attempt {j.attempt}   escalations {j.escalations}"
-                                f"   cost {_usd(j.cost_usd)}"))
-    console.print(f"created {_when(j.created_at)}   finished {_when(j.finished_at)}")
+                                f"   cost {compact(j.cost_usd, 'usd')}"))
+    console.print(f"created {when(j.created_at)}   finished {when(j.finished_at)}")
     console.rule("input")
     console.print_json(json.dumps({"payload": story.payload, "metadata": story.metadata,
                                    "pinned_tier": story.pinned_tier}, ensure_ascii=False))
@@ -296,37 +300,23 @@ def jobs_show(
                       f"{triage.reason or ''}", highlight=False)
     for r in story.routing:
         if r.reason_kind != "triage":
-            console.print(f"{_when(r.at)}  {r.reason_kind}: {r.from_tier or '-'} -> {r.to_tier}"
+            console.print(f"{when(r.at)}  {r.reason_kind}: {r.from_tier or '-'} -> {r.to_tier}"
                           f"{': ' + r.reason if r.reason else ''}", highlight=False)
     if not story.routing:
         console.print("(not routed yet)")
 
-    calls = Table(title="model calls", title_justify="left")
-    for col in ("#", "stage", "tier", "model", "try", "delivery", "outcome", "in", "out", "cost", "latency", "request"):
-        calls.add_column(col, justify="right" if col in ("#", "try", "delivery", "in", "out", "cost", "latency")
-                         else "left")
-    for c in story.calls:
-        outcome = c.outcome if c.applied or c.outcome != "ok" else "ok (not applied)"
-        if c.error_type:
-            outcome += f" {c.status_code or ''} {c.error_type}"
-        calls.add_row(str(c.id), c.stage, c.tier, c.model, str(c.attempt), str(c.delivery), outcome,
-                      f"{c.input_tokens:,}", f"{c.output_tokens:,}", _usd(c.cost_usd), _ms(c.latency_ms),
-                      c.request_id or "-")
-    console.print(calls)
+    console.print(_calls_table(story.calls, wide=wide))
 
-    verdicts = Table(title="validation", title_justify="left")
-    for col in ("tier", "attempt", "validator", "verdict", "problems"):
-        verdicts.add_column(col)
+    verdicts = new_table(("tier", "attempt", "validator", "verdict", "problems"), figures=("attempt",),
+                         title="validation")
     for v in story.validations:
-        verdicts.add_row(v.tier, str(v.attempt), v.validator, "[green]ok" if v.ok else "[red]failed",
-                         "; ".join(v.problems))
+        verdicts.add_row(v.tier, str(v.attempt), v.validator, Text("ok", "green") if v.ok else Text("failed", "red"),
+                         Text("; ".join(v.problems)))
     console.print(verdicts)
 
-    events = Table(title="timeline", title_justify="left")
-    for col in ("at", "from", "to", "detail"):
-        events.add_column(col)
+    events = new_table(("at", "from", "to", "detail"), whole=("at",), title="timeline")
     for e in story.events:
-        events.add_row(_when(e.at), e.from_status or "-", e.to_status, e.detail or "")
+        events.add_row(when(e.at), e.from_status or "-", e.to_status, Text(e.detail or ""))
     console.print(events)
 
     console.rule("result")
@@ -338,12 +328,31 @@ def jobs_show(
         console.print("(no output yet)")
 
 
+def _calls_table(calls: list[history.CallRecord], *, wide: bool) -> Table:
+    cols = (("#", "stage", "tier", "model", "try", "delivery", "outcome", "in", "out", "cost", "latency", "request")
+            if wide else ("stage", "tier", "try", "outcome", "in", "out", "cost", "latency"))
+    table = new_table(cols, figures=("#", "try", "delivery", "in", "out", "cost", "latency"), whole=("request",),
+                      title="model calls")
+    for c in calls:
+        outcome = c.outcome if c.applied or c.outcome != "ok" else "ok (not applied)"
+        if c.error_type:
+            outcome += f" {c.status_code or ''} {c.error_type}"
+        cells: dict[str, RenderableType] = {
+            "#": str(c.id), "stage": c.stage, "tier": c.tier, "model": c.model, "try": str(c.attempt),
+            "delivery": str(c.delivery), "outcome": Text(outcome), "in": compact(c.input_tokens),
+            "out": compact(c.output_tokens), "cost": compact(c.cost_usd, "usd"), "latency": compact(c.latency_ms, "ms"),
+            "request": c.request_id or "-"}
+        table.add_row(*(cells[col] for col in cols))
+    return table
+
+
 # -- batches, stats, export ------------------------------------------------------------------------
 
 
 @app.command()
 def batches(
     limit: Annotated[int, typer.Option(help="How many of the newest batches.")] = 50,
+    wide: WideFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Batches, newest first, with their jobs per status and their cost."""
@@ -352,15 +361,21 @@ def batches(
     if as_json:
         _print_json([{**history.jsonable(b), "done": b.done, "finished": b.finished} for b in rows])
         return
-    table = Table()
-    for col in ("id", "batch", "created", "jobs", *STATUS_ORDER, "cost"):
-        table.add_column(col, justify="left" if col in ("batch", "created") else "right",
-                         style=STATUS_STYLE.get(col, ""))
+    console.print(_batches_table(rows, wide=wide) if rows else "no batches yet")
+
+
+def _batches_table(rows: list[history.BatchSummary], *, wide: bool) -> Table:
+    # "cancelled" and "created" only with --wide: a cancelled batch says so after its name.
+    groups = STATUS_GROUPS if wide else STATUS_GROUPS[:-1]
+    cols = ("id", "batch", *(("created",) if wide else ()), "jobs", *groups, "cost")
+    table = new_table(cols, figures=("id", "jobs", *groups, "cost"), whole=("created",), styles=STATUS_STYLE)
     for b in rows:
-        name = b.name + (" [yellow](cancelled)" if b.cancelled_at else "")
-        table.add_row(str(b.id), name, _when(b.created_at), f"{b.jobs:,}",
-                      *(f"{b.by_status.get(s, 0):,}" for s in STATUS_ORDER), _usd(b.cost_usd))
-    console.print(table if rows else "no batches yet")
+        cells: dict[str, RenderableType] = {
+            "id": str(b.id), "batch": Text.assemble(b.name, (" (cancelled)", "yellow") if b.cancelled_at else ""),
+            "created": when(b.created_at), "jobs": compact(b.jobs), "cost": compact(b.cost_usd, "usd"),
+            **{g: compact(n) for g, n in zip(STATUS_GROUPS, _grouped(b.by_status), strict=True)}}
+        table.add_row(*(cells[c] for c in cols))
+    return table
 
 
 @app.command()
@@ -369,6 +384,7 @@ def stats(
     since: Annotated[str | None, typer.Option(help="Jobs created at or after: ISO 8601, or an age like 6h, 2d.")]
     = None,
     until: Annotated[str | None, typer.Option(help="Jobs created before: ISO 8601, or an age like 6h, 2d.")] = None,
+    wide: WideFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Per tier: jobs, calls, tokens, cost, latency, escalation and validation failure rates, and the
@@ -384,27 +400,62 @@ def stats(
     if as_json:
         _print_json(summary.to_dict())
         return
-    table = Table(title="per tier" + (f" (batch {batch})" if batch else ""), title_justify="left")
-    cols = ("tier", "jobs", "calls", "in tokens", "out tokens", "cost", "p50", "p95", "escalated", "valid. failed",
-            "failed calls", "repeated", "abandoned")
-    for col in cols:
-        table.add_column(col, justify="left" if col == "tier" else "right")
-    for t in summary.tiers:
-        table.add_row(t.tier, f"{t.jobs:,}", f"{t.calls:,}", f"{t.input_tokens:,}", f"{t.output_tokens:,}",
-                      _usd(t.cost_usd), _ms(t.p50_latency_ms), _ms(t.p95_latency_ms),
-                      f"{t.escalations:,} ({_rate(t.escalation_rate)})",
-                      f"{t.validation_failures:,} ({_rate(t.validation_failure_rate)})", f"{t.failed_calls:,}",
-                      f"{t.repeated_calls:,}", f"{t.abandoned_calls:,}")
-    table.add_row("[bold]total", f"[bold]{summary.jobs:,}", f"{sum(t.calls for t in summary.tiers):,}",
-                  f"{sum(t.input_tokens for t in summary.tiers):,}",
-                  f"{sum(t.output_tokens for t in summary.tiers):,}", f"[bold]{_usd(summary.cost_usd)}")
-    console.print(table)
-    statuses = ", ".join(f"{k} {v:,}" for k, v in sorted(summary.by_status.items())) or "none"
-    console.print(f"jobs: {summary.jobs:,} ({statuses})")
-    console.print(f"cost: {_usd(summary.cost_usd)} routed, against {_usd(summary.top_tier_cost_usd)} sending every "
-                  f"job to {summary.top_tier}: saved {_usd(summary.saving)} ({summary.saving_ratio:.0%})")
-    console.print("jobs = jobs whose last tier it is; escalated = jobs moved up from the tier, out of those it "
-                  "worked; repeated = calls made by a repeated delivery of a stage", style="dim")
+    console.print(_stats_table(summary, title=Text("per tier" + (f" (batch {batch})" if batch else "")), wide=wide))
+    statuses = ", ".join(f"{k} {compact(v)}" for k, v in sorted(summary.by_status.items())) or "none"
+    console.print(f"jobs: {compact(summary.jobs)} ({statuses})")
+    console.print(cost_line(summary))
+    console.print("escalation rate: out of the jobs the tier worked; repeated calls: made by a repeated delivery "
+                  "of a stage", style="dim")
+
+
+# (label, the TierLine figure, its unit, shown only with --wide)
+STATS_ROWS: tuple[tuple[str, str, Unit, bool], ...] = (
+    ("jobs ended here", "jobs", "count", False),
+    ("calls", "calls", "count", False),
+    ("input tokens", "input_tokens", "count", False),
+    ("output tokens", "output_tokens", "count", False),
+    ("cache write tokens", "cache_creation_input_tokens", "count", True),
+    ("cache read tokens", "cache_read_input_tokens", "count", True),
+    ("cost", "cost_usd", "usd", False),
+    ("latency p50", "p50_latency_ms", "ms", False),
+    ("latency p95", "p95_latency_ms", "ms", False),
+    ("jobs worked", "worked", "count", True),
+    ("jobs escalated", "escalations", "count", False),
+    ("escalation rate", "escalation_rate", "pct", False),
+    ("validations", "validations", "count", True),
+    ("validations failed", "validation_failures", "count", False),
+    ("validation failure rate", "validation_failure_rate", "pct", False),
+    ("failed calls", "failed_calls", "count", False),
+    ("repeated calls", "repeated_calls", "count", False),
+    ("repeated calls' cost", "repeated_cost_usd", "usd", True),
+    ("abandoned calls", "abandoned_calls", "count", False),
+)
+
+
+def _stats_table(summary: Summary, *, title: Text, wide: bool) -> Table:
+    """The tiers as columns and the figures as rows: a column per tier fits 80 where a column per
+    figure does not. The last column is over all tiers."""
+    tiers = summary.tiers
+
+    def total(attr: str) -> Any:
+        return sum((getattr(t, attr) for t in tiers), Decimal(0) if attr.endswith("_usd") else 0)
+
+    # Left blank where tiers do not add up: percentiles, and the jobs worked (an escalated job
+    # was worked at two tiers). Verdicts belong to one tier each: their rates do add up.
+    verdicts = total("validations")
+    special: dict[str, str] = {
+        "jobs": compact(summary.jobs), "cost_usd": compact(summary.cost_usd, "usd"), "p50_latency_ms": "",
+        "p95_latency_ms": "", "worked": "", "escalation_rate": "",
+        "validation_failure_rate": compact(total("validation_failures") / verdicts if verdicts else None, "pct")}
+    cols = ("", *(t.tier for t in tiers), "total")
+    table = new_table(cols, figures=cols[1:], title=title)
+    for label, attr, unit, wide_only in STATS_ROWS:
+        if wide_only and not wide:
+            continue
+        over_all = special[attr] if attr in special else compact(total(attr), unit)
+        table.add_row(label, *(compact(getattr(t, attr), unit) for t in tiers),
+                      Text(over_all, style="bold" if attr in ("jobs", "cost_usd") else ""))
+    return table
 
 
 @contextmanager

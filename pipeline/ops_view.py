@@ -11,6 +11,7 @@ from rich.table import Table
 from pipeline.errors import ConfigError
 from pipeline.ops import Status, gather
 from pipeline.settings import Settings
+from pipeline.tables import compact, new_table
 
 
 class StatusSource:
@@ -46,37 +47,38 @@ class StatusSource:
 
 
 def _limit(n: int) -> str:
-    return f"{n:,}" if n else "-"
+    return compact(n) if n else "-"
+
+
+def _paused(seconds: float) -> str:
+    return compact(seconds, "s") if seconds else ""
 
 
 def render_status(st: Status) -> Group:
-    queues = Table(title="Queues", title_justify="left")
-    for col in ("queue", "waiting", "held by workers", "jobs in stage", "workers", "threads", "busy", "paused"):
-        queues.add_column(col, justify="left" if col == "queue" else "right")
+    figures = ("waiting", "held", "in stage", "workers", "threads", "busy", "paused")
+    queues = new_table(("queue", *figures), figures=figures,
+                       title="Queues (held: taken by a worker, not yet acknowledged)")
     for q in st.queues:
-        queues.add_row(q.queue, f"{q.depth:,}", f"{q.reserved:,}", f"{q.in_flight:,}", str(q.workers),
-                       str(q.concurrency), str(q.busy), f"{q.paused_s:.1f} s" if q.paused_s else "")
+        queues.add_row(q.queue, *map(compact, (q.depth, q.reserved, q.in_flight, q.workers, q.concurrency, q.busy)),
+                       _paused(q.paused_s))
 
-    workers = Table(title="Workers online", title_justify="left")
-    for col in ("worker", "pid", "pool", "threads", "busy", "up", "metrics"):
-        workers.add_column(col, justify="left" if col in ("worker", "pool") else "right")
+    workers = new_table(("worker", "pid", "pool", "threads", "busy", "up", "metrics"),
+                        figures=("pid", "threads", "busy", "up", "metrics"), title="Workers online")
     now = time.time()
     for w in st.workers:
-        workers.add_row(w.name, str(w.pid), w.pool, str(w.concurrency), str(w.busy),
-                        f"{now - w.started_at:.0f} s", f":{w.metrics_port}" if w.metrics_port else "")
+        workers.add_row(w.name, str(w.pid), w.pool, compact(w.concurrency), compact(w.busy),
+                        compact(now - w.started_at, "s"), f":{w.metrics_port}" if w.metrics_port else "")
 
-    limits = Table(title="Rate limits per tier (per minute; - is none)", title_justify="left")
-    for col in ("tier", "requests", "input tokens", "output tokens", "paused"):
-        limits.add_column(col, justify="left" if col == "tier" else "right")
+    per_minute = ("requests", "input tokens", "output tokens", "paused")
+    limits = new_table(("tier", *per_minute), figures=per_minute, title="Rate limits per tier (per minute; - is none)")
     for tier, lim in st.limits.items():
-        limits.add_row(tier, _limit(lim["rpm"]), _limit(lim["itpm"]), _limit(lim["otpm"]),
-                       f"{lim['paused_s']:.1f} s" if lim["paused_s"] else "")
+        limits.add_row(tier, _limit(lim["rpm"]), _limit(lim["itpm"]), _limit(lim["otpm"]), _paused(lim["paused_s"]))
 
     def fmt(d: dict[str, int]) -> str:
-        return ", ".join(f"{k} {v:,}" for k, v in sorted(d.items())) or "none"
+        return ", ".join(f"{k} {compact(v)}" for k, v in sorted(d.items())) or "none"
 
     summary = Table.grid(padding=(0, 2))
-    summary.add_row("waiting in Postgres", f"{st.queued:,} job(s)")
+    summary.add_row("waiting in Postgres", f"{compact(st.queued)} job(s)")
     summary.add_row("finished, last minute", fmt(st.finished_1m))
     summary.add_row("finished, last 5 minutes", fmt(st.finished_5m))
     return Group(queues, workers, limits, summary)

@@ -28,13 +28,19 @@ SCHEMA = {"type": "object", "required": ["name", "amount"],
                          "paid": {"type": "boolean"}}}
 
 
+# Triage says easy, so the job goes to Sonnet; every Sonnet answer fails validation, the retry
+# with feedback too; so the job must move up to Opus, whose answer passes.
+ESCALATES = "[fake:difficulty=easy] [fake:invalid=sonnet]"
+
+
 def mixed_jobs(n: int, seed: int = 1) -> list[dict]:
-    """A realistic mix, with some jobs steered: hard ones, ones Sonnet gets wrong, ones that need
-    one retry, unsure or garbled triage verdicts, pinned tiers, and a few that cannot succeed."""
+    """A realistic mix, with some jobs steered: hard ones, easy ones that Sonnet gets wrong (so
+    they must escalate), ones that need one retry, unsure or garbled triage verdicts, pinned
+    tiers, and a few that cannot succeed."""
     rng = random.Random(seed)
     jobs: list[dict] = []
     for i in range(n):
-        hint = rng.choice(["", "", "", "", "[fake:difficulty=hard]", "[fake:invalid=sonnet]", "[fake:invalid_once]",
+        hint = rng.choice(["", "", "", "", "[fake:difficulty=hard]", ESCALATES, "[fake:invalid_once]",
                            "[fake:confidence=0.2]", "[fake:triage=garbage]", "[fake:difficulty=easy]"])
         kind = ("classify", "extract", "draft", "generate")[i % 4]
         job: dict = {"key": f"job-{i}", "kind": kind}
@@ -102,13 +108,22 @@ def test_two_hundred_mixed_jobs_end_to_end(cluster: Cluster, sessions: sessionma
             assert decisions[0].verdict == verdict.difficulty == job.difficulty
             assert decisions[0].to_tier == tier_for(verdict, models.routing) == first_work.tier
 
-        # Steered jobs took the path their hints force.
+        # Steered jobs took the path their hints force. Those steered to fail at Sonnet went there,
+        # were retried there once with the validator's feedback, then escalated to Opus.
+        retries = [("retry", "sonnet", "sonnet")] * models.routing.retries_per_tier
+        escalated = [j for j in rows if ESCALATES in json.dumps(j.payload) and not j.pinned_tier]
+        assert len(escalated) >= 10
+        for job in escalated:
+            moves = s.execute(select(RoutingDecision.reason_kind, RoutingDecision.from_tier, RoutingDecision.to_tier)
+                              .where(RoutingDecision.job_id == job.id).order_by(RoutingDecision.id)).all()
+            assert job.difficulty == "easy", job.key
+            assert [tuple(m) for m in moves] == [("triage", None, "sonnet"), *retries,
+                                                  ("escalation", "sonnet", "opus")], (job.key, moves)
+            assert (job.status, job.tier, job.escalations) == (JobStatus.SUCCEEDED, "opus", 1), job.key
         for job in rows:
             text = json.dumps(job.payload)
-            if "[fake:invalid=sonnet]" in text and job.pinned_tier != "sonnet":
-                assert job.status is JobStatus.SUCCEEDED and job.tier == "opus"
-                if job.difficulty in ("easy", "medium"):
-                    assert job.escalations == 1
+            if "[fake:invalid=sonnet]" in text and job.pinned_tier == "opus":
+                assert (job.status, job.tier, job.escalations) == (JobStatus.SUCCEEDED, "opus", 0), job.key
             if ("[fake:triage=garbage]" in text or "[fake:confidence=0.2]" in text) and not job.pinned_tier:
                 assert job.difficulty == "ambiguous" and first_tier(s, job.id) == "opus"
 

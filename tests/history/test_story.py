@@ -107,8 +107,8 @@ def test_jobs_show_tells_the_whole_story_of_an_escalated_job(history_url: str, s
         assert [c["id"] for c in shown["calls"]] == [c.id for c in calls]
         assert [c["input_tokens"] for c in shown["calls"]] == [c.input_tokens for c in calls]
 
-    # And for a person: the story reads top to bottom.
-    text = switchyard(history_url, "jobs", "show", str(job_id)).stdout
+    # And for a person: the story reads top to bottom (--wide: with each call's model).
+    text = switchyard(history_url, "jobs", "show", str(job_id), "--wide").stdout
     for words in ("triage verdict easy", "escalation: sonnet -> opus", "model calls", "validation", "timeline",
                   "claude-opus"):
         assert words in text, text
