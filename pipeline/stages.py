@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 
@@ -27,7 +28,7 @@ from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision,
 from pipeline.pricing import call_cost
 from pipeline.prompts import Prompt, format_check_prompt, triage_prompt, work_prompt
 from pipeline.routing import after_failed_validation, parse_triage, tier_for
-from pipeline.states import Also, Claim, begin_stage, release_stage, renew_claim, transition
+from pipeline.states import Also, Claim, begin_stage, moved_at, release_stage, renew_claim, transition
 from pipeline.validation import Verdict, check_stop, deterministic_check, parse_format_check
 
 T = TypeVar("T")
@@ -210,7 +211,10 @@ def _applied_before(session: Connection, call_id: int | None) -> bool:
     """True if this very call was already applied: Pipeline.run is replaying a transaction whose
     commit reached Postgres but whose acknowledgement was lost with the connection (a restart, a
     dropped backend). Replaying it would find the job moved, record the call as not applied and
-    count its cost twice, and drop the hand-off; instead the stage returns its hand-off again."""
+    count its cost twice, and drop the hand-off; instead the stage returns its hand-off again.
+
+    A result with no call (a deterministic verdict) has no row to tell; validate looks for its own
+    stamped move instead (states.moved_at)."""
     if call_id is None or not replaying(session):
         return False
     # The stage records its call in the same transaction as the move; nobody else ever writes "ok"
@@ -445,11 +449,13 @@ def validate(p: Pipeline, job_id: int) -> Handoff | None:
             return None
         result = outcome
         verdict = parse_format_check(result.text, answer)
-    return p.record(lambda session: _apply_verdict(session, p, claim, call_id, verdict, result))
+    # The result's stamp, fixed before its first run: a replay must find the move it made.
+    at = utcnow()
+    return p.record(lambda session: _apply_verdict(session, p, claim, call_id, verdict, result, at=at))
 
 
 def _apply_verdict(session: Connection, p: Pipeline, claim: Claim, call_id: int | None, verdict: Verdict,
-                   result: CallResult | None) -> Handoff | None:
+                   result: CallResult | None, *, at: datetime) -> Handoff | None:
     tier = claim.tier or ""
     checker = p.models.format_check_tier
     cost = _total_cost(p, checker, result.attempts) if result is not None else Decimal(0)
@@ -486,7 +492,13 @@ def _apply_verdict(session: Connection, p: Pipeline, claim: Claim, call_id: int 
             handoff = Handoff(WORK, claim.id, step.tier)
     if _applied_before(session, call_id):
         return handoff
+    if call_id is None and replaying(session) and moved_at(session, claim.id, frm=JobStatus.VALIDATING, to=to,
+                                                           at=at):
+        # A deterministic verdict made no call, so no call row can say that this result was
+        # applied; its stamped move does. (Without a call, a result that lost the race to move
+        # the job wrote nothing, so running it again in that case is harmless.)
+        return handoff
     moved = transition(session, claim.id, frm=JobStatus.VALIDATING, version=claim.version, to=to, detail=detail,
-                       add=added, also=writes, **values)
+                       add=added, also=writes, now=at, **values)
     return handoff if moved else None
 

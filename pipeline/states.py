@@ -77,17 +77,22 @@ def transition(
     detail: str | None = None,
     add: Mapping[str, Any] | None = None,
     also: Sequence[Also] = (),
+    now: datetime | None = None,
     **values: Any,
 ) -> bool:
     """Move one job if it is still at ``frm``/``version``. True if this call moved it.
 
     ``values`` are columns to set; ``add`` columns to increase by an amount (``cost_usd``);
-    ``also`` the writes that go with the move (``Also``), in the same statement on Postgres."""
+    ``also`` the writes that go with the move (``Also``), in the same statement on Postgres.
+
+    ``now`` stamps the move (its event's ``at``); a caller that may replay the move (Pipeline.run
+    after a lost connection) passes the same one each time, so the replay can find its own move
+    (``moved_at``), not a rival's."""
     check(frm, to)
     add = add or {}
     adds = tuple(sorted(add))
     params: dict[str, Any] = {f"a_{k}": v for k, v in add.items()}
-    params.update(b_id=job_id, b_version=version, b_now=utcnow(), b_detail=detail)
+    params.update(b_id=job_id, b_version=version, b_now=now or utcnow(), b_detail=detail)
     if any(isinstance(v, ClauseElement) for v in values.values()):
         # A SQL expression as a value (Job.cost_usd + x): build the statement for this call alone.
         keys: tuple[str, ...] = ()
@@ -114,6 +119,14 @@ def transition(
     else:
         stmt = _cached_transition_statement(frm, to, keys, adds, shapes)
     return session.execute(stmt, params).first() is not None
+
+
+def moved_at(session: Executor, job_id: int, *, frm: JobStatus, to: JobStatus, at: datetime) -> bool:
+    """True if the move of this job from ``frm`` to ``to`` stamped ``at`` (``transition``'s
+    ``now``) is committed: a transition replayed after its acknowledgement was lost finds its own."""
+    found = select(_EVENTS.c.id).where(_EVENTS.c.job_id == job_id, _EVENTS.c.from_status == frm,
+                                       _EVENTS.c.to_status == to, _EVENTS.c.at == at).limit(1)
+    return session.execute(found).first() is not None
 
 
 # What an Also's statement depends on, as a hashable key for the statement cache: the table, the

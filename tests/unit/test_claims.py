@@ -7,12 +7,13 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import event, select, update
+import pytest
+from sqlalchemy import event, func, select, update
 from sqlalchemy.exc import OperationalError
 
 from pipeline import stages
 from pipeline.dispatch import sweep
-from pipeline.models import Job, JobEvent, JobStatus, ModelCall, utcnow
+from pipeline.models import Job, JobEvent, JobStatus, ModelCall, RoutingDecision, ValidationVerdict, utcnow
 from pipeline.stages import Handoff, Pipeline
 from pipeline.states import begin_stage
 from tests.unit.test_stages import dispatched, enqueue, job, pipeline  # noqa: F401  (the fixture)
@@ -93,13 +94,43 @@ def test_suspects_are_republished_one_at_a_time_per_queue(pipeline: Pipeline, tm
     assert [j for j in _swept(pipeline) if j in (a, b)] == [b if first[0] == a else a]
 
 
+# Each stage's result, replayed: the job (pinned to sonnet unless it is triaged), the stages run
+# before the one under test, that stage, where its result hands the job, and the stage of its call
+# (None: a deterministic verdict makes no call). A failed validation hands the job back to work, so
+# a dropped hand-off shows.
+_SCHEMA = {"type": "object", "required": ["invoice"], "properties": {"invoice": {"type": "string"}}}
+REPLAYS = {
+    "triage": ({"kind": "generate", "prompt": "replayed [fake:difficulty=easy]"}, [], "triage",
+               ("work", "sonnet"), JobStatus.WORKING, "triage"),
+    "work": ({"kind": "generate", "prompt": "replayed", "tier": "sonnet"}, [], "work",
+             ("validate", "validate"), JobStatus.VALIDATING, "work"),
+    "validate, classify label": (
+        {"kind": "classify", "text": "replayed [fake:invalid=sonnet]", "labels": ["billing", "bug"],
+         "tier": "sonnet"}, ["work"], "validate", ("work", "sonnet"), JobStatus.WORKING, None),
+    "validate, extract schema": (
+        {"kind": "extract", "text": "replayed INV-1 [fake:invalid=sonnet]", "schema": _SCHEMA, "tier": "sonnet"},
+        ["work"], "validate", ("work", "sonnet"), JobStatus.WORKING, None),
+    "validate, format check": (
+        {"kind": "draft", "instructions": "replayed [fake:invalid=sonnet]", "tier": "sonnet"}, ["work"],
+        "validate", ("work", "sonnet"), JobStatus.WORKING, "format_check"),
+}
+_STAGE = {"triage": stages.triage, "work": stages.work, "validate": stages.validate}
+_FROM = {"triage": JobStatus.TRIAGING, "work": JobStatus.WORKING, "validate": JobStatus.VALIDATING}
+
+
+@pytest.mark.parametrize("case", list(REPLAYS))
 def test_a_replayed_result_whose_commit_went_through_hands_off_again(pipeline: Pipeline,  # noqa: F811
-                                                                     tmp_path: Path) -> None:
+                                                                     tmp_path: Path, case: str) -> None:
     """Pipeline.run retries a stage's result when the connection drops, even if the result reached
-    Postgres and only the acknowledgement was lost. The replay must not record the call again as
-    unapplied, count its cost twice, or drop the hand-off."""
-    [jid] = enqueue(pipeline, tmp_path, {"kind": "generate", "prompt": "replayed", "tier": "sonnet"})
+    Postgres and only the acknowledgement was lost. The replay must recognise its own result, with
+    or without a model call, and must not record the call again as unapplied, count its cost twice,
+    or drop the hand-off (the job would wait for the long stage deadline)."""
+    spec, before, stage, (next_stage, queue), to, call_stage = REPLAYS[case]
+    [jid] = enqueue(pipeline, tmp_path, spec)
     dispatched(pipeline)
+    for name in before:
+        assert _STAGE[name](pipeline, jid) is not None
+    version = job(pipeline, jid).version
     results: list[str] = []
 
     def lose_the_acknowledgement(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
@@ -114,16 +145,26 @@ def test_a_replayed_result_whose_commit_went_through_hands_off_again(pipeline: P
 
     event.listen(pipeline.engine, "after_cursor_execute", lose_the_acknowledgement)
     try:
-        assert stages.work(pipeline, jid) == Handoff("validate", jid, "validate")
+        assert _STAGE[stage](pipeline, jid) == Handoff(next_stage, jid, queue)
     finally:
         event.remove(pipeline.engine, "after_cursor_execute", lose_the_acknowledgement)
     assert len(results) == 1  # the replay found the result applied and did not send it again
+    done = job(pipeline, jid)
+    assert (done.status, done.version) == (to, version + 1)
     with pipeline.sessions() as s:
         calls = s.scalars(select(ModelCall).where(ModelCall.job_id == jid)).all()
-        events = s.scalars(select(JobEvent.to_status).where(JobEvent.job_id == jid)).all()
-    assert [(c.outcome, c.applied) for c in calls] == [("ok", True)]
-    assert job(pipeline, jid).cost_usd == calls[0].cost_usd
-    assert events.count(JobStatus.VALIDATING) == 1
+        moves = s.scalar(select(func.count()).select_from(JobEvent).where(
+            JobEvent.job_id == jid, JobEvent.from_status == _FROM[stage], JobEvent.to_status == to))
+        verdicts = s.scalar(select(func.count()).select_from(ValidationVerdict).where(ValidationVerdict.job_id == jid))
+        decisions = s.scalars(select(RoutingDecision.reason_kind).where(RoutingDecision.job_id == jid,
+                                                                         RoutingDecision.reason_kind != "pinned")).all()
+    mine = [(c.outcome, c.applied) for c in calls if c.stage == call_stage]
+    assert mine == ([("ok", True)] if call_stage else [])
+    assert done.cost_usd == sum(c.cost_usd for c in calls)
+    assert moves == 1
+    assert verdicts == (1 if stage == "validate" else 0)
+    # Triage, and a failed validation sending the job back to work, each decide its route once.
+    assert decisions == {"triage": ["triage"], "work": [], "validate": ["retry"]}[stage]
 
 
 def test_a_replayed_claim_takes_its_own_claim_again_without_counting_a_delivery(pipeline: Pipeline,  # noqa: F811
