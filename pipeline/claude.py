@@ -2,8 +2,10 @@
 
 Who retries: this module, not the SDK and not Celery. The SDK is built with ``max_retries=0`` and
 each call here makes at most ``attempts`` HTTP requests, so retries never multiply between layers.
-Transient failures (429 with ``retry-after``, 5xx, 529, timeouts, dropped connections) back off
-with jitter and honour ``retry-after``; everything else fails at once with the API's own message.
+What is retried is what the SDK itself would retry (``translate``): 408, 409, 429 with
+``retry-after``, 5xx and 529, timeouts, dropped connections; they back off with jitter and honour
+``retry-after``. Everything else (any other 4xx, and a 429 without ``retry-after``, a spend limit)
+fails at once with the API's own message.
 Every HTTP attempt, failed or not, comes back to the caller so it can be recorded as a row.
 """
 
@@ -166,8 +168,12 @@ def translate(exc: Exception) -> ClaudeError:
         kwargs: dict[str, Any] = dict(status=status, error_type=error_type, request_id=request_id,
                                       retry_after=retry_after)
         text = f"{status} {error_type}: {message}"
+        # Retried: what the official SDK retries when left to do it (408 request timeout, 409 lock
+        # timeout, 429, every 5xx, 529 overloaded included). switchyard turns the SDK's retries off
+        # to own them, in one layer, each attempt recorded; not to change what is retried. One
+        # difference, on purpose: a 429 without retry-after is a spend limit, which no wait lifts.
+        # Every other 4xx fails at once.
         if status == 429:
-            # A 429 without retry-after is a spend limit: waiting will not help.
             cls = TransientClaudeError if retry_after is not None else PermanentClaudeError
             return cls(text, **kwargs)
         if status in (408, 409) or status >= 500:

@@ -9,8 +9,10 @@
     ├── RateLimited            a tier's shared budget has no turn for a call soon enough
     ├── InvalidQuery           a history query the user wrote wrongly (a bad time, cursor, limit)
     └── ClaudeError            a model call failed; translated from the SDK at the client boundary
-        ├── TransientClaudeError   worth retrying: 429, 5xx, 529, timeouts, dropped connections
-        └── PermanentClaudeError   never retried: 4xx other than 429, a spend-limit 429
+        ├── TransientClaudeError   worth retrying, as the SDK itself would: 408, 409, 429 with
+        │                          retry-after, 5xx and 529, timeouts, dropped connections
+        └── PermanentClaudeError   never retried: every other 4xx, and a 429 without retry-after
+                                   (a spend limit)
 
 The CLI prints any SwitchyardError as one sentence and exits non-zero; anything else is a bug and
 keeps its traceback.

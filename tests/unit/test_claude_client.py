@@ -87,6 +87,59 @@ def test_dropped_connections_and_stalls_are_transient(fake_claude: FakeClaude) -
     assert info.value.transient and {a.error_type for a in info.value.attempts} == {"timeout"}
 
 
+# Every status the Messages API documents, the two the SDK singles out (408 request timeout, 409
+# lock timeout) and a few a proxy in front of the API may answer: the error.type, and whether a call
+# that meets it is tried again. Each answer carries retry-after, except the spend-limit 429.
+STATUSES = [
+    (400, "invalid_request_error", False),
+    (401, "authentication_error", False),
+    (402, "billing_error", False),
+    (403, "permission_error", False),
+    (404, "not_found_error", False),
+    (408, "timeout_error", True),
+    (409, "conflict_error", True),
+    (413, "request_too_large", False),
+    (422, "invalid_request_error", False),
+    (429, "rate_limit_error", True),
+    (429, "spend_limit", False),  # no retry-after: a spend limit, which no wait lifts
+    (500, "api_error", True),
+    (502, "api_error", True),
+    (503, "api_error", True),
+    (504, "timeout_error", True),
+    (529, "overloaded_error", True),
+]
+
+
+@pytest.mark.parametrize(("status", "error_type", "transient"), STATUSES)
+def test_each_status_is_retried_exactly_when_the_sdk_would_retry_it(status: int, error_type: str,
+                                                                   transient: bool) -> None:
+    """The choice pipeline.claude.translate names: switchyard turns the SDK's retries off to own
+    them, and retries what the SDK itself would, except a 429 without retry-after. Here the SDK
+    (allowed one retry, by its own default policy) meets each status through an in-process
+    transport: how many requests it made says whether it retried, and its final error is translated."""
+    spend_limit = error_type == "spend_limit"
+    requests: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        # retry-after-ms (1 ms) keeps the SDK's own retry quick.
+        headers = {"request-id": "req_status", **({} if spend_limit else {"retry-after-ms": "1"})}
+        body = {"type": "error", "error": {"type": error_type, "message": f"answered {status}"},
+                "request_id": "req_status"}
+        return httpx.Response(status, json=body, headers=headers)
+
+    sdk = anthropic.Anthropic(api_key="test", base_url="http://claude.invalid", max_retries=1,
+                              http_client=httpx.Client(transport=httpx.MockTransport(answer)))
+    with pytest.raises(anthropic.APIStatusError) as info:
+        sdk.messages.create(model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    err = translate(info.value)
+    assert isinstance(err, TransientClaudeError if transient else PermanentClaudeError)
+    assert (err.status, err.error_type, err.request_id) == (status, error_type, "req_status")
+    assert str(err) == f"{status} {error_type}: answered {status}"
+    sdk_retried = len(requests) == 2
+    assert sdk_retried == (transient or spend_limit)
+
+
 def test_a_spend_limit_429_is_not_retried() -> None:
     request = httpx.Request("POST", "http://x/v1/messages")
     body = {"type": "error", "error": {"type": "rate_limit_error", "message": "spend limit reached"}}
