@@ -8,6 +8,7 @@
     ├── NotFound               a job or batch id that does not exist
     ├── RateLimited            a tier's shared budget has no turn for a call soon enough
     ├── InvalidQuery           a history query the user wrote wrongly (a bad time, cursor, limit)
+    ├── OutputError            a file the user named for output cannot be written (a missing folder, a full disk)
     └── ClaudeError            a model call failed; translated from the SDK at the client boundary
         ├── TransientClaudeError   worth retrying: 429, 5xx, 529, timeouts, dropped connections
         └── PermanentClaudeError   never retried: 4xx other than 429, a spend-limit 429
@@ -63,6 +64,10 @@ class RateLimited(SwitchyardError):
 
 
 class InvalidQuery(SwitchyardError):
+    pass
+
+
+class OutputError(SwitchyardError):
     pass
 
 
