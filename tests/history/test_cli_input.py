@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.models import Batch, Job
-from tests.history.helpers import BAD_BATCH_NAMES, job_line, switchyard, write_jsonl
+from tests.cluster import SWITCHYARD
+from tests.history.helpers import BAD_BATCH_NAMES, cli_env, job_line, switchyard, write_jsonl
 
 Run = Callable[..., tuple[int, str, str]]
 
@@ -170,6 +172,15 @@ def test_export_of_a_missing_batch_keeps_the_file(sy: Run, exported: str, tmp_pa
     assert [json.loads(x)["key"] for x in existing.read_text().splitlines()] == [f"job-{i:07d}" for i in range(3)]
 
 
+@pytest.mark.parametrize("args", [["export", "to-export"], ["batches"]])  # written by Python, and by rich
+def test_standard_output_that_cannot_be_written(history_url: str, exported: str, args: list[str]) -> None:
+    with Path("/dev/full").open("w") as full:
+        proc = subprocess.run([SWITCHYARD, *args], env=cli_env(history_url), stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "error: cannot write to standard output: No space left on device"
+
+
 def test_tenant_text_is_shown_as_it_is_not_as_markup_or_terminal_codes(
         sy: Run, history_sessions: sessionmaker[Session], tmp_path: Path) -> None:
     """A key, a batch name or a job's error comes from a tenant or a model: the tables print it as
@@ -194,3 +205,15 @@ def test_tenant_text_is_shown_as_it_is_not_as_markup_or_terminal_codes(
         if args[0] == "jobs":
             assert "[link=http://evil.example]k[/link]\\x1b[2J\\u202e" in out.replace("\n", ""), args
             assert "[bold]failed[/bold] \\x1b]0;title\\x07" in out, args
+
+
+@pytest.mark.parametrize("args", [
+    ["jobs", "list", "--batch", "a\udcffb"], ["jobs", "list", "--key-prefix", "a\udcffb"],
+    ["jobs", "list", "--tier", "a\udcffb"], ["jobs", "show", "a\udcffb", "--batch", "to-export"],
+    ["cancel", "a\udcffb"], ["export", "a\udcffb"], ["stats", "--batch", "a\udcffb"],
+])
+def test_an_argument_that_is_not_utf8_is_one_sentence(sy: Run, exported: str, args: list[str]) -> None:
+    """A byte that is not UTF-8 on the command line reaches Python as a lone surrogate, which no
+    query can send (Postgres text is UTF-8)."""
+    message = _one_sentence(*sy(*args))
+    assert message == "error: 'a\\udcffb' is not valid UTF-8: an argument holds a byte that is not UTF-8"
