@@ -5,7 +5,10 @@ A user's mistake (a bad file, a bad flag, an unreachable database) prints one se
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -336,6 +339,33 @@ def main() -> None:
     except BrokerError as exc:
         _error(f"cannot reach the broker (BROKER_URL): {exc}")
         sys.exit(2)
+    except UnicodeEncodeError as exc:
+        # A byte that is not UTF-8 in an argument reaches Python as a lone surrogate
+        # (surrogateescape), which no text sent to Postgres can hold. Refused where it is used as
+        # text, not at the start: a file name may hold one and still be opened.
+        arg = next((a for a in sys.argv[1:] if _SURROGATE.search(a)), None)
+        if exc.reason != "surrogates not allowed" or arg is None:
+            raise
+        from pipeline.names import quoted
+
+        _error(f"{quoted(arg)} is not valid UTF-8: an argument holds a byte that is not UTF-8")
+        sys.exit(2)
+    except OSError as exc:
+        # A write that failed with no file named is standard output's: every file the commands
+        # write themselves is written by pipeline.outfile, which says which file it was.
+        if exc.errno not in _OUTPUT_FULL or exc.filename is not None:
+            raise
+        _error(f"cannot write to standard output: {exc.strerror}")
+        # What is still buffered goes nowhere, so the interpreter's own flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(2)
+
+
+# What a byte that is not UTF-8 becomes in sys.argv.
+_SURROGATE = re.compile(r"[\udc80-\udcff]")
+# Standard output redirected to a full disk or an unwritable device. A closed pipe (`| head`) is
+# not an error to report: click already exits quietly for it.
+_OUTPUT_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 
 
 if __name__ == "__main__":

@@ -18,15 +18,23 @@ CSV: the first row names the columns, which are the JSON Lines fields: ``key``, 
 kind's text fields (``text``; ``instructions`` and ``context``; ``prompt``), ``labels``,
 ``schema``, ``tier`` and ``metadata``. An empty cell is a field left out, so one file can mix
 kinds. ``schema`` and ``metadata`` cells hold JSON; ``labels`` holds a JSON array or
-``billing|bug|other``. Every other cell is text, taken as it is. A column that is not a job field
-rejects the file at its header. The line number of a row is the line its record starts on.
+``billing|bug|other``. Every other cell is text, taken as it is. A column that is not a job field,
+or one named twice, rejects the file at its header. The line number of a row is the line its
+record starts on. A record the csv module refuses (read strictly: a quote never closed, text after
+a closing quote) is a bad line naming its column.
+
+An input with no jobs is refused and makes no batch. A UTF-8 byte-order mark opening a file is
+skipped.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
+import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -40,8 +48,9 @@ from pipeline.config import ModelConfig
 from pipeline.db import insert_or_skip, retry_conflicts
 from pipeline.enqueue_write import KeyRepeated, Writer, open_writer
 from pipeline.errors import BatchCancelled, InputFileError, JobInputError
-from pipeline.jobspec import JOB_FIELDS, JobSpec, max_job_tokens, parse_job, parse_line
+from pipeline.jobspec import CHARS_PER_TOKEN, JOB_FIELDS, JobSpec, max_job_tokens, parse_job, parse_line
 from pipeline.models import Batch, utcnow
+from pipeline.names import check_batch_name
 
 # Lines per chunk: what a progress tick, a --skip-invalid commit and a staged INSERT ... SELECT
 # cover, and what is held before the database is first touched.
@@ -49,6 +58,9 @@ CHUNK = 5000
 FORMATS = ("jsonl", "csv")
 # CSV cells that hold JSON rather than text.
 _CSV_JSON = {"labels", "schema", "metadata"}
+_CSV_FIELD_LIMIT = 128 * 1024  # the csv module's default
+# What an undecodable byte becomes under errors="surrogateescape".
+_SURROGATE = re.compile(r"[\udc80-\udcff]")
 
 
 @dataclass(frozen=True)
@@ -104,10 +116,10 @@ def detect_format(path: Path, fmt: str | None) -> str:
     return "csv" if path.suffix.lower() == ".csv" else "jsonl"
 
 
-def _csv_row(row: dict[str, str | None]) -> dict[str, Any]:
+def _csv_row(header: list[str], cells: list[str]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
-    for name, cell in row.items():
-        if name is None or cell is None or cell == "":
+    for name, cell in zip(header, cells, strict=False):  # a short row: the missing cells are left out
+        if cell == "":
             continue
         if name in _CSV_JSON:
             try:
@@ -124,7 +136,8 @@ def _csv_row(row: dict[str, str | None]) -> dict[str, Any]:
 def iter_lines(path: Path, fmt: str, *, config: ModelConfig,
                position: list[int] | None = None) -> Iterator[Parsed]:
     """Yield (line number, raw text, job or the error for that line), streaming. If given,
-    ``position[0]`` is kept at the bytes read so far."""
+    ``position[0]`` is kept at the bytes read so far. A UTF-8 byte-order mark at the start of
+    the file is skipped."""
     max_tokens = max_job_tokens(config)
     tiers = config.work_tiers
     pos = position if position is not None else [0]
@@ -136,6 +149,8 @@ def iter_lines(path: Path, fmt: str, *, config: ModelConfig,
         if fmt == "jsonl":
             for number, raw in enumerate(fh, start=1):
                 pos[0] += len(raw)
+                if number == 1:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
                 if not raw.strip():
                     continue
                 try:
@@ -144,32 +159,128 @@ def iter_lines(path: Path, fmt: str, *, config: ModelConfig,
                 except JobInputError as exc:
                     yield number, raw.decode("utf-8", "replace").rstrip("\n"), exc
         else:
-            text = io.TextIOWrapper(fh, encoding="utf-8", errors="strict", newline="")
-            try:
-                reader = csv.DictReader(text)
-                if not reader.fieldnames or "kind" not in reader.fieldnames:
-                    raise InputFileError(f"{path}: a CSV file needs a header row with at least a 'kind' column")
-                unknown = [c for c in reader.fieldnames if c not in CSV_COLUMNS]
-                if unknown:
-                    raise InputFileError(f"{path}, line 1: column(s) {', '.join(map(repr, unknown))} are not job "
-                                         f"fields (expected some of {', '.join(sorted(CSV_COLUMNS))})")
-                start = reader.line_num + 1
-                for row in reader:
-                    pos[0] = fh.tell()
-                    number, start = start, reader.line_num + 1
-                    if None in row:
-                        yield number, json.dumps(row.pop(None)), JobInputError(
-                            f"row has {len(reader.fieldnames) + 1}+ cells, the header names {len(reader.fieldnames)}")
-                        continue
-                    try:
-                        yield number, json.dumps(row), parse_job(_csv_row(row), work_tiers=tiers,
-                                                                 max_tokens=max_tokens)
-                    except JobInputError as exc:
-                        yield number, json.dumps(row), exc
-            except UnicodeDecodeError as exc:
-                raise InputFileError(f"{path} is not valid UTF-8 (byte {exc.start})") from None
-            except csv.Error as exc:
-                raise InputFileError(f"{path}, line {reader.line_num}: malformed CSV: {exc}") from None
+            yield from _csv_rows(path, fh, pos, tiers=tiers, max_tokens=max_tokens)
+
+
+def _csv_rows(path: Path, fh: IO[bytes], pos: list[int], *, tiers: tuple[str, ...],
+              max_tokens: int) -> Iterator[Parsed]:
+    """The CSV half of iter_lines. Read strictly: a record the csv module refuses (text after a
+    closing quote, a quote never closed) is a bad line naming its column, like a job found bad, and
+    so is one holding bytes that are not UTF-8 (decoded as lone surrogates, which no valid
+    UTF-8 gives, and found in the cells)."""
+    # A cell longer than any job could hold is refused as one; below that, a long text is taken, as
+    # in JSON Lines (the csv module's own default stops at 128 KiB).
+    limit = max(_CSV_FIELD_LIMIT, math.ceil(max_tokens * CHARS_PER_TOKEN) + 1)
+    csv.field_size_limit(limit)
+    text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    record: list[str] = []  # the lines of the record being read, for naming what is wrong with it
+
+    def lines() -> Iterator[str]:
+        for line in text:
+            record.append(line)
+            yield line
+
+    reader = csv.reader(lines(), strict=True)
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        raise InputFileError(f"{path}, line 1: the header row is not valid CSV: {exc}") from None
+    if header is None:
+        return  # an empty file: no jobs
+    _check_header(path, header, "".join(record))
+    record.clear()
+    start = reader.line_num + 1
+    while True:
+        try:
+            cells = next(reader, None)
+        except csv.Error as exc:
+            raw = _as_read("".join(record))
+            if str(exc).startswith("field larger than field limit"):
+                cell, _ = _csv_fault(raw)
+                # The reader cannot find where the next record starts: the file cannot be read on.
+                raise InputFileError(f"{path}, line {start}: {_column(header, cell)} holds more than {limit:,} "
+                                     f"characters, more than a job can (a quote left open would do this)") from None
+            cell, fault = _csv_fault(raw)
+            yield start, raw, JobInputError(f"{_column(header, cell)}: {fault}" if fault else f"malformed CSV: {exc}")
+            record.clear()
+            start = reader.line_num + 1
+            continue
+        if cells is None:
+            return
+        pos[0] = fh.tell()
+        number, start = start, reader.line_num + 1
+        raw = _as_read("".join(record))
+        record.clear()
+        if not cells:
+            continue  # a blank line
+        if len(cells) > len(header):
+            yield number, json.dumps(cells), JobInputError(
+                f"row has {len(cells)} cells, the header names {len(header)}")
+            continue
+        bad = next((i for i, cell in enumerate(cells) if _SURROGATE.search(cell)), None)
+        if bad is not None:
+            yield number, raw, JobInputError(f"not valid UTF-8 ({_column(header, bad)})")
+            continue
+        row = dict(zip(header, cells, strict=False))
+        try:
+            yield number, json.dumps(row), parse_job(_csv_row(header, cells), work_tiers=tiers, max_tokens=max_tokens)
+        except JobInputError as exc:
+            yield number, json.dumps(row), exc
+
+
+def _as_read(record: str) -> str:
+    """A record's text as a report shows it: bytes that are not UTF-8 as U+FFFD, as in JSON Lines."""
+    return record.encode("utf-8", "surrogateescape").decode("utf-8", "replace").rstrip("\r\n")
+
+
+def _check_header(path: Path, header: list[str], raw: str) -> None:
+    if _SURROGATE.search(raw):
+        raise InputFileError(f"{path}, line 1: the header row is not valid UTF-8")
+    if "kind" not in header:
+        raise InputFileError(f"{path}: a CSV file needs a header row with at least a 'kind' column")
+    unknown = [c for c in header if c not in CSV_COLUMNS]
+    if unknown:
+        raise InputFileError(f"{path}, line 1: column(s) {', '.join(map(repr, unknown))} are not job "
+                             f"fields (expected some of {', '.join(sorted(CSV_COLUMNS))})")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(header):
+        if name in seen:
+            raise InputFileError(f"{path}, line 1: column {name!r} appears twice in the header "
+                                 f"(columns {seen[name] + 1} and {i + 1})")
+        seen[name] = i
+
+
+def _column(header: list[str], index: int) -> str:
+    return f"column {header[index]!r}" if index < len(header) else f"cell {index + 1} (past the header's columns)"
+
+
+def _csv_fault(record: str) -> tuple[int, str | None]:
+    """Which cell of a record the csv module refused, and what is wrong there: it says neither.
+    The record's text is walked as the module reads it (a quote opens a quoted cell only where the
+    cell begins; "" inside one is a quote)."""
+    cell, at_start, quoted, i = 0, True, False, 0
+    while i < len(record):
+        c = record[i]
+        if quoted:
+            if c == '"':
+                if record.startswith('"', i + 1):
+                    i += 1
+                else:
+                    quoted = False
+                    if i + 1 < len(record) and record[i + 1] not in ",\r\n":
+                        return cell, "text after the closing quote of a quoted cell"
+        elif c == '"' and at_start:
+            quoted = True
+        elif c == ",":
+            cell += 1
+            at_start = True
+            i += 1
+            continue
+        at_start = False
+        i += 1
+    if quoted:
+        return cell, "a quoted cell is not closed before the end of the file"
+    return cell, None
 
 
 def iter_objects(numbered: Iterable[tuple[int, Any]], *, config: ModelConfig) -> Iterator[Parsed]:
@@ -239,7 +350,12 @@ def enqueue_items(
     An atomic enqueue that Postgres aborts to break a deadlock with a concurrent one (two
     submissions to one batch writing the same keys in different orders, say) is run again from
     the start, a few times (db.retry_conflicts): nothing of it was kept. One committed chunk by
-    chunk is not, since what it committed would count as duplicates the second time."""
+    chunk is not, since what it committed would count as duplicates the second time.
+
+    A batch is made only for a job: an input with no items is refused (InputFileError), and one
+    whose every item is bad (``skip_invalid``) returns a report whose ``batch_id`` is None.
+    ``batch`` must pass check_batch_name."""
+    check_batch_name(batch)
 
     def attempt() -> EnqueueReport:
         with session_factory() as session:
@@ -257,8 +373,9 @@ def enqueue_items(
                                        atomic=atomic, skip_invalid=skip_invalid, copy=False, phase="rewriting",
                                        progress=progress, on_invalid=on_invalid, max_reported=max_reported,
                                        chunk_size=chunk_size, total_bytes=total_bytes)
-            if before_commit is not None:
-                assert report.batch_id is not None
+            if report.read == 0:
+                raise InputFileError(f"{where or 'the request body'} has no jobs: nothing was enqueued")
+            if before_commit is not None and report.batch_id is not None:
                 before_commit(session, report.batch_id, report.accepted)
             session.commit()
         return report
@@ -345,6 +462,8 @@ def _enqueue_pass(session: Session, source: Source, *, batch: str, tenant_id: in
                 pending = 0
                 flush(writer)
         if writer is None:
+            if not held:
+                return report  # not one valid job: no batch is made for nothing
             writer = start()
         flush(writer)
         writer.close()
@@ -364,6 +483,14 @@ def _reject(items: Iterator[Parsed], report: EnqueueReport, *, first: tuple[int,
     tick("checking")
     more = f" ({bad:,} bad lines in all)" if bad > 1 else ""
     raise JobInputError(first[1].reason + more, line=first[0], source=where)
+
+
+def input_size(path: Path) -> int:
+    """The input file's size in bytes; InputFileError if it cannot be read."""
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise InputFileError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def enqueue_file(
@@ -386,10 +513,7 @@ def enqueue_file(
     commits as it goes; every bad line goes to ``on_invalid`` as it is met (so a report of any
     size is written in bounded memory), and the first ``max_reported`` also to ``report.invalid``."""
     fmt = detect_format(path, fmt)
-    try:
-        total = path.stat().st_size
-    except OSError as exc:
-        raise InputFileError(f"cannot read {path}: {exc.strerror}") from None
+    total = input_size(path)
     return enqueue_items(
         session_factory, lambda pos: iter_lines(path, fmt, config=config, position=pos), batch=batch,
         where=str(path), skip_invalid=skip_invalid, atomic=not skip_invalid, progress=progress,
@@ -399,9 +523,3 @@ def enqueue_file(
 def invalid_line_json(bad: BadLine) -> str:
     """One line of a --skip-invalid report: JSON with the line number, the reason and the input."""
     return json.dumps({"line": bad.line, "error": bad.reason, "input": bad.raw}, ensure_ascii=False)
-
-
-def write_invalid_report(report: EnqueueReport, path: Path) -> None:
-    with path.open("w") as fh:
-        for bad in report.invalid:
-            fh.write(invalid_line_json(bad) + "\n")

@@ -8,6 +8,7 @@
     ├── NotFound               a job or batch id that does not exist
     ├── RateLimited            a tier's shared budget has no turn for a call soon enough
     ├── InvalidQuery           a history query the user wrote wrongly (a bad time, cursor, limit)
+    ├── OutputError            a file the user named for output cannot be written (a missing folder, a full disk)
     └── ClaudeError            a model call failed; translated from the SDK at the client boundary
         ├── TransientClaudeError   worth retrying, as the SDK itself would: 408, 409, 429 with
         │                          retry-after, 5xx and 529, timeouts, dropped connections
@@ -65,6 +66,10 @@ class RateLimited(SwitchyardError):
 
 
 class InvalidQuery(SwitchyardError):
+    pass
+
+
+class OutputError(SwitchyardError):
     pass
 
 

@@ -279,8 +279,14 @@ def _summary(b: Batch, counts: dict[str, int], cost: Decimal) -> BatchSummary:
                         jobs=sum(counts.values()), by_status=dict(sorted(counts.items())), cost_usd=cost)
 
 
+def _check_limit(limit: int) -> None:
+    if not 1 <= limit <= MAX_LIMIT:
+        raise InvalidQuery(f"limit must be between 1 and {MAX_LIMIT}, not {limit}")
+
+
 def list_batches(*, db_session: Session, limit: int = 100, tenant_id: int | None = None) -> list[BatchSummary]:
     """The newest ``limit`` batches, each with its jobs per status and its cost so far."""
+    _check_limit(limit)
     batches = db_session.scalars(select(Batch).where(_tenant_scope(tenant_id)).order_by(Batch.id.desc())
                                  .limit(limit)).all()
     counts = _batch_counts(db_session, [b.id for b in batches])
@@ -443,8 +449,7 @@ def list_jobs(*, db_session: Session, filters: JobFilters | None = None, limit: 
 
     Keyset pagination on id (``id < cursor``), never OFFSET: page 10,000 costs what page 1 does,
     and jobs added meanwhile neither shift nor repeat rows."""
-    if not 1 <= limit <= MAX_LIMIT:
-        raise InvalidQuery(f"limit must be between 1 and {MAX_LIMIT}, not {limit}")
+    _check_limit(limit)
     stmt = select(*_SUMMARY_COLUMNS).join(Batch, Batch.id == Job.batch_id)
     stmt = _filtered(db_session, stmt, filters or JobFilters())
     if cursor is not None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 from rich.console import Group, RenderableType
@@ -26,11 +27,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import history
 from pipeline.cli import app, console, err, jobs_app, settings
-from pipeline.errors import InputFileError, InvalidQuery, JobInputError
+from pipeline.errors import InputFileError, InvalidQuery, JobInputError, OutputError
+from pipeline.names import check_batch_name, escaped
+from pipeline.outfile import Output, write_whole
 from pipeline.tables import Unit, compact, cost_line, new_table, when
 
 if TYPE_CHECKING:
+    from pipeline.enqueue import EnqueueReport
     from pipeline.report import Summary
+    from pipeline.settings import Settings
 
 STATUS_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "queued": "dim"}
 # The tables count the three stages together as "running": seven status columns do not fit 80.
@@ -69,6 +74,13 @@ def _grouped(by_status: dict[str, int]) -> list[int]:
     return [counts.get(g, 0) for g in STATUS_GROUPS]
 
 
+def _plain(value: str | None, *, style: str = "") -> Text:
+    """Text that came from a tenant, a file or a model (a key, a batch name, an error, a model's
+    reason), to show as it is: never read as rich markup, and with what the terminal would act on
+    shown escaped (``\\x1b``)."""
+    return Text(escaped(value or ""), style=style)
+
+
 # -- enqueue -----------------------------------------------------------------------------------------
 
 
@@ -84,21 +96,82 @@ def enqueue(
     as_json: JsonFlag = False,
 ) -> None:
     """Add a file of jobs to a batch. Re-running the same file adds no duplicates."""
-    from pipeline.enqueue import Tick, enqueue_file, invalid_line_json
+    from pipeline.enqueue import input_size
 
     s = settings()
-    name = batch or file.stem
+    name = _batch_name(batch, file)
     target = invalid_report or file.with_name(file.name + ".invalid.jsonl")
-    report_fh: IO[str] | None = None
+    if invalid_report is not None and not skip_invalid:
+        raise InvalidQuery("--invalid-report is only used with --skip-invalid: add that, or leave the report out")
+    input_size(file)  # a missing input is the first thing to say, before where its report would go
+    if skip_invalid and _same_file(target, file):
+        raise InvalidQuery(f"--invalid-report {target} is the input file itself: name another file for the report")
+    started = False
+    try:
+        # The report is made (as a temporary file) before anything is read, so a report that
+        # cannot be written is refused before the first job is; it replaces TARGET at the end, and
+        # only if there was a bad line.
+        with write_whole(target, keep_empty=False) if skip_invalid else nullcontext() as report_out:
+            started = True
+            report = _enqueue_with_progress(s, file, name=name, fmt=format, skip_invalid=skip_invalid,
+                                            report_out=report_out, quiet=as_json)
+    except OutputError as exc:
+        if not started:
+            raise
+        # --skip-invalid commits as it goes: what was written before the report failed stays.
+        raise OutputError(f"{exc}; the jobs enqueued before that stay, and running the same command again adds "
+                          f"only the rest") from None
+    if report.batch_id is None:
+        raise JobInputError(f"none of the {report.read:,} lines of {file} is a valid job, so nothing was enqueued; "
+                            f"the bad lines are in {target}")
+    out: dict[str, Any] = {"batch": report.batch, "batch_id": report.batch_id, "read": report.read,
+                           "accepted": report.accepted, "duplicates": report.duplicates,
+                           "invalid": report.invalid_count,
+                           "invalid_report": str(target) if report.invalid_count else None}
+    if as_json:
+        if not wait:
+            _print_json(out)
+    else:
+        console.print(Text.assemble("batch ", _plain(report.batch, style="bold"),
+                                    f": {report.accepted:,} new job(s), {report.duplicates:,} already there, "
+                                    f"{report.invalid_count:,} invalid"))
+        if report.invalid_count:
+            console.print(Text(f"bad lines written to {target}"))
+    if wait:
+        assert report.batch_id is not None
+        with _sessions() as sessions:
+            final = _follow(sessions, report.batch_id, name, quiet=as_json)
+        if as_json:
+            _print_json({**out, "progress": final})
 
-    def on_invalid(bad: Any) -> None:
-        nonlocal report_fh
-        if report_fh is None:
-            report_fh = target.open("w")
-        report_fh.write(invalid_line_json(bad) + "\n")
+
+def _batch_name(batch: str | None, file: Path) -> str:
+    if batch is not None:
+        return check_batch_name(batch)
+    try:
+        return check_batch_name(file.stem)
+    except JobInputError as exc:
+        raise JobInputError(f"{exc} (it comes from the file's name: give one with --batch)") from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _enqueue_with_progress(s: Settings, file: Path, *, name: str, fmt: str | None, skip_invalid: bool,
+                           report_out: Output | None, quiet: bool) -> EnqueueReport:
+    """enqueue_file with a progress bar; bad lines go to ``report_out`` (--skip-invalid)."""
+    from pipeline.enqueue import BadLine, Tick, enqueue_file, invalid_line_json
+
+    def on_invalid(bad: BadLine) -> None:
+        assert report_out is not None  # only --skip-invalid reports bad lines rather than stop at one
+        report_out.write(invalid_line_json(bad) + "\n")
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
-                  console=err, disable=as_json or not err.is_terminal) as bar:
+                  console=err, disable=quiet or not err.is_terminal) as bar:
         task = bar.add_task("reading", total=None)
         rewound = False
 
@@ -118,39 +191,18 @@ def enqueue(
 
         try:
             with _sessions() as sessions:
-                report = enqueue_file(sessions, file, batch=name, config=s.models, fmt=format,
-                                      skip_invalid=skip_invalid, progress=progress, on_invalid=on_invalid)
+                return enqueue_file(sessions, file, batch=name, config=s.models, fmt=fmt,
+                                    skip_invalid=skip_invalid, progress=progress, on_invalid=on_invalid)
         except JobInputError as exc:
             if exc.line is None or isinstance(exc, InputFileError):
                 raise
             raise JobInputError(f"{exc.reason}. Nothing was written: fix the file, or add --skip-invalid to enqueue "
                                 f"the good lines", line=exc.line, source=exc.source) from None
-        finally:
-            if report_fh is not None:
-                report_fh.close()
-    out: dict[str, Any] = {"batch": report.batch, "batch_id": report.batch_id, "read": report.read,
-                           "accepted": report.accepted, "duplicates": report.duplicates,
-                           "invalid": report.invalid_count,
-                           "invalid_report": str(target) if report.invalid_count else None}
-    if as_json:
-        if not wait:
-            _print_json(out)
-    else:
-        console.print(f"batch [bold]{report.batch}[/]: {report.accepted:,} new job(s), {report.duplicates:,} already "
-                      f"there, {report.invalid_count:,} invalid")
-        if report.invalid_count:
-            console.print(f"bad lines written to {target}")
-    if wait:
-        assert report.batch_id is not None
-        with _sessions() as sessions:
-            final = _follow(sessions, report.batch_id, name, quiet=as_json)
-        if as_json:
-            _print_json({**out, "progress": final})
 
 
 def _progress_view(name: str, p: history.BatchProgress, elapsed: float) -> Group:
-    title = Text(f"batch {name}: {compact(p.done)}/{compact(p.total)} done, {compact(p.cost_usd, 'usd')} so far, "
-                 f"{compact(elapsed, 's')}")
+    title = Text.assemble("batch ", _plain(name), f": {compact(p.done)}/{compact(p.total)} done, "
+                          f"{compact(p.cost_usd, 'usd')} so far, {compact(elapsed, 's')}")
     table = new_table(("tier", *STATUS_GROUPS), figures=STATUS_GROUPS, title=title, styles=STATUS_STYLE)
     for tier in sorted(p.by_tier, key=lambda t: (t == "-", t)):
         table.add_row(Text("(not triaged)" if tier == "-" else tier), *map(compact, _grouped(p.by_tier[tier])))
@@ -181,7 +233,8 @@ def _follow(sessions: sessionmaker[Session], batch_id: int, name: str, *, quiet:
                 if not quiet:
                     live.update(_progress_view(name, p, time.monotonic() - start), refresh=True)
     except KeyboardInterrupt:
-        err.print(f"stopped following batch {name}; its jobs go on (`switchyard batches` shows them)")
+        err.print(Text.assemble("stopped following batch ", _plain(name),
+                                "; its jobs go on (`switchyard batches` shows them)"))
         raise typer.Exit(130) from None
     return p
 
@@ -200,7 +253,8 @@ def cancel(
     if as_json:
         _print_json(result)
         return
-    console.print(f"batch [bold]{result.batch}[/]: cancelled {result.cancelled:,} job(s) that had not started")
+    console.print(Text.assemble("batch ", _plain(result.batch, style="bold"),
+                                f": cancelled {result.cancelled:,} job(s) that had not started"))
 
 
 # -- jobs ----------------------------------------------------------------------------------------------
@@ -251,7 +305,7 @@ def _jobs_table(jobs: list[history.JobSummary], *, wide: bool, batch_column: boo
     table = new_table(cols, figures=("id", "esc", "cost"), whole=("created",))
     for j in jobs:
         cells: dict[str, RenderableType] = {
-            "id": str(j.id), "batch": Text(j.batch), "key": Text(j.key), "kind": j.kind,
+            "id": str(j.id), "batch": _plain(j.batch), "key": _plain(j.key), "kind": j.kind,
             "status": Text(j.status, style=STATUS_STYLE.get(j.status, "")), "tier": j.tier or "-",
             "esc": compact(j.escalations), "cost": compact(j.cost_usd, "usd"), "created": when(j.created_at),
             # One line, cut to the room left: `jobs show` prints it whole.
@@ -283,7 +337,8 @@ def jobs_show(
                      "escalations": history.jsonable(story.escalations)})
         return
     j = story.job
-    console.print(f"[bold]job {j.id}[/]  key {j.key}  batch {j.batch}  kind {j.kind}")
+    console.print(Text.assemble((f"job {j.id}", "bold"), "  key ", _plain(j.key), "  batch ", _plain(j.batch),
+                                f"  kind {j.kind}"))
     console.print(Text.assemble("status ", (j.status, STATUS_STYLE.get(j.status, "bold")),
                                 f"   tier {j.tier or '-'}   attempt {j.attempt}   escalations {j.escalations}"
                                 f"   cost {compact(j.cost_usd, 'usd')}"))
@@ -296,12 +351,12 @@ def jobs_show(
     triage = story.triage
     if triage is not None:
         conf = "-" if triage.confidence is None else f"{triage.confidence:.2f}"
-        console.print(f"triage verdict [bold]{triage.verdict}[/] (confidence {conf}) -> {triage.to_tier}: "
-                      f"{triage.reason or ''}", highlight=False)
+        console.print(Text.assemble("triage verdict ", _plain(triage.verdict, style="bold"),
+                                    f" (confidence {conf}) -> {triage.to_tier}: ", _plain(triage.reason)))
     for r in story.routing:
         if r.reason_kind != "triage":
-            console.print(f"{when(r.at)}  {r.reason_kind}: {r.from_tier or '-'} -> {r.to_tier}"
-                          f"{': ' + r.reason if r.reason else ''}", highlight=False)
+            console.print(Text.assemble(f"{when(r.at)}  {r.reason_kind}: {r.from_tier or '-'} -> {r.to_tier}",
+                                        *((": ", _plain(r.reason)) if r.reason else ())))
     if not story.routing:
         console.print("(not routed yet)")
 
@@ -311,17 +366,17 @@ def jobs_show(
                          title="validation")
     for v in story.validations:
         verdicts.add_row(v.tier, str(v.attempt), v.validator, Text("ok", "green") if v.ok else Text("failed", "red"),
-                         Text("; ".join(v.problems)))
+                         _plain("; ".join(v.problems)))
     console.print(verdicts)
 
     events = new_table(("at", "from", "to", "detail"), whole=("at",), title="timeline")
     for e in story.events:
-        events.add_row(when(e.at), e.from_status or "-", e.to_status, Text(e.detail or ""))
+        events.add_row(when(e.at), e.from_status or "-", e.to_status, _plain(e.detail))
     console.print(events)
 
     console.rule("result")
     if j.error:
-        console.print(f"[red]error:[/] {j.error}", highlight=False)
+        console.print(Text.assemble(("error:", "red"), " ", _plain(j.error)))
     if story.output is not None:
         console.print_json(json.dumps(story.output, ensure_ascii=False))
     elif not j.error:
@@ -371,7 +426,8 @@ def _batches_table(rows: list[history.BatchSummary], *, wide: bool) -> Table:
     table = new_table(cols, figures=("id", "jobs", *groups, "cost"), whole=("created",), styles=STATUS_STYLE)
     for b in rows:
         cells: dict[str, RenderableType] = {
-            "id": str(b.id), "batch": Text.assemble(b.name, (" (cancelled)", "yellow") if b.cancelled_at else ""),
+            "id": str(b.id),
+            "batch": Text.assemble(_plain(b.name), (" (cancelled)", "yellow") if b.cancelled_at else ""),
             "created": when(b.created_at), "jobs": compact(b.jobs), "cost": compact(b.cost_usd, "usd"),
             **{g: compact(n) for g, n in zip(STATUS_GROUPS, _grouped(b.by_status), strict=True)}}
         table.add_row(*(cells[c] for c in cols))
@@ -400,7 +456,8 @@ def stats(
     if as_json:
         _print_json(summary.to_dict())
         return
-    console.print(_stats_table(summary, title=Text("per tier" + (f" (batch {batch})" if batch else "")), wide=wide))
+    title = Text.assemble("per tier", *((" (batch ", _plain(batch), ")") if batch else ()))
+    console.print(_stats_table(summary, title=title, wide=wide))
     statuses = ", ".join(f"{k} {compact(v)}" for k, v in sorted(summary.by_status.items())) or "none"
     console.print(f"jobs: {compact(summary.jobs)} ({statuses})")
     console.print(cost_line(summary))
@@ -458,19 +515,6 @@ def _stats_table(summary: Summary, *, title: Text, wide: bool) -> Table:
     return table
 
 
-@contextmanager
-def _output(out: Path | None) -> Iterator[IO[str]]:
-    if out is None:
-        yield sys.stdout
-        return
-    try:
-        fh = out.open("w", newline="")
-    except OSError as exc:
-        raise InvalidQuery(f"cannot write {out}: {exc.strerror}") from None
-    with fh:
-        yield fh
-
-
 @app.command()
 def export(
     batch: Annotated[str, typer.Argument(help="Batch name (or id).")],
@@ -481,21 +525,27 @@ def export(
     enqueued. In CSV the output cell is JSON unless it is a plain string."""
     if format not in ("jsonl", "csv"):
         raise InvalidQuery(f"unknown format {format!r}: expected jsonl or csv")
-    n = 0
-    with _session() as session, _output(out) as fh:
+    with _session() as session:
         b = history.find_batch(db_session=session, batch=batch)
-        rows = history.iter_results(db_session=session, batch_id=b.id)
-        if format == "jsonl":
-            for r in rows:
-                fh.write(json.dumps(history.jsonable(r), ensure_ascii=False) + "\n")
-                n += 1
-        else:
-            writer = csv.writer(fh)
-            writer.writerow(history.EXPORT_FIELDS)
-            for r in rows:
-                output = r.output if isinstance(r.output, str) or r.output is None else json.dumps(
-                    r.output, ensure_ascii=False)
-                writer.writerow([r.key, r.status, r.tier or "", output or "", r.error or "", f"{r.cost_usd:f}"])
-                n += 1
+        # A file replaces OUT only once the whole export is in it (pipeline/outfile.py).
+        fh: Output | TextIO
+        with write_whole(out) if out is not None else nullcontext(sys.stdout) as fh:
+            n = _write_results(fh, history.iter_results(db_session=session, batch_id=b.id), format)
     if out is not None:
-        err.print(f"wrote {n:,} result(s) of batch {b.name} to {out}")
+        err.print(Text.assemble(f"wrote {n:,} result(s) of batch ", _plain(b.name), f" to {out}"))
+
+
+def _write_results(fh: Output | TextIO, rows: Iterator[Any], format: str) -> int:
+    n = 0
+    if format == "jsonl":
+        for r in rows:
+            fh.write(json.dumps(history.jsonable(r), ensure_ascii=False) + "\n")
+            n += 1
+        return n
+    writer = csv.writer(fh)
+    writer.writerow(history.EXPORT_FIELDS)
+    for r in rows:
+        output = r.output if isinstance(r.output, str) or r.output is None else json.dumps(r.output, ensure_ascii=False)
+        writer.writerow([r.key, r.status, r.tier or "", output or "", r.error or "", f"{r.cost_usd:f}"])
+        n += 1
+    return n

@@ -26,8 +26,9 @@ from jsonschema.exceptions import SchemaError
 from pipeline.config import ModelConfig
 from pipeline.errors import JobInputError
 from pipeline.models import JobKind
+from pipeline.names import quoted
 
-MAX_KEY_LENGTH = 200
+MAX_KEY_LENGTH = 200  # jobs.key
 # Characters per token for the size estimate at enqueue time. Deliberately pessimistic (real
 # English runs ~4): a job rejected here would have failed at the API anyway.
 CHARS_PER_TOKEN = 3.5
@@ -133,12 +134,6 @@ def _text(obj: dict[str, Any], name: str, *, required: bool) -> str | None:
     if "\x00" in value:
         raise JobInputError(f"field {name!r} contains a NUL character")
     return value
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """A value quoted in an error message, cut so that a hostile one cannot flood the message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_string(text: str, name: str) -> None:
@@ -275,13 +270,13 @@ def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, str
         raise JobInputError("missing required field 'kind' (classify, extract, draft or generate)")
     kind = _KINDS.get(kind_raw) if isinstance(kind_raw, str) else None
     if kind is None:
-        raise JobInputError(f"unknown kind {_short(kind_raw)}: expected classify, extract, draft or generate")
+        raise JobInputError(f"unknown kind {quoted(kind_raw)}: expected classify, extract, draft or generate")
 
     allowed = _ALLOWED[kind]
     unknown = obj.keys() - allowed
     if unknown:
         ordered = sorted(unknown)
-        shown = ", ".join(_short(u, 40) for u in ordered[:5]) + (", ..." if len(ordered) > 5 else "")
+        shown = ", ".join(quoted(u, 40) for u in ordered[:5]) + (", ..." if len(ordered) > 5 else "")
         raise JobInputError(f"unknown field(s) {shown} for a {kind.value} job")
     if exact:
         for name, value in obj.items():
@@ -313,7 +308,7 @@ def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, str
 
     tier = obj.get("tier")
     if tier is not None and tier not in work_tiers:
-        raise JobInputError(f"unknown tier {_short(tier)}: expected one of {', '.join(work_tiers)}")
+        raise JobInputError(f"unknown tier {quoted(tier)}: expected one of {', '.join(work_tiers)}")
 
     metadata = obj.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):

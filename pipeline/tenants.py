@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session
 
 from pipeline.db import insert_or_skip
 from pipeline.errors import NotFound, SwitchyardError
-from pipeline.jobspec import _short
 from pipeline.models import TERMINAL, ApiToken, Batch, Job, ModelCall, Money, Tenant, utcnow
+from pipeline.names import quoted
 
 # Used with fullmatch: with match, "$" also matches before a final newline, so "a\n" passed.
 TOKEN_RE = re.compile(r"sy_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
@@ -74,7 +74,7 @@ def check_tenant_name(name: str) -> str:
     # Checked before any lookup too: a name no tenant can have (invalid UTF-8 from the command
     # line, say) is the user's mistake to name, not something to send to Postgres.
     if not TENANT_NAME_RE.fullmatch(name):
-        raise SwitchyardError(f"tenant name {_short(name)} must be 1-100 letters, digits, '.', '_' or '-'")
+        raise SwitchyardError(f"tenant name {quoted(name)} must be 1-100 letters, digits, '.', '_' or '-'")
     return name
 
 
@@ -184,7 +184,7 @@ def revoke_token(session: Session, tenant_name: str, prefix: str) -> TokenInfo:
     if match:
         prefix = match.group(1)
     elif not PREFIX_RE.fullmatch(prefix):
-        raise SwitchyardError(f"{_short(prefix)} is not a token prefix (12 hex digits, as `switchyard tokens list` "
+        raise SwitchyardError(f"{quoted(prefix)} is not a token prefix (12 hex digits, as `switchyard tokens list` "
                               f"shows them) or a whole token")
     tenant = require(session, tenant_name)
     row = session.scalar(select(ApiToken).where(ApiToken.tenant_id == tenant.id, ApiToken.prefix == prefix))

@@ -74,6 +74,8 @@ def iter_json_lines(fh: IO[bytes], *, max_items: int) -> Iterator[tuple[int, Any
     fh.seek(0)
     count = 0
     for number, raw in enumerate(fh, start=1):
+        if number == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)
         if not raw.strip():
             continue
         count += 1
@@ -98,7 +100,11 @@ _MARGIN = 16
 
 
 class _ArrayReader:
-    """Walks a JSON array in a byte stream, holding only the current item's text."""
+    """Walks a JSON array in a byte stream, holding only the current item's text.
+
+    Bytes that are not UTF-8 are refused where they are: the text before them is read as usual,
+    and the error is raised only when the walk needs text past it, so it names the item they
+    fall in (not the item being read when the chunk holding them arrived)."""
 
     def __init__(self, fh: IO[bytes]) -> None:
         self.fh = fh
@@ -106,16 +112,24 @@ class _ArrayReader:
         self.decoder = json.JSONDecoder()
         self.buf, self.pos, self.eof = "", 0, False
         self.index = 0  # of the item being read
+        self.read_bytes = 0
+        self.started = False  # a byte-order mark may open the body
+        self.bad_utf8: str | None = None  # the refusal waiting at the end of the text decoded so far
 
     def more(self) -> bool:
-        if self.eof:
+        if self.eof or self.bad_utf8 is not None:
             return False
         data = self.fh.read(READ_CHUNK)
+        pending = self.utf8.getstate()[0]  # the start of a character cut by the previous chunk
         try:
             text = self.utf8.decode(data, final=not data)
         except UnicodeDecodeError as exc:
-            raise JobInputError(f"request body is not valid UTF-8 (near byte {exc.start})") from None
+            text = (pending + data)[:exc.start].decode("utf-8")
+            self.bad_utf8 = f"not valid UTF-8 (byte {self.read_bytes - len(pending) + exc.start:,} of the body)"
+        self.read_bytes += len(data)
         self.eof = not data
+        if text and not self.started:
+            text, self.started = text.removeprefix("\ufeff"), True
         self.buf, self.pos = self.buf[self.pos:] + text, 0
         return True
 
@@ -127,6 +141,8 @@ class _ArrayReader:
             if self.pos < len(self.buf):
                 return self.buf[self.pos]
             if not self.more():
+                if self.bad_utf8:
+                    raise JobInputError(self.bad_utf8)
                 return ""
 
     def value(self) -> Any:
@@ -145,9 +161,12 @@ class _ArrayReader:
                 truncated = exc.pos >= len(self.buf) - _MARGIN or exc.msg.startswith("Unterminated string")
                 if truncated and self.more():
                     continue
-                raise JobInputError(f"not valid JSON: {exc.msg}") from None
+                raise JobInputError(self.bad_utf8 if truncated and self.bad_utf8 else f"not valid JSON: {exc.msg}"
+                                    ) from None
             if end >= len(self.buf) - _MARGIN and self.more():
                 continue
+            if end == len(self.buf) and self.bad_utf8:
+                raise JobInputError(self.bad_utf8)  # the value runs into the bad byte
             self.pos = end
             return value
 

@@ -22,9 +22,10 @@ from pipeline.api.deps import Db, State, Who, caller, state
 from pipeline.api.errors import BrokerDown
 from pipeline.api.submit import batch_source, body_reader, check_spend, find_job, one_job_source, submit_items
 from pipeline.enqueue import max_job_tokens
-from pipeline.errors import JobInputError, NotFound
+from pipeline.errors import InvalidQuery, JobInputError, NotFound
 from pipeline.jobspec import MAX_KEY_LENGTH, parse_job
 from pipeline.models import Batch, Tenant
+from pipeline.names import MAX_BATCH_NAME_LENGTH, check_batch_name
 
 log = logging.getLogger("switchyard.api")
 
@@ -48,10 +49,22 @@ SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
     }.items()
 }
 
-# A name: printable, no control characters (Postgres text cannot hold NUL).
+# A name to look up: printable, no control characters (Postgres text cannot hold NUL).
 NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"
-BatchName = Annotated[str, Query(min_length=1, max_length=200, pattern=NAME_PATTERN,
-                                 description="The batch to add to (created if new). Names are per tenant.")]
+# A name to create a batch by is checked by check_batch_name, the rule `switchyard enqueue` applies
+# too; the document states its length, and the handler enforces all of it.
+BatchName = Annotated[str, Query(
+    description="The batch to add to (created if new). Names are per tenant: at most "
+                f"{MAX_BATCH_NAME_LENGTH} characters, not only whitespace, with no control characters, line "
+                "separators or bidirectional controls.",
+    json_schema_extra={"minLength": 1, "maxLength": MAX_BATCH_NAME_LENGTH})]
+
+
+def _batch_name(value: str, *, param: str) -> str:
+    try:
+        return check_batch_name(value)
+    except JobInputError as exc:
+        raise InvalidQuery(f"query parameter {param!r}: {exc}") from None
 
 _TEXT = {"type": "string", "minLength": 1}
 _COMMON = {"key": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH,
@@ -92,6 +105,7 @@ def _json(obj: Any, status_code: int = 200) -> JSONResponse:
              openapi_extra=_body({"application/json": {"schema": JOB_SCHEMA}}))
 async def submit_job(request: Request, who: Who, batch: BatchName) -> JSONResponse:
     """Submit one job. Its `key` (or, without one, its content) makes a repeat harmless."""
+    batch = _batch_name(batch, param="batch")
     api = state(request)
     await run_in_threadpool(check_spend, api.sessions, who)
     kind = media_type(request)
@@ -134,6 +148,7 @@ async def submit_batch(request: Request, who: Who, name: BatchName) -> schemas.B
     Every job is checked before any is written: one bad job refuses the request (422, naming its
     index or line and the field) and nothing is kept. Keys already in the batch are skipped, so
     sending the same body twice adds nothing."""
+    name = _batch_name(name, param="name")
     api = state(request)
     await run_in_threadpool(check_spend, api.sessions, who)
     reader, lines = body_reader(media_type(request))

@@ -16,7 +16,7 @@ from pipeline.api.bodies import JSON, JSON_LINES, UnsupportedMediaType, iter_jso
 from pipeline.api.errors import BadItem, Conflict
 from pipeline.config import ModelConfig
 from pipeline.enqueue import EnqueueReport, Source, enqueue_items, iter_objects
-from pipeline.errors import BatchCancelled, JobInputError
+from pipeline.errors import BatchCancelled, InputFileError, JobInputError
 from pipeline.jobspec import JobSpec
 from pipeline.models import Batch, Job
 from pipeline.tenants import Caller
@@ -56,8 +56,8 @@ def submit_items(sessions: sessionmaker[Session], source: Source, *, who: Caller
     try:
         report = enqueue_items(sessions, source, batch=batch, tenant_id=who.tenant_id, atomic=True,
                                before_commit=_guard(who))
-    except (BadItem, BatchCancelled):
-        raise
+    except (BadItem, BatchCancelled, InputFileError):
+        raise  # said already, or about the whole body: no item to name
     except JobInputError as exc:
         number = exc.line if exc.line is not None else 0
         raise BadItem(exc.reason, line=number if lines else None, index=None if lines else number) from None

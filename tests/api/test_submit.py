@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from decimal import Decimal
+from urllib.parse import quote
 
 import pytest
 from sqlalchemy import func, select
@@ -15,6 +16,7 @@ from pipeline import tenants
 from pipeline.db import transaction
 from pipeline.models import Batch, Job, JobStatus, ModelCall, Stage, Tenant, utcnow
 from tests.api.conftest import MAX_BATCH_JOBS, MAX_BODY_BYTES, MakeToken, Server, job
+from tests.history.helpers import BAD_BATCH_NAMES
 
 
 def batch_exists(api_sessions: sessionmaker[Session], tenant: str, name: str) -> bool:
@@ -137,6 +139,66 @@ def test_malformed_batch_bodies(server: Server, make_token: MakeToken, tenant_na
         r = c.post("/v1/batches", params={"name": "m"}, content=body, headers={"Content-Type": content_type})
     assert r.status_code == status, r.text
     assert says in r.json()["detail"]
+
+
+def tenant_batches(api_sessions: sessionmaker[Session], tenant: str) -> int:
+    with api_sessions() as s:
+        return s.scalar(select(func.count()).select_from(Batch).join(Tenant, Tenant.id == Batch.tenant_id)
+                        .where(Tenant.name == tenant)) or 0
+
+
+@pytest.mark.parametrize(("body", "content_type"), [
+    (b"[]", "application/json"), (b" [\n] ", "application/json"), (b"\xef\xbb\xbf[]", "application/json"),
+    (b"", "application/x-ndjson"), (b"\n \n", "application/x-ndjson"),
+])
+def test_a_body_without_jobs_is_refused(server: Server, make_token: MakeToken, api_sessions: sessionmaker[Session],
+                                        tenant_name: str, body: bytes, content_type: str) -> None:
+    with server.client(make_token(tenant_name)) as c:
+        r = c.post("/v1/batches", params={"name": "nothing"}, content=body, headers={"Content-Type": content_type})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == "the request body has no jobs: nothing was enqueued"
+    assert tenant_batches(api_sessions, tenant_name) == 0
+
+
+def test_invalid_utf8_is_named_at_its_item(server: Server, make_token: MakeToken, api_sessions: sessionmaker[Session],
+                                           tenant_name: str) -> None:
+    bad = b'{"key": "k-2", "kind": "generate", "prompt": "caf\xc3"}'
+    body = b"[" + b", ".join([json.dumps(job(0)).encode(), json.dumps(job(1)).encode(), bad,
+                              json.dumps(job(3)).encode()]) + b"]"
+    with server.client(make_token(tenant_name)) as c:
+        r = c.post("/v1/batches", params={"name": "utf8"}, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["item"] == 2
+    assert r.json()["detail"].startswith("item 2: not valid UTF-8")
+    assert tenant_batches(api_sessions, tenant_name) == 0
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/x-ndjson"])
+def test_a_byte_order_mark_is_accepted(server: Server, make_token: MakeToken, tenant_name: str,
+                                       content_type: str) -> None:
+    jobs = [json.dumps(job(i)) for i in range(2)]
+    text = "[" + ", ".join(jobs) + "]" if content_type == "application/json" else "\n".join(jobs) + "\n"
+    with server.client(make_token(tenant_name)) as c:
+        r = c.post("/v1/batches", params={"name": "bom"}, content=b"\xef\xbb\xbf" + text.encode(),
+                   headers={"Content-Type": content_type})
+    assert r.status_code == 201, r.text
+    assert r.json()["accepted"] == 2
+
+
+@pytest.mark.parametrize(("name", "says"), BAD_BATCH_NAMES)
+def test_a_bad_batch_name_is_refused_as_the_cli_refuses_it(server: Server, make_token: MakeToken,
+                                                          api_sessions: sessionmaker[Session], tenant_name: str,
+                                                          name: str, says: str) -> None:
+    # A byte that is not UTF-8 goes as itself; the server reads it as U+FFFD.
+    value = "a%FFb" if name == "a\udcffb" else quote(name, safe="")
+    with server.client(make_token(tenant_name)) as c:
+        many = c.post(f"/v1/batches?name={value}", json=[job(0)])
+        one = c.post(f"/v1/jobs?batch={value}", json=job(0))
+    for r, param in ((many, "name"), (one, "batch")):
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"].startswith(f"query parameter {param!r}: batch name ")
+        assert says in r.json()["detail"]
+    assert tenant_batches(api_sessions, tenant_name) == 0
 
 
 @pytest.mark.parametrize(("path", "params", "named"), [

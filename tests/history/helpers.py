@@ -14,6 +14,25 @@ from tests.cluster import SWITCHYARD
 
 LABELS = ["billing", "bug", "account", "other"]
 
+# Batch names refused by one rule, whether a name comes from the CLI (--batch, or the file's name) or
+# the API; with the words the refusal must hold.
+BAD_BATCH_NAMES: list[tuple[str, str]] = [
+    ("", "must not be empty"),
+    ("   ", "must not be only whitespace"),
+    ("\t\u3000", "must not be only whitespace"),
+    ("x" * 201, "201 characters long; at most 200"),
+    ("a\x01b", "a control character (U+0001)"),
+    ("line\nbreak", "a control character (U+000A)"),
+    ("a\x7fb", "a control character (U+007F)"),
+    ("a\x85b", "a control character (U+0085)"),
+    ("a\u2028b", "a line or paragraph separator (U+2028)"),
+    ("invoice\u202etxt.exe", "a bidirectional control character (U+202E)"),
+    ("a\u2066b", "a bidirectional control character (U+2066)"),
+    ("a\u200fb", "a bidirectional control character (U+200F)"),
+    ("a\udcffb", "not valid UTF-8"),  # how Python hands over an undecodable byte of argv
+    ("a\ufffdb", "not valid UTF-8"),  # how an HTTP server hands over one of a query string
+]
+
 
 def cli_env(database_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "SWITCHYARD_", "DATABASE_"))}

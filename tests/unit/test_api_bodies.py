@@ -48,6 +48,11 @@ def test_any_array_round_trips_at_any_chunk_size(items: list[Any], chunk: int, i
     (b"[1] x", 1, "after the closing"),
     (b'["abc', 0, "Unterminated string"),
     (b"[\xff]", 0, "not valid UTF-8"),
+    # Where the bad byte is, not where the chunk that holds it began.
+    (b'[{"a": 1}, {"b": 2}, {"c": "\xff"}, {"d": 4}]', 2, "not valid UTF-8"),
+    (b'[1, 2, 3\xff]', 2, "not valid UTF-8"),
+    (b'[1, 2,\xff 3]', 2, "not valid UTF-8"),
+    (b'[1, 2, "caf\xc3"]', 2, "not valid UTF-8"),
     (b"[" * 5000 + b"]" * 5000, 0, "nested too deeply"),
 ])
 @pytest.mark.parametrize("chunk", [1, 7, 65536])
@@ -72,3 +77,11 @@ def test_json_lines_skip_blanks_and_number_lines() -> None:
     assert out[0][1] == {"a": 1}
     assert "not valid JSON" in str(out[1][1])
     assert "not valid UTF-8" in str(out[2][1])
+
+
+def test_a_byte_order_mark_is_accepted() -> None:
+    """As POST /v1/jobs (json.loads) takes one: Windows tools write it."""
+    for chunk in (1, 2, 65536):
+        assert read(b'\xef\xbb\xbf[{"a": 1}, 2]', chunk=chunk) == [(0, {"a": 1}), (1, 2)]
+    out = list(bodies.iter_json_lines(io.BytesIO(b'\xef\xbb\xbf{"a": 1}\n{"b": 2}\n'), max_items=10))
+    assert out == [(1, {"a": 1}), (2, {"b": 2})]

@@ -14,8 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.config import ModelConfig
 from pipeline.enqueue import enqueue_file
 from pipeline.errors import JobInputError
-from pipeline.jobspec import parse_job, parse_line
+from pipeline.jobspec import MAX_KEY_LENGTH, parse_job, parse_line
 from pipeline.models import Batch, Job
+from pipeline.names import MAX_BATCH_NAME_LENGTH, check_batch_name
+from tests.history.helpers import BAD_BATCH_NAMES
 
 TIERS = ("sonnet", "opus")
 GOOD = {"key": "a", "kind": "classify", "text": "hello", "labels": ["x", "y"]}
@@ -105,3 +107,27 @@ def test_cli_prints_one_sentence_and_no_traceback(database_url: str, tmp_path: P
     missing = subprocess.run([switchyard, "enqueue", str(tmp_path / "nope.jsonl")], env=env, capture_output=True,
                              text=True, timeout=60)
     assert missing.returncode == 2 and "cannot read" in missing.stderr and "Traceback" not in missing.stderr
+
+
+GOOD_BATCH_NAMES = ["tickets", "tickets 2026-11-25", "x" * 200, "漢字のバッチ", "café", "👩‍👩‍👧 family",
+                    "שלום", "a/b:c?d#e%f"]
+
+
+@pytest.mark.parametrize(("name", "says"), BAD_BATCH_NAMES)
+def test_a_bad_batch_name_gets_one_sentence(name: str, says: str) -> None:
+    with pytest.raises(JobInputError) as info:
+        check_batch_name(name)
+    message = str(info.value)
+    assert message.startswith("batch name ")
+    assert says in message
+    assert message.isprintable() and len(message) < 200  # the name is quoted escaped, and cut
+
+
+@pytest.mark.parametrize("name", GOOD_BATCH_NAMES)
+def test_a_good_batch_name_is_taken_as_it_is(name: str) -> None:
+    assert check_batch_name(name) == name
+
+
+def test_the_length_limits_are_the_columns() -> None:
+    assert Batch.__table__.c.name.type.length == MAX_BATCH_NAME_LENGTH
+    assert Job.__table__.c.key.type.length == MAX_KEY_LENGTH
