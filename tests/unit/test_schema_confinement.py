@@ -188,3 +188,14 @@ def test_a_schema_whose_check_explodes_is_stopped() -> None:
     start = time.thread_time()
     assert not check_schema("1", _explosive(8)).ok
     assert time.thread_time() - start < CPU_BUDGET_S / 10
+
+
+def test_odd_answers_are_verdicts() -> None:
+    # Python refuses to read an integer of more than 4,300 digits (a guard against quadratic time).
+    huge = check_schema("1" * 5000, {"type": "integer"})
+    assert not huge.ok and "not valid JSON" in huge.feedback
+    # An unclosed code fence of whitespace: the fence is stripped in linear time.
+    start = time.monotonic()
+    fenced = check_schema("```" + " " * 20_000 + "x", {"type": "object"})
+    assert not fenced.ok and time.monotonic() - start < 0.5
+    assert check_schema('```json\n{"a": 1}\n```', {"type": "object"}).output == {"a": 1}
