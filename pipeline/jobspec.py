@@ -19,10 +19,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import jsonschema
 import orjson
-from jsonschema.exceptions import SchemaError
 
+from pipeline import schema_check
 from pipeline.config import ModelConfig
 from pipeline.errors import JobInputError
 from pipeline.models import JobKind
@@ -236,7 +235,7 @@ def _schema(obj: dict[str, Any], *, exact: bool) -> tuple[dict[str, Any], int]:
 
 @functools.lru_cache(maxsize=1024)
 def _schema_verdict(canonical: bytes) -> tuple[str | None, int, bool]:
-    """Why a schema (as canonical JSON) is not a valid JSON Schema, or None; its estimated tokens;
+    """Why a schema (as canonical JSON) cannot be used, or None; its estimated tokens;
     and whether it passes _check_storable as orjson read it. Cached: a file of extract jobs repeats
     a handful of schemas, and check_schema took two thirds of an enqueue (bench/enqueue.py), for a
     verdict that depends on the schema alone."""
@@ -249,11 +248,10 @@ def _schema_verdict(canonical: bytes) -> tuple[str | None, int, bool]:
         walked = False
     else:
         walked = True
-    try:
-        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
-    except SchemaError as exc:
-        path = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-        return f"field 'schema' is not a valid JSON Schema at {path}: {exc.message}", 0, walked
+    # A valid JSON Schema, whose references all resolve inside it and whose patterns RE2 can run.
+    problem = schema_check.problem(schema)
+    if problem:
+        return f"field 'schema' {problem}", 0, walked
     return None, _json_tokens(schema), walked
 
 

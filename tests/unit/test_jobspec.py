@@ -105,3 +105,61 @@ def test_cli_prints_one_sentence_and_no_traceback(database_url: str, tmp_path: P
     missing = subprocess.run([switchyard, "enqueue", str(tmp_path / "nope.jsonl")], env=env, capture_output=True,
                              text=True, timeout=60)
     assert missing.returncode == 2 and "cannot read" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def _extract(schema: object) -> dict[str, object]:
+    return {"kind": "extract", "text": "Receipt for Dana, 42.50", "schema": schema}
+
+
+@pytest.mark.parametrize(("schema", "message"), [
+    ({"properties": {"a": {"$ref": "file:///etc/passwd"}}},
+     "field 'schema' has a reference 'file:///etc/passwd' at properties/a/$ref that does not resolve inside the "
+     "schema"),
+    ({"$ref": "http://127.0.0.1:9/remote.json"}, "a reference 'http://127.0.0.1:9/remote.json' at $ref that"),
+    ({"$id": "https://example.com/root.json", "items": {"$ref": "other.json"}},
+     "a reference 'other.json' at items/$ref"),
+    ({"$dynamicRef": "https://example.com/meta#m"}, "a reference 'https://example.com/meta#m' at $dynamicRef"),
+    ({"$defs": {"a": {"type": "string"}}, "$ref": "#/$defs/b"}, "a reference '#/$defs/b' at $ref that does not"),
+    ({"properties": {"code": {"type": "string", "pattern": r"^(\w)\1$"}}},
+     r"field 'schema' has a pattern '^(\\w)\\1$' at properties/code/pattern that switchyard cannot run"),
+    ({"patternProperties": {"^(?=x)": {}}}, "a pattern '^(?=x)' at patternProperties that switchyard cannot run"),
+    ({"$schema": "http://json-schema.org/draft-04/schema#", "patternProperties": {"(?<!a)b": {}}},
+     "a pattern '(?<!a)b' at patternProperties"),
+])
+def test_a_schema_that_could_reach_out_or_backtrack_is_refused(schema: object, message: str) -> None:
+    with pytest.raises(JobInputError) as info:
+        parse_job(_extract(schema), work_tiers=TIERS)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("schema", [
+    {"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}}}, "$ref": "#/$defs/n"},
+    {"$id": "https://example.com/r.json", "$defs": {"i": {"$id": "i.json"}}, "items": {"$ref": "i.json"}},
+    {"$defs": {"c": {"$anchor": "c"}}, "$ref": "#c"},
+    {"properties": {"s": {"$ref": "https://json-schema.org/draft/2020-12/schema"}}},
+    {"properties": {"w": {"type": "string", "pattern": r"^\p{L}+$"}}},  # RE2 syntax that Python's re lacks
+    {"patternProperties": {"^x-": {"type": "string"}}, "additionalProperties": False},
+])
+def test_a_schema_confined_to_itself_is_accepted(schema: object) -> None:
+    assert parse_job(_extract(schema), work_tiers=TIERS).payload["schema"] == schema
+
+
+@pytest.mark.parametrize(("schema", "says"), [
+    ({"properties": {"a": {"$ref": "http://127.0.0.1:9/x.json"}}},
+     "line 2: field 'schema' has a reference 'http://127.0.0.1:9/x.json' at properties/a/$ref that does not "
+     "resolve inside the schema"),
+    ({"properties": {"a": {"pattern": "(a)\\1"}}}, "line 2: field 'schema' has a pattern '(a)\\\\1' at "
+     "properties/a/pattern that switchyard cannot run"),
+])
+def test_cli_refuses_such_a_schema_in_one_sentence(database_url: str, tmp_path: Path, schema: object,
+                                                   says: str) -> None:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(_extract(schema)) + "\n")
+    switchyard = str(Path(sys.executable).parent / "switchyard")
+    env = {"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([switchyard, "enqueue", str(path), "--batch", "cli-schema"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert says in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
