@@ -211,9 +211,10 @@ def _labels_tokens(labels: tuple[str, ...]) -> int:
     return _json_tokens(list(labels))
 
 
-def _schema(obj: dict[str, Any], *, exact: bool) -> tuple[dict[str, Any], int]:
+def _schema(obj: dict[str, Any], *, exact: bool, size: int, max_tokens: int | None) -> tuple[dict[str, Any], int]:
     """The schema and its estimated tokens. Without ``exact``, _check_storable has not walked it:
-    its cached verdict says whether that walk would have passed."""
+    its cached verdict says whether that walk would have passed. ``size``: the job's tokens
+    besides the schema."""
     schema = obj.get("schema")
     if schema is None:
         raise JobInputError("an extract job needs 'schema', a JSON Schema object")
@@ -224,7 +225,12 @@ def _schema(obj: dict[str, Any], *, exact: bool) -> tuple[dict[str, Any], int]:
     except TypeError:
         if not exact:  # nested deeper than orjson writes: let the standard path word the refusal
             raise _Inexact from None
-        canonical = json.dumps(schema, sort_keys=True).encode()  # an integer past 64 bits
+        canonical = json.dumps(schema, sort_keys=True, ensure_ascii=False).encode()  # an integer past 64 bits
+    # A byte of schema costs far more to check than to count, and a schema too large for the
+    # context is refused anyway: refuse it first, so a huge one cannot hold a thread of the API.
+    # Its UTF-8 length over CHARS_PER_TOKEN never exceeds its estimate, so nothing else is refused.
+    if max_tokens is not None and size + len(canonical) / CHARS_PER_TOKEN > max_tokens:
+        raise JobInputError(_too_large(size + _json_tokens(schema), max_tokens))
     problem, tokens, walked = _schema_verdict(canonical)
     if not exact and not walked:
         raise _Inexact
@@ -253,6 +259,10 @@ def _schema_verdict(canonical: bytes) -> tuple[str | None, int, bool]:
     if problem:
         return f"field 'schema' {problem}", 0, walked
     return None, _json_tokens(schema), walked
+
+
+def _too_large(size: int, max_tokens: int) -> str:
+    return f"job is too large for the model's context: about {size:,} tokens, limit {max_tokens:,}"
 
 
 def parse_job(obj: Any, *, work_tiers: tuple[str, ...], max_tokens: int | None = None) -> JobSpec:
@@ -306,7 +316,7 @@ def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, str
         payload["labels"], tokens = _labels(obj)
         size += tokens
     elif kind is JobKind.EXTRACT:
-        payload["schema"], tokens = _schema(obj, exact=exact)
+        payload["schema"], tokens = _schema(obj, exact=exact, size=size, max_tokens=max_tokens)
         size += tokens
 
     tier = obj.get("tier")
@@ -320,7 +330,7 @@ def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, str
         raise JobInputError(f"field 'metadata' is larger than {MAX_METADATA_BYTES:,} bytes")
 
     if max_tokens is not None and size > max_tokens:
-        raise JobInputError(f"job is too large for the model's context: about {size:,} tokens, limit {max_tokens:,}")
+        raise JobInputError(_too_large(size, max_tokens))
 
     key = obj.get("key")
     if key is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,14 @@ def test_cli_refuses_such_a_schema_in_one_sentence(database_url: str, tmp_path: 
     assert says in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_a_schema_too_large_for_the_context_is_refused_before_it_is_checked() -> None:
+    """Checking a schema costs far more per byte than counting it: a huge one must not hold a
+    thread of the API for minutes only to be refused for its size."""
+    schema = {"$defs": {f"d{i}": {"type": "object", "properties": {"v": {"$ref": f"#/$defs/d{i}"}}}
+                        for i in range(6_000)}}
+    start = time.thread_time()
+    with pytest.raises(JobInputError, match=r"too large for the model's context: about [\d,]+ tokens, limit 1,000"):
+        parse_job(_extract(schema), work_tiers=TIERS, max_tokens=1000)
+    assert time.thread_time() - start < 0.5
