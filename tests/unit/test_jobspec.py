@@ -145,23 +145,18 @@ def test_a_schema_confined_to_itself_is_accepted(schema: object) -> None:
     assert parse_job(_extract(schema), work_tiers=TIERS).payload["schema"] == schema
 
 
-@pytest.mark.parametrize(("schema", "says"), [
-    ({"properties": {"a": {"$ref": "http://127.0.0.1:9/x.json"}}},
-     "line 2: field 'schema' has a reference 'http://127.0.0.1:9/x.json' at properties/a/$ref that does not "
-     "resolve inside the schema"),
-    ({"properties": {"a": {"pattern": "(a)\\1"}}}, "line 2: field 'schema' has a pattern '(a)\\\\1' at "
-     "properties/a/pattern that switchyard cannot run"),
-])
-def test_cli_refuses_such_a_schema_in_one_sentence(database_url: str, tmp_path: Path, schema: object,
-                                                   says: str) -> None:
+def test_cli_refuses_such_a_schema_in_one_sentence(database_url: str, tmp_path: Path) -> None:
+    """The CLI's half of the refusal (a pattern takes the same path through jobspec)."""
     path = tmp_path / "jobs.jsonl"
-    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(_extract(schema)) + "\n")
+    bad = _extract({"properties": {"a": {"$ref": "http://127.0.0.1:9/x.json"}}})
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(bad) + "\n")
     switchyard = str(Path(sys.executable).parent / "switchyard")
     env = {"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}
     out = subprocess.run([switchyard, "enqueue", str(path), "--batch", "cli-schema"], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2, out.stderr
-    assert says in out.stderr
+    assert ("line 2: field 'schema' has a reference 'http://127.0.0.1:9/x.json' at properties/a/$ref that does not "
+            "resolve inside the schema") in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
