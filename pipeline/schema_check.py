@@ -158,7 +158,24 @@ for _module in (jsonschema._keywords, jsonschema._utils, jsonschema._legacy_keyw
 
 # -- CPU -----------------------------------------------------------------------------------------
 
-_deadline: ContextVar[float | None] = ContextVar("schema_check_deadline", default=None)
+
+class _Budget:
+    """The thread CPU time a check must end by, read every few evolves (the clock is a syscall)."""
+
+    __slots__ = ("deadline", "steps")
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.thread_time() + seconds
+        self.steps = 0
+
+    def spend(self) -> None:
+        self.steps += 1
+        if self.steps % 16 == 0 and time.thread_time() > self.deadline:
+            raise SchemaUnusable(f"is too costly to check: checking one answer took over {CPU_BUDGET_S:g} s of "
+                                 f"CPU (nested anyOf, oneOf or allOf behind references?)")
+
+
+_budget: ContextVar[_Budget | None] = ContextVar("schema_check_budget", default=None)
 # Built once per draft and never changed after; a race builds one twice, harmlessly.
 _CONFINED_CLASS: dict[type[Validator], type[Validator]] = {}
 _PLAIN: dict[type[Validator], type[Validator]] = {}
@@ -181,10 +198,9 @@ def _confined(draft: type[Validator]) -> type[Validator]:
 def _evolve(self: Validator, **changes: Any) -> Validator:
     """jsonschema's own ``evolve``, but with a deadline, and keeping a subschema that names its
     own ``$schema`` confined: jsonschema would hand it to the plain class of that draft."""
-    deadline = _deadline.get()
-    if deadline is not None and time.thread_time() > deadline:
-        raise SchemaUnusable(f"is too costly to check: checking one answer took over {CPU_BUDGET_S:g} s of CPU "
-                             f"(nested anyOf, oneOf or allOf behind references?)")
+    budget = _budget.get()
+    if budget is not None:
+        budget.spend()
     schema = changes.setdefault("schema", self.schema)
     cls = _confined(jsonschema.validators.validator_for(schema, default=_PLAIN[type(self)]))
     for name, alias in _FIELDS[type(self)]:
@@ -204,7 +220,7 @@ def errors(schema: dict[str, Any], instance: Any) -> list[ValidationError]:
     _, registry = _own(schema, draft)
     # jsonschema adds its bundled meta-schemas to the registry, and the schema itself (again).
     validator = _confined(draft)(schema, registry=registry)  # type: ignore[call-arg]
-    token = _deadline.set(time.thread_time() + CPU_BUDGET_S)
+    token = _budget.set(_Budget(CPU_BUDGET_S))
     try:
         return list(validator.iter_errors(instance))
     except referencing.exceptions.Unresolvable as exc:
@@ -219,7 +235,7 @@ def errors(schema: dict[str, Any], instance: Any) -> list[ValidationError]:
     except RecursionError:
         raise SchemaUnusable("refers to itself without end: checking the answer recursed too deeply") from None
     finally:
-        _deadline.reset(token)
+        _budget.reset(token)
 
 
 # -- at submission -------------------------------------------------------------------------------
