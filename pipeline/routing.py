@@ -73,11 +73,14 @@ class NextStep:
     attempt: int
 
 
-def after_failed_validation(tier: str, attempt: int, policy: RoutingPolicy) -> NextStep:
+def after_failed_validation(tier: str, attempt: int, policy: RoutingPolicy, *, retryable: bool = True) -> NextStep:
     """``attempt`` counts work attempts at ``tier`` so far (1 after the first).
 
     Retry at the same tier up to ``retries_per_tier`` times, then move one step up the escalation
-    chain, then fail. A tier outside the chain (pinned elsewhere) only retries."""
+    chain, then fail. A tier outside the chain (pinned elsewhere) only retries. A failure that is
+    not ``retryable`` (the job's own schema cannot be checked: no answer could pass) fails at once."""
+    if not retryable:
+        return NextStep("fail", None, attempt)
     if attempt <= policy.retries_per_tier:
         return NextStep("retry", tier, attempt + 1)
     chain = policy.escalation

@@ -26,7 +26,7 @@ from pipeline.config import ModelConfig
 from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict, utcnow
 from pipeline.pricing import call_cost
 from pipeline.prompts import Prompt, format_check_prompt, triage_prompt, work_prompt
-from pipeline.routing import NextStep, after_failed_validation, parse_triage, tier_for
+from pipeline.routing import after_failed_validation, parse_triage, tier_for
 from pipeline.states import Also, Claim, begin_stage, release_stage, renew_claim, transition
 from pipeline.validation import Verdict, check_stop, deterministic_check, parse_format_check
 
@@ -468,9 +468,7 @@ def _apply_verdict(session: Connection, p: Pipeline, claim: Claim, call_id: int 
         to, detail, values = JobStatus.SUCCEEDED, f"{verdict.validator} ok", {"output": verdict.output,
                                                                                 "feedback": None}
     else:
-        # A final verdict (the job's schema cannot be checked) fails at once: no retry can pass it.
-        step = (NextStep("fail", None, claim.attempt) if verdict.final
-                else after_failed_validation(tier, claim.attempt, p.models.routing))
+        step = after_failed_validation(tier, claim.attempt, p.models.routing, retryable=not verdict.final)
         reasons = verdict.feedback
         if step.action == "fail":
             to, detail = JobStatus.FAILED, "validation failed"

@@ -70,6 +70,7 @@ def test_policy_is_configuration() -> None:
 
 def test_failed_validation_retries_then_escalates_then_fails() -> None:
     assert after_failed_validation("sonnet", 1, POLICY).action == "retry"
+    assert after_failed_validation("sonnet", 1, POLICY, retryable=False).action == "fail"
     step = after_failed_validation("sonnet", 2, POLICY)
     assert (step.action, step.tier, step.attempt) == ("escalate", "opus", 1)
     assert after_failed_validation("opus", 1, POLICY).action == "retry"
