@@ -19,10 +19,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import jsonschema
 import orjson
-from jsonschema.exceptions import SchemaError
 
+from pipeline import schema_check
 from pipeline.config import ModelConfig
 from pipeline.errors import JobInputError
 from pipeline.models import JobKind
@@ -207,9 +206,10 @@ def _labels_tokens(labels: tuple[str, ...]) -> int:
     return _json_tokens(list(labels))
 
 
-def _schema(obj: dict[str, Any], *, exact: bool) -> tuple[dict[str, Any], int]:
+def _schema(obj: dict[str, Any], *, exact: bool, size: int, max_tokens: int | None) -> tuple[dict[str, Any], int]:
     """The schema and its estimated tokens. Without ``exact``, _check_storable has not walked it:
-    its cached verdict says whether that walk would have passed."""
+    its cached verdict says whether that walk would have passed. ``size``: the job's tokens
+    besides the schema."""
     schema = obj.get("schema")
     if schema is None:
         raise JobInputError("an extract job needs 'schema', a JSON Schema object")
@@ -220,7 +220,12 @@ def _schema(obj: dict[str, Any], *, exact: bool) -> tuple[dict[str, Any], int]:
     except TypeError:
         if not exact:  # nested deeper than orjson writes: let the standard path word the refusal
             raise _Inexact from None
-        canonical = json.dumps(schema, sort_keys=True).encode()  # an integer past 64 bits
+        canonical = json.dumps(schema, sort_keys=True, ensure_ascii=False).encode()  # an integer past 64 bits
+    # A byte of schema costs far more to check than to count, and a schema too large for the
+    # context is refused anyway: refuse it first, so a huge one cannot hold a thread of the API.
+    # Its UTF-8 length over CHARS_PER_TOKEN never exceeds its estimate, so nothing else is refused.
+    if max_tokens is not None and size + len(canonical) / CHARS_PER_TOKEN > max_tokens:
+        raise JobInputError(_too_large(size + _json_tokens(schema), max_tokens))
     problem, tokens, walked = _schema_verdict(canonical)
     if not exact and not walked:
         raise _Inexact
@@ -231,7 +236,7 @@ def _schema(obj: dict[str, Any], *, exact: bool) -> tuple[dict[str, Any], int]:
 
 @functools.lru_cache(maxsize=1024)
 def _schema_verdict(canonical: bytes) -> tuple[str | None, int, bool]:
-    """Why a schema (as canonical JSON) is not a valid JSON Schema, or None; its estimated tokens;
+    """Why a schema (as canonical JSON) cannot be used, or None; its estimated tokens;
     and whether it passes _check_storable as orjson read it. Cached: a file of extract jobs repeats
     a handful of schemas, and check_schema took two thirds of an enqueue (bench/enqueue.py), for a
     verdict that depends on the schema alone."""
@@ -244,12 +249,15 @@ def _schema_verdict(canonical: bytes) -> tuple[str | None, int, bool]:
         walked = False
     else:
         walked = True
-    try:
-        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
-    except SchemaError as exc:
-        path = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-        return f"field 'schema' is not a valid JSON Schema at {path}: {exc.message}", 0, walked
+    # A valid JSON Schema, whose references all resolve inside it and whose patterns RE2 can run.
+    problem = schema_check.problem(schema)
+    if problem:
+        return f"field 'schema' {problem}", 0, walked
     return None, _json_tokens(schema), walked
+
+
+def _too_large(size: int, max_tokens: int) -> str:
+    return f"job is too large for the model's context: about {size:,} tokens, limit {max_tokens:,}"
 
 
 def parse_job(obj: Any, *, work_tiers: tuple[str, ...], max_tokens: int | None = None) -> JobSpec:
@@ -303,7 +311,7 @@ def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, str
         payload["labels"], tokens = _labels(obj)
         size += tokens
     elif kind is JobKind.EXTRACT:
-        payload["schema"], tokens = _schema(obj, exact=exact)
+        payload["schema"], tokens = _schema(obj, exact=exact, size=size, max_tokens=max_tokens)
         size += tokens
 
     tier = obj.get("tier")
@@ -317,7 +325,7 @@ def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, str
         raise JobInputError(f"field 'metadata' is larger than {MAX_METADATA_BYTES:,} bytes")
 
     if max_tokens is not None and size > max_tokens:
-        raise JobInputError(f"job is too large for the model's context: about {size:,} tokens, limit {max_tokens:,}")
+        raise JobInputError(_too_large(size, max_tokens))
 
     key = obj.get("key")
     if key is None:

@@ -6,7 +6,6 @@ Plain functions over the configuration, so the policy is tested without a broker
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 from pipeline.config import DIFFICULTIES, RoutingPolicy
@@ -22,7 +21,12 @@ class TriageVerdict:
     parsed: bool
 
 
-_JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
+def _json_object(text: str) -> str:
+    """From the first '{' to the last '}' (the object inside any prose around it), or the whole
+    text. Found with find and rfind: a backtracking search took quadratic time on a long answer
+    of braces that never close, and the answer is a model's, steerable by a job's text."""
+    start, end = text.find("{"), text.rfind("}")
+    return text[start:end + 1] if -1 < start < end else text
 
 
 def parse_triage(text: str | None, *, min_confidence: float) -> TriageVerdict:
@@ -30,10 +34,11 @@ def parse_triage(text: str | None, *, min_confidence: float) -> TriageVerdict:
     job then goes to the strongest tier instead of being lost."""
     if not text or not text.strip():
         return TriageVerdict(AMBIGUOUS, None, "empty triage answer", parsed=False)
-    match = _JSON_OBJECT.search(text)
     try:
-        data = json.loads(match.group(0) if match else text)
-    except (json.JSONDecodeError, RecursionError):
+        data = json.loads(_json_object(text))
+    # ValueError besides JSONDecodeError: an integer of more than 4,300 digits, which Python refuses
+    # to convert (its guard against quadratic time).
+    except (ValueError, RecursionError):
         return TriageVerdict(AMBIGUOUS, None, "triage answer is not JSON", parsed=False)
     if not isinstance(data, dict):
         return TriageVerdict(AMBIGUOUS, None, "triage answer is not a JSON object", parsed=False)
@@ -68,11 +73,14 @@ class NextStep:
     attempt: int
 
 
-def after_failed_validation(tier: str, attempt: int, policy: RoutingPolicy) -> NextStep:
+def after_failed_validation(tier: str, attempt: int, policy: RoutingPolicy, *, retryable: bool = True) -> NextStep:
     """``attempt`` counts work attempts at ``tier`` so far (1 after the first).
 
     Retry at the same tier up to ``retries_per_tier`` times, then move one step up the escalation
-    chain, then fail. A tier outside the chain (pinned elsewhere) only retries."""
+    chain, then fail. A tier outside the chain (pinned elsewhere) only retries. A failure that is
+    not ``retryable`` (the job's own schema cannot be checked: no answer could pass) fails at once."""
+    if not retryable:
+        return NextStep("fail", None, attempt)
     if attempt <= policy.retries_per_tier:
         return NextStep("retry", tier, attempt + 1)
     chain = policy.escalation

@@ -474,7 +474,7 @@ def _apply_verdict(session: Connection, p: Pipeline, claim: Claim, call_id: int 
         to, detail, values = JobStatus.SUCCEEDED, f"{verdict.validator} ok", {"output": verdict.output,
                                                                                 "feedback": None}
     else:
-        step = after_failed_validation(tier, claim.attempt, p.models.routing)
+        step = after_failed_validation(tier, claim.attempt, p.models.routing, retryable=not verdict.final)
         reasons = verdict.feedback
         if step.action == "fail":
             to, detail = JobStatus.FAILED, "validation failed"

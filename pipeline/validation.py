@@ -1,19 +1,19 @@
 """Checks on a work answer before it is returned.
 
-Classify and extract answers are checked deterministically. Drafts and free generation are not
-machine-checkable, so they get a Haiku format check; ``parse_format_check`` reads its answer.
+Classify and extract answers are checked deterministically; an extract job's schema is run
+confined (pipeline/schema_check.py). Drafts and free generation are not machine-checkable, so
+they get a Haiku format check; ``parse_format_check`` reads its answer.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
-import jsonschema
-
 from pipeline.models import JobKind
+from pipeline.schema_check import SchemaUnusable, errors
 
 
 @dataclass(frozen=True)
@@ -22,25 +22,31 @@ class Verdict:
     validator: str
     problems: list[str] = field(default_factory=list)
     output: Any = None  # the parsed answer to keep, when ok
+    # The fault is the job's, not the answer's (a schema that cannot be checked): no other attempt
+    # or tier could pass, so the job fails at once instead of paying for them.
+    final: bool = False
 
     @property
     def feedback(self) -> str:
         return "; ".join(self.problems)
 
 
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```\s*$", re.DOTALL)
-
-
 def _strip_fence(text: str) -> str:
+    """The answer inside a Markdown code fence (```json ... ```), or the text as it is. Sliced, not
+    matched with a regular expression: a backtracking one took quadratic time on an unclosed
+    fence followed by a long run of whitespace, and the answer is a model's, steerable by a job."""
     text = text.strip()
-    m = _FENCE.match(text)
-    return m.group(1).strip() if m else text
+    if len(text) < 6 or not (text.startswith("```") and text.endswith("```")):
+        return text
+    return text[3:-3].lstrip(string.ascii_letters).strip()
 
 
 def _load_json(text: str) -> Any:
     try:
         return json.loads(_strip_fence(text))
-    except (json.JSONDecodeError, RecursionError):
+    # ValueError besides JSONDecodeError: an integer of more than 4,300 digits, which Python refuses
+    # to convert (its guard against quadratic time).
+    except (ValueError, RecursionError):
         return None
 
 
@@ -74,10 +80,12 @@ def check_schema(answer: str, schema: dict[str, Any]) -> Verdict:
     data = _load_json(answer)
     if data is None:
         return Verdict(False, "json_schema", ["answer is not valid JSON"])
-    validator_cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    errors = sorted(validator_cls(schema).iter_errors(data), key=lambda e: list(e.absolute_path))
-    if errors:
-        problems = [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in errors[:5]]
+    try:
+        found = sorted(errors(schema, data), key=lambda e: list(e.absolute_path))
+    except SchemaUnusable as exc:
+        return Verdict(False, "json_schema", [f"the schema {exc.reason}"], final=True)
+    if found:
+        problems = [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in found[:5]]
         return Verdict(False, "json_schema", problems)
     return Verdict(True, "json_schema", output=data)
 

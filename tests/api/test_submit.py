@@ -106,6 +106,25 @@ def test_bad_item_in_array_names_index_and_field(server: Server, make_token: Mak
     assert not batch_exists(api_sessions, tenant_name, "bad-one")
 
 
+def test_a_schema_reaching_outside_itself_is_refused(server: Server, make_token: MakeToken,
+                                                     api_sessions: sessionmaker[Session], tenant_name: str) -> None:
+    """Refused at the door, naming the item and the reference or pattern, before any worker sees it."""
+    outside = {"kind": "extract", "text": "x", "schema": {"properties": {"a": {"$ref": "file:///etc/passwd"}}}}
+    backtracks = {"kind": "extract", "text": "x", "schema": {"type": "string", "pattern": "(?=a)a"}}
+    with server.client(make_token(tenant_name)) as c:
+        batch = c.post("/v1/batches", params={"name": "schema"}, json=[job(0), outside, job(2)])
+        one = c.post("/v1/jobs", params={"batch": "schema-one"}, json=backtracks)
+    assert batch.status_code == 422, batch.text
+    assert batch.json()["detail"].startswith("item 1: field 'schema' has a reference 'file:///etc/passwd' at "
+                                             "properties/a/$ref that does not resolve inside the schema: "
+                                             "switchyard follows no reference to a file, a URL or another document")
+    assert one.status_code == 422, one.text
+    assert one.json()["detail"].startswith("field 'schema' has a pattern '(?=a)a' at pattern that switchyard "
+                                           "cannot run")
+    assert not batch_exists(api_sessions, tenant_name, "schema")
+    assert not batch_exists(api_sessions, tenant_name, "schema-one")
+
+
 def test_bad_line_in_jsonl_names_line(server: Server, make_token: MakeToken, api_sessions: sessionmaker[Session],
                                       tenant_name: str) -> None:
     body = (json.dumps(job(0)) + "\n\n" + json.dumps(job(1)) + "\n" + '{"kind": "classify", "text": "x", "labels": []}'

@@ -16,11 +16,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.config import ModelConfig
 from pipeline.enqueue import enqueue_file
 from pipeline.fake_claude import FakeClaude
-from pipeline.models import Job, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
+from pipeline.models import Batch, Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
 from pipeline.pricing import Usage, call_cost
 from pipeline.report import summarize
 from pipeline.routing import parse_triage, tier_for
 from tests.cluster import Cluster, wait_for_batch
+from tests.listener import listening
 
 LABELS = ["billing", "bug", "account", "other"]
 SCHEMA = {"type": "object", "required": ["name", "amount"],
@@ -164,6 +165,50 @@ def test_two_hundred_mixed_jobs_end_to_end(cluster: Cluster, sessions: sessionma
         logged = {r["request_id"] for r in fake_claude.requests()}
         assert {c.request_id for c in calls} <= logged
         assert s.scalar(select(func.count()).select_from(ModelCall).where(ModelCall.outcome == "started")) == 0
+
+
+def test_a_schema_stored_before_the_checks_fails_with_a_reason(cluster: Cluster, sessions: sessionmaker[Session],
+                                                               tmp_path: Path) -> None:
+    """Jobs written straight to Postgres, as if submitted before schemas were checked: the validate
+    worker reads no file, sends no request, and fails each job at once with the reason, instead
+    of crashing the stage and leaving the job in `validating`."""
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"type": "string", "enum": ["leaked-enum-value"]}))
+    with listening() as listener:
+        schemas = {
+            "file": ({"type": "object", "properties": {"name": {"$ref": secret.as_uri()}}}, secret.as_uri()),
+            "http": ({"$ref": f"{listener.url}/remote.json"}, f"{listener.url}/remote.json"),
+            "id-relative": ({"$id": f"{listener.url}/root.json", "properties": {"name": {"$ref": "other.json"}}},
+                            "other.json"),
+            "dynamic": ({"$dynamicRef": f"{listener.url}/dynamic.json#meta"}, f"{listener.url}/dynamic.json#meta"),
+            "dangling": ({"type": "object", "properties": {"name": {"$ref": "#/$defs/missing"}}}, "#/$defs/missing"),
+            "backreference": ({"type": "object", "properties": {"name": {"type": "string", "pattern": "(a)\\1"}}},
+                              "(a)\\1"),
+        }
+        with sessions.begin() as s:
+            batch = Batch(name="e2e-unconfined-schemas")
+            s.add(batch)
+            s.flush()
+            s.add_all([Job(batch_id=batch.id, key=key, kind=JobKind.EXTRACT, pinned_tier="sonnet",
+                           payload={"text": "Receipt for Dana Smith, 42.50 paid.", "schema": schema})
+                       for key, (schema, _) in schemas.items()])
+            batch_id = batch.id
+        wait_for_batch(sessions, batch_id, timeout=90, cluster=cluster)
+        assert listener.requests == []
+
+    with sessions() as s:
+        jobs = {j.key: j for j in s.scalars(select(Job).where(Job.batch_id == batch_id))}
+        for key, (_, named) in schemas.items():
+            job = jobs[key]
+            assert job.status is JobStatus.FAILED, (key, job.status, job.error)
+            # One answer, one verdict: no other attempt or tier could pass a schema that cannot be used.
+            assert job.error and job.error.startswith("validation failed at sonnet after 1 attempt(s): the schema"), \
+                (key, job.error)
+            assert repr(named) in job.error and "leaked" not in job.error, (key, job.error)
+            verdicts = s.scalars(select(ValidationVerdict).where(ValidationVerdict.job_id == job.id)).all()
+            assert [(v.ok, v.validator) for v in verdicts] == [(False, "json_schema")]
+            assert s.scalar(select(func.count()).select_from(ModelCall).where(ModelCall.job_id == job.id,
+                                                                              ModelCall.stage == Stage.WORK)) == 1
 
 
 def first_tier(s: Session, job_id: int) -> str | None:

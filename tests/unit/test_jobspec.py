@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,67 @@ def test_a_good_batch_name_is_taken_as_it_is(name: str) -> None:
 def test_the_length_limits_are_the_columns() -> None:
     assert Batch.__table__.c.name.type.length == MAX_BATCH_NAME_LENGTH
     assert Job.__table__.c.key.type.length == MAX_KEY_LENGTH
+
+
+def _extract(schema: object) -> dict[str, object]:
+    return {"kind": "extract", "text": "Receipt for Dana, 42.50", "schema": schema}
+
+
+@pytest.mark.parametrize(("schema", "message"), [
+    ({"properties": {"a": {"$ref": "file:///etc/passwd"}}},
+     "field 'schema' has a reference 'file:///etc/passwd' at properties/a/$ref that does not resolve inside the "
+     "schema"),
+    ({"$ref": "http://127.0.0.1:9/remote.json"}, "a reference 'http://127.0.0.1:9/remote.json' at $ref that"),
+    ({"$id": "https://example.com/root.json", "items": {"$ref": "other.json"}},
+     "a reference 'other.json' at items/$ref"),
+    ({"$dynamicRef": "https://example.com/meta#m"}, "a reference 'https://example.com/meta#m' at $dynamicRef"),
+    ({"$defs": {"a": {"type": "string"}}, "$ref": "#/$defs/b"}, "a reference '#/$defs/b' at $ref that does not"),
+    ({"properties": {"code": {"type": "string", "pattern": r"^(\w)\1$"}}},
+     r"field 'schema' has a pattern '^(\\w)\\1$' at properties/code/pattern that switchyard cannot run"),
+    ({"patternProperties": {"^(?=x)": {}}}, "a pattern '^(?=x)' at patternProperties that switchyard cannot run"),
+    ({"$schema": "http://json-schema.org/draft-04/schema#", "patternProperties": {"(?<!a)b": {}}},
+     "a pattern '(?<!a)b' at patternProperties"),
+])
+def test_a_schema_that_could_reach_out_or_backtrack_is_refused(schema: object, message: str) -> None:
+    with pytest.raises(JobInputError) as info:
+        parse_job(_extract(schema), work_tiers=TIERS)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("schema", [
+    {"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}}}, "$ref": "#/$defs/n"},
+    {"$id": "https://example.com/r.json", "$defs": {"i": {"$id": "i.json"}}, "items": {"$ref": "i.json"}},
+    {"$defs": {"c": {"$anchor": "c"}}, "$ref": "#c"},
+    {"properties": {"s": {"$ref": "https://json-schema.org/draft/2020-12/schema"}}},
+    {"properties": {"w": {"type": "string", "pattern": r"^\p{L}+$"}}},  # RE2 syntax that Python's re lacks
+    {"patternProperties": {"^x-": {"type": "string"}}, "additionalProperties": False},
+])
+def test_a_schema_confined_to_itself_is_accepted(schema: object) -> None:
+    assert parse_job(_extract(schema), work_tiers=TIERS).payload["schema"] == schema
+
+
+def test_cli_refuses_such_a_schema_in_one_sentence(database_url: str, tmp_path: Path) -> None:
+    """The CLI's half of the refusal (a pattern takes the same path through jobspec)."""
+    path = tmp_path / "jobs.jsonl"
+    bad = _extract({"properties": {"a": {"$ref": "http://127.0.0.1:9/x.json"}}})
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(bad) + "\n")
+    switchyard = str(Path(sys.executable).parent / "switchyard")
+    env = {"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([switchyard, "enqueue", str(path), "--batch", "cli-schema"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert ("line 2: field 'schema' has a reference 'http://127.0.0.1:9/x.json' at properties/a/$ref that does not "
+            "resolve inside the schema") in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_a_schema_too_large_for_the_context_is_refused_before_it_is_checked() -> None:
+    """Checking a schema costs far more per byte than counting it: a huge one must not hold a
+    thread of the API for minutes only to be refused for its size."""
+    schema = {"$defs": {f"d{i}": {"type": "object", "properties": {"v": {"$ref": f"#/$defs/d{i}"}}}
+                        for i in range(6_000)}}
+    start = time.thread_time()
+    with pytest.raises(JobInputError, match=r"too large for the model's context: about [\d,]+ tokens, limit 1,000"):
+        parse_job(_extract(schema), work_tiers=TIERS, max_tokens=1000)
+    assert time.thread_time() - start < 0.5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pipeline.config import load_config, parse_config
@@ -28,11 +30,20 @@ def test_parse_triage_reads_verdicts(text: str, difficulty: str, confidence: flo
     '{"difficulty": "easy"}', '{"difficulty": "easy", "confidence": "high"}',
     '{"difficulty": "easy", "confidence": 1.5}', '{"difficulty": "easy", "confidence": -0.1}',
     '{"difficulty": "easy", "confidence": true}', "{" * 5000 + "}" * 5000,
+    # More digits than Python converts to an int (its guard against quadratic time).
+    '{"difficulty": "easy", "confidence": ' + "1" * 5000 + "}",
 ])
 def test_garbage_triage_is_ambiguous_never_an_error(text: str | None) -> None:
     v = parse_triage(text, min_confidence=0.6)
     assert v.difficulty == AMBIGUOUS
     assert tier_for(v, POLICY) == "opus"
+
+
+def test_triage_parsing_is_linear_in_the_answer() -> None:
+    """Braces that never close: a backtracking search for the object took quadratic time."""
+    start = time.thread_time()
+    assert parse_triage("{" * 100_000, min_confidence=0.6).difficulty == AMBIGUOUS
+    assert time.thread_time() - start < 0.5
 
 
 def test_low_confidence_is_ambiguous_but_keeps_its_confidence() -> None:
@@ -59,6 +70,7 @@ def test_policy_is_configuration() -> None:
 
 def test_failed_validation_retries_then_escalates_then_fails() -> None:
     assert after_failed_validation("sonnet", 1, POLICY).action == "retry"
+    assert after_failed_validation("sonnet", 1, POLICY, retryable=False).action == "fail"
     step = after_failed_validation("sonnet", 2, POLICY)
     assert (step.action, step.tier, step.attempt) == ("escalate", "opus", 1)
     assert after_failed_validation("opus", 1, POLICY).action == "retry"
