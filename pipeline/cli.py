@@ -104,6 +104,9 @@ def worker(
     celery_app.conf.worker_concurrency = n
     port = metrics_port if metrics_port is not None else s.metrics_port
     heartbeat = _start_worker_side(s, celery_app, tier=tier, concurrency=n, pool=pool.value, metrics_port=port)
+    if heartbeat is not None:
+        # Claims name this process, so the dispatcher republishes them as soon as its beats stop.
+        celery_app.conf.switchyard_worker_id = heartbeat.worker_id
     try:
         celery_app.worker_main(["worker", "-Q", tier, "-P", pool.value, "-c", str(n), "-n", f"{tier}@%h",
                                 "-l", loglevel, "--without-mingle", "--without-gossip"])
@@ -114,7 +117,8 @@ def worker(
 
 def _start_worker_side(s: Settings, celery_app: Any, *, tier: str, concurrency: int, pool: str,
                        metrics_port: int | None) -> Any:
-    """Metrics (if asked for) and the heartbeat that `switchyard status` reads (on Redis)."""
+    """Metrics (if asked for) and the heartbeat (on Redis) that `switchyard status` and the
+    dispatcher's sweeper read."""
     from pipeline import metrics
 
     tick = None
@@ -165,12 +169,20 @@ def dispatcher(
         _serve_depths(s, port, stop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    lapsed = None
+    if s.uses_redis:
+        import redis
+
+        from pipeline.ops import LapsedWorkers
+
+        lapsed = LapsedWorkers(redis.Redis.from_url(s.broker_url, socket_timeout=5, socket_connect_timeout=5))
     err.print(f"dispatcher: max {s.max_in_flight} jobs in flight, stage deadline "
-              f"{s.effective_stage_deadline_s:.0f} s, claim deadline {s.effective_claim_deadline_s:.0f} s")
+              f"{s.effective_stage_deadline_s:.0f} s, claim deadline {s.effective_claim_deadline_s:.0f} s"
+              f"{' (sooner when a worker stops beating)' if lapsed else ''}")
     run_dispatcher(p, publisher(workers.celery.app), max_in_flight=s.max_in_flight,
                    interval_s=interval or s.dispatch_interval_s, deadline_s=s.effective_stage_deadline_s,
                    claim_deadline_s=s.effective_claim_deadline_s, broker_lost=broker_watch(s.broker_url),
-                   stop=stop)
+                   lapsed=lapsed, stop=stop)
 
 
 def _serve_depths(s: Settings, port: int, stop: Any) -> None:

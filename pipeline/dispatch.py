@@ -2,8 +2,9 @@
 
 Postgres is the queue of record. ``dispatch`` moves the oldest queued jobs into their first stage
 only while fewer than ``max_in_flight`` jobs are active, so Redis holds at most that many messages
-however large the batch. ``sweep`` republishes any job whose stage has made no progress past its
-deadline: a message lost in a Redis flush or with a killed worker. Duplicates this may create are
+however large the batch. ``sweep`` republishes the stages of a killed worker, as soon as its
+heartbeat has lapsed, and any stage that has made no progress past its deadline: a message lost in
+a Redis flush, or a dead worker whose heartbeat cannot be read. Duplicates this may create are
 harmless, because stages move jobs by conditional update.
 """
 
@@ -12,12 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Protocol
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, insert, or_, select, update
 
 from pipeline.db import Executor
 from pipeline.models import ACTIVE, Job, JobStatus, ModelCall, RoutingDecision, utcnow
@@ -27,6 +28,8 @@ from pipeline.states import transition_many
 log = logging.getLogger(__name__)
 
 Publish = Callable[[Iterable[Handoff]], None]
+# Which of the given workers (as claims name them) have stopped beating: pipeline.ops.LapsedWorkers.
+Lapsed = Callable[[Sequence[str]], set[str]]
 
 
 def active_count(session: Executor) -> int:
@@ -78,23 +81,41 @@ def _queue(status: JobStatus, tier: str | None) -> str:
     return h.queue if h else ""
 
 
-def _on_probation(session: Executor, claim_cutoff: datetime) -> set[str]:
+def _held_by(dead_workers: Collection[str]) -> ColumnElement[bool] | None:
+    return Job.claimed_by.in_(list(dead_workers)) if dead_workers else None
+
+
+def _on_probation(session: Executor, claim_cutoff: datetime, dead_workers: Collection[str] = ()) -> set[str]:
     """Queues where a suspect is on probation right now: running (a live claim), or republished
     and on its way to a worker. Counting only running ones would let the next sweep send a second
     suspect while the first still waits in the queue, and the two could die together again. A
-    republished suspect whose message is lost stops counting after the claim deadline."""
+    republished suspect whose message is lost stops counting after the claim deadline, and one held
+    by a dead worker is not running at all."""
+    live = Job.claimed_at >= claim_cutoff
+    if (dead := _held_by(dead_workers)) is not None:
+        live = and_(live, or_(Job.claimed_by.is_(None), ~dead))
     rows = session.execute(
         select(Job.status, Job.tier).distinct()
         .where(Job.status.in_(ACTIVE), Job.deliveries >= SUSPECT_DELIVERIES,
-               or_(Job.claimed_at >= claim_cutoff,
-                   and_(Job.claimed_at.is_(None), Job.stage_started_at >= claim_cutoff)))
+               or_(live, and_(Job.claimed_at.is_(None), Job.stage_started_at >= claim_cutoff)))
     ).all()
     return {_queue(r.status, r.tier) for r in rows}
 
 
+def claim_holders(session: Executor) -> list[str]:
+    """The workers holding a stage right now, as their claims name them."""
+    return list(session.scalars(select(Job.claimed_by).distinct()
+                                .where(Job.status.in_(ACTIVE), Job.claimed_by.is_not(None))))
+
+
 def sweep(session: Executor, *, deadline_s: float, claim_deadline_s: float, lost_before: datetime | None = None,
-          limit: int = 1000) -> list[Handoff]:
+          dead_workers: Collection[str] = (), limit: int = 1000) -> list[Handoff]:
     """Republish stages whose worker died, and stages whose message was lost (see the module doc).
+
+    A claim is dead when its worker is among ``dead_workers`` (its heartbeat has lapsed), at once,
+    or when it has shown no sign of life for ``claim_deadline_s``. The deadline stays in force for
+    every claim: it is the fallback when a worker's heartbeat cannot be read (Redis down, a worker
+    without one), and it also frees a stage whose thread stalled in a worker that still beats.
 
     Suspects go on probation. A poison job kills every job in flight beside it on its worker, and
     they are all swept and republished together, so without care the innocent ones would die with
@@ -108,9 +129,13 @@ def sweep(session: Executor, *, deadline_s: float, claim_deadline_s: float, lost
     if lost_before is not None:
         lost_cutoff = max(lost_cutoff, lost_before)
     lost = and_(Job.claimed_at.is_(None), Job.stage_started_at < lost_cutoff)
+    stalled = [Job.claimed_at < claim_cutoff, lost]
+    if (orphaned := _held_by(dead_workers)) is not None:
+        # Re-checked on the locked row: a claim another worker has taken since is not selected.
+        stalled.append(orphaned)
     rows = session.execute(
-        select(Job.id, Job.status, Job.tier, Job.claimed_at, Job.deliveries)
-        .where(Job.status.in_(ACTIVE), or_(Job.claimed_at < claim_cutoff, lost))
+        select(Job.id, Job.status, Job.tier, Job.claimed_at, Job.claimed_by, Job.deliveries)
+        .where(Job.status.in_(ACTIVE), or_(*stalled))
         .order_by(Job.stage_started_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -119,14 +144,17 @@ def sweep(session: Executor, *, deadline_s: float, claim_deadline_s: float, lost
         return []
     dead = [r.id for r in rows if r.claimed_at is not None]
     if dead:
-        # A call still "started" under a dead claim will never report back: its worker is gone.
+        # A call still "started" under a dead claim will never report back: its worker is gone. (A
+        # lapsed worker's claim may be seconds old, and every call under it is dead with it.)
+        of_dead_worker = [r.id for r in rows if r.claimed_by is not None and r.claimed_by in dead_workers]
         session.execute(
             update(ModelCall)
-            .where(ModelCall.job_id.in_(dead), ModelCall.outcome == "started", ModelCall.started_at < claim_cutoff)
+            .where(ModelCall.job_id.in_(dead), ModelCall.outcome == "started",
+                   or_(ModelCall.started_at < claim_cutoff, ModelCall.job_id.in_(of_dead_worker)))
             .values(outcome="abandoned", finished_at=now)
             .execution_options(synchronize_session=False)
         )
-    busy = _on_probation(session, claim_cutoff)
+    busy = _on_probation(session, claim_cutoff, dead_workers)
     chosen, held = [], 0
     for r in rows:
         if r.claimed_at is not None and r.deliveries >= SUSPECT_DELIVERIES:
@@ -141,13 +169,26 @@ def sweep(session: Executor, *, deadline_s: float, claim_deadline_s: float, lost
     ids = [r.id for r in chosen]
     # Restart the clock so the next sweep gives the republished message a full deadline, and drop
     # the dead worker's claim so that message may take the stage.
-    session.execute(update(Job).where(Job.id.in_(ids)).values(stage_started_at=now, claimed_at=None)
+    session.execute(update(Job).where(Job.id.in_(ids)).values(stage_started_at=now, claimed_at=None, claimed_by=None)
                     .execution_options(synchronize_session=False))
-    n_dead = sum(1 for r in chosen if r.claimed_at is not None)
-    log.warning("sweeper: republishing %d job(s): %d whose worker stopped for over %.0f s, %d whose message "
-                "was lost%s; %d suspect(s) held on probation", len(ids), n_dead, claim_deadline_s, len(ids) - n_dead,
+    n_lapsed = sum(1 for r in chosen if r.claimed_by is not None and r.claimed_by in dead_workers)
+    n_stale = sum(1 for r in chosen if r.claimed_at is not None) - n_lapsed
+    log.warning("sweeper: republishing %d job(s): %d whose worker's heartbeat lapsed, %d whose worker showed no "
+                "sign of life for over %.0f s, %d whose message was lost%s; %d suspect(s) held on probation",
+                len(ids), n_lapsed, n_stale, claim_deadline_s, len(ids) - n_lapsed - n_stale,
                 " (the broker lost its data)" if lost_before else f" (unclaimed for over {deadline_s:.0f} s)", held)
     return [h for r in chosen if (h := handoff_for(r.id, r.status, r.tier)) is not None]
+
+
+def sweep_stalled(p: Pipeline, *, deadline_s: float, claim_deadline_s: float, lapsed: Lapsed | None = None,
+                  lost_before: datetime | None = None) -> list[Handoff]:
+    """One sweep as the dispatcher runs it: first ask the heartbeats which workers holding claims
+    have died (``lapsed``; outside any transaction, as Redis may be slow or down), then sweep."""
+    dead: set[str] = set()
+    if lapsed is not None and (holders := p.run(claim_holders, autocommit=True)):
+        dead = lapsed(holders)
+    return p.run(partial(sweep, deadline_s=deadline_s, claim_deadline_s=claim_deadline_s, lost_before=lost_before,
+                         dead_workers=dead))
 
 
 class Stopper(Protocol):
@@ -165,12 +206,14 @@ def run_dispatcher(
     deadline_s: float,
     claim_deadline_s: float,
     broker_lost: Callable[[], bool] | None = None,
+    lapsed: Lapsed | None = None,
     stop: Stopper | None = None,
     on_tick: Callable[[int, int], None] | None = None,
 ) -> None:
     """Dispatch and sweep until ``stop`` is set. Publishing happens after each commit.
 
-    ``broker_lost()`` says whether the broker lost its messages since it was last asked."""
+    ``broker_lost()`` says whether the broker lost its messages since it was last asked;
+    ``lapsed(workers)`` which of the workers holding claims have stopped beating."""
     stop = stop or threading.Event()
     while not stop.is_set():
         dispatched = p.run(lambda s: dispatch(s, max_in_flight=max_in_flight))
@@ -181,8 +224,8 @@ def run_dispatcher(
         # Past the limit of one sweep, a broker loss must still reach every job: sweep again until
         # a sweep comes back short (each republished job's clock restarts after ``lost_before``).
         while True:
-            swept = p.run(partial(sweep, deadline_s=deadline_s, claim_deadline_s=claim_deadline_s,
-                                  lost_before=lost_before))
+            swept = sweep_stalled(p, deadline_s=deadline_s, claim_deadline_s=claim_deadline_s, lapsed=lapsed,
+                                  lost_before=lost_before)
             publish(swept)
             if lost_before is None or len(swept) < 1000:
                 break

@@ -172,6 +172,10 @@ class Job(Base):
     # died, and is swept after the short claim deadline; a job merely waiting in the broker's
     # queue has no claim and is swept only after the long stage deadline (pipeline.dispatch).
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The worker process holding the claim, as its heartbeat names it (pipeline.ops.Heartbeat:
+    # unique per process start); NULL for a worker without a heartbeat. The sweeper republishes the
+    # claims of a worker whose heartbeat has lapsed at once, without waiting out the claim deadline.
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
 
     difficulty: Mapped[str | None] = mapped_column(String(20))
     tier: Mapped[str | None] = mapped_column(String(40))

@@ -4,19 +4,23 @@ the workers' and dispatcher's metrics export the queue depths.
 
 Workers are found by heartbeat keys rather than Celery's broadcast ``inspect``: a key each worker
 refreshes every few seconds costs one SCAN to read, answers at once however many workers there
-are, needs no reply from a worker that is busy, and expires by itself when a worker dies.
+are, and needs no reply from a worker that is busy. A worker that dies stops refreshing its key;
+three missed beats later it is gone from `status`, and the dispatcher's sweeper republishes the
+stages it held (``LapsedWorkers``, pipeline.dispatch).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 from typing import Any
 
@@ -27,13 +31,12 @@ from sqlalchemy.orm import Session
 
 from pipeline.models import ACTIVE, TERMINAL, Job, JobStatus, utcnow
 
+log = logging.getLogger(__name__)
+
 # kombu's Redis transport keeps a queue's messages of priority p > 0 in a list of its own named
 # queue + "\x06\x16" + p; counting only the base list misses them (shared/CELERY_NOTES.md).
 PRIORITY_SEP = "\x06\x16"
 UNACKED_KEY = "unacked"  # kombu: messages delivered to a worker and not yet acked (ETA ones too)
-HEARTBEAT_PREFIX = "switchyard:worker:"
-HEARTBEAT_EVERY_S = 5.0
-HEARTBEAT_TTL_S = 3 * HEARTBEAT_EVERY_S
 
 
 def queue_lists(queue: str) -> list[str]:
@@ -67,6 +70,16 @@ def reserved_by_queue(client: redis.Redis) -> dict[str, int]:
 
 # -- heartbeats --------------------------------------------------------------------------------------
 
+HEARTBEAT_PREFIX = "switchyard:worker:"
+HEARTBEAT_EVERY_S = 5.0
+# A worker is taken for dead once this many beats in a row have not come: a margin over a beat
+# delayed by a busy process or a slow Redis, so that a live worker never loses its claims.
+HEARTBEAT_MISSED_BEATS = 3
+# How long a worker's record outlives its last beat. The record, not its absence, is what shows
+# that a worker has stopped beating: a missing one may just be a Redis that lost its data. So it
+# stays long after the lapse (far longer than any sweep takes to see it), and then goes.
+HEARTBEAT_KEEP_S = 3600
+
 
 @dataclass
 class WorkerInfo:
@@ -78,23 +91,57 @@ class WorkerInfo:
     pool: str
     busy: int = 0
     started_at: float = 0.0
+    # The last beat, on the Redis server's clock: every host judges it against that same clock.
     seen_at: float = 0.0
     metrics_port: int | None = None
+    worker_id: str = ""
+    every_s: float = HEARTBEAT_EVERY_S
+    stopped: bool = False
+
+    def lapsed(self, now: float) -> bool:
+        """No beat for HEARTBEAT_MISSED_BEATS beats at ``now`` (the Redis server's time)."""
+        return now - self.seen_at > HEARTBEAT_MISSED_BEATS * self.every_s
+
+
+_INFO_FIELDS = frozenset(f.name for f in fields(WorkerInfo))
+
+
+def _parse(raw: bytes | None) -> WorkerInfo | None:
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        return WorkerInfo(**{k: v for k, v in data.items() if k in _INFO_FIELDS})
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _server_time(reply: tuple[int, int]) -> float:
+    seconds, micros = reply
+    return seconds + micros / 1e6
+
+
+def worker_identity(tier: str, host: str, pid: int) -> str:
+    """Unique per process start: a worker restarted on the same host, even with the same pid (pid 1
+    in a container), is a new worker, whose beats must not keep its predecessor's claims alive."""
+    return f"{tier}@{host[:100]}:{pid}:{secrets.token_hex(6)}"
 
 
 class Heartbeat:
-    """A worker's presence in Redis, refreshed from a daemon thread; ``tick`` runs with each beat
-    (the worker refreshes its queue-depth gauge there)."""
+    """A worker's presence in Redis, refreshed from a daemon thread of its own, so it keeps beating
+    while the worker's threads are busy with calls; ``tick`` runs with each beat (the worker
+    refreshes its queue-depth gauge there). ``worker_id`` names the process in the claims it takes."""
 
     def __init__(self, client: redis.Redis, *, tier: str, concurrency: int, pool: str,
                  busy: Callable[[], int] = lambda: 0, metrics_port: int | None = None,
                  tick: Callable[[], None] | None = None, every_s: float = HEARTBEAT_EVERY_S) -> None:
         host = socket.gethostname()
         self.client = client
-        self.key = f"{HEARTBEAT_PREFIX}{tier}@{host}:{os.getpid()}"
+        self.worker_id = worker_identity(tier, host, os.getpid())
+        self.key = f"{HEARTBEAT_PREFIX}{self.worker_id}"
         self.info = WorkerInfo(name=f"{tier}@{host}", tier=tier, host=host, pid=os.getpid(),
                                concurrency=concurrency, pool=pool, started_at=time.time(),
-                               metrics_port=metrics_port)
+                               metrics_port=metrics_port, worker_id=self.worker_id, every_s=every_s)
         self._busy = busy
         self._tick = tick
         self.every_s = every_s
@@ -103,37 +150,90 @@ class Heartbeat:
 
     def beat(self) -> None:
         self.info.busy = self._busy()
-        self.info.seen_at = time.time()
-        self.client.set(self.key, json.dumps(asdict(self.info)), ex=int(max(HEARTBEAT_TTL_S, 3 * self.every_s)))
+        self.info.seen_at = _server_time(self.client.time())
+        self._write()
+
+    def _write(self) -> None:
+        self.client.set(self.key, json.dumps(asdict(self.info)), ex=HEARTBEAT_KEEP_S)
+
+    def _beat_and_tick(self) -> None:
+        # Redis is down: the worker cannot work either, and the sweeper cannot judge it meanwhile.
+        with contextlib.suppress(redis.RedisError):
+            self.beat()
+        if self._tick is not None:
+            with contextlib.suppress(redis.RedisError):
+                self._tick()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.beat()
-                if self._tick is not None:
-                    self._tick()
-            except redis.RedisError:
-                pass  # Redis is down: the worker cannot work either, and its key will expire
-            self._stop.wait(self.every_s)
+        # At a fixed rate, not every_s after the end of the last beat: a slow beat must not
+        # stretch the gaps the sweeper measures.
+        due = time.monotonic() + self.every_s
+        while not self._stop.wait(max(0.0, due - time.monotonic())):
+            self._beat_and_tick()
+            due = max(due + self.every_s, time.monotonic())
 
     def start(self) -> Heartbeat:
+        # The first beat before any claim: a claim never names a worker that has no record yet.
+        self._beat_and_tick()
         self._thread = threading.Thread(target=self._run, name="switchyard-heartbeat", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """A clean stop: the worker leaves `status` at once. Its record stays, with its last beat,
+        so any claim it still holds (a stage handed back at shutdown) is republished once the
+        heartbeat has lapsed, as after a crash, rather than after the claim deadline."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.every_s)
+        self.info.stopped = True
         with contextlib.suppress(redis.RedisError):
-            self.client.delete(self.key)
+            self._write()
 
 
 def workers_online(client: redis.Redis) -> list[WorkerInfo]:
     keys = list(client.scan_iter(match=f"{HEARTBEAT_PREFIX}*", count=500))
-    out = []
-    for raw in client.mget(keys) if keys else []:
-        if raw is not None:
-            out.append(WorkerInfo(**json.loads(raw)))
+    if not keys:
+        return []
+    pipe = client.pipeline(transaction=False)
+    pipe.time()
+    pipe.mget(keys)
+    reply, raws = pipe.execute()
+    now = _server_time(reply)
+    out = [info for raw in raws if (info := _parse(raw)) is not None and not info.stopped and not info.lapsed(now)]
     return sorted(out, key=lambda w: (w.tier, w.host, w.pid))
+
+
+class LapsedWorkers:
+    """The sweeper's question to the heartbeats: which of these workers (as claims name them) have
+    stopped beating? Only a worker whose record shows its last beat HEARTBEAT_MISSED_BEATS beats
+    ago. No record (a worker that never registered in this Redis, or a Redis that lost its data)
+    and an unreachable Redis judge no one: the claim deadline then decides, as the fallback."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._unreadable = False
+
+    def __call__(self, worker_ids: Sequence[str]) -> set[str]:
+        ids = list(worker_ids)
+        if not ids:
+            return set()
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.time()
+            pipe.mget([f"{HEARTBEAT_PREFIX}{w}" for w in ids])
+            reply, raws = pipe.execute()
+        except redis.RedisError as exc:
+            if not self._unreadable:  # once per outage, not every sweep
+                log.warning("cannot read the workers' heartbeats (%s): dead workers' jobs wait for the claim "
+                            "deadline until Redis answers", exc)
+            self._unreadable = True
+            return set()
+        if self._unreadable:
+            log.warning("the workers' heartbeats can be read again")
+            self._unreadable = False
+        now = _server_time(reply)
+        return {w for w, raw in zip(ids, raws, strict=True) if (info := _parse(raw)) is not None and info.lapsed(now)}
 
 
 # -- the whole picture ---------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ def build_limiter(settings: Settings, *, on_wait: Callable[[str, float], None] |
 
 def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLimiter | None = None,
                    on_attempt: AttemptObserver | None = None,
-                   on_wait: Callable[[str, float], None] | None = None) -> Pipeline:
+                   on_wait: Callable[[str, float], None] | None = None, worker_id: str | None = None) -> Pipeline:
+    """``worker_id``: the worker process's heartbeat identity, which its claims carry."""
     if not settings.api_key:
         raise ConfigError("ANTHROPIC_API_KEY is not set (for the fake Claude, any value will do)")
     if limiter is None:
@@ -48,4 +49,5 @@ def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLi
 
         client = CrashOnMarker(client, settings.test_crash_on)
     return Pipeline(sessions=session_factory(engine), client=client, models=settings.models,
-                    max_deliveries=settings.max_deliveries, claim_deadline_s=settings.effective_claim_deadline_s)
+                    max_deliveries=settings.max_deliveries, claim_deadline_s=settings.effective_claim_deadline_s,
+                    worker_id=worker_id)

@@ -52,8 +52,9 @@ class Settings(BaseSettings):
     # longer than the slowest stage can legitimately take, retries included.
     stage_deadline_s: float | None = Field(None, alias="SWITCHYARD_STAGE_DEADLINE_S")
     # A stage a worker has begun, with no sign of life (a new call attempt) for this long, is taken
-    # to have lost its worker and is republished. It must exceed one call attempt plus its backoff;
-    # it is what bounds recovery after a worker is killed.
+    # to have lost its worker and is republished. It must exceed one call attempt plus its backoff.
+    # A killed worker's stages come back sooner, once its heartbeat lapses (pipeline.ops); this is
+    # the fallback when the heartbeat cannot be read.
     claim_deadline_s: float | None = Field(None, alias="SWITCHYARD_CLAIM_DEADLINE_S")
     # A job whose stage was started this many times without finishing is a poison job.
     max_deliveries: int = Field(3, alias="SWITCHYARD_MAX_DELIVERIES")

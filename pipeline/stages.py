@@ -64,6 +64,9 @@ class Pipeline:
     # How long a claimed stage may show no sign of life before another delivery may take it over
     # (and the sweeper republishes it): longer than one call attempt plus its backoff.
     claim_deadline_s: float = 300.0
+    # This process's identity in its heartbeat (pipeline.ops.Heartbeat), written on every claim it
+    # takes; None where no heartbeat runs (the embedded demo, `celery -A workers worker`).
+    worker_id: str | None = None
 
     @property
     def engine(self) -> Engine:
@@ -242,7 +245,8 @@ def _claim(p: Pipeline, job_id: int, status: JobStatus,
     now = utcnow()
 
     def do(session: Connection) -> tuple[Claim, int | None] | None:
-        claim = begin_stage(session, job_id, status=status, claim_deadline_s=p.claim_deadline_s, now=now)
+        claim = begin_stage(session, job_id, status=status, claim_deadline_s=p.claim_deadline_s, now=now,
+                            worker=p.worker_id)
         if claim is None:
             return None
         if claim.deliveries > 1 or replaying(session):

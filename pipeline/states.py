@@ -59,7 +59,7 @@ def _column(key: str) -> str:
 def _entry_values(to: JobStatus, now: Any) -> dict[str, Any]:
     # A new stage starts unclaimed: no worker holds it until one begins it.
     values: dict[str, Any] = {"status": to, "version": Job.version + 1, "updated_at": now,
-                              "deliveries": 0, "claimed_at": None}
+                              "deliveries": 0, "claimed_at": None, "claimed_by": None}
     if to in TERMINAL:
         values.update(finished_at=now, stage_started_at=None, candidate=None)
     else:
@@ -323,14 +323,14 @@ _BEGIN_STAGE = (
     # A claim already stamped with this very time is this claim, committed once and now replayed
     # (its acknowledgement was lost with the connection): taken again, and not counted twice.
     .values(deliveries=case((_JOBS.c.claimed_at == _NOW, _JOBS.c.deliveries), else_=_JOBS.c.deliveries + 1),
-            claimed_at=_NOW)
+            claimed_at=_NOW, claimed_by=bindparam("b_worker", type_=_JOBS.c.claimed_by.type))
     .returning(_JOBS.c.id, _JOBS.c.version, _JOBS.c.deliveries, _JOBS.c.kind, _JOBS.c.payload, _JOBS.c.tier,
                _JOBS.c.attempt, _JOBS.c.feedback, _JOBS.c.candidate, _JOBS.c.candidate_stop)
 )
 
 
 def begin_stage(session: Executor, job_id: int, *, status: JobStatus, claim_deadline_s: float,
-                now: datetime | None = None) -> Claim | None:
+                now: datetime | None = None, worker: str | None = None) -> Claim | None:
     """Claim the job for the stage that is starting, if it is in that stage and no live worker
     holds it.
 
@@ -342,9 +342,11 @@ def begin_stage(session: Executor, job_id: int, *, status: JobStatus, claim_dead
     so it counts the workers that began this stage and died (or stalled) on it.
 
     ``now`` stamps the claim; a caller that may replay the claim (Pipeline.run after a lost
-    connection) passes the same one each time, so the replay finds its own claim, not a rival's."""
+    connection) passes the same one each time, so the replay finds its own claim, not a rival's.
+    ``worker`` names the process that holds it (its heartbeat's identity), so that the sweeper can
+    tell a dead worker's claim from a live one's without waiting out the deadline."""
     now = now or utcnow()
-    row = session.execute(_BEGIN_STAGE, {"b_id": job_id, "b_status": status, "b_now": now,
+    row = session.execute(_BEGIN_STAGE, {"b_id": job_id, "b_status": status, "b_now": now, "b_worker": worker,
                                          "b_stale": now - timedelta(seconds=claim_deadline_s)}).first()
     if row is None:
         return None
@@ -359,7 +361,7 @@ def release_stage(session: Executor, job_id: int, *, status: JobStatus, version:
         update(Job)
         .where(Job.id == job_id, Job.status == status, Job.version == version, Job.deliveries > 0)
         # ...and gives up its claim, or the handed-back message would find the stage still held.
-        .values(deliveries=Job.deliveries - 1, stage_started_at=utcnow(), claimed_at=None)
+        .values(deliveries=Job.deliveries - 1, stage_started_at=utcnow(), claimed_at=None, claimed_by=None)
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]

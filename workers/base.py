@@ -35,9 +35,11 @@ def current_pipeline(app: Celery) -> Pipeline:
                 from pipeline.runtime import build_pipeline
 
                 settings: Settings = app.conf.switchyard_settings
-                # The worker command installs metrics callbacks here when --metrics-port is given.
+                # The worker command installs metrics callbacks here when --metrics-port is given,
+                # and the identity of its heartbeat, which the claims it takes carry.
                 hooks = app.conf.get("switchyard_hooks") or {}
-                _pipeline = build_pipeline(settings, concurrency=app.conf.worker_concurrency or 16, **hooks)
+                _pipeline = build_pipeline(settings, concurrency=app.conf.worker_concurrency or 16,
+                                           worker_id=app.conf.get("switchyard_worker_id"), **hooks)
     return _pipeline
 
 

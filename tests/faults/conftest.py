@@ -76,10 +76,12 @@ def make_cluster(database_url: str, broker_url: str, tmp_path: Path,
                  request: pytest.FixtureRequest) -> Iterator[Callable[..., Cluster]]:
     clusters: list[Cluster] = []
 
-    def make(fake: FakeClaude, *, env: dict[str, str] | None = None, concurrency: int = 16,
+    def make(fake: FakeClaude, *, env: dict[str, str | None] | None = None, concurrency: int = 16,
              start: bool = True) -> Cluster:
+        # A variable given as None is left unset: the process derives its production default.
+        merged = {**FAST_ENV, **(env or {})}
         cluster = Cluster(database_url=database_url, broker_url=broker_url, claude_url=fake.base_url,
-                          workdir=tmp_path, env_extra={**FAST_ENV, **(env or {})})
+                          workdir=tmp_path, env_extra={k: v for k, v in merged.items() if v is not None})
         clusters.append(cluster)
         if start:
             cluster.start_all(concurrency=concurrency)

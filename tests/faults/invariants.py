@@ -121,6 +121,7 @@ def check_exactly_once(sessions: sessionmaker[Session], batch_id: int, *, fake: 
         _check_path(job, events[job.id])
         assert job.finished_at is not None
         assert job.claimed_at is None
+        assert job.claimed_by is None
         passed = [v for v in verdicts[job.id] if v.ok]
         if job.status is S:
             assert len(passed) == 1, f"job {job.key}: {len(passed)} passing verdicts"

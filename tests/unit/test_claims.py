@@ -1,19 +1,27 @@
-"""Stage claims and the sweeper's two deadlines, on Postgres with no broker: what lets a killed
-worker's jobs come back fast without republishing healthy queued work, and keeps a poison job from
-taking innocent jobs down with it."""
+"""Stage claims, the workers' heartbeats and the sweeper's two deadlines, on Postgres (and Redis for
+the heartbeats): what lets a killed worker's jobs come back fast without taking work from a live
+one or republishing healthy queued work, and keeps a poison job from taking innocent jobs down
+with it."""
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import event, func, select, update
 from sqlalchemy.exc import OperationalError
 
 from pipeline import stages
-from pipeline.dispatch import sweep
-from pipeline.models import Job, JobEvent, JobStatus, ModelCall, RoutingDecision, ValidationVerdict, utcnow
+from pipeline.dispatch import sweep, sweep_stalled
+from pipeline.models import Job, JobEvent, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict, utcnow
+from pipeline.ops import Heartbeat, LapsedWorkers, workers_online
 from pipeline.stages import Handoff, Pipeline
 from pipeline.states import begin_stage
 from tests.unit.test_stages import dispatched, enqueue, job, pipeline  # noqa: F401  (the fixture)
@@ -194,3 +202,146 @@ def test_a_replayed_claim_takes_its_own_claim_again_without_counting_a_delivery(
     assert [(c.outcome, c.applied, c.delivery) for c in calls] == [("abandoned", False, 1), ("ok", True, 1)]
     assert job(pipeline, jid).status is JobStatus.VALIDATING
     assert events[-1] is JobStatus.VALIDATING
+
+
+# -- claims that name their worker, and its heartbeat --------------------------------------------------
+
+
+def _claim_as(p: Pipeline, worker_id: str | None, jid: int) -> None:
+    """Begin a sonnet job's work stage as the worker process ``worker_id`` would."""
+    claimed = stages._claim(dataclasses.replace(p, worker_id=worker_id), jid, JobStatus.WORKING,
+                            lambda c: (Stage.WORK, "sonnet"))
+    assert claimed is not None
+
+
+def _swept_by_heartbeat(p: Pipeline, client: redis.Redis, **kw: object) -> list[int]:
+    """One sweep as the dispatcher runs it, reading the heartbeats through ``client``."""
+    return [h.job_id for h in sweep_stalled(p, lapsed=LapsedWorkers(client),
+                                            **{"deadline_s": 3600, "claim_deadline_s": 60, **kw})]
+
+
+def _sonnet_jobs(p: Pipeline, tmp_path: Path, n: int) -> list[int]:
+    jids = enqueue(p, tmp_path, *({"kind": "generate", "prompt": f"held {i} {tmp_path.name}", "tier": "sonnet"}
+                                  for i in range(n)))
+    dispatched(p)
+    return jids
+
+
+# A worker process reduced to its heartbeat, beating every 0.2 s until it is killed.
+BEATING = """
+import sys, time, redis
+from pipeline.ops import Heartbeat
+beat = Heartbeat(redis.Redis.from_url(sys.argv[1]), tier="sonnet", concurrency=1, pool="threads",
+                 every_s=float(sys.argv[2])).start()
+print(beat.worker_id, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_worker_s_claims_are_republished_once_its_heartbeat_lapses(
+        pipeline: Pipeline, tmp_path: Path, broker_url: str) -> None:  # noqa: F811
+    client = redis.Redis.from_url(broker_url)
+    every_s = 0.2
+    proc = subprocess.Popen([sys.executable, "-c", BEATING, broker_url, str(every_s)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        worker_id = proc.stdout.readline().strip()
+        assert worker_id.startswith("sonnet@"), worker_id
+        jid, = _sonnet_jobs(pipeline, tmp_path, 1)
+        _claim_as(pipeline, worker_id, jid)
+        assert job(pipeline, jid).claimed_by == worker_id
+        # Alive: its claim is left alone, however many sweeps come.
+        time.sleep(4 * every_s)
+        assert jid not in _swept_by_heartbeat(pipeline, client)
+    finally:
+        proc.kill()  # SIGKILL: no clean-up, the heartbeat's record just stops being refreshed
+        proc.wait()
+    killed = time.monotonic()
+    swept: list[int] = []
+    while jid not in swept:
+        assert time.monotonic() - killed < 10, "the dead worker's claim was not swept"
+        swept = _swept_by_heartbeat(pipeline, client)
+        time.sleep(0.02)
+    after = time.monotonic() - killed
+    # Republished after three missed beats, long before its claim deadline (60 s) would have passed,
+    # and not before: its last beat came at most one beat before the kill.
+    assert 2 * every_s <= after < 5, after
+    held = job(pipeline, jid)
+    assert (held.claimed_at, held.claimed_by) == (None, None)
+    with pipeline.sessions() as s:
+        assert s.scalars(select(ModelCall.outcome).where(ModelCall.job_id == jid)).all() == ["abandoned"]
+
+
+def test_a_slow_busy_worker_keeps_its_claim_while_its_heartbeat_beats(
+        pipeline: Pipeline, tmp_path: Path, broker_url: str) -> None:  # noqa: F811
+    """A call that lasts many beats, in a process whose other threads hold the GIL: the heartbeat
+    comes from its own thread, so the worker is never taken for dead."""
+    client = redis.Redis.from_url(broker_url)
+    every_s = 0.5
+    beat = Heartbeat(client, tier="sonnet", concurrency=4, pool="threads", every_s=every_s).start()
+    spinning = threading.Event()
+
+    def spin() -> None:  # recording a wave of results: pure Python, holding the GIL
+        while not spinning.is_set():
+            sum(range(20_000))
+
+    spinners = [threading.Thread(target=spin) for _ in range(4)]
+    try:
+        jid, = _sonnet_jobs(pipeline, tmp_path, 1)
+        _claim_as(pipeline, beat.worker_id, jid)
+        for t in spinners:
+            t.start()
+        busy_until = time.monotonic() + 6 * every_s  # the claim outlives the lapse margin (3 beats) twice over
+        while time.monotonic() < busy_until:
+            assert jid not in _swept_by_heartbeat(pipeline, client)
+            time.sleep(0.05)
+        assert beat.worker_id in {w.worker_id for w in workers_online(client)}
+    finally:
+        spinning.set()
+        for t in spinners:
+            t.join()
+        beat.stop()
+    assert job(pipeline, jid).claimed_by == beat.worker_id
+    # A stopped worker leaves `status` at once.
+    assert beat.worker_id not in {w.worker_id for w in workers_online(client)}
+    # The same host and pid starting again is a different worker: its beats must not keep the
+    # previous one's claims alive.
+    again = Heartbeat(client, tier="sonnet", concurrency=4, pool="threads", every_s=every_s)
+    assert again.worker_id != beat.worker_id
+
+
+def test_without_a_readable_heartbeat_the_claim_deadline_decides(
+        pipeline: Pipeline, tmp_path: Path, broker_url: str) -> None:  # noqa: F811
+    client = redis.Redis.from_url(broker_url)
+    # Nothing listens on port 1: Redis is down, as far as this sweeper can tell.
+    down = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5, socket_timeout=0.5)
+    dead_beat = Heartbeat(client, tier="sonnet", concurrency=1, pool="threads", every_s=0.1).start()
+    dead_beat.stop()
+    time.sleep(0.5)  # five beats missed: its heartbeat has lapsed
+    by_dead, unregistered, unnamed = _sonnet_jobs(pipeline, tmp_path, 3)
+    _claim_as(pipeline, dead_beat.worker_id, by_dead)
+    _claim_as(pipeline, "sonnet@elsewhere:1:0123456789ab", unregistered)  # never beat in this Redis
+    _claim_as(pipeline, None, unnamed)  # a worker without a heartbeat (`celery -A workers worker`)
+    mine = {by_dead, unregistered, unnamed}
+    # Redis unreachable: no worker can be judged, and no fresh claim is taken.
+    assert not mine & set(_swept_by_heartbeat(pipeline, down))
+    # Readable: the lapsed worker's claim goes at once; the others are not judged on a heartbeat.
+    assert mine & set(_swept_by_heartbeat(pipeline, client)) == {by_dead}
+    # ...until their claim deadline passes, heartbeat or not.
+    for jid in (unregistered, unnamed):
+        _age_claim(pipeline, jid, 61)
+    assert mine & set(_swept_by_heartbeat(pipeline, down)) == {unregistered, unnamed}
+
+
+def test_a_lapsed_worker_s_suspects_go_on_probation_one_at_a_time_at_once(pipeline: Pipeline,  # noqa: F811
+                                                                         tmp_path: Path) -> None:
+    """Suspects held by a worker whose heartbeat lapsed are not running: they must not keep each
+    other (or themselves) on probation until their claim deadline."""
+    a, b = _sonnet_jobs(pipeline, tmp_path, 2)
+    dead = "sonnet@lost-host:7:00000000dead"
+    pipeline.run(lambda s: s.execute(update(Job).where(Job.id.in_([a, b]))
+                                     .values(deliveries=2, claimed_at=utcnow(), claimed_by=dead)))
+    first = [h.job_id for h in pipeline.run(lambda s: sweep(s, deadline_s=3600, claim_deadline_s=60,
+                                                            dead_workers={dead}))]
+    assert len([j for j in first if j in (a, b)]) == 1
