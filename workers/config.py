@@ -12,7 +12,7 @@ TASKS = {"triage": "switchyard.triage", "work": "switchyard.work", "validate": "
 
 
 def queue_names(settings: Settings) -> list[str]:
-    return ["triage", *settings.models.work_tiers, "validate"]
+    return settings.models.queues
 
 
 def make_app(settings: Settings | None = None) -> Celery:
