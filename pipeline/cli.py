@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.errors import ConfigError, SwitchyardError
-from pipeline.settings import Settings
+from pipeline.settings import Settings, mask_url
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Route bulk Claude work between Haiku, Sonnet and Opus.")
@@ -101,6 +101,7 @@ def worker(
     celery_app.conf.worker_concurrency = n
     port = metrics_port if metrics_port is not None else s.metrics_port
     heartbeat = _start_worker_side(s, celery_app, tier=tier, concurrency=n, pool=pool.value, metrics_port=port)
+    err.print(f"worker {tier}: {s.connects_to(claude=True)}", markup=False, highlight=False, soft_wrap=True)
     try:
         celery_app.worker_main(["worker", "-Q", tier, "-P", pool.value, "-c", str(n), "-n", f"{tier}@%h",
                                 "-l", loglevel, "--without-mingle", "--without-gossip"])
@@ -161,8 +162,9 @@ def dispatcher(
         _serve_depths(s, port, stop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    err.print(f"dispatcher: max {s.max_in_flight} jobs in flight, stage deadline "
-              f"{s.effective_stage_deadline_s:.0f} s, claim deadline {s.effective_claim_deadline_s:.0f} s")
+    logging.getLogger("switchyard.dispatcher").info(
+        "dispatcher: %s; max %d jobs in flight, stage deadline %.0f s, claim deadline %.0f s", s.connects_to(),
+        s.max_in_flight, s.effective_stage_deadline_s, s.effective_claim_deadline_s)
     run_dispatcher(p, publisher(workers.celery.app), max_in_flight=s.max_in_flight,
                    interval_s=interval or s.dispatch_interval_s, deadline_s=s.effective_stage_deadline_s,
                    claim_deadline_s=s.effective_claim_deadline_s, broker_lost=broker_watch(s.broker_url),
@@ -295,7 +297,8 @@ import pipeline.history_cli  # noqa: E402, F401  (registers the batch and histor
 
 def _error(message: str) -> None:
     # Text, not markup: a message may quote the user's own brackets ("[tiers.opus]", a job's text).
-    err.print(Text.assemble(("error: ", "red"), message), highlight=False, soft_wrap=True)
+    # Masked: a driver's message may quote DATABASE_URL or BROKER_URL, password and all.
+    err.print(Text.assemble(("error: ", "red"), mask_url(message)), highlight=False, soft_wrap=True)
 
 
 def _missing_table(exc: Exception) -> str | None:

@@ -9,14 +9,14 @@ from rich.table import Table
 
 from pipeline.errors import ConfigError
 from pipeline.ops import Status, gather
-from pipeline.settings import Settings
+from pipeline.settings import Settings, mask_url
 
 
 class StatusSource:
     def __init__(self, settings: Settings) -> None:
         if not settings.uses_redis:
             raise ConfigError(f"switchyard status reads the queues in Redis, but BROKER_URL is "
-                              f"{settings.broker_url!r}: point it at the workers' Redis")
+                              f"{mask_url(settings.broker_url)!r}: point it at the workers' Redis")
         import redis
 
         from pipeline.db import make_engine, session_factory
