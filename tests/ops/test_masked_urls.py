@@ -54,8 +54,10 @@ def test_worker_and_dispatcher_say_where_they_connect_without_passwords(urls: di
     cluster = Cluster(database_url=urls["DATABASE_URL"], broker_url=urls["BROKER_URL"],
                       claude_url=urls["ANTHROPIC_BASE_URL"], workdir=tmp_path)
     try:
-        worker = cluster.worker("validate", concurrency=1)
-        dispatcher = cluster.dispatcher()
+        worker = cluster.worker("validate", concurrency=1, wait=False)
+        dispatcher = cluster.dispatcher(wait=False)
+        for proc in (worker, dispatcher):
+            cluster.wait_ready(proc)
     finally:
         cluster.stop()
     for proc in (worker, dispatcher):
