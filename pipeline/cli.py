@@ -83,6 +83,9 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     metrics_port: Annotated[int | None, typer.Option(
         help="Serve Prometheus metrics on this port (default: SWITCHYARD_METRICS_PORT, else none).")] = None,
+    events: Annotated[bool | None, typer.Option(
+        "--events/--no-events",
+        help="Send task events, for Flower or `celery events` (default: SWITCHYARD_TASK_EVENTS, else off).")] = None,
 ) -> None:
     """Run a worker for one tier's queue."""
     s = settings()
@@ -99,6 +102,8 @@ def worker(
 
     celery_app = workers.celery.app
     celery_app.conf.worker_concurrency = n
+    if events is not None:
+        celery_app.conf.worker_send_task_events = events
     port = metrics_port if metrics_port is not None else s.metrics_port
     heartbeat = _start_worker_side(s, celery_app, tier=tier, concurrency=n, pool=pool.value, metrics_port=port)
     err.print(f"worker {tier}: {s.connects_to(claude=True)}", markup=False, highlight=False, soft_wrap=True)

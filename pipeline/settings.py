@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     rate_max_wait_s: float = Field(10.0, alias="SWITCHYARD_RATE_MAX_WAIT_S", ge=0)
     # Serve Prometheus metrics on this port (workers and the dispatcher); unset: no metrics server.
     metrics_port: int | None = Field(None, alias="SWITCHYARD_METRICS_PORT")
+    # Workers send Celery's task events (received, started, succeeded...), which Flower and
+    # `celery events` show per task. Off by default: each task state is a publish to the broker.
+    task_events: bool = Field(False, alias="SWITCHYARD_TASK_EVENTS")
 
     @cached_property
     def models(self) -> ModelConfig:
