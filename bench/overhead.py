@@ -82,10 +82,11 @@ def _meter(procs: env.Processes, database_url: str, extra: list[env.Proc]) -> Cp
 
 
 def measure_switchyard(database_url: str, broker: str, fake: env.Fake, workdir: Path, *, n: int,
-                       concurrency: int, console: Console, profile: bool = False) -> Run:
+                       concurrency: int, console: Console, profile: bool = False,
+                       extra_env: dict[str, str] | None = None) -> Run:
     settings = Settings(DATABASE_URL=database_url, BROKER_URL=broker)
     sessions = session_factory(make_engine(database_url, pool_size=2))
-    e = env.switchyard_env(database_url=database_url, broker=broker, claude_url=fake.url)
+    e = env.switchyard_env(database_url=database_url, broker=broker, claude_url=fake.url, **(extra_env or {}))
     with env.Processes(e, workdir=workdir) as procs:
         for tier in TIERS:
             env.start_worker(procs, tier, concurrency=concurrency)

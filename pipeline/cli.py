@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.text import Text
 
 from pipeline.errors import ConfigError, SwitchyardError
-from pipeline.settings import Settings
+from pipeline.settings import Settings, mask_url
 from pipeline.tables import compact, cost_line, new_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -86,6 +86,9 @@ def worker(
     metrics_port: Annotated[int | None, typer.Option(
         min=1, max=65535, help="Serve Prometheus metrics on this port (default: SWITCHYARD_METRICS_PORT, else none).")]
     = None,
+    events: Annotated[bool | None, typer.Option(
+        "--events/--no-events",
+        help="Send task events, for Flower or `celery events` (default: SWITCHYARD_TASK_EVENTS, else off).")] = None,
 ) -> None:
     """Run a worker for one tier's queue."""
     s = settings()
@@ -102,8 +105,11 @@ def worker(
 
     celery_app = workers.celery.app
     celery_app.conf.worker_concurrency = n
+    if events is not None:
+        celery_app.conf.worker_send_task_events = events
     port = metrics_port if metrics_port is not None else s.metrics_port
     heartbeat = _start_worker_side(s, celery_app, tier=tier, concurrency=n, pool=pool.value, metrics_port=port)
+    err.print(f"worker {tier}: {s.connects_to(claude=True)}", markup=False, highlight=False, soft_wrap=True)
     if heartbeat is not None:
         # Claims name this process, so the dispatcher republishes them as soon as its beats stop.
         celery_app.conf.switchyard_worker_id = heartbeat.worker_id
@@ -176,9 +182,10 @@ def dispatcher(
         from pipeline.ops import LapsedWorkers
 
         lapsed = LapsedWorkers(redis.Redis.from_url(s.broker_url, socket_timeout=5, socket_connect_timeout=5))
-    err.print(f"dispatcher: max {s.max_in_flight} jobs in flight, stage deadline "
-              f"{s.effective_stage_deadline_s:.0f} s, claim deadline {s.effective_claim_deadline_s:.0f} s"
-              f"{' (sooner when a worker stops beating)' if lapsed else ''}")
+    logging.getLogger("switchyard.dispatcher").info(
+        "dispatcher: %s; max %d jobs in flight, stage deadline %.0f s, claim deadline %.0f s%s", s.connects_to(),
+        s.max_in_flight, s.effective_stage_deadline_s, s.effective_claim_deadline_s,
+        " (sooner when a worker stops beating)" if lapsed else "")
     run_dispatcher(p, publisher(workers.celery.app), max_in_flight=s.max_in_flight,
                    interval_s=interval or s.dispatch_interval_s, deadline_s=s.effective_stage_deadline_s,
                    claim_deadline_s=s.effective_claim_deadline_s, broker_lost=broker_watch(s.broker_url),
@@ -306,7 +313,8 @@ import pipeline.history_cli  # noqa: E402, F401  (registers the batch and histor
 
 def _error(message: str) -> None:
     # Text, not markup: a message may quote the user's own brackets ("[tiers.opus]", a job's text).
-    err.print(Text.assemble(("error: ", "red"), message), highlight=False, soft_wrap=True)
+    # Masked: a driver's message may quote DATABASE_URL or BROKER_URL, password and all.
+    err.print(Text.assemble(("error: ", "red"), mask_url(message)), highlight=False, soft_wrap=True)
 
 
 def _missing_table(exc: Exception) -> str | None:

@@ -173,6 +173,7 @@ def serve(
     """Run the HTTP API (OpenAPI document at /docs and /openapi.json)."""
     import uvicorn
 
-    Settings()  # fail here, in one sentence, on a bad environment
+    s = Settings()  # fail here, in one sentence, on a bad environment
+    err.print(f"switchyard API: {s.connects_to()}", markup=False, highlight=False, soft_wrap=True)
     uvicorn.run("pipeline.api.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, proxy_headers=False)

@@ -72,6 +72,16 @@ class ModelConfig:
         return tuple(seen)
 
     @property
+    def queues(self) -> list[str]:
+        """The broker queues, one per stage and work tier, in the order a job meets them."""
+        return ["triage", *self.work_tiers, "validate"]
+
+    def queue_tier(self, queue: str) -> str:
+        """The tier whose model (and rate-limit budget) a queue's stage calls: triage calls the
+        triage tier, validate the format check's tier, and each work queue is named after its tier."""
+        return {"triage": self.triage_tier, "validate": self.format_check_tier}.get(queue, queue)
+
+    @property
     def top_tier(self) -> str:
         """The tier every job would go to without routing: the baseline of the savings figure."""
         return self.routing.escalation[-1]

@@ -7,7 +7,6 @@ With no ANTHROPIC_API_KEY the bundled fake Claude answers, and the demo says so.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -22,14 +21,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline import migrate
 from pipeline.enqueue import enqueue_file
 from pipeline.report import Summary, summarize, terminal_count
-from pipeline.settings import Settings
+from pipeline.settings import Settings, mask_url
 from pipeline.stages import Pipeline
 
 
 @contextmanager
 def _fake_claude(settings: Settings, console: Console) -> Iterator[Settings]:
     if settings.api_key:
-        console.print(f"Using the Claude API at {settings.anthropic_base_url or 'api.anthropic.com'}.")
+        console.print(f"Using the Claude API at {mask_url(settings.anthropic_base_url or 'api.anthropic.com')}.")
         yield settings
         return
     from pipeline.fake_claude import FakeClaude, FakeOptions
@@ -53,7 +52,7 @@ def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = N
     from workers.embedded import embedded_worker
 
     with _fake_claude(settings, console) as settings:
-        console.print(f"Database: {_safe_url(settings.database_url)}   Broker: {_safe_url(settings.broker_url)}")
+        console.print(f"Database: {mask_url(settings.database_url)}   Broker: {mask_url(settings.broker_url)}")
         migrate.upgrade(settings.database_url)
         p = build_pipeline(settings, concurrency=16)
         install_pipeline(p)
@@ -104,8 +103,3 @@ def _follow(p: Pipeline, batch_id: int, console: Console, *, timeout_s: float) -
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the demo batch did not finish within {timeout_s:.0f} s ({done}/{total} done)")
             time.sleep(0.2)
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, fit for a terminal or a log."""
-    return re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url)

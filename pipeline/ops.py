@@ -22,13 +22,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from kombu.transport.redis import PRIORITY_STEPS
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from pipeline.config import ModelConfig
 from pipeline.models import ACTIVE, TERMINAL, Job, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -292,21 +293,26 @@ def queue_in_flight(queue: str, in_flight: dict[str, dict[str, int]]) -> int:
     return in_flight.get("working", {}).get(queue, 0)
 
 
-def gather(client: redis.Redis, session: Session, queues: list[str], *, tier_of: dict[str, str] | None = None,
-           limits: Callable[[], dict[str, dict[str, Any]]] | None = None) -> Status:
-    """``tier_of`` maps a queue to the model tier whose budget it spends (triage -> haiku)."""
+class RateLevels(Protocol):
+    def levels(self, tier: str) -> dict[str, Any]: ...
+
+
+def gather(client: redis.Redis, session: Session, models: ModelConfig, limiter: RateLevels) -> Status:
+    """The whole picture. ``limiter`` reads each tier's limits and 429 pause (the tiers' shared
+    budgets, pipeline.ratelimit); each queue shows the pause of the tier its stage calls."""
+    queues = models.queues
     depths = queue_depths(client, queues)
     reserved = reserved_by_queue(client)
     workers = workers_online(client)
     in_flight, queued, f1, f5 = job_counts(session)
-    tier_limits = limits() if limits else {}
+    tier_limits = {tier: limiter.levels(tier) for tier in models.tiers}
     rows = []
     for q in queues:
         mine = [w for w in workers if w.tier == q]
         rows.append(QueueStatus(
             queue=q, depth=depths[q], reserved=reserved.get(q, 0), in_flight=queue_in_flight(q, in_flight),
             workers=len(mine), concurrency=sum(w.concurrency for w in mine), busy=sum(w.busy for w in mine),
-            paused_s=float(tier_limits.get((tier_of or {}).get(q, q), {}).get("paused_s", 0.0)),
+            paused_s=float(tier_limits[models.queue_tier(q)]["paused_s"]),
         ))
     return Status(queues=rows, workers=workers, in_flight=in_flight, queued=queued, finished_1m=f1,
                   finished_5m=f5, limits=tier_limits)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from rich.console import Group
 from rich.table import Table
 
 from pipeline.errors import ConfigError
 from pipeline.ops import Status, gather
-from pipeline.settings import Settings
+from pipeline.settings import Settings, mask_url
 from pipeline.tables import compact, new_table
 
 
@@ -18,30 +17,23 @@ class StatusSource:
     def __init__(self, settings: Settings) -> None:
         if not settings.uses_redis:
             raise ConfigError(f"switchyard status reads the queues in Redis, but BROKER_URL is "
-                              f"{settings.broker_url!r}: point it at the workers' Redis")
+                              f"{mask_url(settings.broker_url)!r}: point it at the workers' Redis")
         import redis
 
         from pipeline.db import make_engine, session_factory
         from pipeline.ratelimit import RedisRateLimiter
-        from workers.config import queue_names
 
         self.settings = settings
         self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
         self.sessions = session_factory(make_engine(settings.database_url))
         self.limiter = RedisRateLimiter(self.redis, settings.tier_limits(), window_s=settings.rate_window_s)
-        self.queues = queue_names(settings)
-        models = settings.models
-        self.tier_of = {"triage": models.triage_tier, "validate": models.format_check_tier}
-
-    def limits(self) -> dict[str, dict[str, Any]]:
-        return {tier: self.limiter.levels(tier) for tier in self.settings.models.tiers}
 
     def snapshot(self) -> Status:
         import redis
 
         try:
             with self.sessions() as session:
-                return gather(self.redis, session, self.queues, tier_of=self.tier_of, limits=self.limits)
+                return gather(self.redis, session, self.settings.models, self.limiter)
         except redis.RedisError as exc:
             raise ConfigError(f"cannot reach Redis at BROKER_URL: {exc}") from None
 

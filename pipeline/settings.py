@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,18 @@ from pipeline.errors import ConfigError
 from pipeline.ratelimit import TierLimits, parse_overrides
 
 DEFAULT_SQLITE_URL = "sqlite:///.switchyard/switchyard.sqlite"
+
+# A URL's password: after "scheme://user:", up to the last "@" of the word (a password people forgot
+# to percent-encode may hold "@", ":" or "/"), or a libpq-style "password=" parameter.
+_PASSWORD_IN_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*:)\S*@")
+_PASSWORD_PARAM = re.compile(r"([?&]password=)[^&#\s'\"]*", re.IGNORECASE)
+
+
+def mask_url(text: str) -> str:
+    """``text`` with the password of every URL in it masked: a URL alone, or a message quoting
+    one. Everything switchyard prints or logs that may hold DATABASE_URL, BROKER_URL or
+    ANTHROPIC_BASE_URL goes through here."""
+    return _PASSWORD_PARAM.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***@", text))
 
 
 class Settings(BaseSettings):
@@ -76,6 +89,9 @@ class Settings(BaseSettings):
     rate_max_wait_s: float = Field(10.0, alias="SWITCHYARD_RATE_MAX_WAIT_S", ge=0)
     # Serve Prometheus metrics on this port (workers and the dispatcher); unset: no metrics server.
     metrics_port: int | None = Field(None, alias="SWITCHYARD_METRICS_PORT", ge=1, le=65535)
+    # Workers send Celery's task events (received, started, succeeded...), which Flower and
+    # `celery events` show per task. Off by default: each task state is a publish to the broker.
+    task_events: bool = Field(False, alias="SWITCHYARD_TASK_EVENTS")
 
     @cached_property
     def models(self) -> ModelConfig:
@@ -88,6 +104,13 @@ class Settings(BaseSettings):
     @property
     def uses_redis(self) -> bool:
         return self.broker_url.startswith(("redis://", "rediss://", "unix://"))
+
+    def connects_to(self, *, claude: bool = False) -> str:
+        """Where a process connects, for its start-up line, every password masked."""
+        where = f"database {mask_url(self.database_url)}, broker {mask_url(self.broker_url)}"
+        if claude:
+            where += f", Claude API at {mask_url(self.anthropic_base_url or 'https://api.anthropic.com')}"
+        return where
 
     @property
     def api_key(self) -> str | None:

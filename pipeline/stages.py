@@ -28,8 +28,14 @@ from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision,
 from pipeline.pricing import call_cost
 from pipeline.prompts import Prompt, format_check_prompt, triage_prompt, work_prompt
 from pipeline.routing import after_failed_validation, parse_triage, tier_for
-from pipeline.states import Also, Claim, begin_stage, moved_at, release_stage, renew_claim, transition
-from pipeline.validation import Verdict, check_stop, deterministic_check, parse_format_check
+from pipeline.states import Also, Claim, begin_stage, last_step, moved_at, release_stage, renew_claim, transition
+from pipeline.validation import (
+    Verdict,
+    check_stop,
+    deterministic_check,
+    format_check_unreadable,
+    parse_format_check,
+)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -453,9 +459,35 @@ def validate(p: Pipeline, job_id: int) -> Handoff | None:
             return None
         result = outcome
         verdict = parse_format_check(result.text, answer)
+        if verdict is None:
+            # The checker's answer is no verdict. Check again once (this answer's first check was
+            # not itself a check made again); a second answer of the kind fails the draft.
+            if p.run(lambda session: last_step(session, job_id)) != (JobStatus.VALIDATING, JobStatus.VALIDATING):
+                return p.record(lambda session: _check_again(session, p, claim, call_id, outcome))
+            verdict = format_check_unreadable()
     # The result's stamp, fixed before its first run: a replay must find the move it made.
     at = utcnow()
     return p.record(lambda session: _apply_verdict(session, p, claim, call_id, verdict, result, at=at))
+
+
+def _check_again(session: Connection, p: Pipeline, claim: Claim, call_id: int | None,
+                 result: CallResult) -> Handoff | None:
+    """Record the unreadable format check and move the job from validating to validating: the
+    check made again is a stage of its own (a fresh claim, deliveries and deadline), which the
+    sweeper recovers like any other, and the move is what tells the next check it is the second."""
+    checker = p.models.format_check_tier
+    again = Handoff(VALIDATE, claim.id, "validate")
+    if _applied_before(session, call_id):
+        return again
+    cost = _total_cost(p, checker, result.attempts)
+    writes: list[Also] = []
+    if call_id is not None:
+        writes += _call_writes(p, call_id=call_id, claim=claim, stage=Stage.FORMAT_CHECK, tier=checker,
+                               attempts=result.attempts)
+    writes += _stale_cost(claim.id, cost)
+    moved = transition(session, claim.id, frm=JobStatus.VALIDATING, version=claim.version, to=JobStatus.VALIDATING,
+                       detail="format check answer unreadable; checking again", add={"cost_usd": cost}, also=writes)
+    return again if moved else None
 
 
 def _apply_verdict(session: Connection, p: Pipeline, claim: Claim, call_id: int | None, verdict: Verdict,

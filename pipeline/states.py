@@ -1,7 +1,8 @@
 """The job state machine, in one place.
 
     queued ──► triaging ──► working ──► validating ──► succeeded
-       │           │           ▲  │          │
+       │           │           ▲  │          │  ▲
+       │           │           │  │          └──┘ (format check unreadable: check again, once)
        │           │           └──┼──────────┤ (retry / escalation)
        └───────────┴───────────── ┴──────────┴──► failed | cancelled
 
@@ -31,7 +32,7 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     Q: frozenset({T, W, F, C}),
     T: frozenset({W, F, C}),
     W: frozenset({V, F, C}),
-    V: frozenset({S, W, F, C}),
+    V: frozenset({S, W, V, F, C}),
     S: frozenset(),
     F: frozenset(),
     C: frozenset(),
@@ -377,6 +378,13 @@ def renew_claim(session: Executor, job_id: int, *, version: int) -> bool:
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def last_step(session: Executor, job_id: int) -> tuple[JobStatus | None, JobStatus] | None:
+    """The job's latest transition, (from, to): the move that brought it to its current status."""
+    row = session.execute(select(JobEvent.from_status, JobEvent.to_status).where(JobEvent.job_id == job_id)
+                          .order_by(JobEvent.id.desc()).limit(1)).first()
+    return (row.from_status, row.to_status) if row is not None else None
 
 
 def status_of(session: Executor, job_id: int) -> JobStatus | None:

@@ -99,14 +99,21 @@ def deterministic_check(kind: JobKind, payload: dict[str, Any], answer: str) -> 
     return None
 
 
-def parse_format_check(text: str | None, answer: str) -> Verdict:
-    """Read the format checker's answer. If the checker itself answers nonsense, the draft is
-    not failed for it: the checker's confusion is not evidence against the draft."""
+def parse_format_check(text: str | None, answer: str) -> Verdict | None:
+    """Read the format checker's answer: its verdict on the draft, or None when the answer is no
+    verdict (not JSON, or no boolean "ok"). A draft is never passed on such an answer: the validate
+    stage makes the check again once, then fails closed (``format_check_unreadable``)."""
     data = _load_json(text or "")
     if not isinstance(data, dict) or not isinstance(data.get("ok"), bool):
-        return Verdict(True, "format_check", ["format check answer unreadable; accepted"],
-                       output={"text": answer})
+        return None
     problems = [str(p) for p in data.get("problems") or [] if str(p).strip()]
     if data["ok"]:
         return Verdict(True, "format_check", output={"text": answer})
     return Verdict(False, "format_check", problems or ["the format check failed without a reason"])
+
+
+def format_check_unreadable() -> Verdict:
+    """The verdict when the format check answered twice with no verdict: the draft fails, as it
+    would on a failed check (retry with feedback, then escalation), rather than go out unchecked."""
+    return Verdict(False, "format_check", ["the format check's answer could not be read, twice, so the "
+                                           "answer was not accepted unchecked"])

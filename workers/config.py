@@ -12,7 +12,7 @@ TASKS = {"triage": "switchyard.triage", "work": "switchyard.work", "validate": "
 
 
 def queue_names(settings: Settings) -> list[str]:
-    return ["triage", *settings.models.work_tiers, "validate"]
+    return settings.models.queues
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -54,8 +54,13 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_enable_soft_shutdown_on_idle=True,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        # Task events feed `switchyard status` (workers online, their concurrency).
-        worker_send_task_events=False,
+        # Task events (received, started, succeeded, failed) are what Flower and `celery events`
+        # show per task; nothing in switchyard reads them (`switchyard status` reads heartbeat keys
+        # in Redis and Postgres). Each is a publish to the broker, three per stage: about 3.5 ms
+        # more worker CPU per job (bench/events.py), so they are off unless asked for:
+        # SWITCHYARD_TASK_EVENTS=1, or `switchyard worker --events`. Workers still send heartbeat
+        # events, so Flower lists them either way.
+        worker_send_task_events=settings.task_events,
     )
     if settings.broker_url.startswith("memory://"):
         # The in-process broker polls its queues; at the default interval a consumer that is busy

@@ -4,6 +4,7 @@ Settings and passes them), so tests can run it on any database and broker."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -19,6 +20,7 @@ from pipeline.api.deps import ApiState, Who, state
 from pipeline.api.metrics import ApiMetrics, LiveCollector, MetricsMiddleware
 from pipeline.config import ModelConfig
 from pipeline.db import make_engine, session_factory
+from pipeline.ratelimit import RedisRateLimiter, TierLimits
 from pipeline.settings import Settings
 
 log = logging.getLogger("switchyard.api")
@@ -42,13 +44,15 @@ def broker_client(broker_url: str) -> redis.Redis | None:
     return redis.Redis.from_url(broker_url, socket_timeout=3, socket_connect_timeout=3)
 
 
-def create_app(*, database_url: str, broker_url: str, models: ModelConfig, max_body_bytes: int,
-               max_batch_jobs: int, pool_size: int = 10) -> FastAPI:
+def create_app(*, database_url: str, broker_url: str, models: ModelConfig, tier_limits: Mapping[str, TierLimits],
+               rate_window_s: float, max_body_bytes: int, max_batch_jobs: int, pool_size: int = 10) -> FastAPI:
+    broker = broker_client(broker_url)
     api = ApiState(
         sessions=session_factory(make_engine(database_url, pool_size=pool_size)),
         models=models,
-        broker=broker_client(broker_url),
-        queues=["triage", *models.work_tiers, "validate"],
+        broker=broker,
+        limiter=RedisRateLimiter(broker, tier_limits, window_s=rate_window_s) if broker is not None else None,
+        queues=models.queues,
         max_body_bytes=max_body_bytes,
         max_batch_jobs=max_batch_jobs,
     )
@@ -121,4 +125,5 @@ def app_from_env() -> FastAPI:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     return create_app(database_url=s.database_url, broker_url=s.broker_url, models=s.models,
+                      tier_limits=s.tier_limits(), rate_window_s=s.rate_window_s,
                       max_body_bytes=s.api_max_body_bytes, max_batch_jobs=s.api_max_batch_jobs)

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline import tenants
 from pipeline.api.errors import Unauthorized
 from pipeline.config import ModelConfig
+from pipeline.ratelimit import RedisRateLimiter
 from pipeline.tenants import Caller
 
 
@@ -22,6 +23,7 @@ class ApiState:
     sessions: sessionmaker[Session]
     models: ModelConfig
     broker: redis.Redis | None  # None for a non-Redis broker (the demo's in-process one)
+    limiter: RedisRateLimiter | None  # the tiers' shared budgets and 429 pauses, in the broker's Redis
     queues: list[str]
     max_body_bytes: int
     max_batch_jobs: int

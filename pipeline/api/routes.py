@@ -283,11 +283,10 @@ def queue(api: State, db: Db, who: Who) -> schemas.QueueStatus:
     tenant = db.get(Tenant, who.tenant_id)
     if tenant is None:
         raise NotFound("this token's tenant no longer exists")
-    if api.broker is None:
+    if api.broker is None or api.limiter is None:
         raise BrokerDown("queue status needs a Redis broker (BROKER_URL)")
     try:
-        now = ops.gather(api.broker, db, api.queues, tier_of={"triage": api.models.triage_tier,
-                                                                "validate": api.models.triage_tier})
+        now = ops.gather(api.broker, db, api.models, api.limiter)
     except redis.RedisError as exc:
         raise BrokerDown(f"the broker is unreachable ({type(exc).__name__})") from None
     spent = tenants.spend_today(db, tenant.id)

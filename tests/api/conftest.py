@@ -70,12 +70,13 @@ def server_env(database_url: str, broker_url: str) -> dict[str, str]:
 
 
 @contextmanager
-def serve(database_url: str, broker_url: str, workdir: Path) -> Iterator[Server]:
+def serve(database_url: str, broker_url: str, workdir: Path, *,
+          env_extra: dict[str, str] | None = None) -> Iterator[Server]:
     """`switchyard serve` on a free port, with debug logging (the secrets test should see
     everything the server could say), until the block ends."""
     port = free_port()
     log = workdir / "serve.log"
-    env = server_env(database_url, broker_url)
+    env = server_env(database_url, broker_url) | (env_extra or {})
     engine = make_engine(database_url, pool_size=2)
     with log.open("wb") as fh:
         popen = subprocess.Popen([SWITCHYARD, "serve", "--port", str(port), "--log-level", "debug"], stdout=fh,

@@ -96,3 +96,5 @@ def test_database_password_stays_out_of_answers_and_logs(broker_url: str, tmp_pa
     for haystack in (health.text, jobs.text, log.read_text(errors="replace")):
         assert password not in haystack
         assert FAKE_API_KEY not in haystack
+    # The server says where it connects, with the password masked.
+    assert "database postgresql://switchyard:***@127.0.0.1:1/nowhere" in log.read_text(errors="replace")

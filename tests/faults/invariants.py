@@ -10,7 +10,8 @@ Each fault case runs a batch, then calls ``check_exactly_once``. It asserts, for
   an extra step. A succeeded job has exactly one passing verdict; a failed one has none;
 - **no stage moved twice**: each transition a stage makes leaves exactly one trace of its own: one
   applied call per triage and per work transition, one routing decision per entry into
-  ``working``, one verdict per validation outcome. A stage applied twice would leave two;
+  ``working``, one verdict per validation outcome (a format check made again because its answer
+  was no verdict is a step of its own, with no verdict). A stage applied twice would leave two;
 - **every model call recorded**: each request the fake Claude served is a ``model_calls`` row (by
   its request id), or else a row without one: a timeout or dropped connection (the client never
   saw an id), or a call ``abandoned`` when its worker died. No row stays ``started``. Counting both
@@ -141,7 +142,9 @@ def check_exactly_once(sessions: sessionmaker[Session], batch_id: int, *, fake: 
         judged = sum(1 for e in events[job.id] if e.from_status is V and e.detail
                      and (e.detail.endswith(" ok") or e.detail.startswith("validation failed")))
         assert len(verdicts[job.id]) == judged, f"job {job.key}: {len(verdicts[job.id])} verdicts, {judged} judged"
-        assert applied[Stage.FORMAT_CHECK] <= judged
+        # A format check whose answer was no verdict is made again (validating -> validating), once per answer.
+        assert steps[(V, V)] <= steps[(W, V)], f"job {job.key}: {steps[(V, V)]} checks made again"
+        assert applied[Stage.FORMAT_CHECK] <= judged + steps[(V, V)]
 
     # -- every model call recorded -------------------------------------------------------------------
     still_started = [(c.job_id, c.stage.value, c.tier, c.delivery) for c in calls if c.outcome == "started"]

@@ -120,3 +120,18 @@ def test_the_dockerfile_installs_the_package_and_its_migrations(tmp_path: Path) 
     assert "pipeline/defaults.toml" in names
     assert "migrations/env.py" in names
     assert any(n.startswith("migrations/versions/") and n.endswith(".py") and "__init__" not in n for n in names)
+
+
+def test_flower_is_optional_and_watches_the_workers_broker(services: dict[str, Any]) -> None:
+    flower = services["flower"]
+    assert flower["profiles"] == ["monitor"]  # `docker compose up` alone does not start it
+    command = flower["command"]
+    assert command[0] == "celery" and "flower" in command
+    broker = next(a.split("=", 1)[1] for a in command if a.startswith("--broker="))
+    assert broker == services["worker-sonnet"]["environment"]["BROKER_URL"]
+    assert flower["depends_on"] == {"redis": {"condition": "service_healthy"}}
+    # No login by default: reachable from this host only.
+    assert all(str(p).startswith("127.0.0.1:") for p in flower["ports"])
+    # The workers send task events, which Flower needs to show tasks, when the operator asks.
+    for name in LONG_RUNNING:
+        assert services[name]["environment"]["SWITCHYARD_TASK_EVENTS"] == "${SWITCHYARD_TASK_EVENTS:-0}"

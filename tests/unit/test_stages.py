@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import stages
@@ -17,7 +18,7 @@ from pipeline.config import ModelConfig
 from pipeline.dispatch import dispatch, sweep
 from pipeline.enqueue import enqueue_file
 from pipeline.fake_claude import FakeClaude
-from pipeline.models import Job, JobEvent, JobStatus, ModelCall
+from pipeline.models import Job, JobEvent, JobStatus, ModelCall, ValidationVerdict
 from pipeline.stages import Handoff, Pipeline
 
 
@@ -154,4 +155,85 @@ def test_the_sweeper_republishes_a_stalled_stage(pipeline: Pipeline, tmp_path: P
     swept = pipeline.run(lambda s: sweep(s, deadline_s=0, claim_deadline_s=3600))
     assert Handoff("triage", jid, "triage") in swept
     run_to_end(pipeline, [Handoff("triage", jid, "triage")])
+    assert job(pipeline, jid).status is JobStatus.SUCCEEDED
+
+
+def _format_checks(p: Pipeline, jid: int) -> list[ModelCall]:
+    with p.sessions() as s:
+        return list(s.scalars(select(ModelCall).where(ModelCall.job_id == jid, ModelCall.stage == "format_check")
+                              .order_by(ModelCall.id)))
+
+
+def _steps(p: Pipeline, jid: int) -> list[tuple[str, str]]:
+    with p.sessions() as s:
+        return [(e.from_status, e.to_status) for e in s.scalars(select(JobEvent).where(JobEvent.job_id == jid)
+                                                                .order_by(JobEvent.id))]
+
+
+def test_an_unreadable_format_check_is_made_again(pipeline: Pipeline, tmp_path: Path) -> None:
+    """The checker answers garbage once: the check is made again (a move of its own, so it costs
+    no delivery), and its readable answer decides."""
+    [jid] = enqueue(pipeline, tmp_path, {"kind": "draft", "tier": "sonnet",
+                                         "instructions": "Apologise [fake:error=malformed@haiku] [fake:times=1]"})
+    run_to_end(pipeline, [h for h in dispatched(pipeline) if h.job_id == jid])
+    done = job(pipeline, jid)
+    assert done.status is JobStatus.SUCCEEDED, done.error
+    assert _steps(pipeline, jid) == [("queued", "working"), ("working", "validating"),
+                                     ("validating", "validating"), ("validating", "succeeded")]
+    checks = _format_checks(pipeline, jid)
+    assert [(c.outcome, c.applied) for c in checks] == [("ok", True), ("ok", True)]
+    assert done.cost_usd == sum(c.cost_usd for c in checks) + sum(
+        c.cost_usd for c in _calls(pipeline, jid) if c.stage == "work")
+    with pipeline.sessions() as s:
+        verdicts = s.scalars(select(ValidationVerdict).where(ValidationVerdict.job_id == jid)).all()
+    assert [(v.validator, v.ok) for v in verdicts] == [("format_check", True)]
+
+
+def test_a_format_check_unreadable_twice_fails_the_draft(pipeline: Pipeline, tmp_path: Path) -> None:
+    """Fail closed: a draft the checker could not judge is not returned unchecked. It goes the way
+    of any failed verdict (here pinned to opus: one retry with feedback, then failed)."""
+    [jid] = enqueue(pipeline, tmp_path, {"kind": "draft", "tier": "opus",
+                                         "instructions": "Apologise [fake:error=malformed@haiku]"})
+    run_to_end(pipeline, [h for h in dispatched(pipeline) if h.job_id == jid])
+    done = job(pipeline, jid)
+    assert done.status is JobStatus.FAILED
+    assert "the format check's answer could not be read, twice" in (done.error or "")
+    assert _steps(pipeline, jid).count(("validating", "validating")) == 2  # once per work attempt
+    assert len(_format_checks(pipeline, jid)) == 4
+    with pipeline.sessions() as s:
+        verdicts = s.scalars(select(ValidationVerdict).where(ValidationVerdict.job_id == jid)).all()
+    assert [(v.validator, v.ok, v.attempt) for v in verdicts] == [("format_check", False, 1),
+                                                                   ("format_check", False, 2)]
+
+
+def _calls(p: Pipeline, jid: int) -> list[ModelCall]:
+    with p.sessions() as s:
+        return list(s.scalars(select(ModelCall).where(ModelCall.job_id == jid).order_by(ModelCall.id)))
+
+
+def test_a_check_again_replayed_after_its_commit_hands_off_once(pipeline: Pipeline, tmp_path: Path) -> None:
+    """The move that makes the check again, replayed by Pipeline.run after its commit went through
+    (the acknowledgement lost with the connection): the replay hands off again and writes nothing."""
+    [jid] = enqueue(pipeline, tmp_path, {"kind": "draft", "tier": "sonnet",
+                                         "instructions": "Replay [fake:error=malformed@haiku] [fake:times=1]"})
+    dispatched(pipeline)
+    assert stages.work(pipeline, jid) == Handoff("validate", jid, "validate")
+    sent: list[str] = []
+
+    def lose_the_acknowledgement(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if "INSERT INTO job_events" in statement:
+            sent.append(statement)
+            if len(sent) == 1:
+                raise OperationalError(statement, parameters, ConnectionError("server closed the connection"))
+
+    event.listen(pipeline.engine, "after_cursor_execute", lose_the_acknowledgement)
+    try:
+        assert stages.validate(pipeline, jid) == Handoff("validate", jid, "validate")
+    finally:
+        event.remove(pipeline.engine, "after_cursor_execute", lose_the_acknowledgement)
+    assert len(sent) == 1  # the replay found the move applied and did not send it again
+    assert _steps(pipeline, jid)[-1] == ("validating", "validating")
+    assert [(c.outcome, c.applied) for c in _format_checks(pipeline, jid)] == [("ok", True)]
+    assert job(pipeline, jid).cost_usd == sum(c.cost_usd for c in _calls(pipeline, jid))
+    assert stages.validate(pipeline, jid) is None
     assert job(pipeline, jid).status is JobStatus.SUCCEEDED

@@ -60,8 +60,10 @@ def test_format_check_answers() -> None:
     bad = parse_format_check('{"ok": false, "problems": ["has a placeholder [NAME]"]}', "Dear [NAME]")
     assert not bad.ok and bad.problems == ["has a placeholder [NAME]"]
     assert not parse_format_check('{"ok": false}', "x").ok
-    # A checker that answers nonsense is no evidence against the draft.
-    assert parse_format_check("I think it's fine", "Dear Dana").ok
+    # An answer that is no verdict is None: the validate stage checks again, then fails closed.
+    assert parse_format_check("I think it's fine", "Dear Dana") is None
+    assert parse_format_check('{"ok": "yes"}', "Dear Dana") is None
+    assert parse_format_check(None, "Dear Dana") is None
 
 
 def test_pricing_uses_configured_prices_and_cache_multipliers() -> None:
