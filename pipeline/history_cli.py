@@ -309,7 +309,7 @@ def _jobs_table(jobs: list[history.JobSummary], *, wide: bool, batch_column: boo
             "status": Text(j.status, style=STATUS_STYLE.get(j.status, "")), "tier": j.tier or "-",
             "esc": compact(j.escalations), "cost": compact(j.cost_usd, "usd"), "created": when(j.created_at),
             # One line, cut to the room left: `jobs show` prints it whole.
-            "error": Text(" ".join((j.error or "").split()), no_wrap=True, overflow="ellipsis")}
+            "error": Text(escaped(" ".join((j.error or "").split())), no_wrap=True, overflow="ellipsis")}
         table.add_row(*(cells[c] for c in cols))
     return table
 
