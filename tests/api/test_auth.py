@@ -97,8 +97,8 @@ def test_only_the_public_paths_answer_without_a_token(server: Server) -> None:
     deployment, naming no tenant) are public; every other route of the app, whatever its method,
     answers 401 without a token. A route added later without the token dependency fails here."""
     assert set(PUBLIC_PATHS) == {"/healthz", "/openapi.json", "/docs"}
-    app = create_app(database_url=server.database_url, broker_url="memory://", models=load_config(),
-                     max_body_bytes=MAX_BODY_BYTES, max_batch_jobs=MAX_BATCH_JOBS)
+    app = create_app(database_url=server.database_url, broker_url="memory://", models=load_config(), tier_limits={},
+                     rate_window_s=60, max_body_bytes=MAX_BODY_BYTES, max_batch_jobs=MAX_BATCH_JOBS)
     # Every operation the OpenAPI document describes, and every route the app itself holds
     # (where FastAPI puts its documentation pages, which the document leaves out).
     described = [(method.upper(), path) for path, ops in app.openapi()["paths"].items() for method in ops]
