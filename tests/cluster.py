@@ -72,7 +72,8 @@ class Cluster:
         env.update(self.env_extra)
         return env
 
-    def _start(self, name: str, args: list[str], ready: str | None, timeout: float = 30.0) -> Proc:
+    def _start(self, name: str, args: list[str], ready: str | None, timeout: float = 30.0, *,
+               wait: bool = True) -> Proc:
         self.started += 1
         log = self.workdir / f"{name}-{self.started}.log"
         fh = log.open("wb")
@@ -80,27 +81,34 @@ class Cluster:
                                  start_new_session=True)
         proc = Proc(name, popen, log, args, ready)
         self.procs.append(proc)
-        if ready:
-            deadline = time.monotonic() + timeout
-            while ready not in log.read_text(errors="replace"):
-                if not proc.alive:
-                    raise RuntimeError(f"{name} exited with {popen.returncode}:\n{proc.tail()}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} not ready after {timeout} s:\n{proc.tail()}")
-                time.sleep(0.1)
+        if wait:
+            self.wait_ready([proc], timeout=timeout)
         return proc
 
-    def worker(self, tier: str, *, concurrency: int = 8, extra: list[str] | None = None) -> Proc:
-        return self._start(f"worker-{tier}", ["worker", "--tier", tier, "--concurrency", str(concurrency),
-                                              *(extra or [])], ready=" ready.")
+    def wait_ready(self, procs: list[Proc], *, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            while proc.ready and proc.ready not in proc.log.read_text(errors="replace"):
+                if not proc.alive:
+                    raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{proc.name} not ready after {timeout} s:\n{proc.tail()}")
+                time.sleep(0.1)
 
-    def dispatcher(self) -> Proc:
-        return self._start("dispatcher", ["dispatcher"], ready="dispatcher:")
+    def worker(self, tier: str, *, concurrency: int = 8, extra: list[str] | None = None, wait: bool = True) -> Proc:
+        return self._start(f"worker-{tier}", ["worker", "--tier", tier, "--concurrency", str(concurrency),
+                                              *(extra or [])], ready=" ready.", wait=wait)
+
+    def dispatcher(self, *, wait: bool = True) -> Proc:
+        return self._start("dispatcher", ["dispatcher"], ready="dispatcher:", wait=wait)
 
     def start_all(self, *, concurrency: int = 8) -> None:
-        for tier in ("triage", "sonnet", "opus", "validate"):
-            self.worker(tier, concurrency=concurrency)
-        self.dispatcher()
+        # Started together, then waited for: each process spends seconds importing, and on a busy
+        # machine starting them one after another took most of a fault case's time.
+        procs = [self.worker(tier, concurrency=concurrency, wait=False) for tier in ("triage", "sonnet", "opus",
+                                                                                       "validate")]
+        procs.append(self.dispatcher(wait=False))
+        self.wait_ready(procs, timeout=60)
 
     def restart(self, proc: Proc, *, wait_ready: bool = True) -> Proc:
         """Start ``proc`` again (after it died or was stopped), as a supervisor would."""
