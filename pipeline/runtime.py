@@ -48,4 +48,7 @@ def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLi
 
         client = CrashOnMarker(client, settings.test_crash_on)
     return Pipeline(sessions=session_factory(engine), client=client, models=settings.models,
-                    max_deliveries=settings.max_deliveries, claim_deadline_s=settings.effective_claim_deadline_s)
+                    max_deliveries=settings.max_deliveries, claim_deadline_s=settings.effective_claim_deadline_s,
+                    transient_patience_s=settings.transient_patience_s,
+                    transient_wait_min_s=settings.transient_wait_min_s,
+                    transient_wait_max_s=max(settings.transient_wait_min_s, settings.transient_wait_max_s))
