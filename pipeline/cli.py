@@ -92,6 +92,13 @@ def worker(
     if tier not in queues:
         raise ConfigError(f"unknown tier {tier!r}: expected one of {', '.join(queues)}")
     s.tier_limits()  # a mistake in SWITCHYARD_RATE_LIMITS stops the worker now, not at its first job
+    # ...and so does a Claude endpoint that cannot be reached, refuses the key or lacks the model
+    # this queue calls: its jobs would otherwise wait out their patience before failing.
+    from pipeline.runtime import check_claude
+
+    models = s.models
+    called = {"triage": models.triage_tier, "validate": models.format_check_tier}.get(tier, tier)
+    check_claude(s, tiers=[called])
     # Model calls are I/O-bound and take seconds: 64 threads wait on them for the cost of one
     # process, where a prefork pool of 2 would hold 2 calls.
     n = concurrency or DEFAULT_CONCURRENCY.get(tier, 64)
