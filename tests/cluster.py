@@ -108,7 +108,13 @@ class Cluster:
         procs = [self.worker(tier, concurrency=concurrency, wait=False) for tier in ("triage", "sonnet", "opus",
                                                                                        "validate")]
         procs.append(self.dispatcher(wait=False))
-        self.wait_ready(procs, timeout=60)
+        try:
+            self.wait_ready(procs, timeout=60)
+        except BaseException:
+            # One that cannot start must not leave the others running, consuming the next test's
+            # messages from the same Redis database.
+            self.stop()
+            raise
 
     def restart(self, proc: Proc, *, wait_ready: bool = True) -> Proc:
         """Start ``proc`` again (after it died or was stopped), as a supervisor would."""
