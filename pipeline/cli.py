@@ -289,6 +289,19 @@ def print_summary(summary: Any) -> None:
     console.print(f"escalations: {summary.escalations}   validation failures: {summary.validation_failures}")
     console.print(f"cost: {_usd(summary.cost_usd)} routed, against {_usd(summary.top_tier_cost_usd)} sending every "
                   f"job to {summary.top_tier}: saved {_usd(summary.saving)} ({summary.saving_ratio:.0%})")
+    if summary.failure_reasons:
+        console.print(failure_view(summary.failure_reasons, failed=summary.by_status.get("failed", 0)))
+
+
+def failure_view(reasons: Any, *, failed: int) -> Text:
+    """The most common failure reasons with their counts (report.failure_reasons), for every
+    summary: `demo`, `enqueue --wait` and `stats`. Text, not markup: a reason may hold brackets."""
+    lines = [Text("failed, the most common reasons first:")]
+    lines += [Text(f"  {r.jobs:>7,}  {r.reason}") for r in reasons]
+    rest = failed - sum(r.jobs for r in reasons)
+    if rest > 0:
+        lines.append(Text(f"  {rest:>7,}  for other reasons (`switchyard jobs list --status failed`)"))
+    return Text("\n").join(lines)
 
 
 def _usd(value: Decimal) -> str:

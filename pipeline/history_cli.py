@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Group
@@ -25,9 +25,12 @@ from rich.text import Text
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import history
-from pipeline.cli import app, console, err, jobs_app, settings
+from pipeline.cli import app, console, err, failure_view, jobs_app, settings
 from pipeline.errors import InputFileError, InvalidQuery, JobInputError
 from pipeline.models import JobStatus
+
+if TYPE_CHECKING:
+    from pipeline.report import FailureReason
 
 STATUS_ORDER = [s.value for s in JobStatus]
 STATUS_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "queued": "dim"}
@@ -147,12 +150,13 @@ def enqueue(
     if wait:
         assert report.batch_id is not None
         with _sessions() as sessions:
-            final = _follow(sessions, report.batch_id, name, quiet=as_json)
+            final, reasons = _follow(sessions, report.batch_id, name, quiet=as_json)
         if as_json:
-            _print_json({**out, "progress": final})
+            _print_json({**out, "progress": final, "failure_reasons": reasons})
 
 
-def _progress_view(name: str, p: history.BatchProgress, elapsed: float) -> Group:
+def _progress_view(name: str, p: history.BatchProgress, elapsed: float,
+                   reasons: list[FailureReason]) -> Group:
     table = Table(title=f"batch {name}: {p.done:,}/{p.total:,} done, {_usd(p.cost_usd)} so far, {elapsed:,.0f} s",
                   title_justify="left")
     table.add_column("tier")
@@ -162,35 +166,42 @@ def _progress_view(name: str, p: history.BatchProgress, elapsed: float) -> Group
         counts = p.by_tier[tier]
         table.add_row("(not triaged)" if tier == "-" else tier, *(f"{counts.get(s, 0):,}" for s in STATUS_ORDER))
     table.add_row("[bold]all", *(f"[bold]{p.by_status.get(s, 0):,}" for s in STATUS_ORDER))
-    return Group(table)
+    if not reasons:
+        return Group(table)
+    return Group(table, failure_view(reasons, failed=p.by_status.get("failed", 0)))
 
 
 def _follow(sessions: sessionmaker[Session], batch_id: int, name: str, *, quiet: bool,
-            interval_s: float = 1.0) -> history.BatchProgress:
-    """Redraw the batch's per-tier counts until every job is terminal. Ctrl-C stops following,
-    not the batch."""
+            interval_s: float = 1.0) -> tuple[history.BatchProgress, list[FailureReason]]:
+    """Redraw the batch's per-tier counts, and its most common failure reasons once some job has
+    failed, until every job is terminal. Ctrl-C stops following, not the batch."""
+    from pipeline.report import failure_reasons
+
+    def poll() -> tuple[history.BatchProgress, list[FailureReason]]:
+        with sessions() as session:
+            p = history.batch_progress(db_session=session, batch_id=batch_id)
+            return p, failure_reasons(session, batch_id=batch_id) if p.by_status.get("failed") else []
+
     start = time.monotonic()
     sys.stdout.flush()
-    with sessions() as session:
-        p = history.batch_progress(db_session=session, batch_id=batch_id)
+    p, reasons = poll()
     try:
-        with Live(_progress_view(name, p, 0), console=err, refresh_per_second=2,
+        with Live(_progress_view(name, p, 0, reasons), console=err, refresh_per_second=2,
                   transient=False, auto_refresh=False) as live:
-            live.update(_progress_view(name, p, 0), refresh=not quiet)
+            live.update(_progress_view(name, p, 0, reasons), refresh=not quiet)
             while p.done < p.total:
                 time.sleep(interval_s)
                 asked = time.monotonic()
-                with sessions() as session:
-                    p = history.batch_progress(db_session=session, batch_id=batch_id)
+                p, reasons = poll()
                 # Counting a million-job batch takes a good part of a second: poll it less often,
                 # so that following a batch never becomes a load of its own.
                 interval_s = max(interval_s, 5 * (time.monotonic() - asked))
                 if not quiet:
-                    live.update(_progress_view(name, p, time.monotonic() - start), refresh=True)
+                    live.update(_progress_view(name, p, time.monotonic() - start, reasons), refresh=True)
     except KeyboardInterrupt:
         err.print(f"stopped following batch {name}; its jobs go on (`switchyard batches` shows them)")
         raise typer.Exit(130) from None
-    return p
+    return p, reasons
 
 
 # -- cancel ------------------------------------------------------------------------------------------
@@ -401,6 +412,8 @@ def stats(
     console.print(f"jobs: {summary.jobs:,} ({statuses})")
     console.print(f"cost: {_usd(summary.cost_usd)} routed, against {_usd(summary.top_tier_cost_usd)} sending every "
                   f"job to {summary.top_tier}: saved {_usd(summary.saving)} ({summary.saving_ratio:.0%})")
+    if summary.failure_reasons:
+        console.print(failure_view(summary.failure_reasons, failed=summary.by_status.get("failed", 0)))
     console.print("jobs = jobs whose last tier it is; escalated = jobs moved up from the tier, out of those it "
                   "worked; repeated = calls made by a repeated delivery of a stage", style="dim")
 
