@@ -51,11 +51,12 @@ def _limit(n: int) -> str:
 
 def render_status(st: Status) -> Group:
     queues = Table(title="Queues", title_justify="left")
-    for col in ("queue", "waiting", "held by workers", "jobs in stage", "workers", "threads", "busy", "paused"):
+    for col in ("queue", "waiting", "held by workers", "jobs in stage", "retrying later", "workers", "threads",
+                "busy", "paused"):
         queues.add_column(col, justify="left" if col == "queue" else "right")
     for q in st.queues:
-        queues.add_row(q.queue, f"{q.depth:,}", f"{q.reserved:,}", f"{q.in_flight:,}", str(q.workers),
-                       str(q.concurrency), str(q.busy), f"{q.paused_s:.1f} s" if q.paused_s else "")
+        queues.add_row(q.queue, f"{q.depth:,}", f"{q.reserved:,}", f"{q.in_flight:,}", f"{q.retrying:,}",
+                       str(q.workers), str(q.concurrency), str(q.busy), f"{q.paused_s:.1f} s" if q.paused_s else "")
 
     workers = Table(title="Workers online", title_justify="left")
     for col in ("worker", "pid", "pool", "threads", "busy", "up", "metrics"):

@@ -8,12 +8,14 @@ import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import redis
 from sqlalchemy import select, update
 
 from pipeline import stages
 from pipeline.dispatch import refeed, sweep
 from pipeline.fake_claude import FakeClaude
 from pipeline.models import Job, JobStatus, ModelCall, utcnow
+from pipeline.ops import gather
 from pipeline.stages import Handoff, Pipeline
 from tests.unit.test_stages import dispatched, enqueue, job, pipeline  # noqa: F401  (the fixture)
 
@@ -36,7 +38,7 @@ def _wait_of(p: Pipeline, jid: int) -> float:
 
 
 def test_a_stage_out_of_attempts_waits_in_postgres_then_runs_again(pipeline: Pipeline, fake_claude: FakeClaude,  # noqa: F811
-                                                                   tmp_path: Path) -> None:
+                                                                   broker_url: str, tmp_path: Path) -> None:
     pipeline.transient_wait_min_s = 30
     # Three overloads, then answers: the first round's two attempts both meet one.
     [jid] = enqueue(pipeline, tmp_path, {"kind": "generate",
@@ -58,6 +60,11 @@ def test_a_stage_out_of_attempts_waits_in_postgres_then_runs_again(pipeline: Pip
     sent = len(fake_claude.requests())
     assert stages.triage(pipeline, jid) is None
     assert len(fake_claude.requests()) == sent
+    # `switchyard status` (and the API's /v1/queue) count it as retrying later.
+    with pipeline.sessions() as s:
+        status = gather(redis.Redis.from_url(broker_url), s, ["triage", "sonnet"])
+    triage_line = next(q for q in status.queues if q.queue == "triage")
+    assert triage_line.retrying >= 1 and triage_line.in_flight >= triage_line.retrying
 
     # When it is due, the dispatcher publishes the stage again, and the stage runs to its end.
     assert waiting.not_before is not None
