@@ -193,13 +193,15 @@ def check_exactly_once(sessions: sessionmaker[Session], batch_id: int, *, fake: 
 def check_retry_after(served: Sequence[dict[str, Any]], calls: Sequence[ModelCall], *, seconds: float) -> int:
     """No request came back sooner than the retry-after of the 429 before it.
 
-    Each request the fake served is put with its job's stage through the request id its row
-    recorded, and the requests of one stage are ordered by the fake's own clock: after a 429, the
-    next request of that stage (the next attempt, or the first of the next round once the stage
-    went back to its queue) must start at least ``seconds`` after the 429 was answered. Returns how
-    many requests followed a 429."""
-    stage_of = {c.request_id: (c.job_id, c.stage.value) for c in calls if c.request_id}
-    by_stage: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
+    Each request the fake served is put with its job's stage and delivery through the request id
+    its row recorded, and the requests of one delivery of a stage are ordered by the fake's own
+    clock: after a 429, the next request (the next attempt, or the first of the next round once the
+    stage went back to its queue, which keeps its delivery number) must start at least ``seconds``
+    after the 429 was answered. A second delivery of the stage (a claim taken for dead) is a call of
+    its own, which may have been sent before the other's 429 was known. Returns how many requests
+    followed a 429."""
+    stage_of = {c.request_id: (c.job_id, c.stage.value, c.delivery) for c in calls if c.request_id}
+    by_stage: dict[tuple[int, str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in served:
         if r["request_id"] in stage_of:
             by_stage[stage_of[r["request_id"]]].append(r)
