@@ -12,10 +12,11 @@ Every HTTP attempt, failed or not, comes back to the caller so it can be recorde
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -23,8 +24,10 @@ from typing import Any, Protocol
 import anthropic
 import httpx2 as httpx
 
-from pipeline.errors import ClaudeError, PermanentClaudeError, RateLimited, TransientClaudeError
+from pipeline.errors import ClaudeError, ConfigError, PermanentClaudeError, RateLimited, TransientClaudeError
 from pipeline.pricing import Usage
+
+log = logging.getLogger(__name__)
 
 # The SDK honours retry-after up to 60 s; so do we. A longer wait is better spent re-queued.
 MAX_RETRY_AFTER_S = 60.0
@@ -150,12 +153,18 @@ def _retry_after(headers: Any) -> float | None:
         return None
 
 
+def _why(exc: Exception) -> str:
+    """What went wrong under an SDK connection error, whose own text is only "Connection error."
+    (httpx's: "[Errno 111] Connection refused", "[Errno -2] Name or service not known")."""
+    return str(exc.__cause__ or exc)
+
+
 def translate(exc: Exception) -> ClaudeError:
     """SDK exception -> switchyard's ClaudeError, transient or permanent."""
     if isinstance(exc, anthropic.APITimeoutError):
         return TransientClaudeError("request timed out", error_type="timeout")
     if isinstance(exc, anthropic.APIConnectionError):
-        return TransientClaudeError(f"connection failed: {exc}", error_type="connection_error")
+        return TransientClaudeError(f"connection failed: {_why(exc)}", error_type="connection_error")
     if isinstance(exc, anthropic.APIStatusError):
         body: dict[str, Any] = exc.body if isinstance(exc.body, dict) else {}
         raw_err = body.get("error")
@@ -180,6 +189,47 @@ def translate(exc: Exception) -> ClaudeError:
             return TransientClaudeError(text, **kwargs)
         return PermanentClaudeError(text, **kwargs)
     raise TypeError(f"not an SDK error: {exc!r}")
+
+
+def check_endpoint(*, api_key: str, base_url: str | None, models: Mapping[str, str], config: str,
+                   timeout_s: float = 10.0) -> None:
+    """Ask the Models API once for each model (``GET /v1/models/{id}``: no tokens, no cost), and
+    raise ConfigError with one sentence if the endpoint cannot be reached, refuses the key, or does
+    not know a model. Entry points call it at start: a job's transient errors are waited out for
+    up to an hour (pipeline.stages), which must not be how a wrong key or a wrong URL shows.
+
+    ``models`` maps each tier to check to its model; ``config`` says where they are configured.
+    An answer that says only "busy" (429, 5xx) passes: the endpoint is there, and its jobs will
+    wait their turn."""
+    where = base_url or "api.anthropic.com"
+    tiers_of: dict[str, list[str]] = {}
+    for tier, model in models.items():
+        tiers_of.setdefault(model, []).append(tier)
+    sdk = anthropic.Anthropic(api_key=api_key, base_url=base_url, max_retries=0,
+                              timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)))
+    with sdk:
+        for model, tiers in tiers_of.items():
+            try:
+                sdk.models.retrieve(model)
+            except anthropic.APITimeoutError:
+                raise ConfigError(f"cannot reach the Claude API at {where} (no answer within {timeout_s:g} s): "
+                                  f"check ANTHROPIC_BASE_URL and the network") from None
+            except anthropic.APIConnectionError as exc:
+                raise ConfigError(f"cannot reach the Claude API at {where} ({_why(exc)}): check ANTHROPIC_BASE_URL "
+                                  f"and the network") from None
+            except anthropic.APIStatusError as exc:
+                err = translate(exc)
+                if isinstance(err, TransientClaudeError):
+                    log.warning("the Claude API at %s is busy (%s); starting anyway", where, err)
+                    return
+                if err.status in (401, 403):
+                    raise ConfigError(f"the Claude API at {where} refused ANTHROPIC_API_KEY ({err})") from None
+                which = f"tier{'s' if len(tiers) > 1 else ''} {', '.join(tiers)}"
+                if err.status == 404:
+                    raise ConfigError(f"the Claude API at {where} has no model {model!r} ({err}), the model of "
+                                      f"{which} in {config}") from None
+                raise ConfigError(f"the Claude API at {where} answered {err} when asked for model {model!r} "
+                                  f"({which} in {config})") from None
 
 
 class ClaudeClient:

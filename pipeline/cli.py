@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.text import Text
 
 from pipeline.errors import ConfigError, SwitchyardError
+from pipeline.names import escaped
 from pipeline.settings import Settings, mask_url
 from pipeline.tables import compact, cost_line, new_table
 
@@ -98,6 +99,13 @@ def worker(
     if tier not in queues:
         raise ConfigError(f"unknown tier {tier!r}: expected one of {', '.join(queues)}")
     s.tier_limits()  # a mistake in SWITCHYARD_RATE_LIMITS stops the worker now, not at its first job
+    # ...and so does a Claude endpoint that cannot be reached, refuses the key or lacks the model
+    # this queue calls: its jobs would otherwise wait out their patience before failing.
+    from pipeline.runtime import check_claude
+
+    models = s.models
+    called = {"triage": models.triage_tier, "validate": models.format_check_tier}.get(tier, tier)
+    check_claude(s, tiers=[called])
     # Model calls are I/O-bound and take seconds: 64 threads wait on them for the cost of one
     # process, where a prefork pool of 2 would hold 2 calls.
     n = concurrency or DEFAULT_CONCURRENCY.get(tier, 64)
@@ -304,6 +312,20 @@ def print_summary(summary: Any) -> None:
     console.print(f"escalations: {compact(summary.escalations)}   "
                   f"validation failures: {compact(summary.validation_failures)}")
     console.print(cost_line(summary))
+    if summary.failure_reasons:
+        console.print(failure_view(summary.failure_reasons, failed=summary.by_status.get("failed", 0)))
+
+
+def failure_view(reasons: Any, *, failed: int) -> Text:
+    """The most common failure reasons with their counts (report.failure_reasons), for every
+    summary: `demo`, `enqueue --wait` and `stats`. Text, not markup: a reason may hold brackets."""
+    lines = [Text("failed, the most common reasons first:")]
+    lines += [Text(f"  {compact(r.jobs):>7}  {escaped(r.reason)}") for r in reasons]
+    rest = failed - sum(r.jobs for r in reasons)
+    if rest > 0:
+        lines.append(Text(f"  {compact(rest):>7}  for other reasons (`switchyard jobs list --status failed`)"))
+    return Text("\n").join(lines)
+
 
 
 # -- entry point ---------------------------------------------------------------------------------------

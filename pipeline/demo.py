@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline import migrate
 from pipeline.enqueue import enqueue_file
 from pipeline.report import Summary, summarize, terminal_count
+from pipeline.runtime import check_claude
 from pipeline.settings import Settings, mask_url
 from pipeline.stages import Pipeline
 
@@ -29,6 +30,9 @@ from pipeline.stages import Pipeline
 def _fake_claude(settings: Settings, console: Console) -> Iterator[Settings]:
     if settings.api_key:
         console.print(f"Using the Claude API at {mask_url(settings.anthropic_base_url or 'api.anthropic.com')}.")
+        # Once, before any job: a wrong key, URL or model is one sentence now, not 51 jobs that
+        # wait out their patience and fail.
+        check_claude(settings)
         yield settings
         return
     from pipeline.fake_claude import FakeClaude, FakeOptions

@@ -2,10 +2,12 @@
 
 Postgres is the queue of record. ``dispatch`` moves the oldest queued jobs into their first stage
 only while fewer than ``max_in_flight`` jobs are active, so Redis holds at most that many messages
-however large the batch. ``sweep`` republishes the stages of a killed worker, as soon as its
-heartbeat has lapsed, and any stage that has made no progress past its deadline: a message lost in
-a Redis flush, or a dead worker whose heartbeat cannot be read. Duplicates this may create are
-harmless, because stages move jobs by conditional update.
+however large the batch. ``refeed`` publishes again the stages that waited out transient errors
+(their wait is a time in Postgres, not a message, so a broker flush cannot lose or shorten it).
+``sweep`` republishes the stages of a killed worker, as soon as its heartbeat has lapsed, and any
+stage that has made no progress past its deadline: a message lost in a Redis flush, or a dead
+worker whose heartbeat cannot be read. Duplicates this may create are harmless, because stages move
+jobs by conditional update.
 """
 
 from __future__ import annotations
@@ -72,6 +74,21 @@ def dispatch(session: Executor, *, max_in_flight: int, limit: int = 1000) -> lis
     return handoffs
 
 
+def refeed(session: Executor, *, now: datetime | None = None, limit: int = 1000) -> list[Handoff]:
+    """Publish again the stages whose wait after transient errors is over (``not_before`` reached;
+    pipeline.stages._after_transient): they go to the back of their queue. The wait ends here, in
+    the same statement, so a job is fed once however many dispatchers run; if the publish that
+    follows is lost, the job is an unclaimed stage like any other, and the sweeper finds it."""
+    now = now or utcnow()
+    due = (select(Job.id).where(Job.not_before <= now, Job.status.in_(ACTIVE), Job.claimed_at.is_(None))
+           .order_by(Job.not_before).limit(limit).with_for_update(skip_locked=True))
+    rows = session.execute(
+        update(Job).where(Job.id.in_(due.scalar_subquery())).values(not_before=None, stage_started_at=utcnow())
+        .returning(Job.id, Job.status, Job.tier).execution_options(synchronize_session=False)
+    ).all()
+    return [h for r in rows if (h := handoff_for(r.id, JobStatus(r.status), r.tier)) is not None]
+
+
 # A job whose stage has died under it this many times is a suspect: it may be what kills workers.
 SUSPECT_DELIVERIES = 2
 
@@ -128,7 +145,8 @@ def sweep(session: Executor, *, deadline_s: float, claim_deadline_s: float, lost
     lost_cutoff = now - timedelta(seconds=deadline_s)
     if lost_before is not None:
         lost_cutoff = max(lost_cutoff, lost_before)
-    lost = and_(Job.claimed_at.is_(None), Job.stage_started_at < lost_cutoff)
+    # A stage waiting out transient errors (not_before set) has no message to lose: refeed sends it.
+    lost = and_(Job.claimed_at.is_(None), Job.not_before.is_(None), Job.stage_started_at < lost_cutoff)
     stalled = [Job.claimed_at < claim_cutoff, lost]
     if (orphaned := _held_by(dead_workers)) is not None:
         # Re-checked on the locked row: a claim another worker has taken since is not selected.
@@ -218,6 +236,7 @@ def run_dispatcher(
     while not stop.is_set():
         dispatched = p.run(lambda s: dispatch(s, max_in_flight=max_in_flight))
         publish(dispatched)
+        publish(p.run(refeed))
         # Asked after dispatching: what was just published may have gone with the broker's data
         # too, and is unclaimed, so the sweep below covers it.
         lost_before = utcnow() if broker_lost is not None and broker_lost() else None

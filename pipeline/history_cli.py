@@ -26,7 +26,7 @@ from rich.text import Text
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import history
-from pipeline.cli import app, console, err, jobs_app, settings
+from pipeline.cli import app, console, err, failure_view, jobs_app, settings
 from pipeline.errors import InputFileError, InvalidQuery, JobInputError, OutputError
 from pipeline.names import check_batch_name, escaped
 from pipeline.outfile import Output, write_whole
@@ -34,7 +34,7 @@ from pipeline.tables import Unit, compact, cost_line, new_table, when
 
 if TYPE_CHECKING:
     from pipeline.enqueue import EnqueueReport
-    from pipeline.report import Summary
+    from pipeline.report import FailureReason, Summary
     from pipeline.settings import Settings
 
 STATUS_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "queued": "dim"}
@@ -140,9 +140,9 @@ def enqueue(
     if wait:
         assert report.batch_id is not None
         with _sessions() as sessions:
-            final = _follow(sessions, report.batch_id, name, quiet=as_json)
+            final, reasons = _follow(sessions, report.batch_id, name, quiet=as_json)
         if as_json:
-            _print_json({**out, "progress": final})
+            _print_json({**out, "progress": final, "failure_reasons": reasons})
 
 
 def _batch_name(batch: str | None, file: Path) -> str:
@@ -200,43 +200,51 @@ def _enqueue_with_progress(s: Settings, file: Path, *, name: str, fmt: str | Non
                                 f"the good lines", line=exc.line, source=exc.source) from None
 
 
-def _progress_view(name: str, p: history.BatchProgress, elapsed: float) -> Group:
+def _progress_view(name: str, p: history.BatchProgress, elapsed: float,
+                   reasons: list[FailureReason]) -> Group:
     title = Text.assemble("batch ", _plain(name), f": {compact(p.done)}/{compact(p.total)} done, "
                           f"{compact(p.cost_usd, 'usd')} so far, {compact(elapsed, 's')}")
     table = new_table(("tier", *STATUS_GROUPS), figures=STATUS_GROUPS, title=title, styles=STATUS_STYLE)
     for tier in sorted(p.by_tier, key=lambda t: (t == "-", t)):
         table.add_row(Text("(not triaged)" if tier == "-" else tier), *map(compact, _grouped(p.by_tier[tier])))
     table.add_row(Text("all", style="bold"), *(Text(compact(n), style="bold") for n in _grouped(p.by_status)))
-    return Group(table)
+    if not reasons:
+        return Group(table)
+    return Group(table, failure_view(reasons, failed=p.by_status.get("failed", 0)))
 
 
 def _follow(sessions: sessionmaker[Session], batch_id: int, name: str, *, quiet: bool,
-            interval_s: float = 1.0) -> history.BatchProgress:
-    """Redraw the batch's per-tier counts until every job is terminal. Ctrl-C stops following,
-    not the batch."""
+            interval_s: float = 1.0) -> tuple[history.BatchProgress, list[FailureReason]]:
+    """Redraw the batch's per-tier counts, and its most common failure reasons once some job has
+    failed, until every job is terminal. Ctrl-C stops following, not the batch."""
+    from pipeline.report import failure_reasons
+
+    def poll() -> tuple[history.BatchProgress, list[FailureReason]]:
+        with sessions() as session:
+            p = history.batch_progress(db_session=session, batch_id=batch_id)
+            return p, failure_reasons(session, batch_id=batch_id) if p.by_status.get("failed") else []
+
     start = time.monotonic()
     sys.stdout.flush()
-    with sessions() as session:
-        p = history.batch_progress(db_session=session, batch_id=batch_id)
+    p, reasons = poll()
     try:
-        with Live(_progress_view(name, p, 0), console=err, refresh_per_second=2,
+        with Live(_progress_view(name, p, 0, reasons), console=err, refresh_per_second=2,
                   transient=False, auto_refresh=False) as live:
-            live.update(_progress_view(name, p, 0), refresh=not quiet)
+            live.update(_progress_view(name, p, 0, reasons), refresh=not quiet)
             while p.done < p.total:
                 time.sleep(interval_s)
                 asked = time.monotonic()
-                with sessions() as session:
-                    p = history.batch_progress(db_session=session, batch_id=batch_id)
+                p, reasons = poll()
                 # Counting a million-job batch takes a good part of a second: poll it less often,
                 # so that following a batch never becomes a load of its own.
                 interval_s = max(interval_s, 5 * (time.monotonic() - asked))
                 if not quiet:
-                    live.update(_progress_view(name, p, time.monotonic() - start), refresh=True)
+                    live.update(_progress_view(name, p, time.monotonic() - start, reasons), refresh=True)
     except KeyboardInterrupt:
         err.print(Text.assemble("stopped following batch ", _plain(name),
                                 "; its jobs go on (`switchyard batches` shows them)"))
         raise typer.Exit(130) from None
-    return p
+    return p, reasons
 
 
 # -- cancel ------------------------------------------------------------------------------------------
@@ -461,6 +469,8 @@ def stats(
     statuses = ", ".join(f"{k} {compact(v)}" for k, v in sorted(summary.by_status.items())) or "none"
     console.print(f"jobs: {compact(summary.jobs)} ({statuses})")
     console.print(cost_line(summary))
+    if summary.failure_reasons:
+        console.print(failure_view(summary.failure_reasons, failed=summary.by_status.get("failed", 0)))
     console.print("escalation rate: out of the jobs the tier worked; repeated calls: made by a repeated delivery "
                   "of a stage", style="dim")
 

@@ -149,6 +149,10 @@ class Job(Base):
         # tier, so enqueueing and the first transitions do not pay for it.
         Index("ix_jobs_tier_created_at", "tier", "created_at", postgresql_where=text("tier IS NOT NULL"),
               sqlite_where=text("tier IS NOT NULL")),
+        # The dispatcher's refeed finds the stages whose wait after transient errors is over. Partial:
+        # only waiting jobs are in it, so no other transition pays for it.
+        Index("ix_jobs_not_before", "not_before", postgresql_where=text("not_before IS NOT NULL"),
+              sqlite_where=text("not_before IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -176,6 +180,13 @@ class Job(Base):
     # unique per process start); NULL for a worker without a heartbeat. The sweeper republishes the
     # claims of a worker whose heartbeat has lapsed at once, without waiting out the claim deadline.
     claimed_by: Mapped[str | None] = mapped_column(String(255))
+    # A stage whose call met only transient errors (429, 529, 5xx, timeouts) until its attempts ran
+    # out waits here, with no claim and no message anywhere, until this time; the dispatcher then
+    # publishes it again (pipeline.dispatch.refeed). NULL for every job that is not waiting.
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the current stage began meeting nothing but transient errors (the first failed attempt
+    # of its first round that ran out); the patience counts from here. Cleared by every transition.
+    transient_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     difficulty: Mapped[str | None] = mapped_column(String(20))
     tier: Mapped[str | None] = mapped_column(String(40))
@@ -188,6 +199,10 @@ class Job(Base):
 
     output: Mapped[Any | None] = mapped_column(Json)
     error: Mapped[str | None] = mapped_column(Text)
+    # A failed job's reason in a few words, the same for every job that failed the same way ("work
+    # call to sonnet: 400 invalid_request_error", "validation failed at opus"), so that summaries
+    # can count the most common ones; ``error`` has the whole story of this job.
+    failure_reason: Mapped[str | None] = mapped_column(String(200))
     cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0), server_default="0")
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())

@@ -250,6 +250,9 @@ class QueueStatus:
     concurrency: int
     busy: int
     paused_s: float = 0.0
+    # Jobs of this queue's stage waiting out transient errors in Postgres (pipeline.dispatch.refeed
+    # publishes them when their wait is over): part of in_flight, in no queue.
+    retrying: int = 0
 
 
 @dataclass
@@ -284,6 +287,17 @@ def job_counts(session: Session) -> tuple[dict[str, dict[str, int]], int, dict[s
     return in_flight, queued, finished[0], finished[1]
 
 
+def retry_waits(session: Session) -> dict[str, dict[str, int]]:
+    """Jobs whose stage waits out transient errors, by status and tier (the partial index on
+    not_before holds exactly them)."""
+    out: dict[str, dict[str, int]] = {}
+    for status, tier, n in session.execute(
+            select(Job.status, Job.tier, func.count()).where(Job.not_before.is_not(None), Job.status.in_(ACTIVE))
+            .group_by(Job.status, Job.tier)):
+        out.setdefault(JobStatus(status).value, {})[tier or "-"] = n
+    return out
+
+
 def queue_in_flight(queue: str, in_flight: dict[str, dict[str, int]]) -> int:
     """Jobs whose current stage is served by ``queue``."""
     if queue == "triage":
@@ -305,6 +319,7 @@ def gather(client: redis.Redis, session: Session, models: ModelConfig, limiter: 
     reserved = reserved_by_queue(client)
     workers = workers_online(client)
     in_flight, queued, f1, f5 = job_counts(session)
+    waits = retry_waits(session)
     tier_limits = {tier: limiter.levels(tier) for tier in models.tiers}
     rows = []
     for q in queues:
@@ -313,6 +328,7 @@ def gather(client: redis.Redis, session: Session, models: ModelConfig, limiter: 
             queue=q, depth=depths[q], reserved=reserved.get(q, 0), in_flight=queue_in_flight(q, in_flight),
             workers=len(mine), concurrency=sum(w.concurrency for w in mine), busy=sum(w.busy for w in mine),
             paused_s=float(tier_limits[models.queue_tier(q)]["paused_s"]),
+            retrying=queue_in_flight(q, waits),
         ))
     return Status(queues=rows, workers=workers, in_flight=in_flight, queued=queued, finished_1m=f1,
                   finished_5m=f5, limits=tier_limits)

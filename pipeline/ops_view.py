@@ -47,12 +47,13 @@ def _paused(seconds: float) -> str:
 
 
 def render_status(st: Status) -> Group:
-    figures = ("waiting", "held", "in stage", "workers", "threads", "busy", "paused")
+    figures = ("waiting", "held", "in stage", "retrying", "workers", "threads", "busy", "paused")
     queues = new_table(("queue", *figures), figures=figures,
-                       title="Queues (held: taken by a worker, not yet acknowledged)")
+                       title="Queues (held: taken by a worker, not yet acknowledged; retrying: waiting out "
+                             "transient errors)")
     for q in st.queues:
-        queues.add_row(q.queue, *map(compact, (q.depth, q.reserved, q.in_flight, q.workers, q.concurrency, q.busy)),
-                       _paused(q.paused_s))
+        queues.add_row(q.queue, *map(compact, (q.depth, q.reserved, q.in_flight, q.retrying, q.workers, q.concurrency,
+                                              q.busy)), _paused(q.paused_s))
 
     workers = new_table(("worker", "pid", "pool", "threads", "busy", "up", "metrics"),
                         figures=("pid", "threads", "busy", "up", "metrics"), title="Workers online")

@@ -1,5 +1,6 @@
 """The routing math: per-tier jobs, calls, tokens and cost, and the saving against sending every
-job to the top tier. Read straight from the rows, so anyone can check it with SQL."""
+job to the top tier; and the most common reasons jobs failed. Read straight from the rows, so
+anyone can check it with SQL."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -53,6 +54,12 @@ class TierLine:
         return self.validation_failures / self.validations if self.validations else None
 
 
+@dataclass(frozen=True)
+class FailureReason:
+    reason: str  # jobs.failure_reason: the same for every job that failed the same way
+    jobs: int
+
+
 @dataclass
 class Summary:
     jobs: int
@@ -63,6 +70,8 @@ class Summary:
     cost_usd: Decimal
     top_tier: str
     top_tier_cost_usd: Decimal
+    # The most common reasons the jobs failed, most first (``failure_reasons``).
+    failure_reasons: list[FailureReason] = field(default_factory=list)
 
     @property
     def saving(self) -> Decimal:
@@ -84,6 +93,7 @@ class Summary:
             "validation_failures": self.validation_failures, "cost_usd": f"{self.cost_usd:f}",
             "top_tier": self.top_tier, "top_tier_cost_usd": f"{self.top_tier_cost_usd:f}",
             "saving_usd": f"{self.saving:f}", "saving_ratio": self.saving_ratio,
+            "failure_reasons": [{"reason": r.reason, "jobs": r.jobs} for r in self.failure_reasons],
         }
 
 
@@ -238,16 +248,7 @@ def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = N
     over that id range (``_child_scope``). One more when other jobs have ids in that range
     (``_only_these``), and on SQLite one more for the percentiles (``_latencies``). A 10,000-job
     batch among a million jobs reads some 50,000 rows, all through indexes."""
-    conds: list[Any] = []
-    if tenant_id is not None:
-        conds.append(Job.batch_id.in_(select(Batch.id).where(Batch.tenant_id == tenant_id)))
-    if batch_id is not None:
-        conds.append(Job.batch_id == batch_id)
-    if since is not None:
-        conds.append(Job.created_at >= since)
-    if until is not None:
-        conds.append(Job.created_at < until)
-    job_filter = and_(true(), *conds)
+    job_filter = _job_filter(batch_id=batch_id, since=since, until=until, tenant_id=tenant_id)
     tiers = {name: TierLine(name) for name in config.tiers}
 
     def line_for(tier: str) -> TierLine:
@@ -309,7 +310,46 @@ def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = N
     return Summary(
         jobs=sum(by_status.values()), by_status=by_status, tiers=lines, escalations=escalations,
         validation_failures=int(failures), cost_usd=total, top_tier=config.top_tier, top_tier_cost_usd=top_cost,
+        failure_reasons=_failure_reasons(session, job_filter) if by_status.get(JobStatus.FAILED.value) else [],
     )
+
+
+def _job_filter(*, batch_id: int | None = None, since: datetime | None = None, until: datetime | None = None,
+                tenant_id: int | None = None) -> Any:
+    """The jobs a summary covers: of a batch and/or created in [since, until), of a tenant, or all."""
+    conds: list[Any] = []
+    if tenant_id is not None:
+        conds.append(Job.batch_id.in_(select(Batch.id).where(Batch.tenant_id == tenant_id)))
+    if batch_id is not None:
+        conds.append(Job.batch_id == batch_id)
+    if since is not None:
+        conds.append(Job.created_at >= since)
+    if until is not None:
+        conds.append(Job.created_at < until)
+    return and_(true(), *conds)
+
+
+def failure_reasons(session: Session, *, batch_id: int | None = None, since: datetime | None = None,
+                    until: datetime | None = None, tenant_id: int | None = None,
+                    limit: int = 5) -> list[FailureReason]:
+    """The ``limit`` most common reasons the selected jobs failed, each with how many jobs failed
+    for it, most first (ties by the reason's text). What every summary shows: `switchyard demo`,
+    `enqueue --wait` and `stats`.
+
+    Jobs are grouped by ``failure_reason``, a few words that are the same for every job that failed
+    the same way ("work call to sonnet: 400 invalid_request_error"), not by ``error``, which carries
+    each job's own detail; a job failed before that column existed is grouped by its error. Only
+    failed jobs are read: for a batch through ``ix_jobs_batch_id_status_id``."""
+    return _failure_reasons(session, _job_filter(batch_id=batch_id, since=since, until=until, tenant_id=tenant_id),
+                            limit=limit)
+
+
+def _failure_reasons(session: Session, job_filter: Any, *, limit: int = 5) -> list[FailureReason]:
+    reason = func.coalesce(Job.failure_reason, Job.error, literal("(no reason recorded)"))
+    n = func.count()
+    rows = session.execute(select(reason, n).where(job_filter, Job.status == JobStatus.FAILED)
+                           .group_by(reason).order_by(n.desc(), reason).limit(limit))
+    return [FailureReason(str(r), int(c)) for r, c in rows]
 
 
 def terminal_count(session: Session, *, batch_id: int) -> tuple[int, int]:

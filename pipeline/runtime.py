@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from pipeline.claude import AttemptObserver, ClaudeClient, ModelClient, RateLimiter
+from pipeline.claude import AttemptObserver, ClaudeClient, ModelClient, RateLimiter, check_endpoint
 from pipeline.db import make_engine, session_factory
 from pipeline.errors import ConfigError
 from pipeline.settings import Settings
@@ -20,6 +20,18 @@ def build_limiter(settings: Settings, *, on_wait: Callable[[str, float], None] |
 
     return RedisRateLimiter.from_url(settings.broker_url, settings.tier_limits(), window_s=settings.rate_window_s,
                                      max_wait_s=settings.rate_max_wait_s, on_wait=on_wait)
+
+
+def check_claude(settings: Settings, *, tiers: Iterable[str] | None = None) -> None:
+    """Check once, at start, that the Claude endpoint answers, takes the key and knows the model of
+    each of ``tiers`` (default: every tier configured); ConfigError with one sentence if not."""
+    if not settings.api_key:
+        raise ConfigError("ANTHROPIC_API_KEY is not set (for the fake Claude, any value will do)")
+    models = settings.models
+    names = list(tiers) if tiers is not None else list(models.tiers)
+    check_endpoint(api_key=settings.api_key, base_url=settings.anthropic_base_url,
+                   models={t: models.tier(t).model for t in names},
+                   config=str(settings.config_path) if settings.config_path else "the bundled defaults.toml")
 
 
 def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLimiter | None = None,
@@ -50,4 +62,7 @@ def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLi
         client = CrashOnMarker(client, settings.test_crash_on)
     return Pipeline(sessions=session_factory(engine), client=client, models=settings.models,
                     max_deliveries=settings.max_deliveries, claim_deadline_s=settings.effective_claim_deadline_s,
-                    worker_id=worker_id)
+                    worker_id=worker_id,
+                    transient_patience_s=settings.transient_patience_s,
+                    transient_wait_min_s=settings.transient_wait_min_s,
+                    transient_wait_max_s=max(settings.transient_wait_min_s, settings.transient_wait_max_s))

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     # are switched off so that these do not multiply with it.
     call_attempts: int = Field(4, alias="SWITCHYARD_CALL_ATTEMPTS")
     retry_max_backoff_s: float = Field(30.0, alias="SWITCHYARD_RETRY_MAX_BACKOFF_S")
+    # When a call's attempts all meet transient errors, its stage goes back to its queue and tries
+    # again later (pipeline.stages): real overloads come in bursts that last minutes. The job fails
+    # only once its stage has met nothing but transient errors for this long.
+    transient_patience_s: float = Field(3600.0, alias="SWITCHYARD_TRANSIENT_PATIENCE_S", ge=0)
+    # The wait before such a stage tries again: as long as it has already waited, within these.
+    transient_wait_min_s: float = Field(10.0, alias="SWITCHYARD_TRANSIENT_WAIT_MIN_S", ge=0)
+    transient_wait_max_s: float = Field(300.0, alias="SWITCHYARD_TRANSIENT_WAIT_MAX_S", ge=0)
 
     # The dispatcher keeps at most this many jobs in the stages at once; the rest wait in
     # Postgres, so Redis never holds a whole batch.

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 
@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Engine, Table, delete, insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.claude import Attempt, CallFailed, CallResult, Deferred, ModelClient
+from pipeline.claude import MAX_RETRY_AFTER_S, Attempt, CallFailed, CallResult, Deferred, ModelClient
 from pipeline.config import ModelConfig
 from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict, utcnow
 from pipeline.pricing import call_cost
@@ -73,6 +73,12 @@ class Pipeline:
     # This process's identity in its heartbeat (pipeline.ops.Heartbeat), written on every claim it
     # takes; None where no heartbeat runs (the embedded demo, `celery -A workers worker`).
     worker_id: str | None = None
+    # A stage whose call meets only transient errors until its attempts run out waits and tries
+    # again (``_after_transient``): as long as it has already waited, within these bounds. Its job
+    # fails once the stage has met nothing but transient errors for ``transient_patience_s``.
+    transient_patience_s: float = 3600.0
+    transient_wait_min_s: float = 10.0
+    transient_wait_max_s: float = 300.0
 
     @property
     def engine(self) -> Engine:
@@ -278,7 +284,7 @@ def _claim(p: Pipeline, job_id: int, status: JobStatus,
         p.run(lambda session: transition(
             session, job_id, frm=status, version=claim.version, to=JobStatus.FAILED, detail="poison",
             error=f"poison job: the {status.value} stage was started {claim.deliveries - 1} times and never "
-                  f"finished (did it kill its worker?)"))
+                  f"finished (did it kill its worker?)", failure_reason=f"poison job ({status.value} stage)"))
         return None
     return claimed
 
@@ -302,24 +308,49 @@ def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,
         return outcome
 
 
-def _defer(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage: Stage, tier: str,
-           deferred: Deferred) -> Handoff | None:
-    """Hand the job back to its queue until the tier's budget has room, instead of holding a
-    worker thread (pipeline.ratelimit says when that happens). Attempts already made are recorded;
-    a call that never started leaves no row."""
+def _handed_back_before(session: Connection, call_id: int) -> bool:
+    """True if this hand-back already committed: Pipeline.run is replaying it after its
+    acknowledgement was lost with the connection. The hand-back either filled the call row in
+    (its attempts) or deleted it (no attempt was made); either way the row is no longer "started"."""
+    if not replaying(session):
+        return False
+    return session.scalar(select(ModelCall.outcome).where(ModelCall.id == call_id)) in (None, "ok", "error")
+
+
+def _hand_back(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage: Stage, tier: str,
+               attempts: list[Attempt], not_before: datetime | None = None,
+               transient_since: datetime | None = None) -> bool:
+    """Record the attempts made (a call that never started leaves no row), and release the stage's
+    claim without counting a delivery (states.release_stage). True if the job was still there."""
 
     def do(session: Connection) -> bool:
-        if deferred.attempts:
+        if _handed_back_before(session, call_id):
+            return True
+        if attempts:
             for write in _call_writes(p, call_id=call_id, claim=claim, stage=stage, tier=tier,
-                                      attempts=deferred.attempts, applied=False):
+                                      attempts=attempts, applied=False):
                 write.execute(session, moved=False)
-            _add_cost(session, claim.id, _total_cost(p, tier, deferred.attempts))
+            _add_cost(session, claim.id, _total_cost(p, tier, attempts))
         else:
             session.execute(delete(ModelCall).where(ModelCall.id == call_id)
                             .execution_options(synchronize_session=False))
-        return release_stage(session, claim.id, status=status, version=claim.version)
+        return release_stage(session, claim.id, status=status, version=claim.version, not_before=not_before,
+                             transient_since=transient_since)
 
-    if not p.run(do):
+    return p.run(do)
+
+
+def _defer(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage: Stage, tier: str,
+           deferred: Deferred) -> Handoff | None:
+    """Hand the job back to its queue until the tier's budget has room, instead of holding a
+    worker thread (pipeline.ratelimit says when that happens). Attempts already made (a 429 that
+    paused the tier) are recorded and start the stage's patience, as any transient error does."""
+    if deferred.attempts and _patience_spent(p, claim, call_id, status=status, stage=stage, tier=tier,
+                                             attempts=deferred.attempts):
+        return None
+    since = deferred.attempts[0].started_at if deferred.attempts else None
+    if not _hand_back(p, claim, call_id, status=status, stage=stage, tier=tier, attempts=deferred.attempts,
+                      transient_since=since):
         return None
     again = handoff_for(claim.id, status, claim.tier)
     if again is None:
@@ -328,17 +359,80 @@ def _defer(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage:
     return replace(again, delay_s=min(MAX_DEFER_S, deferred.wait_s) + random.uniform(0, 1))
 
 
-def _fail_after_call(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage: Stage,
-                     tier: str, failed: CallFailed) -> None:
-    what = "transient error, retries exhausted" if failed.transient else "permanent error"
-    error = f"{stage.value} call to {tier} failed ({what}): {failed}"
+def _label(status: int | None, error_type: str | None) -> str:
+    """An API error in a few words: "429 rate_limit_error", or "timeout" when no answer came."""
+    return f"{status} {error_type}" if status else error_type or "error"
 
-    cost = _total_cost(p, tier, failed.attempts)
-    writes = [*_call_writes(p, call_id=call_id, claim=claim, stage=stage, tier=tier, attempts=failed.attempts,
+
+def _duration(seconds: float) -> str:
+    """3660 -> "1 h 1 min", 600 -> "10 min", 0 -> "0 s"."""
+    h, rest = divmod(round(seconds), 3600)
+    m, s = divmod(rest, 60)
+    return " ".join(f"{n} {unit}" for n, unit in ((h, "h"), (m, "min"), (s, "s")) if n) or "0 s"
+
+
+def _fail(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage: Stage, tier: str,
+          attempts: list[Attempt], error: str, reason: str) -> None:
+    """Fail the job after its call: the call's attempts recorded, the error and its short reason."""
+    cost = _total_cost(p, tier, attempts)
+    writes = [*_call_writes(p, call_id=call_id, claim=claim, stage=stage, tier=tier, attempts=attempts,
                             applied=False), *_stale_cost(claim.id, cost)]
     p.record(lambda session: transition(session, claim.id, frm=status, version=claim.version, to=JobStatus.FAILED,
-                                        error=error, detail=f"{stage.value} call failed", add={"cost_usd": cost},
-                                        also=writes))
+                                        error=error, failure_reason=reason[:200], detail=f"{stage.value} call failed",
+                                        add={"cost_usd": cost}, also=writes))
+
+
+def _patience_spent(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage: Stage, tier: str,
+                    attempts: list[Attempt]) -> bool:
+    """Fail the job if its stage has met nothing but transient errors for longer than the patience,
+    counted from the first of them (this call's first attempt, unless an earlier round met one
+    before); True if it did. ``attempts``: this call's, every one of them failed."""
+    waited = (utcnow() - (claim.transient_since or attempts[0].started_at)).total_seconds()
+    if waited < p.transient_patience_s:
+        return False
+    last = attempts[-1]
+    error = (f"{stage.value} call to {tier} failed: only transient errors for {_duration(waited)}, past the "
+             f"patience of {_duration(p.transient_patience_s)} (SWITCHYARD_TRANSIENT_PATIENCE_S); the last: "
+             f"{last.error_message}")
+    _fail(p, claim, call_id, status=status, stage=stage, tier=tier, attempts=attempts, error=error,
+          reason=f"{stage.value} call to {tier}: transient errors past the patience "
+                 f"(last {_label(last.status_code, last.error_type)})")
+    return True
+
+
+def _after_transient(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage: Stage, tier: str,
+                     failed: CallFailed) -> None:
+    """Every attempt of the call met a transient error (429, 529, 5xx, a timeout, a dropped
+    connection). Overloads come in bursts that last minutes, so the job does not fail: the stage
+    releases its claim and waits in Postgres, and the dispatcher publishes it again when the wait is
+    over (dispatch.refeed). The wait lasts as long as the stage has already waited since its first
+    transient error (so it doubles from round to round, like any backoff, without a counter),
+    within [transient_wait_min_s, transient_wait_max_s], plus up to a quarter more so that jobs hit
+    by the same burst come back spread out; never less than the last retry-after, and never past
+    the patience, when the stage has its last try and the job fails if that fails too."""
+    if _patience_spent(p, claim, call_id, status=status, stage=stage, tier=tier, attempts=failed.attempts):
+        return
+    since = failed.attempts[0].started_at
+    now = utcnow()
+    waited = (now - (claim.transient_since or since)).total_seconds()
+    wait = min(max(waited, p.transient_wait_min_s), p.transient_wait_max_s) * random.uniform(1.0, 1.25)
+    wait = min(wait, p.transient_patience_s - waited)
+    if failed.retry_after is not None:
+        wait = max(wait, min(failed.retry_after, MAX_RETRY_AFTER_S))
+    if _hand_back(p, claim, call_id, status=status, stage=stage, tier=tier, attempts=failed.attempts,
+                  not_before=now + timedelta(seconds=wait), transient_since=since):
+        log.info("job %s: %s call to %s met only transient errors (the last: %s); trying again in %.0f s",
+                 claim.id, stage.value, tier, _label(failed.status, failed.error_type), wait)
+
+
+def _after_call_failed(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage: Stage, tier: str,
+                       failed: CallFailed) -> None:
+    if failed.transient:
+        _after_transient(p, claim, call_id, status=status, stage=stage, tier=tier, failed=failed)
+        return
+    _fail(p, claim, call_id, status=status, stage=stage, tier=tier, attempts=failed.attempts,
+          error=f"{stage.value} call to {tier} failed (permanent error): {failed}",
+          reason=f"{stage.value} call to {tier}: {_label(failed.status, failed.error_type)}")
 
 
 # -- triage ----------------------------------------------------------------------------------------
@@ -356,7 +450,7 @@ def triage(p: Pipeline, job_id: int) -> Handoff | None:
     if isinstance(result, Deferred):
         return _defer(p, claim, call_id, status=JobStatus.TRIAGING, stage=Stage.TRIAGE, tier=tier, deferred=result)
     if isinstance(result, CallFailed):
-        _fail_after_call(p, claim, call_id, status=JobStatus.TRIAGING, stage=Stage.TRIAGE, tier=tier,
+        _after_call_failed(p, claim, call_id, status=JobStatus.TRIAGING, stage=Stage.TRIAGE, tier=tier,
                          failed=result)
         return None
 
@@ -398,7 +492,7 @@ def work(p: Pipeline, job_id: int) -> Handoff | None:
     if isinstance(result, Deferred):
         return _defer(p, claim, call_id, status=JobStatus.WORKING, stage=Stage.WORK, tier=tier, deferred=result)
     if isinstance(result, CallFailed):
-        _fail_after_call(p, claim, call_id, status=JobStatus.WORKING, stage=Stage.WORK, tier=tier,
+        _after_call_failed(p, claim, call_id, status=JobStatus.WORKING, stage=Stage.WORK, tier=tier,
                          failed=result)
         return None
 
@@ -454,7 +548,7 @@ def validate(p: Pipeline, job_id: int) -> Handoff | None:
             return _defer(p, claim, call_id, status=JobStatus.VALIDATING, stage=Stage.FORMAT_CHECK, tier=checker,
                           deferred=outcome)
         if isinstance(outcome, CallFailed):
-            _fail_after_call(p, claim, call_id, status=JobStatus.VALIDATING, stage=Stage.FORMAT_CHECK,
+            _after_call_failed(p, claim, call_id, status=JobStatus.VALIDATING, stage=Stage.FORMAT_CHECK,
                              tier=checker, failed=outcome)
             return None
         result = outcome
@@ -514,7 +608,8 @@ def _apply_verdict(session: Connection, p: Pipeline, claim: Claim, call_id: int 
         reasons = verdict.feedback
         if step.action == "fail":
             to, detail = JobStatus.FAILED, "validation failed"
-            values = {"error": f"validation failed at {tier} after {claim.attempt} attempt(s): {reasons}"}
+            values = {"error": f"validation failed at {tier} after {claim.attempt} attempt(s): {reasons}",
+                      "failure_reason": f"validation failed at {tier}"}
         else:
             assert step.tier is not None
             if step.action == "escalate":

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast
 
-from sqlalchemy import Table, and_, bindparam, case, exists, insert, literal, not_, or_, select, union_all, update
+from sqlalchemy import Table, and_, bindparam, case, exists, func, insert, literal, not_, or_, select, union_all, update
 from sqlalchemy.sql import ClauseElement
 
 from pipeline.db import Executor, dialect_name
@@ -59,8 +59,10 @@ def _column(key: str) -> str:
 
 def _entry_values(to: JobStatus, now: Any) -> dict[str, Any]:
     # A new stage starts unclaimed: no worker holds it until one begins it.
+    # ...and has met no transient errors yet (a stage that made progress starts its patience anew).
     values: dict[str, Any] = {"status": to, "version": Job.version + 1, "updated_at": now,
-                              "deliveries": 0, "claimed_at": None, "claimed_by": None}
+                              "deliveries": 0, "claimed_at": None, "claimed_by": None, "not_before": None,
+                              "transient_since": None}
     if to in TERMINAL:
         values.update(finished_at=now, stage_started_at=None, candidate=None)
     else:
@@ -312,6 +314,8 @@ class Claim:
     feedback: str | None
     candidate: str | None
     candidate_stop: str | None
+    # When this stage began meeting nothing but transient errors, if it has (its patience's start).
+    transient_since: datetime | None = None
 
 
 # Built once, run with bound parameters, on the table rather than the ORM entity: every stage of
@@ -320,13 +324,16 @@ _NOW = bindparam("b_now", type_=_JOBS.c.claimed_at.type)
 _BEGIN_STAGE = (
     update(_JOBS)
     .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.status == bindparam("b_status"),
-           or_(_JOBS.c.claimed_at.is_(None), _JOBS.c.claimed_at < bindparam("b_stale"), _JOBS.c.claimed_at == _NOW))
+           or_(_JOBS.c.claimed_at.is_(None), _JOBS.c.claimed_at < bindparam("b_stale"), _JOBS.c.claimed_at == _NOW),
+           # A stage waiting out transient errors runs only once the dispatcher publishes it again:
+           # a stray message (a redelivery, an old republish) must not cut its wait short.
+           _JOBS.c.not_before.is_(None))
     # A claim already stamped with this very time is this claim, committed once and now replayed
     # (its acknowledgement was lost with the connection): taken again, and not counted twice.
     .values(deliveries=case((_JOBS.c.claimed_at == _NOW, _JOBS.c.deliveries), else_=_JOBS.c.deliveries + 1),
             claimed_at=_NOW, claimed_by=bindparam("b_worker", type_=_JOBS.c.claimed_by.type))
     .returning(_JOBS.c.id, _JOBS.c.version, _JOBS.c.deliveries, _JOBS.c.kind, _JOBS.c.payload, _JOBS.c.tier,
-               _JOBS.c.attempt, _JOBS.c.feedback, _JOBS.c.candidate, _JOBS.c.candidate_stop)
+               _JOBS.c.attempt, _JOBS.c.feedback, _JOBS.c.candidate, _JOBS.c.candidate_stop, _JOBS.c.transient_since)
 )
 
 
@@ -354,15 +361,25 @@ def begin_stage(session: Executor, job_id: int, *, status: JobStatus, claim_dead
     return Claim(*row)
 
 
-def release_stage(session: Executor, job_id: int, *, status: JobStatus, version: int) -> bool:
-    """Undo ``begin_stage`` for a stage that handed its job back unstarted (a rate-limit wait):
-    the delivery did not run, so it must not count towards the poison-job bound, and the sweeper's
-    clock restarts. True if the job was still where the stage left it."""
+def release_stage(session: Executor, job_id: int, *, status: JobStatus, version: int,
+                  not_before: datetime | None = None, transient_since: datetime | None = None) -> bool:
+    """Undo ``begin_stage`` for a stage that handed its job back (a rate-limit wait, or a call whose
+    attempts all met transient errors): the delivery did not die, so it must not count towards the
+    poison-job bound, and the sweeper's clock restarts. True if the job was still where the stage
+    left it.
+
+    ``not_before``: the stage waits in Postgres until then, with no message anywhere, and the
+    dispatcher publishes it again when it is due (pipeline.dispatch.refeed). ``transient_since``:
+    when the stage began meeting transient errors, kept if an earlier round already set it."""
+    values: dict[str, Any] = {"deliveries": Job.deliveries - 1, "stage_started_at": utcnow(),
+                              # ...and gives up its claim, or the next message would find the stage held.
+                              "claimed_at": None, "claimed_by": None, "not_before": not_before}
+    if transient_since is not None:
+        values["transient_since"] = func.coalesce(Job.transient_since, transient_since)
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == status, Job.version == version, Job.deliveries > 0)
-        # ...and gives up its claim, or the handed-back message would find the stage still held.
-        .values(deliveries=Job.deliveries - 1, stage_started_at=utcnow(), claimed_at=None, claimed_by=None)
+        .values(**values)
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]

@@ -82,20 +82,19 @@ class Cluster:
         proc = Proc(name, popen, log, args, ready)
         self.procs.append(proc)
         if wait:
-            self.wait_ready(proc, timeout)
+            self.wait_ready([proc], timeout=timeout)
         return proc
 
-    def wait_ready(self, proc: Proc, timeout: float = 30.0) -> None:
-        """Wait until ``proc`` has logged its ready line."""
-        if not proc.ready:
-            return
+    def wait_ready(self, procs: list[Proc], *, timeout: float = 30.0) -> None:
+        """Wait until each of ``procs`` has logged its ready line."""
         deadline = time.monotonic() + timeout
-        while proc.ready not in proc.log.read_text(errors="replace"):
-            if not proc.alive:
-                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{proc.name} not ready after {timeout} s:\n{proc.tail()}")
-            time.sleep(0.1)
+        for proc in procs:
+            while proc.ready and proc.ready not in proc.log.read_text(errors="replace"):
+                if not proc.alive:
+                    raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{proc.name} not ready after {timeout} s:\n{proc.tail()}")
+                time.sleep(0.1)
 
     def worker(self, tier: str, *, concurrency: int = 8, extra: list[str] | None = None, wait: bool = True) -> Proc:
         return self._start(f"worker-{tier}", ["worker", "--tier", tier, "--concurrency", str(concurrency),
@@ -105,9 +104,18 @@ class Cluster:
         return self._start("dispatcher", ["dispatcher"], ready="dispatcher:", wait=wait)
 
     def start_all(self, *, concurrency: int = 8) -> None:
-        for tier in ("triage", "sonnet", "opus", "validate"):
-            self.worker(tier, concurrency=concurrency)
-        self.dispatcher()
+        # Started together, then waited for: each process spends seconds importing, and on a busy
+        # machine starting them one after another took most of a fault case's time.
+        procs = [self.worker(tier, concurrency=concurrency, wait=False) for tier in ("triage", "sonnet", "opus",
+                                                                                       "validate")]
+        procs.append(self.dispatcher(wait=False))
+        try:
+            self.wait_ready(procs, timeout=60)
+        except BaseException:
+            # One that cannot start must not leave the others running, consuming the next test's
+            # messages from the same Redis database.
+            self.stop()
+            raise
 
     def restart(self, proc: Proc, *, wait_ready: bool = True) -> Proc:
         """Start ``proc`` again (after it died or was stopped), as a supervisor would."""

@@ -182,6 +182,8 @@ class QueueLine(BaseModel):
     concurrency: int
     busy: int
     paused_s: float = Field(description="Seconds the tier is paused by a rate limit (a 429 from the API).")
+    retrying: int = Field(0, description="Jobs of the stage waiting out transient errors (429, 529, 5xx) "
+                                         "before trying again; counted in in_flight.")
 
 
 class QueueStatus(BaseModel):

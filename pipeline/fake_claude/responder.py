@@ -23,7 +23,7 @@ from pipeline.fake_claude.errors import (
     new_request_id,
 )
 from pipeline.fake_claude.hints import Hints, read_hints
-from pipeline.fake_claude.models import model_class, model_entry
+from pipeline.fake_claude.models import is_known, model_class, model_entry
 from pipeline.fake_claude.options import ERROR_FAULTS, FakeOptions
 from pipeline.fake_claude.prompt import (
     Prompt,
@@ -184,6 +184,19 @@ class Responder:
             "last_id": page[-1]["id"] if page else None,
         }
         return Outcome(Response(200, self._headers(request_id, None, now), body), 0.0, request_id)
+
+    def get_model(self, headers: Mapping[str, str], model_id: str, *, now: float) -> Outcome:
+        """GET /v1/models/{model_id}: any id that /v1/messages serves is found, listed or not."""
+        request_id = new_request_id()
+        try:
+            check_headers(headers, self.options.api_key)
+        except RequestInvalid as exc:
+            return self._error(exc, request_id, None, now)
+        if not is_known(model_id):
+            return self._error(RequestInvalid(404, "not_found_error", f"model: {model_id}"), request_id, None, now)
+        ids = list(self.options.models)
+        entry = model_entry(model_id, ids.index(model_id) if model_id in ids else len(ids))
+        return Outcome(Response(200, self._headers(request_id, None, now), entry), 0.0, request_id)
 
     def error(self, status: int, error_type: str, message: str, *, now: float) -> Outcome:
         """An error the server detects itself (unreadable JSON, unknown path)."""

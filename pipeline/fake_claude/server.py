@@ -14,7 +14,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any, Self
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pipeline.fake_claude.options import FakeOptions
 from pipeline.fake_claude.responder import Outcome, Responder, Response
@@ -101,6 +101,9 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path == "/v1/models":
             query = dict(parse_qsl(url.query))
             self._send(self.server.responder.list_models(self._headers(), query, now=now).response)
+        elif url.path.startswith("/v1/models/"):
+            model_id = unquote(url.path.removeprefix("/v1/models/"))
+            self._send(self.server.responder.get_model(self._headers(), model_id, now=now).response)
         elif url.path == "/_fake/stats":
             self._send_json(200, self.server.recorder.stats())
         elif url.path == "/_fake/requests":

@@ -200,6 +200,20 @@ def test_models_list(client: anthropic.Anthropic, fake: FakeClaude) -> None:
     assert [m["id"] for m in after["data"]] == ids[2:]
 
 
+def test_one_model_by_id(client: anthropic.Anthropic, fake: FakeClaude) -> None:
+    model = client.models.retrieve(SONNET)
+    assert (model.id, model.type) == (SONNET, "model") and model.display_name.startswith("Claude ")
+    # Any id /v1/messages serves is found, listed or not; any other is not.
+    assert client.models.retrieve("claude-opus-7-1-20270101").id == "claude-opus-7-1-20270101"
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        client.models.retrieve("gpt-4o")
+    assert error_message(caught.value) == "model: gpt-4o"
+    headers = {k: v for k, v in HEADERS.items() if k != "x-api-key"}
+    status, _, error = http(fake.base_url, f"/v1/models/{SONNET}", headers=headers)
+    assert status == 401
+    _assert_error(status, error, "authentication_error", "x-api-key")
+
+
 def test_unknown_path_is_not_found(fake: FakeClaude) -> None:
     status, _, body = http(fake.base_url, "/v1/nothing", {"x": 1})
     assert status == 404

@@ -27,7 +27,8 @@ CALL_ATTEMPTS = 4
 # Short enough that the whole matrix runs in minutes, long enough to stay clear of a busy 2-core
 # machine: a call attempt times out after 2 s, a claim with no sign of life for 5 s is taken for a
 # dead worker, and an unclaimed stage (queued, never begun) is republished after 60 s (long enough
-# that a loaded CI machine's queue waits do not fill the queues with harmless duplicates).
+# that a loaded CI machine's queue waits do not fill the queues with harmless duplicates). A stage
+# whose attempts all meet transient errors waits 1 s, then as long as it has waited, up to 8 s.
 FAST_ENV = {
     "SWITCHYARD_CALL_TIMEOUT_S": "2",
     "SWITCHYARD_CALL_ATTEMPTS": str(CALL_ATTEMPTS),
@@ -36,6 +37,8 @@ FAST_ENV = {
     "SWITCHYARD_STAGE_DEADLINE_S": "60",
     "SWITCHYARD_DISPATCH_INTERVAL_S": "0.2",
     "SWITCHYARD_MAX_DELIVERIES": "3",
+    "SWITCHYARD_TRANSIENT_WAIT_MIN_S": "1",
+    "SWITCHYARD_TRANSIENT_WAIT_MAX_S": "8",
 }
 
 FIGURES: dict[str, Any] = {}

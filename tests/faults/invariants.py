@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from itertools import pairwise
@@ -191,6 +192,33 @@ def check_exactly_once(sessions: sessionmaker[Session], batch_id: int, *, fake: 
         fake_requests=len(served),
         faults=Counter(r["fault"] for r in served if r["fault"]),
     )
+
+
+def check_retry_after(served: Sequence[dict[str, Any]], calls: Sequence[ModelCall], *, seconds: float) -> int:
+    """No request came back sooner than the retry-after of the 429 before it.
+
+    Each request the fake served is put with its job's stage and delivery through the request id
+    its row recorded, and the requests of one delivery of a stage are ordered by the fake's own
+    clock: after a 429, the next request (the next attempt, or the first of the next round once the
+    stage went back to its queue, which keeps its delivery number) must start at least ``seconds``
+    after the 429 was answered. A second delivery of the stage (a claim taken for dead) is a call of
+    its own, which may have been sent before the other's 429 was known. Returns how many requests
+    followed a 429."""
+    stage_of = {c.request_id: (c.job_id, c.stage.value, c.delivery) for c in calls if c.request_id}
+    by_stage: dict[tuple[int, str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in served:
+        if r["request_id"] in stage_of:
+            by_stage[stage_of[r["request_id"]]].append(r)
+    followed = 0
+    for key, requests in by_stage.items():
+        requests.sort(key=lambda r: r["started_at"])
+        for before, after in pairwise(requests):
+            if before["status"] == 429:
+                followed += 1
+                gap = after["started_at"] - before["ended_at"]
+                assert gap >= seconds, f"job {key[0]}'s {key[1]} call came back {gap:.3f} s after a 429 " \
+                    f"that asked for {seconds} s"
+    return followed
 
 
 def unexpected_failures(facts: Facts) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Claude misbehaves: the fake injects faults, each kind into 20% of all requests. Transient
-errors are retried (bounded, honouring retry-after, never multiplied by the SDK); bad answers go
-through validation and escalation; permanent errors fail the job with the API's message; every job
-still ends exactly once.
+errors are retried (bounded, honouring retry-after, never multiplied by the SDK), and a stage whose
+attempts all meet one waits and tries again instead of failing its job; bad answers go through
+validation and escalation; permanent errors fail the job with the API's message; every job still
+ends exactly once.
 
 Two kinds share a batch (each drawn for 20% of requests, 40% in all), so the eight kinds take
 four batches; the cluster is shared by the four, and the fake is reconfigured between them."""
@@ -9,7 +10,6 @@ four batches; the cluster is shared by the four, and the fake is reconfigured be
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from pipeline.fake_claude import FakeClaude, FakeOptions
 from pipeline.models import Job, JobStatus, ModelCall
 from tests.cluster import Cluster, wait_for_batch
 from tests.faults.conftest import CALL_ATTEMPTS, FAST_ENV, enqueue_mixed
-from tests.faults.invariants import check_exactly_once, summary
+from tests.faults.invariants import check_exactly_once, check_retry_after, summary
 
 pytestmark = pytest.mark.faults
 
@@ -106,24 +106,12 @@ def test_claude_misbehaves(pair: tuple[str, str], shared: tuple[FakeClaude, Clus
     for key, error in facts.errors.items():
         if key.startswith(("doomed-", "permanent-")):
             continue
-        if "transient error, retries exhausted" in error:
-            # Its last call drew a transient fault on every one of its attempts.
-            job = by_key[key]
-            last = [c for c in calls if c.job_id == job.id][-CALL_ATTEMPTS:]
-            assert [c.attempt for c in last] == list(range(1, CALL_ATTEMPTS + 1))
-            assert all(c.error_type in errors for c in last), [c.error_type for c in last]
-        else:
-            # Bad answers go through validation: a job fails only after every tier's attempts failed it.
-            assert "validation failed at opus" in error, error
+        # A transient error never fails a job (its stage waits and tries again); bad answers go
+        # through validation: a job fails only after every tier's attempts failed it.
+        assert "validation failed at opus" in error, error
     assert facts.by_status["succeeded"] >= 0.8 * facts.jobs, facts.by_status
 
     if "429" in pair:
-        # Each retry after a 429 waited at least the retry-after the API asked for.
-        attempts = {(c.job_id, c.stage, c.delivery, c.attempt): c for c in calls}
-        for c in calls:
-            nxt = attempts.get((c.job_id, c.stage, c.delivery, c.attempt + 1))
-            if c.error_type == "rate_limit_error" and nxt is not None:
-                assert nxt.started_at - c.finished_at >= timedelta(seconds=1), (c.id, nxt.id)
-    figures[f"claude {' + '.join(pair)}, each at {RATE_EACH:.0%}"] = summary(
-        facts, injected=dict(facts.faults), retries_exhausted=sum(
-            1 for e in facts.errors.values() if "retries exhausted" in e))
+        # Each request after a 429 waited at least the retry-after the API asked for.
+        assert check_retry_after(fake.requests(), calls, seconds=1.0) > 0
+    figures[f"claude {' + '.join(pair)}, each at {RATE_EACH:.0%}"] = summary(facts, injected=dict(facts.faults))

@@ -18,7 +18,7 @@ from pipeline import migrate
 from pipeline.config import ModelConfig
 from pipeline.db import make_engine
 from pipeline.models import Batch, Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
-from pipeline.report import Summary, TierLine, percentile, summarize
+from pipeline.report import FailureReason, Summary, TierLine, failure_reasons, percentile, summarize
 
 LATENCIES = [120.0, 80.0, 300.0, 95.0, 410.0, 150.0, 99.0]
 
@@ -246,3 +246,64 @@ def test_summary_is_the_rows_worked_out_by_hand_on_postgres(db: Session, models:
 def test_summary_is_the_rows_worked_out_by_hand_on_sqlite(sqlite_engine: Engine, models: ModelConfig) -> None:
     with Session(sqlite_engine) as session:
         _check_by_hand(session, models)
+
+
+def _check_failure_reasons(session: Session, models: ModelConfig) -> None:
+    t0 = datetime(2026, 5, 1, tzinfo=UTC)
+    a, other = Batch(name="reasons-a", created_at=t0), Batch(name="reasons-b", created_at=t0)
+    session.add_all([a, other])
+    session.flush()
+
+    def failed(batch: Batch, key: str, reason: str | None, error: str) -> Job:
+        return Job(batch_id=batch.id, key=key, kind=JobKind.GENERATE, payload={}, status=JobStatus.FAILED,
+                   failure_reason=reason, error=error, created_at=t0)
+
+    refused = "work call to sonnet: 400 invalid_request_error"
+    session.add_all([
+        # Three jobs failed the same way, each with its own detail in its error.
+        *[failed(a, f"bad-{i}", refused, f"work call to sonnet failed (permanent error): 400 ... job {i}")
+          for i in range(3)],
+        failed(a, "escalated", "validation failed at opus", "validation failed at opus after 2 attempt(s): x"),
+        # Failed before failure_reason existed: its error is its reason.
+        failed(a, "old", None, "an older failure"),
+        Job(batch_id=a.id, key="fine", kind=JobKind.GENERATE, payload={}, status=JobStatus.SUCCEEDED, created_at=t0),
+        # Another batch's failures are not this batch's.
+        *[failed(other, f"x-{i}", "poison job (working stage)", "poison job: ...") for i in range(5)],
+    ])
+    session.flush()
+
+    reasons = failure_reasons(session, batch_id=a.id)
+    assert reasons == [FailureReason(refused, 3), FailureReason("an older failure", 1),
+                       FailureReason("validation failed at opus", 1)]
+    assert failure_reasons(session, batch_id=a.id, limit=1) == [FailureReason(refused, 3)]
+    assert failure_reasons(session, batch_id=other.id) == [FailureReason("poison job (working stage)", 5)]
+    window = failure_reasons(session, since=t0, until=t0 + timedelta(days=1))
+    assert window[0] == FailureReason("poison job (working stage)", 5) and window[1] == FailureReason(refused, 3)
+    summary = summarize(session, models, batch_id=a.id)
+    assert summary.failure_reasons == reasons
+    assert summary.to_dict()["failure_reasons"][0] == {"reason": refused, "jobs": 3}
+    assert summarize(session, models, batch_id=a.id + 1000).failure_reasons == []
+
+
+def test_failure_reasons_most_common_first_on_postgres(db: Session, models: ModelConfig) -> None:
+    _check_failure_reasons(db, models)
+
+
+def test_failure_reasons_most_common_first_on_sqlite(sqlite_engine: Engine, models: ModelConfig) -> None:
+    with Session(sqlite_engine) as session:
+        _check_failure_reasons(session, models)
+
+
+def test_the_demo_summary_shows_the_failure_reasons(models: ModelConfig, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli import print_summary
+
+    summary = Summary(jobs=9, by_status={"succeeded": 2, "failed": 7}, tiers=[], escalations=0, validation_failures=0,
+                      cost_usd=Decimal(0), top_tier="opus", top_tier_cost_usd=Decimal(0),
+                      failure_reasons=[FailureReason("triage call to haiku: connection_error [x]", 5),
+                                       FailureReason("validation failed at opus", 1)])
+    print_summary(summary)
+    out = capsys.readouterr().out
+    assert ("failed, the most common reasons first:\n"
+            "        5  triage call to haiku: connection_error [x]\n"
+            "        1  validation failed at opus\n"
+            "        1  for other reasons (`switchyard jobs list --status failed`)\n") in out

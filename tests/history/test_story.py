@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections import defaultdict
 from decimal import Decimal
 from pathlib import Path
@@ -54,7 +55,7 @@ def story(history_url: str, broker_url: str, fake_claude: FakeClaude,
     finally:
         cluster.stop()
     jobs = switchyard_json(history_url, "jobs", "list", "--batch", BATCH)["jobs"]
-    return {"enqueue": out, "ids": {j["key"]: j["id"] for j in jobs}}
+    return {"enqueue": out, "ids": {j["key"]: j["id"] for j in jobs}, "path": path}
 
 
 def test_enqueue_wait_follows_the_batch_to_the_end(story: dict) -> None:
@@ -65,6 +66,16 @@ def test_enqueue_wait_follows_the_batch_to_the_end(story: dict) -> None:
     assert progress["by_status"] == {"succeeded": len(JOBS) - 1, "failed": 1}
     assert sum(sum(c.values()) for c in progress["by_tier"].values()) == len(JOBS)
     assert progress["by_tier"]["opus"]["succeeded"] >= 3  # the two escalated, hard, pinned
+    # ...and the most common failure reasons, with their counts.
+    assert out["failure_reasons"] == [{"reason": "validation failed at opus", "jobs": 1}]
+
+
+def test_enqueue_wait_shows_the_failure_reasons(history_url: str, story: dict) -> None:
+    # The same file again: nothing new, and the batch is already done, so --wait draws it once.
+    shown = switchyard(history_url, "enqueue", str(story["path"]), "--batch", BATCH, "--wait")
+    assert "0 new job(s)" in shown.stdout
+    assert "failed, the most common reasons first:" in shown.stderr
+    assert re.search(r"\n +1  validation failed at opus$", shown.stderr.rstrip()), shown.stderr
 
 
 def test_jobs_show_tells_the_whole_story_of_an_escalated_job(history_url: str, story: dict,
@@ -161,9 +172,11 @@ def test_stats_sum_to_the_raw_rows(history_url: str, story: dict, history_sessio
     assert sum(t["calls"] for t in stats["tiers"]) == len(calls)
     assert Decimal(stats["saving_usd"]) == Decimal(stats["top_tier_cost_usd"]) - Decimal(stats["cost_usd"])
 
+    assert stats["failure_reasons"] == [{"reason": "validation failed at opus", "jobs": 1}]
     table = switchyard(history_url, "stats", "--batch", BATCH).stdout
     assert "saved" in table
     assert "p95" in table
+    assert re.search(r"failed, the most common reasons first:\n +1  validation failed at opus\n", table), table
 
 
 def test_export_round_trips_to_the_input_keys(history_url: str, story: dict, tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ def test_worker_and_dispatcher_say_where_they_connect_without_passwords(urls: di
         worker = cluster.worker("validate", concurrency=1, wait=False)
         dispatcher = cluster.dispatcher(wait=False)
         for proc in (worker, dispatcher):
-            cluster.wait_ready(proc)
+            cluster.wait_ready([proc])
     finally:
         cluster.stop()
     for proc in (worker, dispatcher):

@@ -47,7 +47,7 @@ def test_only_a_worker_started_with_events_sends_task_events(fresh_database: Cal
             loud = cluster.worker("triage", concurrency=1, extra=["--events"], wait=False)
             quiet = cluster.worker("validate", concurrency=1, wait=False)
             for proc in (loud, quiet):
-                cluster.wait_ready(proc)
+                cluster.wait_ready([proc])
             wait("heartbeats", lambda: any(e["type"] == "worker-heartbeat" for e in events_of("triage@", seen))
                  and any(e["type"] == "worker-heartbeat" for e in events_of("validate@", seen)))
             # A job id that does not exist: each stage finds nothing to do, and the task succeeds.
