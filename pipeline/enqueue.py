@@ -5,8 +5,9 @@ flat whatever its size and it is read once. Nothing is published to the broker h
 dispatcher feeds the stages from Postgres as capacity frees up. A job's key is its idempotency key
 within the batch (``ON CONFLICT DO NOTHING`` on ``(batch_id, key)``), so re-running the same file
 adds nothing. The HTTP API sends the jobs of a request body through the same ``enqueue_items`` (in
-one transaction). How rows reach ``jobs`` (one COPY for a new batch, staged chunks otherwise, plain
-inserts on SQLite) is pipeline.enqueue_write's business.
+one transaction), and every enqueue for a tenant, from the API or `switchyard enqueue --tenant`,
+passes that tenant's limits there (``tenants.admit``). How rows reach ``jobs`` (one COPY for a new
+batch, staged chunks otherwise, plain inserts on SQLite) is pipeline.enqueue_write's business.
 
 By default a bad line rejects the whole file and loses nothing already accepted: the file is
 written in one transaction, rolled back at the first bad line (the rest is still read, to count
@@ -44,6 +45,7 @@ from typing import IO, Any, NoReturn
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from pipeline import tenants
 from pipeline.config import ModelConfig
 from pipeline.db import insert_or_skip, retry_conflicts
 from pipeline.enqueue_write import KeyRepeated, Writer, open_writer
@@ -101,9 +103,6 @@ Parsed = tuple[int, str, JobSpec | JobInputError]  # (line or index, raw text, j
 # Yields the items to enqueue, keeping position[0] at the bytes read so far. Called once, or again
 # if a new batch's input repeats a key (see pipeline.enqueue_write).
 Source = Callable[[list[int]], Iterator[Parsed]]
-# Called inside the writing transaction of an atomic enqueue, after the jobs are written and before
-# the commit, with (session, batch id, new jobs). Raising rolls the whole enqueue back.
-BeforeCommit = Callable[[Session, int, int], None]
 
 CSV_COLUMNS = JOB_FIELDS
 
@@ -327,7 +326,6 @@ def enqueue_items(
     where: str | None = None,
     skip_invalid: bool = False,
     atomic: bool = False,
-    before_commit: BeforeCommit | None = None,
     progress: Progress | None = None,
     on_invalid: InvalidSink | None = None,
     max_reported: int = 1000,
@@ -340,9 +338,14 @@ def enqueue_items(
     ``skip_invalid``. A key that turns out, at write time, to clash with a different job (earlier
     in the input or already in the batch) is such a bad item too. Without ``skip_invalid`` a bad
     item rejects the whole input, so it must then be written ``atomic`` (see enqueue_file). With
-    ``atomic`` everything, the batch row included, is one transaction and ``before_commit`` may
-    still refuse it, so a refused enqueue leaves nothing behind; otherwise each chunk is committed
-    as it is written, which suits files of any size.
+    ``atomic`` everything, the batch row included, is one transaction, so a refused enqueue leaves
+    nothing behind; otherwise each chunk is committed as it is written, which suits files of any
+    size.
+
+    With ``tenant_id`` the jobs go to that tenant's batch of this name, and only if the tenant's
+    limits take them (``tenants.admit``, after they are written and before the commit: it raises
+    LimitExceeded). That needs ``atomic``: a limit is checked against the whole input, and a refused
+    one must leave nothing behind, not the chunks committed before it.
 
     With ``skip_invalid`` every bad line goes to ``on_invalid`` as it is met (so a report of any
     size is written in bounded memory), and the first ``max_reported`` also to ``report.invalid``.
@@ -350,12 +353,15 @@ def enqueue_items(
     An atomic enqueue that Postgres aborts to break a deadlock with a concurrent one (two
     submissions to one batch writing the same keys in different orders, say) is run again from
     the start, a few times (db.retry_conflicts): nothing of it was kept. One committed chunk by
-    chunk is not, since what it committed would count as duplicates the second time.
+    chunk is not, since what it committed would count as duplicates the second time; nor is an
+    atomic one with ``skip_invalid``, whose bad items went to ``on_invalid`` already.
 
     A batch is made only for a job: an input with no items is refused (InputFileError), and one
     whose every item is bad (``skip_invalid``) returns a report whose ``batch_id`` is None.
     ``batch`` must pass check_batch_name."""
     check_batch_name(batch)
+    if tenant_id is not None and not atomic:
+        raise ValueError("an enqueue for a tenant must be atomic: its limits are checked against all of it")
 
     def attempt() -> EnqueueReport:
         with session_factory() as session:
@@ -375,12 +381,13 @@ def enqueue_items(
                                        chunk_size=chunk_size, total_bytes=total_bytes)
             if report.read == 0:
                 raise InputFileError(f"{where or 'the request body'} has no jobs: nothing was enqueued")
-            if before_commit is not None and report.batch_id is not None:
-                before_commit(session, report.batch_id, report.accepted)
+            if tenant_id is not None and report.batch_id is not None:
+                tenants.admit(session, tenant_id, batch_id=report.batch_id, new_jobs=report.accepted)
             session.commit()
         return report
 
-    report = retry_conflicts(attempt, what=f"enqueue into batch {batch!r}") if atomic else attempt()
+    retry = atomic and not skip_invalid
+    report = retry_conflicts(attempt, what=f"enqueue into batch {batch!r}") if retry else attempt()
     valid = report.read - report.invalid_count
     report.duplicates = valid - report.accepted
     return report
@@ -499,6 +506,7 @@ def enqueue_file(
     *,
     batch: str,
     config: ModelConfig,
+    tenant_id: int | None = None,
     fmt: str | None = None,
     skip_invalid: bool = False,
     progress: Progress | None = None,
@@ -511,12 +519,16 @@ def enqueue_file(
     Without ``skip_invalid`` the file is written in one transaction, so a bad line, or one rejected
     at write time (a key reused for a different job), leaves nothing of the file behind. With it, each chunk
     commits as it goes; every bad line goes to ``on_invalid`` as it is met (so a report of any
-    size is written in bounded memory), and the first ``max_reported`` also to ``report.invalid``."""
+    size is written in bounded memory), and the first ``max_reported`` also to ``report.invalid``.
+
+    With ``tenant_id``, into that tenant's batch under its limits, as an API submission is: in one
+    transaction, ``skip_invalid`` or not, so a refused file leaves nothing behind."""
     fmt = detect_format(path, fmt)
     total = input_size(path)
     return enqueue_items(
         session_factory, lambda pos: iter_lines(path, fmt, config=config, position=pos), batch=batch,
-        where=str(path), skip_invalid=skip_invalid, atomic=not skip_invalid, progress=progress,
+        tenant_id=tenant_id, where=str(path), skip_invalid=skip_invalid,
+        atomic=not skip_invalid or tenant_id is not None, progress=progress,
         on_invalid=on_invalid, max_reported=max_reported, chunk_size=chunk_size, total_bytes=total)
 
 

@@ -8,6 +8,7 @@
     ├── NotFound               a job or batch id that does not exist
     ├── RateLimited            a tier's shared budget has no turn for a call soon enough
     ├── InvalidQuery           a history query the user wrote wrongly (a bad time, cursor, limit)
+    │   └── AmbiguousBatch     a batch name, given without a tenant, that several batches hold
     ├── OutputError            a file the user named for output cannot be written (a missing folder, a full disk)
     └── ClaudeError            a model call failed; translated from the SDK at the client boundary
         ├── TransientClaudeError   worth retrying, as the SDK itself would: 408, 409, 429 with
@@ -20,6 +21,8 @@ keeps its traceback.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 
 class SwitchyardError(Exception):
@@ -67,6 +70,15 @@ class RateLimited(SwitchyardError):
 
 class InvalidQuery(SwitchyardError):
     pass
+
+
+class AmbiguousBatch(InvalidQuery):
+    """A batch name looked up without a tenant that several batches hold (batch names are unique
+    per tenant only). ``candidates`` are (id, tenant name or None, created at), oldest first."""
+
+    def __init__(self, message: str, *, candidates: list[tuple[int, str | None, datetime]]) -> None:
+        super().__init__(message)
+        self.candidates = candidates
 
 
 class OutputError(SwitchyardError):

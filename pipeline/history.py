@@ -65,7 +65,7 @@ from typing import Any
 from sqlalchemy import func, select, true, update
 from sqlalchemy.orm import Session
 
-from pipeline.errors import InvalidQuery, NotFound
+from pipeline.errors import AmbiguousBatch, InvalidQuery, NotFound
 from pipeline.models import (
     TERMINAL,
     Batch,
@@ -75,13 +75,18 @@ from pipeline.models import (
     JobStatus,
     ModelCall,
     RoutingDecision,
+    Tenant,
     ValidationVerdict,
     utcnow,
 )
+from pipeline.names import quoted
 from pipeline.states import transition_many
 
 MAX_LIMIT = 1000
 CANCEL_CHUNK = 5000
+# How many of the batches holding an ambiguous name its error names: enough to pick from, not a
+# screenful when a thousand tenants all have a batch called "test".
+MAX_CANDIDATES = 10
 
 # -- filters and parsing -------------------------------------------------------------------------
 
@@ -97,7 +102,8 @@ class JobFilters:
     since: datetime | None = None  # created at or after
     until: datetime | None = None  # created before
     key_prefix: str | None = None
-    # Only this tenant's jobs (the HTTP API always sets it); None reads every tenant's (the CLI).
+    # Only this tenant's jobs (the HTTP API always sets it; the CLI with --tenant); None reads
+    # every tenant's and the batches of no tenant (the CLI without --tenant).
     tenant_id: int | None = None
 
 
@@ -222,16 +228,27 @@ def _tenant_scope(tenant_id: int | None) -> Any:
 
 
 def find_batch(*, db_session: Session, batch: str | int, tenant_id: int | None = None) -> Batch:
-    """A batch by name, or by id when no batch has that name (an int is an id only). NotFound
-    otherwise, and also for another tenant's batch, so that its existence does not show. Names
-    are unique per tenant: without a tenant, a name two tenants use finds the older batch."""
+    """A batch by name, or by id when no batch has that name (an int is an id only): the one
+    lookup behind every command and endpoint that takes a batch. NotFound otherwise, and also for
+    another tenant's batch, so that its existence does not show.
+
+    Names are unique per tenant (and among the batches of no tenant), so with a tenant a name is
+    at most one batch; the API always passes its caller's. Without one (the operator's CLI, which
+    sees every tenant's batches) a name may be held by several: AmbiguousBatch names them, since
+    picking one would read, export or cancel the wrong tenant's work."""
     scope = _tenant_scope(tenant_id)
     if isinstance(batch, int):
         row = db_session.scalar(select(Batch).where(Batch.id == batch, scope)) if _is_id(batch) else None
         if row is None:
             raise NotFound(f"no batch with id {batch}")
         return row
-    row = db_session.scalar(select(Batch).where(Batch.name == batch, scope).order_by(Batch.id).limit(1))
+    named = db_session.execute(
+        select(Batch, Tenant.name).outerjoin(Tenant, Tenant.id == Batch.tenant_id)
+        .where(Batch.name == batch, scope).order_by(Batch.id).limit(MAX_CANDIDATES + 1)
+    ).all()
+    if len(named) > 1:
+        raise _ambiguous(db_session, batch, [(b.id, tenant, b.created_at) for b, tenant in named])
+    row = named[0][0] if named else None
     batch_id = parse_id(batch)
     if row is None and batch_id is not None:
         row = db_session.scalar(select(Batch).where(Batch.id == batch_id, scope))
@@ -240,10 +257,23 @@ def find_batch(*, db_session: Session, batch: str | int, tenant_id: int | None =
     return row
 
 
+def _ambiguous(db_session: Session, name: str, candidates: list[tuple[int, str | None, datetime]]) -> AmbiguousBatch:
+    total = len(candidates)
+    if total > MAX_CANDIDATES:
+        total = db_session.scalar(select(func.count()).select_from(Batch).where(Batch.name == name)) or total
+        candidates = candidates[:MAX_CANDIDATES]
+    shown = ", ".join(f"id {i} ({f'tenant {t}' if t is not None else 'no tenant'}, created {c:%Y-%m-%d %H:%M:%S} UTC)"
+                      for i, t, c in candidates)
+    more = f", and {total - len(candidates):,} more" if total > len(candidates) else ""
+    return AmbiguousBatch(f"batch name {quoted(name)} is held by {total:,} batches: {shown}{more}; pass --tenant "
+                          f"NAME, or the batch id instead of the name", candidates=candidates)
+
+
 @dataclass(frozen=True)
 class BatchSummary:
     id: int
     name: str
+    tenant: str | None  # None: the operator's own, enqueued with the CLI and no --tenant
     created_at: datetime
     cancelled_at: datetime | None
     jobs: int
@@ -274,8 +304,8 @@ def _batch_counts(db_session: Session, batch_ids: Sequence[int]) -> dict[int, tu
     return out
 
 
-def _summary(b: Batch, counts: dict[str, int], cost: Decimal) -> BatchSummary:
-    return BatchSummary(id=b.id, name=b.name, created_at=b.created_at, cancelled_at=b.cancelled_at,
+def _summary(b: Batch, tenant: str | None, counts: dict[str, int], cost: Decimal) -> BatchSummary:
+    return BatchSummary(id=b.id, name=b.name, tenant=tenant, created_at=b.created_at, cancelled_at=b.cancelled_at,
                         jobs=sum(counts.values()), by_status=dict(sorted(counts.items())), cost_usd=cost)
 
 
@@ -285,17 +315,18 @@ def _check_limit(limit: int) -> None:
 
 
 def list_batches(*, db_session: Session, limit: int = 100, tenant_id: int | None = None) -> list[BatchSummary]:
-    """The newest ``limit`` batches, each with its jobs per status and its cost so far."""
+    """The newest ``limit`` batches, each with its tenant, its jobs per status and its cost so far."""
     _check_limit(limit)
-    batches = db_session.scalars(select(Batch).where(_tenant_scope(tenant_id)).order_by(Batch.id.desc())
-                                 .limit(limit)).all()
-    counts = _batch_counts(db_session, [b.id for b in batches])
-    return [_summary(b, *counts[b.id]) for b in batches]
+    batches = db_session.execute(select(Batch, Tenant.name).outerjoin(Tenant, Tenant.id == Batch.tenant_id)
+                                 .where(_tenant_scope(tenant_id)).order_by(Batch.id.desc()).limit(limit)).all()
+    counts = _batch_counts(db_session, [b.id for b, _ in batches])
+    return [_summary(b, tenant, *counts[b.id]) for b, tenant in batches]
 
 
 def get_batch(*, db_session: Session, batch: str | int, tenant_id: int | None = None) -> BatchSummary:
     b = find_batch(db_session=db_session, batch=batch, tenant_id=tenant_id)
-    return _summary(b, *_batch_counts(db_session, [b.id])[b.id])
+    tenant = db_session.get(Tenant, b.tenant_id) if b.tenant_id is not None else None
+    return _summary(b, tenant.name if tenant else None, *_batch_counts(db_session, [b.id])[b.id])
 
 
 @dataclass(frozen=True)
@@ -536,9 +567,9 @@ class JobStory:
         return [r for r in self.routing if r.reason_kind == "escalation"]
 
 
-def find_job_id(*, db_session: Session, batch: str, key: str) -> int:
+def find_job_id(*, db_session: Session, batch: str, key: str, tenant_id: int | None = None) -> int:
     """The id of the job with this key in this batch (the key a user put in their file)."""
-    b = find_batch(db_session=db_session, batch=batch)
+    b = find_batch(db_session=db_session, batch=batch, tenant_id=tenant_id)
     job_id = db_session.scalar(select(Job.id).where(Job.batch_id == b.id, Job.key == key))
     if job_id is None:
         raise NotFound(f"batch {b.name!r} has no job with key {key!r}")

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TextIO
@@ -44,6 +45,11 @@ STATUS_GROUPS = ("queued", "running", "succeeded", "failed", "cancelled")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 WideFlag = Annotated[bool, typer.Option("--wide", help="More columns, for a terminal wider than 80.")]
+# Batch names are unique per tenant only: a name that several batches hold (of different tenants,
+# or one of no tenant) is refused with the list of them, and this (or the batch id) picks one.
+TenantOpt = Annotated[str | None, typer.Option(
+    "--tenant", help="Look in this tenant's batches and jobs only. A batch name that several batches hold (of "
+                     "different tenants, or one of no tenant) needs it, or the batch id.")]
 
 
 @contextmanager
@@ -74,6 +80,14 @@ def _grouped(by_status: dict[str, int]) -> list[int]:
     return [counts.get(g, 0) for g in STATUS_GROUPS]
 
 
+def _tenant_id(session: Session, tenant: str | None) -> int | None:
+    """The id of the tenant --tenant names, None without --tenant. A tenant that does not exist is
+    refused, never made: a mistyped name would otherwise read as an empty one."""
+    from pipeline import tenants
+
+    return tenants.require(session, tenant).id if tenant is not None else None
+
+
 def _plain(value: str | None, *, style: str = "") -> Text:
     """Text that came from a tenant, a file or a model (a key, a batch name, an error, a model's
     reason), to show as it is: never read as rich markup, and with what the terminal would act on
@@ -93,6 +107,11 @@ def enqueue(
     invalid_report: Annotated[Path | None, typer.Option(
         help="Where --skip-invalid writes bad lines (default: FILE.invalid.jsonl).")] = None,
     wait: Annotated[bool, typer.Option(help="Then follow the batch to the end, with a live per-tier view.")] = False,
+    tenant: Annotated[str | None, typer.Option(
+        "--tenant", help="Enqueue into this tenant's batch, which its API token then sees, under its limits as its "
+                         "API submissions are (so in one transaction, even with --skip-invalid). The tenant must "
+                         "exist: `switchyard tokens create --tenant NAME` makes one. Without --tenant the batch is "
+                         "the operator's own, which no API token sees.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Add a file of jobs to a batch. Re-running the same file adds no duplicates."""
@@ -106,25 +125,30 @@ def enqueue(
     input_size(file)  # a missing input is the first thing to say, before where its report would go
     if skip_invalid and _same_file(target, file):
         raise InvalidQuery(f"--invalid-report {target} is the input file itself: name another file for the report")
+    tenant_id = _admitted_tenant(tenant) if tenant is not None else None
     started = False
+    report: EnqueueReport | None = None
     try:
         # The report is made (as a temporary file) before anything is read, so a report that
         # cannot be written is refused before the first job is; it replaces TARGET at the end, and
         # only if there was a bad line.
         with write_whole(target, keep_empty=False) if skip_invalid else nullcontext() as report_out:
             started = True
-            report = _enqueue_with_progress(s, file, name=name, fmt=format, skip_invalid=skip_invalid,
-                                            report_out=report_out, quiet=as_json)
+            report = _enqueue_with_progress(s, file, name=name, tenant_id=tenant_id, fmt=format,
+                                            skip_invalid=skip_invalid, report_out=report_out, quiet=as_json)
     except OutputError as exc:
         if not started:
             raise
+        if report is None and tenant_id is not None:  # one transaction, rolled back with the report
+            raise OutputError(f"{exc}; nothing was enqueued") from None
         # --skip-invalid commits as it goes: what was written before the report failed stays.
         raise OutputError(f"{exc}; the jobs enqueued before that stay, and running the same command again adds "
                           f"only the rest") from None
+    assert report is not None
     if report.batch_id is None:
         raise JobInputError(f"none of the {report.read:,} lines of {file} is a valid job, so nothing was enqueued; "
                             f"the bad lines are in {target}")
-    out: dict[str, Any] = {"batch": report.batch, "batch_id": report.batch_id, "read": report.read,
+    out: dict[str, Any] = {"batch": report.batch, "batch_id": report.batch_id, "tenant": tenant, "read": report.read,
                            "accepted": report.accepted, "duplicates": report.duplicates,
                            "invalid": report.invalid_count,
                            "invalid_report": str(target) if report.invalid_count else None}
@@ -133,6 +157,7 @@ def enqueue(
             _print_json(out)
     else:
         console.print(Text.assemble("batch ", _plain(report.batch, style="bold"),
+                                    *((" of tenant ", _plain(tenant)) if tenant else ()),
                                     f": {report.accepted:,} new job(s), {report.duplicates:,} already there, "
                                     f"{report.invalid_count:,} invalid"))
         if report.invalid_count:
@@ -143,6 +168,18 @@ def enqueue(
             final, reasons = _follow(sessions, report.batch_id, name, quiet=as_json)
         if as_json:
             _print_json({**out, "progress": final, "failure_reasons": reasons})
+
+
+def _admitted_tenant(name: str) -> int:
+    """The id of the tenant to enqueue for, refused (as its API submissions are) if it is over its
+    daily spend already: before its file is read. Its jobs in flight are checked once they are
+    written, in the same transaction (pipeline.enqueue)."""
+    from pipeline import tenants
+
+    with _session() as session:
+        tenant = tenants.require(session, name)
+        tenants.check_spend(session, tenant)
+        return tenant.id
 
 
 def _batch_name(batch: str | None, file: Path) -> str:
@@ -161,8 +198,8 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _enqueue_with_progress(s: Settings, file: Path, *, name: str, fmt: str | None, skip_invalid: bool,
-                           report_out: Output | None, quiet: bool) -> EnqueueReport:
+def _enqueue_with_progress(s: Settings, file: Path, *, name: str, tenant_id: int | None, fmt: str | None,
+                           skip_invalid: bool, report_out: Output | None, quiet: bool) -> EnqueueReport:
     """enqueue_file with a progress bar; bad lines go to ``report_out`` (--skip-invalid)."""
     from pipeline.enqueue import BadLine, Tick, enqueue_file, invalid_line_json
 
@@ -191,7 +228,7 @@ def _enqueue_with_progress(s: Settings, file: Path, *, name: str, fmt: str | Non
 
         try:
             with _sessions() as sessions:
-                return enqueue_file(sessions, file, batch=name, config=s.models, fmt=fmt,
+                return enqueue_file(sessions, file, batch=name, config=s.models, tenant_id=tenant_id, fmt=fmt,
                                     skip_invalid=skip_invalid, progress=progress, on_invalid=on_invalid)
         except JobInputError as exc:
             if exc.line is None or isinstance(exc, InputFileError):
@@ -253,11 +290,12 @@ def _follow(sessions: sessionmaker[Session], batch_id: int, name: str, *, quiet:
 @app.command()
 def cancel(
     batch: Annotated[str, typer.Argument(help="Batch name (or id).")],
+    tenant: TenantOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Cancel the batch's jobs that have not started yet. Jobs already running finish."""
     with _session() as session:
-        result = history.cancel_batch(db_session=session, batch=batch)
+        result = history.cancel_batch(db_session=session, batch=batch, tenant_id=_tenant_id(session, tenant))
     if as_json:
         _print_json(result)
         return
@@ -282,6 +320,7 @@ def jobs_list(
     key_prefix: Annotated[str | None, typer.Option(help="Only keys starting with this.")] = None,
     limit: Annotated[int, typer.Option(help=f"Jobs per page (1-{history.MAX_LIMIT}).")] = 50,
     cursor: Annotated[str | None, typer.Option(help="Continue after the page that printed this cursor.")] = None,
+    tenant: TenantOpt = None,
     wide: WideFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -294,6 +333,7 @@ def jobs_list(
         key_prefix=key_prefix,
     )
     with _session() as session:
+        filters = replace(filters, tenant_id=_tenant_id(session, tenant))
         page = history.list_jobs(db_session=session, filters=filters, limit=limit, cursor=cursor)
     if as_json:
         _print_json(page)
@@ -326,20 +366,22 @@ def _jobs_table(jobs: list[history.JobSummary], *, wide: bool, batch_column: boo
 def jobs_show(
     job: Annotated[str, typer.Argument(metavar="ID", help="The job's id (from `jobs list`), or its key with --batch.")],
     batch: Annotated[str | None, typer.Option(help="Read ID as the job's key in this batch.")] = None,
+    tenant: TenantOpt = None,
     wide: WideFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """The whole story of one job: input, routing, every model call, validation and the result."""
     with _session() as session:
+        tenant_id = _tenant_id(session, tenant)
         if batch is not None:
-            job_id = history.find_job_id(db_session=session, batch=batch, key=job)
+            job_id = history.find_job_id(db_session=session, batch=batch, key=job, tenant_id=tenant_id)
         else:
             parsed = history.parse_id(job)
             if parsed is None:
                 raise InvalidQuery(f"{job!r} is not a job id (a whole number up to {history.MAX_ID}); to look a "
                                    f"job up by its key, add --batch BATCH")
             job_id = parsed
-        story = history.get_job(db_session=session, job_id=job_id)
+        story = history.get_job(db_session=session, job_id=job_id, tenant_id=tenant_id)
     if as_json:
         _print_json({**history.jsonable(story), "triage": history.jsonable(story.triage),
                      "escalations": history.jsonable(story.escalations)})
@@ -415,27 +457,30 @@ def _calls_table(calls: list[history.CallRecord], *, wide: bool) -> Table:
 @app.command()
 def batches(
     limit: Annotated[int, typer.Option(help="How many of the newest batches.")] = 50,
+    tenant: Annotated[str | None, typer.Option("--tenant", help="Only this tenant's batches.")] = None,
     wide: WideFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Batches, newest first, with their jobs per status and their cost."""
+    """Batches, newest first, with their tenant, their jobs per status and their cost."""
     with _session() as session:
-        rows = history.list_batches(db_session=session, limit=limit)
+        rows = history.list_batches(db_session=session, limit=limit, tenant_id=_tenant_id(session, tenant))
     if as_json:
         _print_json([{**history.jsonable(b), "done": b.done, "finished": b.finished} for b in rows])
         return
-    console.print(_batches_table(rows, wide=wide) if rows else "no batches yet")
+    console.print(_batches_table(rows, wide=wide, tenant_shown=tenant is None) if rows else "no batches yet")
 
 
-def _batches_table(rows: list[history.BatchSummary], *, wide: bool) -> Table:
-    # "cancelled" and "created" only with --wide: a cancelled batch says so after its name.
+def _batches_table(rows: list[history.BatchSummary], *, wide: bool, tenant_shown: bool) -> Table:
+    # "cancelled" and "created" only with --wide: a cancelled batch says so after its name, and a
+    # tenant's batch names the tenant under it (a column of its own leaves each text a few letters).
     groups = STATUS_GROUPS if wide else STATUS_GROUPS[:-1]
     cols = ("id", "batch", *(("created",) if wide else ()), "jobs", *groups, "cost")
     table = new_table(cols, figures=("id", "jobs", *groups, "cost"), whole=("created",), styles=STATUS_STYLE)
     for b in rows:
         cells: dict[str, RenderableType] = {
             "id": str(b.id),
-            "batch": Text.assemble(_plain(b.name), (" (cancelled)", "yellow") if b.cancelled_at else ""),
+            "batch": Text.assemble(_plain(b.name), (" (cancelled)", "yellow") if b.cancelled_at else "",
+                                   *(("\ntenant ", _plain(b.tenant)) if b.tenant is not None and tenant_shown else ())),
             "created": when(b.created_at), "jobs": compact(b.jobs), "cost": compact(b.cost_usd, "usd"),
             **{g: compact(n) for g, n in zip(STATUS_GROUPS, _grouped(b.by_status), strict=True)}}
         table.add_row(*(cells[c] for c in cols))
@@ -448,6 +493,7 @@ def stats(
     since: Annotated[str | None, typer.Option(help="Jobs created at or after: ISO 8601, or an age like 6h, 2d.")]
     = None,
     until: Annotated[str | None, typer.Option(help="Jobs created before: ISO 8601, or an age like 6h, 2d.")] = None,
+    tenant: TenantOpt = None,
     wide: WideFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -457,14 +503,16 @@ def stats(
 
     s = settings()
     with _session() as session:
-        batch_id = history.find_batch(db_session=session, batch=batch).id if batch else None
-        summary = summarize(session, s.models, batch_id=batch_id,
+        tenant_id = _tenant_id(session, tenant)
+        batch_id = history.find_batch(db_session=session, batch=batch, tenant_id=tenant_id).id if batch else None
+        summary = summarize(session, s.models, batch_id=batch_id, tenant_id=tenant_id,
                             since=history.parse_time(since, option="--since") if since else None,
                             until=history.parse_time(until, option="--until") if until else None)
     if as_json:
         _print_json(summary.to_dict())
         return
-    title = Text.assemble("per tier", *((" (batch ", _plain(batch), ")") if batch else ()))
+    title = Text.assemble("per tier", *((" (batch ", _plain(batch), ")") if batch else ()),
+                          *((" (tenant ", _plain(tenant), ")") if tenant else ()))
     console.print(_stats_table(summary, title=title, wide=wide))
     statuses = ", ".join(f"{k} {compact(v)}" for k, v in sorted(summary.by_status.items())) or "none"
     console.print(f"jobs: {compact(summary.jobs)} ({statuses})")
@@ -530,13 +578,14 @@ def export(
     batch: Annotated[str, typer.Argument(help="Batch name (or id).")],
     format: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
     out: Annotated[Path | None, typer.Option("--out", help="Write here instead of standard output.")] = None,
+    tenant: TenantOpt = None,
 ) -> None:
     """Stream a batch's results (key, status, tier, output, error, cost) in the order it was
     enqueued. In CSV the output cell is JSON unless it is a plain string."""
     if format not in ("jsonl", "csv"):
         raise InvalidQuery(f"unknown format {format!r}: expected jsonl or csv")
     with _session() as session:
-        b = history.find_batch(db_session=session, batch=batch)
+        b = history.find_batch(db_session=session, batch=batch, tenant_id=_tenant_id(session, tenant))
         # A file replaces OUT only once the whole export is in it (pipeline/outfile.py).
         fh: Output | TextIO
         with write_whole(out) if out is not None else nullcontext(sys.stdout) as fh:

@@ -21,7 +21,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.db import insert_or_skip
-from pipeline.errors import NotFound, SwitchyardError
+from pipeline.errors import BatchCancelled, NotFound, SwitchyardError
 from pipeline.models import TERMINAL, ApiToken, Batch, Job, ModelCall, Money, Tenant, utcnow
 from pipeline.names import quoted
 
@@ -95,9 +95,12 @@ def get_or_create(session: Session, name: str) -> Tenant:
 
 
 def require(session: Session, name: str) -> Tenant:
+    """The tenant called ``name``; never made on the fly (only ``create_token`` makes one), so a
+    mistyped name is refused rather than given a tenant of its own, with no limits."""
     tenant = get_by_name(session, check_tenant_name(name))
     if tenant is None:
-        raise NotFound(f"no tenant called {name!r}")
+        raise NotFound(f"no tenant called {name!r}: `switchyard tenants list` lists them, and `switchyard tokens "
+                       f"create --tenant {name}` makes one")
     return tenant
 
 
@@ -286,3 +289,21 @@ def check_in_flight(session: Session, tenant: Tenant, *, new_jobs: int) -> None:
             f"some have finished",
             retry_after_s=30,
         )
+
+
+def admit(session: Session, tenant_id: int, *, batch_id: int, new_jobs: int) -> None:
+    """The check a tenant's submission passes inside its writing transaction, after its jobs are
+    written and before the commit, whether it came over the API or from `switchyard enqueue
+    --tenant` (``enqueue_items`` calls it for every enqueue with a tenant). It sees the
+    submission's own rows, and the tenant's row lock makes its submissions take turns. (A batch
+    cancelled before the submission began was refused by ``get_or_create_batch``; this catches one
+    cancelled while it was being written.) The day's spend is checked before the input is read,
+    with ``check_spend``, so that a tenant over it is refused before it sends a large body."""
+    tenant = lock(session, tenant_id)
+    if new_jobs == 0:
+        return
+    cancelled = session.scalar(select(Batch.cancelled_at).where(Batch.id == batch_id))
+    if cancelled is not None:
+        raise BatchCancelled(f"batch {batch_id} was cancelled at {cancelled:%Y-%m-%d %H:%M:%S} UTC and takes no "
+                             f"new jobs; submit to a new batch")
+    check_in_flight(session, tenant, new_jobs=new_jobs)

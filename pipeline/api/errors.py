@@ -4,7 +4,7 @@ and never a secret or a stack trace.
     SwitchyardError                 400, unless one of these:
     ├── Unauthorized                401  (WWW-Authenticate: Bearer)
     ├── NotFound                    404  (also for another tenant's job or batch)
-    ├── Conflict, BatchCancelled    409
+    ├── BatchCancelled              409
     ├── BodyTooLarge                413
     ├── UnsupportedMediaType        415
     ├── JobInputError, InvalidQuery 422  (a bad item names its index or line)
@@ -40,10 +40,6 @@ class Unauthorized(SwitchyardError):
     pass
 
 
-class Conflict(SwitchyardError):
-    pass
-
-
 class BrokerDown(SwitchyardError):
     pass
 
@@ -51,7 +47,6 @@ class BrokerDown(SwitchyardError):
 STATUS: list[tuple[type[SwitchyardError], int]] = [
     (Unauthorized, 401),
     (NotFound, 404),
-    (Conflict, 409),
     (BatchCancelled, 409),
     (BodyTooLarge, 413),
     (UnsupportedMediaType, 415),

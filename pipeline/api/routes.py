@@ -199,6 +199,7 @@ def get_job(job_id: int, db: Db, who: Who) -> JSONResponse:
 
 def _batch(summary: history.BatchSummary) -> dict[str, Any]:
     out: dict[str, Any] = history.jsonable(summary)
+    out.pop("tenant")  # always the caller's own: the operator's listing needs it, a tenant's does not
     out.update(done=summary.done, finished=summary.finished)
     return out
 

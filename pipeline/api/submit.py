@@ -1,11 +1,11 @@
-"""Submitting work over HTTP: the same checks and the same insert path as `switchyard enqueue`
-(``enqueue_items``), plus what only the API needs: the tenant's batch namespace, its limits, and
-one transaction per request, so a refused or invalid submission leaves nothing behind."""
+"""Submitting work over HTTP: the same checks, the same insert path and the same tenant limits as
+`switchyard enqueue --tenant` (``enqueue_items`` with the caller's tenant), plus what only the API
+needs: the spend check before a body is read, one transaction per request (so a refused or invalid
+submission leaves nothing behind), and bad items named by their index or line."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import IO, Any
 
 from sqlalchemy import select
@@ -13,34 +13,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import tenants
 from pipeline.api.bodies import JSON, JSON_LINES, UnsupportedMediaType, iter_json_array, iter_json_lines
-from pipeline.api.errors import BadItem, Conflict
+from pipeline.api.errors import BadItem
 from pipeline.config import ModelConfig
 from pipeline.enqueue import EnqueueReport, Source, enqueue_items, iter_objects
 from pipeline.errors import BatchCancelled, InputFileError, JobInputError
 from pipeline.jobspec import JobSpec
-from pipeline.models import Batch, Job
+from pipeline.models import Job
 from pipeline.tenants import Caller
 
 log = logging.getLogger("switchyard.api")
-
-
-def _guard(who: Caller) -> Callable[[Session, int, int], None]:
-    """Checks made inside the writing transaction, after the jobs are written: they see this
-    submission's own rows, and the tenant's row lock makes its submissions take turns. (A batch
-    cancelled before the submission began was refused by ``get_or_create_batch``; this catches
-    one cancelled while it was being written.)"""
-
-    def before_commit(session: Session, batch_id: int, accepted: int) -> None:
-        tenant = tenants.lock(session, who.tenant_id)
-        if accepted == 0:
-            return
-        cancelled = session.scalar(select(Batch.cancelled_at).where(Batch.id == batch_id))
-        if cancelled is not None:
-            raise Conflict(f"batch {batch_id} was cancelled at {cancelled:%Y-%m-%d %H:%M:%S} UTC and takes no "
-                           f"new jobs; submit to a new batch")
-        tenants.check_in_flight(session, tenant, new_jobs=accepted)
-
-    return before_commit
 
 
 def check_spend(sessions: sessionmaker[Session], who: Caller) -> None:
@@ -54,8 +35,7 @@ def check_spend(sessions: sessionmaker[Session], who: Caller) -> None:
 def submit_items(sessions: sessionmaker[Session], source: Source, *, who: Caller,
                  batch: str, lines: bool) -> EnqueueReport:
     try:
-        report = enqueue_items(sessions, source, batch=batch, tenant_id=who.tenant_id, atomic=True,
-                               before_commit=_guard(who))
+        report = enqueue_items(sessions, source, batch=batch, tenant_id=who.tenant_id, atomic=True)
     except (BadItem, BatchCancelled, InputFileError):
         raise  # said already, or about the whole body: no item to name
     except JobInputError as exc:
