@@ -1,4 +1,5 @@
-"""Celery settings, with the reasons for each: see ../shared/CELERY_NOTES.md."""
+"""Celery settings for long, I/O-bound model calls on a threads pool with Redis as the broker; the
+reason for each is beside it."""
 
 from __future__ import annotations
 

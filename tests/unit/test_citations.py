@@ -1,4 +1,5 @@
-"""What the README points a reader to is in the project: every file and name it cites exists."""
+"""What the README and the code point a reader to is in the project: every file and name the README
+cites exists, and nothing cites notes that live outside the repository."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 TREES = ("pipeline", "workers", "bench", "scripts", "migrations", "tests")
+TOP_FILES = ("README.md", "Makefile", "pyproject.toml", "Dockerfile", "docker-compose.yml", "alembic.ini", ".ci/run")
 
 
 def _cited() -> list[str]:
@@ -56,3 +58,22 @@ def test_every_pipeline_name_the_readme_cites_exists() -> None:
             missing.append(cited)
     assert not missing, f"the README cites what the package does not have: {missing}"
 
+
+def test_nothing_cites_notes_from_outside_the_repository() -> None:
+    """The notes the developers share sit beside the repository, not in it: a user has only the
+    project, so a comment must state the fact it relies on instead of pointing there."""
+    pattern = re.compile(r"(\.\./)?\bshared/[A-Z_]+\.md")
+    files = [p for t in TREES for p in (ROOT / t).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    files += [ROOT / f for f in TOP_FILES if (ROOT / f).is_file()]
+    here = Path(__file__).resolve()
+    citing = []
+    for path in files:
+        if path.resolve() == here:
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        citing += [f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
+                   for m in pattern.finditer(text)]
+    assert not citing, "cited, but not in the repository: " + "; ".join(citing)
