@@ -92,10 +92,6 @@ def make_engine(url: str, *, pool_size: int = 10, pre_ping: bool = True) -> Engi
     )
 
 
-def is_sqlite(engine: Engine) -> bool:
-    return engine.dialect.name == "sqlite"
-
-
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 

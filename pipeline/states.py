@@ -375,7 +375,3 @@ def renew_claim(session: Executor, job_id: int, *, version: int) -> bool:
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-def status_of(session: Executor, job_id: int) -> JobStatus | None:
-    return session.scalar(select(Job.status).where(Job.id == job_id))

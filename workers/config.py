@@ -8,7 +8,6 @@ from kombu import Queue
 
 from pipeline.settings import Settings
 
-STAGE_QUEUES = ("triage", "validate")
 TASKS = {"triage": "switchyard.triage", "work": "switchyard.work", "validate": "switchyard.validate"}
 
 
