@@ -26,9 +26,9 @@ services: ## Start the local Postgres and Redis if they are not running
 test: $(STAMP) services ## Run the test suite against the real Postgres and Redis
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP) ## Ruff over the code, tests, benchmarks and migrations; mypy over pipeline/ and workers/
+lint: $(STAMP) ## Ruff over the code, tests, benchmarks and migrations; mypy over pipeline/, workers/ and bench/
 	$(VENV)/bin/ruff check pipeline workers tests bench migrations
-	$(VENV)/bin/mypy pipeline workers
+	$(VENV)/bin/mypy pipeline workers bench
 
 bench: $(STAMP) services ## Run the benchmarks (add BENCH_ARGS=--quick for a short run)
 	$(PY) -m bench $(BENCH_ARGS)

@@ -27,6 +27,7 @@ from pathlib import Path
 import anthropic
 from rich.console import Console
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from bench import env
 from bench.jobs import classify_jobs, write_jsonl
@@ -149,10 +150,13 @@ def measure_switchyard(c: int, n: int, db: str, broker: str, workdir: Path, cons
                    sampler.rss_peak, ok, finished, worker_cpu_s=cpu, worker_processes=processes)
 
 
-def _wait(sessions, batch_id, n, procs, timeout: float) -> float:  # type: ignore[no-untyped-def]
+def _wait(sessions: sessionmaker[Session], batch_id: int | None, n: int, procs: env.Processes,
+          timeout: float) -> float:
+    assert batch_id is not None
+
     def done() -> bool:
         with sessions() as s:
-            return terminal_count(s, batch_id=batch_id)[0] >= n  # type: ignore[no-any-return]
+            return terminal_count(s, batch_id=batch_id)[0] >= n
 
     return env.wait_until(done, timeout=timeout, interval=0.1, procs=procs, what=f"batch {batch_id}")
 
@@ -173,7 +177,7 @@ def measure_script(c: int, n: int, workdir: Path) -> Sampled:
             msg = client.messages.create(model="claude-sonnet-5-5", max_tokens=256, messages=[
                 {"role": "user", "content": f"Classify ticket {i}: I was charged twice. Labels: billing, bug, other."}])
             ends.append(time.monotonic())
-            return msg.content[0].text if msg.content else ""
+            return "".join(getattr(b, "text", "") for b in msg.content if b.type == "text")
 
         with ThreadPoolExecutor(c) as pool:
             list(pool.map(one, range(min(c, 50))))  # warm-up, as on the other side

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from celery import Celery
@@ -74,7 +75,7 @@ def _switchyard_batch(sessions: sessionmaker[Session], settings: Settings, path:
 def _meter(procs: env.Processes, database_url: str, extra: list[env.Proc]) -> CpuMeter:
     meter = CpuMeter()
     for p in [*procs.procs, *extra]:
-        meter.add(p.name, lambda pid=p.pid: [pid])
+        meter.add(p.name, partial(list, (p.pid,)))  # the process's pid, the same one every time
     engine = make_engine(database_url, pool_size=1)
     meter.add("postgres", lambda: postgres_pids(engine, engine.url.database or ""))
     meter.add("bench (enqueue, publish, poll)", lambda: [os.getpid()])

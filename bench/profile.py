@@ -11,7 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,7 +49,7 @@ class CpuMeter:
     def __init__(self) -> None:
         self.groups: dict[str, Callable[[], list[int]]] = {}
         self._before: dict[int, float] = {}
-        self.used: Counter[str] = Counter()
+        self.used: defaultdict[str, float] = defaultdict(float)  # CPU seconds: a Counter holds ints
 
     def add(self, name: str, pids: Callable[[], list[int]]) -> None:
         self.groups[name] = pids

@@ -59,10 +59,6 @@ class CallResult:
     stop_reason: str | None
     attempts: list[Attempt]
 
-    @property
-    def final(self) -> Attempt:
-        return self.attempts[-1]
-
 
 class CallFailed(ClaudeError):
     """Raised when a call ends without an answer; carries every attempt made."""

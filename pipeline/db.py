@@ -79,9 +79,10 @@ def make_engine(url: str, *, pool_size: int = 10, pre_ping: bool = True) -> Engi
             cur.close()
 
         return engine
-    # pool_pre_ping: a worker outlives Postgres restarts; a dead pooled connection is replaced
-    # before use instead of failing the task that drew it. It costs a round trip per checkout, so
-    # callers that retry a failed unit of work themselves (Pipeline.run) turn it off.
+    # pool_pre_ping: a long-lived process (the API, `status --watch`) outlives Postgres restarts; a
+    # dead pooled connection is replaced before use instead of failing the request that drew it. It
+    # costs a round trip per checkout, so the workers and the dispatcher, whose Pipeline.run retries
+    # a unit of work that fails on a dead connection, turn it off (runtime.build_pipeline).
     return create_engine(
         url,
         pool_size=pool_size,
@@ -89,10 +90,6 @@ def make_engine(url: str, *, pool_size: int = 10, pre_ping: bool = True) -> Engi
         pool_pre_ping=pre_ping,
         pool_recycle=1800,
     )
-
-
-def is_sqlite(engine: Engine) -> bool:
-    return engine.dialect.name == "sqlite"
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

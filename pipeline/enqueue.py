@@ -1,13 +1,16 @@
 """Taking a file of jobs into Postgres, the queue of record.
 
 The file is read as a stream, checked line by line and written as it is read, so memory stays
-flat whatever its size and it is read once. Nothing is published to the broker here: the
-dispatcher feeds the stages from Postgres as capacity frees up. A job's key is its idempotency key
-within the batch (``ON CONFLICT DO NOTHING`` on ``(batch_id, key)``), so re-running the same file
-adds nothing. The HTTP API sends the jobs of a request body through the same ``enqueue_items`` (in
-one transaction), and every enqueue for a tenant, from the API or `switchyard enqueue --tenant`,
-passes that tenant's limits there (``tenants.admit``). How rows reach ``jobs`` (one COPY for a new
-batch, staged chunks otherwise, plain inserts on SQLite) is pipeline.enqueue_write's business.
+flat whatever its size. It is read once, unless a new batch's file repeats a key (it is then read
+and written again, each key checked against the batch: pipeline.enqueue_write) or Postgres aborts
+the enqueue to break a deadlock (it is then run again from the start, a few times:
+db.retry_conflicts). Nothing is published to the broker here: the dispatcher feeds the stages from
+Postgres as capacity frees up. A job's key is its idempotency key within the batch (``ON CONFLICT
+DO NOTHING`` on ``(batch_id, key)``), so re-running the same file adds nothing. The HTTP API sends
+the jobs of a request body through the same ``enqueue_items`` (in one transaction), and every
+enqueue for a tenant, from the API or `switchyard enqueue --tenant`, passes that tenant's limits
+there (``tenants.admit``). How rows reach ``jobs`` (one COPY for a new batch, staged chunks
+otherwise, plain inserts on SQLite) is pipeline.enqueue_write's business.
 
 By default a bad line rejects the whole file and loses nothing already accepted: the file is
 written in one transaction, rolled back at the first bad line (the rest is still read, to count

@@ -97,10 +97,6 @@ def _json_tokens(value: Any) -> int:
     return estimate_text_tokens(json.dumps(value, ensure_ascii=False))
 
 
-def estimate_tokens(payload: dict[str, Any]) -> int:
-    return sum(estimate_text_tokens(v) if isinstance(v, str) else _json_tokens(v) for v in payload.values())
-
-
 def max_job_tokens(config: ModelConfig) -> int:
     """The largest job (estimated tokens) whose every prompt fits every tier's context window.
 

@@ -35,7 +35,7 @@ from pipeline.models import ACTIVE, TERMINAL, Job, JobStatus, utcnow
 log = logging.getLogger(__name__)
 
 # kombu's Redis transport keeps a queue's messages of priority p > 0 in a list of its own named
-# queue + "\x06\x16" + p; counting only the base list misses them (shared/CELERY_NOTES.md).
+# queue + "\x06\x16" + p; counting only the base list, as some queue-depth exporters do, misses them.
 PRIORITY_SEP = "\x06\x16"
 UNACKED_KEY = "unacked"  # kombu: messages delivered to a worker and not yet acked (ETA ones too)
 

@@ -149,10 +149,6 @@ class TierLimits:
     itpm: int = 0
     otpm: int = 0
 
-    @property
-    def unlimited(self) -> bool:
-        return not (self.rpm or self.itpm or self.otpm)
-
 
 def parse_overrides(spec: str | None, tiers: Mapping[str, TierLimits]) -> dict[str, TierLimits]:
     """Apply ``SWITCHYARD_RATE_LIMITS`` ("sonnet.rpm=50,opus.otpm=8000") on top of ``tiers``."""

@@ -25,7 +25,9 @@ from pipeline.pricing import MILLION
 @dataclass
 class TierLine:
     tier: str
-    jobs: int = 0  # jobs that finished at this tier
+    # Jobs whose tier this is: where they ended, or where they are now if still running (a job
+    # has a tier once triage or a pin routes it, and an escalation moves it up).
+    jobs: int = 0
     calls: int = 0
     input_tokens: int = 0
     output_tokens: int = 0

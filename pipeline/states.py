@@ -403,6 +403,3 @@ def last_step(session: Executor, job_id: int) -> tuple[JobStatus | None, JobStat
                           .order_by(JobEvent.id.desc()).limit(1)).first()
     return (row.from_status, row.to_status) if row is not None else None
 
-
-def status_of(session: Executor, job_id: int) -> JobStatus | None:
-    return session.scalar(select(Job.status).where(Job.id == job_id))

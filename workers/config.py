@@ -1,4 +1,5 @@
-"""Celery settings, with the reasons for each: see ../shared/CELERY_NOTES.md."""
+"""Celery settings for long, I/O-bound model calls on a threads pool with Redis as the broker; the
+reason for each is beside it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from kombu import Queue
 
 from pipeline.settings import Settings
 
-STAGE_QUEUES = ("triage", "validate")
 TASKS = {"triage": "switchyard.triage", "work": "switchyard.work", "validate": "switchyard.validate"}
 
 

@@ -6,7 +6,8 @@ import re
 from typing import Any
 
 # Any id of the documented shape is served, so switching models in configuration needs no change
-# here; the list below is only what GET /v1/models reports (ids from shared/CLAUDE_API.md).
+# here; the list below is only what GET /v1/models reports (the ids Anthropic's documentation
+# named in late 2026, newest first in each class).
 MODEL_ID = re.compile(r"^claude-(haiku|sonnet|opus)-([0-9])[-0-9a-z]*$")
 DEFAULT_MODELS: tuple[str, ...] = (
     "claude-haiku-5-5",
@@ -39,7 +40,10 @@ def major_version(model: str) -> int | None:
 
 
 def rejects_sampling_params(model: str) -> bool:
-    """Sonnet and Opus 5 and later reject temperature/top_p/top_k (shared/CLAUDE_API.md)."""
+    """Whether the fake answers 400 to a temperature, top_p or top_k. The API refuses a non-default
+    value from Sonnet 5 on (Anthropic's documentation, late 2026); the fake refuses any value, and
+    from Opus 5 on as well: stricter than documented, so a client that passes here sends none of them
+    to a Sonnet or an Opus from 5 on."""
     version = major_version(model)
     return model_class(model) in ("sonnet", "opus") and version is not None and version >= 5
 

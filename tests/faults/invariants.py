@@ -16,7 +16,8 @@ Each fault case runs a batch, then calls ``check_exactly_once``. It asserts, for
   its request id), or else a row without one: a timeout or dropped connection (the client never
   saw an id), or a call ``abandoned`` when its worker died. No row stays ``started``. Counting both
   sides also proves retries never multiplied between the SDK and switchyard, and each row's attempt
-  number proves they were bounded. Calls repeated because a stage was begun again are counted;
+  number proves they were bounded. Calls repeated because a stage was begun again are counted,
+  and what ``switchyard stats`` reports of them (``report.summarize``) agrees with the rows;
 - **money**: each job's cost is the sum of its calls' costs (a repeated apply would count twice).
 """
 
@@ -33,6 +34,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline.config import load_config
 from pipeline.fake_claude import FakeClaude
 from pipeline.models import (
     TERMINAL,
@@ -44,7 +46,7 @@ from pipeline.models import (
     Stage,
     ValidationVerdict,
 )
-from pipeline.reliability import call_counts
+from pipeline.report import summarize
 from pipeline.states import ALLOWED
 
 Q, T, W, V, S, F = (JobStatus.QUEUED, JobStatus.TRIAGING, JobStatus.WORKING, JobStatus.VALIDATING,
@@ -110,7 +112,7 @@ def check_exactly_once(sessions: sessionmaker[Session], batch_id: int, *, fake: 
         verdicts: dict[int, list[ValidationVerdict]] = defaultdict(list)
         for v in s.scalars(select(ValidationVerdict).where(ValidationVerdict.job_id.in_(ids))):
             verdicts[v.job_id].append(v)
-        counts = call_counts(s, batch_id=batch_id)
+        stats = summarize(s, load_config(), batch_id=batch_id).tiers
 
     calls_by_job: dict[int, list[ModelCall]] = defaultdict(list)
     for c in calls:
@@ -173,7 +175,11 @@ def check_exactly_once(sessions: sessionmaker[Session], batch_id: int, *, fake: 
     assert len(unmatched) <= len(no_answer_rows) + len(abandoned), (
         f"{len(unmatched)} request(s) at the fake are not recorded "
         f"({len(no_answer_rows)} timeouts/drops, {len(abandoned)} abandoned)")
-    assert counts.abandoned == len(abandoned)
+    repeated = [c for c in calls if c.delivery > 1]
+    # What `switchyard stats` says the faults cost is what the rows say.
+    assert sum(t.calls for t in stats) == len(calls)
+    assert sum(t.repeated_calls for t in stats) == len(repeated), "stats miscount the repeated calls"
+    assert sum(t.abandoned_calls for t in stats) == len(abandoned), "stats miscount the abandoned calls"
 
     # -- money ------------------------------------------------------------------------------------------
     for job in jobs:
@@ -185,8 +191,8 @@ def check_exactly_once(sessions: sessionmaker[Session], batch_id: int, *, fake: 
         by_status=Counter(j.status.value for j in jobs),
         errors={j.key: j.error or "" for j in jobs if j.status is F},
         calls=len(calls),
-        repeated_calls=counts.repeated,
-        abandoned_calls=counts.abandoned,
+        repeated_calls=len(repeated),
+        abandoned_calls=len(abandoned),
         no_answer_calls=len(no_answer_rows),
         max_deliveries=max((c.delivery for c in calls), default=0),
         fake_requests=len(served),

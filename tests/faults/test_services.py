@@ -100,7 +100,8 @@ def test_postgres_drops_every_connection(make_fake: Callable[..., FakeClaude], m
                                          tmp_path: Path, figures: dict[str, Any]) -> None:
     """pg_terminate_backend on every connection of the test database, three times in a row, while
     workers are mid-transaction: the contained form of a Postgres restart. Workers and the
-    dispatcher reconnect (pool_pre_ping, Pipeline.run's retry) and no job is lost or half-moved."""
+    dispatcher reconnect (their engines have no pre-ping: Pipeline.run retries the unit of work that
+    met a dead connection) and no job is lost or half-moved."""
 
     def drop_all() -> int:
         killed = 0

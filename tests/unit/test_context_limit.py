@@ -17,7 +17,6 @@ from pipeline.jobspec import (
     FEEDBACK_MAX_CHARS,
     PROMPT_SCAFFOLD_TOKENS,
     estimate_text_tokens,
-    estimate_tokens,
     max_job_tokens,
     parse_job,
 )
@@ -30,6 +29,12 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}}
 def payload_for(kind: JobKind, text: str) -> dict:
     return {JobKind.CLASSIFY: {"text": text, "labels": ["a", "b"]}, JobKind.EXTRACT: {"text": text, "schema": SCHEMA},
             JobKind.DRAFT: {"instructions": text, "context": "c"}, JobKind.GENERATE: {"prompt": text}}[kind]
+
+
+def estimate_tokens(payload: dict) -> int:
+    """A job's estimated size as parse_job counts it: each text field, and each other field as JSON."""
+    return sum(estimate_text_tokens(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
+               for v in payload.values())
 
 
 def prompt_tokens(p: Prompt) -> int:
