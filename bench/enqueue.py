@@ -24,7 +24,7 @@ from sqlalchemy import text
 from bench import env
 from bench.report import Figure
 from pipeline.db import make_engine, session_factory
-from pipeline.enqueue import enqueue_file
+from pipeline.intake.enqueue import enqueue_file
 from pipeline.settings import Settings
 
 NAME = "enqueue"

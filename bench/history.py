@@ -9,7 +9,7 @@ every statement they send: which tables each reads by index, and any it scans wh
 tier, whose work grows with the batch, is timed in turn with the floor under it: the same rows
 read through the same indexes and only counted (``STATS_FLOOR``).
 
-The queries are ``pipeline.history`` and ``pipeline.report.summarize`` when main has them, else
+The queries are ``pipeline.queries.history`` and ``pipeline.queries.report.summarize`` when main has them, else
 SQL equivalent to what ``jobs list``, ``jobs show`` and ``stats`` need.
 """
 
@@ -106,7 +106,7 @@ def generate(engine: Engine, n: int, console: Console) -> None:
     console.print(f"  generated in {time.monotonic() - t0:.0f} s: {made}")
 
 
-# -- the queries: pipeline.history when it exists, else SQL doing the same work ---------------------
+# -- the queries: pipeline.queries.history when it exists, else SQL doing the same work ---------------------
 
 JOB_COLUMNS = ("j.id, j.key, j.kind, j.status, j.tier, j.attempt, j.escalations, j.cost_usd, j.error, "
                "j.created_at, j.finished_at, b.name")
@@ -155,8 +155,8 @@ def _sql_queries() -> dict[str, Callable[[Session, random.Random, int], Any]]:
 
 def _real_queries() -> dict[str, Callable[[Session, random.Random, int], Any]] | None:
     try:
-        from pipeline.history import JobFilters, get_job, list_jobs
-        from pipeline.report import summarize
+        from pipeline.queries.history import JobFilters, get_job, list_jobs
+        from pipeline.queries.report import summarize
     except ImportError:
         return None
     from pipeline.models import JobStatus
@@ -351,7 +351,8 @@ def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | Non
     n = jobs or (100_000 if quick else 1_000_000)
     runs = runs or (60 if quick else 100)
     real = _real_queries()
-    source = "pipeline.history" if real else "SQL equivalent to jobs list/show/stats (pipeline.history not on main)"
+    source = ("pipeline.queries.history" if real
+              else "SQL equivalent to jobs list/show/stats (pipeline.queries.history not on main)")
     console.print(f"[bold]history[/]: {n:,} jobs; {runs} runs of each query; through {source}")
     figures: list[Figure] = []
     with env.scratch_database() as db:

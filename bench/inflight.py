@@ -34,9 +34,9 @@ from bench.jobs import classify_jobs, write_jsonl
 from bench.profile import cpu_seconds
 from bench.report import Figure
 from pipeline.db import make_engine, session_factory
-from pipeline.enqueue import enqueue_file
+from pipeline.intake.enqueue import enqueue_file
 from pipeline.models import Job, JobStatus
-from pipeline.report import terminal_count
+from pipeline.queries.report import terminal_count
 from pipeline.settings import Settings
 
 NAME = "in-flight"

@@ -26,14 +26,14 @@ from bench.bare import CREATE, QUEUES, TABLE, make_bare_app
 from bench.jobs import classify_jobs, write_jsonl
 from bench.profile import CpuMeter, Recorder, postgres_pids
 from bench.report import Figure
-from pipeline import stages
 from pipeline.db import make_engine, session_factory
-from pipeline.dispatch import dispatch
-from pipeline.enqueue import enqueue_file
+from pipeline.flow import stages
+from pipeline.flow.dispatch import dispatch
+from pipeline.flow.prompts import triage_prompt
+from pipeline.flow.runtime import build_pipeline
+from pipeline.intake.enqueue import enqueue_file
 from pipeline.models import Job, JobKind, JobStatus
-from pipeline.prompts import triage_prompt
-from pipeline.report import terminal_count
-from pipeline.runtime import build_pipeline
+from pipeline.queries.report import terminal_count
 from pipeline.settings import Settings
 
 NAME = "overhead"

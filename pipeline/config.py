@@ -26,7 +26,7 @@ class TierConfig:
     output_per_mtok: Decimal
     context_tokens: int = 200_000
     # The organisation's limits for this model class, per minute: requests, input tokens, output
-    # tokens. 0 means not limited here. Every worker of the tier shares them (pipeline.ratelimit).
+    # tokens. 0 means not limited here. Every worker of the tier shares them (pipeline.claude.ratelimit).
     rpm: int = 0
     itpm: int = 0
     otpm: int = 0

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from pipeline.claude import Attempt
+from pipeline.claude.client import Attempt
+from pipeline.claude.pricing import call_cost
 from pipeline.config import ModelConfig
-from pipeline.pricing import call_cost
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 

@@ -136,7 +136,7 @@ class Job(Base):
         # The dispatcher takes the oldest queued jobs, and the sweeper scans each active status
         # for stale stages: both read this index, never the whole table.
         Index("ix_jobs_status_stage_started_at", "status", "stage_started_at"),
-        # History queries (pipeline/history.py says which query reads which index, and why).
+        # History queries (pipeline/queries/history.py says which query reads which index, and why).
         Index("ix_jobs_batch_id_id", "batch_id", "id"),
         Index("ix_jobs_batch_id_status_id", "batch_id", "status", "id", postgresql_include=["tier", "escalations"]),
         Index("ix_jobs_status_id", "status", "id"),
@@ -170,15 +170,15 @@ class Job(Base):
     # When a worker last showed it is alive on the current stage (claimed it, or began another
     # attempt of its call); NULL while no worker holds the stage. A stale claim means the worker
     # died, and is swept after the short claim deadline; a job merely waiting in the broker's
-    # queue has no claim and is swept only after the long stage deadline (pipeline.dispatch).
+    # queue has no claim and is swept only after the long stage deadline (pipeline.flow.dispatch).
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # The worker process holding the claim, as its heartbeat names it (pipeline.ops.Heartbeat:
+    # The worker process holding the claim, as its heartbeat names it (pipeline.queries.ops.Heartbeat:
     # unique per process start); NULL for a worker without a heartbeat. The sweeper republishes the
     # claims of a worker whose heartbeat has lapsed at once, without waiting out the claim deadline.
     claimed_by: Mapped[str | None] = mapped_column(String(255))
     # A stage whose call met only transient errors (429, 529, 5xx, timeouts) until its attempts ran
     # out waits here, with no claim and no message anywhere, until this time; the dispatcher then
-    # publishes it again (pipeline.dispatch.refeed). NULL for every job that is not waiting.
+    # publishes it again (pipeline.flow.dispatch.refeed). NULL for every job that is not waiting.
     not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When the current stage began meeting nothing but transient errors (the first failed attempt
     # of its first round that ran out); the patience counts from here. Cleared by every transition.

@@ -3,7 +3,7 @@
 A batch name is shown in listings, logs and terminals, so one rule, ``check_batch_name``, decides
 what a name may be, for the CLI (``--batch``, or the file's name) and the API alike. Text that is
 not ours to check (a job's key, a model's reason, an error quoting either) is shown with the same
-characters escaped instead (pipeline.history_cli). Kept free of heavy imports: every command
+characters escaped instead (pipeline.cli.history). Kept free of heavy imports: every command
 loads it.
 """
 

@@ -11,9 +11,9 @@ from typing import Any
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.claude.ratelimit import TierLimits, parse_overrides
 from pipeline.config import ModelConfig, load_config
 from pipeline.errors import ConfigError
-from pipeline.ratelimit import TierLimits, parse_overrides
 
 DEFAULT_SQLITE_URL = "sqlite:///.switchyard/switchyard.sqlite"
 
@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     call_attempts: int = Field(4, alias="SWITCHYARD_CALL_ATTEMPTS")
     retry_max_backoff_s: float = Field(30.0, alias="SWITCHYARD_RETRY_MAX_BACKOFF_S")
     # When a call's attempts all meet transient errors, its stage goes back to its queue and tries
-    # again later (pipeline.stages): real overloads come in bursts that last minutes. The job fails
+    # again later (pipeline.flow.stages): real overloads come in bursts that last minutes. The job fails
     # only once its stage has met nothing but transient errors for this long.
     transient_patience_s: float = Field(3600.0, alias="SWITCHYARD_TRANSIENT_PATIENCE_S", ge=0)
     # The wait before such a stage tries again: as long as it has already waited, within these.
@@ -73,14 +73,14 @@ class Settings(BaseSettings):
     stage_deadline_s: float | None = Field(None, alias="SWITCHYARD_STAGE_DEADLINE_S")
     # A stage a worker has begun, with no sign of life (a new call attempt) for this long, is taken
     # to have lost its worker and is republished. It must exceed one call attempt plus its backoff.
-    # A killed worker's stages come back sooner, once its heartbeat lapses (pipeline.ops); this is
+    # A killed worker's stages come back sooner, once its heartbeat lapses (pipeline.queries.ops); this is
     # the fallback when the heartbeat cannot be read.
     claim_deadline_s: float | None = Field(None, alias="SWITCHYARD_CLAIM_DEADLINE_S")
     # A job whose stage was started this many times without finishing is a poison job.
     max_deliveries: int = Field(3, alias="SWITCHYARD_MAX_DELIVERIES")
     # TEST HOOK, off by default: a worker whose call prompt contains this marker kills its own
     # process, as the kernel's OOM killer would. It exists for the poison-job fault test
-    # (tests/faults) and does nothing unless set; see pipeline/testhooks.py.
+    # (tests/faults) and does nothing unless set; see pipeline/claude/testhooks.py.
     test_crash_on: str | None = Field(None, alias="SWITCHYARD_TEST_CRASH_ON")
 
     # The HTTP API (`switchyard serve`). A request body past this many bytes is refused with 413
@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     # The limits are per this many seconds. Anthropic's are per minute; tests shorten it.
     rate_window_s: float = Field(60.0, alias="SWITCHYARD_RATE_WINDOW_S", gt=0)
     # A call that would wait longer than this for its tier's budget hands its job back to the queue
-    # with a countdown instead of holding a worker thread (pipeline.ratelimit).
+    # with a countdown instead of holding a worker thread (pipeline.claude.ratelimit).
     rate_max_wait_s: float = Field(10.0, alias="SWITCHYARD_RATE_MAX_WAIT_S", ge=0)
     # Serve Prometheus metrics on this port (workers and the dispatcher); unset: no metrics server.
     metrics_port: int | None = Field(None, alias="SWITCHYARD_METRICS_PORT", ge=1, le=65535)

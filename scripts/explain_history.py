@@ -3,7 +3,7 @@
     .venv/bin/python scripts/explain_history.py postgresql://postgres@127.0.0.1/SCRATCH_DB --seed 1000000
 
 With --seed N it first builds the schema and N jobs (10 batches, ~2% failed, ~1% queued, ~1%
-cancelled, a third on opus) with plain SQL. Then it runs each query of pipeline/history.py the
+cancelled, a third on opus) with plain SQL. Then it runs each query of pipeline/queries/history.py the
 way the CLI does, captures the SQL it sends, and prints EXPLAIN (ANALYZE, BUFFERS) for each
 SELECT: the plan's index names and the time it took. A scratch database only: it writes rows.
 """
@@ -17,9 +17,10 @@ from typing import Any
 
 from sqlalchemy import event, text
 
-from pipeline import history, migrate
+from pipeline import migrate
 from pipeline.db import make_engine, session_factory
 from pipeline.models import JobKind, JobStatus
+from pipeline.queries import history
 
 SEED = """
 INSERT INTO batches (name, created_at)

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.models import TERMINAL, Job
-from pipeline.report import terminal_count
+from pipeline.queries.report import terminal_count
 
 SWITCHYARD = str(Path(sys.executable).parent / "switchyard")
 

@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterable
 
 from celery import Celery, Task
 
+from pipeline.flow.stages import Handoff, Pipeline
 from pipeline.metrics import BUSY, STAGE_SECONDS, STAGES
 from pipeline.settings import Settings
-from pipeline.stages import Handoff, Pipeline
 from workers.config import TASKS
 
 log = logging.getLogger("switchyard.worker")
@@ -32,7 +32,7 @@ def current_pipeline(app: Celery) -> Pipeline:
     if _pipeline is None:
         with _lock:
             if _pipeline is None:
-                from pipeline.runtime import build_pipeline
+                from pipeline.flow.runtime import build_pipeline
 
                 settings: Settings = app.conf.switchyard_settings
                 # The worker command installs metrics callbacks here when --metrics-port is given,

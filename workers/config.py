@@ -32,7 +32,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         # message to be delivered again instead of losing the job.
         task_acks_late=True,
         # ...and with a prefork pool, requeue it when the child process is killed. A job that kills
-        # its worker every time is caught by the delivery count on the job (pipeline.states).
+        # its worker every time is caught by the delivery count on the job (pipeline.flow.states).
         task_reject_on_worker_lost=True,
         # Calls take 1-60 s. Prefetching would park messages behind a busy thread while other
         # workers sit idle; fetch one at a time, and only when a slot is free (Celery >= 5.6, Redis

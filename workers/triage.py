@@ -1,6 +1,6 @@
 """Queue ``triage``: Haiku judges each job easy, medium or hard, and routes it."""
 
-from pipeline import stages
+from pipeline.flow import stages
 from workers.base import StageTask
 from workers.celery import app
 

@@ -1,7 +1,7 @@
 """Queue ``validate``: deterministic checks, or a Haiku format check; then done, retry, escalate or
 fail."""
 
-from pipeline import stages
+from pipeline.flow import stages
 from workers.base import StageTask
 from workers.celery import app
 

@@ -1,7 +1,7 @@
 """Queues ``sonnet`` and ``opus``: the work itself. One task; the queue it is published to is the
 tier the job was routed to, so each tier's workers scale on their own."""
 
-from pipeline import stages
+from pipeline.flow import stages
 from workers.base import StageTask
 from workers.celery import app
 

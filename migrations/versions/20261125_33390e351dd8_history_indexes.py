@@ -1,6 +1,6 @@
 """history indexes: the job-history queries (jobs list, batches, cancel, export) at millions of jobs
 
-pipeline/history.py's docstring says which query reads each index and why. The idempotency
+pipeline/queries/history.py's docstring says which query reads each index and why. The idempotency
 constraint on (batch_id, key) becomes a unique index with varchar_pattern_ops on key, so that the
 same index also serves key-prefix searches.
 

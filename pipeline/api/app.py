@@ -18,9 +18,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from pipeline.api import errors, routes, schemas
 from pipeline.api.deps import ApiState, Who, state
 from pipeline.api.metrics import ApiMetrics, LiveCollector, MetricsMiddleware
+from pipeline.claude.ratelimit import RedisRateLimiter, TierLimits
 from pipeline.config import ModelConfig
 from pipeline.db import make_engine, session_factory
-from pipeline.ratelimit import RedisRateLimiter, TierLimits
 from pipeline.settings import Settings
 
 log = logging.getLogger("switchyard.api")

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import tenants
 from pipeline.api.errors import Unauthorized
+from pipeline.claude.ratelimit import RedisRateLimiter
 from pipeline.config import ModelConfig
-from pipeline.ratelimit import RedisRateLimiter
 from pipeline.tenants import Caller
 
 

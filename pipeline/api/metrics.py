@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipeline import ops
+from pipeline.queries import ops
 
 
 class ApiMetrics:

@@ -1,5 +1,5 @@
 """The tenant-facing endpoints: submit, follow, cancel and fetch work. Each is a thin layer over
-the domain functions the CLI uses (``enqueue_items``, ``pipeline.history``, ``report``), always
+the domain functions the CLI uses (``enqueue_items``, ``pipeline.queries.history``, ``report``), always
 scoped to the caller's tenant: another tenant's job or batch answers 404, like a missing one."""
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pipeline import history, ops, report, tenants
+from pipeline import tenants
 from pipeline.api import schemas
 from pipeline.api.bodies import JSON_LINES, UnsupportedMediaType, media_type, spool
 from pipeline.api.deps import Db, State, Who, caller, state
 from pipeline.api.errors import BrokerDown
 from pipeline.api.submit import batch_source, body_reader, check_spend, find_job, one_job_source, submit_items
-from pipeline.enqueue import max_job_tokens
 from pipeline.errors import InvalidQuery, JobInputError, NotFound
-from pipeline.jobspec import MAX_KEY_LENGTH, parse_job
+from pipeline.intake.enqueue import max_job_tokens
+from pipeline.intake.jobspec import MAX_KEY_LENGTH, parse_job
 from pipeline.models import Batch, Tenant
 from pipeline.names import MAX_BATCH_NAME_LENGTH, check_batch_name
+from pipeline.queries import history, ops, report
 
 log = logging.getLogger("switchyard.api")
 

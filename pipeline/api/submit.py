@@ -15,9 +15,9 @@ from pipeline import tenants
 from pipeline.api.bodies import JSON, JSON_LINES, UnsupportedMediaType, iter_json_array, iter_json_lines
 from pipeline.api.errors import BadItem
 from pipeline.config import ModelConfig
-from pipeline.enqueue import EnqueueReport, Source, enqueue_items, iter_objects
 from pipeline.errors import BatchCancelled, InputFileError, JobInputError
-from pipeline.jobspec import JobSpec
+from pipeline.intake.enqueue import EnqueueReport, Source, enqueue_items, iter_objects
+from pipeline.intake.jobspec import JobSpec
 from pipeline.models import Job
 from pipeline.tenants import Caller
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.ratelimit import RedisRateLimiter
+from pipeline.claude.ratelimit import RedisRateLimiter
 from tests.api.conftest import Server, serve
 
 HAIKU_PAUSE_S, SONNET_PAUSE_S = 30.0, 90.0

@@ -13,13 +13,13 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline.claude.pricing import Usage, call_cost
 from pipeline.config import ModelConfig
-from pipeline.enqueue import enqueue_file
 from pipeline.fake_claude import FakeClaude
+from pipeline.flow.routing import parse_triage, tier_for
+from pipeline.intake.enqueue import enqueue_file
 from pipeline.models import Batch, Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
-from pipeline.pricing import Usage, call_cost
-from pipeline.report import summarize
-from pipeline.routing import parse_triage, tier_for
+from pipeline.queries.report import summarize
 from tests.cluster import Cluster, wait_for_batch
 from tests.listener import listening
 

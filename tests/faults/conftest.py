@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import ModelConfig
-from pipeline.enqueue import enqueue_file
 from pipeline.fake_claude import FakeClaude, FakeOptions
+from pipeline.intake.enqueue import enqueue_file
 from tests.cluster import Cluster
 from tests.e2e.test_pipeline import mixed_jobs
 

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import load_config
 from pipeline.fake_claude import FakeClaude
+from pipeline.flow.states import ALLOWED
 from pipeline.models import (
     TERMINAL,
     Job,
@@ -46,8 +47,7 @@ from pipeline.models import (
     Stage,
     ValidationVerdict,
 )
-from pipeline.report import summarize
-from pipeline.states import ALLOWED
+from pipeline.queries.report import summarize
 
 Q, T, W, V, S, F = (JobStatus.QUEUED, JobStatus.TRIAGING, JobStatus.WORKING, JobStatus.VALIDATING,
                     JobStatus.SUCCEEDED, JobStatus.FAILED)

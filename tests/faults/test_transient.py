@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import ModelConfig
 from pipeline.db import make_engine, session_factory
-from pipeline.enqueue import enqueue_file
 from pipeline.fake_claude import FakeClaude, FakeOptions
+from pipeline.intake.enqueue import enqueue_file
 from pipeline.models import Job, ModelCall
 from tests.cluster import Cluster, wait_for_batch
 from tests.e2e.test_pipeline import mixed_jobs

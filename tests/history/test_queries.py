@@ -14,12 +14,12 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import history
 from pipeline.config import ModelConfig
-from pipeline.enqueue import enqueue_file
 from pipeline.errors import InvalidQuery
+from pipeline.flow.states import transition_many
+from pipeline.intake.enqueue import enqueue_file
 from pipeline.models import Batch, Job, JobEvent, JobKind, JobStatus
-from pipeline.states import transition_many
+from pipeline.queries import history
 from tests.history.helpers import job_line, switchyard, switchyard_json, write_jsonl
 
 T0 = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)

@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import history
 from pipeline.config import ModelConfig
-from pipeline.enqueue import enqueue_file
 from pipeline.errors import InvalidQuery
+from pipeline.intake.enqueue import enqueue_file
+from pipeline.queries import history
 from tests.history.helpers import job_line, switchyard, write_jsonl
 
 BIG = "99999999999999999999"  # past 2**64

@@ -18,7 +18,7 @@ from pipeline import migrate
 from pipeline.config import ModelConfig
 from pipeline.db import make_engine
 from pipeline.models import Batch, Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
-from pipeline.report import FailureReason, Summary, TierLine, failure_reasons, percentile, summarize
+from pipeline.queries.report import FailureReason, Summary, TierLine, failure_reasons, percentile, summarize
 
 LATENCIES = [120.0, 80.0, 300.0, 95.0, 410.0, 150.0, 99.0]
 
@@ -295,7 +295,7 @@ def test_failure_reasons_most_common_first_on_sqlite(sqlite_engine: Engine, mode
 
 
 def test_the_demo_summary_shows_the_failure_reasons(models: ModelConfig, capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.cli import print_summary
+    from pipeline.cli.app import print_summary
 
     summary = Summary(jobs=9, by_status={"succeeded": 2, "failed": 7}, tiers=[], escalations=0, validation_failures=0,
                       cost_usd=Decimal(0), top_tier="opus", top_tier_cost_usd=Decimal(0),

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.fake_claude import FakeClaude
 from pipeline.models import Batch, Job, ModelCall, RoutingDecision, ValidationVerdict
-from pipeline.report import percentile
+from pipeline.queries.report import percentile
 from tests.cluster import Cluster
 from tests.history.helpers import LABELS, switchyard, switchyard_json, write_jsonl
 

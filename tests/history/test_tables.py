@@ -23,9 +23,9 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import cli
-from pipeline.history import BatchProgress
-from pipeline.ops import QueueStatus, Status, WorkerInfo
-from pipeline.report import Summary, TierLine
+from pipeline.queries.history import BatchProgress
+from pipeline.queries.ops import QueueStatus, Status, WorkerInfo
+from pipeline.queries.report import Summary, TierLine
 
 Run = Callable[..., tuple[int, str, str]]
 
@@ -183,7 +183,7 @@ def render(renderable: Any, width: int = 80) -> str:
 
 
 def test_status_fits_80_columns() -> None:
-    from pipeline.ops_view import render_status
+    from pipeline.cli.status import render_status
 
     now = datetime.now(UTC).timestamp()
     queues = [QueueStatus(queue="triage", depth=1_234_567, reserved=128, in_flight=45_678, workers=4, concurrency=256,
@@ -201,7 +201,7 @@ def test_status_fits_80_columns() -> None:
 
 
 def test_enqueue_wait_progress_fits_80_columns() -> None:
-    from pipeline.history_cli import _progress_view
+    from pipeline.cli.history import _progress_view
 
     by_tier = {"-": {"queued": 1_200_000, "triaging": 64}, "sonnet": {"working": 512, "succeeded": 700_000},
                "opus": {"validating": 32, "succeeded": 98_765, "failed": 1_234, "cancelled": 5}}

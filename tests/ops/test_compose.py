@@ -15,7 +15,7 @@ import pytest
 import typer
 import yaml
 
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.settings import Settings
 from workers.config import queue_names
 

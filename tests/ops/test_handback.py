@@ -13,16 +13,16 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import stages
+from pipeline.claude.ratelimit import RedisRateLimiter, TierLimits
 from pipeline.config import ModelConfig
-from pipeline.dispatch import dispatch
-from pipeline.enqueue import enqueue_file
 from pipeline.fake_claude import FakeClaude, FakeOptions
+from pipeline.flow import stages
+from pipeline.flow.dispatch import dispatch
+from pipeline.flow.runtime import build_pipeline
+from pipeline.flow.stages import Pipeline
+from pipeline.intake.enqueue import enqueue_file
 from pipeline.models import Job, JobStatus, ModelCall
-from pipeline.ratelimit import RedisRateLimiter, TierLimits
-from pipeline.runtime import build_pipeline
 from pipeline.settings import Settings
-from pipeline.stages import Pipeline
 
 
 @pytest.fixture(scope="module")

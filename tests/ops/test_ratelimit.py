@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from pipeline.claude.ratelimit import RedisRateLimiter, TierLimits, parse_overrides
 from pipeline.errors import ConfigError, RateLimited
-from pipeline.ratelimit import RedisRateLimiter, TierLimits, parse_overrides
 
 T0 = 1_800_000_000_000.0  # a fixed "now", in ms
 

@@ -23,11 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline.claude.ratelimit import RedisRateLimiter
 from pipeline.config import ModelConfig
-from pipeline.enqueue import enqueue_file
 from pipeline.fake_claude import FakeClaude, FakeOptions
+from pipeline.intake.enqueue import enqueue_file
 from pipeline.models import Job, JobStatus, ModelCall
-from pipeline.ratelimit import RedisRateLimiter
 from tests.cluster import SWITCHYARD, Cluster, wait_for_batch
 
 pytestmark = pytest.mark.e2e

@@ -18,12 +18,12 @@ import redis
 from sqlalchemy import event, func, select, update
 from sqlalchemy.exc import OperationalError
 
-from pipeline import stages
-from pipeline.dispatch import sweep, sweep_stalled
+from pipeline.flow import stages
+from pipeline.flow.dispatch import sweep, sweep_stalled
+from pipeline.flow.stages import Handoff, Pipeline
+from pipeline.flow.states import begin_stage
 from pipeline.models import Job, JobEvent, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict, utcnow
-from pipeline.ops import Heartbeat, LapsedWorkers, workers_online
-from pipeline.stages import Handoff, Pipeline
-from pipeline.states import begin_stage
+from pipeline.queries.ops import Heartbeat, LapsedWorkers, workers_online
 from tests.unit.test_stages import dispatched, enqueue, job, pipeline  # noqa: F401  (the fixture)
 
 
@@ -230,7 +230,7 @@ def _sonnet_jobs(p: Pipeline, tmp_path: Path, n: int) -> list[int]:
 # A worker process reduced to its heartbeat, beating every 0.2 s until it is killed.
 BEATING = """
 import sys, time, redis
-from pipeline.ops import Heartbeat
+from pipeline.queries.ops import Heartbeat
 beat = Heartbeat(redis.Redis.from_url(sys.argv[1]), tier="sonnet", concurrency=1, pool="threads",
                  every_s=float(sys.argv[2])).start()
 print(beat.worker_id, flush=True)

@@ -10,11 +10,11 @@ import anthropic
 import httpx2 as httpx
 import pytest
 
-from pipeline.claude import CallFailed, ClaudeClient, translate
+from pipeline.claude.client import CallFailed, ClaudeClient, translate
 from pipeline.errors import PermanentClaudeError, TransientClaudeError
 from pipeline.fake_claude import FakeClaude
+from pipeline.flow.prompts import work_prompt
 from pipeline.models import JobKind
-from pipeline.prompts import work_prompt
 
 MODEL = "claude-sonnet-5-5"
 
@@ -113,7 +113,7 @@ STATUSES = [
 @pytest.mark.parametrize(("status", "error_type", "transient"), STATUSES)
 def test_each_status_is_retried_exactly_when_the_sdk_would_retry_it(status: int, error_type: str,
                                                                    transient: bool) -> None:
-    """The choice pipeline.claude.translate names: switchyard turns the SDK's retries off to own
+    """The choice pipeline.claude.client.translate names: switchyard turns the SDK's retries off to own
     them, and retries what the SDK itself would, except a 429 without retry-after. Here the SDK
     (allowed one retry, by its own default policy) meets each status through an in-process
     transport: how many requests it made says whether it retried, and its final error is translated."""

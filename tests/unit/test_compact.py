@@ -1,4 +1,4 @@
-"""pipeline.tables.compact: the one way a table writes a count, an amount of money or a duration."""
+"""pipeline.cli.tables.compact: the one way a table writes a count, an amount of money or a duration."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from pipeline.tables import Unit, compact
+from pipeline.cli.tables import Unit, compact
 
 
 @pytest.mark.parametrize(("value", "unit", "shown"), [

@@ -11,9 +11,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import ModelConfig
-from pipeline.enqueue import enqueue_file
 from pipeline.errors import JobInputError
-from pipeline.jobspec import (
+from pipeline.flow.prompts import Prompt, format_check_prompt, triage_prompt, work_prompt
+from pipeline.intake.enqueue import enqueue_file
+from pipeline.intake.jobspec import (
     FEEDBACK_MAX_CHARS,
     PROMPT_SCAFFOLD_TOKENS,
     estimate_text_tokens,
@@ -21,7 +22,6 @@ from pipeline.jobspec import (
     parse_job,
 )
 from pipeline.models import Batch, JobKind
-from pipeline.prompts import Prompt, format_check_prompt, triage_prompt, work_prompt
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}}
 

@@ -13,8 +13,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import ModelConfig
-from pipeline.enqueue import enqueue_file
 from pipeline.errors import InputFileError, JobInputError
+from pipeline.intake.enqueue import enqueue_file
 from pipeline.models import Batch, Job
 
 GOOD = {"key": "a", "kind": "generate", "prompt": "hello"}

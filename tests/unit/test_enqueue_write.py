@@ -1,4 +1,4 @@
-"""The three ways rows reach ``jobs`` (pipeline.enqueue_write) store the same jobs, and the one
+"""The three ways rows reach ``jobs`` (pipeline.intake.write) store the same jobs, and the one
 COPY for a new batch gives way correctly: to staged chunks when the file repeats a key, to a
 rollback when a line is bad."""
 
@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline import migrate
 from pipeline.config import ModelConfig
 from pipeline.db import make_engine, session_factory
-from pipeline.enqueue import Tick, enqueue_file
 from pipeline.errors import JobInputError
+from pipeline.intake.enqueue import Tick, enqueue_file
 from pipeline.models import Batch, Job
 
 JOBS: list[dict[str, Any]] = [

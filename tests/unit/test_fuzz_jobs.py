@@ -15,9 +15,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import ModelConfig, load_config
-from pipeline.enqueue import enqueue_file
 from pipeline.errors import JobInputError
-from pipeline.jobspec import JobSpec, max_job_tokens, parse_job, parse_line
+from pipeline.intake.enqueue import enqueue_file
+from pipeline.intake.jobspec import JobSpec, max_job_tokens, parse_job, parse_line
 from pipeline.models import Batch, Job
 
 CONFIG = load_config()

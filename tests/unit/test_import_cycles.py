@@ -136,10 +136,10 @@ def test_find_cycles_finds_each_cycle_and_only_cycles() -> None:
 
 def test_the_graph_sees_the_imports_that_run_at_import_time() -> None:
     graph = import_graph()
-    assert "pipeline.models" in graph["pipeline.report"]
+    assert "pipeline.models" in graph["pipeline.queries.report"]
     assert "pipeline.api.app" in graph["pipeline.api"]  # `from pipeline.api.app import ...` in __init__
-    assert "pipeline.history" in graph["pipeline.history_cli"]  # `from pipeline import history`
-    assert "pipeline.runtime" not in graph["pipeline.cli"]  # imported inside a command only
+    assert "pipeline.queries.history" in graph["pipeline.cli.history"]  # `from pipeline import history`
+    assert "pipeline.flow.runtime" not in graph["pipeline.cli.app"]  # imported inside a command only
     assert sum(map(len, graph.values())) > 50
 
 

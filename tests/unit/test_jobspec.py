@@ -13,9 +13,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import ModelConfig
-from pipeline.enqueue import enqueue_file
 from pipeline.errors import JobInputError
-from pipeline.jobspec import MAX_KEY_LENGTH, parse_job, parse_line
+from pipeline.intake.enqueue import enqueue_file
+from pipeline.intake.jobspec import MAX_KEY_LENGTH, parse_job, parse_line
 from pipeline.models import Batch, Job
 from pipeline.names import MAX_BATCH_NAME_LENGTH, check_batch_name
 from tests.history.helpers import BAD_BATCH_NAMES

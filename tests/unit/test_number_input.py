@@ -15,9 +15,9 @@ from starlette.requests import Request
 from typer.testing import CliRunner
 
 from pipeline.api import bodies
-from pipeline.cli import app
+from pipeline.claude.ratelimit import TierLimits, parse_overrides
+from pipeline.cli.app import app
 from pipeline.errors import ConfigError
-from pipeline.ratelimit import TierLimits, parse_overrides
 from tests.cluster import SWITCHYARD
 
 # Nothing listens on port 1: were an option not refused up front, its command would fail fast

@@ -11,12 +11,12 @@ from pathlib import Path
 import redis
 from sqlalchemy import select, update
 
-from pipeline import stages
-from pipeline.dispatch import refeed, sweep
 from pipeline.fake_claude import FakeClaude
+from pipeline.flow import stages
+from pipeline.flow.dispatch import refeed, sweep
+from pipeline.flow.stages import Handoff, Pipeline
 from pipeline.models import Job, JobStatus, ModelCall, utcnow
-from pipeline.ops import gather
-from pipeline.stages import Handoff, Pipeline
+from pipeline.queries.ops import gather
 from tests.unit.test_stages import dispatched, enqueue, job, pipeline  # noqa: F401  (the fixture)
 
 

@@ -18,7 +18,7 @@ import pytest
 from pipeline import cli
 from pipeline.errors import ConfigError
 from pipeline.fake_claude import FakeClaude, FakeOptions
-from pipeline.runtime import check_claude
+from pipeline.flow.runtime import check_claude
 from pipeline.settings import Settings
 
 

@@ -8,12 +8,12 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Connection, insert, select, text
 
-from pipeline.claude import ClaudeClient
+from pipeline.claude.client import ClaudeClient
 from pipeline.config import ModelConfig
 from pipeline.db import make_engine, session_factory
 from pipeline.fake_claude import FakeClaude
+from pipeline.flow.stages import Pipeline
 from pipeline.models import Batch, utcnow
-from pipeline.stages import Pipeline
 
 
 @pytest.fixture

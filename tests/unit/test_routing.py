@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import load_config, parse_config
 from pipeline.errors import ConfigError
-from pipeline.routing import AMBIGUOUS, after_failed_validation, parse_triage, tier_for
+from pipeline.flow.routing import AMBIGUOUS, after_failed_validation, parse_triage, tier_for
 
 POLICY = load_config().routing
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from pipeline.flow.validation import Verdict, check_schema
 from pipeline.schema_check import CPU_BUDGET_S
-from pipeline.validation import Verdict, check_schema
 from tests.listener import LEAKED, Listener, listening
 
 
@@ -119,7 +119,7 @@ def _checks_in_subprocess(cases: list[tuple[dict[str, Any], Any]], *, timeout: f
     code = textwrap.dedent("""
         import json, sys, time
         from pipeline import schema_check
-        from pipeline.validation import check_schema
+        from pipeline.flow.validation import check_schema
         cases, budget = json.loads(sys.stdin.read())
         if budget is not None:
             schema_check.CPU_BUDGET_S = budget

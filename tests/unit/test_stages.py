@@ -12,14 +12,14 @@ from sqlalchemy import event, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import stages
-from pipeline.claude import ClaudeClient
+from pipeline.claude.client import ClaudeClient
 from pipeline.config import ModelConfig
-from pipeline.dispatch import dispatch, sweep
-from pipeline.enqueue import enqueue_file
 from pipeline.fake_claude import FakeClaude
+from pipeline.flow import stages
+from pipeline.flow.dispatch import dispatch, sweep
+from pipeline.flow.stages import Handoff, Pipeline
+from pipeline.intake.enqueue import enqueue_file
 from pipeline.models import Job, JobEvent, JobStatus, ModelCall, ValidationVerdict
-from pipeline.stages import Handoff, Pipeline
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ from decimal import Decimal
 
 import pytest
 
+from pipeline.claude.pricing import Usage, call_cost
 from pipeline.config import load_config
+from pipeline.flow.validation import check_label, check_schema, check_stop, deterministic_check, parse_format_check
 from pipeline.models import JobKind
-from pipeline.pricing import Usage, call_cost
-from pipeline.validation import check_label, check_schema, check_stop, deterministic_check, parse_format_check
 
 LABELS = ["billing", "bug", "other"]
 SCHEMA = {"type": "object", "required": ["name", "total"], "additionalProperties": False,

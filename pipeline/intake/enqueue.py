@@ -2,7 +2,7 @@
 
 The file is read as a stream, checked line by line and written as it is read, so memory stays
 flat whatever its size. It is read once, unless a new batch's file repeats a key (it is then read
-and written again, each key checked against the batch: pipeline.enqueue_write) or Postgres aborts
+and written again, each key checked against the batch: pipeline.intake.write) or Postgres aborts
 the enqueue to break a deadlock (it is then run again from the start, a few times:
 db.retry_conflicts). Nothing is published to the broker here: the dispatcher feeds the stages from
 Postgres as capacity frees up. A job's key is its idempotency key within the batch (``ON CONFLICT
@@ -10,7 +10,7 @@ DO NOTHING`` on ``(batch_id, key)``), so re-running the same file adds nothing. 
 the jobs of a request body through the same ``enqueue_items`` (in one transaction), and every
 enqueue for a tenant, from the API or `switchyard enqueue --tenant`, passes that tenant's limits
 there (``tenants.admit``). How rows reach ``jobs`` (one COPY for a new batch, staged chunks
-otherwise, plain inserts on SQLite) is pipeline.enqueue_write's business.
+otherwise, plain inserts on SQLite) is pipeline.intake.write's business.
 
 By default a bad line rejects the whole file and loses nothing already accepted: the file is
 written in one transaction, rolled back at the first bad line (the rest is still read, to count
@@ -51,9 +51,9 @@ from sqlalchemy.orm import Session
 from pipeline import tenants
 from pipeline.config import ModelConfig
 from pipeline.db import insert_or_skip, retry_conflicts
-from pipeline.enqueue_write import KeyRepeated, Writer, open_writer
 from pipeline.errors import BatchCancelled, InputFileError, JobInputError
-from pipeline.jobspec import CHARS_PER_TOKEN, JOB_FIELDS, JobSpec, max_job_tokens, parse_job, parse_line
+from pipeline.intake.jobspec import CHARS_PER_TOKEN, JOB_FIELDS, JobSpec, max_job_tokens, parse_job, parse_line
+from pipeline.intake.write import KeyRepeated, Writer, open_writer
 from pipeline.models import Batch, utcnow
 from pipeline.names import check_batch_name
 
@@ -104,7 +104,7 @@ Progress = Callable[[Tick], None]
 InvalidSink = Callable[[BadLine], None]
 Parsed = tuple[int, str, JobSpec | JobInputError]  # (line or index, raw text, job or its error)
 # Yields the items to enqueue, keeping position[0] at the bytes read so far. Called once, or again
-# if a new batch's input repeats a key (see pipeline.enqueue_write).
+# if a new batch's input repeats a key (see pipeline.intake.write).
 Source = Callable[[list[int]], Iterator[Parsed]]
 
 CSV_COLUMNS = JOB_FIELDS

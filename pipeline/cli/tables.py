@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import TextType
 
 if TYPE_CHECKING:
-    from pipeline.report import Summary
+    from pipeline.queries.report import Summary
 
 Unit = Literal["count", "usd", "ms", "s", "pct"]
 

@@ -12,7 +12,7 @@ exactly by the refill rate, with no thundering herd of retries against Redis.
 
 Holding a pool slot: a reservation that would wait longer than ``max_wait_s`` is refused and takes
 nothing; ``acquire`` raises ``RateLimited`` and the stage hands the job back to its queue with a
-countdown (pipeline.stages), freeing the thread for work that can run. Short waits are slept in
+countdown (pipeline.flow.stages), freeing the thread for work that can run. Short waits are slept in
 the thread: handing back costs two database transactions and a broker round trip, more than a few
 seconds of an idle thread, and a worker serves a single tier, so the threads it would free could
 only take more jobs that wait for the same budget. ``max_wait_s`` stays far below the sweeper's
@@ -178,7 +178,7 @@ class Reservation:
 
 
 class RedisRateLimiter:
-    """The ``RateLimiter`` of pipeline.claude, global across processes through Redis."""
+    """The ``RateLimiter`` of pipeline.claude.client, global across processes through Redis."""
 
     pauses_on_penalty = True
 

@@ -1,8 +1,8 @@
 """The batch and history commands of `switchyard`: enqueue, cancel, jobs list|show, batches, stats
-and export. Each reads Settings once, calls pipeline.history / pipeline.report / pipeline.enqueue,
-and formats the result: a rich view for people, ``--json`` for scripts.
+and export. Each reads Settings once, calls the read side (pipeline.queries) or intake
+(pipeline.intake.enqueue), and formats the result: a rich view for people, ``--json`` for scripts.
 
-Registered on the app by pipeline.cli (imported at its end)."""
+Registered on the app by pipeline.cli.app (imported at its end)."""
 
 from __future__ import annotations
 
@@ -26,16 +26,16 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import history
-from pipeline.cli import app, console, err, failure_view, jobs_app, settings
+from pipeline.cli.app import app, console, err, failure_view, jobs_app, settings
+from pipeline.cli.tables import Unit, compact, cost_line, new_table, when
 from pipeline.errors import InputFileError, InvalidQuery, JobInputError, OutputError
 from pipeline.names import check_batch_name, escaped
 from pipeline.outfile import Output, write_whole
-from pipeline.tables import Unit, compact, cost_line, new_table, when
+from pipeline.queries import history
 
 if TYPE_CHECKING:
-    from pipeline.enqueue import EnqueueReport
-    from pipeline.report import FailureReason, Summary
+    from pipeline.intake.enqueue import EnqueueReport
+    from pipeline.queries.report import FailureReason, Summary
     from pipeline.settings import Settings
 
 STATUS_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "queued": "dim"}
@@ -115,7 +115,7 @@ def enqueue(
     as_json: JsonFlag = False,
 ) -> None:
     """Add a file of jobs to a batch. Re-running the same file adds no duplicates."""
-    from pipeline.enqueue import input_size
+    from pipeline.intake.enqueue import input_size
 
     s = settings()
     name = _batch_name(batch, file)
@@ -173,7 +173,7 @@ def enqueue(
 def _admitted_tenant(name: str) -> int:
     """The id of the tenant to enqueue for, refused (as its API submissions are) if it is over its
     daily spend already: before its file is read. Its jobs in flight are checked once they are
-    written, in the same transaction (pipeline.enqueue)."""
+    written, in the same transaction (pipeline.intake.enqueue)."""
     from pipeline import tenants
 
     with _session() as session:
@@ -201,7 +201,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def _enqueue_with_progress(s: Settings, file: Path, *, name: str, tenant_id: int | None, fmt: str | None,
                            skip_invalid: bool, report_out: Output | None, quiet: bool) -> EnqueueReport:
     """enqueue_file with a progress bar; bad lines go to ``report_out`` (--skip-invalid)."""
-    from pipeline.enqueue import BadLine, Tick, enqueue_file, invalid_line_json
+    from pipeline.intake.enqueue import BadLine, Tick, enqueue_file, invalid_line_json
 
     def on_invalid(bad: BadLine) -> None:
         assert report_out is not None  # only --skip-invalid reports bad lines rather than stop at one
@@ -254,7 +254,7 @@ def _follow(sessions: sessionmaker[Session], batch_id: int, name: str, *, quiet:
             interval_s: float = 1.0) -> tuple[history.BatchProgress, list[FailureReason]]:
     """Redraw the batch's per-tier counts, and its most common failure reasons once some job has
     failed, until every job is terminal. Ctrl-C stops following, not the batch."""
-    from pipeline.report import failure_reasons
+    from pipeline.queries.report import failure_reasons
 
     def poll() -> tuple[history.BatchProgress, list[FailureReason]]:
         with sessions() as session:
@@ -499,7 +499,7 @@ def stats(
 ) -> None:
     """Per tier: jobs, calls, tokens, cost, latency, escalation and validation failure rates, and the
     saving against sending every job to the top tier."""
-    from pipeline.report import summarize
+    from pipeline.queries.report import summarize
 
     s = settings()
     with _session() as session:

@@ -1,5 +1,5 @@
 """`switchyard serve`, `switchyard tokens ...` and `switchyard tenants ...`: the HTTP API and who
-may use it. Registered on the main app by pipeline/cli.py."""
+may use it. Registered on the main app by pipeline/cli/app.py."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.text import Text
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline.cli.tables import compact, new_table, when
 from pipeline.errors import SwitchyardError
 from pipeline.settings import Settings
-from pipeline.tables import compact, new_table, when
 
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens: each belongs to a tenant; only its hash is stored.")
 tenants_app = typer.Typer(no_args_is_help=True, help="Tenants of the HTTP API and their limits.")

@@ -6,7 +6,7 @@ Workers are found by heartbeat keys rather than Celery's broadcast ``inspect``: 
 refreshes every few seconds costs one SCAN to read, answers at once however many workers there
 are, and needs no reply from a worker that is busy. A worker that dies stops refreshing its key;
 three missed beats later it is gone from `status`, and the dispatcher's sweeper republishes the
-stages it held (``LapsedWorkers``, pipeline.dispatch).
+stages it held (``LapsedWorkers``, pipeline.flow.dispatch).
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ class QueueStatus:
     concurrency: int
     busy: int
     paused_s: float = 0.0
-    # Jobs of this queue's stage waiting out transient errors in Postgres (pipeline.dispatch.refeed
+    # Jobs of this queue's stage waiting out transient errors in Postgres (pipeline.flow.dispatch.refeed
     # publishes them when their wait is over): part of in_flight, in no queue.
     retrying: int = 0
 
@@ -313,7 +313,7 @@ class RateLevels(Protocol):
 
 def gather(client: redis.Redis, session: Session, models: ModelConfig, limiter: RateLevels) -> Status:
     """The whole picture. ``limiter`` reads each tier's limits and 429 pause (the tiers' shared
-    budgets, pipeline.ratelimit); each queue shows the pause of the tier its stage calls."""
+    budgets, pipeline.claude.ratelimit); each queue shows the pause of the tier its stage calls."""
     queues = models.queues
     depths = queue_depths(client, queues)
     reserved = reserved_by_queue(client)

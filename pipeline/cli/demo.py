@@ -19,11 +19,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import migrate
-from pipeline.enqueue import enqueue_file
-from pipeline.report import Summary, summarize, terminal_count
-from pipeline.runtime import check_claude
+from pipeline.flow.runtime import check_claude
+from pipeline.flow.stages import Pipeline
+from pipeline.intake.enqueue import enqueue_file
+from pipeline.queries.report import Summary, summarize, terminal_count
 from pipeline.settings import Settings, mask_url
-from pipeline.stages import Pipeline
 
 
 @contextmanager
@@ -49,8 +49,8 @@ def sample_path() -> Path:
 
 def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = None,
              timeout_s: float = 300.0) -> Summary:
-    from pipeline.dispatch import run_dispatcher
-    from pipeline.runtime import build_pipeline
+    from pipeline.flow.dispatch import run_dispatcher
+    from pipeline.flow.runtime import build_pipeline
     from workers.base import install_pipeline, publisher
     from workers.config import queue_names
     from workers.embedded import embedded_worker

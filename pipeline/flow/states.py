@@ -369,7 +369,7 @@ def release_stage(session: Executor, job_id: int, *, status: JobStatus, version:
     left it.
 
     ``not_before``: the stage waits in Postgres until then, with no message anywhere, and the
-    dispatcher publishes it again when it is due (pipeline.dispatch.refeed). ``transient_since``:
+    dispatcher publishes it again when it is due (pipeline.flow.dispatch.refeed). ``transient_since``:
     when the stage began meeting transient errors, kept if an earlier round already set it."""
     values: dict[str, Any] = {"deliveries": Job.deliveries - 1, "stage_started_at": utcnow(),
                               # ...and gives up its claim, or the next message would find the stage held.

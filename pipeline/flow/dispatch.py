@@ -23,14 +23,14 @@ from typing import Protocol
 from sqlalchemy import ColumnElement, and_, func, insert, or_, select, update
 
 from pipeline.db import Executor
+from pipeline.flow.stages import Handoff, Pipeline, handoff_for
+from pipeline.flow.states import transition_many
 from pipeline.models import ACTIVE, Job, JobStatus, ModelCall, RoutingDecision, utcnow
-from pipeline.stages import Handoff, Pipeline, handoff_for
-from pipeline.states import transition_many
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[[Iterable[Handoff]], None]
-# Which of the given workers (as claims name them) have stopped beating: pipeline.ops.LapsedWorkers.
+# Which of the given workers (as claims name them) have stopped beating: pipeline.queries.ops.LapsedWorkers.
 Lapsed = Callable[[Sequence[str]], set[str]]
 
 
@@ -76,7 +76,7 @@ def dispatch(session: Executor, *, max_in_flight: int, limit: int = 1000) -> lis
 
 def refeed(session: Executor, *, now: datetime | None = None, limit: int = 1000) -> list[Handoff]:
     """Publish again the stages whose wait after transient errors is over (``not_before`` reached;
-    pipeline.stages._after_transient): they go to the back of their queue. The wait ends here, in
+    pipeline.flow.stages._after_transient): they go to the back of their queue. The wait ends here, in
     the same statement, so a job is fed once however many dispatchers run; if the publish that
     follows is lost, the job is an unclaimed stage like any other, and the sweeper finds it."""
     now = now or utcnow()

@@ -37,7 +37,7 @@ NON_ASCII_BYTES_PER_TOKEN = 2.0
 # The prompts' own text (system prompt, section tags) around the job; tests/unit/test_context_limit
 # checks the real prompts stay under it.
 PROMPT_SCAFFOLD_TOKENS = 600
-# Validation feedback shown to a retried work call is cut to this (pipeline.prompts).
+# Validation feedback shown to a retried work call is cut to this (pipeline.flow.prompts).
 FEEDBACK_MAX_CHARS = 4_000
 
 _FIELDS: dict[JobKind, tuple[tuple[str, ...], tuple[str, ...]]] = {

@@ -1,4 +1,4 @@
-"""`switchyard status`: reading the picture (pipeline.ops) from Settings, and drawing it."""
+"""`switchyard status`: reading the picture (pipeline.queries.ops) from Settings, and drawing it."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import time
 from rich.console import Group
 from rich.table import Table
 
+from pipeline.cli.tables import compact, new_table
 from pipeline.errors import ConfigError
-from pipeline.ops import Status, gather
+from pipeline.queries.ops import Status, gather
 from pipeline.settings import Settings, mask_url
-from pipeline.tables import compact, new_table
 
 
 class StatusSource:
@@ -20,8 +20,8 @@ class StatusSource:
                               f"{mask_url(settings.broker_url)!r}: point it at the workers' Redis")
         import redis
 
+        from pipeline.claude.ratelimit import RedisRateLimiter
         from pipeline.db import make_engine, session_factory
-        from pipeline.ratelimit import RedisRateLimiter
 
         self.settings = settings
         self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)

@@ -22,20 +22,20 @@ from sqlalchemy import Connection, Engine, Table, delete, insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.claude import MAX_RETRY_AFTER_S, Attempt, CallFailed, CallResult, Deferred, ModelClient
+from pipeline.claude.client import MAX_RETRY_AFTER_S, Attempt, CallFailed, CallResult, Deferred, ModelClient
+from pipeline.claude.pricing import call_cost
 from pipeline.config import ModelConfig
-from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict, utcnow
-from pipeline.pricing import call_cost
-from pipeline.prompts import Prompt, format_check_prompt, triage_prompt, work_prompt
-from pipeline.routing import after_failed_validation, parse_triage, tier_for
-from pipeline.states import Also, Claim, begin_stage, last_step, moved_at, release_stage, renew_claim, transition
-from pipeline.validation import (
+from pipeline.flow.prompts import Prompt, format_check_prompt, triage_prompt, work_prompt
+from pipeline.flow.routing import after_failed_validation, parse_triage, tier_for
+from pipeline.flow.states import Also, Claim, begin_stage, last_step, moved_at, release_stage, renew_claim, transition
+from pipeline.flow.validation import (
     Verdict,
     check_stop,
     deterministic_check,
     format_check_unreadable,
     parse_format_check,
 )
+from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict, utcnow
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class Pipeline:
     # How long a claimed stage may show no sign of life before another delivery may take it over
     # (and the sweeper republishes it): longer than one call attempt plus its backoff.
     claim_deadline_s: float = 300.0
-    # This process's identity in its heartbeat (pipeline.ops.Heartbeat), written on every claim it
+    # This process's identity in its heartbeat (pipeline.queries.ops.Heartbeat), written on every claim it
     # takes; None where no heartbeat runs (the embedded demo, `celery -A workers worker`).
     worker_id: str | None = None
     # A stage whose call meets only transient errors until its attempts run out waits and tries
@@ -343,7 +343,7 @@ def _hand_back(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, st
 def _defer(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage: Stage, tier: str,
            deferred: Deferred) -> Handoff | None:
     """Hand the job back to its queue until the tier's budget has room, instead of holding a
-    worker thread (pipeline.ratelimit says when that happens). Attempts already made (a 429 that
+    worker thread (pipeline.claude.ratelimit says when that happens). Attempts already made (a 429 that
     paused the tier) are recorded and start the stage's patience, as any transient error does."""
     if deferred.attempts and _patience_spent(p, claim, call_id, status=status, stage=stage, tier=tier,
                                              attempts=deferred.attempts):

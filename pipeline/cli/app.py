@@ -18,10 +18,10 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from pipeline.cli.tables import compact, cost_line, new_table
 from pipeline.errors import ConfigError, SwitchyardError
 from pipeline.names import escaped
 from pipeline.settings import Settings, mask_url
-from pipeline.tables import compact, cost_line, new_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Route bulk Claude work between Haiku, Sonnet and Opus.")
@@ -29,8 +29,8 @@ db_app = typer.Typer(no_args_is_help=True, help="The database schema (Alembic mi
 jobs_app = typer.Typer(no_args_is_help=True, help="Job history.")
 app.add_typer(db_app, name="db")
 app.add_typer(jobs_app, name="jobs")
-# The HTTP API and its tokens live in their own module (pipeline/cli_api.py).
-from pipeline.cli_api import serve, tenants_app, tokens_app  # noqa: E402
+# The HTTP API and its tokens live in their own module (pipeline/cli/tenants.py).
+from pipeline.cli.tenants import serve, tenants_app, tokens_app  # noqa: E402
 
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(tenants_app, name="tenants")
@@ -101,7 +101,7 @@ def worker(
     s.tier_limits()  # a mistake in SWITCHYARD_RATE_LIMITS stops the worker now, not at its first job
     # ...and so does a Claude endpoint that cannot be reached, refuses the key or lacks the model
     # this queue calls: its jobs would otherwise wait out their patience before failing.
-    from pipeline.runtime import check_claude
+    from pipeline.flow.runtime import check_claude
 
     models = s.models
     called = {"triage": models.triage_tier, "validate": models.format_check_tier}.get(tier, tier)
@@ -145,7 +145,7 @@ def _start_worker_side(s: Settings, celery_app: Any, *, tier: str, concurrency: 
         return None
     import redis
 
-    from pipeline.ops import Heartbeat, queue_depths
+    from pipeline.queries.ops import Heartbeat, queue_depths
     from workers.base import busy
 
     client = redis.Redis.from_url(s.broker_url, socket_timeout=5, socket_connect_timeout=5)
@@ -168,8 +168,8 @@ def dispatcher(
     import signal
     import threading
 
-    from pipeline.dispatch import run_dispatcher
-    from pipeline.runtime import build_pipeline
+    from pipeline.flow.dispatch import run_dispatcher
+    from pipeline.flow.runtime import build_pipeline
     from workers.base import broker_watch, publisher
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -187,7 +187,7 @@ def dispatcher(
     if s.uses_redis:
         import redis
 
-        from pipeline.ops import LapsedWorkers
+        from pipeline.queries.ops import LapsedWorkers
 
         lapsed = LapsedWorkers(redis.Redis.from_url(s.broker_url, socket_timeout=5, socket_connect_timeout=5))
     logging.getLogger("switchyard.dispatcher").info(
@@ -208,7 +208,7 @@ def _serve_depths(s: Settings, port: int, stop: Any) -> None:
     import redis
 
     from pipeline import metrics
-    from pipeline.ops import queue_depths
+    from pipeline.queries.ops import queue_depths
     from workers.config import queue_names
 
     metrics.serve(port)
@@ -235,7 +235,7 @@ def status(
     """Queues, jobs in flight, workers online and recent throughput, per tier."""
     import time
 
-    from pipeline.ops_view import StatusSource, render_status
+    from pipeline.cli.status import StatusSource, render_status
 
     source = StatusSource(settings())
     if as_json:
@@ -283,7 +283,7 @@ def fake_claude(
 # -- work ----------------------------------------------------------------------------------------------
 
 
-# enqueue, cancel, jobs list|show, batches, stats and export live in pipeline/history_cli.py.
+# enqueue, cancel, jobs list|show, batches, stats and export live in pipeline/cli/history.py.
 
 
 @app.command()
@@ -291,7 +291,7 @@ def demo(
     jobs: Annotated[Path | None, typer.Option(help="Jobs file (default: the bundled sample).")] = None,
 ) -> None:
     """Run the whole pipeline on sample jobs: SQLite, in-process broker, fake Claude by default."""
-    from pipeline.demo import run_demo
+    from pipeline.cli.demo import run_demo
 
     summary = run_demo(settings(), console=console, jobs_file=jobs)
     print_summary(summary)
@@ -330,7 +330,7 @@ def failure_view(reasons: Any, *, failed: int) -> Text:
 
 # -- entry point ---------------------------------------------------------------------------------------
 
-import pipeline.history_cli  # noqa: E402, F401  (registers the batch and history commands on `app`)
+import pipeline.cli.history  # noqa: E402, F401  (registers the batch and history commands on `app`)
 
 
 def _error(message: str) -> None:

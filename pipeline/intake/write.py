@@ -31,7 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from pipeline.jobspec import JobSpec, digest
+from pipeline.intake.jobspec import JobSpec, digest
 from pipeline.models import Job, JobKind, JobStatus, utcnow
 
 Clash = tuple[int, str]  # (line or index, key) of an item whose key the batch holds for a different job

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from pipeline.claude import AttemptObserver, ClaudeClient, ModelClient, RateLimiter, check_endpoint
+from pipeline.claude.client import AttemptObserver, ClaudeClient, ModelClient, RateLimiter, check_endpoint
 from pipeline.db import make_engine, session_factory
 from pipeline.errors import ConfigError
+from pipeline.flow.stages import Pipeline
 from pipeline.settings import Settings
-from pipeline.stages import Pipeline
 
 
 def build_limiter(settings: Settings, *, on_wait: Callable[[str, float], None] | None = None) -> RateLimiter | None:
@@ -16,7 +16,7 @@ def build_limiter(settings: Settings, *, on_wait: Callable[[str, float], None] |
     one process has no one to share a budget with, and the API's 429s are still retried."""
     if not settings.uses_redis:
         return None
-    from pipeline.ratelimit import RedisRateLimiter
+    from pipeline.claude.ratelimit import RedisRateLimiter
 
     return RedisRateLimiter.from_url(settings.broker_url, settings.tier_limits(), window_s=settings.rate_window_s,
                                      max_wait_s=settings.rate_max_wait_s, on_wait=on_wait)
@@ -57,7 +57,7 @@ def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLi
         on_attempt=on_attempt,
     )
     if settings.test_crash_on:
-        from pipeline.testhooks import CrashOnMarker
+        from pipeline.claude.testhooks import CrashOnMarker
 
         client = CrashOnMarker(client, settings.test_crash_on)
     return Pipeline(sessions=session_factory(engine), client=client, models=settings.models,

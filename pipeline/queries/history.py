@@ -66,6 +66,7 @@ from sqlalchemy import func, select, true, update
 from sqlalchemy.orm import Session
 
 from pipeline.errors import AmbiguousBatch, InvalidQuery, NotFound
+from pipeline.flow.states import transition_many
 from pipeline.models import (
     TERMINAL,
     Batch,
@@ -80,7 +81,6 @@ from pipeline.models import (
     utcnow,
 )
 from pipeline.names import quoted
-from pipeline.states import transition_many
 
 MAX_LIMIT = 1000
 CANCEL_CHUNK = 5000

@@ -17,9 +17,9 @@ from sqlalchemy import BigInteger, and_, bindparam, case, func, literal, literal
 from sqlalchemy.dialects.postgresql import array, distinct_on
 from sqlalchemy.orm import Session
 
+from pipeline.claude.pricing import MILLION
 from pipeline.config import ModelConfig
 from pipeline.models import Batch, Job, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
-from pipeline.pricing import MILLION
 
 
 @dataclass

@@ -17,7 +17,7 @@ import os
 import signal
 from collections.abc import Callable
 
-from pipeline.claude import CallResult, ModelClient
+from pipeline.claude.client import CallResult, ModelClient
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.jobspec import FEEDBACK_MAX_CHARS
+from pipeline.intake.jobspec import FEEDBACK_MAX_CHARS
 from pipeline.models import JobKind
 
 
@@ -76,7 +76,7 @@ def triage_prompt(kind: JobKind, payload: dict[str, Any]) -> Prompt:
 def work_prompt(kind: JobKind, payload: dict[str, Any], *, feedback: str | None = None) -> Prompt:
     parts = _job_sections(kind, payload)
     if feedback:
-        # Cut, so that the enqueue-time size check (pipeline.jobspec.max_job_tokens) can count on it.
+        # Cut, so that the enqueue-time size check (pipeline.intake.jobspec.max_job_tokens) can count on it.
         feedback = feedback[:FEEDBACK_MAX_CHARS]
         parts.append(_section("feedback", "Your previous answer was rejected: " + feedback +
                               "\nAnswer again, fixing these problems."))

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import anthropic
 import httpx2 as httpx
 
+from pipeline.claude.pricing import Usage
 from pipeline.errors import ClaudeError, ConfigError, PermanentClaudeError, RateLimited, TransientClaudeError
-from pipeline.pricing import Usage
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class CallFailed(ClaudeError):
 
 
 class RateLimiter(Protocol):
-    """A budget shared by every worker of a tier (see pipeline.ratelimit).
+    """A budget shared by every worker of a tier (see pipeline.claude.ratelimit).
 
     ``acquire`` waits for a turn (or raises RateLimited before anything is sent); ``adjust``
     corrects the reservation once the usage is known; ``penalize`` pauses the tier after a 429.
@@ -91,7 +91,7 @@ class RateLimiter(Protocol):
 
 
 class ModelClient(Protocol):
-    """What the stages call: ClaudeClient, or a test hook wrapped around it (pipeline.testhooks)."""
+    """What the stages call: ClaudeClient, or a test hook wrapped around it (pipeline.claude.testhooks)."""
 
     def call(self, *, tier: str, model: str, system: str, user: str, max_tokens: int,
              on_retry: Callable[[int], None] | None = None) -> CallResult: ...
@@ -192,7 +192,7 @@ def check_endpoint(*, api_key: str, base_url: str | None, models: Mapping[str, s
     """Ask the Models API once for each model (``GET /v1/models/{id}``: no tokens, no cost), and
     raise ConfigError with one sentence if the endpoint cannot be reached, refuses the key, or does
     not know a model. Entry points call it at start: a job's transient errors are waited out for
-    up to an hour (pipeline.stages), which must not be how a wrong key or a wrong URL shows.
+    up to an hour (pipeline.flow.stages), which must not be how a wrong key or a wrong URL shows.
 
     ``models`` maps each tier to check to its model; ``config`` says where they are configured.
     An answer that says only "busy" (429, 5xx) passes: the endpoint is there, and its jobs will
@@ -354,7 +354,7 @@ class ClaudeClient:
                 cache_read_input_tokens=u.cache_read_input_tokens or 0,
             )
             # Settle the reservation: the real input count for the estimate, the real output for
-            # max_tokens (pipeline.ratelimit explains why it reserves the worst case).
+            # max_tokens (pipeline.claude.ratelimit explains why it reserves the worst case).
             self.limiter.adjust(tier, input_tokens=usage.billed_input_tokens - estimate,
                                 output_tokens=usage.output_tokens - max_tokens)
             text = "".join(getattr(b, "text", "") for b in message.content if b.type == "text")
