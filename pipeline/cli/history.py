@@ -2,7 +2,7 @@
 and export. Each reads Settings once, calls the read side (pipeline.queries) or intake
 (pipeline.intake.enqueue), and formats the result: a rich view for people, ``--json`` for scripts.
 
-Registered on the app by pipeline.cli.app (imported at its end)."""
+Registered on the app when pipeline.cli.app imports it."""
 
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.cli.app import app, console, err, failure_view, jobs_app, settings
+from pipeline.cli.common import app, console, err, failure_view, jobs_app, settings
+from pipeline.cli.outfile import Output, write_whole
 from pipeline.cli.tables import Unit, compact, cost_line, new_table, when
 from pipeline.errors import InputFileError, InvalidQuery, JobInputError, OutputError
 from pipeline.names import check_batch_name, escaped
-from pipeline.outfile import Output, write_whole
 from pipeline.queries import history
 
 if TYPE_CHECKING:
@@ -586,7 +586,7 @@ def export(
         raise InvalidQuery(f"unknown format {format!r}: expected jsonl or csv")
     with _session() as session:
         b = history.find_batch(db_session=session, batch=batch, tenant_id=_tenant_id(session, tenant))
-        # A file replaces OUT only once the whole export is in it (pipeline/outfile.py).
+        # A file replaces OUT only once the whole export is in it (pipeline/cli/outfile.py).
         fh: Output | TextIO
         with write_whole(out) if out is not None else nullcontext(sys.stdout) as fh:
             n = _write_results(fh, history.iter_results(db_session=session, batch_id=b.id), format)

@@ -1,5 +1,5 @@
 """`switchyard serve`, `switchyard tokens ...` and `switchyard tenants ...`: the HTTP API and who
-may use it. Registered on the main app by pipeline/cli/app.py."""
+may use it."""
 
 from __future__ import annotations
 
@@ -8,19 +8,18 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.text import Text
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline.cli.common import app, console, err
 from pipeline.cli.tables import compact, new_table, when
 from pipeline.errors import SwitchyardError
 from pipeline.settings import Settings
 
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens: each belongs to a tenant; only its hash is stored.")
 tenants_app = typer.Typer(no_args_is_help=True, help="Tenants of the HTTP API and their limits.")
-
-console = Console()
-err = Console(stderr=True)
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(tenants_app, name="tenants")
 
 TenantOpt = Annotated[str, typer.Option("--tenant", help="The tenant's name.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
@@ -164,6 +163,7 @@ def tenants_limits(
                   f"spend per day {_spend_limit(t.max_spend_per_day_usd)}")
 
 
+@app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,

@@ -1,7 +1,7 @@
 """Checks on a work answer before it is returned.
 
 Classify and extract answers are checked deterministically; an extract job's schema is run
-confined (pipeline/schema_check.py). Drafts and free generation are not machine-checkable, so
+confined (pipeline/flow/schema_check.py). Drafts and free generation are not machine-checkable, so
 they get a Haiku format check; ``parse_format_check`` reads its answer.
 """
 
@@ -12,8 +12,8 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.flow.schema_check import SchemaUnusable, errors
 from pipeline.models import JobKind
-from pipeline.schema_check import SchemaUnusable, errors
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from typing import Any
 
 import orjson
 
-from pipeline import schema_check
 from pipeline.config import ModelConfig
 from pipeline.errors import JobInputError
+from pipeline.flow import schema_check
 from pipeline.models import JobKind
 from pipeline.names import quoted
 

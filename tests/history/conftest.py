@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import cli
+from pipeline.cli import app as cli
 from pipeline.db import make_engine, session_factory
 
 

@@ -295,7 +295,7 @@ def test_failure_reasons_most_common_first_on_sqlite(sqlite_engine: Engine, mode
 
 
 def test_the_demo_summary_shows_the_failure_reasons(models: ModelConfig, capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.cli.app import print_summary
+    from pipeline.cli.common import print_summary
 
     summary = Summary(jobs=9, by_status={"succeeded": 2, "failed": 7}, tiers=[], escalations=0, validation_failures=0,
                       cost_usd=Decimal(0), top_tier="opus", top_tier_cost_usd=Decimal(0),

@@ -22,7 +22,7 @@ from rich.console import Console
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import cli
+from pipeline.cli import common as cli
 from pipeline.queries.history import BatchProgress
 from pipeline.queries.ops import QueueStatus, Status, WorkerInfo
 from pipeline.queries.report import Summary, TierLine

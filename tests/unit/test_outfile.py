@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli.outfile import write_whole
 from pipeline.errors import OutputError
-from pipeline.outfile import write_whole
 
 
 def _leftovers(folder: Path, *keep: str) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import cli
+from pipeline.cli import app as cli
 from pipeline.errors import ConfigError
 from pipeline.fake_claude import FakeClaude, FakeOptions
 from pipeline.flow.runtime import check_claude

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from pipeline.flow.schema_check import CPU_BUDGET_S
 from pipeline.flow.validation import Verdict, check_schema
-from pipeline.schema_check import CPU_BUDGET_S
 from tests.listener import LEAKED, Listener, listening
 
 
@@ -118,7 +118,7 @@ def _checks_in_subprocess(cases: list[tuple[dict[str, Any], Any]], *, timeout: f
     ``budget_s`` shortens the CPU budget, to keep the test quick."""
     code = textwrap.dedent("""
         import json, sys, time
-        from pipeline import schema_check
+        from pipeline.flow import schema_check
         from pipeline.flow.validation import check_schema
         cases, budget = json.loads(sys.stdin.read())
         if budget is not None:

@@ -152,7 +152,7 @@ class _Re2:
 for _module in (jsonschema._keywords, jsonschema._utils, jsonschema._legacy_keywords):
     if not hasattr(_module, "re"):
         raise RuntimeError(f"{_module.__name__} no longer matches patterns with re.search: "
-                           f"pipeline/schema_check.py must be updated for this jsonschema")
+                           f"pipeline/flow/schema_check.py must be updated for this jsonschema")
     _module.re = _Re2  # type: ignore[attr-defined]
 
 

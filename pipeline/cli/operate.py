@@ -1,0 +1,266 @@
+"""Running switchyard: the schema, the worker and dispatcher processes, `status`, the fake Claude
+and the demo."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipeline.cli.common import app, console, db_app, err, print_summary, settings
+from pipeline.errors import ConfigError
+from pipeline.settings import Settings
+
+# -- schema ----------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
+    """Apply the migrations up to REVISION (default: head)."""
+    from pipeline import migrate
+
+    s = settings()
+    migrate.upgrade(s.database_url, revision=revision)
+    console.print(f"database at revision {migrate.current(s.database_url)}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the database's current revision."""
+    from pipeline import migrate
+
+    console.print(migrate.current(settings().database_url) or "(empty database)")
+
+
+# -- processes ---------------------------------------------------------------------------------------
+
+
+class Pool(StrEnum):
+    threads = "threads"
+    prefork = "prefork"
+    solo = "solo"
+
+
+DEFAULT_CONCURRENCY = {"triage": 32, "validate": 32}
+
+
+@app.command()
+def worker(
+    tier: Annotated[str, typer.Option(help="Queue to serve: triage, validate, or a work tier (sonnet, opus).")],
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Calls in flight (threads).")] = None,
+    pool: Annotated[Pool, typer.Option(help="Celery pool. Threads keep many slow calls in flight.")] = Pool.threads,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    metrics_port: Annotated[int | None, typer.Option(
+        min=1, max=65535, help="Serve Prometheus metrics on this port (default: SWITCHYARD_METRICS_PORT, else none).")]
+    = None,
+    events: Annotated[bool | None, typer.Option(
+        "--events/--no-events",
+        help="Send task events, for Flower or `celery events` (default: SWITCHYARD_TASK_EVENTS, else off).")] = None,
+) -> None:
+    """Run a worker for one tier's queue."""
+    s = settings()
+    from workers.config import queue_names
+
+    queues = queue_names(s)
+    if tier not in queues:
+        raise ConfigError(f"unknown tier {tier!r}: expected one of {', '.join(queues)}")
+    s.tier_limits()  # a mistake in SWITCHYARD_RATE_LIMITS stops the worker now, not at its first job
+    # ...and so does a Claude endpoint that cannot be reached, refuses the key or lacks the model
+    # this queue calls: its jobs would otherwise wait out their patience before failing.
+    from pipeline.flow.runtime import check_claude
+
+    models = s.models
+    called = {"triage": models.triage_tier, "validate": models.format_check_tier}.get(tier, tier)
+    check_claude(s, tiers=[called])
+    # Model calls are I/O-bound and take seconds: 64 threads wait on them for the cost of one
+    # process, where a prefork pool of 2 would hold 2 calls.
+    n = concurrency or DEFAULT_CONCURRENCY.get(tier, 64)
+    import workers.celery
+
+    celery_app = workers.celery.app
+    celery_app.conf.worker_concurrency = n
+    if events is not None:
+        celery_app.conf.worker_send_task_events = events
+    port = metrics_port if metrics_port is not None else s.metrics_port
+    heartbeat = _start_worker_side(s, celery_app, tier=tier, concurrency=n, pool=pool.value, metrics_port=port)
+    err.print(f"worker {tier}: {s.connects_to(claude=True)}", markup=False, highlight=False, soft_wrap=True)
+    if heartbeat is not None:
+        # Claims name this process, so the dispatcher republishes them as soon as its beats stop.
+        celery_app.conf.switchyard_worker_id = heartbeat.worker_id
+    try:
+        celery_app.worker_main(["worker", "-Q", tier, "-P", pool.value, "-c", str(n), "-n", f"{tier}@%h",
+                                "-l", loglevel, "--without-mingle", "--without-gossip"])
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+
+
+def _start_worker_side(s: Settings, celery_app: Any, *, tier: str, concurrency: int, pool: str,
+                       metrics_port: int | None) -> Any:
+    """Metrics (if asked for) and the heartbeat (on Redis) that `switchyard status` and the
+    dispatcher's sweeper read."""
+    from pipeline import metrics
+
+    tick = None
+    if metrics_port:
+        metrics.serve(metrics_port)
+        celery_app.conf.switchyard_hooks = {"on_attempt": metrics.attempt_observer(s.models),
+                                            "on_wait": metrics.observe_wait}
+        err.print(f"metrics on :{metrics_port}/metrics")
+    if not s.uses_redis:
+        return None
+    import redis
+
+    from pipeline.queries.ops import Heartbeat, queue_depths
+    from workers.base import busy
+
+    client = redis.Redis.from_url(s.broker_url, socket_timeout=5, socket_connect_timeout=5)
+    if metrics_port:
+        def tick() -> None:
+            metrics.set_depths(queue_depths(client, [tier]))
+    return Heartbeat(client, tier=tier, concurrency=concurrency, pool=pool, busy=busy,
+                     metrics_port=metrics_port, tick=tick).start()
+
+
+@app.command()
+def dispatcher(
+    interval: Annotated[float | None, typer.Option(min=0.01, max=3600, help="Seconds between rounds.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        min=1, max=65535, help="Serve Prometheus metrics (queue depths) on this port (default: "
+                               "SWITCHYARD_METRICS_PORT).")] = None,
+) -> None:
+    """Feed queued jobs to the stages as capacity frees up, and republish stalled ones."""
+    import logging
+    import signal
+    import threading
+
+    from pipeline.flow.dispatch import run_dispatcher
+    from pipeline.flow.runtime import build_pipeline
+    from workers.base import broker_watch, publisher
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = settings()
+    import workers.celery
+
+    p = build_pipeline(s, concurrency=4)
+    stop = threading.Event()
+    port = metrics_port if metrics_port is not None else s.metrics_port
+    if port and s.uses_redis:
+        _serve_depths(s, port, stop)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    lapsed = None
+    if s.uses_redis:
+        import redis
+
+        from pipeline.queries.ops import LapsedWorkers
+
+        lapsed = LapsedWorkers(redis.Redis.from_url(s.broker_url, socket_timeout=5, socket_connect_timeout=5))
+    logging.getLogger("switchyard.dispatcher").info(
+        "dispatcher: %s; max %d jobs in flight, stage deadline %.0f s, claim deadline %.0f s%s", s.connects_to(),
+        s.max_in_flight, s.effective_stage_deadline_s, s.effective_claim_deadline_s,
+        " (sooner when a worker stops beating)" if lapsed else "")
+    run_dispatcher(p, publisher(workers.celery.app), max_in_flight=s.max_in_flight,
+                   interval_s=interval or s.dispatch_interval_s, deadline_s=s.effective_stage_deadline_s,
+                   claim_deadline_s=s.effective_claim_deadline_s, broker_lost=broker_watch(s.broker_url),
+                   lapsed=lapsed, stop=stop)
+
+
+def _serve_depths(s: Settings, port: int, stop: Any) -> None:
+    """Export every queue's depth, refreshed every few seconds: what an autoscaler reads."""
+    import contextlib
+    import threading
+
+    import redis
+
+    from pipeline import metrics
+    from pipeline.queries.ops import queue_depths
+    from workers.config import queue_names
+
+    metrics.serve(port)
+    client = redis.Redis.from_url(s.broker_url, socket_timeout=5, socket_connect_timeout=5)
+    queues = queue_names(s)
+
+    def refresh() -> None:
+        while not stop.is_set():
+            # A lost broker is the dispatcher's own loop to report; the gauge just waits for it.
+            with contextlib.suppress(redis.RedisError):
+                metrics.set_depths(queue_depths(client, queues))
+            stop.wait(5.0)
+
+    threading.Thread(target=refresh, name="switchyard-depths", daemon=True).start()
+    err.print(f"metrics on :{port}/metrics")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one snapshot as JSON.")] = False,
+    watch: Annotated[bool, typer.Option(help="Refresh live until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(min=0.2, max=3600, help="Seconds between refreshes with --watch.")] = 2.0,
+) -> None:
+    """Queues, jobs in flight, workers online and recent throughput, per tier."""
+    import time
+
+    from pipeline.cli.status import StatusSource, render_status
+
+    source = StatusSource(settings())
+    if as_json:
+        print(json.dumps(source.snapshot().as_dict(), default=str))
+        return
+    if not watch:
+        console.print(render_status(source.snapshot()))
+        return
+    from rich.live import Live
+
+    with Live(render_status(source.snapshot()), console=console, screen=False, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(render_status(source.snapshot()), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command("fake-claude")
+def fake_claude(
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8765,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    latency_ms: Annotated[float, typer.Option(min=0, max=3_600_000, help="Delay before each answer.")] = 0,
+    latency_jitter_ms: Annotated[float, typer.Option(min=0, max=3_600_000, help="Extra uniform random delay.")] = 0,
+    fault_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of requests that get a fault.")] = 0.0,
+    faults: Annotated[str, typer.Option(help="Faults to draw from: 429,529,500,stall,drop,malformed,empty,refusal.")]
+    = "429,529,500,stall,drop,malformed,empty,refusal",
+    stall_seconds: Annotated[float, typer.Option(min=0, max=3600, help="How long a 'stall' fault waits.")] = 30.0,
+    seed: Annotated[int, typer.Option(help="Seed for the fault draw.")] = 0,
+    rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute per model class, then 429.")] = None,
+) -> None:
+    """Serve a fake Claude Messages API for tests, demos and benchmarks."""
+    from pipeline.fake_claude import FakeOptions, parse_faults, serve_forever
+
+    try:
+        fault_list = parse_faults(faults)
+    except ValueError as exc:
+        raise ConfigError(f"--faults: {exc}") from None
+    serve_forever(host=host, port=port, options=FakeOptions(
+        latency_ms=latency_ms, latency_jitter_ms=latency_jitter_ms, fault_rate=fault_rate, faults=fault_list,
+        seed=seed, stall_seconds=stall_seconds, rpm=rpm))
+
+
+# -- work ----------------------------------------------------------------------------------------------
+
+
+# enqueue, cancel, jobs list|show, batches, stats and export live in pipeline/cli/history.py.
+
+
+@app.command()
+def demo(
+    jobs: Annotated[Path | None, typer.Option(help="Jobs file (default: the bundled sample).")] = None,
+) -> None:
+    """Run the whole pipeline on sample jobs: SQLite, in-process broker, fake Claude by default."""
+    from pipeline.cli.demo import run_demo
+
+    summary = run_demo(settings(), console=console, jobs_file=jobs)
+    print_summary(summary)
