@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from pipeline.fake_claude import FakeClaude
 from tests.cluster import SWITCHYARD, Cluster
 
 PASSWORD = "pw-DO-NOT-PRINT-41c9"
@@ -24,10 +25,12 @@ def with_password(url: str, user: str = "") -> str:
 
 
 @pytest.fixture(scope="module")
-def urls(fresh_database: Callable[[str], str], broker_url: str) -> dict[str, str]:
-    # A database of its own: the dispatcher below would feed whatever other tests left queued.
+def urls(fresh_database: Callable[[str], str], broker_url: str, fake_claude: FakeClaude) -> dict[str, str]:
+    # A database of its own: the dispatcher below would feed whatever other tests left queued. The
+    # fake Claude answers the worker's start-up check (a URL with a password is tested apart: the
+    # SDK then sends Basic credentials instead of the key, which the fake refuses).
     return {"DATABASE_URL": with_password(fresh_database("masked")), "BROKER_URL": with_password(broker_url),
-            "ANTHROPIC_BASE_URL": with_password("http://127.0.0.1:9", user="proxy")}
+            "ANTHROPIC_BASE_URL": fake_claude.base_url}
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -65,6 +68,13 @@ def test_worker_and_dispatcher_say_where_they_connect_without_passwords(urls: di
         assert PASSWORD not in log, proc.name
         assert urls["DATABASE_URL"].replace(PASSWORD, "***") in log, proc.name
         assert urls["BROKER_URL"].replace(PASSWORD, "***") in log, proc.name
-    assert "proxy:***@127.0.0.1:9" in worker.log.read_text()
     # The dispatcher's line is a log record (its logging is configured), not a bare print.
     assert " INFO " in next(line for line in dispatcher.log.read_text().splitlines() if "dispatcher:" in line)
+
+
+def test_a_worker_names_an_unreachable_claude_url_without_its_password(urls: dict[str, str]) -> None:
+    out = run({**urls, "ANTHROPIC_BASE_URL": with_password("http://127.0.0.1:9", user="proxy")},
+              "worker", "--tier", "validate", "--concurrency", "1")
+    assert out.returncode == 2
+    assert PASSWORD not in out.stdout + out.stderr
+    assert "cannot reach the Claude API at http://proxy:***@127.0.0.1:9" in out.stderr

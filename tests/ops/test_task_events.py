@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.fake_claude import FakeClaude
 from pipeline.settings import Settings
 from tests.cluster import Cluster
 from workers.config import make_app
@@ -32,11 +33,12 @@ def events_of(prefix: str, events: list[dict[str, Any]]) -> list[dict[str, Any]]
 
 
 def test_only_a_worker_started_with_events_sends_task_events(fresh_database: Callable[[str], str],
-                                                              broker_url: str, tmp_path: Path) -> None:
+                                                              broker_url: str, fake_claude: FakeClaude,
+                                                              tmp_path: Path) -> None:
     database_url = fresh_database("events")
     app = make_app(Settings(DATABASE_URL=database_url, BROKER_URL=broker_url))
     seen: list[dict[str, Any]] = []
-    cluster = Cluster(database_url=database_url, broker_url=broker_url, claude_url="http://127.0.0.1:9",
+    cluster = Cluster(database_url=database_url, broker_url=broker_url, claude_url=fake_claude.base_url,
                       workdir=tmp_path)
     with app.connection_for_read() as conn:
         receiver = app.events.Receiver(conn, handlers={"*": seen.append})

@@ -11,6 +11,7 @@ from pathlib import Path
 import redis
 from sqlalchemy import select, update
 
+from pipeline.claude.ratelimit import RedisRateLimiter
 from pipeline.fake_claude import FakeClaude
 from pipeline.flow import stages
 from pipeline.flow.dispatch import refeed, sweep
@@ -62,7 +63,8 @@ def test_a_stage_out_of_attempts_waits_in_postgres_then_runs_again(pipeline: Pip
     assert len(fake_claude.requests()) == sent
     # `switchyard status` (and the API's /v1/queue) count it as retrying later.
     with pipeline.sessions() as s:
-        status = gather(redis.Redis.from_url(broker_url), s, ["triage", "sonnet"])
+        client = redis.Redis.from_url(broker_url)
+        status = gather(client, s, pipeline.models, RedisRateLimiter(client, {}))
     triage_line = next(q for q in status.queues if q.queue == "triage")
     assert triage_line.retrying >= 1 and triage_line.in_flight >= triage_line.retrying
 
