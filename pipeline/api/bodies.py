@@ -18,6 +18,7 @@ from typing import IO, Any
 from starlette.requests import Request
 
 from pipeline.errors import JobInputError, SwitchyardError
+from pipeline.jobspec import decode_json, json_limits
 
 SPOOL_IN_MEMORY = 1024 * 1024
 READ_CHUNK = 64 * 1024
@@ -86,13 +87,9 @@ def iter_json_lines(fh: IO[bytes], *, max_items: int) -> Iterator[tuple[int, Any
 
 def _decode(raw: bytes) -> Any | JobInputError:
     try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        return JobInputError(f"not valid UTF-8 (byte {exc.start})")
-    except RecursionError:
-        return JobInputError("JSON is nested too deeply")
-    except json.JSONDecodeError as exc:
-        return JobInputError(f"not valid JSON: {exc.msg} at column {exc.colno}")
+        return decode_json(raw)
+    except JobInputError as exc:
+        return exc
 
 
 # Longer than any JSON literal or the tail of a number that could be cut off ("-Infinity").
@@ -153,9 +150,8 @@ class _ArrayReader:
             raise JobInputError("the array is not closed: the body ends where an item should be")
         while True:
             try:
-                value, end = self.decoder.raw_decode(self.buf, self.pos)
-            except RecursionError:
-                raise JobInputError("JSON is nested too deeply") from None
+                with json_limits():
+                    value, end = self.decoder.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as exc:
                 # Cut short by the chunk, or wrong? Only the former is worth reading more for.
                 truncated = exc.pos >= len(self.buf) - _MARGIN or exc.msg.startswith("Unterminated string")

@@ -192,6 +192,28 @@ def test_invalid_utf8_is_named_at_its_item(server: Server, make_token: MakeToken
     assert tenant_batches(api_sessions, tenant_name) == 0
 
 
+def test_a_number_too_long_to_read_is_named_at_its_item(server: Server, make_token: MakeToken,
+                                                         api_sessions: sessionmaker[Session], tenant_name: str) -> None:
+    """Python converts an integer of at most 4,300 digits, and the JSON parser says so with a plain
+    ValueError, not a JSON error: a job holding a longer one is refused like any other bad job."""
+    good = json.dumps(job(0))
+    bad = '{"key": "k-1", "kind": "generate", "prompt": "x", "metadata": {"n": %s}}' % ("9" * 4301)
+    said = "a number has more than 4,300 digits, the most switchyard reads"
+    with server.client(make_token(tenant_name)) as c:
+        one = c.post("/v1/jobs", params={"batch": "long-one"}, content=bad.encode(),
+                     headers={"Content-Type": "application/json"})
+        array = c.post("/v1/batches", params={"name": "long-array"}, content=f"[{good}, {bad}]".encode(),
+                       headers={"Content-Type": "application/json"})
+        lines = c.post("/v1/batches", params={"name": "long-lines"}, content=f"{good}\n{bad}\n".encode(),
+                       headers={"Content-Type": "application/x-ndjson"})
+    assert (one.status_code, one.json()["detail"]) == (422, f"body: {said}")
+    assert (array.status_code, array.json()["item"]) == (422, 1), array.text
+    assert array.json()["detail"].startswith(f"item 1: {said}")
+    assert (lines.status_code, lines.json()["line"]) == (422, 2), lines.text
+    assert lines.json()["detail"].startswith(f"line 2: {said}")
+    assert tenant_batches(api_sessions, tenant_name) == 0
+
+
 @pytest.mark.parametrize("content_type", ["application/json", "application/x-ndjson"])
 def test_a_byte_order_mark_is_accepted(server: Server, make_token: MakeToken, tenant_name: str,
                                        content_type: str) -> None:

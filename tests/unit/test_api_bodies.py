@@ -54,6 +54,9 @@ def test_any_array_round_trips_at_any_chunk_size(items: list[Any], chunk: int, i
     (b'[1, 2,\xff 3]', 2, "not valid UTF-8"),
     (b'[1, 2, "caf\xc3"]', 2, "not valid UTF-8"),
     (b"[" * 5000 + b"]" * 5000, 0, "nested too deeply"),
+    # Valid JSON, but an integer longer than int() converts: refused, and named at its item.
+    (b"[1, " + b"9" * 4301 + b", 3]", 1, "a number has more than 4,300 digits"),
+    (b'[1, 2, {"n": [-' + b"9" * 5000 + b"]}]", 2, "a number has more than 4,300 digits"),
 ])
 @pytest.mark.parametrize("chunk", [1, 7, 65536])
 def test_broken_arrays_say_where(body: bytes, index: int, says: str, chunk: int) -> None:
@@ -77,6 +80,14 @@ def test_json_lines_skip_blanks_and_number_lines() -> None:
     assert out[0][1] == {"a": 1}
     assert "not valid JSON" in str(out[1][1])
     assert "not valid UTF-8" in str(out[2][1])
+
+
+def test_json_lines_the_parser_cannot_read_are_named() -> None:
+    body = b'{"a": 1}\n{"n": ' + b"9" * 4301 + b'}\n' + b"[" * 100_000 + b"\n"
+    out = list(bodies.iter_json_lines(io.BytesIO(body), max_items=10))
+    assert [n for n, _ in out] == [1, 2, 3]
+    assert str(out[1][1]) == "a number has more than 4,300 digits, the most switchyard reads"
+    assert str(out[2][1]) == "JSON is nested too deeply"
 
 
 def test_a_byte_order_mark_is_accepted() -> None:
