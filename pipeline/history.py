@@ -116,9 +116,12 @@ def parse_id(text: str) -> int | None:
     ``int`` also take ``²`` or ``٣``, signs, spaces and underscores, none of which is an id that
     switchyard printed; and a number past ``MAX_ID`` is no row's id (the database cannot even
     compare one, and ``int`` refuses one of thousands of digits)."""
-    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > len(str(MAX_ID)):
+    if not (text.isascii() and text.isdigit()):
         return None
-    value = int(text)
+    digits = text.lstrip("0") or "0"  # zeros in front change no id, but count against int()'s limit
+    if len(digits) > len(str(MAX_ID)):
+        return None
+    value = int(digits)
     return value if value <= MAX_ID else None
 
 
@@ -132,9 +135,11 @@ def _age(text: str, option: str, now: datetime) -> datetime | None:
     m = _RELATIVE.match(text)
     if m is None:
         return None
-    n, unit = int(m.group(1)), _UNITS[m.group(2)]
+    digits, unit = m.group(1).lstrip("0") or "0", _UNITS[m.group(2)]
     try:
-        age = timedelta(**{unit: n})
+        # More digits than any age up to MAX_AGE has (in seconds) is too far back, and int() would
+        # refuse thousands of them.
+        age = timedelta(**{unit: int(digits)}) if len(digits) <= 12 else MAX_AGE + MAX_AGE
     except OverflowError:  # past timedelta's own range (a billion days)
         age = MAX_AGE + MAX_AGE
     if age > MAX_AGE:
