@@ -62,6 +62,13 @@ def test_format_check_answers() -> None:
     assert not parse_format_check('{"ok": false}', "x").ok
     # A checker that answers nonsense is no evidence against the draft.
     assert parse_format_check("I think it's fine", "Dear Dana").ok
+    # Problems that are not a list: one problem, or none, never a crash of the stage (nor a
+    # problem for each character of a string).
+    assert parse_format_check('{"ok": true, "problems": 5}', "x").ok
+    assert parse_format_check('{"ok": false, "problems": "too short"}', "x").problems == ["too short"]
+    for problems in ("5", "true", "1.5", '{"a": 1}'):
+        verdict = parse_format_check('{"ok": false, "problems": ' + problems + "}", "x")
+        assert not verdict.ok and verdict.problems == [problems], problems
 
 
 def test_pricing_uses_configured_prices_and_cache_multipliers() -> None:
