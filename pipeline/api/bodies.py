@@ -40,7 +40,11 @@ def media_type(request: Request) -> str:
 
 
 async def spool(request: Request, *, max_bytes: int) -> IO[bytes]:
-    """Copy the body to a temporary file, refusing it as soon as it passes ``max_bytes``."""
+    """Copy the body to a temporary file, refusing it as soon as it passes ``max_bytes``. A body is
+    read as sent: a compressed one is refused by its Content-Encoding, before any of it is read."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported: send the body uncompressed")
     declared = request.headers.get("content-length", "")
     # An early refusal only: the copy below bounds the body whatever the header says. The HTTP
     # server refuses a Content-Length that is not ASCII digits; should one get through, it is
@@ -114,9 +118,12 @@ class _ArrayReader:
         self.bad_utf8: str | None = None  # the refusal waiting at the end of the text decoded so far
 
     def more(self) -> bool:
+        """Read on. A value is decoded again from its start each time more of it arrives, so each
+        read takes at least as much again as is pending: a value spanning n chunks is decoded
+        about log n times, not n (a 64 MiB string took a minute, quadratic in its length)."""
         if self.eof or self.bad_utf8 is not None:
             return False
-        data = self.fh.read(READ_CHUNK)
+        data = self.fh.read(max(READ_CHUNK, len(self.buf) - self.pos))
         pending = self.utf8.getstate()[0]  # the start of a character cut by the previous chunk
         try:
             text = self.utf8.decode(data, final=not data)

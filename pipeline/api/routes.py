@@ -45,7 +45,7 @@ SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": schemas.Error, "description": text} for code, text in {
         409: "The batch was cancelled.",
         413: "The body, or the number of jobs in it, is over the configured limit.",
-        415: "The Content-Type is not JSON or JSON Lines.",
+        415: "The Content-Type is not JSON or JSON Lines, or the body is compressed (Content-Encoding).",
         429: "A tenant limit (jobs in flight, spend per day) would be exceeded; `detail` gives the numbers.",
     }.items()
 }

@@ -3,6 +3,7 @@ named, sizes and tenant limits enforced."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from decimal import Decimal
@@ -158,6 +159,27 @@ def test_malformed_batch_bodies(server: Server, make_token: MakeToken, tenant_na
         r = c.post("/v1/batches", params={"name": "m"}, content=body, headers={"Content-Type": content_type})
     assert r.status_code == status, r.text
     assert says in r.json()["detail"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate, gzip"])
+def test_a_compressed_body_is_refused_by_its_encoding(server: Server, make_token: MakeToken,
+                                                      api_sessions: sessionmaker[Session], tenant_name: str,
+                                                      encoding: str) -> None:
+    """Bodies are read as sent: a compressed one is refused for its Content-Encoding, not for bytes
+    that are not UTF-8."""
+    body = gzip.compress(json.dumps([job(0)]).encode())
+    with server.client(make_token(tenant_name)) as c:
+        batch = c.post("/v1/batches", params={"name": "zipped"}, content=body,
+                       headers={"Content-Type": "application/json", "Content-Encoding": encoding})
+        one = c.post("/v1/jobs", params={"batch": "zipped-one"}, content=gzip.compress(json.dumps(job(0)).encode()),
+                     headers={"Content-Type": "application/json", "Content-Encoding": encoding})
+        plain = c.post("/v1/jobs", params={"batch": "plain"}, json=job(0), headers={"Content-Encoding": "identity"})
+    for r in (batch, one):
+        assert r.status_code == 415, r.text
+        assert r.json()["detail"] == (f"Content-Encoding {encoding!r} is not supported: send the body "
+                                      f"uncompressed")
+    assert plain.status_code == 201, plain.text
+    assert tenant_batches(api_sessions, tenant_name) == 1
 
 
 def tenant_batches(api_sessions: sessionmaker[Session], tenant: str) -> int:

@@ -96,3 +96,31 @@ def test_a_byte_order_mark_is_accepted() -> None:
         assert read(b'\xef\xbb\xbf[{"a": 1}, 2]', chunk=chunk) == [(0, {"a": 1}), (1, 2)]
     out = list(bodies.iter_json_lines(io.BytesIO(b'\xef\xbb\xbf{"a": 1}\n{"b": 2}\n'), max_items=10))
     assert out == [(1, {"a": 1}), (2, {"b": 2})]
+
+
+def test_a_long_item_is_decoded_a_few_times_not_once_a_chunk() -> None:
+    """An item is decoded from its start each time more of it arrives, so reading it a chunk at a
+    time took time quadratic in its length (a 64 MiB string held the server for about a minute).
+    Each read now takes as much again as is pending: the text decoded stays a few times the body."""
+    scanned: list[int] = []
+
+    class Counting(json.JSONDecoder):
+        def raw_decode(self, s: str, idx: int = 0) -> tuple[Any, int]:
+            scanned.append(len(s) - idx)
+            return super().raw_decode(s, idx)
+
+    item = {"kind": "generate", "prompt": "x" * 256 * 1024}
+    body = json.dumps([item, 2]).encode()
+    old = bodies.READ_CHUNK
+    bodies.READ_CHUNK = 256
+    try:
+        reader = bodies._ArrayReader(io.BytesIO(body))
+        reader.decoder = Counting()
+        items = []
+        for value in bodies._array_items(reader, max_items=10):
+            items.append(value)
+            reader.index += 1
+    finally:
+        bodies.READ_CHUNK = old
+    assert items == [item, 2]
+    assert sum(scanned) < 4 * len(body), (len(scanned), sum(scanned))
