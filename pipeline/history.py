@@ -78,6 +78,7 @@ from pipeline.models import (
     ValidationVerdict,
     utcnow,
 )
+from pipeline.names import quoted
 from pipeline.states import transition_many
 
 MAX_LIMIT = 1000
@@ -143,7 +144,7 @@ def _age(text: str, option: str, now: datetime) -> datetime | None:
     except OverflowError:  # past timedelta's own range (a billion days)
         age = MAX_AGE + MAX_AGE
     if age > MAX_AGE:
-        raise InvalidQuery(f"{option} {text!r} is too far back: an age is at most {MAX_AGE.days:,}d "
+        raise InvalidQuery(f"{option} {quoted(text)} is too far back: an age is at most {MAX_AGE.days:,}d "
                            f"(100 years); give an ISO 8601 date for anything older")
     return now - age
 
@@ -160,7 +161,7 @@ def parse_time(text: str, *, option: str = "time", now: datetime | None = None) 
         try:
             parsed = datetime.combine(date.fromisoformat(text.strip()), datetime.min.time())
         except ValueError:
-            raise InvalidQuery(f"{option} {text!r} is not a time: use ISO 8601 (2026-11-25 or "
+            raise InvalidQuery(f"{option} {quoted(text)} is not a time: use ISO 8601 (2026-11-25 or "
                                f"2026-11-25T14:00:00Z) or an age like 30m, 6h, 2d") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
@@ -169,7 +170,7 @@ def parse_status(text: str) -> JobStatus:
     try:
         return JobStatus(text)
     except ValueError:
-        raise InvalidQuery(f"unknown status {text!r}: expected one of "
+        raise InvalidQuery(f"unknown status {quoted(text)}: expected one of "
                            f"{', '.join(s.value for s in JobStatus)}") from None
 
 
@@ -177,7 +178,8 @@ def parse_kind(text: str) -> JobKind:
     try:
         return JobKind(text)
     except ValueError:
-        raise InvalidQuery(f"unknown kind {text!r}: expected one of {', '.join(k.value for k in JobKind)}") from None
+        raise InvalidQuery(f"unknown kind {quoted(text)}: expected one of "
+                           f"{', '.join(k.value for k in JobKind)}") from None
 
 
 def encode_cursor(last_id: int) -> str:
@@ -186,7 +188,7 @@ def encode_cursor(last_id: int) -> str:
 
 def decode_cursor(cursor: str) -> int:
     """The id a page ended at. Opaque to callers, so the paging scheme can change."""
-    bad = InvalidQuery(f"cursor {cursor!r} is not one that `jobs list` printed")
+    bad = InvalidQuery(f"cursor {quoted(cursor)} is not one that `jobs list` printed")
     try:
         prefix, _, value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
     except (ValueError, binascii.Error, UnicodeDecodeError):
@@ -241,7 +243,7 @@ def find_batch(*, db_session: Session, batch: str | int, tenant_id: int | None =
     if row is None and batch_id is not None:
         row = db_session.scalar(select(Batch).where(Batch.id == batch_id, scope))
     if row is None:
-        raise NotFound(f"no batch named {batch!r} (`switchyard batches` lists them)")
+        raise NotFound(f"no batch named {quoted(batch)} (`switchyard batches` lists them)")
     return row
 
 
@@ -546,7 +548,7 @@ def find_job_id(*, db_session: Session, batch: str, key: str) -> int:
     b = find_batch(db_session=db_session, batch=batch)
     job_id = db_session.scalar(select(Job.id).where(Job.batch_id == b.id, Job.key == key))
     if job_id is None:
-        raise NotFound(f"batch {b.name!r} has no job with key {key!r}")
+        raise NotFound(f"batch {quoted(b.name)} has no job with key {quoted(key)}")
     return job_id
 
 

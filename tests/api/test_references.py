@@ -59,3 +59,16 @@ def test_a_batch_named_by_its_id_still_works(server: Server, make_token: MakeTok
         batch_id = c.post("/v1/batches", params={"name": "refs"}, json=[job(0)]).json()["batch_id"]
         page = c.get("/v1/jobs", params={"batch": str(batch_id)}).json()
     assert [j["batch"] for j in page["jobs"]] == ["refs"]
+
+
+@pytest.mark.parametrize("param", ["since", "until", "kind", "status", "batch"])
+def test_a_long_parameter_is_not_echoed_whole(server: Server, make_token: MakeToken, tenant_name: str,
+                                              param: str) -> None:
+    """A refusal names the value it refuses, cut short: a hostile one cannot flood the answer or
+    the log that quotes it."""
+    value = ("9" * 5000 + "d") if param in ("since", "until") else "x" * 5000
+    with server.client(make_token(tenant_name)) as c:
+        r = c.get("/v1/jobs", params={param: value if param != "batch" else "x" * 200})
+    assert r.status_code in (404, 422), r.text
+    assert "xxxxxxxxxx..." in r.text or "9999999999..." in r.text
+    assert len(r.json()["detail"]) < 300, r.json()["detail"][:400]
