@@ -6,8 +6,9 @@ another), so swapping a model or a price is a change of configuration, never of 
 
 from __future__ import annotations
 
+import sys
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
@@ -87,16 +88,19 @@ class ModelConfig:
         return self.routing.escalation[-1]
 
 
-def _decimal(raw: dict[str, Any], key: str, where: str) -> Decimal:
+def _decimal(raw: dict[str, Any], key: str, where: str, default: str | None = None) -> Decimal:
+    value = raw.get(key, default)
+    if value is None:
+        raise ConfigError(f"{where}: missing {key!r}")
     try:
-        value = Decimal(str(raw[key]))
-    except KeyError:
-        raise ConfigError(f"{where}: missing {key!r}") from None
+        number = Decimal(str(value)) if not isinstance(value, bool) else Decimal("nan")
     except ArithmeticError:
-        raise ConfigError(f"{where}: {key!r} must be a number, not {raw[key]!r}") from None
-    if value < 0:
+        number = Decimal("nan")
+    if not number.is_finite():
+        raise ConfigError(f"{where}: {key!r} must be a number, not {value!r}")
+    if number < 0:
         raise ConfigError(f"{where}: {key!r} must not be negative")
-    return value
+    return number
 
 
 def _limit(raw: dict[str, Any], key: str, where: str) -> int:
@@ -104,6 +108,55 @@ def _limit(raw: dict[str, Any], key: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{where}: {key!r} must be a whole number of at least 0 (0: no limit), not {value!r}")
     return value
+
+
+# Every value is checked for its type where it is read, so that a mistyped one is a sentence naming
+# it, not a ValueError or TypeError from wherever it is first used.
+
+
+def _whole(raw: dict[str, Any], key: str, where: str, default: int, minimum: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where}: {key!r} must be a whole number of at least {minimum}, not {value!r}")
+    return value
+
+
+def _number(raw: dict[str, Any], key: str, where: str, default: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}: {key!r} must be a number, not {value!r}")
+    return float(value)
+
+
+def _name(raw: dict[str, Any], key: str, where: str, default: str) -> str:
+    value = raw.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {key!r} must be a tier name (a string), not {value!r}")
+    return value
+
+
+def _names(raw: dict[str, Any], key: str, where: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = raw.get(key, default)
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: {key!r} must be a list of tier names, such as [\"sonnet\", \"opus\"], "
+                          f"not {value!r}")
+    return tuple(value)
+
+
+def _table(raw: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: [{key}] must be a table, not {value!r}")
+    return value
+
+
+def _limits(raw: dict[str, Any], where: str) -> Limits:
+    defaults = Limits()
+    known: dict[str, int] = {f.name: getattr(defaults, f.name) for f in fields(Limits)}
+    unknown = sorted(raw.keys() - known.keys())
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (expected some of {', '.join(known)})")
+    return Limits(**{name: _whole(raw, name, where, default, 1) for name, default in known.items()})
 
 
 def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> ModelConfig:
@@ -120,30 +173,31 @@ def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> Model
             model=t["model"],
             input_per_mtok=_decimal(t, "input_per_mtok", where),
             output_per_mtok=_decimal(t, "output_per_mtok", where),
-            context_tokens=int(t.get("context_tokens", 200_000)),
+            context_tokens=_whole(t, "context_tokens", where, 200_000, 1),
             rpm=_limit(t, "rpm", where),
             itpm=_limit(t, "itpm", where),
             otpm=_limit(t, "otpm", where),
         )
 
-    r = raw.get("routing", {})
-    by_difficulty = {d: str(r.get(d, "opus" if d == "hard" else "sonnet")) for d in DIFFICULTIES}
+    r, where = _table(raw, "routing", source), f"{source} [routing]"
+    by_difficulty = {d: _name(r, d, where, "opus" if d == "hard" else "sonnet") for d in DIFFICULTIES}
     routing = RoutingPolicy(
         by_difficulty=by_difficulty,
-        ambiguous=str(r.get("ambiguous", "opus")),
-        min_confidence=float(r.get("min_confidence", 0.6)),
-        retries_per_tier=int(r.get("retries_per_tier", 1)),
-        escalation=tuple(r.get("escalation", ("sonnet", "opus"))),
+        ambiguous=_name(r, "ambiguous", where, "opus"),
+        min_confidence=_number(r, "min_confidence", where, 0.6),
+        retries_per_tier=_whole(r, "retries_per_tier", where, 1, 0),
+        escalation=_names(r, "escalation", where, ("sonnet", "opus")),
     )
-    stages = raw.get("stages", {})
+    stages, where = _table(raw, "stages", source), f"{source} [stages]"
+    pricing = _table(raw, "pricing", source)
     config = ModelConfig(
         tiers=tiers,
         routing=routing,
-        limits=Limits(**raw.get("limits", {})),
-        cache_write_multiplier=Decimal(str(raw.get("pricing", {}).get("cache_write_multiplier", "1.25"))),
-        cache_read_multiplier=Decimal(str(raw.get("pricing", {}).get("cache_read_multiplier", "0.10"))),
-        triage_tier=str(stages.get("triage_tier", "haiku")),
-        format_check_tier=str(stages.get("format_check_tier", "haiku")),
+        limits=_limits(_table(raw, "limits", source), f"{source} [limits]"),
+        cache_write_multiplier=_decimal(pricing, "cache_write_multiplier", f"{source} [pricing]", "1.25"),
+        cache_read_multiplier=_decimal(pricing, "cache_read_multiplier", f"{source} [pricing]", "0.10"),
+        triage_tier=_name(stages, "triage_tier", where, "haiku"),
+        format_check_tier=_name(stages, "format_check_tier", where, "haiku"),
     )
     named = {*config.work_tiers, config.triage_tier, config.format_check_tier}
     missing = sorted(named - tiers.keys())
@@ -153,8 +207,6 @@ def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> Model
         raise ConfigError(f"{source} [routing]: escalation must name at least one tier")
     if not 0 <= routing.min_confidence <= 1:
         raise ConfigError(f"{source} [routing]: min_confidence must be between 0 and 1")
-    if routing.retries_per_tier < 0:
-        raise ConfigError(f"{source} [routing]: retries_per_tier must not be negative")
     return config
 
 
@@ -174,4 +226,6 @@ def load_config(path: str | Path | None = None) -> ModelConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+    except ValueError:  # an integer of more digits than Python converts: tomllib raises int()'s own error
+        raise ConfigError(f"{source}: a number has more than {sys.get_int_max_str_digits():,} digits") from None
     return parse_config(raw, source=source)

@@ -18,6 +18,7 @@ from typing import IO, Any
 from starlette.requests import Request
 
 from pipeline.errors import JobInputError, SwitchyardError
+from pipeline.intake.jobspec import decode_json, json_limits
 
 SPOOL_IN_MEMORY = 1024 * 1024
 READ_CHUNK = 64 * 1024
@@ -39,7 +40,11 @@ def media_type(request: Request) -> str:
 
 
 async def spool(request: Request, *, max_bytes: int) -> IO[bytes]:
-    """Copy the body to a temporary file, refusing it as soon as it passes ``max_bytes``."""
+    """Copy the body to a temporary file, refusing it as soon as it passes ``max_bytes``. A body is
+    read as sent: a compressed one is refused by its Content-Encoding, before any of it is read."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported: send the body uncompressed")
     declared = request.headers.get("content-length", "")
     # An early refusal only: the copy below bounds the body whatever the header says. The HTTP
     # server refuses a Content-Length that is not ASCII digits; should one get through, it is
@@ -86,13 +91,9 @@ def iter_json_lines(fh: IO[bytes], *, max_items: int) -> Iterator[tuple[int, Any
 
 def _decode(raw: bytes) -> Any | JobInputError:
     try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        return JobInputError(f"not valid UTF-8 (byte {exc.start})")
-    except RecursionError:
-        return JobInputError("JSON is nested too deeply")
-    except json.JSONDecodeError as exc:
-        return JobInputError(f"not valid JSON: {exc.msg} at column {exc.colno}")
+        return decode_json(raw)
+    except JobInputError as exc:
+        return exc
 
 
 # Longer than any JSON literal or the tail of a number that could be cut off ("-Infinity").
@@ -117,9 +118,12 @@ class _ArrayReader:
         self.bad_utf8: str | None = None  # the refusal waiting at the end of the text decoded so far
 
     def more(self) -> bool:
+        """Read on. A value is decoded again from its start each time more of it arrives, so each
+        read takes at least as much again as is pending: a value spanning n chunks is decoded
+        about log n times, not n (a 64 MiB string took a minute, quadratic in its length)."""
         if self.eof or self.bad_utf8 is not None:
             return False
-        data = self.fh.read(READ_CHUNK)
+        data = self.fh.read(max(READ_CHUNK, len(self.buf) - self.pos))
         pending = self.utf8.getstate()[0]  # the start of a character cut by the previous chunk
         try:
             text = self.utf8.decode(data, final=not data)
@@ -153,9 +157,8 @@ class _ArrayReader:
             raise JobInputError("the array is not closed: the body ends where an item should be")
         while True:
             try:
-                value, end = self.decoder.raw_decode(self.buf, self.pos)
-            except RecursionError:
-                raise JobInputError("JSON is nested too deeply") from None
+                with json_limits():
+                    value, end = self.decoder.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as exc:
                 # Cut short by the chunk, or wrong? Only the former is worth reading more for.
                 truncated = exc.pos >= len(self.buf) - _MARGIN or exc.msg.startswith("Unterminated string")

@@ -4,6 +4,7 @@ scoped to the caller's tenant: another tenant's job or batch answers 404, like a
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from pipeline.api.errors import BrokerDown
 from pipeline.api.submit import batch_source, body_reader, check_spend, find_job, one_job_source, submit_items
 from pipeline.errors import InvalidQuery, JobInputError, NotFound
 from pipeline.intake.enqueue import max_job_tokens
-from pipeline.intake.jobspec import MAX_KEY_LENGTH, parse_job
+from pipeline.intake.jobspec import MAX_KEY_LENGTH, decode_json, parse_job
 from pipeline.models import Batch, Tenant
 from pipeline.names import MAX_BATCH_NAME_LENGTH, check_batch_name
 from pipeline.queries import history, ops, report
@@ -45,7 +46,7 @@ SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": schemas.Error, "description": text} for code, text in {
         409: "The batch was cancelled.",
         413: "The body, or the number of jobs in it, is over the configured limit.",
-        415: "The Content-Type is not JSON or JSON Lines.",
+        415: "The Content-Type is not JSON or JSON Lines, or the body is compressed (Content-Encoding).",
         429: "A tenant limit (jobs in flight, spend per day) would be exceeded; `detail` gives the numbers.",
     }.items()
 }
@@ -115,13 +116,10 @@ async def submit_job(request: Request, who: Who, batch: BatchName) -> JSONRespon
     with await spool(request, max_bytes=api.max_body_bytes) as body:
         raw = body.read()
     try:
-        obj = json.loads(raw)
-    except UnicodeDecodeError:
-        raise JobInputError("body is not valid UTF-8") from None
-    except RecursionError:
-        raise JobInputError("body: JSON is nested too deeply") from None
-    except json.JSONDecodeError as exc:
-        raise JobInputError(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        # UTF-8, as a batch body must be, with or without a byte-order mark.
+        obj = decode_json(raw.removeprefix(codecs.BOM_UTF8))
+    except JobInputError as exc:
+        raise JobInputError(f"body: {exc}") from None
     spec = parse_job(obj, work_tiers=api.models.work_tiers, max_tokens=max_job_tokens(api.models))
     result = await run_in_threadpool(submit_items, api.sessions, one_job_source(spec), who=who, batch=batch,
                                      lines=False)

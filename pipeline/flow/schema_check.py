@@ -28,6 +28,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
+from fractions import Fraction
 from typing import Any
 
 import attrs
@@ -182,12 +183,31 @@ _PLAIN: dict[type[Validator], type[Validator]] = {}
 _FIELDS: dict[type[Validator], list[tuple[str, str]]] = {}
 
 
+def _multiple_of(validator: Validator, dB: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    """jsonschema's ``multipleOf``, which divides in floating point first: a number past a double's
+    range (an integer of 309 digits or more, which a job can ask a model to write) overflows it
+    outside jsonschema's own guard. The check is then made exactly, on the numbers as JSON wrote
+    them (a float's shortest decimal form, so 0.1 is 1/10)."""
+    try:
+        yield from jsonschema._keywords.multipleOf(validator, dB, instance, schema)
+    except OverflowError:
+        if (_exact(instance) / _exact(dB)).denominator != 1:
+            yield ValidationError(f"{instance!r} is not a multiple of {dB}")
+
+
+def _exact(number: int | float) -> Fraction:
+    return Fraction(repr(number)) if isinstance(number, float) else Fraction(number)
+
+
 def _confined(draft: type[Validator]) -> type[Validator]:
     """``draft`` with an ``evolve`` that keeps to the CPU budget: a validator evolves once for each
-    subschema it checks, so an explosion of checks passes through here often."""
+    subschema it checks, so an explosion of checks passes through here often. Its ``multipleOf``
+    (draft 3's ``divisibleBy``) takes numbers of any size."""
     confined = _CONFINED_CLASS.get(draft)
     if confined is None:
-        confined = jsonschema.validators.extend(draft)
+        overrides = {name: _multiple_of for name, check in draft.VALIDATORS.items()
+                     if check is jsonschema._keywords.multipleOf}
+        confined = jsonschema.validators.extend(draft, validators=overrides)
         confined.evolve = _evolve  # type: ignore[method-assign]
         _PLAIN[confined] = draft
         _FIELDS[confined] = [(f.name, f.alias) for f in attrs.fields(confined) if f.init]  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ they get a Haiku format check; ``parse_format_check`` reads its answer.
 from __future__ import annotations
 
 import json
+import math
 import string
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,11 +42,25 @@ def _strip_fence(text: str) -> str:
     return text[3:-3].lstrip(string.ascii_letters).strip()
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400
+        raise ValueError(f"{text} is beyond a double's range")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
 def _load_json(text: str) -> Any:
+    """The answer as JSON, or None. Only what JSON can write: Python's parser also reads NaN,
+    Infinity and -Infinity, and a number beyond a double's range as infinity, none of which
+    Postgres stores in a job's output (JSONB)."""
     try:
-        return json.loads(_strip_fence(text))
+        return json.loads(_strip_fence(text), parse_float=_finite, parse_constant=_no_constant)
     # ValueError besides JSONDecodeError: an integer of more than 4,300 digits, which Python refuses
-    # to convert (its guard against quadratic time).
+    # to convert (its guard against quadratic time), and the two refusals above.
     except (ValueError, RecursionError):
         return None
 
@@ -106,7 +121,10 @@ def parse_format_check(text: str | None, answer: str) -> Verdict | None:
     data = _load_json(text or "")
     if not isinstance(data, dict) or not isinstance(data.get("ok"), bool):
         return None
-    problems = [str(p) for p in data.get("problems") or [] if str(p).strip()]
+    listed = data.get("problems") or []
+    if not isinstance(listed, list):
+        listed = [listed if isinstance(listed, str) else json.dumps(listed)]  # one problem, written oddly
+    problems = [str(p) for p in listed if str(p).strip()]
     if data["ok"]:
         return Verdict(True, "format_check", output={"text": answer})
     return Verdict(False, "format_check", problems or ["the format check failed without a reason"])

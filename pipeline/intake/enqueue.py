@@ -52,7 +52,15 @@ from pipeline import tenants
 from pipeline.config import ModelConfig
 from pipeline.db import insert_or_skip, retry_conflicts
 from pipeline.errors import BatchCancelled, InputFileError, JobInputError
-from pipeline.intake.jobspec import CHARS_PER_TOKEN, JOB_FIELDS, JobSpec, max_job_tokens, parse_job, parse_line
+from pipeline.intake.jobspec import (
+    CHARS_PER_TOKEN,
+    JOB_FIELDS,
+    JobSpec,
+    json_limits,
+    max_job_tokens,
+    parse_job,
+    parse_line,
+)
 from pipeline.intake.write import KeyRepeated, Writer, open_writer
 from pipeline.models import Batch, utcnow
 from pipeline.names import check_batch_name
@@ -125,11 +133,14 @@ def _csv_row(header: list[str], cells: list[str]) -> dict[str, Any]:
             continue
         if name in _CSV_JSON:
             try:
-                obj[name] = json.loads(cell)
+                with json_limits():
+                    obj[name] = json.loads(cell)
             except json.JSONDecodeError:
                 if name != "labels":
                     raise JobInputError(f"column {name!r} is not valid JSON") from None
                 obj[name] = [x.strip() for x in cell.split("|") if x.strip()]
+            except JobInputError as exc:
+                raise JobInputError(f"column {name!r}: {exc}") from None
         else:
             obj[name] = cell
     return obj

@@ -16,6 +16,9 @@ import functools
 import hashlib
 import json
 import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +113,42 @@ def max_job_tokens(config: ModelConfig) -> int:
         limits.work_max_tokens + limits.format_check_max_tokens,
     )
     return min(t.context_tokens for t in config.tiers.values()) - PROMPT_SCAFFOLD_TOKENS - per_stage
+
+
+@contextmanager
+def json_limits() -> Iterator[None]:
+    """Around the standard parser reading a user's JSON: refuse, as one JobInputError, the valid
+    JSON it still cannot read. That is nesting deeper than it recurses (RecursionError), and an
+    integer of more digits than Python converts (``sys.get_int_max_str_digits``, 4,300 by default:
+    its guard against quadratic time), which the parser raises as a plain ValueError, not as a
+    JSONDecodeError. A JSONDecodeError (not JSON at all) passes through, for the caller to word
+    with its position. Every place JSON from a user is decoded goes through here."""
+    try:
+        yield
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise JobInputError("JSON is nested too deeply") from None
+    except ValueError:
+        raise JobInputError(f"a number has more than {sys.get_int_max_str_digits():,} digits, the most "
+                            f"switchyard reads") from None
+
+
+def decode_json(text: str | bytes) -> Any:
+    """One JSON value from a user (a JSON Lines line, a request body), by the standard parser:
+    anything it cannot read is a JobInputError of one sentence, without where (the caller's)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise JobInputError(f"not valid UTF-8 (byte {exc.start})") from None
+    try:
+        with json_limits():
+            return json.loads(text)
+    except json.JSONDecodeError as exc:
+        # A line of JSON Lines is one line, whatever ends it; a request body may be many.
+        at = f"line {exc.lineno} column {exc.colno}" if "\n" in text.rstrip() else f"column {exc.colno}"
+        raise JobInputError(f"not valid JSON: {exc.msg} at {at}") from None
 
 
 class _Inexact(Exception):
@@ -348,14 +387,4 @@ def parse_line(line: str | bytes, *, work_tiers: tuple[str, ...], max_tokens: in
                 return _parse(obj, work_tiers, max_tokens, strings_checked=b"\\u0000" not in line, exact=False)
             except (JobInputError, _Inexact):
                 pass  # decoded again below: the standard parser decides, and words the message
-        try:
-            line = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise JobInputError(f"not valid UTF-8 (byte {exc.start})") from None
-    try:
-        obj = json.loads(line)
-    except RecursionError:
-        raise JobInputError("JSON is nested too deeply") from None
-    except json.JSONDecodeError as exc:
-        raise JobInputError(f"not valid JSON: {exc.msg} at column {exc.colno}") from None
-    return parse_job(obj, work_tiers=work_tiers, max_tokens=max_tokens)
+    return parse_job(decode_json(line), work_tiers=work_tiers, max_tokens=max_tokens)

@@ -122,9 +122,12 @@ def parse_id(text: str) -> int | None:
     ``int`` also take ``²`` or ``٣``, signs, spaces and underscores, none of which is an id that
     switchyard printed; and a number past ``MAX_ID`` is no row's id (the database cannot even
     compare one, and ``int`` refuses one of thousands of digits)."""
-    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > len(str(MAX_ID)):
+    if not (text.isascii() and text.isdigit()):
         return None
-    value = int(text)
+    digits = text.lstrip("0") or "0"  # zeros in front change no id, but count against int()'s limit
+    if len(digits) > len(str(MAX_ID)):
+        return None
+    value = int(digits)
     return value if value <= MAX_ID else None
 
 
@@ -138,13 +141,15 @@ def _age(text: str, option: str, now: datetime) -> datetime | None:
     m = _RELATIVE.match(text)
     if m is None:
         return None
-    n, unit = int(m.group(1)), _UNITS[m.group(2)]
+    digits, unit = m.group(1).lstrip("0") or "0", _UNITS[m.group(2)]
     try:
-        age = timedelta(**{unit: n})
+        # More digits than any age up to MAX_AGE has (in seconds) is too far back, and int() would
+        # refuse thousands of them.
+        age = timedelta(**{unit: int(digits)}) if len(digits) <= 12 else MAX_AGE + MAX_AGE
     except OverflowError:  # past timedelta's own range (a billion days)
         age = MAX_AGE + MAX_AGE
     if age > MAX_AGE:
-        raise InvalidQuery(f"{option} {text!r} is too far back: an age is at most {MAX_AGE.days:,}d "
+        raise InvalidQuery(f"{option} {quoted(text)} is too far back: an age is at most {MAX_AGE.days:,}d "
                            f"(100 years); give an ISO 8601 date for anything older")
     return now - age
 
@@ -161,7 +166,7 @@ def parse_time(text: str, *, option: str = "time", now: datetime | None = None) 
         try:
             parsed = datetime.combine(date.fromisoformat(text.strip()), datetime.min.time())
         except ValueError:
-            raise InvalidQuery(f"{option} {text!r} is not a time: use ISO 8601 (2026-11-25 or "
+            raise InvalidQuery(f"{option} {quoted(text)} is not a time: use ISO 8601 (2026-11-25 or "
                                f"2026-11-25T14:00:00Z) or an age like 30m, 6h, 2d") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
@@ -170,7 +175,7 @@ def parse_status(text: str) -> JobStatus:
     try:
         return JobStatus(text)
     except ValueError:
-        raise InvalidQuery(f"unknown status {text!r}: expected one of "
+        raise InvalidQuery(f"unknown status {quoted(text)}: expected one of "
                            f"{', '.join(s.value for s in JobStatus)}") from None
 
 
@@ -178,7 +183,8 @@ def parse_kind(text: str) -> JobKind:
     try:
         return JobKind(text)
     except ValueError:
-        raise InvalidQuery(f"unknown kind {text!r}: expected one of {', '.join(k.value for k in JobKind)}") from None
+        raise InvalidQuery(f"unknown kind {quoted(text)}: expected one of "
+                           f"{', '.join(k.value for k in JobKind)}") from None
 
 
 def encode_cursor(last_id: int) -> str:
@@ -187,7 +193,7 @@ def encode_cursor(last_id: int) -> str:
 
 def decode_cursor(cursor: str) -> int:
     """The id a page ended at. Opaque to callers, so the paging scheme can change."""
-    bad = InvalidQuery(f"cursor {cursor!r} is not one that `jobs list` printed")
+    bad = InvalidQuery(f"cursor {quoted(cursor)} is not one that `jobs list` printed")
     try:
         prefix, _, value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
     except (ValueError, binascii.Error, UnicodeDecodeError):
@@ -253,7 +259,7 @@ def find_batch(*, db_session: Session, batch: str | int, tenant_id: int | None =
     if row is None and batch_id is not None:
         row = db_session.scalar(select(Batch).where(Batch.id == batch_id, scope))
     if row is None:
-        raise NotFound(f"no batch named {batch!r} (`switchyard batches` lists them)")
+        raise NotFound(f"no batch named {quoted(batch)} (`switchyard batches` lists them)")
     return row
 
 
@@ -572,7 +578,7 @@ def find_job_id(*, db_session: Session, batch: str, key: str, tenant_id: int | N
     b = find_batch(db_session=db_session, batch=batch, tenant_id=tenant_id)
     job_id = db_session.scalar(select(Job.id).where(Job.batch_id == b.id, Job.key == key))
     if job_id is None:
-        raise NotFound(f"batch {b.name!r} has no job with key {key!r}")
+        raise NotFound(f"batch {quoted(b.name)} has no job with key {quoted(key)}")
     return job_id
 
 

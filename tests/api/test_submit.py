@@ -3,6 +3,7 @@ named, sizes and tenant limits enforced."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from decimal import Decimal
@@ -160,6 +161,27 @@ def test_malformed_batch_bodies(server: Server, make_token: MakeToken, tenant_na
     assert says in r.json()["detail"]
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate, gzip"])
+def test_a_compressed_body_is_refused_by_its_encoding(server: Server, make_token: MakeToken,
+                                                      api_sessions: sessionmaker[Session], tenant_name: str,
+                                                      encoding: str) -> None:
+    """Bodies are read as sent: a compressed one is refused for its Content-Encoding, not for bytes
+    that are not UTF-8."""
+    body = gzip.compress(json.dumps([job(0)]).encode())
+    with server.client(make_token(tenant_name)) as c:
+        batch = c.post("/v1/batches", params={"name": "zipped"}, content=body,
+                       headers={"Content-Type": "application/json", "Content-Encoding": encoding})
+        one = c.post("/v1/jobs", params={"batch": "zipped-one"}, content=gzip.compress(json.dumps(job(0)).encode()),
+                     headers={"Content-Type": "application/json", "Content-Encoding": encoding})
+        plain = c.post("/v1/jobs", params={"batch": "plain"}, json=job(0), headers={"Content-Encoding": "identity"})
+    for r in (batch, one):
+        assert r.status_code == 415, r.text
+        assert r.json()["detail"] == (f"Content-Encoding {encoding!r} is not supported: send the body "
+                                      f"uncompressed")
+    assert plain.status_code == 201, plain.text
+    assert tenant_batches(api_sessions, tenant_name) == 1
+
+
 def tenant_batches(api_sessions: sessionmaker[Session], tenant: str) -> int:
     with api_sessions() as s:
         return s.scalar(select(func.count()).select_from(Batch).join(Tenant, Tenant.id == Batch.tenant_id)
@@ -189,6 +211,28 @@ def test_invalid_utf8_is_named_at_its_item(server: Server, make_token: MakeToken
     assert r.status_code == 422, r.text
     assert r.json()["item"] == 2
     assert r.json()["detail"].startswith("item 2: not valid UTF-8")
+    assert tenant_batches(api_sessions, tenant_name) == 0
+
+
+def test_a_number_too_long_to_read_is_named_at_its_item(server: Server, make_token: MakeToken,
+                                                         api_sessions: sessionmaker[Session], tenant_name: str) -> None:
+    """Python converts an integer of at most 4,300 digits, and the JSON parser says so with a plain
+    ValueError, not a JSON error: a job holding a longer one is refused like any other bad job."""
+    good = json.dumps(job(0))
+    bad = '{"key": "k-1", "kind": "generate", "prompt": "x", "metadata": {"n": %s}}' % ("9" * 4301)
+    said = "a number has more than 4,300 digits, the most switchyard reads"
+    with server.client(make_token(tenant_name)) as c:
+        one = c.post("/v1/jobs", params={"batch": "long-one"}, content=bad.encode(),
+                     headers={"Content-Type": "application/json"})
+        array = c.post("/v1/batches", params={"name": "long-array"}, content=f"[{good}, {bad}]".encode(),
+                       headers={"Content-Type": "application/json"})
+        lines = c.post("/v1/batches", params={"name": "long-lines"}, content=f"{good}\n{bad}\n".encode(),
+                       headers={"Content-Type": "application/x-ndjson"})
+    assert (one.status_code, one.json()["detail"]) == (422, f"body: {said}")
+    assert (array.status_code, array.json()["item"]) == (422, 1), array.text
+    assert array.json()["detail"].startswith(f"item 1: {said}")
+    assert (lines.status_code, lines.json()["line"]) == (422, 2), lines.text
+    assert lines.json()["detail"].startswith(f"line 2: {said}")
     assert tenant_batches(api_sessions, tenant_name) == 0
 
 

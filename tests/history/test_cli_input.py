@@ -81,6 +81,36 @@ def test_a_job_key_over_the_column_is_one_sentence(sy: Run, tmp_path: Path) -> N
     assert "line 1: field 'key' is longer than 200 characters" in message
 
 
+_LONG = "9" * 4301  # one digit past what int() converts (sys.get_int_max_str_digits)
+_DEEP = "[" * 100_000  # deeper than the JSON parser recurses
+_OK_LINE = '{"kind": "generate", "prompt": "ok"}\n'
+_CSV_HEAD = "kind,text,labels,metadata\nclassify,ok,a|b,\n"
+
+
+@pytest.mark.parametrize(("name", "content", "said"), [
+    ("long.jsonl", _OK_LINE + '{"kind": "generate", "prompt": "x", "metadata": {"n": ' + _LONG + "}}\n",
+     "line 2: a number has more than 4,300 digits, the most switchyard reads"),
+    ("long-key.jsonl", _OK_LINE + '{"kind": "generate", "prompt": "x", "key": -' + _LONG + "}\n",
+     "line 2: a number has more than 4,300 digits"),
+    ("long.csv", _CSV_HEAD + 'classify,x,a|b,"{""n"": ' + _LONG + '}"\n',
+     "line 3: column 'metadata': a number has more than 4,300 digits"),
+    ("long-labels.csv", _CSV_HEAD + f"classify,x,[{_LONG}],\n",
+     "line 3: column 'labels': a number has more than 4,300 digits"),
+    ("deep.csv", _CSV_HEAD + f'classify,x,a|b,"{_DEEP}"\n', "line 3: column 'metadata': JSON is nested too deeply"),
+    ("deep-labels.csv", _CSV_HEAD + f"classify,x,{_DEEP},\n", "line 3: column 'labels': JSON is nested too deeply"),
+])
+def test_json_the_parser_cannot_read_is_a_bad_line(sy: Run, history_sessions: sessionmaker[Session], tmp_path: Path,
+                                                   name: str, content: str, said: str) -> None:
+    """Valid JSON that Python's parser still refuses, with a plain ValueError (an integer of more
+    digits than int() converts) or a RecursionError: a bad line like any other, not a traceback."""
+    path = tmp_path / name
+    path.write_text(content)
+    batch = name.replace(".", "-")
+    message = _one_sentence(*sy("enqueue", str(path), "--batch", batch))
+    assert message.startswith(f"error: {path}, {said}"), message
+    assert _jobs(history_sessions, batch) is None
+
+
 def test_an_empty_file_makes_no_batch(sy: Run, history_sessions: sessionmaker[Session], tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("")
     message = _one_sentence(*sy("enqueue", str(tmp_path / "empty.jsonl"), "--batch", "empty-file"))

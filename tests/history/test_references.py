@@ -5,7 +5,7 @@ and exit 2, through the real entry point on the real Postgres; never a traceback
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
@@ -54,6 +54,12 @@ def three_jobs(history_sessions: sessionmaker[Session], models: ModelConfig,
     (["jobs", "list", "--since", "99999999999d"], "--since '99999999999d' is too far back"),
     (["jobs", "list", "--until", "1000000000h"], "--until '1000000000h' is too far back"),
     (["stats", "--since", "99999999999w"], "--since '99999999999w' is too far back"),
+    # More digits than int() converts (4,300), whether nines or zeros in front of a small number.
+    (["jobs", "list", "--since", "9" * 5000 + "d"], "is too far back"),
+    (["stats", "--until", "9" * 5000 + "h"], "is too far back"),
+    (["jobs", "show", "0" * 5000 + "9"], "no job with id 9"),
+    (["cancel", "0" * 5000 + "9"], "no batch named '000"),
+    (["export", "0" * 5000 + "9"], "no batch named '000"),
 ])
 def test_odd_references_are_one_sentence(sy, three_jobs: list[int], args: list[str], said: str) -> None:
     code, out, err = sy(*args)
@@ -68,6 +74,10 @@ def test_a_plain_id_and_a_name_of_digits_still_work(sy, sy_json, three_jobs: lis
     code, _, err = sy("jobs", "show", "0")
     assert code == 2
     assert "no job with id 0" in err
+    # Zeros in front change no id, however many (int() alone refuses more than 4,300 digits).
+    assert sy_json("jobs", "show", "0" * 5000 + "3")["job"]["id"] == 3
+    assert sy_json("stats", "--batch", "0" * 5000 + str(batch_id))["jobs"] == 3
+    assert [j["id"] for j in sy_json("jobs", "list", "--cursor", _cursor("j1:" + "0" * 5000 + "3"))["jobs"]] == [2, 1]
 
 
 def test_as_a_process_no_traceback(history_url: str, three_jobs: list[int]) -> None:
@@ -83,6 +93,7 @@ def test_parse_id_reads_ascii_digits_only() -> None:
     for text in ("²", "٣", "+1", "1_0", " 7", "-3", "", "0x10"):
         assert history.parse_id(text) is None, text
     assert history.parse_id("0" * 30 + "42") == 42
+    assert history.parse_id("0" * 5000 + "42") == 42  # past the digits int() converts, but the same id
     assert history.parse_id(str(history.MAX_ID)) == history.MAX_ID
     for text in (str(history.MAX_ID + 1), BIG, "9" * 5000):
         assert history.parse_id(text) is None
@@ -91,6 +102,7 @@ def test_parse_id_reads_ascii_digits_only() -> None:
 def test_ages_are_bounded() -> None:
     now = datetime(2026, 5, 1, 12, tzinfo=UTC)
     assert history.parse_time(f"{history.MAX_AGE.days}d", now=now) == now - history.MAX_AGE
-    for text in (f"{history.MAX_AGE.days + 1}d", "99999999999d", "1000000000h", "9" * 40 + "s"):
+    for text in (f"{history.MAX_AGE.days + 1}d", "99999999999d", "1000000000h", "9" * 40 + "s", "9" * 5000 + "d"):
         with pytest.raises(InvalidQuery, match="too far back"):
             history.parse_time(text, now=now)
+    assert history.parse_time("0" * 5000 + "2d", now=now) == now - timedelta(days=2)

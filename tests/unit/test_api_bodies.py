@@ -54,6 +54,9 @@ def test_any_array_round_trips_at_any_chunk_size(items: list[Any], chunk: int, i
     (b'[1, 2,\xff 3]', 2, "not valid UTF-8"),
     (b'[1, 2, "caf\xc3"]', 2, "not valid UTF-8"),
     (b"[" * 5000 + b"]" * 5000, 0, "nested too deeply"),
+    # Valid JSON, but an integer longer than int() converts: refused, and named at its item.
+    (b"[1, " + b"9" * 4301 + b", 3]", 1, "a number has more than 4,300 digits"),
+    (b'[1, 2, {"n": [-' + b"9" * 5000 + b"]}]", 2, "a number has more than 4,300 digits"),
 ])
 @pytest.mark.parametrize("chunk", [1, 7, 65536])
 def test_broken_arrays_say_where(body: bytes, index: int, says: str, chunk: int) -> None:
@@ -79,9 +82,45 @@ def test_json_lines_skip_blanks_and_number_lines() -> None:
     assert "not valid UTF-8" in str(out[2][1])
 
 
+def test_json_lines_the_parser_cannot_read_are_named() -> None:
+    body = b'{"a": 1}\n{"n": ' + b"9" * 4301 + b'}\n' + b"[" * 100_000 + b"\n"
+    out = list(bodies.iter_json_lines(io.BytesIO(body), max_items=10))
+    assert [n for n, _ in out] == [1, 2, 3]
+    assert str(out[1][1]) == "a number has more than 4,300 digits, the most switchyard reads"
+    assert str(out[2][1]) == "JSON is nested too deeply"
+
+
 def test_a_byte_order_mark_is_accepted() -> None:
     """As POST /v1/jobs (json.loads) takes one: Windows tools write it."""
     for chunk in (1, 2, 65536):
         assert read(b'\xef\xbb\xbf[{"a": 1}, 2]', chunk=chunk) == [(0, {"a": 1}), (1, 2)]
     out = list(bodies.iter_json_lines(io.BytesIO(b'\xef\xbb\xbf{"a": 1}\n{"b": 2}\n'), max_items=10))
     assert out == [(1, {"a": 1}), (2, {"b": 2})]
+
+
+def test_a_long_item_is_decoded_a_few_times_not_once_a_chunk() -> None:
+    """An item is decoded from its start each time more of it arrives, so reading it a chunk at a
+    time took time quadratic in its length (a 64 MiB string held the server for about a minute).
+    Each read now takes as much again as is pending: the text decoded stays a few times the body."""
+    scanned: list[int] = []
+
+    class Counting(json.JSONDecoder):
+        def raw_decode(self, s: str, idx: int = 0) -> tuple[Any, int]:
+            scanned.append(len(s) - idx)
+            return super().raw_decode(s, idx)
+
+    item = {"kind": "generate", "prompt": "x" * 256 * 1024}
+    body = json.dumps([item, 2]).encode()
+    old = bodies.READ_CHUNK
+    bodies.READ_CHUNK = 256
+    try:
+        reader = bodies._ArrayReader(io.BytesIO(body))
+        reader.decoder = Counting()
+        items = []
+        for value in bodies._array_items(reader, max_items=10):
+            items.append(value)
+            reader.index += 1
+    finally:
+        bodies.READ_CHUNK = old
+    assert items == [item, 2]
+    assert sum(scanned) < 4 * len(body), (len(scanned), sum(scanned))

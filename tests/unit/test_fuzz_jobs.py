@@ -101,6 +101,9 @@ def test_parse_line_accepts_or_explains(raw: bytes) -> None:
     json.dumps({"kind": "generate", "prompt": "x", "tier": ["opus"]}).encode(),
     json.dumps({"kind": ["generate"], "prompt": "x"}).encode(),
     json.dumps({"kind": "generate", "prompt": 12}).encode(),
+    # More digits than int() converts: the standard parser raises a plain ValueError for it.
+    b'{"kind":"generate","prompt":"x","metadata":{"n":' + b"9" * 4301 + b"}}", b"-" + b"9" * 5000,
+    b'{"kind":' + b"1" * 4301 + b', "prompt":"x"}', b'{"kind":"generate","prompt":"x","key":' + b"1" * 4301 + b"}",
 ])
 def test_hostile_lines_are_explained(raw: bytes) -> None:
     try:
@@ -148,6 +151,32 @@ def test_both_decoders_agree(obj: dict[str, Any], ascii_only: bool) -> None:
     except UnicodeEncodeError:
         return  # a lone surrogate written raw: as bytes that is not UTF-8, so not the same line
     assert _outcome(raw) == _outcome(line)
+
+
+# Number literals as a user may type them, of any length: past 4,300 integer digits int() refuses
+# them, past about 309 they overflow a double, far below zero they round to 0. json.dumps cannot
+# write the first kind, so the strategies above never make one.
+number_literals = st.builds(
+    lambda sign, digits, fraction, exponent: sign + digits + fraction + exponent,
+    st.sampled_from(["", "-"]),
+    (st.sampled_from([1, 19, 20, 309, 310, 4300, 4301, 6000]) | st.integers(1, 6000))
+    .flatmap(lambda n: st.sampled_from(["9" * n, "1" + "0" * (n - 1)])),
+    st.sampled_from(["", ".5", "." + "3" * 5000]),
+    st.sampled_from(["", "e400", "E-400", "e+2", "e-5000"]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(number_literals, st.sampled_from(['{"kind":"generate","prompt":"x","metadata":{"n":%s}}',
+                                         '{"kind":"generate","prompt":"x","key":%s}',
+                                         '{"kind":"extract","text":"x","schema":{"type":"number","maximum":%s}}',
+                                         '%s']))
+def test_numbers_of_any_length_are_read_or_explained(literal: str, template: str) -> None:
+    line = template % literal
+    outcome = _outcome(line)
+    assert _outcome(line.encode()) == outcome
+    if outcome[0] == "refused":
+        assert len(outcome[1]) < 500
 
 
 @pytest.mark.parametrize("depth", [64, 65, 300, 1023])

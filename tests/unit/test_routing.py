@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import time
+import tomllib
+from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -86,6 +89,49 @@ def test_failed_validation_retries_then_escalates_then_fails() -> None:
 def test_bad_configuration_names_the_problem(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("*", r"\*")):
         parse_config(raw)
+
+
+def _defaults_with(section: str, **values: object) -> dict:
+    """The bundled configuration with keys of one section (``tiers.haiku``, ``routing``...) set."""
+    raw = tomllib.loads(resources.files("pipeline").joinpath("defaults.toml").read_text())
+    table = raw
+    for part in section.split("."):
+        table = table.setdefault(part, {})
+    table.update(values)
+    return raw
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    (_defaults_with("tiers.haiku", context_tokens="200k"), "[tiers.haiku]: 'context_tokens' must be a whole number"),
+    (_defaults_with("tiers.haiku", context_tokens=True), "'context_tokens' must be a whole number"),
+    (_defaults_with("tiers.haiku", context_tokens=0), "'context_tokens' must be a whole number of at least 1"),
+    (_defaults_with("routing", min_confidence="high"), "[routing]: 'min_confidence' must be a number"),
+    (_defaults_with("routing", min_confidence=[1]), "'min_confidence' must be a number"),
+    (_defaults_with("routing", retries_per_tier=1.5), "[routing]: 'retries_per_tier' must be a whole number"),
+    (_defaults_with("routing", escalation=3), "[routing]: 'escalation' must be a list of tier names"),
+    (_defaults_with("routing", escalation="opus"), "'escalation' must be a list of tier names"),
+    (_defaults_with("routing", hard=["opus"]), "[routing]: 'hard' must be a tier name"),
+    (_defaults_with("limits", work_max_tokens="lots"), "[limits]: 'work_max_tokens' must be a whole number"),
+    (_defaults_with("limits", max_tokens=5), "[limits]: unknown key 'max_tokens'"),
+    (_defaults_with("pricing", cache_read_multiplier="cheap"), "[pricing]: 'cache_read_multiplier' must be a number"),
+    (_defaults_with("stages", triage_tier=7), "[stages]: 'triage_tier' must be a tier name"),
+    ({**_defaults_with("routing"), "routing": "opus"}, "[routing] must be a table"),
+    ({**_defaults_with("routing"), "limits": [1]}, "[limits] must be a table"),
+])
+def test_a_mistyped_configuration_value_is_one_sentence(raw: dict, message: str) -> None:
+    """Each value of the wrong type or range is named, rather than a ValueError, TypeError or
+    AttributeError from deep inside the parse (a traceback from every command that reads it)."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert message in str(info.value)
+
+
+def test_a_number_too_long_for_python_is_one_sentence(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(resources.files("pipeline").joinpath("defaults.toml").read_text()
+                    .replace("context_tokens = 200000", "context_tokens = " + "9" * 5000, 1))
+    with pytest.raises(ConfigError, match="a number has more than 4,300 digits"):
+        load_config(path)
 
 
 def test_swapping_a_model_is_a_config_change(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -199,3 +199,35 @@ def test_odd_answers_are_verdicts() -> None:
     fenced = check_schema("```" + " " * 20_000 + "x", {"type": "object"})
     assert not fenced.ok and time.monotonic() - start < 0.5
     assert check_schema('```json\n{"a": 1}\n```', {"type": "object"}).output == {"a": 1}
+
+
+@pytest.mark.parametrize(("schema", "answer", "ok"), [
+    # An integer past a double's range (309 digits or more), which a model writes if a job asks it
+    # to: jsonschema divides it by a float multipleOf in floating point, outside its own guard.
+    ({"type": "number", "multipleOf": 0.1}, "1" + "0" * 400, True),
+    ({"type": "number", "multipleOf": 0.3}, "1" + "0" * 400, False),
+    ({"type": "number", "multipleOf": 1e-300}, "-" + "7" * 4000, True),
+    ({"properties": {"n": {"multipleOf": 0.5}}}, '{"n": ' + "3" * 500 + "}", True),
+    # A float answer against an integer multipleOf past a double's range.
+    ({"multipleOf": int("9" * 400)}, "1.5", False),
+    ({"multipleOf": int("9" * 400)}, "0.0", True),
+    # And the plain cases are unchanged.
+    ({"multipleOf": 0.1}, "0.30000000000000004", False),
+    ({"multipleOf": 3}, "9", True),
+])
+def test_multiple_of_checks_numbers_of_any_size(schema: dict[str, Any], answer: str, ok: bool) -> None:
+    verdict = check_schema(answer, schema)
+    assert verdict.ok is ok, verdict.problems
+    if not ok:
+        assert "is not a multiple of" in verdict.feedback
+
+
+@pytest.mark.parametrize("answer", ['{"price": NaN}', '{"price": Infinity}', '[-Infinity]', '{"price": 1e400}', "NaN"])
+def test_an_answer_json_cannot_hold_is_not_valid_json(answer: str) -> None:
+    """Python's parser reads NaN and infinities (and 1e400 as infinity), which JSON has no way to
+    write: Postgres refuses them in the job's output, so passing them would crash the stage that
+    stores it. Refused as unreadable, like any answer that is not JSON."""
+    for schema in ({"type": ["object", "array", "number"]}, {"multipleOf": 0.1}):
+        verdict = check_schema(answer, schema)
+        assert not verdict.ok
+        assert verdict.problems == ["answer is not valid JSON"]

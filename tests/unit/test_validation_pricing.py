@@ -64,6 +64,13 @@ def test_format_check_answers() -> None:
     assert parse_format_check("I think it's fine", "Dear Dana") is None
     assert parse_format_check('{"ok": "yes"}', "Dear Dana") is None
     assert parse_format_check(None, "Dear Dana") is None
+    # Problems that are not a list: one problem, or none, never a crash of the stage (nor a
+    # problem for each character of a string).
+    assert parse_format_check('{"ok": true, "problems": 5}', "x").ok
+    assert parse_format_check('{"ok": false, "problems": "too short"}', "x").problems == ["too short"]
+    for problems in ("5", "true", "1.5", '{"a": 1}'):
+        verdict = parse_format_check('{"ok": false, "problems": ' + problems + "}", "x")
+        assert not verdict.ok and verdict.problems == [problems], problems
 
 
 def test_pricing_uses_configured_prices_and_cache_multipliers() -> None:
