@@ -9,6 +9,8 @@ Hints, anywhere in the last user message (unknown or malformed ones are ignored)
   [fake:error=CODE] or [fake:error=CODE@CLASS[,CLASS]] with [fake:times=N]
       CODE: 400 401 403 404 413 429 500 529 stall drop empty malformed refusal
   [fake:latency_ms=N]
+Prompt caching is simulated (cache.py): `cache_control` breakpoints, TTLs, per-model minimums, and
+entries readable only once the answer that wrote them has gone out.
 GET /v1/models and GET /v1/models/{id} answer as the Models API does (the workers and the demo
 check the configured models there at start).
 Run it standalone with `python -m pipeline.fake_claude --help`.

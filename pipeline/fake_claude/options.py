@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pipeline.fake_claude.models import DEFAULT_MODELS
+from pipeline.fake_claude.models import CACHE_MIN_TOKENS, DEFAULT_MODELS
 
 # HTTP errors the fake can inject, by status code, with the error.type the real API uses.
 ERROR_FAULTS: dict[str, tuple[int, str]] = {
@@ -52,6 +53,9 @@ class FakeOptions:
     otpm: int | None = None
     # Only what GET /v1/models lists; any id of the documented shape is accepted by /v1/messages.
     models: tuple[str, ...] = field(default=DEFAULT_MODELS)
+    # The shortest cacheable prefix in tokens, by model class or exact model id (the id wins); a
+    # class or id not given keeps its default.
+    cache_min_tokens: Mapping[str, int] = field(default_factory=lambda: dict(CACHE_MIN_TOKENS))
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fault_rate <= 1.0:
@@ -68,3 +72,8 @@ class FakeOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive integer or None")
+        bad = [k for k, v in self.cache_min_tokens.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(f"cache_min_tokens must be positive integers; not for {', '.join(bad)}")
+        # Merged over the defaults, so naming one class leaves the others as documented.
+        object.__setattr__(self, "cache_min_tokens", {**CACHE_MIN_TOKENS, **self.cache_min_tokens})

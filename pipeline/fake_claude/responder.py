@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline.fake_claude import answers
+from pipeline.fake_claude.cache import NO_CACHE, CachePlan, PromptCache
 from pipeline.fake_claude.errors import (
     RequestInvalid,
     error_body,
@@ -58,9 +59,10 @@ class Outcome:
     request_id: str
     model: str | None = None
     purpose: str | None = None
-    input_tokens: int = 0
+    input_tokens: int = 0  # as usage reports it: the part neither read from nor written to the cache
     output_tokens: int = 0
     fault: str | None = None
+    cache: CachePlan = NO_CACHE
 
     @property
     def status(self) -> int:
@@ -76,6 +78,7 @@ class Responder:
         # Jitter has its own generator so that it never shifts which requests get faults.
         self._jitter_rng = random.Random(options.seed + 1)
         self._times: OrderedDict[tuple[bytes, str], int] = OrderedDict()
+        self._cache = PromptCache(options.cache_min_tokens)
 
     def reset(self) -> None:
         with self._lock:
@@ -83,6 +86,11 @@ class Responder:
             self._jitter_rng.seed(self.options.seed + 1)
             self._times.clear()
         self._limiter.reset()
+        self._cache.reset()
+
+    def settle(self, outcome: Outcome, *, delivered: bool) -> None:
+        """Call as the answer goes out (or is dropped): what it wrote to the cache becomes readable."""
+        self._cache.settle(outcome.cache, delivered=delivered)
 
     # -- endpoints -------------------------------------------------------------------------------
 
@@ -106,7 +114,9 @@ class Responder:
 
         hints = read_hints(prompt.hints)
         random_fault = self._draw_fault()
-        admission = self._limiter.admit(klass, input_tokens, now)
+        cache = self._cache.plan(body, now)
+        # Cached reads do not count toward the input-tokens-per-minute limit, as on the API.
+        admission = self._limiter.admit(klass, input_tokens - cache.read_tokens, now)
         if not admission.allowed:
             return self._rate_limited(request_id, klass, now, model, purpose, admission.retry_after_s)
         fault = self._hinted_fault(prompt, hints, klass) or random_fault
@@ -127,6 +137,8 @@ class Responder:
         content, stop_reason, stop_sequence, output_tokens = self._answer(body, prompt, hints, klass,
                                                                          fault)
         self._limiter.charge_output(klass, output_tokens, now)
+        self._cache.begin(cache, now)
+        uncached = input_tokens - cache.read_tokens - cache.creation_tokens
         message = {
             "id": new_message_id(),
             "type": "message",
@@ -136,14 +148,15 @@ class Responder:
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
             "usage": {
-                "input_tokens": input_tokens,
+                "input_tokens": uncached,
                 "output_tokens": output_tokens,
-                "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
+                "cache_creation_input_tokens": cache.creation_tokens,
+                "cache_read_input_tokens": cache.read_tokens,
             },
         }
         response = Response(200, self._headers(request_id, klass, now), message)
-        return Outcome(response, delay, input_tokens=input_tokens, output_tokens=output_tokens, **meta)
+        return Outcome(response, delay, input_tokens=uncached, output_tokens=output_tokens, cache=cache,
+                       **meta)
 
     def count_tokens(self, headers: Mapping[str, str], body: Any, *, now: float) -> Outcome:
         """POST /v1/messages/count_tokens."""

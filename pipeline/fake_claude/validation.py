@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pipeline.fake_claude.cache import check_cache_controls
 from pipeline.fake_claude.errors import RequestInvalid, invalid
 from pipeline.fake_claude.models import is_known, rejects_sampling_params
 
@@ -51,6 +52,7 @@ def check_message_body(body: Any, *, need_max_tokens: bool) -> dict[str, Any]:
     stops = body.get("stop_sequences")
     if stops is not None and not (isinstance(stops, list) and all(isinstance(s, str) for s in stops)):
         raise invalid("stop_sequences: Input should be a list of strings")
+    check_cache_controls(body)
     if body.get("stream") is True:
         raise invalid("stream: streaming is not supported by the fake Claude server; send stream=false")
     if not is_known(model):
@@ -106,3 +108,4 @@ def _check_system(system: Any) -> None:
         if not (isinstance(block, dict) and block.get("type") == "text"
                 and isinstance(block.get("text"), str)):
             raise invalid(f"system.{j}: Input should be a text block")
+
