@@ -19,7 +19,8 @@ ERROR_FAULTS: dict[str, tuple[int, str]] = {
     "529": (529, "overloaded_error"),
 }
 # Faults that are not an HTTP error status: they misbehave at the transport or in the answer.
-BEHAVIOUR_FAULTS: tuple[str, ...] = ("stall", "drop", "empty", "malformed", "refusal")
+# max_tokens: the answer stops short, as if it had hit the request's max_tokens.
+BEHAVIOUR_FAULTS: tuple[str, ...] = ("stall", "drop", "empty", "malformed", "refusal", "max_tokens")
 KNOWN_FAULTS: frozenset[str] = frozenset(ERROR_FAULTS) | frozenset(BEHAVIOUR_FAULTS)
 DEFAULT_FAULTS: tuple[str, ...] = ("429", "529", "500", "stall", "drop", "malformed", "empty", "refusal")
 

@@ -6,6 +6,7 @@ the little state that needs (fault RNG, `times=N` counters, rate-limit buckets).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import threading
@@ -13,6 +14,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
+
+import jsonschema
 
 from pipeline.fake_claude import answers
 from pipeline.fake_claude.cache import NO_CACHE, CachePlan, PromptCache
@@ -34,10 +37,12 @@ from pipeline.fake_claude.prompt import (
     read_prompt,
 )
 from pipeline.fake_claude.ratelimit import RateLimiter
+from pipeline.fake_claude.schema_values import SchemaFaker
 from pipeline.fake_claude.validation import (
     check_headers,
     check_message_body,
     check_prompt_size,
+    output_schema,
 )
 
 _MAX_TIMES_KEYS = 100_000  # `times=N` counters kept, oldest forgotten first
@@ -263,8 +268,15 @@ class Responder:
             )
             return blocks, "end_turn", None, 1
         text = _purpose_text(prompt, hints, klass)
+        schema = output_schema(body)
+        if schema is not None:
+            text = _structured(text, schema, prompt)
         if fault == "malformed":
             text = answers.malformed(text)
+        if fault == "max_tokens":
+            # Cut where the limit would fall in a longer answer: never a whole JSON document.
+            text = text[: max(1, len(text) // 2)]
+            return [{"type": "text", "text": text}], "max_tokens", None, body["max_tokens"]
         stop_reason, stop_sequence = "end_turn", None
         for stop in body.get("stop_sequences") or []:
             at = text.find(stop) if stop else -1
@@ -330,6 +342,26 @@ def _retry_after(seconds: float) -> dict[str, str]:
 
 def _with_delay(outcome: Outcome, delay: float) -> Outcome:
     return replace(outcome, delay_s=delay)
+
+
+def _structured(text: str, schema: dict[str, Any], prompt: Prompt) -> str:
+    """The answer as constrained decoding gives it: the purpose's own answer when it already fits
+    the schema, else a value made for the schema (an [fake:invalid] hint gives way here, as the
+    decoder would not let a model break the schema; a refusal or a max_tokens stop still can)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    else:
+        if _fits(value, schema):
+            return text
+    value = SchemaFaker(schema, answers.job_text(prompt), prompt.digest).value()
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _fits(value: Any, schema: dict[str, Any]) -> bool:
+    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    return bool(validator(schema).is_valid(value))
 
 
 def _purpose_text(prompt: Prompt, hints: Hints, klass: str) -> str:
