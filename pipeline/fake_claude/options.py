@@ -38,6 +38,20 @@ def parse_faults(spec: str) -> tuple[str, ...]:
     return names
 
 
+def parse_cache_min_tokens(spec: str) -> dict[str, int]:
+    """Parse "haiku=2048,claude-opus-5-5=1024" (model classes or ids); raise ValueError naming a bad
+    entry."""
+    out: dict[str, int] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if not name.strip() or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"{part!r}: expected NAME=TOKENS, a model class or id and a positive integer")
+        out[name.strip()] = int(value)
+    return out
+
+
 @dataclass(frozen=True)
 class FakeOptions:
     latency_ms: float = 0

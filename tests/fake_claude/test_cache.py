@@ -3,6 +3,8 @@ per-model minimums, misses while the first answer is still on its way, and usage
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ import pytest
 from anthropic.types import Message
 
 from pipeline.fake_claude import FakeClaude, FakeOptions
+from pipeline.fake_claude.options import parse_cache_min_tokens
 from tests.fake_claude.helpers import HAIKU, SONNET, error_message, system_for, user_text
 
 # About 1,500 tokens at the fake's four characters a token: above Sonnet's 1,024, below Haiku's 4,096.
@@ -254,3 +257,18 @@ def test_cached_reads_do_not_count_toward_the_input_token_limit(clock: Clock) ->
             assert _usage(_ask(client, job))[2] > 1024
         with pytest.raises(anthropic.RateLimitError):  # the same prompt uncached is counted whole
             _ask(client, "e", shared=SHARED + " (changed)")
+
+
+def test_cache_minimums_from_the_command_line() -> None:
+    assert parse_cache_min_tokens("haiku=2048, claude-opus-5-5=1024") == {"haiku": 2048, "claude-opus-5-5": 1024}
+    assert FakeOptions(cache_min_tokens={"haiku": 2048}).cache_min_tokens == {
+        "haiku": 2048, "sonnet": 1024, "opus": 4096}
+    for bad in ("haiku", "haiku=0", "haiku=lots", "=5"):
+        with pytest.raises(ValueError, match="NAME=TOKENS"):
+            parse_cache_min_tokens(bad)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.fake_claude", "--cache-min-tokens", "haiku=lots"],
+        capture_output=True, text=True, timeout=10, check=False,
+    )
+    assert result.returncode == 2
+    assert "--cache-min-tokens" in result.stderr and "haiku=lots" in result.stderr
