@@ -55,6 +55,10 @@ def check_message_body(body: Any, *, need_max_tokens: bool) -> dict[str, Any]:
     if stops is not None and not (isinstance(stops, list) and all(isinstance(s, str) for s in stops)):
         raise invalid("stop_sequences: Input should be a list of strings")
     _check_output_config(body.get("output_config"))
+    if output_schema(body) is not None and body["messages"][-1].get("role") == "assistant":
+        # Constrained decoding starts the answer itself, so the API takes no prefilled start.
+        raise invalid("output_config.format: structured outputs cannot be combined with an assistant "
+                      "prefill (the last message is the assistant's)")
     check_cache_controls(body)
     if body.get("stream") is True:
         raise invalid("stream: streaming is not supported by the fake Claude server; send stream=false")

@@ -128,10 +128,12 @@ def test_requests_fired_before_the_first_answer_all_miss(
     fake, client = cached
     results: list[tuple[int, int, int]] = []
     errors: list[BaseException] = []
+    together = threading.Barrier(4)
 
     def call(i: int) -> None:
+        together.wait()  # all four sent well within the first answer's 800 ms
         try:
-            results.append(_usage(_ask(client, f"job {i} [fake:latency_ms=400]")))
+            results.append(_usage(_ask(client, f"job {i} [fake:latency_ms=800]")))
         except anthropic.APIError as exc:
             errors.append(exc)
 
@@ -152,7 +154,7 @@ def test_requests_fired_before_the_first_answer_all_miss(
 def test_a_slow_writer_leaves_a_quick_follower_missing() -> None:
     """An entry is readable once the answer that wrote it has gone out, not when it was decided."""
     with FakeClaude() as fake, anthropic.Anthropic(api_key="t", base_url=fake.base_url, max_retries=0) as client:
-        slow = threading.Thread(target=_ask, args=(client, "slow [fake:latency_ms=600]"))
+        slow = threading.Thread(target=_ask, args=(client, "slow [fake:latency_ms=1000]"))
         slow.start()
         deadline = time.monotonic() + 2
         while fake.stats()["in_flight"] < 1 and time.monotonic() < deadline:

@@ -102,3 +102,13 @@ def test_a_max_tokens_hint_cuts_the_answer(client: anthropic.Anthropic) -> None:
                         EXTRACT_SCHEMA, model=HAIKU)
     assert whole.stop_reason == "end_turn"
     jsonschema.validate(json.loads(text_of(whole)), EXTRACT_SCHEMA)
+
+
+def test_structured_outputs_with_a_prefill_is_a_400(client: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(
+            model=SONNET, max_tokens=16,
+            messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": '{"label": "'}],
+            output_config={"format": {"type": "json_schema", "schema": LABEL_SCHEMA}},
+        )
+    assert "prefill" in error_message(caught.value)
