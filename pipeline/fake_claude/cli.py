@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.fake_claude.options import DEFAULT_FAULTS, FakeOptions, parse_faults
+from pipeline.fake_claude.models import CACHE_MIN_TOKENS
+from pipeline.fake_claude.options import DEFAULT_FAULTS, FakeOptions, parse_cache_min_tokens, parse_faults
 from pipeline.fake_claude.server import serve_forever
+
+
+def _cache_min_tokens(spec: str) -> dict[str, int]:
+    try:
+        return parse_cache_min_tokens(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None  # argparse shows this message, not its own
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpm", type=int, default=None, help="requests per minute per model class")
     p.add_argument("--itpm", type=int, default=None, help="input tokens per minute per model class")
     p.add_argument("--otpm", type=int, default=None, help="output tokens per minute per model class")
+    p.add_argument("--cache-min-tokens", type=_cache_min_tokens, default={},
+                   help="shortest cacheable prefix, as CLASS_OR_MODEL=TOKENS, comma-separated (default: "
+                        + ",".join(f"{k}={v}" for k, v in CACHE_MIN_TOKENS.items()) + ")")
     return p
 
 
@@ -43,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             rpm=args.rpm,
             itpm=args.itpm,
             otpm=args.otpm,
+            cache_min_tokens=args.cache_min_tokens,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -20,6 +20,10 @@ DEFAULT_MODELS: tuple[str, ...] = (
     "claude-opus-4-6",
 )
 MODEL_CLASSES: tuple[str, ...] = ("haiku", "sonnet", "opus")
+# The shortest prefix, in tokens, that prompt caching stores, by model class (an exact model id may
+# be set too, in FakeOptions.cache_min_tokens). Anthropic's documentation in late 2026 gave 1,024 for
+# Sonnet 4.5/4.6 and 4,096 for Haiku 4.5 and Opus 4.5/4.6; the fake applies them to every version.
+CACHE_MIN_TOKENS: dict[str, int] = {"haiku": 4096, "sonnet": 1024, "opus": 4096}
 
 
 def is_known(model: str) -> bool:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pipeline.fake_claude.models import DEFAULT_MODELS
+from pipeline.fake_claude.models import CACHE_MIN_TOKENS, DEFAULT_MODELS
 
 # HTTP errors the fake can inject, by status code, with the error.type the real API uses.
 ERROR_FAULTS: dict[str, tuple[int, str]] = {
@@ -18,7 +19,8 @@ ERROR_FAULTS: dict[str, tuple[int, str]] = {
     "529": (529, "overloaded_error"),
 }
 # Faults that are not an HTTP error status: they misbehave at the transport or in the answer.
-BEHAVIOUR_FAULTS: tuple[str, ...] = ("stall", "drop", "empty", "malformed", "refusal")
+# max_tokens: the answer stops short, as if it had hit the request's max_tokens.
+BEHAVIOUR_FAULTS: tuple[str, ...] = ("stall", "drop", "empty", "malformed", "refusal", "max_tokens")
 KNOWN_FAULTS: frozenset[str] = frozenset(ERROR_FAULTS) | frozenset(BEHAVIOUR_FAULTS)
 DEFAULT_FAULTS: tuple[str, ...] = ("429", "529", "500", "stall", "drop", "malformed", "empty", "refusal")
 
@@ -34,6 +36,20 @@ def parse_faults(spec: str) -> tuple[str, ...]:
     if not names:
         raise ValueError("empty fault list")
     return names
+
+
+def parse_cache_min_tokens(spec: str) -> dict[str, int]:
+    """Parse "haiku=2048,claude-opus-5-5=1024" (model classes or ids); raise ValueError naming a bad
+    entry."""
+    out: dict[str, int] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if not name.strip() or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"{part!r}: expected NAME=TOKENS, a model class or id and a positive integer")
+        out[name.strip()] = int(value)
+    return out
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,9 @@ class FakeOptions:
     otpm: int | None = None
     # Only what GET /v1/models lists; any id of the documented shape is accepted by /v1/messages.
     models: tuple[str, ...] = field(default=DEFAULT_MODELS)
+    # The shortest cacheable prefix in tokens, by model class or exact model id (the id wins); a
+    # class or id not given keeps its default.
+    cache_min_tokens: Mapping[str, int] = field(default_factory=lambda: dict(CACHE_MIN_TOKENS))
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fault_rate <= 1.0:
@@ -68,3 +87,8 @@ class FakeOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive integer or None")
+        bad = [k for k, v in self.cache_min_tokens.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(f"cache_min_tokens must be positive integers; not for {', '.join(bad)}")
+        # Merged over the defaults, so naming one class leaves the others as documented.
+        object.__setattr__(self, "cache_min_tokens", {**CACHE_MIN_TOKENS, **self.cache_min_tokens})

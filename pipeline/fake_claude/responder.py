@@ -6,6 +6,7 @@ the little state that needs (fault RNG, `times=N` counters, rate-limit buckets).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import threading
@@ -14,7 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+import jsonschema
+
 from pipeline.fake_claude import answers
+from pipeline.fake_claude.cache import NO_CACHE, CachePlan, PromptCache
 from pipeline.fake_claude.errors import (
     RequestInvalid,
     error_body,
@@ -33,10 +37,12 @@ from pipeline.fake_claude.prompt import (
     read_prompt,
 )
 from pipeline.fake_claude.ratelimit import RateLimiter
+from pipeline.fake_claude.schema_values import SchemaFaker
 from pipeline.fake_claude.validation import (
     check_headers,
     check_message_body,
     check_prompt_size,
+    output_schema,
 )
 
 _MAX_TIMES_KEYS = 100_000  # `times=N` counters kept, oldest forgotten first
@@ -58,9 +64,10 @@ class Outcome:
     request_id: str
     model: str | None = None
     purpose: str | None = None
-    input_tokens: int = 0
+    input_tokens: int = 0  # as usage reports it: the part neither read from nor written to the cache
     output_tokens: int = 0
     fault: str | None = None
+    cache: CachePlan = NO_CACHE
 
     @property
     def status(self) -> int:
@@ -76,6 +83,7 @@ class Responder:
         # Jitter has its own generator so that it never shifts which requests get faults.
         self._jitter_rng = random.Random(options.seed + 1)
         self._times: OrderedDict[tuple[bytes, str], int] = OrderedDict()
+        self._cache = PromptCache(options.cache_min_tokens)
 
     def reset(self) -> None:
         with self._lock:
@@ -83,6 +91,11 @@ class Responder:
             self._jitter_rng.seed(self.options.seed + 1)
             self._times.clear()
         self._limiter.reset()
+        self._cache.reset()
+
+    def settle(self, outcome: Outcome, *, delivered: bool) -> None:
+        """Call as the answer goes out (or is dropped): what it wrote to the cache becomes readable."""
+        self._cache.settle(outcome.cache, delivered=delivered)
 
     # -- endpoints -------------------------------------------------------------------------------
 
@@ -106,7 +119,9 @@ class Responder:
 
         hints = read_hints(prompt.hints)
         random_fault = self._draw_fault()
-        admission = self._limiter.admit(klass, input_tokens, now)
+        cache = self._cache.plan(body, now)
+        # Cached reads do not count toward the input-tokens-per-minute limit, as on the API.
+        admission = self._limiter.admit(klass, input_tokens - cache.read_tokens, now)
         if not admission.allowed:
             return self._rate_limited(request_id, klass, now, model, purpose, admission.retry_after_s)
         fault = self._hinted_fault(prompt, hints, klass) or random_fault
@@ -127,6 +142,8 @@ class Responder:
         content, stop_reason, stop_sequence, output_tokens = self._answer(body, prompt, hints, klass,
                                                                          fault)
         self._limiter.charge_output(klass, output_tokens, now)
+        self._cache.begin(cache, now)
+        uncached = input_tokens - cache.read_tokens - cache.creation_tokens
         message = {
             "id": new_message_id(),
             "type": "message",
@@ -136,14 +153,15 @@ class Responder:
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
             "usage": {
-                "input_tokens": input_tokens,
+                "input_tokens": uncached,
                 "output_tokens": output_tokens,
-                "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
+                "cache_creation_input_tokens": cache.creation_tokens,
+                "cache_read_input_tokens": cache.read_tokens,
             },
         }
         response = Response(200, self._headers(request_id, klass, now), message)
-        return Outcome(response, delay, input_tokens=input_tokens, output_tokens=output_tokens, **meta)
+        return Outcome(response, delay, input_tokens=uncached, output_tokens=output_tokens, cache=cache,
+                       **meta)
 
     def count_tokens(self, headers: Mapping[str, str], body: Any, *, now: float) -> Outcome:
         """POST /v1/messages/count_tokens."""
@@ -250,8 +268,15 @@ class Responder:
             )
             return blocks, "end_turn", None, 1
         text = _purpose_text(prompt, hints, klass)
+        schema = output_schema(body)
+        if schema is not None:
+            text = _structured(text, schema, prompt)
         if fault == "malformed":
             text = answers.malformed(text)
+        if fault == "max_tokens":
+            # Cut where the limit would fall in a longer answer: never a whole JSON document.
+            text = text[: max(1, len(text) // 2)]
+            return [{"type": "text", "text": text}], "max_tokens", None, body["max_tokens"]
         stop_reason, stop_sequence = "end_turn", None
         for stop in body.get("stop_sequences") or []:
             at = text.find(stop) if stop else -1
@@ -317,6 +342,26 @@ def _retry_after(seconds: float) -> dict[str, str]:
 
 def _with_delay(outcome: Outcome, delay: float) -> Outcome:
     return replace(outcome, delay_s=delay)
+
+
+def _structured(text: str, schema: dict[str, Any], prompt: Prompt) -> str:
+    """The answer as constrained decoding gives it: the purpose's own answer when it already fits
+    the schema, else a value made for the schema (an [fake:invalid] hint gives way here, as the
+    decoder would not let a model break the schema; a refusal or a max_tokens stop still can)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    else:
+        if _fits(value, schema):
+            return text
+    value = SchemaFaker(schema, answers.job_text(prompt), prompt.digest).value()
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _fits(value: Any, schema: dict[str, Any]) -> bool:
+    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    return bool(validator(schema).is_valid(value))
 
 
 def _purpose_text(prompt: Prompt, hints: Hints, klass: str) -> str:

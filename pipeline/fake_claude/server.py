@@ -11,6 +11,7 @@ import socketserver
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any, Self
@@ -32,10 +33,13 @@ class _Server(ThreadingHTTPServer):
     # makes the kernel drop SYNs, which clients see as multi-second connect stalls.
     request_queue_size = 2048
 
-    def __init__(self, address: tuple[str, int], responder: Responder, recorder: Recorder) -> None:
+    def __init__(
+        self, address: tuple[str, int], responder: Responder, recorder: Recorder, clock: Callable[[], float]
+    ) -> None:
         super().__init__(address, _Handler)
         self.responder = responder
         self.recorder = recorder
+        self.clock = clock
         self.stopping = threading.Event()  # wakes sleeping handlers on stop
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
@@ -97,7 +101,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
-        now = time.time()
+        now = self.server.clock()
         if url.path == "/v1/models":
             query = dict(parse_qsl(url.query))
             self._send(self.server.responder.list_models(self._headers(), query, now=now).response)
@@ -114,7 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         url = urlsplit(self.path)
         raw = self._read_body()
-        now = time.time()
+        now = self.server.clock()
         if url.path == "/v1/messages":
             self._messages(raw, now)
         elif url.path == "/v1/messages/count_tokens":
@@ -146,7 +150,9 @@ class _Handler(BaseHTTPRequestHandler):
             # Recorded just before the last write, so a client that has its answer (or its
             # dropped connection) always finds the request in /_fake/stats and /_fake/requests.
             dropping = outcome.response is None or self.server.stopping.is_set()
-            recorder.finished(_log_entry(outcome, started, dropped=dropping))
+            # Likewise the cache: what this answer wrote is readable by the client's next request.
+            self.server.responder.settle(outcome, delivered=not dropping)
+            recorder.finished(_log_entry(outcome, started, self.server.clock(), dropped=dropping))
             recorded = True
             if dropping:
                 self._drop()
@@ -154,7 +160,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(outcome.response)
         finally:
             if not recorded:
-                recorder.finished(_log_entry(outcome, started, dropped=True))
+                recorder.finished(_log_entry(outcome, started, self.server.clock(), dropped=True))
 
     def _decide(self, raw: bytes, now: float) -> Outcome:
         responder = self.server.responder
@@ -237,29 +243,51 @@ def _parse_json(raw: bytes) -> Any:
         return _BadJson(f"body: could not parse JSON: {exc}")
 
 
-def _log_entry(outcome: Outcome | None, started: float, *, dropped: bool) -> LoggedRequest:
-    ended = time.time()
+def _log_entry(outcome: Outcome | None, started: float, ended: float, *, dropped: bool) -> LoggedRequest:
     if outcome is None:  # the fake failed before deciding, and the connection goes unanswered
         return LoggedRequest(None, None, 0, started, ended, 0, 0, "", None)
     status = 0 if dropped else outcome.status
+    answered = status == 200
     return LoggedRequest(
         model=outcome.model,
         purpose=outcome.purpose,
         status=status,
         started_at=started,
         ended_at=ended,
-        input_tokens=outcome.input_tokens if status == 200 else 0,
-        output_tokens=outcome.output_tokens if status == 200 else 0,
+        input_tokens=outcome.input_tokens if answered else 0,
+        output_tokens=outcome.output_tokens if answered else 0,
         request_id=outcome.request_id,
         fault=outcome.fault,
+        cache=_cache_result(outcome) if answered else None,
+        cache_creation_input_tokens=outcome.cache.creation_tokens if answered else 0,
+        cache_read_input_tokens=outcome.cache.read_tokens if answered else 0,
     )
+
+
+def _cache_result(outcome: Outcome) -> str | None:
+    """hit / miss for a request with a cacheable prefix; uncacheable when every breakpoint fell short
+    of the model's minimum; None without a breakpoint."""
+    plan = outcome.cache
+    if plan.cacheable:
+        return "hit" if plan.hit else "miss"
+    return "uncacheable" if plan.marked else None
 
 
 class FakeClaude:
     """The fake server, in-process: `with FakeClaude() as fc: Anthropic(base_url=fc.base_url)`."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, options: FakeOptions | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        options: FakeOptions | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`clock` gives the fake's time (cache TTLs, rate-limit buckets, the request log): a test
+        passes its own to expire a cache entry without waiting for it."""
         self.options = options or FakeOptions()
+        self._clock = clock
         self._address = (host, port)
         self._responder = Responder(self.options)
         self._recorder = Recorder()
@@ -269,7 +297,7 @@ class FakeClaude:
     def start(self) -> FakeClaude:
         if self._server is not None:
             raise RuntimeError("FakeClaude is already started")
-        server = _Server(self._address, self._responder, self._recorder)
+        server = _Server(self._address, self._responder, self._recorder, self._clock)
         thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-claude", daemon=True
         )
@@ -308,7 +336,8 @@ class FakeClaude:
         return self._recorder.requests()
 
     def reset(self) -> None:
-        """Clear counters, the log, `times=N` counters and rate-limit buckets; reseed faults."""
+        """Clear counters, the log, `times=N` counters, rate-limit buckets and the prompt cache;
+        reseed faults."""
         self._responder.reset()
         self._recorder.reset()
 

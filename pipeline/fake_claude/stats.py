@@ -22,6 +22,12 @@ class LoggedRequest:
     output_tokens: int
     request_id: str
     fault: str | None
+    cache: str | None = None  # hit, miss, uncacheable (every breakpoint below the minimum), or None
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+
+_CACHE_COUNTERS = ("hits", "misses", "writes", "uncacheable", "read_input_tokens", "creation_input_tokens")
 
 
 class Recorder:
@@ -41,6 +47,7 @@ class Recorder:
         self._by_purpose: Counter[str] = Counter()
         self._by_status: Counter[str] = Counter()
         self._by_fault: Counter[str] = Counter()
+        self._cache: dict[str, Counter[str]] = {}
         self._max_in_flight = self._in_flight
         self._log.clear()
 
@@ -64,7 +71,17 @@ class Recorder:
             self._by_status[str(entry.status)] += 1
             if entry.fault:
                 self._by_fault[entry.fault] += 1
+            if entry.cache is not None and entry.model is not None:
+                self._count_cache(entry)
             self._log.append(entry)
+
+    def _count_cache(self, entry: LoggedRequest) -> None:
+        counts = self._cache.setdefault(entry.model or "", Counter(dict.fromkeys(_CACHE_COUNTERS, 0)))
+        counts[{"hit": "hits", "miss": "misses"}.get(entry.cache or "", "uncacheable")] += 1
+        if entry.cache_creation_input_tokens:
+            counts["writes"] += 1
+        counts["read_input_tokens"] += entry.cache_read_input_tokens
+        counts["creation_input_tokens"] += entry.cache_creation_input_tokens
 
     def counted_tokens(self) -> None:
         with self._lock:
@@ -83,6 +100,10 @@ class Recorder:
                 "input_tokens": self._input_tokens,
                 "output_tokens": self._output_tokens,
                 "count_tokens_requests": self._count_tokens,
+                # Per model, over answered requests with a cache_control breakpoint: hits read a
+                # prefix, misses did not (and usually wrote one), writes wrote one; the hit rate a
+                # benchmark wants is read / (read + creation) input tokens.
+                "cache": {model: dict(counts) for model, counts in self._cache.items()},
                 "since": self._started_at,
             }
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jsonschema
+
+from pipeline.fake_claude.cache import check_cache_controls
 from pipeline.fake_claude.errors import RequestInvalid, invalid
 from pipeline.fake_claude.models import is_known, rejects_sampling_params
 
@@ -51,6 +54,12 @@ def check_message_body(body: Any, *, need_max_tokens: bool) -> dict[str, Any]:
     stops = body.get("stop_sequences")
     if stops is not None and not (isinstance(stops, list) and all(isinstance(s, str) for s in stops)):
         raise invalid("stop_sequences: Input should be a list of strings")
+    _check_output_config(body.get("output_config"))
+    if output_schema(body) is not None and body["messages"][-1].get("role") == "assistant":
+        # Constrained decoding starts the answer itself, so the API takes no prefilled start.
+        raise invalid("output_config.format: structured outputs cannot be combined with an assistant "
+                      "prefill (the last message is the assistant's)")
+    check_cache_controls(body)
     if body.get("stream") is True:
         raise invalid("stream: streaming is not supported by the fake Claude server; send stream=false")
     if not is_known(model):
@@ -62,6 +71,13 @@ def check_message_body(body: Any, *, need_max_tokens: bool) -> dict[str, Any]:
                     f"{name}: is not supported for model {model}; omit temperature, top_p and top_k"
                 )
     return body
+
+
+def output_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON Schema a checked body asks its answer to follow, if any."""
+    config = body.get("output_config")
+    output_format = config.get("format") if isinstance(config, dict) else None
+    return output_format["schema"] if isinstance(output_format, dict) else None
 
 
 def check_prompt_size(input_tokens: int) -> None:
@@ -106,3 +122,27 @@ def _check_system(system: Any) -> None:
         if not (isinstance(block, dict) and block.get("type") == "text"
                 and isinstance(block.get("text"), str)):
             raise invalid(f"system.{j}: Input should be a text block")
+
+
+def _check_output_config(config: Any) -> None:
+    if config is None:
+        return
+    if not isinstance(config, dict):
+        raise invalid("output_config: Input should be an object")
+    output_format = config.get("format")
+    if output_format is None:
+        return
+    if not isinstance(output_format, dict):
+        raise invalid("output_config.format: Input should be an object")
+    if output_format.get("type") != "json_schema":
+        raise invalid("output_config.format.type: Input should be 'json_schema'")
+    if "schema" not in output_format:
+        raise invalid("output_config.format.schema: Field required")
+    schema = output_format["schema"]
+    if not isinstance(schema, dict):
+        raise invalid("output_config.format.schema: Input should be an object")
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        raise invalid(f"output_config.format.schema: invalid JSON Schema at {where}: {exc.message}") from None
