@@ -6,6 +6,7 @@ another), so swapping a model or a price is a change of configuration, never of 
 
 from __future__ import annotations
 
+import contextlib
 import tomllib
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -16,6 +17,12 @@ from typing import Any
 from pipeline.errors import ConfigError
 
 DIFFICULTIES = ("easy", "medium", "hard")
+# How long a prompt-cache entry lives: the two lifetimes the API offers, each with its write price.
+CACHE_TTLS = ("5m", "1h")
+# A tier table without cache_min_tokens: the largest minimum the documentation gives (Haiku's and
+# Opus's). Too high only leaves a shorter shared prefix uncached; too low marks prefixes the model
+# silently does not cache.
+DEFAULT_CACHE_MIN_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,14 @@ class TierConfig:
     rpm: int = 0
     itpm: int = 0
     otpm: int = 0
+    # Prompt caching: a prefix shorter than the model's minimum is silently not cached, so a
+    # breakpoint goes only after a shared part at least this long; and how long an entry lives
+    # ("5m" or "1h", each written at its own price).
+    cache_min_tokens: int = DEFAULT_CACHE_MIN_TOKENS
+    cache_ttl: str = "5m"
+    # Whether the model takes output_config.format (structured outputs). Off unless configured: a
+    # model without them would refuse every call that asked.
+    structured_outputs: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,11 +68,17 @@ class ModelConfig:
     tiers: dict[str, TierConfig]
     routing: RoutingPolicy
     limits: Limits = field(default_factory=Limits)
+    # Multiples of a tier's input price: a 5-minute cache write, a 1-hour one, a cache read.
     cache_write_multiplier: Decimal = Decimal("1.25")
+    cache_write_1h_multiplier: Decimal = Decimal("2")
     cache_read_multiplier: Decimal = Decimal("0.10")
     # The cheap tier that triages and checks formats; the work tiers are the routing targets.
     triage_tier: str = "haiku"
     format_check_tier: str = "haiku"
+
+    def cache_write_multiplier_for(self, ttl: str) -> Decimal:
+        """The price of a cache write that lives ``ttl`` ("5m" or "1h"), as a multiple of input."""
+        return self.cache_write_1h_multiplier if ttl == "1h" else self.cache_write_multiplier
 
     def tier(self, name: str) -> TierConfig:
         try:
@@ -87,13 +108,18 @@ class ModelConfig:
         return self.routing.escalation[-1]
 
 
-def _decimal(raw: dict[str, Any], key: str, where: str) -> Decimal:
-    try:
-        value = Decimal(str(raw[key]))
-    except KeyError:
-        raise ConfigError(f"{where}: missing {key!r}") from None
-    except ArithmeticError:
-        raise ConfigError(f"{where}: {key!r} must be a number, not {raw[key]!r}") from None
+def _decimal(raw: dict[str, Any], key: str, where: str, default: str | None = None) -> Decimal:
+    if key not in raw:
+        if default is None:
+            raise ConfigError(f"{where}: missing {key!r}")
+        return Decimal(default)
+    given = raw[key]
+    value: Decimal | None = None
+    if isinstance(given, int | float | str) and not isinstance(given, bool):
+        with contextlib.suppress(ArithmeticError):  # not a number: said below
+            value = Decimal(str(given))
+    if value is None or not value.is_finite():
+        raise ConfigError(f"{where}: {key!r} must be a number, not {given!r}")
     if value < 0:
         raise ConfigError(f"{where}: {key!r} must not be negative")
     return value
@@ -103,6 +129,27 @@ def _limit(raw: dict[str, Any], key: str, where: str) -> int:
     value = raw.get(key, 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{where}: {key!r} must be a whole number of at least 0 (0: no limit), not {value!r}")
+    return value
+
+
+def _cache_min_tokens(raw: dict[str, Any], where: str) -> int:
+    value = raw.get("cache_min_tokens", DEFAULT_CACHE_MIN_TOKENS)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: 'cache_min_tokens' must be a whole number of tokens, at least 1, not {value!r}")
+    return value
+
+
+def _cache_ttl(raw: dict[str, Any], where: str) -> str:
+    value = raw.get("cache_ttl", "5m")
+    if value not in CACHE_TTLS:
+        raise ConfigError(f"{where}: 'cache_ttl' must be \"5m\" or \"1h\", not {value!r}")
+    return str(value)
+
+
+def _flag(raw: dict[str, Any], key: str, where: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key!r} must be true or false, not {value!r}")
     return value
 
 
@@ -124,6 +171,9 @@ def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> Model
             rpm=_limit(t, "rpm", where),
             itpm=_limit(t, "itpm", where),
             otpm=_limit(t, "otpm", where),
+            cache_min_tokens=_cache_min_tokens(t, where),
+            cache_ttl=_cache_ttl(t, where),
+            structured_outputs=_flag(t, "structured_outputs", where),
         )
 
     r = raw.get("routing", {})
@@ -136,12 +186,17 @@ def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> Model
         escalation=tuple(r.get("escalation", ("sonnet", "opus"))),
     )
     stages = raw.get("stages", {})
+    pricing = raw.get("pricing", {})
+    where = f"{source} [pricing]"
+    if not isinstance(pricing, dict):
+        raise ConfigError(f"{where}: must be a table of multipliers, e.g. cache_read_multiplier = 0.10")
     config = ModelConfig(
         tiers=tiers,
         routing=routing,
         limits=Limits(**raw.get("limits", {})),
-        cache_write_multiplier=Decimal(str(raw.get("pricing", {}).get("cache_write_multiplier", "1.25"))),
-        cache_read_multiplier=Decimal(str(raw.get("pricing", {}).get("cache_read_multiplier", "0.10"))),
+        cache_write_multiplier=_decimal(pricing, "cache_write_multiplier", where, "1.25"),
+        cache_write_1h_multiplier=_decimal(pricing, "cache_write_1h_multiplier", where, "2"),
+        cache_read_multiplier=_decimal(pricing, "cache_read_multiplier", where, "0.10"),
         triage_tier=str(stages.get("triage_tier", "haiku")),
         format_check_tier=str(stages.get("format_check_tier", "haiku")),
     )
