@@ -24,6 +24,12 @@ class Usage:
     def billed_input_tokens(self) -> int:
         return self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
 
+    @property
+    def rate_limited_input_tokens(self) -> int:
+        """What the call took from the input-tokens-per-minute limit: the API counts uncached input
+        and cache writes, not cache reads."""
+        return self.input_tokens + self.cache_creation_input_tokens
+
 
 def call_cost(tier: TierConfig, usage: Usage, *, config: ModelConfig) -> Decimal:
     """USD for one call. Cache writes and reads are priced as multiples of the input price: a write
