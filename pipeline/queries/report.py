@@ -46,14 +46,45 @@ class TierLine:
     escalations: int = 0  # jobs moved up from this tier after failing validation
     validations: int = 0  # verdicts on this tier's answers
     validation_failures: int = 0
+    # What prompt caching saved: these calls' cost had every cache token been billed as plain
+    # input, less their cost (``cache_saving``). None when the configuration no longer has the tier.
+    cache_saving_usd: Decimal | None = Decimal(0)
 
     @property
     def escalation_rate(self) -> float | None:
         return self.escalations / self.worked if self.worked else None
 
     @property
+    def cache_hit_rate(self) -> float | None:
+        return hit_rate(self.cache_read_input_tokens, self.cache_creation_input_tokens, self.input_tokens)
+
+    @property
     def validation_failure_rate(self) -> float | None:
         return self.validation_failures / self.validations if self.validations else None
+
+
+def hit_rate(read: int, written: int, uncached: int) -> float | None:
+    """The share of all input tokens read from the cache: cache reads over reads, writes and
+    uncached input. A call's usage does not say how much of its uncached input could have been
+    cached (the job's own text never can), so every input token counts."""
+    total = read + written + uncached
+    return read / total if total else None
+
+
+def cache_saving(config: ModelConfig, tier: str, *, read: int, written: int) -> Decimal | None:
+    """What caching saved on a tier's calls that read ``read`` and wrote ``written`` cache tokens:
+    their price as plain input, less their price as cache reads and writes, at the tier's configured
+    input price and cache TTL (the other tokens cost the same either way). Negative when the
+    writes were not read back enough to pay for their premium. None for cache tokens of a tier the
+    configuration no longer has, which it cannot price."""
+    if not read and not written:
+        return Decimal(0)
+    if tier not in config.tiers:
+        return None
+    t = config.tiers[tier]
+    per_in = t.input_per_mtok / MILLION
+    return per_in * (read * (1 - config.cache_read_multiplier)
+                     + written * (1 - config.cache_write_multiplier_for(t.cache_ttl)))
 
 
 @dataclass(frozen=True)
@@ -83,18 +114,31 @@ class Summary:
     def saving_ratio(self) -> float:
         return float(self.saving / self.top_tier_cost_usd) if self.top_tier_cost_usd else 0.0
 
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """Over all tiers (``hit_rate``)."""
+        return hit_rate(*(sum(getattr(t, a) for t in self.tiers)
+                          for a in ("cache_read_input_tokens", "cache_creation_input_tokens", "input_tokens")))
+
+    @property
+    def cache_saving_usd(self) -> Decimal:
+        """Over the tiers the configuration prices."""
+        return sum((t.cache_saving_usd for t in self.tiers if t.cache_saving_usd is not None), Decimal(0))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, with the derived rates; money as exact decimal strings."""
         tiers = []
         for t in self.tiers:
             line = {f.name: getattr(t, f.name) for f in fields(t)}
-            line.update(escalation_rate=t.escalation_rate, validation_failure_rate=t.validation_failure_rate)
+            line.update(escalation_rate=t.escalation_rate, validation_failure_rate=t.validation_failure_rate,
+                        cache_hit_rate=t.cache_hit_rate)
             tiers.append({k: f"{v:f}" if isinstance(v, Decimal) else v for k, v in line.items()})
         return {
             "jobs": self.jobs, "by_status": self.by_status, "tiers": tiers, "escalations": self.escalations,
             "validation_failures": self.validation_failures, "cost_usd": f"{self.cost_usd:f}",
             "top_tier": self.top_tier, "top_tier_cost_usd": f"{self.top_tier_cost_usd:f}",
             "saving_usd": f"{self.saving:f}", "saving_ratio": self.saving_ratio,
+            "cache_hit_rate": self.cache_hit_rate, "cache_saving_usd": f"{self.cache_saving_usd:f}",
             "failure_reasons": [{"reason": r.reason, "jobs": r.jobs} for r in self.failure_reasons],
         }
 
@@ -302,6 +346,9 @@ def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = N
                 tin, tout = int(figures[0]), int(figures[1])
         if not postgres:
             _latencies(session, scoped, bounds, line_for)
+    for line in tiers.values():
+        line.cache_saving_usd = cache_saving(config, line.tier, read=line.cache_read_input_tokens,
+                                             written=line.cache_creation_input_tokens)
     failures = sum(t.validation_failures for t in tiers.values())
     top = config.tier(config.top_tier)
     top_cost = (Decimal(tin) * top.input_per_mtok + Decimal(tout) * top.output_per_mtok) / MILLION
