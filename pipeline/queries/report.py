@@ -17,7 +17,7 @@ from sqlalchemy import BigInteger, and_, bindparam, case, func, literal, literal
 from sqlalchemy.dialects.postgresql import array, distinct_on
 from sqlalchemy.orm import Session
 
-from pipeline.claude.pricing import MILLION
+from pipeline.claude.pricing import MILLION, Usage, call_cost
 from pipeline.config import ModelConfig
 from pipeline.models import Batch, Job, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
 
@@ -235,21 +235,21 @@ def _latencies(session: Session, scoped: Scoped, bounds: dict[str, int],
 
 
 def _last_work_tokens(scoped: Scoped, postgres: bool) -> Any:
-    """Input and output tokens of each job's last successful work call, summed."""
+    """Input, output, cache write and cache read tokens of each job's last successful work call, summed."""
     # The stage as a literal, so that a prepared (generic) plan can still use the partial index of
     # work calls.
     ok_work = (ModelCall.stage == literal(Stage.WORK.value, literal_execute=True), ModelCall.outcome == "ok")
+    tokens = (ModelCall.input_tokens, ModelCall.output_tokens, ModelCall.cache_creation_input_tokens,
+              ModelCall.cache_read_input_tokens)
     if postgres:
         # DISTINCT ON picks each job's newest such call in one pass over the range.
-        last = scoped(select(ModelCall.input_tokens, ModelCall.output_tokens).where(*ok_work)
+        last = scoped(select(*tokens).where(*ok_work)
                       .ext(distinct_on(ModelCall.job_id)).order_by(ModelCall.job_id, ModelCall.id.desc()),
                       ModelCall.job_id).subquery()
-        return _tagged("top", null(), func.coalesce(func.sum(last.c.input_tokens), 0),
-                       func.coalesce(func.sum(last.c.output_tokens), 0))
+        return _tagged("top", null(), *[func.coalesce(func.sum(last.c[t.key]), 0) for t in tokens])
     last_id = scoped(select(func.max(ModelCall.id).label("id")).where(*ok_work).group_by(ModelCall.job_id),
                      ModelCall.job_id).subquery()
-    return (_tagged("top", null(), func.coalesce(func.sum(ModelCall.input_tokens), 0),
-                    func.coalesce(func.sum(ModelCall.output_tokens), 0))
+    return (_tagged("top", null(), *[func.coalesce(func.sum(t), 0) for t in tokens])
             .join_from(ModelCall, last_id, last_id.c.id == ModelCall.id))
 
 
@@ -317,7 +317,7 @@ def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = N
         lo = first if lo is None else min(lo, first)
         hi = last if hi is None else max(hi, last)
 
-    tin = tout = 0
+    top_usage = Usage()
     if lo is not None and hi is not None:
         postgres = session.get_bind().dialect.name == "postgresql"
         bounds = {"lo": lo, "hi": hi}
@@ -343,15 +343,15 @@ def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = N
                 line = line_for(tier)
                 line.validations, line.validation_failures = figures[0], int(figures[1])
             else:  # "top"
-                tin, tout = int(figures[0]), int(figures[1])
+                top_usage = Usage(*(int(n) for n in figures[:4]))
         if not postgres:
             _latencies(session, scoped, bounds, line_for)
     for line in tiers.values():
         line.cache_saving_usd = cache_saving(config, line.tier, read=line.cache_read_input_tokens,
                                              written=line.cache_creation_input_tokens)
     failures = sum(t.validation_failures for t in tiers.values())
-    top = config.tier(config.top_tier)
-    top_cost = (Decimal(tin) * top.input_per_mtok + Decimal(tout) * top.output_per_mtok) / MILLION
+    # The same tokens at the top tier's prices, its cache tokens as the same writes and reads there.
+    top_cost = call_cost(config.tier(config.top_tier), top_usage, config=config)
 
     total = sum((t.cost_usd for t in tiers.values()), Decimal(0))
     order = {name: i for i, name in enumerate([config.triage_tier, *config.work_tiers])}

@@ -173,6 +173,10 @@ def _check_cache(session: Session, models: ModelConfig) -> None:
     assert Decimal(line["cache_saving_usd"]) == Decimal("0.0155")
     assert Decimal(d["cache_saving_usd"]) == Decimal("0.0155")
     assert d["cache_hit_rate"] == pytest.approx(10_000 / 16_500)
+    # The top-tier comparison prices each job's final answer at Opus: its cache tokens too, as the
+    # same cache writes and reads at Opus's prices.
+    opus = models.tier("opus")
+    assert s.top_tier_cost_usd == call_cost(opus, Usage(600, 30, 5000, 10_000), config=models)
 
 
 def test_cache_figures_on_postgres(db: Session, models: ModelConfig) -> None:
@@ -290,8 +294,9 @@ def by_hand(session: Session, models: ModelConfig, batch_id: int) -> Summary:
         if c.stage == Stage.WORK and c.outcome == "ok":
             last_work[c.job_id] = c
     top = models.tier(models.top_tier)
-    top_cost = sum((c.input_tokens * top.input_per_mtok + c.output_tokens * top.output_per_mtok
-                    for c in last_work.values()), Decimal(0)) / 1_000_000
+    top_cost = sum((call_cost(top, Usage(c.input_tokens, c.output_tokens, c.cache_creation_input_tokens,
+                                         c.cache_read_input_tokens), config=models)
+                    for c in last_work.values()), Decimal(0))
     by_status: dict[str, int] = {}
     for j in jobs:
         by_status[j.status.value] = by_status.get(j.status.value, 0) + 1
