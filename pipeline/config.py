@@ -17,6 +17,12 @@ from typing import Any
 from pipeline.errors import ConfigError
 
 DIFFICULTIES = ("easy", "medium", "hard")
+# How long a prompt-cache entry lives: the two lifetimes the API offers, each with its write price.
+CACHE_TTLS = ("5m", "1h")
+# A tier table without cache_min_tokens: the largest minimum the documentation gives (Haiku's and
+# Opus's). Too high only leaves a shorter shared prefix uncached; too low marks prefixes the model
+# silently does not cache.
+DEFAULT_CACHE_MIN_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,14 @@ class TierConfig:
     rpm: int = 0
     itpm: int = 0
     otpm: int = 0
+    # Prompt caching: a prefix shorter than the model's minimum is silently not cached, so a
+    # breakpoint goes only after a shared part at least this long; and how long an entry lives
+    # ("5m" or "1h", each written at its own price).
+    cache_min_tokens: int = DEFAULT_CACHE_MIN_TOKENS
+    cache_ttl: str = "5m"
+    # Whether the model takes output_config.format (structured outputs). Off unless configured: a
+    # model without them would refuse every call that asked.
+    structured_outputs: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,11 +68,17 @@ class ModelConfig:
     tiers: dict[str, TierConfig]
     routing: RoutingPolicy
     limits: Limits = field(default_factory=Limits)
+    # Multiples of a tier's input price: a 5-minute cache write, a 1-hour one, a cache read.
     cache_write_multiplier: Decimal = Decimal("1.25")
+    cache_write_1h_multiplier: Decimal = Decimal("2")
     cache_read_multiplier: Decimal = Decimal("0.10")
     # The cheap tier that triages and checks formats; the work tiers are the routing targets.
     triage_tier: str = "haiku"
     format_check_tier: str = "haiku"
+
+    def cache_write_multiplier_for(self, ttl: str) -> Decimal:
+        """The price of a cache write that lives ``ttl`` ("5m" or "1h"), as a multiple of input."""
+        return self.cache_write_1h_multiplier if ttl == "1h" else self.cache_write_multiplier
 
     def tier(self, name: str) -> TierConfig:
         try:
@@ -159,6 +179,27 @@ def _limits(raw: dict[str, Any], where: str) -> Limits:
     return Limits(**{name: _whole(raw, name, where, default, 1) for name, default in known.items()})
 
 
+def _cache_min_tokens(raw: dict[str, Any], where: str) -> int:
+    value = raw.get("cache_min_tokens", DEFAULT_CACHE_MIN_TOKENS)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: 'cache_min_tokens' must be a whole number of tokens, at least 1, not {value!r}")
+    return value
+
+
+def _cache_ttl(raw: dict[str, Any], where: str) -> str:
+    value = raw.get("cache_ttl", "5m")
+    if value not in CACHE_TTLS:
+        raise ConfigError(f"{where}: 'cache_ttl' must be \"5m\" or \"1h\", not {value!r}")
+    return str(value)
+
+
+def _flag(raw: dict[str, Any], key: str, where: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key!r} must be true or false, not {value!r}")
+    return value
+
+
 def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> ModelConfig:
     tiers_raw = raw.get("tiers")
     if not isinstance(tiers_raw, dict) or not tiers_raw:
@@ -177,6 +218,9 @@ def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> Model
             rpm=_limit(t, "rpm", where),
             itpm=_limit(t, "itpm", where),
             otpm=_limit(t, "otpm", where),
+            cache_min_tokens=_cache_min_tokens(t, where),
+            cache_ttl=_cache_ttl(t, where),
+            structured_outputs=_flag(t, "structured_outputs", where),
         )
 
     r, where = _table(raw, "routing", source), f"{source} [routing]"
@@ -195,6 +239,7 @@ def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> Model
         routing=routing,
         limits=_limits(_table(raw, "limits", source), f"{source} [limits]"),
         cache_write_multiplier=_decimal(pricing, "cache_write_multiplier", f"{source} [pricing]", "1.25"),
+        cache_write_1h_multiplier=_decimal(pricing, "cache_write_1h_multiplier", f"{source} [pricing]", "2"),
         cache_read_multiplier=_decimal(pricing, "cache_read_multiplier", f"{source} [pricing]", "0.10"),
         triage_tier=_name(stages, "triage_tier", where, "haiku"),
         format_check_tier=_name(stages, "format_check_tier", where, "haiku"),

@@ -151,9 +151,17 @@ class TierStats(BaseModel):
     tier: str
     jobs: int
     calls: int
-    input_tokens: int
+    input_tokens: int = Field(description="Uncached input: what came after the last cache breakpoint.")
     output_tokens: int
+    cache_creation_input_tokens: int = Field(description="Input written to the prompt cache.")
+    cache_read_input_tokens: int = Field(description="Input read from the prompt cache.")
     cost_usd: Money
+    cache_hit_rate: float | None = Field(
+        description="The share of all input tokens read from the cache: cache reads over cache reads, cache "
+                    "writes and uncached input. Null when the tier had no input.")
+    cache_saving_usd: Money | None = Field(
+        description="What caching saved: these calls' cost had every cache token been billed as plain input, "
+                    "less their cost, at the tier's configured prices. Null for a tier no longer configured.")
 
 
 class Stats(BaseModel):
@@ -163,6 +171,8 @@ class Stats(BaseModel):
     by_status: dict[str, int]
     tiers: list[TierStats]
     cost_usd: Money
+    cache_hit_rate: float | None = Field(description="Over all tiers; null when there was no input.")
+    cache_saving_usd: Money = Field(description="Over all tiers.")
 
 
 class TenantUsage(BaseModel):

@@ -352,10 +352,14 @@ class ClaudeClient:
                 output_tokens=u.output_tokens,
                 cache_creation_input_tokens=u.cache_creation_input_tokens or 0,
                 cache_read_input_tokens=u.cache_read_input_tokens or 0,
+                # A 1-hour write costs more than a 5-minute one (pipeline.claude.pricing).
+                cache_creation_1h_input_tokens=(u.cache_creation.ephemeral_1h_input_tokens or 0
+                                                if u.cache_creation is not None else None),
             )
             # Settle the reservation: the real input count for the estimate, the real output for
-            # max_tokens (pipeline.claude.ratelimit explains why it reserves the worst case).
-            self.limiter.adjust(tier, input_tokens=usage.billed_input_tokens - estimate,
+            # max_tokens (pipeline.claude.ratelimit explains why it reserves the worst case). The
+            # input count is what the API counts against its limit: cache reads are not.
+            self.limiter.adjust(tier, input_tokens=usage.rate_limited_input_tokens - estimate,
                                 output_tokens=usage.output_tokens - max_tokens)
             text = "".join(getattr(b, "text", "") for b in message.content if b.type == "text")
             attempt = Attempt(

@@ -24,6 +24,12 @@ afterwards would let every thread start at once against an empty output budget a
 to concurrency x max_tokens; reserving the worst case never overshoots, and the API itself counts
 output tokens the same way (estimated from max_tokens, adjusted at the end).
 
+Input tokens, as the API counts them against its limit, are the uncached input and the cache
+writes; cache reads are not counted. The reservation is the whole prompt's estimate, since which
+part will be read from the cache is only known afterwards; ``adjust`` gives the cache reads back
+(``Usage.rate_limited_input_tokens``), so a tier whose prompts mostly hit the cache gets through
+as many more calls as the API allows.
+
 A 429 with ``retry-after`` means the organisation's real budget is spent (other clients share it,
 or our limits are set too high). ``penalize`` then pauses the tier for everyone: a key with that
 expiry, which every reservation waits out, and the request bucket drained so that the tier resumes

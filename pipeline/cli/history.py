@@ -497,8 +497,8 @@ def stats(
     wide: WideFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Per tier: jobs, calls, tokens, cost, latency, escalation and validation failure rates, and the
-    saving against sending every job to the top tier."""
+    """Per tier: jobs, calls, tokens, cost, the cache hit rate and what caching saved, latency,
+    escalation and validation failure rates, and the saving against sending every job to the top tier."""
     from pipeline.queries.report import summarize
 
     s = settings()
@@ -519,6 +519,8 @@ def stats(
     console.print(cost_line(summary))
     if summary.failure_reasons:
         console.print(failure_view(summary.failure_reasons, failed=summary.by_status.get("failed", 0)))
+    console.print("cache hit rate: the share of all input tokens read from the cache; saved by caching: against "
+                  "the same calls billing every cache token as plain input", style="dim")
     console.print("escalation rate: out of the jobs the tier worked; repeated calls: made by a repeated delivery "
                   "of a stage", style="dim")
 
@@ -532,6 +534,8 @@ STATS_ROWS: tuple[tuple[str, str, Unit, bool], ...] = (
     ("cache write tokens", "cache_creation_input_tokens", "count", True),
     ("cache read tokens", "cache_read_input_tokens", "count", True),
     ("cost", "cost_usd", "usd", False),
+    ("cache hit rate", "cache_hit_rate", "pct", False),
+    ("saved by caching", "cache_saving_usd", "usd", False),
     ("latency p50", "p50_latency_ms", "ms", False),
     ("latency p95", "p95_latency_ms", "ms", False),
     ("jobs worked", "worked", "count", True),
@@ -561,7 +565,9 @@ def _stats_table(summary: Summary, *, title: Text, wide: bool) -> Table:
     special: dict[str, str] = {
         "jobs": compact(summary.jobs), "cost_usd": compact(summary.cost_usd, "usd"), "p50_latency_ms": "",
         "p95_latency_ms": "", "worked": "", "escalation_rate": "",
-        "validation_failure_rate": compact(total("validation_failures") / verdicts if verdicts else None, "pct")}
+        "validation_failure_rate": compact(total("validation_failures") / verdicts if verdicts else None, "pct"),
+        "cache_hit_rate": compact(summary.cache_hit_rate, "pct"),
+        "cache_saving_usd": compact(summary.cache_saving_usd, "usd")}
     cols = ("", *(t.tier for t in tiers), "total")
     table = new_table(cols, figures=cols[1:], title=title)
     for label, attr, unit, wide_only in STATS_ROWS:

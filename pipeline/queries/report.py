@@ -17,7 +17,7 @@ from sqlalchemy import BigInteger, and_, bindparam, case, func, literal, literal
 from sqlalchemy.dialects.postgresql import array, distinct_on
 from sqlalchemy.orm import Session
 
-from pipeline.claude.pricing import MILLION
+from pipeline.claude.pricing import MILLION, Usage, call_cost
 from pipeline.config import ModelConfig
 from pipeline.models import Batch, Job, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
 
@@ -46,14 +46,45 @@ class TierLine:
     escalations: int = 0  # jobs moved up from this tier after failing validation
     validations: int = 0  # verdicts on this tier's answers
     validation_failures: int = 0
+    # What prompt caching saved: these calls' cost had every cache token been billed as plain
+    # input, less their cost (``cache_saving``). None when the configuration no longer has the tier.
+    cache_saving_usd: Decimal | None = Decimal(0)
 
     @property
     def escalation_rate(self) -> float | None:
         return self.escalations / self.worked if self.worked else None
 
     @property
+    def cache_hit_rate(self) -> float | None:
+        return hit_rate(self.cache_read_input_tokens, self.cache_creation_input_tokens, self.input_tokens)
+
+    @property
     def validation_failure_rate(self) -> float | None:
         return self.validation_failures / self.validations if self.validations else None
+
+
+def hit_rate(read: int, written: int, uncached: int) -> float | None:
+    """The share of all input tokens read from the cache: cache reads over reads, writes and
+    uncached input. A call's usage does not say how much of its uncached input could have been
+    cached (the job's own text never can), so every input token counts."""
+    total = read + written + uncached
+    return read / total if total else None
+
+
+def cache_saving(config: ModelConfig, tier: str, *, read: int, written: int) -> Decimal | None:
+    """What caching saved on a tier's calls that read ``read`` and wrote ``written`` cache tokens:
+    their price as plain input, less their price as cache reads and writes, at the tier's configured
+    input price and cache TTL (the other tokens cost the same either way). Negative when the
+    writes were not read back enough to pay for their premium. None for cache tokens of a tier the
+    configuration no longer has, which it cannot price."""
+    if not read and not written:
+        return Decimal(0)
+    if tier not in config.tiers:
+        return None
+    t = config.tiers[tier]
+    per_in = t.input_per_mtok / MILLION
+    return per_in * (read * (1 - config.cache_read_multiplier)
+                     + written * (1 - config.cache_write_multiplier_for(t.cache_ttl)))
 
 
 @dataclass(frozen=True)
@@ -83,18 +114,31 @@ class Summary:
     def saving_ratio(self) -> float:
         return float(self.saving / self.top_tier_cost_usd) if self.top_tier_cost_usd else 0.0
 
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """Over all tiers (``hit_rate``)."""
+        return hit_rate(*(sum(getattr(t, a) for t in self.tiers)
+                          for a in ("cache_read_input_tokens", "cache_creation_input_tokens", "input_tokens")))
+
+    @property
+    def cache_saving_usd(self) -> Decimal:
+        """Over the tiers the configuration prices."""
+        return sum((t.cache_saving_usd for t in self.tiers if t.cache_saving_usd is not None), Decimal(0))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, with the derived rates; money as exact decimal strings."""
         tiers = []
         for t in self.tiers:
             line = {f.name: getattr(t, f.name) for f in fields(t)}
-            line.update(escalation_rate=t.escalation_rate, validation_failure_rate=t.validation_failure_rate)
+            line.update(escalation_rate=t.escalation_rate, validation_failure_rate=t.validation_failure_rate,
+                        cache_hit_rate=t.cache_hit_rate)
             tiers.append({k: f"{v:f}" if isinstance(v, Decimal) else v for k, v in line.items()})
         return {
             "jobs": self.jobs, "by_status": self.by_status, "tiers": tiers, "escalations": self.escalations,
             "validation_failures": self.validation_failures, "cost_usd": f"{self.cost_usd:f}",
             "top_tier": self.top_tier, "top_tier_cost_usd": f"{self.top_tier_cost_usd:f}",
             "saving_usd": f"{self.saving:f}", "saving_ratio": self.saving_ratio,
+            "cache_hit_rate": self.cache_hit_rate, "cache_saving_usd": f"{self.cache_saving_usd:f}",
             "failure_reasons": [{"reason": r.reason, "jobs": r.jobs} for r in self.failure_reasons],
         }
 
@@ -191,21 +235,21 @@ def _latencies(session: Session, scoped: Scoped, bounds: dict[str, int],
 
 
 def _last_work_tokens(scoped: Scoped, postgres: bool) -> Any:
-    """Input and output tokens of each job's last successful work call, summed."""
+    """Input, output, cache write and cache read tokens of each job's last successful work call, summed."""
     # The stage as a literal, so that a prepared (generic) plan can still use the partial index of
     # work calls.
     ok_work = (ModelCall.stage == literal(Stage.WORK.value, literal_execute=True), ModelCall.outcome == "ok")
+    tokens = (ModelCall.input_tokens, ModelCall.output_tokens, ModelCall.cache_creation_input_tokens,
+              ModelCall.cache_read_input_tokens)
     if postgres:
         # DISTINCT ON picks each job's newest such call in one pass over the range.
-        last = scoped(select(ModelCall.input_tokens, ModelCall.output_tokens).where(*ok_work)
+        last = scoped(select(*tokens).where(*ok_work)
                       .ext(distinct_on(ModelCall.job_id)).order_by(ModelCall.job_id, ModelCall.id.desc()),
                       ModelCall.job_id).subquery()
-        return _tagged("top", null(), func.coalesce(func.sum(last.c.input_tokens), 0),
-                       func.coalesce(func.sum(last.c.output_tokens), 0))
+        return _tagged("top", null(), *[func.coalesce(func.sum(last.c[t.key]), 0) for t in tokens])
     last_id = scoped(select(func.max(ModelCall.id).label("id")).where(*ok_work).group_by(ModelCall.job_id),
                      ModelCall.job_id).subquery()
-    return (_tagged("top", null(), func.coalesce(func.sum(ModelCall.input_tokens), 0),
-                    func.coalesce(func.sum(ModelCall.output_tokens), 0))
+    return (_tagged("top", null(), *[func.coalesce(func.sum(t), 0) for t in tokens])
             .join_from(ModelCall, last_id, last_id.c.id == ModelCall.id))
 
 
@@ -273,7 +317,7 @@ def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = N
         lo = first if lo is None else min(lo, first)
         hi = last if hi is None else max(hi, last)
 
-    tin = tout = 0
+    top_usage = Usage()
     if lo is not None and hi is not None:
         postgres = session.get_bind().dialect.name == "postgresql"
         bounds = {"lo": lo, "hi": hi}
@@ -299,12 +343,15 @@ def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = N
                 line = line_for(tier)
                 line.validations, line.validation_failures = figures[0], int(figures[1])
             else:  # "top"
-                tin, tout = int(figures[0]), int(figures[1])
+                top_usage = Usage(*(int(n) for n in figures[:4]))
         if not postgres:
             _latencies(session, scoped, bounds, line_for)
+    for line in tiers.values():
+        line.cache_saving_usd = cache_saving(config, line.tier, read=line.cache_read_input_tokens,
+                                             written=line.cache_creation_input_tokens)
     failures = sum(t.validation_failures for t in tiers.values())
-    top = config.tier(config.top_tier)
-    top_cost = (Decimal(tin) * top.input_per_mtok + Decimal(tout) * top.output_per_mtok) / MILLION
+    # The same tokens at the top tier's prices, its cache tokens as the same writes and reads there.
+    top_cost = call_cost(config.tier(config.top_tier), top_usage, config=config)
 
     total = sum((t.cost_usd for t in tiers.values()), Decimal(0))
     order = {name: i for i, name in enumerate([config.triage_tier, *config.work_tiers])}

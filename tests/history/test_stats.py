@@ -15,6 +15,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from pipeline import migrate
+from pipeline.claude.pricing import Usage, call_cost
 from pipeline.config import ModelConfig
 from pipeline.db import make_engine
 from pipeline.models import Batch, Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
@@ -122,6 +123,71 @@ def test_summary_on_sqlite_computes_percentiles_in_python(sqlite_engine: Engine,
         _check(session, models, interleaved=interleaved)
 
 
+def _check_cache(session: Session, models: ModelConfig) -> None:
+    """Calls that carry cache tokens, as a task's batch makes them: its first call writes the shared
+    prefix, the others read it."""
+    t0 = datetime(2026, 6, 1, tzinfo=UTC)
+    batch = Batch(name="cached", created_at=t0)
+    session.add(batch)
+    session.flush()
+    jobs = [Job(batch_id=batch.id, key=f"c{i}", kind=JobKind.CLASSIFY, payload={}, status=JobStatus.SUCCEEDED,
+                tier="sonnet", created_at=t0) for i in range(3)]
+    session.add_all(jobs)
+    session.flush()
+
+    def call(job: Job, tier: str, tokens: tuple[int, int, int, int], *, stage: Stage = Stage.WORK) -> ModelCall:
+        inp, out, written, read = tokens
+        cost = call_cost(models.tier(tier), Usage(inp, out, written, read), config=models)
+        return ModelCall(job_id=job.id, stage=stage, tier=tier, model=f"m-{tier}", attempt=1, delivery=1,
+                         outcome="ok", input_tokens=inp, output_tokens=out, cache_creation_input_tokens=written,
+                         cache_read_input_tokens=read, cost_usd=cost, latency_ms=100.0, started_at=t0)
+
+    session.add_all([
+        # Sonnet ($2 per million in): one write of 5,000 tokens, two reads of them, 200 uncached each.
+        call(jobs[0], "sonnet", (200, 10, 5000, 0)),
+        call(jobs[1], "sonnet", (200, 10, 0, 5000)),
+        call(jobs[2], "sonnet", (200, 10, 0, 5000)),
+        # Haiku triage ($0.10 per million in): a prefix too short to cache, no cache tokens.
+        *[call(j, "haiku", (300, 20, 0, 0), stage=Stage.TRIAGE) for j in jobs],
+    ])
+    session.flush()
+    s = summarize(session, models, batch_id=batch.id)
+    tiers = {t.tier: t for t in s.tiers}
+    sonnet, haiku = tiers["sonnet"], tiers["haiku"]
+    assert (sonnet.cache_creation_input_tokens, sonnet.cache_read_input_tokens, sonnet.input_tokens) == (
+        5000, 10_000, 600)
+    # The share of all input read from the cache: 10,000 of 15,600.
+    assert sonnet.cache_hit_rate == pytest.approx(10_000 / 15_600)
+    assert haiku.cache_hit_rate == 0.0
+    assert tiers["opus"].cache_hit_rate is None  # no input at all
+    # Uncached, the 15,000 cache tokens would have cost $2 per million; they cost 5,000 x 1.25 +
+    # 10,000 x 0.1 of that: saved (15,000 - 6,250 - 1,000) x $2 / 1M = $0.0155.
+    assert sonnet.cache_saving_usd == Decimal("0.0155")
+    assert haiku.cache_saving_usd == 0
+    assert s.cache_saving_usd == Decimal("0.0155")
+    assert s.cache_hit_rate == pytest.approx(10_000 / (15_600 + 900))
+    d = s.to_dict()
+    line = next(t for t in d["tiers"] if t["tier"] == "sonnet")
+    assert (line["cache_read_input_tokens"], line["cache_creation_input_tokens"]) == (10_000, 5000)
+    assert line["cache_hit_rate"] == pytest.approx(10_000 / 15_600)
+    assert Decimal(line["cache_saving_usd"]) == Decimal("0.0155")
+    assert Decimal(d["cache_saving_usd"]) == Decimal("0.0155")
+    assert d["cache_hit_rate"] == pytest.approx(10_000 / 16_500)
+    # The top-tier comparison prices each job's final answer at Opus: its cache tokens too, as the
+    # same cache writes and reads at Opus's prices.
+    opus = models.tier("opus")
+    assert s.top_tier_cost_usd == call_cost(opus, Usage(600, 30, 5000, 10_000), config=models)
+
+
+def test_cache_figures_on_postgres(db: Session, models: ModelConfig) -> None:
+    _check_cache(db, models)
+
+
+def test_cache_figures_on_sqlite(sqlite_engine: Engine, models: ModelConfig) -> None:
+    with Session(sqlite_engine) as session:
+        _check_cache(session, models)
+
+
 def test_percentile_interpolates_like_percentile_cont() -> None:
     assert percentile([], 0.5) is None
     assert percentile([5.0], 0.95) == 5.0
@@ -175,6 +241,15 @@ def build_mixed(session: Session, seed: int) -> list[int]:
     return [b.id for b in batches]
 
 
+def cache_saving(models: ModelConfig, c: ModelCall) -> Decimal:
+    """A call's cost had every cache token been billed as plain input, less its cost."""
+    tier = models.tier(c.tier)
+    uncached = call_cost(tier, Usage(c.input_tokens + c.cache_creation_input_tokens + c.cache_read_input_tokens,
+                                     c.output_tokens), config=models)
+    return uncached - call_cost(tier, Usage(c.input_tokens, c.output_tokens, c.cache_creation_input_tokens,
+                                            c.cache_read_input_tokens), config=models)
+
+
 def by_hand(session: Session, models: ModelConfig, batch_id: int) -> Summary:
     """What summarize promises for a batch, worked out row by row in Python."""
     jobs = session.scalars(select(Job).where(Job.batch_id == batch_id)).all()
@@ -200,6 +275,9 @@ def by_hand(session: Session, models: ModelConfig, batch_id: int) -> Summary:
         t.cost_usd = sum((c.cost_usd for c in these), Decimal(0))
         t.cache_creation_input_tokens = sum(c.cache_creation_input_tokens for c in these)
         t.cache_read_input_tokens = sum(c.cache_read_input_tokens for c in these)
+        # What caching saved, call by call: each cache token's price as plain input, less its price.
+        t.cache_saving_usd = (sum((cache_saving(models, c) for c in these), Decimal(0)) if tier in models.tiers
+                              else None if t.cache_creation_input_tokens or t.cache_read_input_tokens else Decimal(0))
         t.failed_calls = sum(c.outcome == "error" for c in these)
         t.abandoned_calls = sum(c.outcome == "abandoned" for c in these)
         t.repeated_calls, t.repeated_cost_usd = len(repeated), sum((c.cost_usd for c in repeated), Decimal(0))
@@ -216,8 +294,9 @@ def by_hand(session: Session, models: ModelConfig, batch_id: int) -> Summary:
         if c.stage == Stage.WORK and c.outcome == "ok":
             last_work[c.job_id] = c
     top = models.tier(models.top_tier)
-    top_cost = sum((c.input_tokens * top.input_per_mtok + c.output_tokens * top.output_per_mtok
-                    for c in last_work.values()), Decimal(0)) / 1_000_000
+    top_cost = sum((call_cost(top, Usage(c.input_tokens, c.output_tokens, c.cache_creation_input_tokens,
+                                         c.cache_read_input_tokens), config=models)
+                    for c in last_work.values()), Decimal(0))
     by_status: dict[str, int] = {}
     for j in jobs:
         by_status[j.status.value] = by_status.get(j.status.value, 0) + 1

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from rich.console import Console
+from rich.text import Text
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -162,6 +163,25 @@ def test_stats_fit_80_columns(at80: Run, sy_json: Callable[..., Any]) -> None:
     fits(out, 80, "1.16M", "12.5M", "$2.20k", "cache read tokens", "jobs worked")
     _, out, _ = at80("stats", "--batch", "tiny")
     fits(out, 80, "$0.0013")
+
+
+def test_cache_figures_fit_80_columns() -> None:
+    """The cache rows at their widest: every token read from the cache at one tier, none at another,
+    and caching that cost more than it saved (writes never read back) at a third."""
+    from pipeline.cli.history import _stats_table
+
+    tiers = [TierLine("haiku", calls=12_500, input_tokens=1_162_500, cache_creation_input_tokens=51_200_000,
+                      cost_usd=Decimal("12.80"), cache_saving_usd=Decimal("-1280.00")),
+             TierLine("sonnet", calls=10_000, input_tokens=0, cache_read_input_tokens=999_999_999,
+                      cost_usd=Decimal("200.00"), cache_saving_usd=Decimal("1799.999998")),
+             TierLine("opus", calls=2_500, input_tokens=450_000_000, cost_usd=Decimal("2200.00"))]
+    summary = Summary(jobs=12_500, by_status={"succeeded": 12_500}, tiers=tiers, escalations=0, validation_failures=0,
+                      cost_usd=Decimal("2412.80"), top_tier="opus", top_tier_cost_usd=Decimal("2340.00"))
+    for wide in (False, True):
+        out = render(_stats_table(summary, title=Text("per tier"), wide=wide))
+        fits(out, 80, "0.0%", "100.0%", "-$1.28k", "$1.80k", "$520.00", "66.6%")
+        if wide:
+            fits(out, 80, "51.2M", "1.00B")
 
 
 def test_tokens_and_tenants_fit_80_columns(at80: Run) -> None:

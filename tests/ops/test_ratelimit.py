@@ -4,13 +4,19 @@ fast this machine is."""
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 import redis
 
+from pipeline.claude.client import ClaudeClient
+from pipeline.claude.pricing import Usage
 from pipeline.claude.ratelimit import RedisRateLimiter, TierLimits, parse_overrides
 from pipeline.errors import ConfigError, RateLimited
 
@@ -187,3 +193,57 @@ def test_overrides_from_the_environment() -> None:
     for bad in ("sonnet.rpm", "gpt.rpm=5", "sonnet.tpm=5", "sonnet.rpm=-1"):
         with pytest.raises(ConfigError, match="SWITCHYARD_RATE_LIMITS"):
             parse_overrides(bad, base)
+
+
+@contextmanager
+def answering(usage: dict[str, Any]) -> Iterator[str]:
+    """A Messages endpoint on a free local port whose every answer reports ``usage``: the call's
+    usage as the real API reports it with prompt caching (the fake Claude does not cache)."""
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                               "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                               "stop_sequence": None, "usage": usage}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("request-id", "req_1")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_cache_reads_take_nothing_from_the_input_budget_but_writes_do(client: redis.Redis, tier: str) -> None:
+    # The API counts input tokens and cache writes against the input-tokens-per-minute limit, and
+    # not cache reads. A day's window, so that the bucket does not visibly refill during the call.
+    day = 24 * 3600
+    rl = RedisRateLimiter(client, {tier: TierLimits(itpm=1_000_000)}, window_s=day, max_wait_s=10)
+    usage = {"input_tokens": 300, "output_tokens": 10, "cache_creation_input_tokens": 2000,
+             "cache_read_input_tokens": 50_000,
+             "cache_creation": {"ephemeral_5m_input_tokens": 500, "ephemeral_1h_input_tokens": 1500}}
+    with answering(usage) as url:
+        c = ClaudeClient(api_key="test", base_url=url, limiter=rl, attempts=1)
+        try:
+            result = c.call(tier=tier, model="m", system="s" * 4000, user="u" * 400, max_tokens=100)
+        finally:
+            c.close()
+    # What was recorded: every field, the 1-hour part of the writes too (it costs more).
+    assert result.attempts[-1].usage == Usage(300, 10, cache_creation_input_tokens=2000,
+                                              cache_read_input_tokens=50_000, cache_creation_1h_input_tokens=1500)
+    # The estimate of 1,100 taken before the call is settled to 300 + 2,000 afterwards.
+    left = rl.levels(tier)["input_tokens_left"]
+    assert left == pytest.approx(1_000_000 - 2300, abs=5)
