@@ -1,39 +1,69 @@
-"""switchyard's own errors.
+"""switchyard's own errors: every error it raises on purpose, in one tree.
 
-    SwitchyardError
-    ├── ConfigError            the configuration (environment or models file) is wrong
-    ├── JobInputError          a job the user submitted is invalid; says which line and why
-    │   ├── InputFileError     a whole input file is unusable (missing, unreadable, wrong format)
-    │   └── BatchCancelled     jobs sent to a batch that was cancelled
-    ├── NotFound               a job or batch id that does not exist
-    ├── RateLimited            a tier's shared budget has no turn for a call soon enough
-    ├── InvalidQuery           a history query the user wrote wrongly (a bad time, cursor, limit)
-    │   └── AmbiguousBatch     a batch name, given without a tenant, that several batches hold
-    ├── OutputError            a file the user named for output cannot be written (a missing folder, a full disk)
-    └── ClaudeError            a model call failed; translated from the SDK at the client boundary
-        ├── TransientClaudeError   worth retrying, as the SDK itself would: 408, 409, 429 with
-        │                          retry-after, 5xx and 529, timeouts, dropped connections
-        └── PermanentClaudeError   never retried: every other 4xx, and a 429 without retry-after
-                                   (a spend limit)
+The CLI answers each of them alike: one sentence, exit 2 (pipeline.cli.app). The API answers
+with the status drawn beside each, and the sentence as ``detail`` (pipeline.api.errors looks the
+status up by class, nearest base first, so a new subclass answers as its base does). The
+database's and the broker's own errors are translated where they reach those two entry points;
+anything else is a bug: the CLI keeps its traceback, the API answers 500 with no details.
 
-The CLI prints any SwitchyardError as one sentence and exits non-zero; anything else is a bug and
-keeps its traceback.
+    SwitchyardError               500  the base; raised only as one of these
+    ├── InvalidInput              422  something the user wrote is malformed: a flag, a tenant name, a limit, a prefix
+    │   ├── JobInputError         422  a job is invalid, or a batch name; says which line or item, and why
+    │   │   ├── InputFileError    422  a whole input is unusable: missing, unreadable, the wrong format, no jobs
+    │   │   └── BadItem           422  a bad job in an API request body, named by its index (array) or line
+    │   └── InvalidQuery          422  a read-side query is wrong: a time, a status, a cursor, a limit
+    │       └── AmbiguousBatch    422  a batch name, given without a tenant, that several tenants hold
+    ├── Unauthorized              401  no bearer token, or one that is unknown, malformed or revoked
+    ├── NotFound                  404  no such job, batch, tenant or token (another tenant's answers the same)
+    ├── Conflict                  409  the request is well formed, but what it names is in a state that refuses it
+    │   └── BatchCancelled        409  jobs sent to a batch that was cancelled
+    ├── BodyTooLarge              413  a request body, or the jobs in it, over the API's limit
+    ├── UnsupportedMediaType      415  a Content-Type the API does not read
+    ├── LimitExceeded             429  a tenant's jobs in flight or daily spend would pass its limit (Retry-After)
+    ├── BrokerDown                503  the broker (Redis) is not configured or cannot be reached
+    ├── ConfigError               500  the environment, the models file, or the Claude endpoint and key are wrong
+    ├── OutputError               500  a file the user named for output cannot be written (the CLI only)
+    ├── RateLimited               500  a tier's shared budget has no turn soon enough (in the workers only)
+    │   └── Deferred              500  ...so the stage hands its job back, with the attempts made so far
+    └── ClaudeError               500  a model call failed; translated from the SDK at the client boundary
+        ├── TransientClaudeError  500  worth retrying, as the SDK itself would: 408, 409, 429 with retry-after,
+        │                              5xx and 529, timeouts, dropped connections
+        ├── PermanentClaudeError  500  never retried: every other 4xx, and a 429 without retry-after (a spend limit)
+        └── CallFailed            500  a call ended without an answer, with every attempt made (in the workers only)
+
+500 marks what the caller of the API cannot fix: a ConfigError or an OutputError meets the
+operator at the command line or when a process starts, and RateLimited and ClaudeError stay in the
+workers, where a stage records them on the job; should one reach the API, it answers 500 with no
+details and logs it.
+
+Not in the tree, on purpose: exceptions that never reach a user, each kept beside the only code
+that raises and catches it. ``IllegalTransition`` (pipeline.flow.states) is a ValueError: a stage
+asked for a move the state machine forbids, which is a bug. ``SchemaUnusable``
+(pipeline.flow.schema_check) becomes a validation verdict on the job. ``KeyRepeated``
+(pipeline.intake.write) tells enqueue to write its input again with another writer.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.claude.client import Attempt
 
 
 class SwitchyardError(Exception):
-    """Base of every error switchyard raises on purpose."""
+    """Base of every error switchyard raises on purpose; never raised itself."""
 
 
-class ConfigError(SwitchyardError):
+# -- the user's mistakes ----------------------------------------------------------------------------
+
+
+class InvalidInput(SwitchyardError):
     pass
 
 
-class JobInputError(SwitchyardError):
+class JobInputError(InvalidInput):
     def __init__(self, message: str, *, line: int | None = None, source: str | None = None) -> None:
         self.line = line
         self.source = source
@@ -50,25 +80,17 @@ class InputFileError(JobInputError):
     pass
 
 
-class BatchCancelled(JobInputError):
-    pass
+class BadItem(JobInputError):
+    """A bad job in a batch body, with its index (JSON array) or line (JSON Lines)."""
+
+    def __init__(self, reason: str, *, index: int | None = None, line: int | None = None) -> None:
+        where = f"item {index}" if index is not None else f"line {line}"
+        super().__init__(f"{where}: {reason}; nothing from this request was written")
+        self.index = index
+        self.line_number = line
 
 
-class NotFound(SwitchyardError):
-    pass
-
-
-class RateLimited(SwitchyardError):
-    """No turn within the tier's rate-limit budget soon enough; raised before any request is sent,
-    so the stage hands the job back to its queue instead of holding a worker thread."""
-
-    def __init__(self, tier: str, wait_s: float) -> None:
-        super().__init__(f"tier {tier} is rate limited for another {wait_s:.1f} s")
-        self.tier = tier
-        self.wait_s = wait_s
-
-
-class InvalidQuery(SwitchyardError):
+class InvalidQuery(InvalidInput):
     pass
 
 
@@ -81,8 +103,73 @@ class AmbiguousBatch(InvalidQuery):
         self.candidates = candidates
 
 
+class Unauthorized(SwitchyardError):
+    pass
+
+
+class NotFound(SwitchyardError):
+    pass
+
+
+class Conflict(SwitchyardError):
+    pass
+
+
+class BatchCancelled(Conflict):
+    pass
+
+
+class BodyTooLarge(SwitchyardError):
+    pass
+
+
+class UnsupportedMediaType(SwitchyardError):
+    pass
+
+
+class LimitExceeded(SwitchyardError):
+    """A submission would take a tenant past one of its limits. Says which, and the numbers."""
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+# -- the operator's side ----------------------------------------------------------------------------
+
+
+class BrokerDown(SwitchyardError):
+    pass
+
+
+class ConfigError(SwitchyardError):
+    pass
+
+
 class OutputError(SwitchyardError):
     pass
+
+
+# -- model calls, in the workers --------------------------------------------------------------------
+
+
+class RateLimited(SwitchyardError):
+    """No turn within the tier's rate-limit budget soon enough; raised before any request is sent,
+    so the stage hands the job back to its queue instead of holding a worker thread."""
+
+    def __init__(self, tier: str, wait_s: float) -> None:
+        super().__init__(f"tier {tier} is rate limited for another {wait_s:.1f} s")
+        self.tier = tier
+        self.wait_s = wait_s
+
+
+class Deferred(RateLimited):
+    """The tier's budget has no turn soon enough: the caller should hand the job back and try again
+    in ``wait_s``. Carries the attempts already made (empty when it happens before the first)."""
+
+    def __init__(self, tier: str, wait_s: float, attempts: list[Attempt]) -> None:
+        super().__init__(tier, wait_s)
+        self.attempts = attempts
 
 
 class ClaudeError(SwitchyardError):
@@ -108,3 +195,17 @@ class TransientClaudeError(ClaudeError):
 
 class PermanentClaudeError(ClaudeError):
     pass
+
+
+class CallFailed(ClaudeError):
+    """Raised when a call ends without an answer; carries every attempt made."""
+
+    def __init__(self, cause: ClaudeError, attempts: list[Attempt]) -> None:
+        super().__init__(str(cause), status=cause.status, error_type=cause.error_type,
+                         request_id=cause.request_id, retry_after=cause.retry_after)
+        self.cause = cause
+        self.attempts = attempts
+
+    @property
+    def transient(self) -> bool:
+        return isinstance(self.cause, TransientClaudeError)

@@ -21,7 +21,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.db import insert_or_skip
-from pipeline.errors import BatchCancelled, NotFound, SwitchyardError
+from pipeline.errors import BatchCancelled, LimitExceeded, NotFound, SwitchyardError
 from pipeline.models import TERMINAL, ApiToken, Batch, Job, ModelCall, Money, Tenant, utcnow
 from pipeline.names import quoted
 
@@ -29,14 +29,6 @@ from pipeline.names import quoted
 TOKEN_RE = re.compile(r"sy_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 PREFIX_RE = re.compile(r"[0-9a-f]{12}")
 TENANT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-class LimitExceeded(SwitchyardError):
-    """A submission would take a tenant past one of its limits. Says which, and the numbers."""
-
-    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from starlette.requests import Request
 
-from pipeline.errors import JobInputError, SwitchyardError
+from pipeline.errors import BodyTooLarge, JobInputError, UnsupportedMediaType
 from pipeline.intake.jobspec import decode_json, json_limits
 
 SPOOL_IN_MEMORY = 1024 * 1024
@@ -25,14 +25,6 @@ READ_CHUNK = 64 * 1024
 
 JSON = "application/json"
 JSON_LINES = ("application/x-ndjson", "application/jsonl", "application/json-lines", "application/x-jsonlines")
-
-
-class BodyTooLarge(SwitchyardError):
-    pass
-
-
-class UnsupportedMediaType(SwitchyardError):
-    pass
 
 
 def media_type(request: Request) -> str:

@@ -12,9 +12,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import tenants
-from pipeline.api.errors import Unauthorized
 from pipeline.claude.ratelimit import RedisRateLimiter
 from pipeline.config import ModelConfig
+from pipeline.errors import Unauthorized
 from pipeline.tenants import Caller
 
 

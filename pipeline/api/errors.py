@@ -1,16 +1,12 @@
 """How errors become answers: one sentence in ``detail`` saying what and where, the right status,
 and never a secret or a stack trace.
 
-    SwitchyardError                 400, unless one of these:
-    ├── Unauthorized                401  (WWW-Authenticate: Bearer)
-    ├── NotFound                    404  (also for another tenant's job or batch)
-    ├── BatchCancelled              409
-    ├── BodyTooLarge                413
-    ├── UnsupportedMediaType        415
-    ├── JobInputError, InvalidQuery 422  (a bad item names its index or line)
-    ├── LimitExceeded               429  (Retry-After)
-    └── BrokerDown                  503
+switchyard's own errors answer with the status pipeline/errors.py draws beside each in its tree,
+from ``STATUS``: one entry per branch, found by the error's nearest base, so a new subclass answers
+as its base does. The rest:
+
     request validation (FastAPI)    422  with each parameter named
+    a value Postgres cannot store   422
     the database unreachable        503
     a deadlock it could not retry   503  (Retry-After; a submission is retried a few times first)
     anything else (a bug)           500  with no details
@@ -28,47 +24,45 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException
 
-from pipeline.api.bodies import BodyTooLarge, UnsupportedMediaType
 from pipeline.db import is_conflict
-from pipeline.errors import BatchCancelled, InvalidQuery, JobInputError, NotFound, SwitchyardError
-from pipeline.tenants import LimitExceeded
+from pipeline.errors import (
+    BadItem,
+    BodyTooLarge,
+    BrokerDown,
+    Conflict,
+    InvalidInput,
+    LimitExceeded,
+    NotFound,
+    SwitchyardError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from pipeline.settings import mask_url
 
 log = logging.getLogger("switchyard.api")
 
-
-class Unauthorized(SwitchyardError):
-    pass
-
-
-class BrokerDown(SwitchyardError):
-    pass
-
-
-STATUS: list[tuple[type[SwitchyardError], int]] = [
-    (Unauthorized, 401),
-    (NotFound, 404),
-    (BatchCancelled, 409),
-    (BodyTooLarge, 413),
-    (UnsupportedMediaType, 415),
-    (JobInputError, 422),
-    (InvalidQuery, 422),
-    (LimitExceeded, 429),
-    (BrokerDown, 503),
-]
-
+STATUS: dict[type[SwitchyardError], int] = {
+    # What the caller can fix, or wait out.
+    InvalidInput: 422,
+    Unauthorized: 401,
+    NotFound: 404,
+    Conflict: 409,
+    BodyTooLarge: 413,
+    UnsupportedMediaType: 415,
+    LimitExceeded: 429,
+    BrokerDown: 503,
+    # The rest is the server's side (its configuration, a model call): the caller can do nothing.
+    SwitchyardError: 500,
+}
 
 SUBMIT_PATHS = ("/v1/jobs", "/v1/batches")
 REFUSALS = {409: "batch_cancelled", 413: "too_large", 415: "media_type", 422: "invalid", 429: "tenant_limit"}
+INTERNAL = "internal error: the server failed to answer this request; it has been logged"
 
 
-class BadItem(JobInputError):
-    """A bad job in a batch body, with its index (JSON array) or line (JSON Lines)."""
-
-    def __init__(self, reason: str, *, index: int | None = None, line: int | None = None) -> None:
-        where = f"item {index}" if index is not None else f"line {line}"
-        super().__init__(f"{where}: {reason}; nothing from this request was written")
-        self.index = index
-        self.line_number = line
+def status_for(error: type[SwitchyardError]) -> int:
+    """The status of the nearest class in ``STATUS`` that ``error`` derives from."""
+    return next(STATUS[cls] for cls in error.__mro__ if cls in STATUS)
 
 
 def _answer(status: int, detail: str, *, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
@@ -92,7 +86,12 @@ def _where(loc: tuple[Any, ...]) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(SwitchyardError)
     async def switchyard_error(request: Request, exc: SwitchyardError) -> JSONResponse:
-        status = next((code for cls, code in STATUS if isinstance(exc, cls)), 400)
+        status = status_for(type(exc))
+        if status == 500:
+            # Meant for the operator, not the caller; its message may quote a setting (masked here).
+            log.error("%s while answering %s %s: %s", type(exc).__name__, request.method, request.url.path,
+                      mask_url(str(exc)))
+            return _answer(500, INTERNAL)
         if request.method == "POST" and request.url.path in SUBMIT_PATHS and status != 401:
             request.app.state.metrics.refused.labels(REFUSALS.get(status, "other")).inc()
         headers: dict[str, str] = {}
@@ -135,7 +134,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def bug(_request: Request, _exc: Exception) -> JSONResponse:
         # A bug. Starlette logs the traceback after this answer; the caller gets no details.
-        return _answer(500, "internal error: the server failed to answer this request; it has been logged")
+        return _answer(500, INTERNAL)
 
     @app.exception_handler(DataError)
     async def unstorable(_request: Request, exc: DBAPIError) -> JSONResponse:

@@ -18,11 +18,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from pipeline import tenants
 from pipeline.api import schemas
-from pipeline.api.bodies import JSON_LINES, UnsupportedMediaType, media_type, spool
+from pipeline.api.bodies import JSON_LINES, media_type, spool
 from pipeline.api.deps import Db, State, Who, caller, state
-from pipeline.api.errors import BrokerDown
 from pipeline.api.submit import batch_source, body_reader, check_spend, find_job, one_job_source, submit_items
-from pipeline.errors import InvalidQuery, JobInputError, NotFound
+from pipeline.errors import BrokerDown, InvalidQuery, JobInputError, NotFound, UnsupportedMediaType
 from pipeline.intake.enqueue import max_job_tokens
 from pipeline.intake.jobspec import MAX_KEY_LENGTH, decode_json, parse_job
 from pipeline.models import Batch, Tenant

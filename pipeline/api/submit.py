@@ -12,10 +12,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import tenants
-from pipeline.api.bodies import JSON, JSON_LINES, UnsupportedMediaType, iter_json_array, iter_json_lines
-from pipeline.api.errors import BadItem
+from pipeline.api.bodies import JSON, JSON_LINES, iter_json_array, iter_json_lines
 from pipeline.config import ModelConfig
-from pipeline.errors import BatchCancelled, InputFileError, JobInputError
+from pipeline.errors import BadItem, InputFileError, JobInputError, UnsupportedMediaType
 from pipeline.intake.enqueue import EnqueueReport, Source, enqueue_items, iter_objects
 from pipeline.intake.jobspec import JobSpec
 from pipeline.models import Job
@@ -36,7 +35,7 @@ def submit_items(sessions: sessionmaker[Session], source: Source, *, who: Caller
                  batch: str, lines: bool) -> EnqueueReport:
     try:
         report = enqueue_items(sessions, source, batch=batch, tenant_id=who.tenant_id, atomic=True)
-    except (BadItem, BatchCancelled, InputFileError):
+    except (BadItem, InputFileError):
         raise  # said already, or about the whole body: no item to name
     except JobInputError as exc:
         number = exc.line if exc.line is not None else 0

@@ -25,7 +25,15 @@ import anthropic
 import httpx2 as httpx
 
 from pipeline.claude.pricing import Usage
-from pipeline.errors import ClaudeError, ConfigError, PermanentClaudeError, RateLimited, TransientClaudeError
+from pipeline.errors import (
+    CallFailed,
+    ClaudeError,
+    ConfigError,
+    Deferred,
+    PermanentClaudeError,
+    RateLimited,
+    TransientClaudeError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +66,6 @@ class CallResult:
     text: str
     stop_reason: str | None
     attempts: list[Attempt]
-
-
-class CallFailed(ClaudeError):
-    """Raised when a call ends without an answer; carries every attempt made."""
-
-    def __init__(self, cause: ClaudeError, attempts: list[Attempt]) -> None:
-        super().__init__(str(cause), status=cause.status, error_type=cause.error_type,
-                         request_id=cause.request_id, retry_after=cause.retry_after)
-        self.cause = cause
-        self.attempts = attempts
-
-    @property
-    def transient(self) -> bool:
-        return isinstance(self.cause, TransientClaudeError)
 
 
 class RateLimiter(Protocol):
@@ -110,15 +104,6 @@ class NoLimit:
 
     def penalize(self, tier: str, *, retry_after: float) -> None:
         return None
-
-
-class Deferred(RateLimited):
-    """The tier's budget has no turn soon enough: the caller should hand the job back and try again
-    in ``wait_s``. Carries the attempts already made (empty when it happens before the first)."""
-
-    def __init__(self, tier: str, wait_s: float, attempts: list[Attempt]) -> None:
-        super().__init__(tier, wait_s)
-        self.attempts = attempts
 
 
 # Told about every HTTP attempt once it has ended (metrics): tier, model, the attempt.

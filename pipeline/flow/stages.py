@@ -22,9 +22,10 @@ from sqlalchemy import Connection, Engine, Table, delete, insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.claude.client import MAX_RETRY_AFTER_S, Attempt, CallFailed, CallResult, Deferred, ModelClient
+from pipeline.claude.client import MAX_RETRY_AFTER_S, Attempt, CallResult, ModelClient
 from pipeline.claude.pricing import call_cost
 from pipeline.config import ModelConfig
+from pipeline.errors import CallFailed, Deferred
 from pipeline.flow.prompts import Prompt, format_check_prompt, triage_prompt, work_prompt
 from pipeline.flow.routing import after_failed_validation, parse_triage, tier_for
 from pipeline.flow.states import Also, Claim, begin_stage, last_step, moved_at, release_stage, renew_claim, transition

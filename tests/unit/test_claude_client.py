@@ -10,8 +10,8 @@ import anthropic
 import httpx2 as httpx
 import pytest
 
-from pipeline.claude.client import CallFailed, ClaudeClient, translate
-from pipeline.errors import PermanentClaudeError, TransientClaudeError
+from pipeline.claude.client import ClaudeClient, translate
+from pipeline.errors import CallFailed, PermanentClaudeError, TransientClaudeError
 from pipeline.fake_claude import FakeClaude
 from pipeline.flow.prompts import work_prompt
 from pipeline.models import JobKind
