@@ -21,7 +21,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.db import insert_or_skip
-from pipeline.errors import BatchCancelled, LimitExceeded, NotFound, SwitchyardError
+from pipeline.errors import BatchCancelled, InvalidInput, LimitExceeded, NotFound
 from pipeline.models import TERMINAL, ApiToken, Batch, Job, ModelCall, Money, Tenant, utcnow
 from pipeline.names import quoted
 
@@ -66,7 +66,7 @@ def check_tenant_name(name: str) -> str:
     # Checked before any lookup too: a name no tenant can have (invalid UTF-8 from the command
     # line, say) is the user's mistake to name, not something to send to Postgres.
     if not TENANT_NAME_RE.fullmatch(name):
-        raise SwitchyardError(f"tenant name {quoted(name)} must be 1-100 letters, digits, '.', '_' or '-'")
+        raise InvalidInput(f"tenant name {quoted(name)} must be 1-100 letters, digits, '.', '_' or '-'")
     return name
 
 
@@ -109,9 +109,9 @@ SPEND_CEILING = Decimal(10) ** ((Money.precision or 0) - SPEND_PLACES)
 
 def check_jobs_in_flight(value: int) -> int:
     if value < 0:
-        raise SwitchyardError("--jobs-in-flight must be 0 or more")
+        raise InvalidInput("--jobs-in-flight must be 0 or more")
     if value > MAX_JOBS_IN_FLIGHT:
-        raise SwitchyardError(f"--jobs-in-flight {value:,} is over the largest limit, {MAX_JOBS_IN_FLIGHT:,}")
+        raise InvalidInput(f"--jobs-in-flight {value:,} is over the largest limit, {MAX_JOBS_IN_FLIGHT:,}")
     return value
 
 
@@ -119,16 +119,16 @@ def check_spend_per_day(value: Decimal) -> Decimal:
     """The limit as it will be stored. Postgres would round a finer one to the column's places
     (0.0000000001 to 0), so it is refused rather than stored as something else."""
     if not value.is_finite():
-        raise SwitchyardError(f"--spend-per-day {str(value)!r} is not a number of dollars")
+        raise InvalidInput(f"--spend-per-day {str(value)!r} is not a number of dollars")
     if value < 0:
-        raise SwitchyardError("--spend-per-day must be 0 or more")
+        raise InvalidInput("--spend-per-day must be 0 or more")
     if value >= SPEND_CEILING:
-        raise SwitchyardError(f"--spend-per-day must be under ${SPEND_CEILING:,f} a day")
+        raise InvalidInput(f"--spend-per-day must be under ${SPEND_CEILING:,f} a day")
     kept = abs(value.quantize(SPEND_STEP))  # abs: -0 is 0
     if kept != value:
         shown = f"{value:f}"
-        raise SwitchyardError(f"--spend-per-day {shown if len(shown) <= 40 else value} has more than {SPEND_PLACES} "
-                              f"decimal places; limits are kept to ${SPEND_STEP:f}")
+        raise InvalidInput(f"--spend-per-day {shown if len(shown) <= 40 else value} has more than {SPEND_PLACES} "
+                            f"decimal places; limits are kept to ${SPEND_STEP:f}")
     return kept
 
 
@@ -179,8 +179,8 @@ def revoke_token(session: Session, tenant_name: str, prefix: str) -> TokenInfo:
     if match:
         prefix = match.group(1)
     elif not PREFIX_RE.fullmatch(prefix):
-        raise SwitchyardError(f"{quoted(prefix)} is not a token prefix (12 hex digits, as `switchyard tokens list` "
-                              f"shows them) or a whole token")
+        raise InvalidInput(f"{quoted(prefix)} is not a token prefix (12 hex digits, as `switchyard tokens list` "
+                            f"shows them) or a whole token")
     tenant = require(session, tenant_name)
     row = session.scalar(select(ApiToken).where(ApiToken.tenant_id == tenant.id, ApiToken.prefix == prefix))
     if row is None:

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.cli.common import app, console, err, failure_view, jobs_app, settings
 from pipeline.cli.outfile import Output, write_whole
 from pipeline.cli.tables import Unit, compact, cost_line, new_table, when
-from pipeline.errors import InputFileError, InvalidQuery, JobInputError, OutputError
+from pipeline.errors import InputFileError, InvalidInput, InvalidQuery, JobInputError, OutputError
 from pipeline.names import check_batch_name, escaped
 from pipeline.queries import history
 
@@ -121,10 +121,10 @@ def enqueue(
     name = _batch_name(batch, file)
     target = invalid_report or file.with_name(file.name + ".invalid.jsonl")
     if invalid_report is not None and not skip_invalid:
-        raise InvalidQuery("--invalid-report is only used with --skip-invalid: add that, or leave the report out")
+        raise InvalidInput("--invalid-report is only used with --skip-invalid: add that, or leave the report out")
     input_size(file)  # a missing input is the first thing to say, before where its report would go
     if skip_invalid and _same_file(target, file):
-        raise InvalidQuery(f"--invalid-report {target} is the input file itself: name another file for the report")
+        raise InvalidInput(f"--invalid-report {target} is the input file itself: name another file for the report")
     tenant_id = _admitted_tenant(tenant) if tenant is not None else None
     started = False
     report: EnqueueReport | None = None

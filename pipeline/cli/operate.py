@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from pipeline.cli.common import app, console, db_app, err, print_summary, settings
-from pipeline.errors import ConfigError
+from pipeline.errors import InvalidInput
 from pipeline.settings import Settings
 
 # -- schema ----------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def worker(
 
     queues = queue_names(s)
     if tier not in queues:
-        raise ConfigError(f"unknown tier {tier!r}: expected one of {', '.join(queues)}")
+        raise InvalidInput(f"unknown tier {tier!r}: expected one of {', '.join(queues)}")
     s.tier_limits()  # a mistake in SWITCHYARD_RATE_LIMITS stops the worker now, not at its first job
     # ...and so does a Claude endpoint that cannot be reached, refuses the key or lacks the model
     # this queue calls: its jobs would otherwise wait out their patience before failing.
@@ -243,7 +243,7 @@ def fake_claude(
     try:
         fault_list = parse_faults(faults)
     except ValueError as exc:
-        raise ConfigError(f"--faults: {exc}") from None
+        raise InvalidInput(f"--faults: {exc}") from None
     serve_forever(host=host, port=port, options=FakeOptions(
         latency_ms=latency_ms, latency_jitter_ms=latency_jitter_ms, fault_rate=fault_rate, faults=fault_list,
         seed=seed, stall_seconds=stall_seconds, rpm=rpm))

@@ -8,7 +8,7 @@ from rich.console import Group
 from rich.table import Table
 
 from pipeline.cli.tables import compact, new_table
-from pipeline.errors import ConfigError
+from pipeline.errors import BrokerDown, ConfigError
 from pipeline.queries.ops import Status, gather
 from pipeline.settings import Settings, mask_url
 
@@ -35,7 +35,7 @@ class StatusSource:
             with self.sessions() as session:
                 return gather(self.redis, session, self.settings.models, self.limiter)
         except redis.RedisError as exc:
-            raise ConfigError(f"cannot reach Redis at BROKER_URL: {exc}") from None
+            raise BrokerDown(f"cannot reach Redis at BROKER_URL: {exc}") from None
 
 
 def _limit(n: int) -> str:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.cli.common import app, console, err
 from pipeline.cli.tables import compact, new_table, when
-from pipeline.errors import SwitchyardError
+from pipeline.errors import InvalidInput
 from pipeline.settings import Settings
 
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens: each belongs to a tenant; only its hash is stored.")
@@ -111,7 +111,7 @@ def _usd(value: str | None) -> Decimal | None:
     except InvalidOperation:
         usd = Decimal("NaN")
     if not usd.is_finite():  # Decimal reads "NaN" and "Infinity" too
-        raise SwitchyardError(f"--spend-per-day {value!r} is not a number of dollars")
+        raise InvalidInput(f"--spend-per-day {value!r} is not a number of dollars")
     return usd
 
 

@@ -1,17 +1,22 @@
 """switchyard's errors live in one tree, in pipeline/errors.py, drawn in its docstring: every
 subclass of SwitchyardError the package defines is there, under its real base, with the HTTP status
-the API answers it with."""
+the API answers it with; and no module raises the bare base class, which says nothing a caller
+could act on."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
 import re
+from pathlib import Path
 
 import pipeline
 import pipeline.errors
 from pipeline.api.errors import status_for
 from pipeline.errors import SwitchyardError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # A class's line in the drawing: the tree's branches, its name, then its HTTP status.
 TREE_LINE = re.compile(r"^ {4}(?P<indent>(?:[│ ] {3})*)(?:[├└]── )?(?P<name>[A-Z]\w+)\s+(?P<status>\d{3})\b")
@@ -66,3 +71,25 @@ def test_every_error_is_defined_in_errors_py_and_drawn_under_its_base_with_its_s
         assert status == status_for(cls), f"{cls.__name__} is drawn with {status}; the API answers {status_for(cls)}"
     # ...and nothing is drawn that does not exist.
     assert set(drawn) == {c.__name__ for c in classes} | {"SwitchyardError"}
+
+
+def _raises_the_base(node: ast.AST) -> bool:
+    if not isinstance(node, ast.Raise) or node.exc is None:
+        return False
+    target = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+    name = target.id if isinstance(target, ast.Name) else target.attr if isinstance(target, ast.Attribute) else None
+    return name == "SwitchyardError"
+
+
+def test_no_module_raises_the_bare_base_class() -> None:
+    found = []
+    for path in sorted([*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "workers").rglob("*.py")]):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        found += [f"{path.relative_to(ROOT)}:{n.lineno}" for n in ast.walk(tree) if _raises_the_base(n)]
+    assert not found, "raise a subclass from pipeline/errors.py, not SwitchyardError itself: " + ", ".join(found)
+
+
+def test_the_scan_sees_a_bare_raise() -> None:
+    assert _raises_the_base(ast.parse("raise SwitchyardError('x')").body[0])
+    assert _raises_the_base(ast.parse("raise errors.SwitchyardError").body[0])
+    assert not _raises_the_base(ast.parse("raise NotFound('x')").body[0])
