@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.api import bodies
-from pipeline.errors import JobInputError
+from pipeline.errors import BodyTooLarge, JobInputError
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
@@ -68,7 +68,7 @@ def test_broken_arrays_say_where(body: bytes, index: int, says: str, chunk: int)
 
 
 def test_item_limit_is_enforced_while_reading() -> None:
-    with pytest.raises(bodies.BodyTooLarge, match="more than 3 jobs"):
+    with pytest.raises(BodyTooLarge, match="more than 3 jobs"):
         read(json.dumps([1, 2, 3, 4]).encode(), chunk=2, max_items=3)
     assert len(read(json.dumps([1, 2, 3]).encode(), chunk=2, max_items=3)) == 3
 

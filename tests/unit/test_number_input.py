@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from pipeline.api import bodies
 from pipeline.claude.ratelimit import TierLimits, parse_overrides
 from pipeline.cli.app import app
-from pipeline.errors import ConfigError
+from pipeline.errors import BodyTooLarge, ConfigError
 from tests.cluster import SWITCHYARD
 
 # Nothing listens on port 1: were an option not refused up front, its command would fail fast
@@ -87,7 +87,7 @@ def test_a_content_length_that_is_no_number_is_ignored_and_the_body_still_bounde
     # number, and the body is measured as it is read, as for a body sent without a length.
     assert _spool(b"\xb2", b"[]", max_bytes=10) == b"[]"
     assert _spool(b"9" * 5000, b"[]", max_bytes=10) == b"[]"
-    with pytest.raises(bodies.BodyTooLarge, match="request body is 100 bytes"):
+    with pytest.raises(BodyTooLarge, match="request body is 100 bytes"):
         _spool(b"100", b"[]", max_bytes=10)
-    with pytest.raises(bodies.BodyTooLarge):
+    with pytest.raises(BodyTooLarge):
         _spool(b"\xb2", b"x" * 11, max_bytes=10)
