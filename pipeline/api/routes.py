@@ -22,7 +22,9 @@ from pipeline.api.bodies import JSON_LINES, UnsupportedMediaType, media_type, sp
 from pipeline.api.deps import Db, State, Who, caller, state
 from pipeline.api.errors import BrokerDown
 from pipeline.api.submit import batch_source, body_reader, check_spend, find_job, one_job_source, submit_items
+from pipeline.db import transaction
 from pipeline.errors import InvalidQuery, JobInputError, NotFound
+from pipeline.intake import tasks
 from pipeline.intake.enqueue import max_job_tokens
 from pipeline.intake.jobspec import MAX_KEY_LENGTH, decode_json, parse_job
 from pipeline.models import Batch, Tenant
@@ -254,6 +256,69 @@ def batch_results(batch_id: int, request: Request, db: Db, who: Who) -> Streamin
 
     return StreamingResponse(lines(), media_type=JSON_LINES[0],
                              headers={"Content-Disposition": f'attachment; filename="batch-{batch.id}.jsonl"'})
+
+
+# -- tasks -----------------------------------------------------------------------------------------
+
+TOML_TYPES = ("application/toml", "text/toml", "text/x-toml")
+TASK_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": schemas.Error, "description": text} for code, text in {
+        413: "The body is over the configured limit.",
+        415: "The Content-Type is not TOML or JSON, or the body is compressed (Content-Encoding).",
+    }.items()
+}
+
+
+def _task(t: tasks.TaskVersion, *, definition: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"task": t.name, "version": t.version, "kind": t.kind, "content_sha256": t.content_sha256,
+                           "created_at": t.created_at.isoformat()}
+    if definition:
+        out["definition"] = t.definition
+    return out
+
+
+@router.post("/tasks", tags=["tasks"], responses={
+    200: {"description": "The latest version already had this content: nothing was added."},
+    201: {"description": "The task was created, or a new version of it added."}, **ERRORS, **TASK_ERRORS},
+    openapi_extra=_body({"application/toml": {"schema": {"type": "string", "description": "The task file."}},
+                         "application/json": {"schema": {"type": "object", "description": "The task, as JSON."}}}))
+async def apply_task(request: Request, who: Who) -> JSONResponse:
+    """Apply a task definition (TOML or JSON): its first version, or a new version when its content
+    changed since the latest; the same content again adds nothing (200, `created` false)."""
+    api = state(request)
+    kind = media_type(request)
+    if kind not in (*TOML_TYPES, "application/json", ""):
+        raise UnsupportedMediaType(f"Content-Type {kind!r} is not supported: send the task as application/toml "
+                                   f"or application/json")
+    with await spool(request, max_bytes=api.max_body_bytes) as body:
+        raw = body.read()
+    try:
+        obj = tasks.read_toml(raw) if kind in TOML_TYPES else decode_json(raw.removeprefix(codecs.BOM_UTF8))
+    except JobInputError as exc:
+        raise JobInputError(f"body: {exc}") from None
+    spec = tasks.parse_task(obj, work_tiers=api.models.work_tiers)
+
+    def store() -> tasks.Applied:
+        with transaction(api.sessions) as session:
+            return tasks.apply(session, spec, tenant_id=who.tenant_id)
+
+    result = await run_in_threadpool(store)
+    return JSONResponse({"task": result.name, "version": result.version, "created": result.created,
+                         "content_sha256": result.content_sha256}, status_code=201 if result.created else 200)
+
+
+@router.get("/tasks", tags=["tasks"], responses=ERRORS)
+def list_tasks(db: Db, who: Who) -> JSONResponse:
+    """The tenant's tasks, each at its latest version."""
+    return JSONResponse({"tasks": [_task(t, definition=False) for t in tasks.get_all(db, tenant_id=who.tenant_id)]})
+
+
+@router.get("/tasks/{name}", tags=["tasks"], responses={**ERRORS, **NOT_FOUND})
+def get_task(name: str, db: Db, who: Who,
+             version: Annotated[int | None, Query(ge=1, description="This version; default: the latest.")] = None,
+             ) -> JSONResponse:
+    """One version of one of the tenant's tasks, with its whole definition."""
+    return JSONResponse(_task(tasks.get(db, name, tenant_id=who.tenant_id, version=version), definition=True))
 
 
 # -- stats and queue -------------------------------------------------------------------------------
