@@ -184,6 +184,9 @@ class Job(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(Json)
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", Json)
     pinned_tier: Mapped[str | None] = mapped_column(String(40))
+    # The task version the job named, bound at enqueue and kept for life (a new version of the task
+    # does not change what this job was asked); NULL for a job without a task.
+    task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id", ondelete="RESTRICT"))
 
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "status"), default=JobStatus.QUEUED)
     # Bumped by every transition; a stage applies its result only if the version it read is still

@@ -1,11 +1,12 @@
-"""tasks: named, versioned definitions that a batch of jobs shares
+"""tasks: named, versioned definitions that a batch of jobs shares; jobs.task_id
 
 A task holds what every job of a batch would otherwise repeat: its instructions, label definitions,
 examples and schema. Each version is a row of its own and is never changed, so a job bound to a
 version can always be shown and repeated as it ran. Names are per tenant; the operator's tasks
 (from the CLI) have a NULL tenant, kept unique among themselves by a partial index, as for batches.
 
-A new table only: nothing existing is rewritten or locked.
+``jobs.task_id`` binds a job to the task version it named at enqueue. It is nullable with no
+default, so adding it rewrites nothing and every existing job reads as one without a task.
 
 Revision ID: 5c0e7a1d2b94
 Revises: b23c42dca0a1
@@ -46,8 +47,14 @@ def upgrade() -> None:
     )
     op.create_index('uq_tasks_name_version_no_tenant', 'tasks', ['name', 'version'], unique=True,
                     postgresql_where=sa.text('tenant_id IS NULL'), sqlite_where=sa.text('tenant_id IS NULL'))
+    with op.batch_alter_table('jobs') as batch:
+        batch.add_column(sa.Column('task_id', BigId, nullable=True))
+        batch.create_foreign_key(op.f('fk_jobs_task_id_tasks'), 'tasks', ['task_id'], ['id'], ondelete='RESTRICT')
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('jobs') as batch:
+        batch.drop_constraint(op.f('fk_jobs_task_id_tasks'), type_='foreignkey')
+        batch.drop_column('task_id')
     op.drop_index('uq_tasks_name_version_no_tenant', table_name='tasks')
     op.drop_table('tasks')

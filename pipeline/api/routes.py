@@ -88,6 +88,12 @@ JOB_SCHEMA: dict[str, Any] = {"title": "Job", "oneOf": [
     _kind("extract", {"text": _TEXT, "schema": {"type": "object", "description": "A JSON Schema."}}),
     _kind("draft", {"instructions": _TEXT}, {"context": {"type": "string"}}),
     _kind("generate", {"prompt": _TEXT}),
+    {"type": "object", "required": ["task"], "description": "A job under a task (`/v1/tasks`): its kind, labels "
+     "and schema are the task's, bound to its latest version (or `task_version`) when submitted; it carries the "
+     "text fields of the task's kind, and no labels or schema.",
+     "properties": {"task": {"type": "string", "minLength": 1}, "task_version": {"type": "integer", "minimum": 1},
+                    "text": _TEXT, "instructions": _TEXT, "context": {"type": "string"}, "prompt": _TEXT,
+                    **_COMMON}},
 ]}
 
 
@@ -122,7 +128,9 @@ async def submit_job(request: Request, who: Who, batch: BatchName) -> JSONRespon
         obj = decode_json(raw.removeprefix(codecs.BOM_UTF8))
     except JobInputError as exc:
         raise JobInputError(f"body: {exc}") from None
-    spec = parse_job(obj, work_tiers=api.models.work_tiers, max_tokens=max_job_tokens(api.models))
+    named = tasks.lookup(api.sessions, tenant_id=who.tenant_id)
+    spec = await run_in_threadpool(parse_job, obj, work_tiers=api.models.work_tiers,
+                                   max_tokens=max_job_tokens(api.models), tasks=named)
     result = await run_in_threadpool(submit_items, api.sessions, one_job_source(spec), who=who, batch=batch,
                                      lines=False)
 
@@ -154,7 +162,8 @@ async def submit_batch(request: Request, who: Who, name: BatchName) -> schemas.B
     await run_in_threadpool(check_spend, api.sessions, who)
     reader, lines = body_reader(media_type(request))
     with await spool(request, max_bytes=api.max_body_bytes) as body:
-        source = batch_source(body, reader, config=api.models, max_items=api.max_batch_jobs)
+        source = batch_source(body, reader, config=api.models, max_items=api.max_batch_jobs,
+                              tasks=tasks.lookup(api.sessions, tenant_id=who.tenant_id))
         result = await run_in_threadpool(submit_items, api.sessions, source, who=who, batch=name, lines=lines)
     request.app.state.metrics.jobs_accepted.inc(result.accepted)
     return schemas.BatchSubmitted(batch_id=result.batch_id or 0, batch=name, read=result.read,

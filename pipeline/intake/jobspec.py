@@ -17,9 +17,9 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -76,10 +76,31 @@ class JobSpec:
     payload: dict[str, Any]
     metadata: dict[str, Any] | None
     tier: str | None
+    task_id: int | None = None  # the version of the task the job was bound to, if it names one
 
     def content_digest(self) -> str:
-        return digest({"kind": self.kind.value, "payload": self.payload, "tier": self.tier,
-                       "metadata": self.metadata})
+        content: dict[str, Any] = {"kind": self.kind.value, "payload": self.payload, "tier": self.tier,
+                                   "metadata": self.metadata}
+        if self.task_id is not None:  # only then: the digests (and keys) of jobs without a task stay as they were
+            content["task_id"] = self.task_id
+        return digest(content)
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """What a job needs of the task version it names (pipeline.intake.tasks.lookup makes these)."""
+
+    id: int
+    name: str
+    version: int
+    kind: JobKind
+    labels: list[str] | None
+    schema: dict[str, Any] | None
+    tier: str | None
+
+
+# (name, version or None for the latest) -> the task version, or JobInputError if there is none.
+TaskLookup = Callable[[str, int | None], TaskRef]
 
 
 def digest(obj: Any) -> str:
@@ -295,19 +316,57 @@ def _too_large(size: int, max_tokens: int) -> str:
     return f"job is too large for the model's context: about {size:,} tokens, limit {max_tokens:,}"
 
 
-def parse_job(obj: Any, *, work_tiers: tuple[str, ...], max_tokens: int | None = None) -> JobSpec:
-    """Check one decoded job object and return it normalised."""
-    return _parse(obj, work_tiers, max_tokens, strings_checked=False, exact=True)
+def parse_job(obj: Any, *, work_tiers: tuple[str, ...], max_tokens: int | None = None,
+              tasks: TaskLookup | None = None) -> JobSpec:
+    """Check one decoded job object and return it normalised. ``tasks`` finds the task a job names."""
+    return _parse(obj, work_tiers, max_tokens, strings_checked=False, exact=True, tasks=tasks)
+
+
+def _task_job(obj: dict[str, Any], tasks: TaskLookup | None, work_tiers: tuple[str, ...], max_tokens: int | None,
+              *, exact: bool) -> JobSpec:
+    """A job that names its task: the kind, labels and schema are the task version's, bound now."""
+    name = obj["task"]
+    if not isinstance(name, str) or not name.strip():
+        raise JobInputError("field 'task' must be a task's name")
+    version = obj.get("task_version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+        raise JobInputError(f"field 'task_version' must be a whole number from 1, not {quoted(version)}")
+    if tasks is None:
+        raise JobInputError("field 'task' cannot be used here: no task can be looked up")
+    ref = tasks(name, version)
+    kind = obj.get("kind")
+    if kind is not None and kind != ref.kind.value:
+        raise JobInputError(f"field 'kind' {quoted(kind)} does not fit task {quoted(ref.name)}, a "
+                            f"{ref.kind.value} task: leave 'kind' out")
+    for field in ("labels", "schema"):
+        if field in obj:
+            raise JobInputError(f"field {field!r} cannot be given with 'task': task {quoted(ref.name)} defines "
+                                f"the job's {field}")
+    job = {k: v for k, v in obj.items() if k not in ("task", "task_version")}
+    job["kind"] = ref.kind.value
+    # The task's labels and schema go into the payload as if the job had carried them, so that
+    # every stage that reads them (prompts, validation) works on a task's job unchanged.
+    if ref.labels is not None:
+        job["labels"] = ref.labels
+    if ref.schema is not None:
+        job["schema"] = ref.schema
+    spec = _parse(job, work_tiers, max_tokens, strings_checked=True, exact=exact, tasks=None)
+    spec = replace(spec, task_id=ref.id, tier=spec.tier if spec.tier is not None else ref.tier)
+    if "key" not in obj:  # the content is the key, and the task version is part of the content
+        spec = replace(spec, key="sha256:" + replace(spec, key="").content_digest()[:32])
+    return spec
 
 
 def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, strings_checked: bool,
-           exact: bool) -> JobSpec:
+           exact: bool, tasks: TaskLookup | None = None) -> JobSpec:
     """``strings_checked``: the decoder already refused lone surrogates and no string can hold a
     NUL. ``exact``: every number was read exactly (see _check_storable)."""
     if not isinstance(obj, dict):
         raise JobInputError(f"a job must be a JSON object, not {type(obj).__name__}")
     if not strings_checked:
         _check_strings(obj)
+    if "task" in obj:
+        return _task_job(obj, tasks, work_tiers, max_tokens, exact=exact)
     kind_raw = obj.get("kind")
     if kind_raw is None:
         raise JobInputError("missing required field 'kind' (classify, extract, draft or generate)")
@@ -374,7 +433,8 @@ def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, str
     return JobSpec(key=key, kind=kind, payload=payload, metadata=metadata, tier=tier)
 
 
-def parse_line(line: str | bytes, *, work_tiers: tuple[str, ...], max_tokens: int | None = None) -> JobSpec:
+def parse_line(line: str | bytes, *, work_tiers: tuple[str, ...], max_tokens: int | None = None,
+               tasks: TaskLookup | None = None) -> JobSpec:
     """Decode and check one JSON Lines line (without the caller's line number)."""
     if isinstance(line, bytes):
         try:
@@ -384,7 +444,8 @@ def parse_line(line: str | bytes, *, work_tiers: tuple[str, ...], max_tokens: in
         else:
             # orjson refuses lone surrogates and invalid UTF-8, so only the escape can make a NUL.
             try:
-                return _parse(obj, work_tiers, max_tokens, strings_checked=b"\\u0000" not in line, exact=False)
+                return _parse(obj, work_tiers, max_tokens, strings_checked=b"\\u0000" not in line, exact=False,
+                              tasks=tasks)
             except (JobInputError, _Inexact):
                 pass  # decoded again below: the standard parser decides, and words the message
-    return parse_job(decode_json(line), work_tiers=work_tiers, max_tokens=max_tokens)
+    return parse_job(decode_json(line), work_tiers=work_tiers, max_tokens=max_tokens, tasks=tasks)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.errors import JobInputError, NotFound
 from pipeline.flow import schema_check
-from pipeline.intake.jobspec import _check_storable, _check_strings, digest
+from pipeline.intake.jobspec import TaskLookup, TaskRef, _check_storable, _check_strings, digest
 from pipeline.models import JobKind, Task
 from pipeline.names import quoted
 
@@ -324,3 +325,30 @@ def get(session: Session, name: str, *, tenant_id: int | None, version: int | No
             raise NotFound(f"no task named {quoted(name)}")
         raise NotFound(f"task {quoted(name)} has no version {version}")
     return _version(row)
+
+
+def lookup(session_factory: Callable[[], Session], *, tenant_id: int | None) -> TaskLookup:
+    """A TaskLookup for one input (a file, a request body): each task name and version is read from
+    the database once, however many jobs name it, so a large file costs one query per task, not per
+    line. An unknown name or version is JobInputError, one sentence; so are its repeats."""
+    found: dict[tuple[str, int | None], TaskRef | str] = {}
+
+    def find(name: str, version: int | None) -> TaskRef:
+        ref = found.get((name, version))
+        if ref is None:
+            with session_factory() as session:
+                try:
+                    t = get(session, name, tenant_id=tenant_id, version=version)
+                except NotFound as exc:
+                    ref = f"unknown task: {exc}"
+                else:
+                    d = t.definition
+                    ref = TaskRef(id=t.id, name=t.name, version=t.version, kind=JobKind(t.kind),
+                                  labels=[x["name"] for x in d["labels"]] if "labels" in d else None,
+                                  schema=d.get("schema"), tier=d.get("tier"))
+            found[(name, version)] = ref
+        if isinstance(ref, str):
+            raise JobInputError(ref)
+        return ref
+
+    return find

@@ -50,3 +50,21 @@ def test_a_bad_definition_is_422_and_stores_nothing(server: Server, make_token: 
     yaml = client.post("/v1/tasks", content="name: x", headers={"Content-Type": "application/yaml"})
     assert yaml.status_code == 415
     assert client.get("/v1/tasks").json() == {"tasks": []}
+
+
+def test_jobs_name_the_tenants_own_task(server: Server, make_token: MakeToken, tenant_name: str) -> None:
+    client = server.client(make_token(tenant_name))
+    other = server.client(make_token(tenant_name + "-other"))
+    assert client.post("/v1/tasks", content=SAMPLE, headers=TOML).status_code == 201
+    jobs = [{"key": f"k-{i}", "task": "ticket-topic", "text": f"ticket {i}"} for i in range(3)]
+    accepted = client.post("/v1/batches", params={"name": "topics"}, json=jobs)
+    assert accepted.status_code == 201, accepted.text
+    one = client.post("/v1/jobs", params={"batch": "topics"}, json={"key": "k-9", "task": "ticket-topic", "text": "x"})
+    assert one.status_code == 201, one.text
+    story = client.get(f"/v1/jobs/{one.json()['id']}").json()
+    assert (story["task"], story["task_version"], story["job"]["kind"]) == ("ticket-topic", 1, "classify")
+
+    # Another tenant's task is not there for it, and the request is refused whole.
+    refused = other.post("/v1/batches", params={"name": "topics"}, json=jobs)
+    assert refused.status_code == 422
+    assert refused.json()["detail"].startswith("item 0: unknown task: no task named 'ticket-topic'")

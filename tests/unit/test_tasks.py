@@ -12,12 +12,15 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import tenants
+from pipeline.config import ModelConfig
+from pipeline.db import transaction
 from pipeline.errors import JobInputError, NotFound
 from pipeline.intake import tasks
-from pipeline.models import Task
+from pipeline.intake.enqueue import enqueue_file
+from pipeline.models import Batch, Job, Task
 from tests.cluster import SWITCHYARD
 from tests.history.helpers import cli_env
 
@@ -163,6 +166,16 @@ def test_the_readme_example_is_the_bundled_sample_and_applies(db: Session) -> No
     assert tasks.apply(db, spec, tenant_id=None).created
 
 
+def test_the_readme_task_commands_work_as_written(database_url: str) -> None:
+    section = (ROOT / "README.md").read_text().split("\n## Tasks\n", 1)[1].split("\n## ", 1)[0]
+    commands = [line for block in re.findall(r"```sh\n(.*?)```", section, re.S) for line in block.splitlines()]
+    assert len(commands) == 3
+    for command in commands:
+        proc = subprocess.run(["bash", "-c", command.replace(".venv/bin/switchyard", SWITCHYARD)], cwd=ROOT,
+                              env=cli_env(database_url), capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0, f"{command}\n{proc.stdout}\n{proc.stderr}"
+
+
 def _sy(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([SWITCHYARD, *args], env=cli_env(database_url), capture_output=True, text=True,
                           timeout=120, check=False)
@@ -194,3 +207,107 @@ def test_cli_apply_list_show_and_refusals(database_url: str, tmp_path: Path) -> 
     assert f"{path}: example 4: output 'others' is not one of the labels" in " ".join(bad.stderr.split())
     missing = _sy(database_url, "tasks", "show", "cli-topic", "--version", "9")
     assert missing.returncode == 2 and "task 'cli-topic' has no version 9" in missing.stderr
+
+
+# -- jobs that name a task -------------------------------------------------------------------------
+
+
+def _jsonl(path: Path, jobs: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    return path
+
+
+def _bound(sessions: sessionmaker[Session], batch: str) -> dict[str, tuple[str, int, str, dict[str, Any]]]:
+    with sessions() as s:
+        rows = s.execute(select(Job.key, Task.name, Task.version, Job.kind, Job.payload)
+                         .join(Batch, Batch.id == Job.batch_id).join(Task, Task.id == Job.task_id)
+                         .where(Batch.name == batch)).all()
+    return {r.key: (r.name, r.version, r.kind.value, r.payload) for r in rows}
+
+
+def _apply(sessions: sessionmaker[Session], obj: dict[str, Any]) -> tasks.Applied:
+    with transaction(sessions) as s:
+        return tasks.apply(s, tasks.parse_task(obj, work_tiers=TIERS), tenant_id=None)
+
+
+def test_a_job_is_bound_to_the_current_version_and_keeps_it(sessions: sessionmaker[Session], models: ModelConfig,
+                                                            tmp_path: Path) -> None:
+    _apply(sessions, classify(name="bind-topic"))
+    first = _jsonl(tmp_path / "a.jsonl", [{"key": "t-1", "task": "bind-topic", "text": "charged twice"},
+                                          {"key": "t-2", "task": "bind-topic", "kind": "classify", "text": "crash"}])
+    report = enqueue_file(sessions, first, batch="bind-a", config=models)
+    assert report.accepted == 2
+    bound = _bound(sessions, "bind-a")
+    assert {k: v[:3] for k, v in bound.items()} == {"t-1": ("bind-topic", 1, "classify"),
+                                                   "t-2": ("bind-topic", 1, "classify")}
+    # The labels the stages check come from the task version.
+    assert bound["t-1"][3] == {"text": "charged twice", "labels": ["billing", "bug"]}
+    # The same file again, the task unchanged, adds nothing.
+    assert enqueue_file(sessions, first, batch="bind-a", config=models).accepted == 0
+
+    _apply(sessions, classify(name="bind-topic", labels=[{"name": "billing", "description": "Money."},
+                                                        {"name": "bug", "description": "Broken."},
+                                                        {"name": "other", "description": "The rest."}]))
+    enqueue_file(sessions, _jsonl(tmp_path / "b.jsonl", [{"key": "t-3", "task": "bind-topic", "text": "hello"},
+                                                         {"key": "t-4", "task": "bind-topic", "task_version": 1,
+                                                          "text": "hello"}]),
+                 batch="bind-b", config=models)
+    later = _bound(sessions, "bind-b")
+    assert later["t-3"][1:3] == (2, "classify") and later["t-3"][3]["labels"] == ["billing", "bug", "other"]
+    assert later["t-4"][1] == 1
+    # The first file again, now that the task has changed, would bind its jobs to version 2: they
+    # are different jobs under keys already used, so the file is refused, and the old jobs keep
+    # version 1.
+    with pytest.raises(JobInputError, match="key 't-1' was already used in this batch for a different job"):
+        enqueue_file(sessions, first, batch="bind-a", config=models)
+    assert {v[1] for v in _bound(sessions, "bind-a").values()} == {1}
+
+
+@pytest.mark.parametrize(("job", "expected"), [
+    ({"task": "nosuch-task", "text": "x"}, "unknown task: no task named 'nosuch-task'"),
+    ({"task": "refuse-topic", "task_version": 7, "text": "x"}, "unknown task: task 'refuse-topic' has no version 7"),
+    ({"task": "refuse-topic", "kind": "extract", "text": "x"},
+     "field 'kind' 'extract' does not fit task 'refuse-topic', a classify task: leave 'kind' out"),
+    ({"task": "refuse-topic", "text": "x", "labels": ["a"]}, "field 'labels' cannot be given with 'task'"),
+    ({"task": "refuse-topic", "prompt": "x"}, "unknown field(s) 'prompt' for a classify job"),
+    ({"task": "refuse-topic"}, "missing required field 'text'"),
+])
+def test_a_bad_task_job_refuses_the_whole_file(sessions: sessionmaker[Session], models: ModelConfig, tmp_path: Path,
+                                               job: dict[str, Any], expected: str) -> None:
+    _apply(sessions, classify(name="refuse-topic"))
+    path = _jsonl(tmp_path / "bad.jsonl", [{"key": "ok", "task": "refuse-topic", "text": "fine"}, {"key": "b", **job}])
+    with pytest.raises(JobInputError) as caught:
+        enqueue_file(sessions, path, batch="refused", config=models)
+    assert str(caught.value).startswith(f"{path}, line 2: {expected}")
+    with sessions() as s:
+        assert s.scalar(select(Batch.id).where(Batch.name == "refused")) is None
+
+
+def test_task_names_are_looked_up_once_per_file(sessions: sessionmaker[Session], models: ModelConfig,
+                                                tmp_path: Path) -> None:
+    _apply(sessions, classify(name="once-topic"))
+    opened: list[int] = []
+
+    def counting() -> Session:
+        opened.append(1)
+        return sessions()
+
+    named = tasks.lookup(counting, tenant_id=None)
+    refs = {named("once-topic", None).id for _ in range(500)}
+    assert len(refs) == 1 and len(opened) == 1
+    for _ in range(3):
+        with pytest.raises(JobInputError):
+            named("missing-topic", None)
+    assert len(opened) == 2
+
+
+def test_jobs_show_names_the_task_and_version(sessions: sessionmaker[Session], models: ModelConfig,
+                                              database_url: str, tmp_path: Path) -> None:
+    _apply(sessions, classify(name="show-topic"))
+    enqueue_file(sessions, _jsonl(tmp_path / "s.jsonl", [{"key": "s-1", "task": "show-topic", "text": "crash"}]),
+                 batch="show-batch", config=models)
+    shown = _sy(database_url, "jobs", "show", "s-1", "--batch", "show-batch", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert (json.loads(shown.stdout)["task"], json.loads(shown.stdout)["task_version"]) == ("show-topic", 1)
+    table = _sy(database_url, "jobs", "show", "s-1", "--batch", "show-batch")
+    assert "task show-topic  version 1" in table.stdout
