@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import anthropic
 import httpx2 as httpx
+from anthropic.types import TextBlockParam
 
 from pipeline.claude.pricing import Usage
 from pipeline.errors import ClaudeError, ConfigError, PermanentClaudeError, RateLimited, TransientClaudeError
@@ -94,7 +95,7 @@ class ModelClient(Protocol):
     """What the stages call: ClaudeClient, or a test hook wrapped around it (pipeline.claude.testhooks)."""
 
     def call(self, *, tier: str, model: str, system: str, user: str, max_tokens: int,
-             on_retry: Callable[[int], None] | None = None) -> CallResult: ...
+             on_retry: Callable[[int], None] | None = None, cache_system: bool = False) -> CallResult: ...
 
     def close(self) -> None: ...
 
@@ -300,10 +301,15 @@ class ClaudeClient:
             self.on_attempt(tier, model, attempt)
 
     def call(self, *, tier: str, model: str, system: str, user: str, max_tokens: int,
-             on_retry: Callable[[int], None] | None = None) -> CallResult:
+             on_retry: Callable[[int], None] | None = None, cache_system: bool = False) -> CallResult:
         """Make the call, retrying transient failures. ``on_retry(n)`` runs before attempt n > 1:
-        the stage renews its claim there, so the sweeper knows a call in its retries is alive."""
+        the stage renews its claim there, so the sweeper knows a call in its retries is alive.
+        ``cache_system``: end the system prompt with a cache_control breakpoint, which the API takes
+        only on a content block, so the system goes as one text block then."""
         attempts: list[Attempt] = []
+        sent: str | list[TextBlockParam] = system
+        if cache_system:
+            sent = [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]
         estimate = (len(system) + len(user)) // 4
         for number in range(1, self.attempts + 1):
             try:
@@ -318,7 +324,7 @@ class ClaudeClient:
                 raw = self._sdk.messages.with_raw_response.create(
                     model=model,
                     max_tokens=max_tokens,
-                    system=system,
+                    system=sent,
                     messages=[{"role": "user", "content": user}],
                 )
                 message = raw.parse()

@@ -97,6 +97,8 @@ class TaskRef:
     labels: list[str] | None
     schema: dict[str, Any] | None
     tier: str | None
+    # The estimated tokens of what the task adds to every prompt of its jobs (its shared part).
+    tokens: int = 0
 
 
 # (name, version or None for the latest) -> the task version, or JobInputError if there is none.
@@ -350,7 +352,12 @@ def _task_job(obj: dict[str, Any], tasks: TaskLookup | None, work_tiers: tuple[s
         job["labels"] = ref.labels
     if ref.schema is not None:
         job["schema"] = ref.schema
-    spec = _parse(job, work_tiers, max_tokens, strings_checked=True, exact=exact, tasks=None)
+    # The task's shared part rides in every prompt of the job, so the job has the rest of the context.
+    budget = None if max_tokens is None else max_tokens - ref.tokens
+    if budget is not None and budget <= 0:
+        raise JobInputError(f"task {quoted(ref.name)} is too large for the model's context: about "
+                            f"{ref.tokens:,} tokens, limit {max_tokens:,}")
+    spec = _parse(job, work_tiers, budget, strings_checked=True, exact=exact, tasks=None)
     spec = replace(spec, task_id=ref.id, tier=spec.tier if spec.tier is not None else ref.tier)
     if "key" not in obj:  # the content is the key, and the task version is part of the content
         spec = replace(spec, key="sha256:" + replace(spec, key="").content_digest()[:32])

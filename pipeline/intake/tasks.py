@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.errors import JobInputError, NotFound
 from pipeline.flow import schema_check
-from pipeline.intake.jobspec import TaskLookup, TaskRef, _check_storable, _check_strings, digest
+from pipeline.intake.jobspec import TaskLookup, TaskRef, _check_storable, _check_strings, _json_tokens, digest
 from pipeline.models import JobKind, Task
 from pipeline.names import quoted
 
@@ -345,7 +345,7 @@ def lookup(session_factory: Callable[[], Session], *, tenant_id: int | None) -> 
                     d = t.definition
                     ref = TaskRef(id=t.id, name=t.name, version=t.version, kind=JobKind(t.kind),
                                   labels=[x["name"] for x in d["labels"]] if "labels" in d else None,
-                                  schema=d.get("schema"), tier=d.get("tier"))
+                                  schema=d.get("schema"), tier=d.get("tier"), tokens=_json_tokens(d))
             found[(name, version)] = ref
         if isinstance(ref, str):
             raise JobInputError(ref)

@@ -20,6 +20,7 @@ from pipeline.db import transaction
 from pipeline.errors import JobInputError, NotFound
 from pipeline.intake import tasks
 from pipeline.intake.enqueue import enqueue_file
+from pipeline.intake.jobspec import CHARS_PER_TOKEN, max_job_tokens
 from pipeline.models import Batch, Job, Task
 from tests.cluster import SWITCHYARD
 from tests.history.helpers import cli_env
@@ -311,3 +312,15 @@ def test_jobs_show_names_the_task_and_version(sessions: sessionmaker[Session], m
     assert (json.loads(shown.stdout)["task"], json.loads(shown.stdout)["task_version"]) == ("show-topic", 1)
     table = _sy(database_url, "jobs", "show", "s-1", "--batch", "show-batch")
     assert "task show-topic  version 1" in table.stdout
+
+
+def test_a_task_too_large_for_the_context_refuses_its_jobs(sessions: sessionmaker[Session], models: ModelConfig,
+                                                           tmp_path: Path) -> None:
+    _apply(sessions, classify(name="huge-topic", instructions="Read every word of it. " * 8_000))  # ~50k tokens
+    # A text that fits the context alone (as a job without a task), but not beside the task.
+    text = "x" * int((max_job_tokens(models) - 30_000) * CHARS_PER_TOKEN)
+    alone = _jsonl(tmp_path / "alone.jsonl", [{"key": "h", "kind": "classify", "labels": ["a"], "text": text}])
+    assert enqueue_file(sessions, alone, batch="huge-alone", config=models).accepted == 1
+    path = _jsonl(tmp_path / "huge.jsonl", [{"key": "h", "task": "huge-topic", "text": text}])
+    with pytest.raises(JobInputError, match="line 1: job is too large for the model's context"):
+        enqueue_file(sessions, path, batch="huge", config=models)
