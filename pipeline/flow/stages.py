@@ -508,9 +508,15 @@ def work(p: Pipeline, job_id: int) -> Handoff | None:
     claim, call_id = claimed
     assert call_id is not None and claim.tier is not None
     tier = claim.tier
+    shared = _shared(p, claim, tier)
+    max_tokens = p.models.limits.work_max_tokens
+    if shared is not None and shared.definition.get("max_tokens"):
+        # A task may ask for shorter answers, never longer: the context check at enqueue
+        # (jobspec.max_job_tokens) counted on the configured most.
+        max_tokens = min(max_tokens, shared.definition["max_tokens"])
     result = _call(p, claim, tier=tier, prompt=work_prompt(claim.kind, claim.payload, feedback=claim.feedback,
-                                                           shared=_shared(p, claim, tier)),
-                   max_tokens=p.models.limits.work_max_tokens)
+                                                           shared=shared),
+                   max_tokens=max_tokens)
     if isinstance(result, Deferred):
         return _defer(p, claim, call_id, status=JobStatus.WORKING, stage=Stage.WORK, tier=tier, deferred=result)
     if isinstance(result, CallFailed):
