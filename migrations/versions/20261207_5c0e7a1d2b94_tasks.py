@@ -26,6 +26,7 @@ depends_on: str | Sequence[str] | None = None
 
 BigId = sa.BigInteger().with_variant(sa.Integer(), 'sqlite')
 Json = sa.JSON().with_variant(postgresql.JSONB(), 'postgresql')
+FK = 'fk_jobs_task_id_tasks'
 
 
 def upgrade() -> None:
@@ -47,14 +48,24 @@ def upgrade() -> None:
     )
     op.create_index('uq_tasks_name_version_no_tenant', 'tasks', ['name', 'version'], unique=True,
                     postgresql_where=sa.text('tenant_id IS NULL'), sqlite_where=sa.text('tenant_id IS NULL'))
-    with op.batch_alter_table('jobs') as batch:
-        batch.add_column(sa.Column('task_id', BigId, nullable=True))
-        batch.create_foreign_key(op.f('fk_jobs_task_id_tasks'), 'tasks', ['task_id'], ['id'], ondelete='RESTRICT')
+    if op.get_bind().dialect.name != "postgresql":
+        with op.batch_alter_table('jobs') as batch:  # SQLite adds a foreign key only by copying the table
+            batch.add_column(sa.Column('task_id', BigId, nullable=True))
+            batch.create_foreign_key(FK, 'tasks', ['task_id'], ['id'], ondelete='RESTRICT')
+        return
+    op.add_column('jobs', sa.Column('task_id', BigId, nullable=True))
+    # NOT VALID, committed, then VALIDATE on its own: checking the existing rows (all NULL) then
+    # takes a lock that lets the workers go on writing to jobs, instead of blocking them for a scan
+    # of the whole table.
+    op.execute(f"ALTER TABLE jobs ADD CONSTRAINT {FK} FOREIGN KEY (task_id) REFERENCES tasks (id) "
+               f"ON DELETE RESTRICT NOT VALID")
+    with op.get_context().autocommit_block():
+        op.execute(f"ALTER TABLE jobs VALIDATE CONSTRAINT {FK}")
 
 
 def downgrade() -> None:
     with op.batch_alter_table('jobs') as batch:
-        batch.drop_constraint(op.f('fk_jobs_task_id_tasks'), type_='foreignkey')
+        batch.drop_constraint(FK, type_='foreignkey')
         batch.drop_column('task_id')
     op.drop_index('uq_tasks_name_version_no_tenant', table_name='tasks')
     op.drop_table('tasks')

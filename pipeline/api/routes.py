@@ -305,7 +305,8 @@ async def apply_task(request: Request, who: Who) -> JSONResponse:
         obj = tasks.read_toml(raw) if kind in TOML_TYPES else decode_json(raw.removeprefix(codecs.BOM_UTF8))
     except JobInputError as exc:
         raise JobInputError(f"body: {exc}") from None
-    spec = tasks.parse_task(obj, work_tiers=api.models.work_tiers)
+    # Off the event loop: checking a schema and the examples against it can take a while.
+    spec = await run_in_threadpool(tasks.parse_task, obj, work_tiers=api.models.work_tiers)
 
     def store() -> tasks.Applied:
         with transaction(api.sessions) as session:
