@@ -19,7 +19,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -64,6 +64,8 @@ JOB_FIELDS = frozenset(_COMMON | {f for req, opt in _FIELDS.values() for f in (*
                        | {f for extra in _EXTRA.values() for f in extra})
 _ALLOWED = {kind: frozenset(_COMMON | set(req) | set(opt) | _EXTRA.get(kind, set()))
             for kind, (req, opt) in _FIELDS.items()}
+# A job under a task: the same fields, but the task gives its labels or schema.
+_TASK_ALLOWED = {kind: (fields - {"labels", "schema"}) | {"task", "task_version"} for kind, fields in _ALLOWED.items()}
 _KINDS = {kind.value: kind for kind in JobKind}
 # orjson reads an integer past 64 bits as a float, rounding it; the standard parser keeps it exact.
 _FLOAT_EXACT_BELOW = 2.0**63
@@ -324,9 +326,8 @@ def parse_job(obj: Any, *, work_tiers: tuple[str, ...], max_tokens: int | None =
     return _parse(obj, work_tiers, max_tokens, strings_checked=False, exact=True, tasks=tasks)
 
 
-def _task_job(obj: dict[str, Any], tasks: TaskLookup | None, work_tiers: tuple[str, ...], max_tokens: int | None,
-              *, exact: bool) -> JobSpec:
-    """A job that names its task: the kind, labels and schema are the task version's, bound now."""
+def _task_ref(obj: dict[str, Any], tasks: TaskLookup | None, max_tokens: int | None) -> TaskRef:
+    """The task version a job names, and the fields it may not carry beside it checked."""
     name = obj["task"]
     if not isinstance(name, str) or not name.strip():
         raise JobInputError("field 'task' must be a task's name")
@@ -337,31 +338,17 @@ def _task_job(obj: dict[str, Any], tasks: TaskLookup | None, work_tiers: tuple[s
         raise JobInputError("field 'task' cannot be used here: no task can be looked up")
     ref = tasks(name, version)
     kind = obj.get("kind")
-    if kind is not None and kind != ref.kind.value:
+    if kind is not None and kind != ref.kind:
         raise JobInputError(f"field 'kind' {quoted(kind)} does not fit task {quoted(ref.name)}, a "
                             f"{ref.kind.value} task: leave 'kind' out")
     for field in ("labels", "schema"):
         if field in obj:
             raise JobInputError(f"field {field!r} cannot be given with 'task': task {quoted(ref.name)} defines "
                                 f"the job's {field}")
-    job = {k: v for k, v in obj.items() if k not in ("task", "task_version")}
-    job["kind"] = ref.kind.value
-    # The task's labels and schema go into the payload as if the job had carried them, so that
-    # every stage that reads them (prompts, validation) works on a task's job unchanged.
-    if ref.labels is not None:
-        job["labels"] = ref.labels
-    if ref.schema is not None:
-        job["schema"] = ref.schema
-    # The task's shared part rides in every prompt of the job, so the job has the rest of the context.
-    budget = None if max_tokens is None else max_tokens - ref.tokens
-    if budget is not None and budget <= 0:
+    if max_tokens is not None and ref.tokens >= max_tokens:
         raise JobInputError(f"task {quoted(ref.name)} is too large for the model's context: about "
                             f"{ref.tokens:,} tokens, limit {max_tokens:,}")
-    spec = _parse(job, work_tiers, budget, strings_checked=True, exact=exact, tasks=None)
-    spec = replace(spec, task_id=ref.id, tier=spec.tier if spec.tier is not None else ref.tier)
-    if "key" not in obj:  # the content is the key, and the task version is part of the content
-        spec = replace(spec, key="sha256:" + replace(spec, key="").content_digest()[:32])
-    return spec
+    return ref
 
 
 def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, strings_checked: bool,
@@ -372,16 +359,19 @@ def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, str
         raise JobInputError(f"a job must be a JSON object, not {type(obj).__name__}")
     if not strings_checked:
         _check_strings(obj)
-    if "task" in obj:
-        return _task_job(obj, tasks, work_tiers, max_tokens, exact=exact)
-    kind_raw = obj.get("kind")
-    if kind_raw is None:
-        raise JobInputError("missing required field 'kind' (classify, extract, draft or generate)")
-    kind = _KINDS.get(kind_raw) if isinstance(kind_raw, str) else None
-    if kind is None:
-        raise JobInputError(f"unknown kind {quoted(kind_raw)}: expected classify, extract, draft or generate")
-
-    allowed = _ALLOWED[kind]
+    # A job that names its task takes the kind, labels and schema of the task's version, bound now.
+    ref = _task_ref(obj, tasks, max_tokens) if "task" in obj else None
+    if ref is not None:
+        kind = ref.kind
+        allowed = _TASK_ALLOWED[kind]
+    else:
+        kind_raw = obj.get("kind")
+        if kind_raw is None:
+            raise JobInputError("missing required field 'kind' (classify, extract, draft or generate)")
+        kind = _KINDS.get(kind_raw) if isinstance(kind_raw, str) else None  # type: ignore[assignment]
+        if kind is None:
+            raise JobInputError(f"unknown kind {quoted(kind_raw)}: expected classify, extract, draft or generate")
+        allowed = _ALLOWED[kind]
     unknown = obj.keys() - allowed
     if unknown:
         ordered = sorted(unknown)
@@ -408,7 +398,16 @@ def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, str
         if value is not None:
             payload[name] = value
             size += estimate_text_tokens(value)
-    if kind is JobKind.CLASSIFY:
+    if ref is not None:
+        # The task's labels and schema go into the payload as if the job had carried them, so that
+        # every stage that reads them (validation) works on a task's job unchanged. They were
+        # checked when the task was applied; its shared part (ref.tokens) rides in every prompt.
+        if ref.labels is not None:
+            payload["labels"] = ref.labels
+        if ref.schema is not None:
+            payload["schema"] = ref.schema
+        size += ref.tokens
+    elif kind is JobKind.CLASSIFY:
         payload["labels"], tokens = _labels(obj)
         size += tokens
     elif kind is JobKind.EXTRACT:
@@ -418,6 +417,9 @@ def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, str
     tier = obj.get("tier")
     if tier is not None and tier not in work_tiers:
         raise JobInputError(f"unknown tier {quoted(tier)}: expected one of {', '.join(work_tiers)}")
+    if tier is None and ref is not None:
+        tier = ref.tier  # the task's pinned tier, unless the job pins its own
+    task_id = ref.id if ref is not None else None
 
     metadata = obj.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
@@ -431,13 +433,13 @@ def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, str
     key = obj.get("key")
     if key is None:
         # No key: the content is the identity, so re-running the same file adds nothing.
-        keyless = JobSpec(key="", kind=kind, payload=payload, metadata=metadata, tier=tier)
+        keyless = JobSpec(key="", kind=kind, payload=payload, metadata=metadata, tier=tier, task_id=task_id)
         key = "sha256:" + keyless.content_digest()[:32]
     elif not isinstance(key, str) or not key.strip():
         raise JobInputError("field 'key' must be a non-empty string")
     elif len(key) > MAX_KEY_LENGTH:
         raise JobInputError(f"field 'key' is longer than {MAX_KEY_LENGTH} characters")
-    return JobSpec(key=key, kind=kind, payload=payload, metadata=metadata, tier=tier)
+    return JobSpec(key=key, kind=kind, payload=payload, metadata=metadata, tier=tier, task_id=task_id)
 
 
 def parse_line(line: str | bytes, *, work_tiers: tuple[str, ...], max_tokens: int | None = None,
