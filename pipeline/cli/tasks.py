@@ -18,6 +18,14 @@ tasks_app = typer.Typer(no_args_is_help=True, help="Tasks: instructions, labels,
 app.add_typer(tasks_app, name="tasks")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+TenantOpt = Annotated[str | None, typer.Option("--tenant", help="A tenant's tasks (those its jobs can name), not "
+                                                                "the operator's own.")]
+
+
+def _tenant_id(session: Any, tenant: str | None) -> int | None:
+    from pipeline import tenants
+
+    return None if tenant is None else tenants.require(session, tenant).id
 
 
 def _sessions() -> Any:
@@ -27,7 +35,8 @@ def _sessions() -> Any:
 
 
 @tasks_app.command("apply")
-def tasks_apply(file: Annotated[Path, typer.Argument(help="The task's TOML file.")], as_json: JsonOpt = False) -> None:
+def tasks_apply(file: Annotated[Path, typer.Argument(help="The task's TOML file.")], tenant: TenantOpt = None,
+                as_json: JsonOpt = False) -> None:
     """Store the task in FILE: its first version, or a new version if its content changed since the
     latest; the same content again adds nothing. Says which happened."""
     from pipeline.db import transaction
@@ -43,7 +52,7 @@ def tasks_apply(file: Annotated[Path, typer.Argument(help="The task's TOML file.
     except JobInputError as exc:
         raise JobInputError(f"{file}: {exc}") from None
     with transaction(_sessions()) as session:
-        result = tasks.apply(session, spec, tenant_id=None)
+        result = tasks.apply(session, spec, tenant_id=_tenant_id(session, tenant))
     if as_json:
         print(json.dumps({"task": result.name, "version": result.version, "created": result.created,
                           "content_sha256": result.content_sha256}))
@@ -56,12 +65,12 @@ def tasks_apply(file: Annotated[Path, typer.Argument(help="The task's TOML file.
 
 
 @tasks_app.command("list")
-def tasks_list(as_json: JsonOpt = False) -> None:
-    """The operator's tasks, each at its latest version."""
+def tasks_list(tenant: TenantOpt = None, as_json: JsonOpt = False) -> None:
+    """The operator's tasks (or a tenant's), each at its latest version."""
     from pipeline.intake import tasks
 
     with _sessions()() as session:
-        rows = tasks.get_all(session, tenant_id=None)
+        rows = tasks.get_all(session, tenant_id=_tenant_id(session, tenant))
     if as_json:
         print(json.dumps([{"task": t.name, "version": t.version, "kind": t.kind,
                            "created_at": t.created_at.isoformat(timespec="seconds")} for t in rows]))
@@ -75,12 +84,12 @@ def tasks_list(as_json: JsonOpt = False) -> None:
 @tasks_app.command("show")
 def tasks_show(name: Annotated[str, typer.Argument(help="The task's name.")],
                version: Annotated[int | None, typer.Option(min=1, help="This version; default: the latest.")] = None,
-               as_json: JsonOpt = False) -> None:
+               tenant: TenantOpt = None, as_json: JsonOpt = False) -> None:
     """One version of a task, with its whole definition."""
     from pipeline.intake import tasks
 
     with _sessions()() as session:
-        t = tasks.get(session, name, tenant_id=None, version=version)
+        t = tasks.get(session, name, tenant_id=_tenant_id(session, tenant), version=version)
     out = {"task": t.name, "version": t.version, "kind": t.kind, "content_sha256": t.content_sha256,
            "created_at": t.created_at.isoformat(timespec="seconds"), "definition": t.definition}
     if as_json:

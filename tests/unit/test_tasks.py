@@ -324,3 +324,17 @@ def test_a_task_too_large_for_the_context_refuses_its_jobs(sessions: sessionmake
     path = _jsonl(tmp_path / "huge.jsonl", [{"key": "h", "task": "huge-topic", "text": text}])
     with pytest.raises(JobInputError, match="line 1: job is too large for the model's context"):
         enqueue_file(sessions, path, batch="huge", config=models)
+
+
+def test_cli_tenant_tasks_are_the_tenants_own(database_url: str, sessions: sessionmaker[Session],
+                                               tmp_path: Path) -> None:
+    with transaction(sessions) as s:
+        tenants.get_or_create(s, "cli-task-tenant")
+    applied = _sy(database_url, "tasks", "apply", str(SAMPLE), "--tenant", "cli-task-tenant", "--json")
+    assert applied.returncode == 0, applied.stderr
+    mine = json.loads(_sy(database_url, "tasks", "list", "--tenant", "cli-task-tenant", "--json").stdout)
+    assert [(t["task"], t["version"]) for t in mine] == [("ticket-topic", 1)]
+    shown = _sy(database_url, "tasks", "show", "ticket-topic", "--tenant", "cli-task-tenant", "--json")
+    assert json.loads(shown.stdout)["definition"]["name"] == "ticket-topic"
+    unknown = _sy(database_url, "tasks", "list", "--tenant", "nobody-here")
+    assert unknown.returncode == 2 and "no tenant called 'nobody-here'" in unknown.stderr
