@@ -86,6 +86,11 @@ class ModelConfig:
         except KeyError:
             raise ConfigError(f"no tier named {name!r} in the model configuration") from None
 
+    def min_cache_tokens(self, name: str) -> int:
+        """The shortest prompt prefix the tier's model caches, in tokens: 1,024 for Sonnet, 4,096 for
+        Haiku and Opus (a prefix below it is sent with no breakpoint, as the API would not cache it)."""
+        return self.tier(name).cache_min_tokens
+
     @property
     def work_tiers(self) -> tuple[str, ...]:
         seen = dict.fromkeys([*self.routing.by_difficulty.values(), self.routing.ambiguous,

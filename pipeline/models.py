@@ -126,6 +126,32 @@ class Batch(Base):
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class Task(Base):
+    """One version of a named task: what a batch of jobs shares (instructions, label definitions,
+    examples, a schema), so that it is written once and sent as the shared head of every prompt.
+    A version is never changed: applying a changed definition adds the next version
+    (pipeline.intake.tasks). Tasks are per tenant; the operator's own (from the CLI) have no tenant."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name", "version"),
+        # NULLs are distinct in a unique constraint: as for batches, a partial index keeps the
+        # operator's versions unique.
+        Index("uq_tasks_name_version_no_tenant", "name", "version", unique=True,
+              postgresql_where=text("tenant_id IS NULL"), sqlite_where=text("tenant_id IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"))
+    name: Mapped[str] = mapped_column(String(100))
+    version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[JobKind] = mapped_column(_enum(JobKind, "kind"))
+    # SHA-256 of the canonical definition: applying the same content again adds no version.
+    content_sha256: Mapped[str] = mapped_column(String(64))
+    definition: Mapped[dict[str, Any]] = mapped_column(Json)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
@@ -158,6 +184,9 @@ class Job(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(Json)
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", Json)
     pinned_tier: Mapped[str | None] = mapped_column(String(40))
+    # The task version the job named, bound at enqueue and kept for life (a new version of the task
+    # does not change what this job was asked); NULL for a job without a task.
+    task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id", ondelete="RESTRICT"))
 
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "status"), default=JobStatus.QUEUED)
     # Bumped by every transition; a stage applies its result only if the version it read is still

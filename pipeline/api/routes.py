@@ -21,7 +21,9 @@ from pipeline.api import schemas
 from pipeline.api.bodies import JSON_LINES, media_type, spool
 from pipeline.api.deps import Db, State, Who, caller, state
 from pipeline.api.submit import batch_source, body_reader, check_spend, find_job, one_job_source, submit_items
+from pipeline.db import transaction
 from pipeline.errors import BrokerDown, InvalidQuery, JobInputError, NotFound, UnsupportedMediaType
+from pipeline.intake import tasks
 from pipeline.intake.enqueue import max_job_tokens
 from pipeline.intake.jobspec import MAX_KEY_LENGTH, decode_json, parse_job
 from pipeline.models import Batch, Tenant
@@ -85,6 +87,12 @@ JOB_SCHEMA: dict[str, Any] = {"title": "Job", "oneOf": [
     _kind("extract", {"text": _TEXT, "schema": {"type": "object", "description": "A JSON Schema."}}),
     _kind("draft", {"instructions": _TEXT}, {"context": {"type": "string"}}),
     _kind("generate", {"prompt": _TEXT}),
+    {"type": "object", "required": ["task"], "description": "A job under a task (`/v1/tasks`): its kind, labels "
+     "and schema are the task's, bound to its latest version (or `task_version`) when submitted; it carries the "
+     "text fields of the task's kind, and no labels or schema.",
+     "properties": {"task": {"type": "string", "minLength": 1}, "task_version": {"type": "integer", "minimum": 1},
+                    "text": _TEXT, "instructions": _TEXT, "context": {"type": "string"}, "prompt": _TEXT,
+                    **_COMMON}},
 ]}
 
 
@@ -119,7 +127,9 @@ async def submit_job(request: Request, who: Who, batch: BatchName) -> JSONRespon
         obj = decode_json(raw.removeprefix(codecs.BOM_UTF8))
     except JobInputError as exc:
         raise JobInputError(f"body: {exc}") from None
-    spec = parse_job(obj, work_tiers=api.models.work_tiers, max_tokens=max_job_tokens(api.models))
+    named = tasks.lookup(api.sessions, tenant_id=who.tenant_id)
+    spec = await run_in_threadpool(parse_job, obj, work_tiers=api.models.work_tiers,
+                                   max_tokens=max_job_tokens(api.models), tasks=named)
     result = await run_in_threadpool(submit_items, api.sessions, one_job_source(spec), who=who, batch=batch,
                                      lines=False)
 
@@ -151,7 +161,8 @@ async def submit_batch(request: Request, who: Who, name: BatchName) -> schemas.B
     await run_in_threadpool(check_spend, api.sessions, who)
     reader, lines = body_reader(media_type(request))
     with await spool(request, max_bytes=api.max_body_bytes) as body:
-        source = batch_source(body, reader, config=api.models, max_items=api.max_batch_jobs)
+        source = batch_source(body, reader, config=api.models, max_items=api.max_batch_jobs,
+                              tasks=tasks.lookup(api.sessions, tenant_id=who.tenant_id))
         result = await run_in_threadpool(submit_items, api.sessions, source, who=who, batch=name, lines=lines)
     request.app.state.metrics.jobs_accepted.inc(result.accepted)
     return schemas.BatchSubmitted(batch_id=result.batch_id or 0, batch=name, read=result.read,
@@ -253,6 +264,70 @@ def batch_results(batch_id: int, request: Request, db: Db, who: Who) -> Streamin
 
     return StreamingResponse(lines(), media_type=JSON_LINES[0],
                              headers={"Content-Disposition": f'attachment; filename="batch-{batch.id}.jsonl"'})
+
+
+# -- tasks -----------------------------------------------------------------------------------------
+
+TOML_TYPES = ("application/toml", "text/toml", "text/x-toml")
+TASK_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": schemas.Error, "description": text} for code, text in {
+        413: "The body is over the configured limit.",
+        415: "The Content-Type is not TOML or JSON, or the body is compressed (Content-Encoding).",
+    }.items()
+}
+
+
+def _task(t: tasks.TaskVersion, *, definition: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"task": t.name, "version": t.version, "kind": t.kind, "content_sha256": t.content_sha256,
+                           "created_at": t.created_at.isoformat()}
+    if definition:
+        out["definition"] = t.definition
+    return out
+
+
+@router.post("/tasks", tags=["tasks"], responses={
+    200: {"description": "The latest version already had this content: nothing was added."},
+    201: {"description": "The task was created, or a new version of it added."}, **ERRORS, **TASK_ERRORS},
+    openapi_extra=_body({"application/toml": {"schema": {"type": "string", "description": "The task file."}},
+                         "application/json": {"schema": {"type": "object", "description": "The task, as JSON."}}}))
+async def apply_task(request: Request, who: Who) -> JSONResponse:
+    """Apply a task definition (TOML or JSON): its first version, or a new version when its content
+    changed since the latest; the same content again adds nothing (200, `created` false)."""
+    api = state(request)
+    kind = media_type(request)
+    if kind not in (*TOML_TYPES, "application/json", ""):
+        raise UnsupportedMediaType(f"Content-Type {kind!r} is not supported: send the task as application/toml "
+                                   f"or application/json")
+    with await spool(request, max_bytes=api.max_body_bytes) as body:
+        raw = body.read()
+    try:
+        obj = tasks.read_toml(raw) if kind in TOML_TYPES else decode_json(raw.removeprefix(codecs.BOM_UTF8))
+    except JobInputError as exc:
+        raise JobInputError(f"body: {exc}") from None
+    # Off the event loop: checking a schema and the examples against it can take a while.
+    spec = await run_in_threadpool(tasks.parse_task, obj, work_tiers=api.models.work_tiers)
+
+    def store() -> tasks.Applied:
+        with transaction(api.sessions) as session:
+            return tasks.apply(session, spec, tenant_id=who.tenant_id)
+
+    result = await run_in_threadpool(store)
+    return JSONResponse({"task": result.name, "version": result.version, "created": result.created,
+                         "content_sha256": result.content_sha256}, status_code=201 if result.created else 200)
+
+
+@router.get("/tasks", tags=["tasks"], responses=ERRORS)
+def list_tasks(db: Db, who: Who) -> JSONResponse:
+    """The tenant's tasks, each at its latest version."""
+    return JSONResponse({"tasks": [_task(t, definition=False) for t in tasks.get_all(db, tenant_id=who.tenant_id)]})
+
+
+@router.get("/tasks/{name}", tags=["tasks"], responses={**ERRORS, **NOT_FOUND})
+def get_task(name: str, db: Db, who: Who,
+             version: Annotated[int | None, Query(ge=1, description="This version; default: the latest.")] = None,
+             ) -> JSONResponse:
+    """One version of one of the tenant's tasks, with its whole definition."""
+    return JSONResponse(_task(tasks.get(db, name, tenant_id=who.tenant_id, version=version), definition=True))
 
 
 # -- stats and queue -------------------------------------------------------------------------------

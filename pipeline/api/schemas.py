@@ -116,6 +116,8 @@ class JobStory(BaseModel):
     metadata: dict[str, Any] | None
     pinned_tier: str | None
     output: Any = None
+    task: str | None = Field(None, description="The task the job named, bound at submission; null without one.")
+    task_version: int | None = Field(None, description="The version of that task the job keeps for life.")
     routing: list[Routing]
     calls: list[Call]
     validations: list[Verdict]

@@ -16,7 +16,7 @@ from pipeline.api.bodies import JSON, JSON_LINES, iter_json_array, iter_json_lin
 from pipeline.config import ModelConfig
 from pipeline.errors import BadItem, InputFileError, JobInputError, UnsupportedMediaType
 from pipeline.intake.enqueue import EnqueueReport, Source, enqueue_items, iter_objects
-from pipeline.intake.jobspec import JobSpec
+from pipeline.intake.jobspec import JobSpec, TaskLookup
 from pipeline.models import Job
 from pipeline.tenants import Caller
 
@@ -56,10 +56,11 @@ def body_reader(media_type: str) -> tuple[Any, bool]:
                                f"{JSON} or JSON Lines as {JSON_LINES[0]}")
 
 
-def batch_source(body: IO[bytes], reader: Any, *, config: ModelConfig, max_items: int) -> Source:
+def batch_source(body: IO[bytes], reader: Any, *, config: ModelConfig, max_items: int,
+                 tasks: TaskLookup | None = None) -> Source:
     """A re-readable source of parsed jobs from a spooled body: ``enqueue_items`` reads it again if
-    a new batch's body repeats a key."""
-    return lambda _position: iter_objects(reader(body, max_items=max_items), config=config)
+    a new batch's body repeats a key. ``tasks`` finds the tasks its jobs name."""
+    return lambda _position: iter_objects(reader(body, max_items=max_items), config=config, tasks=tasks)
 
 
 def one_job_source(spec: JobSpec) -> Source:

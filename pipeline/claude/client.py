@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import anthropic
 import httpx2 as httpx
+from anthropic.types import CacheControlEphemeralParam, TextBlockParam
 
 from pipeline.claude.pricing import Usage
 from pipeline.errors import (
@@ -88,7 +89,8 @@ class ModelClient(Protocol):
     """What the stages call: ClaudeClient, or a test hook wrapped around it (pipeline.claude.testhooks)."""
 
     def call(self, *, tier: str, model: str, system: str, user: str, max_tokens: int,
-             on_retry: Callable[[int], None] | None = None) -> CallResult: ...
+             on_retry: Callable[[int], None] | None = None, cache_system: bool = False,
+             cache_ttl: str = "5m") -> CallResult: ...
 
     def close(self) -> None: ...
 
@@ -285,10 +287,20 @@ class ClaudeClient:
             self.on_attempt(tier, model, attempt)
 
     def call(self, *, tier: str, model: str, system: str, user: str, max_tokens: int,
-             on_retry: Callable[[int], None] | None = None) -> CallResult:
+             on_retry: Callable[[int], None] | None = None, cache_system: bool = False,
+             cache_ttl: str = "5m") -> CallResult:
         """Make the call, retrying transient failures. ``on_retry(n)`` runs before attempt n > 1:
-        the stage renews its claim there, so the sweeper knows a call in its retries is alive."""
+        the stage renews its claim there, so the sweeper knows a call in its retries is alive.
+        ``cache_system``: end the system prompt with a cache_control breakpoint, which the API takes
+        only on a content block, so the system goes as one text block then; ``cache_ttl`` is the
+        tier's configured lifetime ("5m", the API's default, or "1h"), which its price follows."""
         attempts: list[Attempt] = []
+        sent: str | list[TextBlockParam] = system
+        if cache_system:
+            control: CacheControlEphemeralParam = {"type": "ephemeral"}
+            if cache_ttl == "1h":  # the configuration allows "5m" (the API's default) or "1h"
+                control["ttl"] = "1h"
+            sent = [{"type": "text", "text": system, "cache_control": control}]
         estimate = (len(system) + len(user)) // 4
         for number in range(1, self.attempts + 1):
             try:
@@ -303,7 +315,7 @@ class ClaudeClient:
                 raw = self._sdk.messages.with_raw_response.create(
                     model=model,
                     max_tokens=max_tokens,
-                    system=system,
+                    system=sent,
                     messages=[{"role": "user", "content": user}],
                 )
                 message = raw.parse()

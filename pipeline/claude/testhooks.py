@@ -32,13 +32,14 @@ class CrashOnMarker:
         self.marker = marker
 
     def call(self, *, tier: str, model: str, system: str, user: str, max_tokens: int,
-             on_retry: Callable[[int], None] | None = None) -> CallResult:
+             on_retry: Callable[[int], None] | None = None, cache_system: bool = False,
+             cache_ttl: str = "5m") -> CallResult:
         if self.marker in user:
             log.critical("TEST HOOK: prompt contains %r, killing this worker process (SWITCHYARD_TEST_CRASH_ON)",
                          self.marker)
             os.kill(os.getpid(), signal.SIGKILL)
         return self.inner.call(tier=tier, model=model, system=system, user=user, max_tokens=max_tokens,
-                               on_retry=on_retry)
+                               on_retry=on_retry, cache_system=cache_system, cache_ttl=cache_ttl)
 
     def close(self) -> None:
         self.inner.close()

@@ -1,5 +1,5 @@
 """The `switchyard` command's entry point. Each command reads Settings once and calls the domain
-library; the commands live by group in pipeline/cli/ (operate, history, tenants), and importing
+library; the commands live by group in pipeline/cli/ (operate, history, tasks, tenants), and importing
 them here registers them on the app.
 
 A user's mistake (a bad file, a bad flag, an unreachable database) prints one sentence and exits
@@ -16,6 +16,7 @@ from rich.text import Text
 
 import pipeline.cli.history
 import pipeline.cli.operate
+import pipeline.cli.tasks
 import pipeline.cli.tenants  # noqa: F401  (registers tokens, tenants, serve)
 from pipeline.cli.common import app, err
 from pipeline.errors import SwitchyardError

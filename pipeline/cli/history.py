@@ -393,6 +393,8 @@ def jobs_show(
                                 f"   tier {j.tier or '-'}   attempt {j.attempt}   escalations {j.escalations}"
                                 f"   cost {compact(j.cost_usd, 'usd')}"))
     console.print(f"created {when(j.created_at)}   finished {when(j.finished_at)}")
+    if story.task is not None:
+        console.print(Text.assemble("task ", _plain(story.task), f"  version {story.task_version}"))
     console.rule("input")
     console.print_json(json.dumps({"payload": story.payload, "metadata": story.metadata,
                                    "pinned_tier": story.pinned_tier}, ensure_ascii=False))

@@ -125,7 +125,9 @@ def read_prompt(body: dict[str, Any]) -> Prompt:
         purpose=purpose,
         system=system,
         last_user=last_user,
-        sections=parse_sections(last_user),
+        # A task's shared sections (its labels, schema, examples) sit in the system prompt, where
+        # switchyard puts them for the prompt cache; the job's own, in the user message, come last.
+        sections={**parse_sections(system), **parse_sections(last_user)},
         hints=parse_hints(last_user),
         digest=digest,
     )

@@ -1,8 +1,16 @@
 """The prompts, one per stage and kind.
 
-Each system prompt ends with a ``[switchyard:PURPOSE]`` tag and each user message carries the job
+Each stage's fixed system prompt ends with a ``[switchyard:PURPOSE]`` tag and each user message carries the job
 in tagged sections (``<text>``, ``<labels>``, ...). The tags keep the job's own text apart from our
 instructions, and they are the contract the bundled fake Claude answers to.
+
+A job under a task (pipeline.intake.tasks) is laid out for the prompt cache: everything the task's
+jobs share goes in the system prompt, after the stage's fixed text (the task's instructions, its
+labels with their definitions or its schema, its examples; for triage, what the task is), and the
+job's own content in the user message, last. The system prompt is then byte-for-byte the same for
+every job of a task version at a stage, so once it reaches the tier's minimum cacheable length it
+ends with a ``cache_control`` breakpoint (``Prompt.cache``), written to the cache by the first call
+and read by the rest. Jobs without a task keep the prompts they always had.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.intake.jobspec import FEEDBACK_MAX_CHARS
+from pipeline.intake.jobspec import FEEDBACK_MAX_CHARS, estimate_text_tokens
 from pipeline.models import JobKind
 
 
@@ -19,17 +27,32 @@ from pipeline.models import JobKind
 class Prompt:
     system: str
     user: str
+    # A cache_control breakpoint at the end of the system prompt (pipeline.claude.client sends the
+    # system as a content block then).
+    cache: bool = False
+
+
+@dataclass(frozen=True)
+class Shared:
+    """A task version's part of the prompts, and the tier's minimum cacheable length (tokens)."""
+
+    definition: dict[str, Any]
+    min_cache_tokens: int
 
 
 def _section(name: str, value: str) -> str:
     return f"<{name}>\n{value}\n</{name}>"
 
 
-def _job_sections(kind: JobKind, payload: dict[str, Any]) -> list[str]:
+def _job_sections(kind: JobKind, payload: dict[str, Any], *, own_only: bool = False) -> list[str]:
+    """The job's sections. ``own_only``: its text fields alone (its labels or schema are the task's,
+    sent in the shared system prompt)."""
     parts: list[str] = []
     for name in ("text", "instructions", "context", "prompt"):
         if name in payload:
             parts.append(_section(name, payload[name]))
+    if own_only:
+        return parts
     if kind is JobKind.CLASSIFY:
         parts.append(_section("labels", json.dumps(payload["labels"], ensure_ascii=False)))
     if kind is JobKind.EXTRACT:
@@ -68,21 +91,56 @@ Answer with one JSON object and nothing else: {"ok": true | false, "problems": [
 [switchyard:format_check]"""
 
 
-def triage_prompt(kind: JobKind, payload: dict[str, Any]) -> Prompt:
+def task_sections(kind: JobKind, definition: dict[str, Any], *, triage: bool = False) -> list[str]:
+    """What a task's jobs share, as tagged sections: the same bytes for every job of the version."""
+    parts = [_section("kind", kind.value)] if triage else []
+    parts.append(_section("task_instructions", definition["instructions"].strip()))
+    if "labels" in definition:
+        parts.append(_section("labels", json.dumps([x["name"] for x in definition["labels"]], ensure_ascii=False)))
+        parts.append(_section("label_definitions", "\n".join(f"- {x['name']}: {x['description']}"
+                                                             for x in definition["labels"])))
+    if "schema" in definition:
+        parts.append(_section("schema", json.dumps(definition["schema"], ensure_ascii=False, sort_keys=True)))
+    if definition.get("examples"):
+        shown = [_section("example", _section("input", e["input"]) + "\n" + _section(
+            "expected_output", e["output"] if isinstance(e["output"], str)
+            else json.dumps(e["output"], ensure_ascii=False, sort_keys=True))) for e in definition["examples"]]
+        parts.append(_section("examples", "\n".join(shown)))
+    return parts
+
+
+def _prompt(system: str, job_parts: list[str], kind: JobKind, shared: Shared | None, *, triage: bool = False,
+            tail: list[str] | None = None) -> Prompt:
+    if shared is None:
+        return Prompt(system, "\n".join(job_parts + (tail or [])))
+    system = "\n".join([system, *task_sections(kind, shared.definition, triage=triage)])
+    return Prompt(system, "\n".join(job_parts + (tail or [])),
+                  cache=estimate_text_tokens(system) >= shared.min_cache_tokens)
+
+
+def triage_prompt(kind: JobKind, payload: dict[str, Any], *, shared: Shared | None = None) -> Prompt:
+    if shared is not None:
+        return _prompt(TRIAGE_SYSTEM, _job_sections(kind, payload, own_only=True), kind, shared, triage=True)
     user = "\n".join([_section("kind", kind.value), *_job_sections(kind, payload)])
     return Prompt(TRIAGE_SYSTEM, user)
 
 
-def work_prompt(kind: JobKind, payload: dict[str, Any], *, feedback: str | None = None) -> Prompt:
-    parts = _job_sections(kind, payload)
+def work_prompt(kind: JobKind, payload: dict[str, Any], *, feedback: str | None = None,
+                shared: Shared | None = None) -> Prompt:
+    parts = _job_sections(kind, payload, own_only=shared is not None)
+    tail: list[str] = []
     if feedback:
         # Cut, so that the enqueue-time size check (pipeline.intake.jobspec.max_job_tokens) can count on it.
         feedback = feedback[:FEEDBACK_MAX_CHARS]
-        parts.append(_section("feedback", "Your previous answer was rejected: " + feedback +
-                              "\nAnswer again, fixing these problems."))
-    return Prompt(_WORK_SYSTEM[kind], "\n".join(parts))
+        tail.append(_section("feedback", "Your previous answer was rejected: " + feedback +
+                             "\nAnswer again, fixing these problems."))
+    return _prompt(_WORK_SYSTEM[kind], parts, kind, shared, tail=tail)
 
 
-def format_check_prompt(kind: JobKind, payload: dict[str, Any], output: str) -> Prompt:
+def format_check_prompt(kind: JobKind, payload: dict[str, Any], output: str, *,
+                        shared: Shared | None = None) -> Prompt:
+    if shared is not None:
+        return _prompt(FORMAT_CHECK_SYSTEM, _job_sections(kind, payload, own_only=True), kind, shared, triage=True,
+                       tail=[_section("output", output)])
     parts = [_section("kind", kind.value), *_job_sections(kind, payload), _section("output", output)]
     return Prompt(FORMAT_CHECK_SYSTEM, "\n".join(parts))

@@ -26,7 +26,7 @@ from pipeline.claude.client import MAX_RETRY_AFTER_S, Attempt, CallResult, Model
 from pipeline.claude.pricing import call_cost
 from pipeline.config import ModelConfig
 from pipeline.errors import CallFailed, Deferred
-from pipeline.flow.prompts import Prompt, format_check_prompt, triage_prompt, work_prompt
+from pipeline.flow.prompts import Prompt, Shared, format_check_prompt, triage_prompt, work_prompt
 from pipeline.flow.routing import after_failed_validation, parse_triage, tier_for
 from pipeline.flow.states import Also, Claim, begin_stage, last_step, moved_at, release_stage, renew_claim, transition
 from pipeline.flow.validation import (
@@ -36,7 +36,7 @@ from pipeline.flow.validation import (
     format_check_unreadable,
     parse_format_check,
 )
-from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict, utcnow
+from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, Task, ValidationVerdict, utcnow
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -290,6 +290,27 @@ def _claim(p: Pipeline, job_id: int, status: JobStatus,
     return claimed
 
 
+# Task versions never change once stored, so a worker reads each one once: (database, task id) -> definition.
+_TASKS: dict[tuple[str, int], dict[str, Any]] = {}
+_TASKS_KEPT = 256
+
+
+def _shared(p: Pipeline, claim: Claim, tier: str) -> Shared | None:
+    """The task's shared part of a task job's prompts at ``tier``; None for a job without a task."""
+    if claim.task_id is None:
+        return None
+    key = (str(p.engine.url), claim.task_id)
+    definition = _TASKS.get(key)
+    if definition is None:
+        with p.engine.connect() as conn:
+            definition = conn.scalar(select(Task.definition).where(Task.id == claim.task_id))
+        assert definition is not None  # jobs.task_id is a foreign key, and versions are never deleted
+        if len(_TASKS) >= _TASKS_KEPT:
+            _TASKS.clear()
+        _TASKS[key] = definition
+    return Shared(definition, p.models.min_cache_tokens(tier))
+
+
 def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,
           max_tokens: int) -> CallResult | CallFailed | Deferred:
     def renew(_attempt: int) -> None:
@@ -304,7 +325,8 @@ def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,
 
     try:
         return p.client.call(tier=tier, model=p.models.tier(tier).model, system=prompt.system,
-                             user=prompt.user, max_tokens=max_tokens, on_retry=renew)
+                             user=prompt.user, max_tokens=max_tokens, on_retry=renew, cache_system=prompt.cache,
+                             cache_ttl=p.models.tier(tier).cache_ttl)
     except (CallFailed, Deferred) as outcome:
         return outcome
 
@@ -446,7 +468,7 @@ def triage(p: Pipeline, job_id: int) -> Handoff | None:
         return None
     claim, call_id = claimed
     assert call_id is not None
-    result = _call(p, claim, tier=tier, prompt=triage_prompt(claim.kind, claim.payload),
+    result = _call(p, claim, tier=tier, prompt=triage_prompt(claim.kind, claim.payload, shared=_shared(p, claim, tier)),
                    max_tokens=p.models.limits.triage_max_tokens)
     if isinstance(result, Deferred):
         return _defer(p, claim, call_id, status=JobStatus.TRIAGING, stage=Stage.TRIAGE, tier=tier, deferred=result)
@@ -488,8 +510,15 @@ def work(p: Pipeline, job_id: int) -> Handoff | None:
     claim, call_id = claimed
     assert call_id is not None and claim.tier is not None
     tier = claim.tier
-    result = _call(p, claim, tier=tier, prompt=work_prompt(claim.kind, claim.payload, feedback=claim.feedback),
-                   max_tokens=p.models.limits.work_max_tokens)
+    shared = _shared(p, claim, tier)
+    max_tokens = p.models.limits.work_max_tokens
+    if shared is not None and shared.definition.get("max_tokens"):
+        # A task may ask for shorter answers, never longer: the context check at enqueue
+        # (jobspec.max_job_tokens) counted on the configured most.
+        max_tokens = min(max_tokens, shared.definition["max_tokens"])
+    result = _call(p, claim, tier=tier, prompt=work_prompt(claim.kind, claim.payload, feedback=claim.feedback,
+                                                           shared=shared),
+                   max_tokens=max_tokens)
     if isinstance(result, Deferred):
         return _defer(p, claim, call_id, status=JobStatus.WORKING, stage=Stage.WORK, tier=tier, deferred=result)
     if isinstance(result, CallFailed):
@@ -543,7 +572,8 @@ def validate(p: Pipeline, job_id: int) -> Handoff | None:
     if verdict is None:
         assert call_id is not None
         answer = claim.candidate or ""
-        outcome = _call(p, claim, tier=checker, prompt=format_check_prompt(JobKind(claim.kind), claim.payload, answer),
+        outcome = _call(p, claim, tier=checker, prompt=format_check_prompt(JobKind(claim.kind), claim.payload, answer,
+                                                                          shared=_shared(p, claim, checker)),
                         max_tokens=p.models.limits.format_check_max_tokens)
         if isinstance(outcome, Deferred):
             return _defer(p, claim, call_id, status=JobStatus.VALIDATING, stage=Stage.FORMAT_CHECK, tier=checker,

@@ -316,6 +316,8 @@ class Claim:
     candidate_stop: str | None
     # When this stage began meeting nothing but transient errors, if it has (its patience's start).
     transient_since: datetime | None = None
+    # The task version the job is bound to, if any: its prompts share the task's part.
+    task_id: int | None = None
 
 
 # Built once, run with bound parameters, on the table rather than the ORM entity: every stage of
@@ -333,7 +335,8 @@ _BEGIN_STAGE = (
     .values(deliveries=case((_JOBS.c.claimed_at == _NOW, _JOBS.c.deliveries), else_=_JOBS.c.deliveries + 1),
             claimed_at=_NOW, claimed_by=bindparam("b_worker", type_=_JOBS.c.claimed_by.type))
     .returning(_JOBS.c.id, _JOBS.c.version, _JOBS.c.deliveries, _JOBS.c.kind, _JOBS.c.payload, _JOBS.c.tier,
-               _JOBS.c.attempt, _JOBS.c.feedback, _JOBS.c.candidate, _JOBS.c.candidate_stop, _JOBS.c.transient_since)
+               _JOBS.c.attempt, _JOBS.c.feedback, _JOBS.c.candidate, _JOBS.c.candidate_stop, _JOBS.c.transient_since,
+               _JOBS.c.task_id)
 )
 
 

@@ -52,10 +52,12 @@ from pipeline import tenants
 from pipeline.config import ModelConfig
 from pipeline.db import insert_or_skip, retry_conflicts
 from pipeline.errors import BatchCancelled, InputFileError, JobInputError
+from pipeline.intake import tasks
 from pipeline.intake.jobspec import (
     CHARS_PER_TOKEN,
     JOB_FIELDS,
     JobSpec,
+    TaskLookup,
     json_limits,
     max_job_tokens,
     parse_job,
@@ -146,8 +148,8 @@ def _csv_row(header: list[str], cells: list[str]) -> dict[str, Any]:
     return obj
 
 
-def iter_lines(path: Path, fmt: str, *, config: ModelConfig,
-               position: list[int] | None = None) -> Iterator[Parsed]:
+def iter_lines(path: Path, fmt: str, *, config: ModelConfig, position: list[int] | None = None,
+               tasks: TaskLookup | None = None) -> Iterator[Parsed]:
     """Yield (line number, raw text, job or the error for that line), streaming. If given,
     ``position[0]`` is kept at the bytes read so far. A UTF-8 byte-order mark at the start of
     the file is skipped."""
@@ -168,7 +170,7 @@ def iter_lines(path: Path, fmt: str, *, config: ModelConfig,
                     continue
                 try:
                     yield number, raw.decode("utf-8", "replace").rstrip("\n"), parse_line(
-                        raw, work_tiers=tiers, max_tokens=max_tokens)
+                        raw, work_tiers=tiers, max_tokens=max_tokens, tasks=tasks)
                 except JobInputError as exc:
                     yield number, raw.decode("utf-8", "replace").rstrip("\n"), exc
         else:
@@ -296,7 +298,8 @@ def _csv_fault(record: str) -> tuple[int, str | None]:
     return cell, None
 
 
-def iter_objects(numbered: Iterable[tuple[int, Any]], *, config: ModelConfig) -> Iterator[Parsed]:
+def iter_objects(numbered: Iterable[tuple[int, Any]], *, config: ModelConfig,
+                 tasks: TaskLookup | None = None) -> Iterator[Parsed]:
     """Yield (number, raw text, job or the error for that item) for (number, decoded object)
     pairs, such as the jobs of an HTTP body with their index or line. An item that is already an
     error (it did not decode) passes through."""
@@ -306,7 +309,7 @@ def iter_objects(numbered: Iterable[tuple[int, Any]], *, config: ModelConfig) ->
             yield number, "", obj
             continue
         try:
-            yield number, "", parse_job(obj, work_tiers=config.work_tiers, max_tokens=max_tokens)
+            yield number, "", parse_job(obj, work_tiers=config.work_tiers, max_tokens=max_tokens, tasks=tasks)
         except JobInputError as exc:
             yield number, "", exc
 
@@ -539,8 +542,10 @@ def enqueue_file(
     transaction, ``skip_invalid`` or not, so a refused file leaves nothing behind."""
     fmt = detect_format(path, fmt)
     total = input_size(path)
+    # Each task a line names is looked up once for the whole file (and kept across a second reading).
+    named = tasks.lookup(session_factory, tenant_id=tenant_id)
     return enqueue_items(
-        session_factory, lambda pos: iter_lines(path, fmt, config=config, position=pos), batch=batch,
+        session_factory, lambda pos: iter_lines(path, fmt, config=config, position=pos, tasks=named), batch=batch,
         tenant_id=tenant_id, where=str(path), skip_invalid=skip_invalid,
         atomic=not skip_invalid or tenant_id is not None, progress=progress,
         on_invalid=on_invalid, max_reported=max_reported, chunk_size=chunk_size, total_bytes=total)

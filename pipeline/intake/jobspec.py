@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +64,8 @@ JOB_FIELDS = frozenset(_COMMON | {f for req, opt in _FIELDS.values() for f in (*
                        | {f for extra in _EXTRA.values() for f in extra})
 _ALLOWED = {kind: frozenset(_COMMON | set(req) | set(opt) | _EXTRA.get(kind, set()))
             for kind, (req, opt) in _FIELDS.items()}
+# A job under a task: the same fields, but the task gives its labels or schema.
+_TASK_ALLOWED = {kind: (fields - {"labels", "schema"}) | {"task", "task_version"} for kind, fields in _ALLOWED.items()}
 _KINDS = {kind.value: kind for kind in JobKind}
 # orjson reads an integer past 64 bits as a float, rounding it; the standard parser keeps it exact.
 _FLOAT_EXACT_BELOW = 2.0**63
@@ -76,10 +78,33 @@ class JobSpec:
     payload: dict[str, Any]
     metadata: dict[str, Any] | None
     tier: str | None
+    task_id: int | None = None  # the version of the task the job was bound to, if it names one
 
     def content_digest(self) -> str:
-        return digest({"kind": self.kind.value, "payload": self.payload, "tier": self.tier,
-                       "metadata": self.metadata})
+        content: dict[str, Any] = {"kind": self.kind.value, "payload": self.payload, "tier": self.tier,
+                                   "metadata": self.metadata}
+        if self.task_id is not None:  # only then: the digests (and keys) of jobs without a task stay as they were
+            content["task_id"] = self.task_id
+        return digest(content)
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """What a job needs of the task version it names (pipeline.intake.tasks.lookup makes these)."""
+
+    id: int
+    name: str
+    version: int
+    kind: JobKind
+    labels: list[str] | None
+    schema: dict[str, Any] | None
+    tier: str | None
+    # The estimated tokens of what the task adds to every prompt of its jobs (its shared part).
+    tokens: int = 0
+
+
+# (name, version or None for the latest) -> the task version, or JobInputError if there is none.
+TaskLookup = Callable[[str, int | None], TaskRef]
 
 
 def digest(obj: Any) -> str:
@@ -295,27 +320,58 @@ def _too_large(size: int, max_tokens: int) -> str:
     return f"job is too large for the model's context: about {size:,} tokens, limit {max_tokens:,}"
 
 
-def parse_job(obj: Any, *, work_tiers: tuple[str, ...], max_tokens: int | None = None) -> JobSpec:
-    """Check one decoded job object and return it normalised."""
-    return _parse(obj, work_tiers, max_tokens, strings_checked=False, exact=True)
+def parse_job(obj: Any, *, work_tiers: tuple[str, ...], max_tokens: int | None = None,
+              tasks: TaskLookup | None = None) -> JobSpec:
+    """Check one decoded job object and return it normalised. ``tasks`` finds the task a job names."""
+    return _parse(obj, work_tiers, max_tokens, strings_checked=False, exact=True, tasks=tasks)
+
+
+def _task_ref(obj: dict[str, Any], tasks: TaskLookup | None, max_tokens: int | None) -> TaskRef:
+    """The task version a job names, and the fields it may not carry beside it checked."""
+    name = obj["task"]
+    if not isinstance(name, str) or not name.strip():
+        raise JobInputError("field 'task' must be a task's name")
+    version = obj.get("task_version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+        raise JobInputError(f"field 'task_version' must be a whole number from 1, not {quoted(version)}")
+    if tasks is None:
+        raise JobInputError("field 'task' cannot be used here: no task can be looked up")
+    ref = tasks(name, version)
+    kind = obj.get("kind")
+    if kind is not None and kind != ref.kind:
+        raise JobInputError(f"field 'kind' {quoted(kind)} does not fit task {quoted(ref.name)}, a "
+                            f"{ref.kind.value} task: leave 'kind' out")
+    for field in ("labels", "schema"):
+        if field in obj:
+            raise JobInputError(f"field {field!r} cannot be given with 'task': task {quoted(ref.name)} defines "
+                                f"the job's {field}")
+    if max_tokens is not None and ref.tokens >= max_tokens:
+        raise JobInputError(f"task {quoted(ref.name)} is too large for the model's context: about "
+                            f"{ref.tokens:,} tokens, limit {max_tokens:,}")
+    return ref
 
 
 def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, strings_checked: bool,
-           exact: bool) -> JobSpec:
+           exact: bool, tasks: TaskLookup | None = None) -> JobSpec:
     """``strings_checked``: the decoder already refused lone surrogates and no string can hold a
     NUL. ``exact``: every number was read exactly (see _check_storable)."""
     if not isinstance(obj, dict):
         raise JobInputError(f"a job must be a JSON object, not {type(obj).__name__}")
     if not strings_checked:
         _check_strings(obj)
-    kind_raw = obj.get("kind")
-    if kind_raw is None:
-        raise JobInputError("missing required field 'kind' (classify, extract, draft or generate)")
-    kind = _KINDS.get(kind_raw) if isinstance(kind_raw, str) else None
-    if kind is None:
-        raise JobInputError(f"unknown kind {quoted(kind_raw)}: expected classify, extract, draft or generate")
-
-    allowed = _ALLOWED[kind]
+    # A job that names its task takes the kind, labels and schema of the task's version, bound now.
+    ref = _task_ref(obj, tasks, max_tokens) if "task" in obj else None
+    if ref is not None:
+        kind = ref.kind
+        allowed = _TASK_ALLOWED[kind]
+    else:
+        kind_raw = obj.get("kind")
+        if kind_raw is None:
+            raise JobInputError("missing required field 'kind' (classify, extract, draft or generate)")
+        kind = _KINDS.get(kind_raw) if isinstance(kind_raw, str) else None  # type: ignore[assignment]
+        if kind is None:
+            raise JobInputError(f"unknown kind {quoted(kind_raw)}: expected classify, extract, draft or generate")
+        allowed = _ALLOWED[kind]
     unknown = obj.keys() - allowed
     if unknown:
         ordered = sorted(unknown)
@@ -342,7 +398,16 @@ def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, str
         if value is not None:
             payload[name] = value
             size += estimate_text_tokens(value)
-    if kind is JobKind.CLASSIFY:
+    if ref is not None:
+        # The task's labels and schema go into the payload as if the job had carried them, so that
+        # every stage that reads them (validation) works on a task's job unchanged. They were
+        # checked when the task was applied; its shared part (ref.tokens) rides in every prompt.
+        if ref.labels is not None:
+            payload["labels"] = ref.labels
+        if ref.schema is not None:
+            payload["schema"] = ref.schema
+        size += ref.tokens
+    elif kind is JobKind.CLASSIFY:
         payload["labels"], tokens = _labels(obj)
         size += tokens
     elif kind is JobKind.EXTRACT:
@@ -352,6 +417,9 @@ def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, str
     tier = obj.get("tier")
     if tier is not None and tier not in work_tiers:
         raise JobInputError(f"unknown tier {quoted(tier)}: expected one of {', '.join(work_tiers)}")
+    if tier is None and ref is not None:
+        tier = ref.tier  # the task's pinned tier, unless the job pins its own
+    task_id = ref.id if ref is not None else None
 
     metadata = obj.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
@@ -365,16 +433,17 @@ def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, str
     key = obj.get("key")
     if key is None:
         # No key: the content is the identity, so re-running the same file adds nothing.
-        keyless = JobSpec(key="", kind=kind, payload=payload, metadata=metadata, tier=tier)
+        keyless = JobSpec(key="", kind=kind, payload=payload, metadata=metadata, tier=tier, task_id=task_id)
         key = "sha256:" + keyless.content_digest()[:32]
     elif not isinstance(key, str) or not key.strip():
         raise JobInputError("field 'key' must be a non-empty string")
     elif len(key) > MAX_KEY_LENGTH:
         raise JobInputError(f"field 'key' is longer than {MAX_KEY_LENGTH} characters")
-    return JobSpec(key=key, kind=kind, payload=payload, metadata=metadata, tier=tier)
+    return JobSpec(key=key, kind=kind, payload=payload, metadata=metadata, tier=tier, task_id=task_id)
 
 
-def parse_line(line: str | bytes, *, work_tiers: tuple[str, ...], max_tokens: int | None = None) -> JobSpec:
+def parse_line(line: str | bytes, *, work_tiers: tuple[str, ...], max_tokens: int | None = None,
+               tasks: TaskLookup | None = None) -> JobSpec:
     """Decode and check one JSON Lines line (without the caller's line number)."""
     if isinstance(line, bytes):
         try:
@@ -384,7 +453,8 @@ def parse_line(line: str | bytes, *, work_tiers: tuple[str, ...], max_tokens: in
         else:
             # orjson refuses lone surrogates and invalid UTF-8, so only the escape can make a NUL.
             try:
-                return _parse(obj, work_tiers, max_tokens, strings_checked=b"\\u0000" not in line, exact=False)
+                return _parse(obj, work_tiers, max_tokens, strings_checked=b"\\u0000" not in line, exact=False,
+                              tasks=tasks)
             except (JobInputError, _Inexact):
                 pass  # decoded again below: the standard parser decides, and words the message
-    return parse_job(decode_json(line), work_tiers=work_tiers, max_tokens=max_tokens)
+    return parse_job(decode_json(line), work_tiers=work_tiers, max_tokens=max_tokens, tasks=tasks)

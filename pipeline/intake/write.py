@@ -31,7 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from pipeline.intake.jobspec import JobSpec, digest
+from pipeline.intake.jobspec import JobSpec
 from pipeline.models import Job, JobKind, JobStatus, utcnow
 
 Clash = tuple[int, str]  # (line or index, key) of an item whose key the batch holds for a different job
@@ -142,7 +142,7 @@ class _Abandoned(Exception):
     """What a cancelled COPY tells Postgres."""
 
 
-_JOB_COLUMNS = "batch_id, key, kind, payload, metadata, pinned_tier, status, created_at, updated_at"
+_JOB_COLUMNS = "batch_id, key, kind, payload, metadata, pinned_tier, task_id, status, created_at, updated_at"
 
 
 _KIND = {kind: kind.value for kind in JobKind}  # an Enum's .value is a slow property, for every row
@@ -150,7 +150,7 @@ _KIND = {kind: kind.value for kind in JobKind}  # an Enum's .value is a slow pro
 
 class CopyWriter(_PgCopy):
     sql = f"COPY jobs ({_JOB_COLUMNS}) FROM STDIN (FORMAT BINARY)"
-    types = ("int8", "text", "text", "jsonb", "jsonb", "text", "text", "timestamptz", "timestamptz")
+    types = ("int8", "text", "text", "jsonb", "jsonb", "text", "int8", "text", "timestamptz", "timestamptz")
 
     def __init__(self, session: Session, batch_id: int) -> None:
         super().__init__(session)
@@ -160,8 +160,8 @@ class CopyWriter(_PgCopy):
 
     def add(self, number: int, spec: JobSpec) -> None:
         self.write((self.batch, spec.key, _KIND[spec.kind], to_json(spec.payload),
-                    None if spec.metadata is None else to_json(spec.metadata), spec.tier, "queued", self.now,
-                    self.now))
+                    None if spec.metadata is None else to_json(spec.metadata), spec.tier, spec.task_id, "queued",
+                    self.now, self.now))
 
     def flush(self) -> Written:
         # The rows are already on their way; a chunk here only moves the clock and the count.
@@ -179,12 +179,13 @@ class CopyWriter(_PgCopy):
 
 
 _STAGE = """
-    CREATE TEMP TABLE IF NOT EXISTS enqueue_rows (n bigint, key text, kind text, payload jsonb, meta jsonb, tier text)
+    CREATE TEMP TABLE IF NOT EXISTS enqueue_rows (n bigint, key text, kind text, payload jsonb, meta jsonb, tier text,
+                                                  task_id bigint)
     ON COMMIT DELETE ROWS
 """
 _MOVE = f"""
     INSERT INTO jobs ({_JOB_COLUMNS})
-    SELECT %(batch)s, key, kind, payload, meta, tier, 'queued', %(now)s, %(now)s FROM enqueue_rows ORDER BY n
+    SELECT %(batch)s, key, kind, payload, meta, tier, task_id, 'queued', %(now)s, %(now)s FROM enqueue_rows ORDER BY n
     ON CONFLICT (batch_id, key) DO NOTHING
 """
 # A staged row whose key the batch has is a duplicate if the job there is the same: the row it put
@@ -194,16 +195,17 @@ _MOVE = f"""
 # whole batch for every chunk, which grows with the batch.
 _CLASHES = """
     SELECT s.n, s.key FROM enqueue_rows s
-    CROSS JOIN LATERAL (SELECT kind, payload, metadata, pinned_tier FROM jobs
+    CROSS JOIN LATERAL (SELECT kind, payload, metadata, pinned_tier, task_id FROM jobs
                         WHERE batch_id = %(batch)s AND key = s.key LIMIT 1) j
-    WHERE (j.kind, j.payload, j.metadata, j.pinned_tier) IS DISTINCT FROM (s.kind, s.payload, s.meta, s.tier)
+    WHERE (j.kind, j.payload, j.metadata, j.pinned_tier, j.task_id)
+          IS DISTINCT FROM (s.kind, s.payload, s.meta, s.tier, s.task_id)
     ORDER BY s.n
 """
 
 
 class StageWriter(_PgCopy):
-    sql = "COPY enqueue_rows (n, key, kind, payload, meta, tier) FROM STDIN (FORMAT BINARY)"
-    types = ("int8", "text", "text", "jsonb", "jsonb", "text")
+    sql = "COPY enqueue_rows (n, key, kind, payload, meta, tier, task_id) FROM STDIN (FORMAT BINARY)"
+    types = ("int8", "text", "text", "jsonb", "jsonb", "text", "int8")
 
     def __init__(self, session: Session, batch_id: int) -> None:
         super().__init__(session)
@@ -215,7 +217,7 @@ class StageWriter(_PgCopy):
 
     def add(self, number: int, spec: JobSpec) -> None:
         self.write((number, spec.key, _KIND[spec.kind], to_json(spec.payload),
-                    None if spec.metadata is None else to_json(spec.metadata), spec.tier))
+                    None if spec.metadata is None else to_json(spec.metadata), spec.tier, spec.task_id))
 
     def flush(self) -> Written:
         if not self.rows:
@@ -270,7 +272,8 @@ class RowWriter:
     def _insert(self) -> tuple[int, list[Clash]]:
         now = utcnow()
         rows = [{"batch_id": self.batch_id, "key": s.key, "kind": s.kind, "payload": s.payload, "meta": s.metadata,
-                 "pinned_tier": s.tier, "status": JobStatus.QUEUED, "created_at": now, "updated_at": now}
+                 "pinned_tier": s.tier, "task_id": s.task_id,
+                 "status": JobStatus.QUEUED, "created_at": now, "updated_at": now}
                 for _, s in self.chunk]
         stmt = sqlite_insert(Job).on_conflict_do_nothing(index_elements=["batch_id", "key"]).returning(Job.key)
         # RETURNING names only the rows that did not conflict.
@@ -281,9 +284,9 @@ class RowWriter:
         # A key already there is an idempotent re-run only if it names the same job; the same key
         # for different content is the user's mistake, and silently keeping either would hide it.
         existing = {
-            r.key: digest({"kind": JobKind(r.kind).value, "payload": r.payload, "tier": r.pinned_tier,
-                           "metadata": r.meta})
-            for r in self.session.execute(select(Job.key, Job.kind, Job.payload, Job.meta, Job.pinned_tier)
+            r.key: JobSpec(key=r.key, kind=JobKind(r.kind), payload=r.payload, metadata=r.meta, tier=r.pinned_tier,
+                           task_id=r.task_id).content_digest()
+            for r in self.session.execute(select(Job.key, Job.kind, Job.payload, Job.meta, Job.pinned_tier, Job.task_id)
                                           .where(Job.batch_id == self.batch_id,
                                                  Job.key.in_([s.key for _, s in seen])))
         }

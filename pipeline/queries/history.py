@@ -76,6 +76,7 @@ from pipeline.models import (
     JobStatus,
     ModelCall,
     RoutingDecision,
+    Task,
     Tenant,
     ValidationVerdict,
     utcnow,
@@ -559,6 +560,9 @@ class JobStory:
     metadata: dict[str, Any] | None
     pinned_tier: str | None
     output: Any
+    # The task version the job was bound to at enqueue; None for a job without a task.
+    task: str | None = None
+    task_version: int | None = None
     routing: list[RoutingRecord] = field(default_factory=list)
     calls: list[CallRecord] = field(default_factory=list)
     validations: list[VerdictRecord] = field(default_factory=list)
@@ -586,12 +590,13 @@ def get_job(*, db_session: Session, job_id: int, tenant_id: int | None = None) -
     if not _is_id(job_id):
         raise NotFound(f"no job with id {job_id}")
     row: Any = db_session.execute(
-        select(*_SUMMARY_COLUMNS, Job.payload, Job.meta, Job.pinned_tier, Job.output)
-        .join(Batch, Batch.id == Job.batch_id).where(Job.id == job_id, _tenant_scope(tenant_id))
+        select(*_SUMMARY_COLUMNS, Job.payload, Job.meta, Job.pinned_tier, Job.output, Task.name, Task.version)
+        .join(Batch, Batch.id == Job.batch_id).outerjoin(Task, Task.id == Job.task_id)
+        .where(Job.id == job_id, _tenant_scope(tenant_id))
     ).first()
     if row is None:
         raise NotFound(f"no job with id {job_id}")
-    payload, meta, pinned, output = row[-4:]
+    payload, meta, pinned, output, task, task_version = row[-6:]
     calls = [
         CallRecord(id=c.id, stage=c.stage.value, tier=c.tier, model=c.model, attempt=c.attempt, delivery=c.delivery,
                    outcome=c.outcome, applied=c.applied, input_tokens=c.input_tokens, output_tokens=c.output_tokens,
@@ -620,8 +625,8 @@ def get_job(*, db_session: Session, job_id: int, tenant_id: int | None = None) -
         for e in db_session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
     ]
     return JobStory(job=_job_summary(row[:len(_SUMMARY_COLUMNS)]), payload=payload, metadata=meta,
-                    pinned_tier=pinned, output=output, routing=routing, calls=calls, validations=validations,
-                    events=events)
+                    pinned_tier=pinned, output=output, task=task, task_version=task_version, routing=routing,
+                    calls=calls, validations=validations, events=events)
 
 
 # -- export ----------------------------------------------------------------------------------------

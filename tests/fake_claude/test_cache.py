@@ -274,3 +274,26 @@ def test_cache_minimums_from_the_command_line() -> None:
     )
     assert result.returncode == 2
     assert "--cache-min-tokens" in result.stderr and "haiku=lots" in result.stderr
+
+
+@pytest.mark.parametrize(("ttl", "hits_after_ten_minutes"), [("5m", False), ("1h", True)])
+def test_the_client_asks_for_the_tiers_ttl(clock: Clock, ttl: str, hits_after_ten_minutes: bool) -> None:
+    """switchyard's client sends the tier's configured TTL on its breakpoint: a 1-hour entry is
+    still read ten minutes later, a 5-minute one is written again."""
+    from pipeline.claude.client import ClaudeClient
+
+    with FakeClaude(clock=clock) as fc:
+        client = ClaudeClient(api_key="t", base_url=fc.base_url, attempts=1, sleep=lambda s: None)
+        try:
+            def ask() -> Any:
+                result = client.call(tier="sonnet", model="claude-sonnet-5-5", system=SHARED, user="Refund me",
+                                     max_tokens=50, cache_system=True, cache_ttl=ttl)
+                return result.attempts[-1].usage
+
+            assert ask().cache_creation_input_tokens > 0
+            clock.now += 600
+            again = ask()
+        finally:
+            client.close()
+    assert (again.cache_read_input_tokens > 0) is hits_after_ten_minutes
+    assert (again.cache_creation_input_tokens > 0) is not hits_after_ten_minutes
