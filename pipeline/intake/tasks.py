@@ -137,17 +137,23 @@ def _labels(raw: Any) -> tuple[Label, ...]:
     seen: set[str] = set()
     for i, item in enumerate(raw, 1):
         where = f"label {i}: "
-        if not isinstance(item, dict):
-            raise JobInputError(f"{where}must be a table with a name and a description")
-        unknown = item.keys() - {"name", "description"}
-        if unknown:
-            raise JobInputError(f"{where}unknown field(s) {', '.join(quoted(u, 40) for u in sorted(unknown))}")
+        _check_table(item, ("name", "description"), where=where, shape="a name and a description")
         name = _string(item, "name", where=where)
         if name in seen:
             raise JobInputError(f"{where}label {quoted(name)} is defined twice")
         seen.add(name)
         labels.append(Label(name, _string(item, "description", where=f"{where}({quoted(name)}) ")))
     return tuple(labels)
+
+
+def _check_table(item: Any, fields: tuple[str, str], *, where: str, shape: str) -> None:
+    """A label or an example: a table of these fields and no other (a missing one is said where it
+    is read)."""
+    if not isinstance(item, dict):
+        raise JobInputError(f"{where}must be a table with {shape}")
+    unknown = item.keys() - set(fields)
+    if unknown:
+        raise JobInputError(f"{where}unknown field(s) {', '.join(quoted(u, 40) for u in sorted(unknown))}")
 
 
 def _schema(raw: Any) -> dict[str, Any]:
@@ -197,11 +203,7 @@ def _examples(raw: Any, kind: JobKind, *, labels: tuple[Label, ...],
     out: list[Example] = []
     for i, item in enumerate(raw, 1):
         where = f"example {i}: "
-        if not isinstance(item, dict):
-            raise JobInputError(f"{where}must be a table with an input and an output")
-        unknown = item.keys() - {"input", "output"}
-        if unknown:
-            raise JobInputError(f"{where}unknown field(s) {', '.join(quoted(u, 40) for u in sorted(unknown))}")
+        _check_table(item, ("input", "output"), where=where, shape="an input and an output")
         text = _string(item, "input", where=where)
         if "output" not in item:
             raise JobInputError(f"{where}missing required field 'output'")
