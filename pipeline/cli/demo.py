@@ -43,12 +43,29 @@ def _fake_claude(settings: Settings, console: Console) -> Iterator[Settings]:
         yield settings.model_copy(update={"anthropic_api_key": "fake-key", "anthropic_base_url": fake.base_url})
 
 
-def sample_path() -> Path:
-    return Path(str(resources.files("pipeline").joinpath("samples/demo.jsonl")))
+def sample_path(name: str = "demo.jsonl") -> Path:
+    return Path(str(resources.files("pipeline").joinpath(f"samples/{name}")))
+
+
+def _enqueue_task_sample(p: Pipeline, settings: Settings, batch: str) -> int:
+    """The README's example task (pipeline/samples/ticket-topic.toml), applied as the operator's,
+    and a few tickets that name it: the second batch of the default demo. Returns its batch id."""
+    from pipeline.intake import tasks
+
+    spec = tasks.parse_task(tasks.read_toml(sample_path("ticket-topic.toml").read_bytes()),
+                            work_tiers=settings.models.work_tiers)
+    with p.sessions() as session:
+        tasks.apply(session, spec, tenant_id=None)
+        session.commit()
+    report = enqueue_file(p.sessions, sample_path("ticket-topic-jobs.jsonl"), batch=batch, config=settings.models)
+    assert report.batch_id is not None
+    return report.batch_id
 
 
 def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = None,
-             timeout_s: float = 300.0) -> Summary:
+             timeout_s: float = 300.0) -> list[tuple[str, Summary]]:
+    """Run ``jobs_file`` (default: the bundled sample, then a second batch of task jobs) to its end
+    and return each batch's name and summary."""
     from pipeline.flow.dispatch import run_dispatcher
     from pipeline.flow.runtime import build_pipeline
     from workers.base import install_pipeline, publisher
@@ -70,6 +87,10 @@ def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = N
         report = enqueue_file(p.sessions, jobs_file or sample_path(), batch=batch, config=settings.models)
         console.print(f"Enqueued {report.accepted} jobs into batch [bold]{batch}[/].")
         assert report.batch_id is not None
+        batches = [(batch, report.batch_id)]
+        if jobs_file is None:
+            batches.append((f"{batch}-tasks", _enqueue_task_sample(p, settings, f"{batch}-tasks")))
+            console.print(f"Enqueued the tickets of task [bold]ticket-topic[/] into batch [bold]{batch}-tasks[/].")
 
         stop = threading.Event()
         dispatcher = threading.Thread(
@@ -82,15 +103,16 @@ def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = N
         with embedded_worker(app, queues=queue_names(settings), concurrency=16):
             dispatcher.start()
             try:
-                _follow(p, report.batch_id, console, timeout_s=timeout_s)
+                for _, batch_id in batches:
+                    _follow(p, batch_id, console, timeout_s=timeout_s)
             finally:
                 stop.set()
                 dispatcher.join(10)
         with p.sessions() as session:
-            summary = summarize(session, settings.models, batch_id=report.batch_id)
+            summaries = [(name, summarize(session, settings.models, batch_id=batch_id)) for name, batch_id in batches]
         install_pipeline(None)
         p.client.close()
-        return summary
+        return summaries
 
 
 def _follow(p: Pipeline, batch_id: int, console: Console, *, timeout_s: float) -> None:

@@ -259,8 +259,10 @@ def fake_claude(
 def demo(
     jobs: Annotated[Path | None, typer.Option(help="Jobs file (default: the bundled sample).")] = None,
 ) -> None:
-    """Run the whole pipeline on sample jobs: SQLite, in-process broker, fake Claude by default."""
+    """Run the whole pipeline on sample jobs: SQLite, in-process broker, fake Claude by default.
+    Without --jobs, a second batch runs the example task (pipeline/samples/ticket-topic.toml)."""
     from pipeline.cli.demo import run_demo
 
-    summary = run_demo(settings(), console=console, jobs_file=jobs)
-    print_summary(summary)
+    for name, summary in run_demo(settings(), console=console, jobs_file=jobs):
+        console.rule(f"batch {name}")
+        print_summary(summary)

@@ -24,3 +24,6 @@ def test_demo_runs_the_whole_pipeline_on_the_embedded_default(tmp_path: Path) ->
     escalations = re.search(r"escalations: (\d+)", text)
     assert escalations is not None and int(escalations.group(1)) >= 1, text
     assert re.search(r"jobs: 51 \(succeeded 51\)", text), text
+    # The second batch: the README's example task, applied, and its tickets worked under it.
+    assert re.search(r"batch demo-[\d-]+-tasks", text), text
+    assert re.search(r"jobs: 12 \(succeeded 12\)", text), text
