@@ -60,7 +60,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select, true, update
 from sqlalchemy.orm import Session
@@ -172,20 +172,23 @@ def parse_time(text: str, *, option: str = "time", now: datetime | None = None) 
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def parse_status(text: str) -> JobStatus:
+_E = TypeVar("_E", JobStatus, JobKind)
+
+
+def _member(enum: type[_E], text: str, what: str) -> _E:
     try:
-        return JobStatus(text)
+        return enum(text)
     except ValueError:
-        raise InvalidQuery(f"unknown status {quoted(text)}: expected one of "
-                           f"{', '.join(s.value for s in JobStatus)}") from None
+        raise InvalidQuery(f"unknown {what} {quoted(text)}: expected one of "
+                           f"{', '.join(m.value for m in enum)}") from None
+
+
+def parse_status(text: str) -> JobStatus:
+    return _member(JobStatus, text, "status")
 
 
 def parse_kind(text: str) -> JobKind:
-    try:
-        return JobKind(text)
-    except ValueError:
-        raise InvalidQuery(f"unknown kind {quoted(text)}: expected one of "
-                           f"{', '.join(k.value for k in JobKind)}") from None
+    return _member(JobKind, text, "kind")
 
 
 def encode_cursor(last_id: int) -> str:

@@ -6,15 +6,14 @@ drops it when the session ends."""
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.cli import app as cli
 from pipeline.db import make_engine, session_factory
+from tests.cli import invoke
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +38,7 @@ def sy(history_url: str, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("COLUMNS", "200")
 
     def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["switchyard", *args])
-        code: Any = 0
-        try:
-            cli.main()
-        except SystemExit as exc:
-            code = exc.code or 0
-        out = capsys.readouterr()
-        return int(code), out.out, out.err
+        return invoke(monkeypatch, capsys, *args)
 
     return run
 

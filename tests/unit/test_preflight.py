@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from pipeline.cli import app as cli
 from pipeline.errors import ConfigError
 from pipeline.fake_claude import FakeClaude, FakeOptions
 from pipeline.flow.runtime import check_claude
 from pipeline.settings import Settings
+from tests.cli import invoke
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +100,7 @@ def switchyard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         for name, value in {"DATABASE_URL": f"sqlite:///{tmp_path}/preflight.sqlite", "BROKER_URL": "memory://",
                             "COLUMNS": "200", **env}.items():
             monkeypatch.setenv(name, value)
-        monkeypatch.setattr(sys, "argv", ["switchyard", *args])
-        capsys.readouterr()
-        code: Any = 0
-        try:
-            cli.main()
-        except SystemExit as exc:
-            code = exc.code or 0
-        out = capsys.readouterr()
-        return int(code), out.out, out.err
+        return invoke(monkeypatch, capsys, *args)
 
     return run
 
