@@ -187,12 +187,8 @@ def list_jobs(
     cursor: Annotated[str | None, Query(max_length=100, description="`next_cursor` of the previous page.")] = None,
 ) -> JSONResponse:
     """The tenant's jobs, newest first, a page at a time (keyset paging: follow `next_cursor`)."""
-    filters = history.JobFilters(
-        batch=batch, status=tuple(history.parse_status(s) for s in status or ()), tier=tier,
-        kind=history.parse_kind(kind) if kind else None,
-        since=history.parse_time(since, option="since") if since else None,
-        until=history.parse_time(until, option="until") if until else None,
-        key_prefix=key_prefix, tenant_id=who.tenant_id)
+    filters = history.JobFilters.read(batch=batch, status=status, tier=tier, kind=kind, since=since, until=until,
+                                      key_prefix=key_prefix, tenant_id=who.tenant_id)
     return _json(history.list_jobs(db_session=db, filters=filters, limit=limit, cursor=cursor))
 
 

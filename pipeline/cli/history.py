@@ -325,13 +325,8 @@ def jobs_list(
     as_json: JsonFlag = False,
 ) -> None:
     """List jobs, newest first, a page at a time."""
-    filters = history.JobFilters(
-        batch=batch, status=tuple(history.parse_status(x) for x in status or ()), tier=tier,
-        kind=history.parse_kind(kind) if kind else None,
-        since=history.parse_time(since, option="--since") if since else None,
-        until=history.parse_time(until, option="--until") if until else None,
-        key_prefix=key_prefix,
-    )
+    filters = history.JobFilters.read(batch=batch, status=status, tier=tier, kind=kind, since=since, until=until,
+                                      key_prefix=key_prefix, flag="--")
     with _session() as session:
         filters = replace(filters, tenant_id=_tenant_id(session, tenant))
         page = history.list_jobs(db_session=session, filters=filters, limit=limit, cursor=cursor)

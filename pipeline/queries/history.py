@@ -107,6 +107,18 @@ class JobFilters:
     # every tenant's and the batches of no tenant (the CLI without --tenant).
     tenant_id: int | None = None
 
+    @classmethod
+    def read(cls, *, batch: str | None = None, status: list[str] | None = None, tier: str | None = None,
+             kind: str | None = None, since: str | None = None, until: str | None = None,
+             key_prefix: str | None = None, tenant_id: int | None = None, flag: str = "") -> JobFilters:
+        """The filters as a user typed them (CLI options, API query parameters), each checked with
+        one sentence naming it; ``flag`` is how the caller spells an option ("--" in the CLI)."""
+        return cls(batch=batch, status=tuple(parse_status(x) for x in status or ()), tier=tier,
+                   kind=parse_kind(kind) if kind else None,
+                   since=parse_time(since, option=f"{flag}since") if since else None,
+                   until=parse_time(until, option=f"{flag}until") if until else None,
+                   key_prefix=key_prefix, tenant_id=tenant_id)
+
 
 # ASCII only: ``\d`` (like ``str.isdigit``) also matches other scripts' digits.
 _RELATIVE = re.compile(r"^\s*([0-9]+)\s*([smhdw])\s*$", re.ASCII)
