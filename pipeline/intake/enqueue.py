@@ -20,9 +20,10 @@ reports the bad.
 
 CSV: the first row names the columns, which are the JSON Lines fields: ``key``, ``kind``, the
 kind's text fields (``text``; ``instructions`` and ``context``; ``prompt``), ``labels``,
-``schema``, ``tier`` and ``metadata``. An empty cell is a field left out, so one file can mix
-kinds. ``schema`` and ``metadata`` cells hold JSON; ``labels`` holds a JSON array or
-``billing|bug|other``. Every other cell is text, taken as it is. A column that is not a job field,
+``schema``, ``tier``, ``metadata``, ``task`` and ``task_version``. An empty cell is a field left
+out, so one file can mix kinds, and jobs with and without a task. ``schema`` and ``metadata``
+cells hold JSON; ``labels`` holds a JSON array or ``billing|bug|other``; ``task_version`` a whole
+number. Every other cell is text, taken as it is. A column that is not a job field,
 or one named twice, rejects the file at its header. The line number of a row is the line its
 record starts on. A record the csv module refuses (read strictly: a quote never closed, text after
 a closing quote) is a bad line naming its column.
@@ -133,7 +134,11 @@ def _csv_row(header: list[str], cells: list[str]) -> dict[str, Any]:
     for name, cell in zip(header, cells, strict=False):  # a short row: the missing cells are left out
         if cell == "":
             continue
-        if name in _CSV_JSON:
+        if name == "task_version":
+            # A number, as in JSON Lines; anything else is left for the job check to name.
+            digits = cell.strip()
+            obj[name] = int(digits) if digits.isascii() and digits.isdigit() else cell
+        elif name in _CSV_JSON:
             try:
                 with json_limits():
                     obj[name] = json.loads(cell)
@@ -174,11 +179,11 @@ def iter_lines(path: Path, fmt: str, *, config: ModelConfig, position: list[int]
                 except JobInputError as exc:
                     yield number, raw.decode("utf-8", "replace").rstrip("\n"), exc
         else:
-            yield from _csv_rows(path, fh, pos, tiers=tiers, max_tokens=max_tokens)
+            yield from _csv_rows(path, fh, pos, tiers=tiers, max_tokens=max_tokens, tasks=tasks)
 
 
 def _csv_rows(path: Path, fh: IO[bytes], pos: list[int], *, tiers: tuple[str, ...],
-              max_tokens: int) -> Iterator[Parsed]:
+              max_tokens: int, tasks: TaskLookup | None) -> Iterator[Parsed]:
     """The CSV half of iter_lines. Read strictly: a record the csv module refuses (text after a
     closing quote, a quote never closed) is a bad line naming its column, like a job found bad, and
     so is one holding bytes that are not UTF-8 (decoded as lone surrogates, which no valid
@@ -238,7 +243,8 @@ def _csv_rows(path: Path, fh: IO[bytes], pos: list[int], *, tiers: tuple[str, ..
             continue
         row = dict(zip(header, cells, strict=False))
         try:
-            yield number, json.dumps(row), parse_job(_csv_row(header, cells), work_tiers=tiers, max_tokens=max_tokens)
+            yield number, json.dumps(row), parse_job(_csv_row(header, cells), work_tiers=tiers, max_tokens=max_tokens,
+                                                     tasks=tasks)
         except JobInputError as exc:
             yield number, json.dumps(row), exc
 
@@ -251,8 +257,9 @@ def _as_read(record: str) -> str:
 def _check_header(path: Path, header: list[str], raw: str) -> None:
     if _SURROGATE.search(raw):
         raise InputFileError(f"{path}, line 1: the header row is not valid UTF-8")
-    if "kind" not in header:
-        raise InputFileError(f"{path}: a CSV file needs a header row with at least a 'kind' column")
+    if "kind" not in header and "task" not in header:
+        # A job under a task takes its kind from the task.
+        raise InputFileError(f"{path}: a CSV file needs a header row with at least a 'kind' or a 'task' column")
     unknown = [c for c in header if c not in CSV_COLUMNS]
     if unknown:
         raise InputFileError(f"{path}, line 1: column(s) {', '.join(map(repr, unknown))} are not job "

@@ -59,9 +59,9 @@ MAX_METADATA_BYTES = 65_536
 
 _COMMON = {"key", "kind", "tier", "metadata"}
 _EXTRA = {JobKind.CLASSIFY: {"labels"}, JobKind.EXTRACT: {"schema"}}
-# Every field a job of some kind may have: the columns a CSV file may name.
+# Every field a job of some kind may have, with or without a task: the columns a CSV file may name.
 JOB_FIELDS = frozenset(_COMMON | {f for req, opt in _FIELDS.values() for f in (*req, *opt)}
-                       | {f for extra in _EXTRA.values() for f in extra})
+                       | {f for extra in _EXTRA.values() for f in extra} | {"task", "task_version"})
 _ALLOWED = {kind: frozenset(_COMMON | set(req) | set(opt) | _EXTRA.get(kind, set()))
             for kind, (req, opt) in _FIELDS.items()}
 # A job under a task: the same fields, but the task gives its labels or schema.

@@ -264,6 +264,30 @@ def test_a_job_is_bound_to_the_current_version_and_keeps_it(sessions: sessionmak
     assert {v[1] for v in _bound(sessions, "bind-a").values()} == {1}
 
 
+def test_a_csv_file_names_tasks_in_its_task_columns(sessions: sessionmaker[Session], models: ModelConfig,
+                                                    tmp_path: Path) -> None:
+    _apply(sessions, classify(name="csv-topic"))
+    _apply(sessions, classify(name="csv-topic", labels=[{"name": "billing", "description": "Money."},
+                                                       {"name": "other", "description": "The rest."}]))
+    path = tmp_path / "jobs.csv"
+    # One file mixes jobs under a task (its current version, or a pinned one) with a plain job.
+    path.write_text("key,kind,task,task_version,text,labels\n"
+                    "c-1,,csv-topic,,charged twice,\n"
+                    "c-2,,csv-topic,1,app crashes,\n"
+                    "c-3,classify,,,hello,yes|no\n")
+    assert enqueue_file(sessions, path, batch="csv-bound", config=models).accepted == 3
+    bound = _bound(sessions, "csv-bound")
+    assert {k: v[:2] for k, v in bound.items()} == {"c-1": ("csv-topic", 2), "c-2": ("csv-topic", 1)}
+    assert bound["c-1"][3]["labels"] == ["billing", "other"]
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("key,task,task_version,text\nc-1,csv-topic,two,charged twice\n")
+    with pytest.raises(JobInputError) as caught:
+        enqueue_file(sessions, bad, batch="csv-refused", config=models)
+    assert str(caught.value).startswith(f"{bad}, line 2: field 'task_version' must be a whole number from 1, "
+                                        "not 'two'")
+
+
 @pytest.mark.parametrize(("job", "expected"), [
     ({"task": "nosuch-task", "text": "x"}, "unknown task: no task named 'nosuch-task'"),
     ({"task": "refuse-topic", "task_version": 7, "text": "x"}, "unknown task: task 'refuse-topic' has no version 7"),
