@@ -23,6 +23,7 @@ anything else is a bug: the CLI keeps its traceback, the API answers 500 with no
     ├── BrokerDown                503  the broker (Redis) is not configured or cannot be reached
     ├── ConfigError               500  the environment, the models file, or the Claude endpoint and key are wrong
     ├── OutputError               500  a file the user named for output cannot be written (the CLI only)
+    ├── WaitTimedOut              500  a command gave up waiting for a batch to end, saying where its jobs are
     ├── RateLimited               500  a tier's shared budget has no turn soon enough (in the workers only)
     │   └── Deferred              500  ...so the stage hands its job back, with the attempts made so far
     └── ClaudeError               500  a model call failed; translated from the SDK at the client boundary
@@ -31,8 +32,8 @@ anything else is a bug: the CLI keeps its traceback, the API answers 500 with no
         ├── PermanentClaudeError  500  never retried: every other 4xx, and a 429 without retry-after (a spend limit)
         └── CallFailed            500  a call ended without an answer, with every attempt made (in the workers only)
 
-500 marks what the caller of the API cannot fix: a ConfigError or an OutputError meets the
-operator at the command line or when a process starts, and RateLimited and ClaudeError stay in the
+500 marks what the caller of the API cannot fix: a ConfigError, an OutputError or a WaitTimedOut
+meets the operator at the command line or when a process starts, and RateLimited and ClaudeError stay in the
 workers, where a stage records them on the job; should one reach the API, it answers 500 with no
 details and logs it.
 
@@ -147,6 +148,10 @@ class ConfigError(SwitchyardError):
 
 
 class OutputError(SwitchyardError):
+    pass
+
+
+class WaitTimedOut(SwitchyardError):
     pass
 
 

@@ -19,10 +19,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import migrate
+from pipeline.errors import WaitTimedOut
 from pipeline.flow.runtime import check_claude
 from pipeline.flow.stages import Pipeline
 from pipeline.intake.enqueue import enqueue_file
-from pipeline.queries.report import Summary, summarize, terminal_count
+from pipeline.models import TERMINAL, JobStatus
+from pipeline.queries.history import batch_progress
+from pipeline.queries.report import Summary, summarize
 from pipeline.settings import Settings, mask_url
 
 
@@ -122,10 +125,12 @@ def _follow(p: Pipeline, batch_id: int, console: Console, *, timeout_s: float) -
         task = bar.add_task("jobs", total=None)
         while True:
             with p.sessions() as session:
-                done, total = terminal_count(session, batch_id=batch_id)
-            bar.update(task, completed=done, total=total)
-            if total and done >= total:
+                now = batch_progress(db_session=session, batch_id=batch_id)
+            bar.update(task, completed=now.done, total=now.total)
+            if now.total and now.done >= now.total:
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the demo batch did not finish within {timeout_s:.0f} s ({done}/{total} done)")
+                waiting = ", ".join(f"{n} {s}" for s, n in now.by_status.items() if JobStatus(s) not in TERMINAL)
+                raise WaitTimedOut(f"the demo batch did not finish within {timeout_s:.0f} s: {now.done} of "
+                                   f"{now.total} jobs ended, and {waiting}; the log above may say why")
             time.sleep(0.2)
