@@ -226,8 +226,9 @@ def get_batch(batch_id: int, db: Db, who: Who) -> JSONResponse:
 @router.post("/batches/{batch_id}/cancel", response_model=schemas.Cancelled, tags=["batches"],
              responses={**ERRORS, **NOT_FOUND})
 def cancel_batch(batch_id: int, db: Db, who: Who) -> JSONResponse:
-    """Cancel the batch's jobs that have not started; jobs already in a stage finish. The batch
-    then takes no new jobs. Repeating it is harmless."""
+    """Cancel the batch's jobs that are not being worked: not started, or waiting out transient
+    errors between tries; jobs in a call right now finish. The batch then takes no new jobs.
+    Repeating it is harmless."""
     result = history.cancel_batch(db_session=db, batch=batch_id, tenant_id=who.tenant_id)
     log.info("tenant %s cancelled batch %d: %d job(s)", who.tenant, batch_id, result.cancelled)
     return _json(result)

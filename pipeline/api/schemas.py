@@ -143,8 +143,10 @@ class BatchList(BaseModel):
 class Cancelled(BaseModel):
     batch: str
     batch_id: int
-    cancelled: int = Field(description="Queued jobs cancelled now. Jobs already in a stage finish.")
+    cancelled: int = Field(description="Jobs cancelled now: queued ones, and ones waiting out transient errors "
+                                       "between tries. Jobs in a call right now finish.")
     cancelled_at: datetime
+    waiting: int = Field(description="Of those, the jobs that were waiting out transient errors.")
 
 
 class TierStats(BaseModel):

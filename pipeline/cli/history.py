@@ -293,14 +293,16 @@ def cancel(
     tenant: TenantOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Cancel the batch's jobs that have not started yet. Jobs already running finish."""
+    """Cancel the batch's jobs that are not being worked: not started yet, or waiting out transient
+    errors before trying again. Jobs in a call right now finish."""
     with _session() as session:
         result = history.cancel_batch(db_session=session, batch=batch, tenant_id=_tenant_id(session, tenant))
     if as_json:
         _print_json(result)
         return
     console.print(Text.assemble("batch ", _plain(result.batch, style="bold"),
-                                f": cancelled {result.cancelled:,} job(s) that had not started"))
+                                f": cancelled {result.cancelled:,} job(s): {result.cancelled - result.waiting:,} "
+                                f"that had not started, {result.waiting:,} waiting out transient errors"))
 
 
 # -- jobs ----------------------------------------------------------------------------------------------

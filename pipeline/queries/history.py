@@ -385,13 +385,37 @@ def batch_progress(*, db_session: Session, batch_id: int) -> BatchProgress:
 class CancelResult:
     batch: str
     batch_id: int
-    cancelled: int
+    cancelled: int  # every job cancelled now: the queued ones and the waiting ones
     cancelled_at: datetime
+    # Of ``cancelled``: jobs that were in a stage, waiting out transient errors before trying again.
+    waiting: int = 0
+
+
+def _cancel_chunks(db_session: Session, batch_id: int, *, status: JobStatus, chunk: int, error: str,
+                   waiting_only: bool = False) -> int:
+    """Cancel the batch's jobs at ``status``, a committed chunk at a time; how many were cancelled."""
+    cancelled = 0
+    where = [Job.batch_id == batch_id, Job.status == status]
+    if waiting_only:
+        # Between tries, a stage holds no claim and has no message in the broker (the dispatcher's
+        # refeed sends it when its wait ends). The rows stay locked until the chunk commits, so the
+        # refeed (SKIP LOCKED) cannot send one of them meanwhile.
+        where += [Job.not_before.is_not(None), Job.claimed_at.is_(None)]
+    while True:
+        ids = db_session.scalars(select(Job.id).where(*where).order_by(Job.id).limit(chunk)
+                                 .with_for_update(skip_locked=True)).all()
+        if not ids:
+            return cancelled
+        cancelled += len(transition_many(db_session, ids, frm=status, to=JobStatus.CANCELLED,
+                                         detail="batch cancelled", error=error))
+        db_session.commit()
 
 
 def cancel_batch(*, db_session: Session, batch: str | int, chunk: int = CANCEL_CHUNK,
                  tenant_id: int | None = None) -> CancelResult:
-    """Cancel every job of the batch that has not started (status queued).
+    """Cancel every job of the batch that is not being worked: those not started (status queued)
+    and those waiting out transient errors between tries (their calls so far stay paid for). A job
+    in a call right now finishes.
 
     Unlike the other functions here this commits, once per chunk: cancelling a million queued jobs
     must not hold a million row locks in one transaction while the dispatcher waits. Each chunk is
@@ -402,19 +426,14 @@ def cancel_batch(*, db_session: Session, batch: str | int, chunk: int = CANCEL_C
     db_session.execute(update(Batch).where(Batch.id == b.id, Batch.cancelled_at.is_(None))
                        .values(cancelled_at=now).execution_options(synchronize_session=False))
     db_session.commit()
-    cancelled = 0
-    while True:
-        ids = db_session.scalars(
-            select(Job.id).where(Job.batch_id == b.id, Job.status == JobStatus.QUEUED)
-            .order_by(Job.id).limit(chunk).with_for_update(skip_locked=True)
-        ).all()
-        if not ids:
-            break
-        cancelled += len(transition_many(db_session, ids, frm=JobStatus.QUEUED, to=JobStatus.CANCELLED,
-                                         detail="batch cancelled", error="cancelled before it started"))
-        db_session.commit()
+    cancelled = _cancel_chunks(db_session, b.id, status=JobStatus.QUEUED, chunk=chunk,
+                               error="cancelled before it started")
+    waiting = sum(_cancel_chunks(db_session, b.id, status=status, chunk=chunk, waiting_only=True,
+                                 error=f"cancelled in the {status.value} stage, while waiting out transient errors")
+                  for status in (JobStatus.TRIAGING, JobStatus.WORKING, JobStatus.VALIDATING))
     db_session.refresh(b)
-    return CancelResult(batch=b.name, batch_id=b.id, cancelled=cancelled, cancelled_at=b.cancelled_at or now)
+    return CancelResult(batch=b.name, batch_id=b.id, cancelled=cancelled + waiting,
+                        cancelled_at=b.cancelled_at or now, waiting=waiting)
 
 
 # -- jobs ------------------------------------------------------------------------------------------
