@@ -118,6 +118,10 @@ class JobStory(BaseModel):
     output: Any = None
     task: str | None = Field(None, description="The task the job named, bound at submission; null without one.")
     task_version: int | None = Field(None, description="The version of that task the job keeps for life.")
+    next_try_at: datetime | None = Field(None, description="A stage waiting out transient errors (429, 529, 5xx, "
+                                         "timeouts): when it is tried again; null otherwise.")
+    transient_since: datetime | None = Field(None, description="Since when that stage has met only transient errors "
+                                             "(the job fails past SWITCHYARD_TRANSIENT_PATIENCE_S from there).")
     routing: list[Routing]
     calls: list[Call]
     validations: list[Verdict]

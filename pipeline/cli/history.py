@@ -392,6 +392,10 @@ def jobs_show(
     console.print(f"created {when(j.created_at)}   finished {when(j.finished_at)}")
     if story.task is not None:
         console.print(Text.assemble("task ", _plain(story.task), f"  version {story.task_version}"))
+    if story.next_try_at is not None:
+        console.print(Text.assemble(("waiting out transient errors", "yellow"),
+                                    f": next try {when(story.next_try_at)}, meeting only transient errors since "
+                                    f"{when(story.transient_since)}"))
     console.rule("input")
     console.print_json(json.dumps({"payload": story.payload, "metadata": story.metadata,
                                    "pinned_tier": story.pinned_tier}, ensure_ascii=False))

@@ -597,6 +597,10 @@ class JobStory:
     # The task version the job was bound to at enqueue; None for a job without a task.
     task: str | None = None
     task_version: int | None = None
+    # A stage waiting out transient errors: when it is tried again, and since when it has met only
+    # those (its patience is counted from there). Both None otherwise.
+    next_try_at: datetime | None = None
+    transient_since: datetime | None = None
     routing: list[RoutingRecord] = field(default_factory=list)
     calls: list[CallRecord] = field(default_factory=list)
     validations: list[VerdictRecord] = field(default_factory=list)
@@ -624,13 +628,14 @@ def get_job(*, db_session: Session, job_id: int, tenant_id: int | None = None) -
     if not _is_id(job_id):
         raise NotFound(f"no job with id {job_id}")
     row: Any = db_session.execute(
-        select(*_SUMMARY_COLUMNS, Job.payload, Job.meta, Job.pinned_tier, Job.output, Task.name, Task.version)
+        select(*_SUMMARY_COLUMNS, Job.payload, Job.meta, Job.pinned_tier, Job.output, Task.name, Task.version,
+               Job.not_before, Job.transient_since)
         .join(Batch, Batch.id == Job.batch_id).outerjoin(Task, Task.id == Job.task_id)
         .where(Job.id == job_id, _tenant_scope(tenant_id))
     ).first()
     if row is None:
         raise NotFound(f"no job with id {job_id}")
-    payload, meta, pinned, output, task, task_version = row[-6:]
+    payload, meta, pinned, output, task, task_version, not_before, transient_since = row[-8:]
     calls = [
         CallRecord(id=c.id, stage=c.stage.value, tier=c.tier, model=c.model, attempt=c.attempt, delivery=c.delivery,
                    outcome=c.outcome, applied=c.applied, input_tokens=c.input_tokens, output_tokens=c.output_tokens,
@@ -659,7 +664,8 @@ def get_job(*, db_session: Session, job_id: int, tenant_id: int | None = None) -
         for e in db_session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
     ]
     return JobStory(job=_job_summary(row[:len(_SUMMARY_COLUMNS)]), payload=payload, metadata=meta,
-                    pinned_tier=pinned, output=output, task=task, task_version=task_version, routing=routing,
+                    pinned_tier=pinned, output=output, task=task, task_version=task_version,
+                    next_try_at=not_before, transient_since=transient_since, routing=routing,
                     calls=calls, validations=validations, events=events)
 
 

@@ -1,5 +1,6 @@
 """`cancel` reaches the jobs that are not being worked: the queued ones, and the ones waiting out
-transient errors between tries. A job in a call right now is left to finish."""
+transient errors between tries. A job in a call right now is left to finish. `jobs show` says when
+a waiting job is tried next."""
 
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ def test_cancel_takes_queued_and_waiting_jobs_and_leaves_running_ones(
         s.commit()
 
     monkeypatch.setenv("DATABASE_URL", database_url)
+    # `jobs show` says when a waiting job is tried next.
+    code, out, err = invoke(monkeypatch, capsys, "jobs", "show", "w-1", "--batch", "cancel-waiting", "--json")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["next_try_at"].startswith(later.strftime("%Y-%m-%dT%H:%M:%S")) and shown["transient_since"] is None
+    code, out, err = invoke(monkeypatch, capsys, "jobs", "show", "w-1", "--batch", "cancel-waiting")
+    assert f"waiting out transient errors: next try {later:%Y-%m-%d %H:%M:%S}" in out
+    code, out, err = invoke(monkeypatch, capsys, "jobs", "show", "w-3", "--batch", "cancel-waiting", "--json")
+    assert json.loads(out)["next_try_at"] is None
+
     code, out, err = invoke(monkeypatch, capsys, "cancel", "cancel-waiting")
     assert code == 0, err
     assert " ".join(out.split()) == ("batch cancel-waiting: cancelled 3 job(s): 1 that had not started, "
