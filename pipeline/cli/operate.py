@@ -234,19 +234,28 @@ def fake_claude(
     faults: Annotated[str, typer.Option(help="Faults to draw from: 429,529,500,stall,drop,malformed,empty,refusal.")]
     = "429,529,500,stall,drop,malformed,empty,refusal",
     stall_seconds: Annotated[float, typer.Option(min=0, max=3600, help="How long a 'stall' fault waits.")] = 30.0,
-    seed: Annotated[int, typer.Option(help="Seed for the fault draw.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for the fault draw and for which jobs get wrong answers.")] = 0,
     rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute per model class, then 429.")] = None,
+    error_rates: Annotated[str | None, typer.Option(
+        help="Turn the quality model on: wrong classify/extract answers per model class and true difficulty. "
+             "'default', CLASS.DIFFICULTY=RATE items (haiku.hard=0.35,sonnet.*=0.1) or a TOML or JSON file.")] = None,
+    triage_noise: Annotated[float, typer.Option(min=0, max=1, help="Share of triage verdicts that name "
+                                                                   "another difficulty than the true one.")] = 0.0,
 ) -> None:
     """Serve a fake Claude Messages API for tests, demos and benchmarks."""
-    from pipeline.fake_claude import FakeOptions, parse_faults, serve_forever
+    from pipeline.fake_claude import FakeOptions, parse_error_rates, parse_faults, serve_forever
 
     try:
         fault_list = parse_faults(faults)
     except ValueError as exc:
         raise InvalidInput(f"--faults: {exc}") from None
+    try:
+        rates = parse_error_rates(error_rates) if error_rates is not None else None
+    except ValueError as exc:
+        raise InvalidInput(f"--error-rates: {exc}") from None
     serve_forever(host=host, port=port, options=FakeOptions(
         latency_ms=latency_ms, latency_jitter_ms=latency_jitter_ms, fault_rate=fault_rate, faults=fault_list,
-        seed=seed, stall_seconds=stall_seconds, rpm=rpm))
+        seed=seed, stall_seconds=stall_seconds, rpm=rpm, error_rates=rates, triage_noise=triage_noise))
 
 
 # -- work ----------------------------------------------------------------------------------------------

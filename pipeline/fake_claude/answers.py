@@ -1,16 +1,15 @@
-"""What the fake says, by purpose. Everything derives from the prompt digest, so the same request
-always gets the same answer."""
+"""What the fake says, by purpose. The answer itself (a verdict's difficulty, a label, the extracted
+value) is the quality model's (quality.py); the wording around it derives from the prompt digest, so
+the same request always gets the same answer."""
 
 from __future__ import annotations
 
 import json
-import math
-import re
 from typing import Any
 
 from pipeline.fake_claude.hints import Hints
 from pipeline.fake_claude.prompt import Prompt, pick, strip_hints, unit
-from pipeline.fake_claude.schema_values import SchemaFaker, break_value
+from pipeline.fake_claude.schema_values import break_value
 
 BAD_OUTPUT_MARKER = "[fake-bad-output]"
 REFUSAL_TEXT = "I'm sorry, but I can't help with that request."
@@ -37,16 +36,10 @@ def job_text(prompt: Prompt) -> str:
     return strip_hints("\n".join(parts) if parts else prompt.last_user).strip()
 
 
-def triage(prompt: Prompt, hints: Hints) -> str:
+def triage(prompt: Prompt, hints: Hints, difficulty: str) -> str:
+    """A verdict of `difficulty` (the quality model's: the job's true one, or noise)."""
     if hints.triage_garbage:
         return "Hmm, this one looks fairly doable to me, though it is hard to say for sure."
-    text = job_text(prompt)
-    # Longer and more structured jobs lean harder; the hash spreads jobs of equal size.
-    size_score = min(1.0, math.log10(1 + len(text)) / 4)
-    structure = min(0.2, 0.02 * (len(_labels(prompt)) + len(_schema_keys(prompt.section("schema")))))
-    score = 0.5 * unit(prompt.digest, "difficulty") + 0.5 * size_score + structure
-    difficulty = "easy" if score < 0.45 else "medium" if score < 0.7 else "hard"
-    difficulty = hints.difficulty or difficulty
     confidence = hints.confidence
     if confidence is None:
         confidence = round(0.85 + 0.12 * unit(prompt.digest, "confidence"), 2)
@@ -54,33 +47,26 @@ def triage(prompt: Prompt, hints: Hints) -> str:
     return json.dumps({"difficulty": difficulty, "confidence": confidence, "reason": reason})
 
 
-def classify(prompt: Prompt, invalid: bool) -> str:
+def classify(prompt: Prompt, invalid: bool, label: str | None) -> str:
+    """{"label": label}, the quality model's (None: the job has no labels to choose from)."""
     labels = _labels(prompt)
-    if invalid or not labels:
+    if invalid or label is None:
         wrong = "none_of_the_above"
         while wrong in labels:
             wrong += "_"
         return json.dumps({"label": wrong})
-    words = set(re.findall(r"[a-z0-9]+", job_text(prompt).lower()))
-    scores = [len(set(re.findall(r"[a-z0-9]+", label.lower())) & words) for label in labels]
-    best = max(scores)
-    # A label named in the text wins; with none named, any label is as plausible as another.
-    candidates = [label for label, score in zip(labels, scores, strict=True) if score == best] if best else labels
-    return json.dumps({"label": candidates[pick(prompt.digest, "label", len(candidates))]},
-                      ensure_ascii=False)
+    return json.dumps({"label": label}, ensure_ascii=False)
 
 
-def extract(prompt: Prompt, invalid: bool) -> str:
-    schema = _json(prompt.section("schema"))
-    if schema is None:
-        schema = {"type": "object"}
-    good = SchemaFaker(schema, job_text(prompt), prompt.digest).value()
+def extract(prompt: Prompt, invalid: bool, value: Any) -> str:
+    """`value`, the quality model's, valid against the job's schema; or with `invalid`, not."""
     if invalid:
-        bad = break_value(schema, good)
+        schema = _json(prompt.section("schema"))
+        bad = break_value(schema if schema is not None else {"type": "object"}, value)
         if bad is None or pick(prompt.digest, "invalid-extract", 3) == 0:
             return "Here are the fields you asked for: " + BAD_OUTPUT_MARKER
         return json.dumps(bad, ensure_ascii=False)
-    return json.dumps(good, ensure_ascii=False)
+    return json.dumps(value, ensure_ascii=False)
 
 
 def write(prompt: Prompt, invalid: bool) -> str:
@@ -128,12 +114,6 @@ def _labels(prompt: Prompt) -> list[str]:
     if isinstance(labels, list):
         return [label for label in labels if isinstance(label, str)]
     return []
-
-
-def _schema_keys(raw: str | None) -> list[str]:
-    schema = _json(raw)
-    props = schema.get("properties") if isinstance(schema, dict) else None
-    return list(props) if isinstance(props, dict) else []
 
 
 def _json(raw: str | None) -> Any:

@@ -6,6 +6,7 @@ import argparse
 
 from pipeline.fake_claude.models import CACHE_MIN_TOKENS
 from pipeline.fake_claude.options import DEFAULT_FAULTS, FakeOptions, parse_cache_min_tokens, parse_faults
+from pipeline.fake_claude.rates import parse_error_rates
 from pipeline.fake_claude.server import serve_forever
 
 
@@ -14,6 +15,13 @@ def _cache_min_tokens(spec: str) -> dict[str, int]:
         return parse_cache_min_tokens(spec)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None  # argparse shows this message, not its own
+
+
+def _error_rates(spec: str) -> dict[str, dict[str, float]]:
+    try:
+        return parse_error_rates(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-rate", type=float, default=0.0)
     p.add_argument("--faults", type=parse_faults, default=DEFAULT_FAULTS,
                    help="comma list drawn from by --fault-rate (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the fault draw and which jobs get wrong answers (default: 0)")
     p.add_argument("--stall-seconds", type=float, default=30.0)
     p.add_argument("--retry-after-s", type=float, default=1.0)
     p.add_argument("--api-key", default=None, help="accept only this x-api-key")
@@ -35,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-min-tokens", type=_cache_min_tokens, default={},
                    help="shortest cacheable prefix, as CLASS_OR_MODEL=TOKENS, comma-separated (default: "
                         + ",".join(f"{k}={v}" for k, v in CACHE_MIN_TOKENS.items()) + ")")
+    p.add_argument("--error-rates", type=_error_rates, default=None,
+                   help="turn the quality model on: 'default', CLASS.DIFFICULTY=RATE items (comma-separated, "
+                        "* for all) or a TOML or JSON file; a wrong answer per model class and true difficulty")
+    p.add_argument("--triage-noise", type=float, default=0.0,
+                   help="share of triage verdicts replaced by another difficulty (default: 0)")
     return p
 
 
@@ -55,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
             itpm=args.itpm,
             otpm=args.otpm,
             cache_min_tokens=args.cache_min_tokens,
+            error_rates=args.error_rates,
+            triage_noise=args.triage_noise,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 from pipeline.fake_claude.models import MODEL_CLASSES
 from pipeline.fake_claude.options import KNOWN_FAULTS
-
-DIFFICULTIES: tuple[str, ...] = ("easy", "medium", "hard")
+from pipeline.fake_claude.rates import DIFFICULTIES
 
 
 @dataclass(frozen=True)
@@ -30,6 +29,7 @@ class Hints:
     invalid_once: bool = False
     error: ErrorHint | None = None
     latency_ms: float | None = None
+    truth: str | None = None  # the job's true label, for the quality model (truth.py)
 
     def wants_invalid(self, model_class: str | None, has_feedback: bool) -> bool:
         if self.invalid_once and has_feedback:
@@ -83,4 +83,5 @@ def read_hints(raw: dict[str, str]) -> Hints:
         invalid_once="invalid_once" in raw,
         error=_error(raw),
         latency_ms=latency if latency is not None and latency >= 0 else None,
+        truth=raw.get("truth") or None,
     )

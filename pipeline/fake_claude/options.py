@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pipeline.fake_claude.models import CACHE_MIN_TOKENS, DEFAULT_MODELS
+from pipeline.fake_claude.rates import ErrorRates, complete_error_rates
 
 # HTTP errors the fake can inject, by status code, with the error.type the real API uses.
 ERROR_FAULTS: dict[str, tuple[int, str]] = {
@@ -71,6 +72,12 @@ class FakeOptions:
     # The shortest cacheable prefix in tokens, by model class or exact model id (the id wins); a
     # class or id not given keeps its default.
     cache_min_tokens: Mapping[str, int] = field(default_factory=lambda: dict(CACHE_MIN_TOKENS))
+    # The quality model (quality.py): per model class and true difficulty, the share of classify and
+    # extract answers that are wrong; None turns it off (every answer right). A class or difficulty
+    # not named is 0; rates.DEFAULT_ERROR_RATES is a sensible table. `seed` varies which jobs err.
+    error_rates: ErrorRates | None = None
+    # The share of triage verdicts replaced by another difficulty than the job's true one.
+    triage_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fault_rate <= 1.0:
@@ -90,5 +97,9 @@ class FakeOptions:
         bad = [k for k, v in self.cache_min_tokens.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
         if bad:
             raise ValueError(f"cache_min_tokens must be positive integers; not for {', '.join(bad)}")
+        if self.error_rates is not None:
+            object.__setattr__(self, "error_rates", complete_error_rates(self.error_rates))
+        if not 0.0 <= self.triage_noise <= 1.0:
+            raise ValueError(f"triage_noise must be within [0, 1], got {self.triage_noise}")
         # Merged over the defaults, so naming one class leaves the others as documented.
         object.__setattr__(self, "cache_min_tokens", {**CACHE_MIN_TOKENS, **self.cache_min_tokens})

@@ -36,8 +36,10 @@ from pipeline.fake_claude.prompt import (
     pick,
     read_prompt,
 )
+from pipeline.fake_claude.quality import Answer, QualityModel
 from pipeline.fake_claude.ratelimit import RateLimiter
 from pipeline.fake_claude.schema_values import SchemaFaker
+from pipeline.fake_claude.truth import Job
 from pipeline.fake_claude.validation import (
     check_headers,
     check_message_body,
@@ -68,6 +70,8 @@ class Outcome:
     output_tokens: int = 0
     fault: str | None = None
     cache: CachePlan = NO_CACHE
+    # The quality model's answer that went out (triage, classify, extract), to check against the truth.
+    judged: Answer | None = None
 
     @property
     def status(self) -> int:
@@ -84,6 +88,7 @@ class Responder:
         self._jitter_rng = random.Random(options.seed + 1)
         self._times: OrderedDict[tuple[bytes, str], int] = OrderedDict()
         self._cache = PromptCache(options.cache_min_tokens)
+        self.quality = QualityModel(options.error_rates, triage_noise=options.triage_noise, seed=options.seed)
 
     def reset(self) -> None:
         with self._lock:
@@ -139,8 +144,8 @@ class Responder:
         if fault == "stall":
             delay += self.options.stall_seconds
 
-        content, stop_reason, stop_sequence, output_tokens = self._answer(body, prompt, hints, klass,
-                                                                         fault)
+        content, stop_reason, stop_sequence, output_tokens, judged = self._answer(body, prompt, hints, klass,
+                                                                                 fault)
         self._limiter.charge_output(klass, output_tokens, now)
         self._cache.begin(cache, now)
         uncached = input_tokens - cache.read_tokens - cache.creation_tokens
@@ -161,7 +166,7 @@ class Responder:
         }
         response = Response(200, self._headers(request_id, klass, now), message)
         return Outcome(response, delay, input_tokens=uncached, output_tokens=output_tokens, cache=cache,
-                       **meta)
+                       judged=judged if stop_reason in ("end_turn", "stop_sequence") else None, **meta)
 
     def count_tokens(self, headers: Mapping[str, str], body: Any, *, now: float) -> Outcome:
         """POST /v1/messages/count_tokens."""
@@ -257,26 +262,28 @@ class Responder:
 
     def _answer(
         self, body: dict[str, Any], prompt: Prompt, hints: Hints, klass: str, fault: str | None
-    ) -> tuple[list[dict[str, Any]], str, str | None, int]:
-        """(content blocks, stop_reason, stop_sequence, output_tokens)."""
+    ) -> tuple[list[dict[str, Any]], str, str | None, int, Answer | None]:
+        """(content blocks, stop_reason, stop_sequence, output_tokens, the quality model's answer in
+        them if any)."""
         if fault == "refusal":
             text = answers.REFUSAL_TEXT
-            return [{"type": "text", "text": text}], "refusal", None, estimate_output_tokens(text)
+            return [{"type": "text", "text": text}], "refusal", None, estimate_output_tokens(text), None
         if fault == "empty":
             blocks: list[dict[str, Any]] = (
                 [] if pick(prompt.digest, "empty", 2) == 0 else [{"type": "text", "text": ""}]
             )
-            return blocks, "end_turn", None, 1
-        text = _purpose_text(prompt, hints, klass)
+            return blocks, "end_turn", None, 1, None
+        job = Job.from_prompt(prompt)
+        text, judged = self._purpose_text(prompt, job, hints, klass)
         schema = output_schema(body)
         if schema is not None:
-            text = _structured(text, schema, prompt)
+            text, judged = self._structured(text, judged, schema, prompt, job, klass)
         if fault == "malformed":
-            text = answers.malformed(text)
+            text, judged = answers.malformed(text), None
         if fault == "max_tokens":
             # Cut where the limit would fall in a longer answer: never a whole JSON document.
             text = text[: max(1, len(text) // 2)]
-            return [{"type": "text", "text": text}], "max_tokens", None, body["max_tokens"]
+            return [{"type": "text", "text": text}], "max_tokens", None, body["max_tokens"], None
         stop_reason, stop_sequence = "end_turn", None
         for stop in body.get("stop_sequences") or []:
             at = text.find(stop) if stop else -1
@@ -286,7 +293,45 @@ class Responder:
         limit = body["max_tokens"] * 4
         if len(text) > limit:
             text, stop_reason, stop_sequence = text[:limit], "max_tokens", None
-        return [{"type": "text", "text": text}], stop_reason, stop_sequence, estimate_output_tokens(text)
+        return ([{"type": "text", "text": text}], stop_reason, stop_sequence, estimate_output_tokens(text),
+                judged)
+
+    def _purpose_text(self, prompt: Prompt, job: Job, hints: Hints, klass: str) -> tuple[str, Answer | None]:
+        """The answer's text, and the quality model's answer in it (None for an [fake:invalid] one)."""
+        invalid = hints.wants_invalid(klass, prompt.section("feedback") is not None)
+        if prompt.purpose == "triage":
+            judged = self.quality.answer(job, "triage", klass)
+            return answers.triage(prompt, hints, judged.value), None if hints.triage_garbage else judged
+        if prompt.purpose == "classify":
+            judged = self.quality.answer(job, "classify", klass)
+            return answers.classify(prompt, invalid, judged.value), None if invalid or not job.labels else judged
+        if prompt.purpose == "extract":
+            judged = self.quality.answer(job, "extract", klass)
+            return answers.extract(prompt, invalid, judged.value), None if invalid else judged
+        if prompt.purpose in ("draft", "generate"):
+            return answers.write(prompt, invalid), None
+        if prompt.purpose == "format_check":
+            return answers.format_check(prompt), None
+        return answers.other(prompt), None
+
+    def _structured(self, text: str, judged: Answer | None, schema: dict[str, Any], prompt: Prompt, job: Job,
+                    klass: str) -> tuple[str, Answer | None]:
+        """The answer as constrained decoding gives it: the purpose's own answer when it already fits
+        the schema, else a value made for the schema (an [fake:invalid] hint gives way here, as the
+        decoder would not let a model break the schema; a refusal or a max_tokens stop still can). An
+        extraction made for the schema is still right or wrong as the quality model says."""
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None
+        else:
+            if _fits(value, schema):
+                return text, judged
+        if prompt.purpose == "extract":
+            judged = self.quality.answer(job, "extract", klass, schema=schema)
+            return json.dumps(judged.value, ensure_ascii=False), judged
+        value = SchemaFaker(schema, job.plain_text, job.digest).value()
+        return json.dumps(value, ensure_ascii=False), None
 
     def _headers(self, request_id: str, klass: str | None, now: float) -> dict[str, str]:
         return {"request-id": request_id, **self._limiter.headers(klass, now)}
@@ -344,36 +389,6 @@ def _with_delay(outcome: Outcome, delay: float) -> Outcome:
     return replace(outcome, delay_s=delay)
 
 
-def _structured(text: str, schema: dict[str, Any], prompt: Prompt) -> str:
-    """The answer as constrained decoding gives it: the purpose's own answer when it already fits
-    the schema, else a value made for the schema (an [fake:invalid] hint gives way here, as the
-    decoder would not let a model break the schema; a refusal or a max_tokens stop still can)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = None
-    else:
-        if _fits(value, schema):
-            return text
-    value = SchemaFaker(schema, answers.job_text(prompt), prompt.digest).value()
-    return json.dumps(value, ensure_ascii=False)
-
-
 def _fits(value: Any, schema: dict[str, Any]) -> bool:
     validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     return bool(validator(schema).is_valid(value))
-
-
-def _purpose_text(prompt: Prompt, hints: Hints, klass: str) -> str:
-    invalid = hints.wants_invalid(klass, prompt.section("feedback") is not None)
-    if prompt.purpose == "triage":
-        return answers.triage(prompt, hints)
-    if prompt.purpose == "classify":
-        return answers.classify(prompt, invalid)
-    if prompt.purpose == "extract":
-        return answers.extract(prompt, invalid)
-    if prompt.purpose in ("draft", "generate"):
-        return answers.write(prompt, invalid)
-    if prompt.purpose == "format_check":
-        return answers.format_check(prompt)
-    return answers.other(prompt)

@@ -7,11 +7,15 @@ formats and length bounds, bounded numbers, booleans, null, local $ref, allOf/an
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import re
 import uuid
+from collections.abc import Iterator
 from typing import Any
+
+import jsonschema
 
 from pipeline.fake_claude.prompt import pick, strip_hints, unit
 
@@ -36,6 +40,78 @@ class SchemaFaker:
 
     def value(self) -> Any:
         return self._value(self._root, "$", "", 0, 0)
+
+    def wrong_value(self, good: Any, salt: str) -> Any | None:
+        """A plausible wrong extraction: still valid against the schema, but one field of `good` holds
+        another value (the field and the value chosen by the digest and `salt`). None when no field
+        can take another valid value (consts, nulls, one-value enums, an empty object)."""
+        leaves = sorted(self._leaves(self._root, good, "$", "", 0), key=lambda leaf: leaf[0])
+        if not leaves:
+            return None
+        validator_class = jsonschema.validators.validator_for(self._root, default=jsonschema.Draft202012Validator)
+        validator = validator_class(self._root, format_checker=validator_class.FORMAT_CHECKER)
+        start = pick(self._digest, salt + "#field", len(leaves))
+        for i in range(len(leaves)):
+            path, steps, schema, key, depth = leaves[(start + i) % len(leaves)]
+            current = _get(good, steps)
+            for candidate in self._alternatives(schema, path, key, current, depth, salt):
+                if candidate == current or not _same_kind(candidate, current):
+                    continue
+                changed = _replaced(good, steps, candidate)
+                if validator.is_valid(changed):
+                    return changed
+        return None
+
+    def _leaves(self, schema: Any, value: Any, path: str, key: str, depth: int
+                ) -> Iterator[tuple[str, tuple[str | int, ...], Any, str, int]]:
+        """(path, steps into the value, schema, key, depth) of each scalar in `value`, walking the
+        schema as `_value` did to make it."""
+        yield from self._walk(schema, value, path, (), key, depth)
+
+    def _walk(self, schema: Any, value: Any, path: str, steps: tuple[str | int, ...], key: str, depth: int
+              ) -> Iterator[tuple[str, tuple[str | int, ...], Any, str, int]]:
+        resolved = self._resolve(schema, depth)
+        if isinstance(resolved, dict) and depth <= _MAX_DEPTH and isinstance(value, (dict, list)):
+            for keyword in ("oneOf", "anyOf"):
+                options = resolved.get(keyword)
+                if isinstance(options, list) and options:
+                    chosen = next((o for o in options if not _only_null(self._resolve(o, depth))), options[0])
+                    base = {k: v for k, v in resolved.items() if k != keyword}
+                    resolved = _merge(base, self._resolve(chosen, depth + 1))
+                    depth += 1
+                    break
+        if isinstance(value, dict) and isinstance(resolved, dict):
+            raw_properties = resolved.get("properties")
+            properties = raw_properties if isinstance(raw_properties, dict) else {}
+            for name, item in value.items():
+                sub = properties.get(name, resolved.get("additionalProperties", True))
+                yield from self._walk(sub, item, f"{path}.{name}", (*steps, name), name, depth + 1)
+        elif isinstance(value, list) and isinstance(resolved, dict):
+            prefix = resolved.get("prefixItems")
+            items = resolved.get("items", True)
+            if isinstance(items, list):
+                prefix, items = items, resolved.get("additionalItems", True)
+            prefix = prefix if isinstance(prefix, list) else []
+            for i, item in enumerate(value):
+                sub = prefix[i] if i < len(prefix) else items
+                yield from self._walk(sub, item, f"{path}[{i}]", (*steps, i), key.removesuffix("s"), depth + 1)
+        elif not isinstance(value, (dict, list)):
+            yield path, steps, schema, key, depth
+
+    def _alternatives(self, schema: Any, path: str, key: str, current: Any, depth: int, salt: str
+                      ) -> Iterator[Any]:
+        """Other values for one field, the likeliest to be valid first."""
+        if isinstance(current, bool):
+            yield not current
+        other = SchemaFaker(self._root, self._text, hashlib.sha256(self._digest + salt.encode()).digest())
+        for variant in range(1, 6):
+            yield self._value(schema, path, key, variant, depth)
+            yield other._value(schema, path, key, variant - 1, depth)
+        if isinstance(current, str):
+            words = sorted({w.lower() for w in _WORD.findall(self._text)} - {current.lower()})
+            start = pick(self._digest, salt + "#word", len(words)) if words else 0
+            yield from (words[(start + i) % len(words)] for i in range(min(8, len(words))))
+            yield from ("unknown", f"{current} (unconfirmed)", current[:-1] if len(current) > 1 else "x")
 
     # -- schema plumbing -------------------------------------------------------------------------
 
@@ -258,6 +334,30 @@ class SchemaFaker:
             return words[(pick(self._digest, path + "#word", len(words)) + variant) % len(words)].lower()
         label = key.replace("_", " ").strip() or "value"
         return f"{label} {variant + 1}" if variant else label
+
+
+def _get(value: Any, steps: tuple[str | int, ...]) -> Any:
+    for step in steps:
+        value = value[step]
+    return value
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    """Both numbers, or both of one JSON type: a wrong value that changes type is not plausible."""
+    if _is_number(a) and _is_number(b):
+        return True
+    return type(a) is type(b)
+
+
+def _replaced(value: Any, steps: tuple[str | int, ...], new: Any) -> Any:
+    if not steps:
+        return new
+    out = copy.deepcopy(value)
+    node = out
+    for step in steps[:-1]:
+        node = node[step]
+    node[steps[-1]] = new
+    return out
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

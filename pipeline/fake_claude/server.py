@@ -18,6 +18,7 @@ from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pipeline.fake_claude.options import FakeOptions
+from pipeline.fake_claude.quality import QualityModel
 from pipeline.fake_claude.responder import Outcome, Responder, Response
 from pipeline.fake_claude.stats import LoggedRequest, Recorder
 
@@ -261,6 +262,8 @@ def _log_entry(outcome: Outcome | None, started: float, ended: float, *, dropped
         cache=_cache_result(outcome) if answered else None,
         cache_creation_input_tokens=outcome.cache.creation_tokens if answered else 0,
         cache_read_input_tokens=outcome.cache.read_tokens if answered else 0,
+        true_difficulty=outcome.judged.difficulty if answered and outcome.judged else None,
+        wrong=outcome.judged.wrong if answered and outcome.judged else None,
     )
 
 
@@ -290,7 +293,7 @@ class FakeClaude:
         self._clock = clock
         self._address = (host, port)
         self._responder = Responder(self.options)
-        self._recorder = Recorder()
+        self._recorder = Recorder(quality=self._responder.quality.describe())
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -331,6 +334,12 @@ class FakeClaude:
 
     def stats(self) -> dict[str, Any]:
         return self._recorder.stats()
+
+    @property
+    def quality(self) -> QualityModel:
+        """The quality model answering: `fake.quality.answer(Job.of(payload), "classify", "haiku")` is
+        what a Haiku call on that job gets."""
+        return self._responder.quality
 
     def requests(self) -> list[dict[str, Any]]:
         return self._recorder.requests()

@@ -8,6 +8,8 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline.fake_claude.models import model_class
+
 DEFAULT_LOG_LIMIT = 200_000
 
 
@@ -25,13 +27,19 @@ class LoggedRequest:
     cache: str | None = None  # hit, miss, uncacheable (every breakpoint below the minimum), or None
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    # The quality model's say on an answered triage, classify or extract call (None otherwise): the
+    # job's true difficulty, and whether the answer is wrong (for triage: a noisy verdict).
+    true_difficulty: str | None = None
+    wrong: bool | None = None
 
 
 _CACHE_COUNTERS = ("hits", "misses", "writes", "uncacheable", "read_input_tokens", "creation_input_tokens")
 
 
 class Recorder:
-    def __init__(self, log_limit: int = DEFAULT_LOG_LIMIT) -> None:
+    def __init__(self, log_limit: int = DEFAULT_LOG_LIMIT, *, quality: dict[str, Any] | None = None) -> None:
+        """`quality`: the quality model's settings, shown as they are in the stats."""
+        self._quality = quality or {}
         self._lock = threading.Lock()
         self._log: deque[LoggedRequest] = deque(maxlen=log_limit)
         self._in_flight = 0  # survives reset: it is a fact about now, not a counter
@@ -48,6 +56,7 @@ class Recorder:
         self._by_status: Counter[str] = Counter()
         self._by_fault: Counter[str] = Counter()
         self._cache: dict[str, Counter[str]] = {}
+        self._judged: Counter[tuple[str, str, str, bool]] = Counter()
         self._max_in_flight = self._in_flight
         self._log.clear()
 
@@ -73,6 +82,9 @@ class Recorder:
                 self._by_fault[entry.fault] += 1
             if entry.cache is not None and entry.model is not None:
                 self._count_cache(entry)
+            if entry.wrong is not None and entry.true_difficulty is not None:
+                key = (entry.purpose or "", model_class(entry.model or "") or "", entry.true_difficulty, entry.wrong)
+                self._judged[key] += 1
             self._log.append(entry)
 
     def _count_cache(self, entry: LoggedRequest) -> None:
@@ -104,8 +116,19 @@ class Recorder:
                 # prefix, misses did not (and usually wrote one), writes wrote one; the hit rate a
                 # benchmark wants is read / (read + creation) input tokens.
                 "cache": {model: dict(counts) for model, counts in self._cache.items()},
+                # The quality model's settings, and its answers served: per purpose, model class and
+                # true difficulty, how many were right and how many wrong.
+                "quality": {**self._quality, "answers": self._answers()},
                 "since": self._started_at,
             }
+
+    def _answers(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for (purpose, klass, difficulty, wrong), count in sorted(self._judged.items()):
+            counts = out.setdefault(purpose, {}).setdefault(klass, {}).setdefault(
+                difficulty, {"right": 0, "wrong": 0})
+            counts["wrong" if wrong else "right"] += count
+        return out
 
     def requests(self) -> list[dict[str, Any]]:
         with self._lock:
