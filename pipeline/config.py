@@ -75,6 +75,9 @@ class ModelConfig:
     # The cheap tier that triages and checks formats; the work tiers are the routing targets.
     triage_tier: str = "haiku"
     format_check_tier: str = "haiku"
+    # [caching] enabled: False sends every prompt without a cache_control breakpoint, whatever its
+    # length (to measure what caching saves, or for a model or account that must not cache).
+    caching: bool = True
 
     def cache_write_multiplier_for(self, ttl: str) -> Decimal:
         """The price of a cache write that lives ``ttl`` ("5m" or "1h"), as a multiple of input."""
@@ -198,11 +201,18 @@ def _cache_ttl(raw: dict[str, Any], where: str) -> str:
     return str(value)
 
 
-def _flag(raw: dict[str, Any], key: str, where: str) -> bool:
-    value = raw.get(key, False)
+def _flag(raw: dict[str, Any], key: str, where: str, default: bool = False) -> bool:
+    value = raw.get(key, default)
     if not isinstance(value, bool):
         raise ConfigError(f"{where}: {key!r} must be true or false, not {value!r}")
     return value
+
+
+def _caching(raw: dict[str, Any], where: str) -> bool:
+    unknown = sorted(raw.keys() - {"enabled"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (expected enabled)")
+    return _flag(raw, "enabled", where, default=True)
 
 
 def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> ModelConfig:
@@ -248,6 +258,7 @@ def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> Model
         cache_read_multiplier=_decimal(pricing, "cache_read_multiplier", f"{source} [pricing]", "0.10"),
         triage_tier=_name(stages, "triage_tier", where, "haiku"),
         format_check_tier=_name(stages, "format_check_tier", where, "haiku"),
+        caching=_caching(_table(raw, "caching", source), f"{source} [caching]"),
     )
     named = {*config.work_tiers, config.triage_tier, config.format_check_tier}
     missing = sorted(named - tiers.keys())

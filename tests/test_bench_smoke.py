@@ -1,5 +1,5 @@
 """The benchmarks are not tests (speed is measured by `make bench`), but their code must not rot:
-run the two cheapest at a toy size and check that they measure something and report it."""
+run the cheapest at a toy size and check that they measure something and report it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import io
 import pytest
 from rich.console import Console
 
-from bench import enqueue, history, report
+from bench import caching, enqueue, history, report
 
 
 @pytest.fixture
@@ -38,3 +38,25 @@ def test_history_benchmark_at_toy_size(console: Console) -> None:
     assert stats.baseline and stats.baseline > 0 and stats.extra["floor_p95_ms"] == stats.baseline
     assert stats.ratio is not None
     assert "| history |" in report.markdown(figures)
+
+
+def test_caching_benchmark_at_toy_size(console: Console) -> None:
+    figures = caching.run(quick=True, console=console, jobs=40, concurrency=4, latency_ms=100)
+    by_tier = {f.name.split(" ", 1)[0]: f.extra for f in figures}
+    assert list(by_tier) == ["haiku", "sonnet", "opus"], [f.name for f in figures]  # both work tiers got jobs
+    for tier, extra in by_tier.items():
+        assert extra["succeeded_on"] == extra["succeeded_off"] == 40, extra
+        # The same calls both ways; with caching off nothing touches the cache (run() raises if it does).
+        assert extra["calls_on"] == extra["calls_off"] > 0, (tier, extra)
+        assert extra["cache_write_off"] == extra["cache_read_off"] == 0
+        # On, the first calls write the ~5,000-token shared part and the later ones read it.
+        assert extra["cache_write_on"] > 0 and extra["cache_read_on"] > 0, (tier, extra)
+        # The same prompts both ways: caching changes how their tokens are billed, not how many.
+        assert extra["input_off"] == extra["input_on"] + extra["cache_write_on"] + extra["cache_read_on"], extra
+    hits = [f for f in figures if "hit rate" in f.name]
+    costs = [f for f in figures if "input cost" in f.name]
+    assert all(0 < f.value < 100 and f.passed is not None for f in hits)
+    assert all(f.baseline and f.ratio is not None and 0 < f.ratio < 1 for f in costs)
+    # Cost targets on the work tiers only; the triage tier's cost is reported without one.
+    assert [f.passed is not None for f in costs] == [False, True, True]
+    assert "| caching |" in report.markdown(figures)

@@ -34,10 +34,11 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Shared:
-    """A task version's part of the prompts, and the tier's minimum cacheable length (tokens)."""
+    """A task version's part of the prompts, and the tier's minimum cacheable length (tokens); None
+    when caching is off in the configuration, and no prompt gets a breakpoint."""
 
     definition: dict[str, Any]
-    min_cache_tokens: int
+    min_cache_tokens: int | None
 
 
 def _section(name: str, value: str) -> str:
@@ -115,7 +116,7 @@ def _prompt(system: str, job_parts: list[str], kind: JobKind, shared: Shared | N
         return Prompt(system, "\n".join(job_parts + (tail or [])))
     system = "\n".join([system, *task_sections(kind, shared.definition, triage=triage)])
     return Prompt(system, "\n".join(job_parts + (tail or [])),
-                  cache=estimate_text_tokens(system) >= shared.min_cache_tokens)
+                  cache=shared.min_cache_tokens is not None and estimate_text_tokens(system) >= shared.min_cache_tokens)
 
 
 def triage_prompt(kind: JobKind, payload: dict[str, Any], *, shared: Shared | None = None) -> Prompt:

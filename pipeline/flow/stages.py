@@ -308,7 +308,7 @@ def _shared(p: Pipeline, claim: Claim, tier: str) -> Shared | None:
         if len(_TASKS) >= _TASKS_KEPT:
             _TASKS.clear()
         _TASKS[key] = definition
-    return Shared(definition, p.models.min_cache_tokens(tier))
+    return Shared(definition, p.models.min_cache_tokens(tier) if p.models.caching else None)
 
 
 def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,

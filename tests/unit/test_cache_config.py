@@ -35,6 +35,16 @@ def test_the_defaults_give_each_tier_its_documented_minimum_a_ttl_and_structured
         Decimal("1.25"), Decimal("2"), Decimal("0.10"))
 
 
+def test_caching_is_on_unless_the_configuration_turns_it_off() -> None:
+    from pipeline.config import load_config
+
+    assert load_config().caching  # defaults.toml says so
+    assert parse_config(raw()).caching  # and a file written before [caching] existed is cached too
+    assert parse_config({**raw(), "caching": {}}).caching
+    assert not parse_config({**raw(), "caching": {"enabled": False}}).caching
+    assert parse_config({**raw(), "caching": {"enabled": True}}).caching
+
+
 def test_a_tier_table_without_the_cache_keys_gets_safe_values() -> None:
     # An operator's copy written before these keys existed still loads: the largest documented
     # minimum (a breakpoint below the model's minimum would be ignored anyway), the 5-minute TTL, and no
@@ -57,6 +67,10 @@ def test_a_tier_table_without_the_cache_keys_gets_safe_values() -> None:
      "[pricing]: 'cache_write_1h_multiplier' must be a number, not 'double'"),
     ({**raw(), "pricing": {"cache_read_multiplier": -0.1}}, "[pricing]: 'cache_read_multiplier' must not be negative"),
     ({**raw(), "pricing": {"cache_write_multiplier": [1]}}, "'cache_write_multiplier' must be a number"),
+    ({**raw(), "caching": {"enabled": "no"}}, "[caching]: 'enabled' must be true or false, not 'no'"),
+    ({**raw(), "caching": {"enabled": 0}}, "[caching]: 'enabled' must be true or false, not 0"),
+    ({**raw(), "caching": {"enable": False}}, "[caching]: unknown key 'enable' (expected enabled)"),
+    ({**raw(), "caching": True}, "[caching] must be a table, not True"),
 ])
 def test_a_bad_cache_setting_is_one_sentence_naming_the_key(config: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:

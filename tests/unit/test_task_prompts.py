@@ -57,6 +57,12 @@ def test_the_breakpoint_is_set_only_from_the_tiers_minimum() -> None:
     assert not work_prompt(JobKind.CLASSIFY, PAYLOAD, shared=Shared(DEFINITION, size + 1)).cache
     long = {**DEFINITION, "instructions": "Read every word of the ticket. " * 600}
     assert work_prompt(JobKind.CLASSIFY, PAYLOAD, shared=Shared(long, 4096)).cache
+    # Caching off in the configuration: no minimum, no breakpoint, however long the shared part;
+    # the prompt is otherwise the same bytes.
+    for prompt_of in (work_prompt, triage_prompt):
+        off, on = prompt_of(JobKind.CLASSIFY, PAYLOAD, shared=Shared(long, None)), prompt_of(
+            JobKind.CLASSIFY, PAYLOAD, shared=Shared(long, 0))
+        assert on.cache and not off.cache and (off.system, off.user) == (on.system, on.user)
 
 
 def test_jobs_without_a_task_keep_their_prompts() -> None:

@@ -4,6 +4,7 @@ caps the work call's."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from pipeline.flow.dispatch import dispatch
 from pipeline.flow.stages import Handoff, Pipeline
 from pipeline.intake import tasks
 from pipeline.intake.enqueue import enqueue_file
-from pipeline.models import Batch, Job, JobStatus
+from pipeline.models import Batch, Job, JobStatus, ModelCall
 
 
 class Recording:
@@ -79,3 +80,35 @@ def test_a_task_job_through_its_stages(recorded: tuple[Pipeline, Recording], tmp
     assert "- billing: Money." in work["system"]
     assert work["max_tokens"] == 64 and triage["max_tokens"] == p.models.limits.triage_max_tokens
     assert report.accepted == 1
+
+
+def test_with_caching_off_no_call_has_a_breakpoint(sessions: sessionmaker[Session], fake_claude: FakeClaude,
+                                                  models: ModelConfig, tmp_path: Path) -> None:
+    # The same long task as above, with [caching] enabled = false: every prompt goes without a
+    # breakpoint, and the API (the fake) writes and reads nothing.
+    client = Recording(ClaudeClient(api_key="test", base_url=fake_claude.base_url, attempts=2, sleep=lambda s: None))
+    p = Pipeline(sessions=sessions, client=client, models=dataclasses.replace(models, caching=False), max_deliveries=3)
+    definition = {"name": "uncached-topic", "kind": "classify", "instructions": "Decide by what the customer asks for. "
+                  * 500, "labels": [{"name": "billing", "description": "Money."}, {"name": "bug", "description": "x"}]}
+    with transaction(p.sessions) as s:
+        tasks.apply(s, tasks.parse_task(definition, work_tiers=p.models.work_tiers), tenant_id=None)
+    path = tmp_path / "uncached.jsonl"
+    lines = [{"key": f"u{i}", "task": "uncached-topic", "text": f"charged twice, ticket {i} [fake:difficulty=easy]"}
+             for i in range(2)]
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    enqueue_file(p.sessions, path, batch="uncached-task", config=p.models)
+    with p.sessions() as s:
+        job_ids = s.scalars(select(Job.id).join(Batch).where(Batch.name == "uncached-task")).all()
+    p.run(lambda s: dispatch(s, max_in_flight=10_000))
+    for job_id in job_ids:
+        assert stages.triage(p, job_id) == Handoff("work", job_id, "sonnet")
+        assert stages.work(p, job_id) == Handoff("validate", job_id, "validate")
+        stages.validate(p, job_id)
+    client.close()
+    assert len(client.calls) == 4 and not any(c["cache_system"] for c in client.calls)
+    with p.sessions() as s:
+        calls = s.scalars(select(ModelCall).where(ModelCall.job_id.in_(job_ids))).all()
+        statuses = set(s.scalars(select(Job.status).where(Job.id.in_(job_ids))))
+    assert statuses == {JobStatus.SUCCEEDED}
+    assert len(calls) == 4 and all(c.input_tokens > 4096 for c in calls)
+    assert sum(c.cache_creation_input_tokens + c.cache_read_input_tokens for c in calls) == 0
