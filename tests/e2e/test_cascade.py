@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -152,10 +153,13 @@ def test_easy_jobs_are_worked_by_haiku_and_failed_answers_climb_the_chain(
         assert summary.escalations == 5 and summary.top_tier == "opus"
         haiku_work = len([1 for k in jobs for t, _ in work_calls(k) if t == "haiku"])
 
-    # The haiku worker's own metrics count its work, under its queue and its tier.
-    m = haiku_metrics(cluster)
-    assert m[("switchyard_stage_runs_total", (("outcome", "handoff"), ("queue", "haiku"), ("stage", "work")))] \
-        == haiku_work == 9
+    # The haiku worker's own metrics count its work, under its queue and its tier. (A stage run is
+    # counted just after its hand-off is published: give the last one a moment.)
+    runs = ("switchyard_stage_runs_total", (("outcome", "handoff"), ("queue", "haiku"), ("stage", "work")))
+    deadline = time.monotonic() + 10
+    while (m := haiku_metrics(cluster)).get(runs) != haiku_work and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert m.get(runs) == haiku_work == 9
     assert m[("switchyard_calls_total", (("outcome", "ok"), ("tier", "haiku")))] == haiku_work
 
     # `switchyard status` lists the haiku queue, served by its worker.
