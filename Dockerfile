@@ -13,6 +13,8 @@ COPY pipeline ./pipeline
 COPY workers ./workers
 COPY migrations ./migrations
 RUN pip install . && rm -rf /src/build
+# The sample cascade policy, where SWITCHYARD_CONFIG can name it (docker-compose.yml).
+COPY pipeline/samples/cascade.toml /etc/switchyard/cascade.toml
 
 # Nothing here needs root.
 RUN useradd --create-home --uid 10001 switchyard

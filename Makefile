@@ -20,6 +20,9 @@ venv: $(STAMP) ## Create .venv with switchyard and its dev tools
 demo: $(STAMP) ## Run the whole pipeline on bundled sample jobs (SQLite, in-process broker, fake Claude)
 	$(VENV)/bin/switchyard demo
 
+demo-cascade: $(STAMP) ## The demo under the sample cascade policy: easy jobs worked by Haiku, escalating Haiku -> Sonnet -> Opus
+	SWITCHYARD_CONFIG=pipeline/samples/cascade.toml $(VENV)/bin/switchyard demo
+
 services: ## Start the local Postgres and Redis if they are not running
 	@scripts/ensure-services
 
@@ -36,4 +39,4 @@ bench: $(STAMP) services ## Run the benchmarks (add BENCH_ARGS=--quick for a sho
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
 
-.PHONY: help venv demo services test lint bench clean
+.PHONY: help venv demo demo-cascade services test lint bench clean

@@ -17,6 +17,11 @@ from typing import Any
 from pipeline.errors import ConfigError
 
 DIFFICULTIES = ("easy", "medium", "hard")
+# The stages' own queues. A work tier's queue is named after the tier, so no work tier may take
+# one of these names: its jobs would land in the stage's queue, served by the stage's task.
+STAGE_QUEUES = ("triage", "validate")
+ROUTING_KEYS = (*DIFFICULTIES, "ambiguous", "min_confidence", "retries_per_tier", "escalation")
+STAGES_KEYS = ("triage_tier", "format_check_tier")
 # How long a prompt-cache entry lives: the two lifetimes the API offers, each with its write price.
 CACHE_TTLS = ("5m", "1h")
 # A tier table without cache_min_tokens: the largest minimum the documentation gives (Haiku's and
@@ -78,6 +83,8 @@ class ModelConfig:
     # [caching] enabled: False sends every prompt without a cache_control breakpoint, whatever its
     # length (to measure what caching saves, or for a model or account that must not cache).
     caching: bool = True
+    # Where it was read from ("defaults.toml" or the file SWITCHYARD_CONFIG names), for messages.
+    source: str = "configuration"
 
     def cache_write_multiplier_for(self, ttl: str) -> Decimal:
         """The price of a cache write that lives ``ttl`` ("5m" or "1h"), as a multiple of input."""
@@ -96,6 +103,8 @@ class ModelConfig:
 
     @property
     def work_tiers(self) -> tuple[str, ...]:
+        """The tiers that work jobs, each with a queue of its own: every tier the policy routes to or
+        escalates through (Haiku among them when the policy sends it jobs, not only triage)."""
         seen = dict.fromkeys([*self.routing.by_difficulty.values(), self.routing.ambiguous,
                               *self.routing.escalation])
         return tuple(seen)
@@ -171,11 +180,38 @@ def _names(raw: dict[str, Any], key: str, where: str, default: tuple[str, ...]) 
     return tuple(value)
 
 
-def _table(raw: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+def _table(raw: dict[str, Any], key: str, source: str, *, known: tuple[str, ...] | None = None) -> dict[str, Any]:
     value = raw.get(key, {})
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: [{key}] must be a table, not {value!r}")
+    # A misspelt key would otherwise be ignored and its default used in silence ("eazy = 'haiku'"
+    # leaving easy jobs on Sonnet).
+    if known is not None and (unknown := sorted(value.keys() - set(known))):
+        raise ConfigError(f"{source} [{key}]: unknown key {unknown[0]!r} (expected some of {', '.join(known)})")
     return value
+
+
+def _check_policy(r: dict[str, Any], routing: RoutingPolicy, tiers: dict[str, TierConfig], where: str) -> None:
+    """Every tier the policy names must be configured, a work tier must not take a stage's queue
+    name, and the escalation chain must name each tier once: one sentence naming the key."""
+    configured = ", ".join(tiers)
+    named = [(d, routing.by_difficulty[d]) for d in DIFFICULTIES] + [("ambiguous", routing.ambiguous)]
+    for key, tier in [*named, *(("escalation", t) for t in routing.escalation)]:
+        if tier not in tiers:
+            if key not in r:
+                raise ConfigError(f"{where}: {key!r} is not set, and its default tier {tier!r} has no "
+                                  f"[tiers.{tier}] table: set it to one of {configured}")
+            raise ConfigError(f"{where}: {key!r} names tier {tier!r}, which has no [tiers.{tier}] table "
+                              f"(the tiers are {configured})")
+        if tier in STAGE_QUEUES:
+            raise ConfigError(f"{where}: {key!r} names tier {tier!r} as a work tier, but a work tier's queue "
+                              f"is named after it and {tier!r} is the {tier} stage's queue: rename the tier")
+    if not routing.escalation:
+        raise ConfigError(f"{where}: 'escalation' must name at least one tier")
+    twice = next((t for i, t in enumerate(routing.escalation) if t in routing.escalation[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"{where}: 'escalation' names tier {twice!r} twice: each tier may appear once in the "
+                          f"chain, cheapest first, such as [\"haiku\", \"sonnet\", \"opus\"]")
 
 
 def _limits(raw: dict[str, Any], where: str) -> Limits:
@@ -238,7 +274,7 @@ def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> Model
             structured_outputs=_flag(t, "structured_outputs", where),
         )
 
-    r, where = _table(raw, "routing", source), f"{source} [routing]"
+    r, where = _table(raw, "routing", source, known=ROUTING_KEYS), f"{source} [routing]"
     by_difficulty = {d: _name(r, d, where, "opus" if d == "hard" else "sonnet") for d in DIFFICULTIES}
     routing = RoutingPolicy(
         by_difficulty=by_difficulty,
@@ -247,7 +283,8 @@ def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> Model
         retries_per_tier=_whole(r, "retries_per_tier", where, 1, 0),
         escalation=_names(r, "escalation", where, ("sonnet", "opus")),
     )
-    stages, where = _table(raw, "stages", source), f"{source} [stages]"
+    _check_policy(r, routing, tiers, where)
+    stages, where = _table(raw, "stages", source, known=STAGES_KEYS), f"{source} [stages]"
     pricing = _table(raw, "pricing", source)
     config = ModelConfig(
         tiers=tiers,
@@ -259,13 +296,13 @@ def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> Model
         triage_tier=_name(stages, "triage_tier", where, "haiku"),
         format_check_tier=_name(stages, "format_check_tier", where, "haiku"),
         caching=_caching(_table(raw, "caching", source), f"{source} [caching]"),
+        source=source,
     )
-    named = {*config.work_tiers, config.triage_tier, config.format_check_tier}
-    missing = sorted(named - tiers.keys())
-    if missing:
-        raise ConfigError(f"{source}: routing names tier(s) {', '.join(missing)} with no [tiers.*] table")
-    if not routing.escalation:
-        raise ConfigError(f"{source} [routing]: escalation must name at least one tier")
+    for key in STAGES_KEYS:
+        tier = getattr(config, key)
+        if tier not in tiers:
+            raise ConfigError(f"{where}: {key!r} {'names' if key in stages else 'is not set, and its default is'} "
+                              f"tier {tier!r}, which has no [tiers.{tier}] table (the tiers are {', '.join(tiers)})")
     if not 0 <= routing.min_confidence <= 1:
         raise ConfigError(f"{source} [routing]: min_confidence must be between 0 and 1")
     return config

@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.claude.ratelimit import TierLimits, parse_overrides
@@ -99,6 +99,13 @@ class Settings(BaseSettings):
     # Workers send Celery's task events (received, started, succeeded...), which Flower and
     # `celery events` show per task. Off by default: each task state is a publish to the broker.
     task_events: bool = Field(False, alias="SWITCHYARD_TASK_EVENTS")
+
+    @field_validator("config_path", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # docker-compose passes SWITCHYARD_CONFIG through as "" when the operator has not set it:
+        # the bundled defaults then, not the working directory read as a file.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @cached_property
     def models(self) -> ModelConfig:

@@ -1,5 +1,6 @@
-"""Queues ``sonnet`` and ``opus``: the work itself. One task; the queue it is published to is the
-tier the job was routed to, so each tier's workers scale on their own."""
+"""The work queues, one per work tier (``sonnet`` and ``opus``, and ``haiku`` under a cascade
+policy): the work itself. One task; the queue it is published to is the tier the job was routed
+to, so each tier's workers scale on their own."""
 
 from pipeline.flow import stages
 from workers.base import StageTask

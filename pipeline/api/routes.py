@@ -72,7 +72,8 @@ def _batch_name(value: str, *, param: str) -> str:
 _TEXT = {"type": "string", "minLength": 1}
 _COMMON = {"key": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH,
                    "description": "Idempotency key within the batch; default: a digest of the content."},
-           "tier": {"type": "string", "description": "Pin a work tier (skips triage), e.g. sonnet or opus."},
+           "tier": {"type": "string",
+                    "description": "Pin a work tier (skips triage): one the policy routes to, e.g. sonnet or opus."},
            "metadata": {"type": "object", "description": "Kept with the job, returned with it."}}
 
 

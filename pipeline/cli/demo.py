@@ -2,7 +2,10 @@
 
 With no DATABASE_URL and BROKER_URL it runs on SQLite and Celery's in-process broker, with
 embedded workers for all four queues; with them set, the same code runs on Postgres and Redis.
-With no ANTHROPIC_API_KEY the bundled fake Claude answers, and the demo says so.
+With no ANTHROPIC_API_KEY the bundled fake Claude answers, and the demo says so. It runs whatever
+routing policy SWITCHYARD_CONFIG names, and prints it: `make demo-cascade` runs the sample cascade
+(pipeline/samples/cascade.toml), where easy jobs are worked by Haiku and one sample job climbs
+Haiku -> Sonnet -> Opus.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import migrate
+from pipeline.config import DIFFICULTIES, ModelConfig
 from pipeline.errors import WaitTimedOut
 from pipeline.flow.runtime import check_claude
 from pipeline.flow.stages import Pipeline
@@ -44,6 +48,14 @@ def _fake_claude(settings: Settings, console: Console) -> Iterator[Settings]:
         console.print("[bold yellow]No ANTHROPIC_API_KEY: answers are simulated by the bundled fake Claude "
                       f"at {fake.base_url}.[/]")
         yield settings.model_copy(update={"anthropic_api_key": "fake-key", "anthropic_base_url": fake.base_url})
+
+
+def policy_line(models: ModelConfig) -> str:
+    """The routing policy in one line, and where it was read from."""
+    r = models.routing
+    routes = ", ".join(f"{d} -> {r.by_difficulty[d]}" for d in DIFFICULTIES)
+    return (f"Routing ({models.source}): {routes}, ambiguous -> {r.ambiguous}; "
+            f"escalation {' -> '.join(r.escalation)}; work queues {', '.join(models.work_tiers)}.")
 
 
 def sample_path(name: str = "demo.jsonl") -> Path:
@@ -77,6 +89,7 @@ def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = N
 
     with _fake_claude(settings, console) as settings:
         console.print(f"Database: {mask_url(settings.database_url)}   Broker: {mask_url(settings.broker_url)}")
+        console.print(policy_line(settings.models), markup=False, highlight=False)
         migrate.upgrade(settings.database_url)
         p = build_pipeline(settings, concurrency=16)
         install_pipeline(p)

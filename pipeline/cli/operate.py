@@ -44,13 +44,35 @@ class Pool(StrEnum):
     solo = "solo"
 
 
-DEFAULT_CONCURRENCY = {"triage": 32, "validate": 32}
+# Threads per worker unless --concurrency says otherwise. Triage and format checks are short
+# Haiku calls; a work call (Haiku's too, when the policy gives it work) can run to
+# work_max_tokens, so a work queue keeps more of them in flight.
+STAGE_CONCURRENCY = {"triage": 32, "validate": 32}
+WORK_CONCURRENCY = 64
+
+
+def default_concurrency(queue: str) -> int:
+    return STAGE_CONCURRENCY.get(queue, WORK_CONCURRENCY)
+
+
+def _unknown_queue(tier: str, s: Settings) -> InvalidInput:
+    models = s.models
+    queues = ", ".join(models.queues)
+    if tier in models.tiers:
+        # The likeliest case: `--tier haiku` under a policy that only triages with Haiku.
+        return InvalidInput(f"tier {tier!r} has no work queue under {models.source}: its [routing] sends no job "
+                            f"there (the queues are {queues}); point SWITCHYARD_CONFIG at a policy that does, "
+                            f"such as pipeline/samples/cascade.toml")
+    return InvalidInput(f"unknown tier {tier!r}: expected one of {queues}")
 
 
 @app.command()
 def worker(
-    tier: Annotated[str, typer.Option(help="Queue to serve: triage, validate, or a work tier (sonnet, opus).")],
-    concurrency: Annotated[int | None, typer.Option(min=1, help="Calls in flight (threads).")] = None,
+    tier: Annotated[str, typer.Option(help="Queue to serve: triage, validate, or a work tier the routing policy "
+                                           "sends jobs to (sonnet, opus; haiku under a cascade policy).")],
+    concurrency: Annotated[int | None, typer.Option(
+        min=1, help=f"Calls in flight (threads); default {STAGE_CONCURRENCY['triage']} for triage and validate, "
+                    f"{WORK_CONCURRENCY} for a work tier.")] = None,
     pool: Annotated[Pool, typer.Option(help="Celery pool. Threads keep many slow calls in flight.")] = Pool.threads,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     metrics_port: Annotated[int | None, typer.Option(
@@ -64,20 +86,17 @@ def worker(
     s = settings()
     from workers.config import queue_names
 
-    queues = queue_names(s)
-    if tier not in queues:
-        raise InvalidInput(f"unknown tier {tier!r}: expected one of {', '.join(queues)}")
+    if tier not in queue_names(s):
+        raise _unknown_queue(tier, s)
     s.tier_limits()  # a mistake in SWITCHYARD_RATE_LIMITS stops the worker now, not at its first job
     # ...and so does a Claude endpoint that cannot be reached, refuses the key or lacks the model
     # this queue calls: its jobs would otherwise wait out their patience before failing.
     from pipeline.flow.runtime import check_claude
 
-    models = s.models
-    called = {"triage": models.triage_tier, "validate": models.format_check_tier}.get(tier, tier)
-    check_claude(s, tiers=[called])
+    check_claude(s, tiers=[s.models.queue_tier(tier)])
     # Model calls are I/O-bound and take seconds: 64 threads wait on them for the cost of one
     # process, where a prefork pool of 2 would hold 2 calls.
-    n = concurrency or DEFAULT_CONCURRENCY.get(tier, 64)
+    n = concurrency or default_concurrency(tier)
     import workers.celery
 
     celery_app = workers.celery.app

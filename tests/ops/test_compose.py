@@ -16,12 +16,15 @@ import typer
 import yaml
 
 from pipeline.cli.app import app
+from pipeline.config import load_config
 from pipeline.settings import Settings
 from workers.config import queue_names
 
 ROOT = Path(__file__).resolve().parents[2]
-SWITCHYARD_SERVICES = ("migrate", "worker-triage", "worker-sonnet", "worker-opus", "worker-validate", "dispatcher")
+SWITCHYARD_SERVICES = ("migrate", "worker-triage", "worker-haiku", "worker-sonnet", "worker-opus", "worker-validate",
+                       "dispatcher")
 LONG_RUNNING = SWITCHYARD_SERVICES[1:]
+CASCADE = ROOT / "pipeline" / "samples" / "cascade.toml"
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +138,29 @@ def test_flower_is_optional_and_watches_the_workers_broker(services: dict[str, A
     # The workers send task events, which Flower needs to show tasks, when the operator asks.
     for name in LONG_RUNNING:
         assert services[name]["environment"]["SWITCHYARD_TASK_EVENTS"] == "${SWITCHYARD_TASK_EVENTS:-0}"
+
+
+def test_the_haiku_worker_runs_only_with_the_cascade_and_every_service_reads_one_policy(
+        services: dict[str, Any]) -> None:
+    """Under the defaults Haiku has no work queue and `worker --tier haiku` refuses to start, so its
+    service is in the `cascade` profile; every other worker serves a queue of the defaults. With
+    the profile, the workers cover every queue of the sample cascade. The policy must be the same
+    in every process (triage routes, validate escalates), so SWITCHYARD_CONFIG is in the shared
+    environment."""
+    tier = {n: s["command"][s["command"].index("--tier") + 1] for n, s in services.items() if n.startswith("worker-")}
+    always = {n for n in tier if "profiles" not in services[n]}
+    assert services["worker-haiku"]["profiles"] == ["cascade"]
+    assert {tier[n] for n in always} == set(queue_names(Settings(SWITCHYARD_CONFIG=None)))
+    assert {tier[n] for n in tier if n in always or services[n].get("profiles") == ["cascade"]} == set(
+        load_config(CASCADE).queues)
+    for name in SWITCHYARD_SERVICES:
+        assert services[name]["environment"]["SWITCHYARD_CONFIG"] == "${SWITCHYARD_CONFIG:-}", name
+
+
+def test_the_image_holds_the_cascade_where_the_compose_file_and_readme_say(compose: dict[str, Any]) -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (target,) = re.findall(r"^COPY pipeline/samples/cascade\.toml (\S+)$", dockerfile, re.M)
+    command = f"SWITCHYARD_CONFIG={target} docker compose --profile cascade up -d"
+    assert command in (ROOT / "docker-compose.yml").read_text()
+    assert command in (ROOT / "README.md").read_text()
+    load_config(CASCADE)  # the file copied there parses

@@ -84,11 +84,13 @@ def test_failed_validation_retries_then_escalates_then_fails() -> None:
     ({}, "needs a [tiers.NAME] table"),
     ({"tiers": {"haiku": {"input_per_mtok": 1, "output_per_mtok": 1}}}, "needs a model id"),
     ({"tiers": {"haiku": {"model": "m", "input_per_mtok": "x", "output_per_mtok": 1}}}, "must be a number"),
-    ({"tiers": {"haiku": {"model": "m", "input_per_mtok": 1, "output_per_mtok": 1}}}, "no [tiers.*] table"),
+    ({"tiers": {"haiku": {"model": "m", "input_per_mtok": 1, "output_per_mtok": 1}}},
+     "[routing]: 'easy' is not set, and its default tier 'sonnet' has no [tiers.sonnet] table: set it to one of haiku"),
 ])
 def test_bad_configuration_names_the_problem(raw: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("*", r"\*")):
+    with pytest.raises(ConfigError) as info:
         parse_config(raw)
+    assert message in str(info.value)
 
 
 def _defaults_with(section: str, **values: object) -> dict:
@@ -140,3 +142,52 @@ def test_swapping_a_model_is_a_config_change(tmp_path) -> None:  # type: ignore[
     custom = tmp_path / "models.toml"
     custom.write_text(text.replace('model = "claude-opus-5-5"', 'model = "claude-opus-6"'))
     assert load_config(custom).tier("opus").model == "claude-opus-6"
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    # A tier the policy names must have a [tiers.*] table: the key that names it is the one named.
+    (_defaults_with("routing", easy="haku"),
+     "models.toml [routing]: 'easy' names tier 'haku', which has no [tiers.haku] table (the tiers are haiku, "
+     "sonnet, opus)"),
+    (_defaults_with("routing", ambiguous="gpt"), "[routing]: 'ambiguous' names tier 'gpt', which has no [tiers.gpt]"),
+    (_defaults_with("routing", escalation=["haiku", "sonet", "opus"]),
+     "[routing]: 'escalation' names tier 'sonet', which has no [tiers.sonet] table"),
+    (_defaults_with("stages", format_check_tier="mini"),
+     "[stages]: 'format_check_tier' names tier 'mini', which has no [tiers.mini] table"),
+    # A chain that names a tier twice: after the second, escalating would go back down.
+    (_defaults_with("routing", escalation=["haiku", "sonnet", "haiku", "opus"]),
+     "[routing]: 'escalation' names tier 'haiku' twice: each tier may appear once in the chain"),
+    (_defaults_with("routing", escalation=["opus", "opus"]), "'escalation' names tier 'opus' twice"),
+    (_defaults_with("routing", escalation=[]), "[routing]: 'escalation' must name at least one tier"),
+    # A work tier's queue is named after it: "triage" and "validate" are the stages' own.
+    ({**_defaults_with("routing", medium="triage"),
+      "tiers": {**_defaults_with("routing")["tiers"], "triage": {"model": "m", "input_per_mtok": 1,
+                                                                 "output_per_mtok": 1}}},
+     "[routing]: 'medium' names tier 'triage' as a work tier, but a work tier's queue is named after it and "
+     "'triage' is the triage stage's queue"),
+    ({**_defaults_with("routing", escalation=["sonnet", "validate"]),
+      "tiers": {**_defaults_with("routing")["tiers"], "validate": {"model": "m", "input_per_mtok": 1,
+                                                                   "output_per_mtok": 1}}},
+     "'escalation' names tier 'validate' as a work tier"),
+    # A misspelt key is not a default used in silence.
+    (_defaults_with("routing", eazy="haiku"), "[routing]: unknown key 'eazy' (expected some of easy, medium, hard"),
+    (_defaults_with("stages", triage="haiku"), "[stages]: unknown key 'triage' (expected some of triage_tier"),
+])
+def test_a_policy_naming_a_tier_wrongly_is_one_sentence_naming_file_and_key(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, source="models.toml")
+    text = str(info.value)
+    assert message in text and text.startswith("models.toml ") and "\n" not in text, text
+
+
+def test_haiku_may_work_and_start_the_chain() -> None:
+    """Haiku as a work tier: easy jobs go there, and a failed validation climbs haiku -> sonnet -> opus."""
+    policy = parse_config(_defaults_with("routing", easy="haiku", escalation=["haiku", "sonnet", "opus"])).routing
+    v = parse_triage('{"difficulty": "easy", "confidence": 0.9}', min_confidence=policy.min_confidence)
+    assert tier_for(v, policy) == "haiku"
+    assert after_failed_validation("haiku", 1, policy).action == "retry"
+    step = after_failed_validation("haiku", 2, policy)
+    assert (step.action, step.tier, step.attempt) == ("escalate", "sonnet", 1)
+    step = after_failed_validation("sonnet", 2, policy)
+    assert (step.action, step.tier) == ("escalate", "opus")
+    assert after_failed_validation("opus", 2, policy).action == "fail"
