@@ -152,7 +152,8 @@ def test_a_spend_limit_429_is_not_retried() -> None:
 
 
 def test_many_threads_share_the_connections_in_shards_and_all_calls_fly_at_once(fake_claude: FakeClaude) -> None:
-    # 80 threads, each with one slow call: all 80 must be at the fake together (no thread waits
+    # 80 threads, each with one slow call (4 s: long enough for the last thread to start under a
+    # loaded machine): all 80 must be at the fake together (no thread waits
     # for a connection), while no HTTP pool serves more threads than its shard's connections.
     c = client(fake_claude, Sleeps(), max_connections=80)
     threads = 80
@@ -162,7 +163,7 @@ def test_many_threads_share_the_connections_in_shards_and_all_calls_fly_at_once(
     def one(i: int) -> str:
         start.wait()
         used.append(c._sdk)
-        return call(c, f"ticket {i} [fake:latency_ms=1500]").text
+        return call(c, f"ticket {i} [fake:latency_ms=4000]").text
 
     fake_claude.reset()
     # Earlier tests' stalled requests may still be open at the fake: count on top of them.
