@@ -24,6 +24,7 @@ ROUTING_KEYS = (*DIFFICULTIES, "ambiguous", "min_confidence", "retries_per_tier"
 STAGES_KEYS = ("triage_tier", "format_check_tier")
 # How long a prompt-cache entry lives: the two lifetimes the API offers, each with its write price.
 CACHE_TTLS = ("5m", "1h")
+CACHE_TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 # A tier table without cache_min_tokens: the largest minimum the documentation gives (Haiku's and
 # Opus's). Too high only leaves a shorter shared prefix uncached; too low marks prefixes the model
 # silently does not cache.
@@ -50,6 +51,10 @@ class TierConfig:
     # Whether the model takes output_config.format (structured outputs). Off unless configured: a
     # model without them would refuse every call that asked.
     structured_outputs: bool = False
+
+    @property
+    def cache_ttl_s(self) -> float:
+        return CACHE_TTL_SECONDS[self.cache_ttl]
 
 
 @dataclass(frozen=True)

@@ -323,3 +323,23 @@ class ValidationVerdict(Base):
     ok: Mapped[bool] = mapped_column(Boolean)
     problems: Mapped[list[str]] = mapped_column(Json, default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CacheWarmup(Base):
+    """A prompt prefix that the model caches (everything up to a cache_control breakpoint), and
+    whether it is warm: written by an answered call, so the calls after it read it. One call at a
+    time writes it, across every worker and process, holding the lease (pipeline.flow.warmup)."""
+
+    __tablename__ = "cache_warmups"
+
+    model: Mapped[str] = mapped_column(String(100), primary_key=True)
+    # SHA-256 of the bytes up to the breakpoint and the entry's TTL (warmup.prefix_key).
+    prefix_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Until when the cache holds it, as far as switchyard knows: the last answered call that
+    # read or wrote it, plus the tier's TTL. NULL: never answered yet.
+    warm_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The call warming it: its token, when it took the lease, and when the lease lapses (a dead or
+    # slow warmer then gives way to the next caller). NULL when nobody holds it.
+    lease_token: Mapped[str | None] = mapped_column(String(32))
+    leased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pipeline.claude.ratelimit import TierLimits, parse_overrides
 from pipeline.config import ModelConfig, load_config
 from pipeline.errors import ConfigError
+from pipeline.flow.warmup import DEFAULT_LEASE_S
 
 DEFAULT_SQLITE_URL = "sqlite:///.switchyard/switchyard.sqlite"
 
@@ -94,6 +95,10 @@ class Settings(BaseSettings):
     # A call that would wait longer than this for its tier's budget hands its job back to the queue
     # with a countdown instead of holding a worker thread (pipeline.claude.ratelimit).
     rate_max_wait_s: float = Field(10.0, alias="SWITCHYARD_RATE_MAX_WAIT_S", ge=0)
+    # One call warms a cached prompt prefix while the others that need it wait (pipeline.flow.warmup),
+    # for at most this long if it dies or is slow; 0 turns the warm-up off (every call goes at once).
+    cache_warmup_lease_s: float = Field(DEFAULT_LEASE_S, alias="SWITCHYARD_CACHE_WARMUP_LEASE_S", ge=0,
+                                        allow_inf_nan=False)
     # Serve Prometheus metrics on this port (workers and the dispatcher); unset: no metrics server.
     metrics_port: int | None = Field(None, alias="SWITCHYARD_METRICS_PORT", ge=1, le=65535)
     # Workers send Celery's task events (received, started, succeeded...), which Flower and

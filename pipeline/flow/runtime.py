@@ -8,6 +8,7 @@ from pipeline.claude.client import AttemptObserver, ClaudeClient, ModelClient, R
 from pipeline.db import make_engine, session_factory
 from pipeline.errors import ConfigError
 from pipeline.flow.stages import Pipeline
+from pipeline.flow.warmup import WarmupGate
 from pipeline.settings import Settings
 
 
@@ -65,4 +66,5 @@ def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLi
                     worker_id=worker_id,
                     transient_patience_s=settings.transient_patience_s,
                     transient_wait_min_s=settings.transient_wait_min_s,
-                    transient_wait_max_s=max(settings.transient_wait_min_s, settings.transient_wait_max_s))
+                    transient_wait_max_s=max(settings.transient_wait_min_s, settings.transient_wait_max_s),
+                    warmup=WarmupGate(lease_s=settings.cache_warmup_lease_s) if settings.cache_warmup_lease_s else None)

@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar, cast
@@ -36,6 +36,7 @@ from pipeline.flow.validation import (
     format_check_unreadable,
     parse_format_check,
 )
+from pipeline.flow.warmup import Admission, WarmupGate, prefix_key
 from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, Task, ValidationVerdict, utcnow
 
 T = TypeVar("T")
@@ -80,6 +81,9 @@ class Pipeline:
     transient_patience_s: float = 3600.0
     transient_wait_min_s: float = 10.0
     transient_wait_max_s: float = 300.0
+    # Lets one call at a time warm a cached prompt prefix (pipeline.flow.warmup); None: every call
+    # goes at once, and those fired together each write the prefix.
+    warmup: WarmupGate | None = field(default_factory=WarmupGate)
 
     @property
     def engine(self) -> Engine:
@@ -323,12 +327,41 @@ def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,
         except OperationalError as exc:
             log.warning("job %s: could not renew the stage claim: %s", claim.id, exc.orig or exc)
 
+    cfg = p.models.tier(tier)
+    gate = p.warmup if prompt.cache else None
+    admission: Admission | None = None
+    if gate is not None:
+        key = prefix_key(cfg.model, system=prompt.system, ttl=cfg.cache_ttl)
+        admission = p.run(lambda conn: gate.admit(conn, key, now=utcnow()), autocommit=True)
+        if not admission.go:
+            # Another call is writing this prefix to the cache. The job goes back to its queue for
+            # the wait, by the rate-limit deferral (_defer: no delivery counted, the call row
+            # dropped), rather than waiting here: a warm-up can take as long as a whole call, and
+            # a batch's jobs would all sit in worker threads meanwhile, holding back the jobs of
+            # other tasks and stages that could run now.
+            log.debug("job %s: the %s prefix is being warmed; asking again in %.1f s", claim.id, tier,
+                      admission.wait_s)
+            return Deferred(tier, admission.wait_s, [])
     try:
-        return p.client.call(tier=tier, model=p.models.tier(tier).model, system=prompt.system,
-                             user=prompt.user, max_tokens=max_tokens, on_retry=renew, cache_system=prompt.cache,
-                             cache_ttl=p.models.tier(tier).cache_ttl)
+        result = p.client.call(tier=tier, model=cfg.model, system=prompt.system, user=prompt.user,
+                               max_tokens=max_tokens, on_retry=renew, cache_system=prompt.cache,
+                               cache_ttl=cfg.cache_ttl)
     except (CallFailed, Deferred) as outcome:
+        if gate is not None and admission is not None and admission.lease is not None:
+            held = admission
+            p.run(lambda conn: gate.release(conn, held), autocommit=True)
         return outcome
+    if gate is not None and admission is not None:
+        _warmed(p, gate, admission, ttl_s=cfg.cache_ttl_s, started=result.attempts[-1].started_at)
+    return result
+
+
+def _warmed(p: Pipeline, gate: WarmupGate, admission: Admission, *, ttl_s: float, started: datetime) -> None:
+    """An answered call through a cached prefix: the warmer's always marks it warm (and gives the
+    lease up); a later one pushes its warmth on only when due (WarmupGate.due)."""
+    if admission.lease is not None or gate.due(admission.key, now=utcnow(), ttl_s=ttl_s):
+        until = started + timedelta(seconds=ttl_s)
+        p.run(lambda conn: gate.warmed(conn, admission.key, until=until), autocommit=True)
 
 
 def _handed_back_before(session: Connection, call_id: int) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.claude.client import CallResult, ClaudeClient
@@ -112,3 +112,49 @@ def test_with_caching_off_no_call_has_a_breakpoint(sessions: sessionmaker[Sessio
     assert statuses == {JobStatus.SUCCEEDED}
     assert len(calls) == 4 and all(c.input_tokens > 4096 for c in calls)
     assert sum(c.cache_creation_input_tokens + c.cache_read_input_tokens for c in calls) == 0
+
+
+def test_a_call_beside_the_warm_up_of_its_prefix_waits_in_the_queue_then_reads(
+        recorded: tuple[Pipeline, Recording], tmp_path: Path) -> None:
+    """While one job's triage call writes the task's prefix to the cache, another job's triage of
+    the same task is handed back to its queue (a countdown, no delivery counted, no call row),
+    and once the first has answered it goes and reads the prefix."""
+    p, client = recorded
+    definition = {"name": "warm-topic", "kind": "classify",
+                  # Its own prefix: the fake's cache lives as long as the test session.
+                  "instructions": f"Warm-up test {tmp_path.name}. Decide by what the customer asks for. " * 500,
+                  "labels": [{"name": "billing", "description": "Money."}, {"name": "bug", "description": "Broken."}]}
+    with transaction(p.sessions) as s:
+        tasks.apply(s, tasks.parse_task(definition, work_tiers=p.models.work_tiers), tenant_id=None)
+    path = tmp_path / "warm.jsonl"
+    path.write_text("".join(json.dumps({"key": f"w{i}", "task": "warm-topic", "text": f"charged twice {i}"}) + "\n"
+                            for i in range(2)))
+    enqueue_file(p.sessions, path, batch="warm-task", config=p.models)
+    with p.sessions() as s:
+        first, second = s.scalars(select(Job.id).join(Batch).where(Batch.name == "warm-task").order_by(Job.id))
+    p.run(lambda s: dispatch(s, max_in_flight=10_000))
+
+    beside: list[Handoff | None] = []
+    inner_call = client.inner.call
+    calls = iter(range(10))
+
+    def call_with_a_neighbour(**kwargs: Any) -> CallResult:
+        if next(calls) == 0:  # the first call, in flight: the second job's triage comes now
+            beside.append(stages.triage(p, second))
+        return inner_call(**kwargs)
+
+    client.inner.call = call_with_a_neighbour  # type: ignore[method-assign]
+    assert stages.triage(p, first) is not None
+    [handed_back] = beside
+    assert handed_back is not None and handed_back.stage == "triage" and handed_back.delay_s > 0
+    with p.sessions() as s:
+        waiting = s.get_one(Job, second)
+        assert (waiting.status, waiting.deliveries, waiting.claimed_at) == (JobStatus.TRIAGING, 0, None)
+        assert s.scalar(select(func.count()).select_from(ModelCall).where(ModelCall.job_id == second)) == 0
+        [warmer] = s.scalars(select(ModelCall).where(ModelCall.job_id == first))
+    assert warmer.cache_creation_input_tokens > 0 and warmer.cache_read_input_tokens == 0
+
+    assert stages.triage(p, second) is not None  # the prefix is warm: it goes, and reads it
+    with p.sessions() as s:
+        [reader] = s.scalars(select(ModelCall).where(ModelCall.job_id == second))
+    assert reader.cache_read_input_tokens > 0 and reader.cache_creation_input_tokens == 0
