@@ -16,8 +16,10 @@ cost (uncached input, writes and reads at the configured multipliers) against th
 caching off. Targets: hit rate >= 95% on every tier, input cost <= 0.2x uncached on the work tiers.
 
 The fake, like the API, makes a cache entry readable only when the call that wrote it has answered:
-the calls that start before that all miss, and write. So the hit rate falls as more calls start
-together (the tier's concurrency) and rises with the batch's length.
+the calls that start before that would all miss, and write. The warm-up gate (pipeline.flow.warmup)
+holds them back until then, so each prefix is written once; without it
+(SWITCHYARD_CACHE_WARMUP_LEASE_S=0) the hit rate falls as more calls start together (the tier's
+concurrency) and rises with the batch's length.
 """
 
 from __future__ import annotations
