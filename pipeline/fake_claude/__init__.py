@@ -11,7 +11,8 @@ Hints, anywhere in the last user message (unknown or malformed ones are ignored)
   [fake:latency_ms=N]
 Prompt caching is simulated (cache.py): `cache_control` breakpoints, TTLs, per-model minimums, and
 entries readable only once the answer that wrote them has gone out. `output_config.format` with a
-JSON Schema is answered with JSON valid against it (a refusal or max_tokens fault still breaks it).
+JSON Schema is answered with JSON valid against it (a refusal or max_tokens fault still breaks it);
+the request log names the schema each request asked for (`output_format`, see `schema_digest`).
 GET /v1/models and GET /v1/models/{id} answer as the Models API does (the workers and the demo
 check the configured models there at start).
 Run it standalone with `python -m pipeline.fake_claude --help`.
@@ -19,5 +20,6 @@ Run it standalone with `python -m pipeline.fake_claude --help`.
 
 from pipeline.fake_claude.options import FakeOptions, parse_faults
 from pipeline.fake_claude.server import FakeClaude, serve_forever
+from pipeline.fake_claude.validation import schema_digest
 
-__all__ = ["FakeClaude", "FakeOptions", "parse_faults", "serve_forever"]
+__all__ = ["FakeClaude", "FakeOptions", "parse_faults", "schema_digest", "serve_forever"]

@@ -261,6 +261,7 @@ def _log_entry(outcome: Outcome | None, started: float, ended: float, *, dropped
         cache=_cache_result(outcome) if answered else None,
         cache_creation_input_tokens=outcome.cache.creation_tokens if answered else 0,
         cache_read_input_tokens=outcome.cache.read_tokens if answered else 0,
+        output_format=outcome.output_format,
     )
 
 

@@ -25,6 +25,8 @@ class LoggedRequest:
     cache: str | None = None  # hit, miss, uncacheable (every breakpoint below the minimum), or None
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    # The output_config.format schema asked for, as fake_claude.schema_digest names it; None without.
+    output_format: str | None = None
 
 
 _CACHE_COUNTERS = ("hits", "misses", "writes", "uncacheable", "read_input_tokens", "creation_input_tokens")

@@ -323,10 +323,12 @@ def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,
         except OperationalError as exc:
             log.warning("job %s: could not renew the stage claim: %s", claim.id, exc.orig or exc)
 
+    tier_cfg = p.models.tier(tier)
     try:
-        return p.client.call(tier=tier, model=p.models.tier(tier).model, system=prompt.system,
+        return p.client.call(tier=tier, model=tier_cfg.model, system=prompt.system,
                              user=prompt.user, max_tokens=max_tokens, on_retry=renew, cache_system=prompt.cache,
-                             cache_ttl=p.models.tier(tier).cache_ttl)
+                             cache_ttl=tier_cfg.cache_ttl,
+                             output_schema=prompt.output_schema if tier_cfg.structured_outputs else None)
     except (CallFailed, Deferred) as outcome:
         return outcome
 
@@ -477,7 +479,8 @@ def triage(p: Pipeline, job_id: int) -> Handoff | None:
                          failed=result)
         return None
 
-    verdict = parse_triage(result.text, min_confidence=p.models.routing.min_confidence)
+    verdict = parse_triage(result.text, min_confidence=p.models.routing.min_confidence,
+                           stop_reason=result.stop_reason)
     target = tier_for(verdict, p.models.routing)
 
     cost = _total_cost(p, tier, result.attempts)
@@ -589,7 +592,7 @@ def validate(p: Pipeline, job_id: int) -> Handoff | None:
             # not itself a check made again); a second answer of the kind fails the draft.
             if p.run(lambda session: last_step(session, job_id)) != (JobStatus.VALIDATING, JobStatus.VALIDATING):
                 return p.record(lambda session: _check_again(session, p, claim, call_id, outcome))
-            verdict = format_check_unreadable()
+            verdict = format_check_unreadable(result.stop_reason)
     # The result's stamp, fixed before its first run: a replay must find the move it made.
     at = utcnow()
     return p.record(lambda session: _apply_verdict(session, p, claim, call_id, verdict, result, at=at))
