@@ -227,3 +227,13 @@ def test_a_refusal_under_structured_outputs_escalates_to_the_end(pipeline: Pipel
     decoded = for_decoder(done.payload["schema"])
     assert decoded is not None
     assert [s for s in _sent(pipeline, fake_claude, jid) if s[0] == "work"] == [("work", schema_digest(decoded))] * 4
+
+
+def test_a_format_check_that_refuses_twice_fails_the_draft_and_says_so(pipeline: Pipeline,  # noqa: F811
+                                                                       tmp_path: Path) -> None:
+    [jid] = enqueue(pipeline, tmp_path, {"kind": "draft", "tier": "opus",
+                                         "instructions": "Apologise [fake:error=refusal@haiku]"})
+    run_to_end(pipeline, [h for h in dispatched(pipeline) if h.job_id == jid])
+    done = job(pipeline, jid)
+    assert done.status is JobStatus.FAILED
+    assert "the format check's answer could not be read, twice (the last time, the model refused)" in (done.error or "")
