@@ -34,6 +34,22 @@ _DROPPED = frozenset({"$schema", "$comment", "$anchor", "$dynamicAnchor", "examp
 _SHAPES = frozenset({"patternProperties", "prefixItems", "additionalItems", "$dynamicRef", "$recursiveRef",
                      "$recursiveAnchor", "unevaluatedItems"})
 _DEFS = ("$defs", "definitions")
+# Subschemas made at most. anyOf beside other keywords is rewritten into its branches, each with a
+# copy of those keywords, so a schema nesting that can double the work at each level; a tenant's
+# schema must not hold a worker for it. The API bounds a schema's complexity far below this anyway.
+MAX_NODES = 10_000
+# A keyword's list value longer than this is not written into a description.
+_LISTED = 20
+# Keywords that apply to values of one type only, to split a list of types into a branch each.
+_NUMERIC = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"})
+_OWN = {
+    "object": frozenset({"properties", "required", "additionalProperties", "unevaluatedProperties", "minProperties",
+                         "maxProperties", "propertyNames", "dependentRequired", "dependentSchemas"}),
+    "array": frozenset({"items", "minItems", "maxItems", "uniqueItems", "contains", "minContains", "maxContains"}),
+    "string": frozenset({"minLength", "maxLength", "pattern", "format"}),
+    "number": _NUMERIC,
+    "integer": _NUMERIC,
+}
 
 
 class _Inexpressible(Exception):
@@ -57,6 +73,7 @@ def _primitive(value: Any) -> bool:
 class _Transform:
     def __init__(self, root: dict[str, Any]) -> None:
         self._root = root
+        self._nodes = 0
         self._defs: dict[str, tuple[str, str, Any]] = {}  # "#/$defs/name" -> (container, name, schema)
         for container in _DEFS:
             defs = root.get(container)
@@ -100,6 +117,9 @@ class _Transform:
             visit(ref, ())
 
     def _node(self, schema: Any) -> dict[str, Any]:
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _Inexpressible("too large")
         if not isinstance(schema, dict):
             raise _Inexpressible(schema)  # true, false: any value, or none
         rest = {k: v for k, v in schema.items() if k not in _DROPPED}
@@ -108,7 +128,7 @@ class _Transform:
         out: dict[str, Any] = {}
         ref = rest.pop("$ref", None)
         if ref is not None:
-            if ref not in self._defs:
+            if not isinstance(ref, str) or ref not in self._defs:
                 raise _Inexpressible(ref)
             out["$ref"] = ref
             # Keywords beside a reference narrow it; left to validation.
@@ -150,7 +170,7 @@ class _Transform:
             if not kind or not all(k in _TYPES for k in kind):
                 raise _Inexpressible(kind)
             if len(kind) > 1:
-                return self._node({"anyOf": [{**rest, "type": k} for k in kind]})
+                return self._node({"anyOf": [_branch(rest, k) for k in kind]})
             kind = kind[0]
         if kind is None and ("properties" in rest or "required" in rest):
             kind = "object"
@@ -163,7 +183,7 @@ class _Transform:
             self._array(rest, out)
         elif kind == "string":
             fmt = rest.get("format")
-            if fmt in FORMATS:
+            if isinstance(fmt, str) and fmt in FORMATS:
                 out["format"] = rest.pop("format")
         return _described(out, rest, keep_annotations=True)
 
@@ -172,7 +192,8 @@ class _Transform:
         required = rest.pop("required", [])
         extra = rest.pop("additionalProperties", True)
         rest.pop("unevaluatedProperties", None)  # the closed object forbids what it would
-        if not isinstance(properties, dict) or not isinstance(required, list):
+        if not isinstance(properties, dict) or not isinstance(required, list) or \
+                not all(isinstance(name, str) for name in required):
             raise _Inexpressible(properties)
         if extra is not False and (not isinstance(extra, bool) or not properties):
             raise _Inexpressible(extra)  # a map, or an object of any keys: closing it would empty it
@@ -192,15 +213,25 @@ class _Transform:
             out["minItems"] = rest.pop("minItems")
 
 
+def _branch(rest: dict[str, Any], kind: str) -> dict[str, Any]:
+    """One type of a list of types, with the keywords of the others left out."""
+    others = frozenset().union(*(own for k, own in _OWN.items() if k != kind)) - _OWN.get(kind, frozenset())
+    return {**{k: v for k, v in rest.items() if k not in others}, "type": kind}
+
+
 def _described(out: dict[str, Any], rest: dict[str, Any], *, keep_annotations: bool = False) -> dict[str, Any]:
     """``out`` with the title and description kept, and what the decoder leaves unenforced written
-    into the description, so the model reads it."""
+    into the description, so the model reads it: the bounds, formats and patterns (a keyword whose
+    value is a subschema, such as ``not``, is left to validation: each branch of an anyOf would
+    copy it, however large)."""
     title, description = rest.pop("title", None), rest.pop("description", None)
     if keep_annotations and isinstance(title, str):
         out["title"] = title
     notes = [description] if isinstance(description, str) and description else []
-    if rest:
-        notes.append(json.dumps(rest, ensure_ascii=False, sort_keys=True, separators=(", ", ": ")))
+    said = {k: v for k, v in rest.items() if _primitive(v) or (
+        isinstance(v, list) and len(v) <= _LISTED and all(_primitive(x) for x in v))}
+    if said:
+        notes.append(json.dumps(said, ensure_ascii=False, sort_keys=True, separators=(", ", ": ")))
     if notes:
         out["description"] = "\n\n".join(notes)
     return out

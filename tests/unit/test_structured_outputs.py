@@ -125,6 +125,20 @@ def test_the_decoder_schema_keeps_local_definitions_formats_and_literals() -> No
     jsonschema.Draft202012Validator.check_schema(sent)
 
 
+def test_a_list_of_types_becomes_a_branch_each_with_its_own_keywords() -> None:
+    schema = {"type": "object", "properties": {
+        "buyer": {"type": ["object", "null"], "properties": {"name": {"type": "string"}}, "required": ["name"]},
+        "qty": {"type": ["integer", "string"], "minimum": 1, "maxLength": 4}}}
+    sent = for_decoder(schema)
+    assert sent is not None
+    assert sent["properties"]["buyer"] == {"anyOf": [
+        {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
+         "additionalProperties": False},
+        {"type": "null"}]}
+    assert sent["properties"]["qty"] == {"anyOf": [{"type": "integer", "description": '{"minimum": 1}'},
+                                                   {"type": "string", "description": '{"maxLength": 4}'}]}
+
+
 @pytest.mark.parametrize("schema", [
     {"type": "object"},  # an object of any keys: closing it would leave only {}
     {"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": {"type": "string"}},
@@ -237,3 +251,13 @@ def test_a_format_check_that_refuses_twice_fails_the_draft_and_says_so(pipeline:
     done = job(pipeline, jid)
     assert done.status is JobStatus.FAILED
     assert "the format check's answer could not be read, twice (the last time, the model refused)" in (done.error or "")
+
+
+def test_a_schema_that_would_double_at_each_level_is_stopped_by_the_budget() -> None:
+    """anyOf beside other keywords becomes branches each carrying those keywords: nested, that
+    doubles at each level. A tenant's schema must not hold a worker that way: past MAX_NODES
+    subschemas it goes without structured outputs (here in well under a second, against hours)."""
+    inner: dict[str, Any] = {"type": "string"}
+    for _ in range(40):
+        inner = {"type": "object", "properties": {"x": inner}, "anyOf": [{"required": ["x"]}, {"required": ["x"]}]}
+    assert for_decoder({"type": "object", "properties": {"a": inner}}) is None
