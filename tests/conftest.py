@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
+from importlib import resources
+from pathlib import Path
 
 import pytest
 import redis
@@ -102,6 +105,26 @@ def broker_url() -> str:
 @pytest.fixture(scope="session")
 def models() -> ModelConfig:
     return load_config()
+
+
+def free_form(config: ModelConfig) -> ModelConfig:
+    """``config`` with structured outputs off at every tier: the answers come as free text, and
+    validation is all that stands between a bad one and the job's output."""
+    return replace(config, tiers={name: replace(t, structured_outputs=False) for name, t in config.tiers.items()})
+
+
+def free_form_config_file(path: Path) -> Path:
+    """The bundled configuration with structured outputs off at every tier, written to ``path``,
+    for worker processes (SWITCHYARD_CONFIG)."""
+    text = resources.files("pipeline").joinpath("defaults.toml").read_text()
+    assert text.count("structured_outputs = true") == 3, "defaults.toml changed: update this helper"
+    path.write_text(text.replace("structured_outputs = true", "structured_outputs = false"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def free_form_models(models: ModelConfig) -> ModelConfig:
+    return free_form(models)
 
 
 @pytest.fixture(scope="session")

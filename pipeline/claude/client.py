@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import anthropic
 import httpx2 as httpx
-from anthropic.types import CacheControlEphemeralParam, TextBlockParam
+from anthropic.types import CacheControlEphemeralParam, OutputConfigParam, TextBlockParam
 
 from pipeline.claude.pricing import Usage
 from pipeline.errors import (
@@ -90,7 +90,7 @@ class ModelClient(Protocol):
 
     def call(self, *, tier: str, model: str, system: str, user: str, max_tokens: int,
              on_retry: Callable[[int], None] | None = None, cache_system: bool = False,
-             cache_ttl: str = "5m") -> CallResult: ...
+             cache_ttl: str = "5m", output_schema: dict[str, Any] | None = None) -> CallResult: ...
 
     def close(self) -> None: ...
 
@@ -288,13 +288,20 @@ class ClaudeClient:
 
     def call(self, *, tier: str, model: str, system: str, user: str, max_tokens: int,
              on_retry: Callable[[int], None] | None = None, cache_system: bool = False,
-             cache_ttl: str = "5m") -> CallResult:
+             cache_ttl: str = "5m", output_schema: dict[str, Any] | None = None) -> CallResult:
         """Make the call, retrying transient failures. ``on_retry(n)`` runs before attempt n > 1:
         the stage renews its claim there, so the sweeper knows a call in its retries is alive.
         ``cache_system``: end the system prompt with a cache_control breakpoint, which the API takes
         only on a content block, so the system goes as one text block then; ``cache_ttl`` is the
-        tier's configured lifetime ("5m", the API's default, or "1h"), which its price follows."""
+        tier's configured lifetime ("5m", the API's default, or "1h"), which its price follows.
+        ``output_schema``: ask for structured outputs (``output_config.format``), an answer held
+        to that JSON Schema by the decoder. A refusal or a max_tokens stop can still break it, so
+        the caller validates the answer as ever."""
         attempts: list[Attempt] = []
+        extra: dict[str, Any] = {}
+        if output_schema is not None:
+            output_config: OutputConfigParam = {"format": {"type": "json_schema", "schema": output_schema}}
+            extra["output_config"] = output_config
         sent: str | list[TextBlockParam] = system
         if cache_system:
             control: CacheControlEphemeralParam = {"type": "ephemeral"}
@@ -317,6 +324,7 @@ class ClaudeClient:
                     max_tokens=max_tokens,
                     system=sent,
                     messages=[{"role": "user", "content": user}],
+                    **extra,
                 )
                 message = raw.parse()
             except anthropic.APIError as exc:

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from typing import Any
 
 from pipeline.claude.client import CallResult, ModelClient
 
@@ -33,13 +34,14 @@ class CrashOnMarker:
 
     def call(self, *, tier: str, model: str, system: str, user: str, max_tokens: int,
              on_retry: Callable[[int], None] | None = None, cache_system: bool = False,
-             cache_ttl: str = "5m") -> CallResult:
+             cache_ttl: str = "5m", output_schema: dict[str, Any] | None = None) -> CallResult:
         if self.marker in user:
             log.critical("TEST HOOK: prompt contains %r, killing this worker process (SWITCHYARD_TEST_CRASH_ON)",
                          self.marker)
             os.kill(os.getpid(), signal.SIGKILL)
         return self.inner.call(tier=tier, model=model, system=system, user=user, max_tokens=max_tokens,
-                               on_retry=on_retry, cache_system=cache_system, cache_ttl=cache_ttl)
+                               on_retry=on_retry, cache_system=cache_system, cache_ttl=cache_ttl,
+                               output_schema=output_schema)
 
     def close(self) -> None:
         self.inner.close()

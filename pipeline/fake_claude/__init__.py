@@ -11,7 +11,8 @@ Hints, anywhere in the last user message (unknown or malformed ones are ignored)
   [fake:latency_ms=N] [fake:truth=LABEL]
 Prompt caching is simulated (cache.py): `cache_control` breakpoints, TTLs, per-model minimums, and
 entries readable only once the answer that wrote them has gone out. `output_config.format` with a
-JSON Schema is answered with JSON valid against it (a refusal or max_tokens fault still breaks it).
+JSON Schema is answered with JSON valid against it (a refusal or max_tokens fault still breaks it);
+the request log names the schema each request asked for (`output_format`, see `schema_digest`).
 GET /v1/models and GET /v1/models/{id} answer as the Models API does (the workers and the demo
 check the configured models there at start).
 
@@ -42,6 +43,7 @@ from pipeline.fake_claude.quality import Answer, QualityModel
 from pipeline.fake_claude.rates import DEFAULT_ERROR_RATES, parse_error_rates
 from pipeline.fake_claude.server import FakeClaude, serve_forever
 from pipeline.fake_claude.truth import Job, is_correct, true_difficulty, truth
+from pipeline.fake_claude.validation import schema_digest
 
 __all__ = [
     "DEFAULT_ERROR_RATES",
@@ -53,6 +55,7 @@ __all__ = [
     "is_correct",
     "parse_error_rates",
     "parse_faults",
+    "schema_digest",
     "serve_forever",
     "true_difficulty",
     "truth",

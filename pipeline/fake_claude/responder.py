@@ -45,6 +45,7 @@ from pipeline.fake_claude.validation import (
     check_message_body,
     check_prompt_size,
     output_schema,
+    schema_digest,
 )
 
 _MAX_TIMES_KEYS = 100_000  # `times=N` counters kept, oldest forgotten first
@@ -72,6 +73,7 @@ class Outcome:
     cache: CachePlan = NO_CACHE
     # The quality model's answer that went out (triage, classify, extract), to check against the truth.
     judged: Answer | None = None
+    output_format: str | None = None  # schema_digest of the output_config.format schema asked for
 
     @property
     def status(self) -> int:
@@ -131,7 +133,9 @@ class Responder:
             return self._rate_limited(request_id, klass, now, model, purpose, admission.retry_after_s)
         fault = self._hinted_fault(prompt, hints, klass) or random_fault
         delay = self._latency(hints)
-        meta = {"request_id": request_id, "model": model, "purpose": purpose, "fault": fault}
+        schema = output_schema(body)
+        meta = {"request_id": request_id, "model": model, "purpose": purpose, "fault": fault,
+                "output_format": schema_digest(schema) if schema is not None else None}
 
         if fault in ERROR_FAULTS:
             status, error_type = ERROR_FAULTS[fault]

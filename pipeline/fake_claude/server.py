@@ -264,6 +264,7 @@ def _log_entry(outcome: Outcome | None, started: float, ended: float, *, dropped
         cache_read_input_tokens=outcome.cache.read_tokens if answered else 0,
         true_difficulty=outcome.judged.difficulty if answered and outcome.judged else None,
         wrong=outcome.judged.wrong if answered and outcome.judged else None,
+        output_format=outcome.output_format,
     )
 
 

@@ -31,6 +31,8 @@ class LoggedRequest:
     # job's true difficulty, and whether the answer is wrong (for triage: a noisy verdict).
     true_difficulty: str | None = None
     wrong: bool | None = None
+    # The output_config.format schema asked for, as fake_claude.schema_digest names it; None without.
+    output_format: str | None = None
 
 
 _CACHE_COUNTERS = ("hits", "misses", "writes", "uncacheable", "read_input_tokens", "creation_input_tokens")

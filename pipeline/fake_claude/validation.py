@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,6 +80,13 @@ def output_schema(body: dict[str, Any]) -> dict[str, Any] | None:
     config = body.get("output_config")
     output_format = config.get("format") if isinstance(config, dict) else None
     return output_format["schema"] if isinstance(output_format, dict) else None
+
+
+def schema_digest(schema: dict[str, Any]) -> str:
+    """A short name for an output schema, in the order its keys were sent (the prompt cache keys on
+    the bytes): what the request log keeps of it, instead of the schema itself."""
+    canonical = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def check_prompt_size(input_tokens: int) -> None:

@@ -11,6 +11,13 @@ job's own content in the user message, last. The system prompt is then byte-for-
 every job of a task version at a stage, so once it reaches the tier's minimum cacheable length it
 ends with a ``cache_control`` breakpoint (``Prompt.cache``), written to the cache by the first call
 and read by the rest. Jobs without a task keep the prompts they always had.
+
+A prompt whose answer is JSON also carries the JSON Schema of that answer (``Prompt.output_schema``),
+which the stage sends as structured outputs where the tier takes them (pipeline.flow.stages): the
+label enum for classify, the job's schema for extract (as the decoder takes it:
+pipeline.flow.decoder_schema), the verdict for triage and for the format check. It is built from
+what the task's jobs share, so it too is the same bytes for every job of a task version: a change of
+output format would invalidate the cache. Drafts and generations are free text and carry none.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.config import DIFFICULTIES
+from pipeline.flow.decoder_schema import for_decoder
 from pipeline.intake.jobspec import FEEDBACK_MAX_CHARS, estimate_text_tokens
 from pipeline.models import JobKind
 
@@ -30,6 +39,42 @@ class Prompt:
     # A cache_control breakpoint at the end of the system prompt (pipeline.claude.client sends the
     # system as a content block then).
     cache: bool = False
+    # The JSON Schema the answer follows, for structured outputs; None for free text, or for a
+    # job schema the decoder cannot take.
+    output_schema: dict[str, Any] | None = None
+
+
+def _closed_object(properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
+# The triage verdict. The decoder does not enforce numeric bounds, so the confidence's range is
+# said in its description, and routing.parse_triage still checks it.
+TRIAGE_SCHEMA = _closed_object({
+    "difficulty": {"type": "string", "enum": list(DIFFICULTIES)},
+    "confidence": {"type": "number", "description": "from 0.0 to 1.0"},
+    "reason": {"type": "string", "description": "one short sentence"},
+})
+FORMAT_CHECK_SCHEMA = _closed_object({
+    "ok": {"type": "boolean"},
+    "problems": {"type": "array", "items": {"type": "string"}},
+})
+
+
+def label_schema(labels: list[str]) -> dict[str, Any]:
+    """A classify answer: one of the labels, spelled exactly as given."""
+    return _closed_object({"label": {"type": "string", "enum": list(labels)}})
+
+
+def answer_schema(kind: JobKind, payload: dict[str, Any], *, shared: Shared | None = None) -> dict[str, Any] | None:
+    """The schema of a work answer; the task's labels or schema when there is one (the job's copy
+    of them was taken from it at enqueue: the same content, and the task's is the same bytes)."""
+    if kind is JobKind.CLASSIFY:
+        labels = [x["name"] for x in shared.definition["labels"]] if shared is not None else payload["labels"]
+        return label_schema(labels)
+    if kind is JobKind.EXTRACT:
+        return for_decoder(shared.definition["schema"] if shared is not None else payload["schema"])
+    return None
 
 
 @dataclass(frozen=True)
@@ -111,19 +156,21 @@ def task_sections(kind: JobKind, definition: dict[str, Any], *, triage: bool = F
 
 
 def _prompt(system: str, job_parts: list[str], kind: JobKind, shared: Shared | None, *, triage: bool = False,
-            tail: list[str] | None = None) -> Prompt:
+            tail: list[str] | None = None, output_schema: dict[str, Any] | None = None) -> Prompt:
     if shared is None:
-        return Prompt(system, "\n".join(job_parts + (tail or [])))
+        return Prompt(system, "\n".join(job_parts + (tail or [])), output_schema=output_schema)
     system = "\n".join([system, *task_sections(kind, shared.definition, triage=triage)])
     return Prompt(system, "\n".join(job_parts + (tail or [])),
-                  cache=shared.min_cache_tokens is not None and estimate_text_tokens(system) >= shared.min_cache_tokens)
+                  cache=shared.min_cache_tokens is not None and estimate_text_tokens(system) >= shared.min_cache_tokens,
+                  output_schema=output_schema)
 
 
 def triage_prompt(kind: JobKind, payload: dict[str, Any], *, shared: Shared | None = None) -> Prompt:
     if shared is not None:
-        return _prompt(TRIAGE_SYSTEM, _job_sections(kind, payload, own_only=True), kind, shared, triage=True)
+        return _prompt(TRIAGE_SYSTEM, _job_sections(kind, payload, own_only=True), kind, shared, triage=True,
+                       output_schema=TRIAGE_SCHEMA)
     user = "\n".join([_section("kind", kind.value), *_job_sections(kind, payload)])
-    return Prompt(TRIAGE_SYSTEM, user)
+    return Prompt(TRIAGE_SYSTEM, user, output_schema=TRIAGE_SCHEMA)
 
 
 def work_prompt(kind: JobKind, payload: dict[str, Any], *, feedback: str | None = None,
@@ -135,13 +182,14 @@ def work_prompt(kind: JobKind, payload: dict[str, Any], *, feedback: str | None 
         feedback = feedback[:FEEDBACK_MAX_CHARS]
         tail.append(_section("feedback", "Your previous answer was rejected: " + feedback +
                              "\nAnswer again, fixing these problems."))
-    return _prompt(_WORK_SYSTEM[kind], parts, kind, shared, tail=tail)
+    return _prompt(_WORK_SYSTEM[kind], parts, kind, shared, tail=tail,
+                   output_schema=answer_schema(kind, payload, shared=shared))
 
 
 def format_check_prompt(kind: JobKind, payload: dict[str, Any], output: str, *,
                         shared: Shared | None = None) -> Prompt:
     if shared is not None:
         return _prompt(FORMAT_CHECK_SYSTEM, _job_sections(kind, payload, own_only=True), kind, shared, triage=True,
-                       tail=[_section("output", output)])
+                       tail=[_section("output", output)], output_schema=FORMAT_CHECK_SCHEMA)
     parts = [_section("kind", kind.value), *_job_sections(kind, payload), _section("output", output)]
-    return Prompt(FORMAT_CHECK_SYSTEM, "\n".join(parts))
+    return Prompt(FORMAT_CHECK_SYSTEM, "\n".join(parts), output_schema=FORMAT_CHECK_SCHEMA)

@@ -29,9 +29,20 @@ def _json_object(text: str) -> str:
     return text[start:end + 1] if -1 < start < end else text
 
 
-def parse_triage(text: str | None, *, min_confidence: float) -> TriageVerdict:
+def parse_triage(text: str | None, *, min_confidence: float, stop_reason: str | None = None) -> TriageVerdict:
     """Read a triage answer. Anything unparseable or unsure is ``ambiguous``, never an error: the
-    job then goes to the strongest tier instead of being lost."""
+    job then goes to the strongest tier instead of being lost. ``stop_reason`` says why the answer
+    ended: a refusal is no verdict, and an answer cut at max_tokens that does not read says so
+    (structured outputs hold an answer to the verdict's schema, except in those two cases)."""
+    if stop_reason == "refusal":
+        return TriageVerdict(AMBIGUOUS, None, "the model refused to triage the job", parsed=False)
+    verdict = _read_triage(text, min_confidence=min_confidence)
+    if stop_reason == "max_tokens" and not verdict.parsed:
+        return TriageVerdict(AMBIGUOUS, None, "the triage answer was cut off at max_tokens", parsed=False)
+    return verdict
+
+
+def _read_triage(text: str | None, *, min_confidence: float) -> TriageVerdict:
     if not text or not text.strip():
         return TriageVerdict(AMBIGUOUS, None, "empty triage answer", parsed=False)
     try:

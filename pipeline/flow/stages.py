@@ -328,10 +328,11 @@ def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,
             log.warning("job %s: could not renew the stage claim: %s", claim.id, exc.orig or exc)
 
     cfg = p.models.tier(tier)
+    output_schema = prompt.output_schema if cfg.structured_outputs else None
     gate = p.warmup if prompt.cache else None
     admission: Admission | None = None
     if gate is not None:
-        key = prefix_key(cfg.model, system=prompt.system, ttl=cfg.cache_ttl)
+        key = prefix_key(cfg.model, system=prompt.system, ttl=cfg.cache_ttl, output_schema=output_schema)
         admission = p.run(lambda conn: gate.admit(conn, key, now=utcnow()), autocommit=True)
         if not admission.go:
             # Another call is writing this prefix to the cache. The job goes back to its queue for
@@ -345,7 +346,7 @@ def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,
     try:
         result = p.client.call(tier=tier, model=cfg.model, system=prompt.system, user=prompt.user,
                                max_tokens=max_tokens, on_retry=renew, cache_system=prompt.cache,
-                               cache_ttl=cfg.cache_ttl)
+                               cache_ttl=cfg.cache_ttl, output_schema=output_schema)
     except (CallFailed, Deferred) as outcome:
         if gate is not None and admission is not None and admission.lease is not None:
             held = admission
@@ -510,7 +511,8 @@ def triage(p: Pipeline, job_id: int) -> Handoff | None:
                          failed=result)
         return None
 
-    verdict = parse_triage(result.text, min_confidence=p.models.routing.min_confidence)
+    verdict = parse_triage(result.text, min_confidence=p.models.routing.min_confidence,
+                           stop_reason=result.stop_reason)
     target = tier_for(verdict, p.models.routing)
 
     cost = _total_cost(p, tier, result.attempts)
@@ -622,7 +624,7 @@ def validate(p: Pipeline, job_id: int) -> Handoff | None:
             # not itself a check made again); a second answer of the kind fails the draft.
             if p.run(lambda session: last_step(session, job_id)) != (JobStatus.VALIDATING, JobStatus.VALIDATING):
                 return p.record(lambda session: _check_again(session, p, claim, call_id, outcome))
-            verdict = format_check_unreadable()
+            verdict = format_check_unreadable(result.stop_reason)
     # The result's stamp, fixed before its first run: a replay must find the move it made.
     at = utcnow()
     return p.record(lambda session: _apply_verdict(session, p, claim, call_id, verdict, result, at=at))

@@ -130,8 +130,14 @@ def parse_format_check(text: str | None, answer: str) -> Verdict | None:
     return Verdict(False, "format_check", problems or ["the format check failed without a reason"])
 
 
-def format_check_unreadable() -> Verdict:
+_WHY_UNREADABLE = {"refusal": " (the last time, the model refused)",
+                   "max_tokens": " (the last time, it was cut off at max_tokens)"}
+
+
+def format_check_unreadable(stop_reason: str | None = None) -> Verdict:
     """The verdict when the format check answered twice with no verdict: the draft fails, as it
-    would on a failed check (retry with feedback, then escalation), rather than go out unchecked."""
-    return Verdict(False, "format_check", ["the format check's answer could not be read, twice, so the "
+    would on a failed check (retry with feedback, then escalation), rather than go out unchecked.
+    ``stop_reason``: the second answer's, which says why when it is a refusal or a cut."""
+    why = _WHY_UNREADABLE.get(stop_reason or "", "")
+    return Verdict(False, "format_check", [f"the format check's answer could not be read, twice{why}, so the "
                                            "answer was not accepted unchecked"])

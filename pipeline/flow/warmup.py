@@ -26,6 +26,7 @@ The state is a row of ``cache_warmups`` per model and prefix (Postgres, or the d
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -56,11 +57,13 @@ class PrefixKey:
     digest: str  # hex SHA-256 of the entry's TTL and the bytes up to the breakpoint
 
 
-def prefix_key(model: str, *, system: str, ttl: str) -> PrefixKey:
+def prefix_key(model: str, *, system: str, ttl: str, output_schema: dict[str, Any] | None = None) -> PrefixKey:
     """The cache entry a call with a breakpoint at the end of ``system`` reads or writes: the model
     caches per model and exact prefix; the TTL is part of the key, as a 1-hour entry is written
-    (and priced) apart from a 5-minute one."""
-    digest = hashlib.sha256(ttl.encode() + b"\0" + system.encode()).hexdigest()
+    (and priced) apart from a 5-minute one; and so is the output format asked for, since changing
+    it invalidates the cache."""
+    fmt = json.dumps(output_schema, sort_keys=True, separators=(",", ":")) if output_schema is not None else ""
+    digest = hashlib.sha256(b"\0".join([ttl.encode(), fmt.encode(), system.encode()])).hexdigest()
     return PrefixKey(model, digest)
 
 

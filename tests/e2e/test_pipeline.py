@@ -21,6 +21,7 @@ from pipeline.intake.enqueue import enqueue_file
 from pipeline.models import Batch, Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
 from pipeline.queries.report import summarize
 from tests.cluster import Cluster, wait_for_batch
+from tests.conftest import free_form_config_file
 from tests.listener import listening
 
 LABELS = ["billing", "bug", "account", "other"]
@@ -30,20 +31,35 @@ SCHEMA = {"type": "object", "required": ["name", "amount"],
 
 
 # Triage says easy, so the job goes to Sonnet; every Sonnet answer fails validation, the retry
-# with feedback too; so the job must move up to Opus, whose answer passes.
-ESCALATES = "[fake:difficulty=easy] [fake:invalid=sonnet]"
+# with feedback too; so the job must move up to Opus, whose answer passes. A free-text answer fails
+# by being wrong; under structured outputs the decoder keeps classify and extract answers to their
+# schema, so there they fail the way it still lets them: a refusal (a cut at max_tokens would do too,
+# tests/unit/test_stages.py has it, but its full max_tokens of output would swamp the cost figures
+# below). Drafts are free text either way, judged by the format check.
+EASY = "[fake:difficulty=easy]"
+ESCALATES = {
+    "structured": {"classify": f"{EASY} [fake:error=refusal@sonnet]", "extract": f"{EASY} [fake:error=refusal@sonnet]",
+                   "draft": f"{EASY} [fake:invalid=sonnet]", "generate": f"{EASY} [fake:invalid=sonnet]"},
+    "free-form": dict.fromkeys(("classify", "extract", "draft", "generate"), f"{EASY} [fake:invalid=sonnet]"),
+}
+# A triage answer that is no verdict: garbage in free text; under structured outputs, a refusal
+# (once: the draft's format check, also Haiku's, then answers on its second try).
+NO_VERDICT = {"structured": "[fake:error=refusal@haiku] [fake:times=1]", "free-form": "[fake:triage=garbage]"}
+# Fails validation at every tier.
+DOOMED = {"structured": "[fake:error=refusal@sonnet,opus]", "free-form": "[fake:invalid=all]"}
 
 
-def mixed_jobs(n: int, seed: int = 1) -> list[dict]:
+def mixed_jobs(n: int, seed: int = 1, *, mode: str = "structured") -> list[dict]:
     """A realistic mix, with some jobs steered: hard ones, easy ones that Sonnet gets wrong (so
-    they must escalate), ones that need one retry, unsure or garbled triage verdicts, pinned
+    they must escalate), ones that need one retry, unsure or unreadable triage verdicts, pinned
     tiers, and a few that cannot succeed."""
     rng = random.Random(seed)
     jobs: list[dict] = []
     for i in range(n):
-        hint = rng.choice(["", "", "", "", "[fake:difficulty=hard]", ESCALATES, "[fake:invalid_once]",
-                           "[fake:confidence=0.2]", "[fake:triage=garbage]", "[fake:difficulty=easy]"])
+        hint = rng.choice(["", "", "", "", "[fake:difficulty=hard]", "ESCALATES", "[fake:invalid_once]",
+                           "[fake:confidence=0.2]", NO_VERDICT[mode], "[fake:difficulty=easy]"])
         kind = ("classify", "extract", "draft", "generate")[i % 4]
+        hint = ESCALATES[mode][kind] if hint == "ESCALATES" else hint
         job: dict = {"key": f"job-{i}", "kind": kind}
         if kind == "classify":
             job |= {"text": f"Ticket {i}: I was charged twice for my plan. {hint}", "labels": LABELS}
@@ -57,27 +73,42 @@ def mixed_jobs(n: int, seed: int = 1) -> list[dict]:
             job["tier"] = "opus" if i % 50 == 0 else "sonnet"
         jobs.append(job)
     # Two that fail validation everywhere: they must end failed, with reasons.
-    jobs.append({"key": "doomed-1", "kind": "classify", "text": "Nothing fits [fake:invalid=all]", "labels": LABELS})
+    jobs.append({"key": "doomed-1", "kind": "classify", "text": f"Nothing fits {DOOMED[mode]}", "labels": LABELS})
     jobs.append({"key": "doomed-2", "kind": "generate", "prompt": "Write nonsense [fake:invalid=all]"})
     return jobs
 
 
+def escalates(job: Job, mode: str) -> bool:
+    return ESCALATES[mode][job.kind.value] in json.dumps(job.payload)
+
+
+@pytest.fixture(scope="module", params=["structured", "free-form"])
+def mode(request: pytest.FixtureRequest) -> str:
+    """The whole module runs twice: with the bundled configuration (structured outputs at every
+    tier), and with structured outputs off, where free-text answers meet validation alone."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def cluster(database_url: str, broker_url: str, fake_claude: FakeClaude, tmp_path_factory: pytest.TempPathFactory):
+def cluster(database_url: str, broker_url: str, fake_claude: FakeClaude, tmp_path_factory: pytest.TempPathFactory,
+            mode: str):
+    workdir = tmp_path_factory.mktemp("cluster")
+    env = {} if mode == "structured" else {
+        "SWITCHYARD_CONFIG": str(free_form_config_file(workdir / "free-form.toml"))}
     c = Cluster(database_url=database_url, broker_url=broker_url, claude_url=fake_claude.base_url,
-                workdir=tmp_path_factory.mktemp("cluster"))
+                workdir=workdir, env_extra=env)
     c.start_all(concurrency=8)
     yield c
     c.stop()
 
 
 def test_two_hundred_mixed_jobs_end_to_end(cluster: Cluster, sessions: sessionmaker[Session], models: ModelConfig,
-                                           fake_claude: FakeClaude, tmp_path: Path) -> None:
-    jobs = mixed_jobs(198)
+                                           fake_claude: FakeClaude, tmp_path: Path, mode: str) -> None:
+    jobs = mixed_jobs(198, mode=mode)
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
 
-    report = enqueue_file(sessions, path, batch="e2e-mixed", config=models)
+    report = enqueue_file(sessions, path, batch=f"e2e-mixed-{mode}", config=models)
     assert report.accepted == 200 and report.batch_id is not None
     wait_for_batch(sessions, report.batch_id, timeout=180, cluster=cluster)
 
@@ -104,7 +135,8 @@ def test_two_hundred_mixed_jobs_end_to_end(cluster: Cluster, sessions: sessionma
                 continue
             triage_call = s.scalars(select(ModelCall).where(ModelCall.job_id == job.id,
                                                             ModelCall.stage == Stage.TRIAGE)).one()
-            verdict = parse_triage(triage_call.response_text, min_confidence=models.routing.min_confidence)
+            verdict = parse_triage(triage_call.response_text, min_confidence=models.routing.min_confidence,
+                                   stop_reason=triage_call.stop_reason)
             assert decisions[0].reason_kind == "triage"
             assert decisions[0].verdict == verdict.difficulty == job.difficulty
             assert decisions[0].to_tier == tier_for(verdict, models.routing) == first_work.tier
@@ -112,7 +144,7 @@ def test_two_hundred_mixed_jobs_end_to_end(cluster: Cluster, sessions: sessionma
         # Steered jobs took the path their hints force. Those steered to fail at Sonnet went there,
         # were retried there once with the validator's feedback, then escalated to Opus.
         retries = [("retry", "sonnet", "sonnet")] * models.routing.retries_per_tier
-        escalated = [j for j in rows if ESCALATES in json.dumps(j.payload) and not j.pinned_tier]
+        escalated = [j for j in rows if escalates(j, mode) and not j.pinned_tier]
         assert len(escalated) >= 10
         for job in escalated:
             moves = s.execute(select(RoutingDecision.reason_kind, RoutingDecision.from_tier, RoutingDecision.to_tier)
@@ -123,9 +155,9 @@ def test_two_hundred_mixed_jobs_end_to_end(cluster: Cluster, sessions: sessionma
             assert (job.status, job.tier, job.escalations) == (JobStatus.SUCCEEDED, "opus", 1), job.key
         for job in rows:
             text = json.dumps(job.payload)
-            if "[fake:invalid=sonnet]" in text and job.pinned_tier == "opus":
+            if escalates(job, mode) and job.pinned_tier == "opus":
                 assert (job.status, job.tier, job.escalations) == (JobStatus.SUCCEEDED, "opus", 0), job.key
-            if ("[fake:triage=garbage]" in text or "[fake:confidence=0.2]" in text) and not job.pinned_tier:
+            if (NO_VERDICT[mode] in text or "[fake:confidence=0.2]" in text) and not job.pinned_tier:
                 assert job.difficulty == "ambiguous" and first_tier(s, job.id) == "opus"
 
         # Escalations happened exactly where validation failed with the retry used up.
@@ -162,13 +194,18 @@ def test_two_hundred_mixed_jobs_end_to_end(cluster: Cluster, sessions: sessionma
         assert summary.top_tier_cost_usd > summary.cost_usd > 0
 
         # Every recorded call went over HTTP to the fake: its log has each request id.
-        logged = {r["request_id"] for r in fake_claude.requests()}
-        assert {c.request_id for c in calls} <= logged
+        logged = {r["request_id"]: r["output_format"] for r in fake_claude.requests()}
+        assert {c.request_id for c in calls} <= logged.keys()
+        # ...and asked for structured outputs where the mode has them: all but the drafts' work.
+        kinds = {j.id: j.kind for j in rows}
+        for c in calls:
+            asks = c.stage is not Stage.WORK or kinds[c.job_id] in (JobKind.CLASSIFY, JobKind.EXTRACT)
+            assert (logged[c.request_id] is not None) == (asks and mode == "structured"), (c.stage, kinds[c.job_id])
         assert s.scalar(select(func.count()).select_from(ModelCall).where(ModelCall.outcome == "started")) == 0
 
 
 def test_a_schema_stored_before_the_checks_fails_with_a_reason(cluster: Cluster, sessions: sessionmaker[Session],
-                                                               tmp_path: Path) -> None:
+                                                               tmp_path: Path, mode: str) -> None:
     """Jobs written straight to Postgres, as if submitted before schemas were checked: the validate
     worker reads no file, sends no request, and fails each job at once with the reason, instead
     of crashing the stage and leaving the job in `validating`."""
@@ -186,7 +223,7 @@ def test_a_schema_stored_before_the_checks_fails_with_a_reason(cluster: Cluster,
                               "(a)\\1"),
         }
         with sessions.begin() as s:
-            batch = Batch(name="e2e-unconfined-schemas")
+            batch = Batch(name=f"e2e-unconfined-schemas-{mode}")
             s.add(batch)
             s.flush()
             s.add_all([Job(batch_id=batch.id, key=key, kind=JobKind.EXTRACT, pinned_tier="sonnet",

@@ -10,6 +10,7 @@ import anthropic
 import jsonschema
 import pytest
 
+from pipeline.fake_claude import FakeClaude, schema_digest
 from tests.fake_claude.helpers import HAIKU, SONNET, error_message, system_for, text_of, user_text
 
 LABELS = ["billing", "shipping", "account_access"]
@@ -112,3 +113,18 @@ def test_structured_outputs_with_a_prefill_is_a_400(client: anthropic.Anthropic)
             output_config={"format": {"type": "json_schema", "schema": LABEL_SCHEMA}},
         )
     assert "prefill" in error_message(caught.value)
+
+
+def test_the_request_log_names_the_schema_asked_for(fake: FakeClaude, client: anthropic.Anthropic) -> None:
+    with_schema = client.messages.with_raw_response.create(
+        model=SONNET, max_tokens=64, system=system_for("classify"),
+        messages=[{"role": "user", "content": user_text(text="charged twice")}],
+        output_config={"format": {"type": "json_schema", "schema": LABEL_SCHEMA}})
+    without = client.messages.with_raw_response.create(
+        model=SONNET, max_tokens=64, system=system_for("classify"),
+        messages=[{"role": "user", "content": user_text(text="charged twice", labels=LABELS)}])
+    logged = {r["request_id"]: r["output_format"] for r in fake.requests()}
+    assert logged[with_schema.headers["request-id"]] == schema_digest(LABEL_SCHEMA)
+    assert logged[without.headers["request-id"]] is None
+    # The digest follows the order the keys were sent in, as the prompt cache does.
+    assert schema_digest(dict(reversed(list(LABEL_SCHEMA.items())))) != schema_digest(LABEL_SCHEMA)

@@ -23,9 +23,11 @@ from tests.cluster import Cluster
 from tests.history.helpers import LABELS, switchyard, switchyard_json, write_jsonl
 
 BATCH = "story"
+# Under structured outputs (the bundled configuration) a classify answer keeps to its labels, so the
+# classify jobs steered to fail do it the way the decoder still allows: the model refuses.
 JOBS = [
     {"key": "esc-classify", "kind": "classify", "labels": LABELS,
-     "text": "I was charged twice [fake:difficulty=easy] [fake:invalid=sonnet]"},
+     "text": "I was charged twice [fake:difficulty=easy] [fake:error=refusal@sonnet]"},
     {"key": "esc-generate", "kind": "generate", "prompt": "Two lines on rivers [fake:difficulty=medium] "
                                                           "[fake:invalid=sonnet]"},
     {"key": "plain-1", "kind": "classify", "labels": LABELS, "text": "The app crashes on login"},
@@ -34,7 +36,7 @@ JOBS = [
     {"key": "pinned", "kind": "generate", "prompt": "Three taglines", "tier": "opus"},
     {"key": "flaky", "kind": "classify", "labels": LABELS,
      "text": "Refund please [fake:difficulty=easy] [fake:error=500@sonnet] [fake:times=1]"},
-    {"key": "doomed", "kind": "classify", "labels": LABELS, "text": "Nothing fits [fake:invalid=all]"},
+    {"key": "doomed", "kind": "classify", "labels": LABELS, "text": "Nothing fits [fake:error=refusal@sonnet,opus]"},
 ]
 
 
@@ -94,7 +96,7 @@ def test_jobs_show_tells_the_whole_story_of_an_escalated_job(history_url: str, s
     # Sonnet answered wrongly twice (first try and the retry with feedback), then Opus got it.
     assert [(v["tier"], v["attempt"], v["ok"]) for v in shown["validations"]] == [
         ("sonnet", 1, False), ("sonnet", 2, False), ("opus", 1, True)]
-    assert all(v["problems"] for v in shown["validations"] if not v["ok"])
+    assert [v["problems"] for v in shown["validations"] if not v["ok"]] == [["the model refused to answer"]] * 2
     work = [(c["tier"], c["outcome"]) for c in shown["calls"] if c["stage"] == "work"]
     assert work == [("sonnet", "ok"), ("sonnet", "ok"), ("opus", "ok")]
     assert shown["calls"][0]["stage"] == "triage"

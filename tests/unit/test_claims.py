@@ -24,6 +24,7 @@ from pipeline.flow.stages import Handoff, Pipeline
 from pipeline.flow.states import begin_stage
 from pipeline.models import Job, JobEvent, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict, utcnow
 from pipeline.queries.ops import Heartbeat, LapsedWorkers, workers_online
+from tests.conftest import free_form
 from tests.unit.test_stages import dispatched, enqueue, job, pipeline  # noqa: F401  (the fixture)
 
 
@@ -105,7 +106,9 @@ def test_suspects_are_republished_one_at_a_time_per_queue(pipeline: Pipeline, tm
 # Each stage's result, replayed: the job (pinned to sonnet unless it is triaged), the stages run
 # before the one under test, that stage, where its result hands the job, and the stage of its call
 # (None: a deterministic verdict makes no call). A failed validation hands the job back to work, so
-# a dropped hand-off shows.
+# a dropped hand-off shows. The label and schema checks run on free text (FREE_FORM: under structured
+# outputs the decoder keeps those answers to their schema); a refused answer is the deterministic
+# verdict structured outputs still meet.
 _SCHEMA = {"type": "object", "required": ["invoice"], "properties": {"invoice": {"type": "string"}}}
 REPLAYS = {
     "triage": ({"kind": "generate", "prompt": "replayed [fake:difficulty=easy]"}, [], "triage",
@@ -118,10 +121,14 @@ REPLAYS = {
     "validate, extract schema": (
         {"kind": "extract", "text": "replayed INV-1 [fake:invalid=sonnet]", "schema": _SCHEMA, "tier": "sonnet"},
         ["work"], "validate", ("work", "sonnet"), JobStatus.WORKING, None),
+    "validate, refused answer": (
+        {"kind": "classify", "text": "replayed [fake:error=refusal@sonnet]", "labels": ["billing", "bug"],
+         "tier": "sonnet"}, ["work"], "validate", ("work", "sonnet"), JobStatus.WORKING, None),
     "validate, format check": (
         {"kind": "draft", "instructions": "replayed [fake:invalid=sonnet]", "tier": "sonnet"}, ["work"],
         "validate", ("work", "sonnet"), JobStatus.WORKING, "format_check"),
 }
+FREE_FORM = {"validate, classify label", "validate, extract schema"}
 _STAGE = {"triage": stages.triage, "work": stages.work, "validate": stages.validate}
 _FROM = {"triage": JobStatus.TRIAGING, "work": JobStatus.WORKING, "validate": JobStatus.VALIDATING}
 
@@ -134,6 +141,8 @@ def test_a_replayed_result_whose_commit_went_through_hands_off_again(pipeline: P
     or without a model call, and must not record the call again as unapplied, count its cost twice,
     or drop the hand-off (the job would wait for the long stage deadline)."""
     spec, before, stage, (next_stage, queue), to, call_stage = REPLAYS[case]
+    if case in FREE_FORM:
+        pipeline = dataclasses.replace(pipeline, models=free_form(pipeline.models))
     [jid] = enqueue(pipeline, tmp_path, spec)
     dispatched(pipeline)
     for name in before:

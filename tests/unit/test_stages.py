@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from pipeline.flow.dispatch import dispatch, sweep
 from pipeline.flow.stages import Handoff, Pipeline
 from pipeline.intake.enqueue import enqueue_file
 from pipeline.models import Job, JobEvent, JobStatus, ModelCall, ValidationVerdict
+from tests.conftest import free_form
 
 
 @pytest.fixture
@@ -117,16 +119,29 @@ def test_two_deliveries_at_once_move_the_job_once(pipeline: Pipeline, tmp_path: 
     assert job(pipeline, jid).cost_usd == sum(c.cost_usd for c in calls)
 
 
-def test_sonnet_failure_retries_with_feedback_then_escalates(pipeline: Pipeline, tmp_path: Path) -> None:
-    [jid] = enqueue(pipeline, tmp_path, {"kind": "classify", "text": "plan change [fake:difficulty=easy] "
-                                         "[fake:invalid=sonnet]", "labels": ["billing", "bug"]})
-    run_to_end(pipeline, [h for h in dispatched(pipeline) if h.job_id == jid])
-    done = job(pipeline, jid)
+@pytest.mark.parametrize(("hint", "structured", "problem"), [
+    # Free text: Sonnet names a label that is not one; the label check catches it.
+    ("[fake:invalid=sonnet]", False, "label 'none_of_the_above' is not one of ['billing', 'bug']"),
+    # Structured outputs: the decoder keeps the label to the enum, but a refusal or a cut still
+    # breaks the answer, and validation says which.
+    ("[fake:error=refusal@sonnet]", True, "the model refused to answer"),
+    ("[fake:error=max_tokens@sonnet]", True, "the answer was cut off at max_tokens"),
+])
+def test_sonnet_failure_retries_with_feedback_then_escalates(pipeline: Pipeline, tmp_path: Path, hint: str,
+                                                             structured: bool, problem: str) -> None:
+    p = pipeline if structured else replace(pipeline, models=free_form(pipeline.models))
+    [jid] = enqueue(p, tmp_path, {"kind": "classify", "text": f"plan change [fake:difficulty=easy] {hint}",
+                                  "labels": ["billing", "bug"]})
+    run_to_end(p, [h for h in dispatched(p) if h.job_id == jid])
+    done = job(p, jid)
     assert (done.status, done.tier, done.escalations) == (JobStatus.SUCCEEDED, "opus", 1)
-    with pipeline.sessions() as s:
+    with p.sessions() as s:
         works = s.scalars(select(ModelCall).where(ModelCall.job_id == jid, ModelCall.stage == "work")
                           .order_by(ModelCall.id)).all()
+        verdicts = s.scalars(select(ValidationVerdict).where(ValidationVerdict.job_id == jid)
+                             .order_by(ValidationVerdict.id)).all()
     assert [w.tier for w in works] == ["sonnet", "sonnet", "opus"]
+    assert [(v.tier, v.ok, v.problems) for v in verdicts] == [("sonnet", False, [problem])] * 2 + [("opus", True, [])]
 
 
 def test_a_permanent_error_fails_the_job_with_the_api_message(pipeline: Pipeline, tmp_path: Path) -> None:

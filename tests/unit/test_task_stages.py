@@ -20,6 +20,7 @@ from pipeline.db import transaction
 from pipeline.fake_claude import FakeClaude
 from pipeline.flow import stages
 from pipeline.flow.dispatch import dispatch
+from pipeline.flow.prompts import TRIAGE_SCHEMA
 from pipeline.flow.stages import Handoff, Pipeline
 from pipeline.intake import tasks
 from pipeline.intake.enqueue import enqueue_file
@@ -35,11 +36,12 @@ class Recording:
 
     def call(self, *, tier: str, model: str, system: str, user: str, max_tokens: int,
              on_retry: Callable[[int], None] | None = None, cache_system: bool = False,
-             cache_ttl: str = "5m") -> CallResult:
+             cache_ttl: str = "5m", output_schema: dict[str, Any] | None = None) -> CallResult:
         self.calls.append({"tier": tier, "system": system, "user": user, "max_tokens": max_tokens,
-                           "cache_system": cache_system})
+                           "cache_system": cache_system, "output_schema": output_schema})
         return self.inner.call(tier=tier, model=model, system=system, user=user, max_tokens=max_tokens,
-                               on_retry=on_retry, cache_system=cache_system, cache_ttl=cache_ttl)
+                               on_retry=on_retry, cache_system=cache_system, cache_ttl=cache_ttl,
+                               output_schema=output_schema)
 
     def close(self) -> None:
         self.inner.close()
@@ -79,6 +81,8 @@ def test_a_task_job_through_its_stages(recorded: tuple[Pipeline, Recording], tmp
     assert work["user"] == "<text>\ncharged twice [fake:difficulty=easy]\n</text>"
     assert "- billing: Money." in work["system"]
     assert work["max_tokens"] == 64 and triage["max_tokens"] == p.models.limits.triage_max_tokens
+    assert work["output_schema"]["properties"]["label"]["enum"] == ["billing", "bug"]
+    assert triage["output_schema"] == TRIAGE_SCHEMA
     assert report.accepted == 1
 
 

@@ -61,7 +61,8 @@ def test_the_key_is_the_model_and_the_exact_prefix_and_ttl() -> None:
     base = prefix_key("m", system="abc", ttl="5m")
     assert base == prefix_key("m", system="abc", ttl="5m")
     assert len({base, prefix_key("n", system="abc", ttl="5m"), prefix_key("m", system="abc ", ttl="5m"),
-                prefix_key("m", system="abc", ttl="1h")}) == 4
+                prefix_key("m", system="abc", ttl="1h"),
+                prefix_key("m", system="abc", ttl="5m", output_schema={"type": "object"})}) == 5
 
 
 def test_one_of_two_contenders_warms_and_the_other_waits_then_reads(db: Engine, key: PrefixKey) -> None:
