@@ -36,12 +36,28 @@ from pipeline.flow.validation import (
     format_check_unreadable,
     parse_format_check,
 )
-from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, Task, ValidationVerdict, utcnow
+from pipeline.models import (
+    Batch,
+    Job,
+    JobKind,
+    JobStatus,
+    ModelCall,
+    RoutingDecision,
+    ShadowEvaluation,
+    Stage,
+    Task,
+    ValidationVerdict,
+    utcnow,
+)
+from pipeline.quality.sample import effective_rate, sampled_row
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 WORK, VALIDATE, TRIAGE = "work", "validate", "triage"
+# kombu's Redis transport serves a queue's priority lists in order, 0 (where every unprioritised
+# message goes) first and 9 last: a worker takes a shadow step only when no job's stage waits.
+SHADOW_PRIORITY = 9
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,9 @@ class Handoff:
     queue: str
     # Publish with this countdown: the same stage handed back to wait for its tier's rate limit.
     delay_s: float = 0.0
+    # The message's priority on its queue; None: the default, which goes first (a shadow step,
+    # pipeline.flow.shadow, goes last).
+    priority: int | None = None
 
 # A hand-back waits at most this long in the broker; if the tier is still busy it is handed back
 # again. Far below any stage deadline, so the sweeper never takes a waiting job for a lost one.
@@ -167,6 +186,7 @@ def handoff_for(job_id: int, status: JobStatus, tier: str | None) -> Handoff | N
 # rows are write-only here, and the ORM's bookkeeping cost more CPU than the SQL (see bench/).
 _JOBS, _CALLS = cast(Table, Job.__table__), cast(Table, ModelCall.__table__)
 _DECISIONS, _VERDICTS = cast(Table, RoutingDecision.__table__), cast(Table, ValidationVerdict.__table__)
+_SHADOWS = cast(Table, ShadowEvaluation.__table__)
 
 
 # ...and statements built once, executed with bound parameters.
@@ -592,7 +612,30 @@ def validate(p: Pipeline, job_id: int) -> Handoff | None:
             verdict = format_check_unreadable()
     # The result's stamp, fixed before its first run: a replay must find the move it made.
     at = utcnow()
-    return p.record(lambda session: _apply_verdict(session, p, claim, call_id, verdict, result, at=at))
+    shadow = _shadow_sample(p, claim, at=at) if verdict.ok else None
+    return p.record(lambda session: _apply_verdict(session, p, claim, call_id, verdict, result, at=at,
+                                                   shadow=shadow))
+
+
+def _shadow_sample(p: Pipeline, claim: Claim, *, at: datetime) -> dict[str, Any] | None:
+    """Draw whether the job, about to succeed, is shadowed (pipeline.flow.shadow): the row to write
+    with its success, or None. The draw is made, and the row written, whatever becomes of the
+    shadow's calls, so the sample stays random."""
+    routing = p.models.routing
+    if claim.tier == routing.reference:
+        return None  # agreement with itself: never sampled, and no query spent on it
+    row = p.run(lambda session: session.execute(
+        select(Job.difficulty, Batch.shadow_rate).join(Batch, Batch.id == Job.batch_id).where(Job.id == claim.id)
+    ).first(), autocommit=True)
+    if row is None:
+        return None
+    shared = _shared(p, claim, claim.tier or "")
+    rate = effective_rate(configured=routing.shadow_rate, batch=row.shadow_rate,
+                          task=shared.definition.get("shadow_rate") if shared is not None else None)
+    if rate <= 0:
+        return None
+    return sampled_row(claim.id, JobKind(claim.kind), rate=rate, draw=random.random(), routed_tier=claim.tier or "",
+                       difficulty=row.difficulty, reference_tier=routing.reference, judge_tier=routing.judge, now=at)
 
 
 def _check_again(session: Connection, p: Pipeline, claim: Claim, call_id: int | None,
@@ -616,7 +659,7 @@ def _check_again(session: Connection, p: Pipeline, claim: Claim, call_id: int | 
 
 
 def _apply_verdict(session: Connection, p: Pipeline, claim: Claim, call_id: int | None, verdict: Verdict,
-                   result: CallResult | None, *, at: datetime) -> Handoff | None:
+                   result: CallResult | None, *, at: datetime, shadow: dict[str, Any] | None = None) -> Handoff | None:
     tier = claim.tier or ""
     checker = p.models.format_check_tier
     cost = _total_cost(p, checker, result.attempts) if result is not None else Decimal(0)
@@ -634,6 +677,11 @@ def _apply_verdict(session: Connection, p: Pipeline, claim: Claim, call_id: int 
     if verdict.ok:
         to, detail, values = JobStatus.SUCCEEDED, f"{verdict.validator} ok", {"output": verdict.output,
                                                                                 "feedback": None}
+        if shadow is not None:
+            # Sampled: the shadow's row goes with the success (only if this move happens), and its
+            # step to the reference tier's queue, at the lowest priority.
+            writes.append(Also(_SHADOWS, rows=[shadow]))
+            handoff = Handoff("shadow", claim.id, shadow["reference_tier"], priority=SHADOW_PRIORITY)
     else:
         step = after_failed_validation(tier, claim.attempt, p.models.routing, retryable=not verdict.final)
         reasons = verdict.feedback
