@@ -46,8 +46,11 @@ def _number(text: str) -> Decimal | None:
 def normalise(value: Any) -> Any:
     """A value as compared: strings with runs of whitespace made one space, trimmed and casefolded;
     numbers, and strings that read as one, as exact decimals (so 42.5 == "42.50"); objects and
-    lists normalised throughout. Booleans stay booleans (True is not 1 here)."""
-    if isinstance(value, bool) or value is None:
+    lists normalised throughout. Booleans are kept apart from numbers: in Python True == 1, but a
+    field that says true is not one that says 1."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if value is None:
         return value
     if isinstance(value, int | float):
         return Decimal(str(value))
