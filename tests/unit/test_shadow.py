@@ -172,3 +172,27 @@ def test_the_sweep_republishes_a_lost_step_and_a_dead_workers_claim(pipeline: Pi
         assert s.scalar(select(func.count()).select_from(ShadowEvaluation)
                         .where(ShadowEvaluation.job_id == dead)) == 1
     assert outcomes[0] == "abandoned" and outcomes[-1] == "ok"
+
+
+def test_quality_prints_its_table_and_says_when_nothing_was_shadowed(
+        pipeline: Pipeline, tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.cli import invoke
+
+    batch, jid, _ = succeed(pipeline, tmp_path, {"kind": "extract", "text": "Dana paid 42.50 [fake:difficulty=easy]",
+                                                 "schema": {"type": "object", "properties": {
+                                                     "name": {"type": "string"}}}}, rate=1.0)
+    assert shadow.run(pipeline, jid) is None
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = invoke(monkeypatch, capsys, "quality", "--batch", str(batch))
+    assert code == 0, err
+    assert "agreement with opus" in out
+    assert "estimated agreement with opus: 100.0% (95% interval" in out
+    assert "from 1 shadowed job(s) of 1 succeeded" in out and "evaluation cost $" in out
+
+    quiet, _, _ = succeed(pipeline, tmp_path, {"kind": "generate", "prompt": "Hi [fake:difficulty=easy]"}, rate=0)
+    code, out, err = invoke(monkeypatch, capsys, "quality", "--batch", str(quiet))
+    assert code == 0, err
+    assert "agreement with the reference: not estimated (no shadowed job has a result)" in out
+    assert "set shadow_rate" in " ".join(out.split())
