@@ -14,6 +14,7 @@ from pipeline.cli.tables import compact, new_table
 from pipeline.queries import history
 from pipeline.queries.quality import Line, Quality
 
+# "agreed" is out of the shadows compared: a shadow still on its way, or failed, has no verdict.
 FIGURES = ("jobs", "shadowed", "agreed", "agreement", "95% interval", "cost/job")
 
 
@@ -52,13 +53,15 @@ def quality(
     console.print(_overall(q))
     for note in q.notes:
         console.print(note, style="dim")
+    console.print("agreed: out of the shadowed jobs compared so far; the interval: 95% Wilson", style="dim")
 
 
 def _figures(line: Line) -> list[str]:
     interval = line.interval
     shown = "-" if interval is None else f"{interval.low:.0%}–{interval.high:.0%}"
     return [compact(line.jobs), "-" if line.reference else compact(line.shadowed),
-            "-" if line.reference else compact(line.agreed), compact(line.agreement, "pct"), shown,
+            "-" if line.reference else f"{compact(line.agreed)}/{compact(line.evaluated)}",
+            compact(line.agreement, "pct"), shown,
             compact(line.cost_per_job, "usd")]
 
 
