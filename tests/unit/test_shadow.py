@@ -196,3 +196,44 @@ def test_quality_prints_its_table_and_says_when_nothing_was_shadowed(
     assert code == 0, err
     assert "agreement with the reference: not estimated (no shadowed job has a result)" in out
     assert "set shadow_rate" in " ".join(out.split())
+
+
+def test_a_tasks_rate_samples_its_jobs_and_a_batchs_rate_overrides_it(pipeline: Pipeline, tmp_path: Path) -> None:
+    from pipeline.intake import tasks
+
+    name = f"shadowed-{next(_n)}-{tmp_path.name}"[:100]
+    spec = tasks.parse_task({"name": name, "kind": "generate", "instructions": "Answer briefly.", "shadow_rate": 1},
+                            work_tiers=pipeline.models.work_tiers)
+    with pipeline.sessions() as s, s.begin():
+        tasks.apply(s, spec, tenant_id=None)
+    # The configuration's rate is 0: only the task's can sample this job.
+    assert pipeline.models.routing.shadow_rate == 0
+    _, jid, h = succeed(pipeline, tmp_path, {"task": name, "prompt": "Hi [fake:difficulty=easy]"}, rate=None)
+    assert h == Handoff("shadow", jid, "opus", priority=9)
+    sampled = row(pipeline, jid)
+    assert sampled is not None and sampled.rate == 1.0
+    _, jid, h = succeed(pipeline, tmp_path, {"task": name, "prompt": "Hello [fake:difficulty=easy]"}, rate=0)
+    assert h is None and row(pipeline, jid) is None
+
+
+def test_a_shadow_step_is_published_to_its_queues_lowest_priority_list(broker_url: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    from pipeline.queries.ops import PRIORITY_SEP
+    from pipeline.settings import Settings
+    from workers.base import publisher
+    from workers.config import make_app
+
+    monkeypatch.setenv("BROKER_URL", broker_url)
+    app = make_app(Settings())
+    queue = f"shadow-test-{next(_n)}"
+    client = redis.Redis.from_url(broker_url)
+    try:
+        publisher(app)([Handoff("work", 1, queue), shadow.handoff(2, queue)])
+        # kombu's Redis consumer pops a queue's lists in priority order: the base list (the job's
+        # stage) first, the shadow's last.
+        assert client.llen(queue) == 1
+        assert client.llen(f"{queue}{PRIORITY_SEP}9") == 1
+    finally:
+        client.delete(queue, f"{queue}{PRIORITY_SEP}9")
