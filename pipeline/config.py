@@ -20,7 +20,8 @@ DIFFICULTIES = ("easy", "medium", "hard")
 # The stages' own queues. A work tier's queue is named after the tier, so no work tier may take
 # one of these names: its jobs would land in the stage's queue, served by the stage's task.
 STAGE_QUEUES = ("triage", "validate")
-ROUTING_KEYS = (*DIFFICULTIES, "ambiguous", "min_confidence", "retries_per_tier", "escalation")
+ROUTING_KEYS = (*DIFFICULTIES, "ambiguous", "min_confidence", "retries_per_tier", "escalation", "shadow_rate",
+                "reference_tier", "judge_tier")
 STAGES_KEYS = ("triage_tier", "format_check_tier")
 # How long a prompt-cache entry lives: the two lifetimes the API offers, each with its write price.
 CACHE_TTLS = ("5m", "1h")
