@@ -237,3 +237,32 @@ def test_a_shadow_step_is_published_to_its_queues_lowest_priority_list(broker_ur
         assert client.llen(f"{queue}{PRIORITY_SEP}9") == 1
     finally:
         client.delete(queue, f"{queue}{PRIORITY_SEP}9")
+
+
+def test_shadows_find_the_answers_a_weaker_tier_got_wrong(sessions: sessionmaker[Session], models: ModelConfig,
+                                                          tmp_path: Path) -> None:
+    from pipeline.fake_claude import FakeOptions
+
+    # Sonnet errs on every easy job (a wrong answer that still passes validation); Opus never does.
+    options = FakeOptions(error_rates={"sonnet": {"easy": 1.0}})
+    with FakeClaude(port=0, options=options) as fake:
+        client = ClaudeClient(api_key="test", base_url=fake.base_url, attempts=2, sleep=lambda s: None)
+        p = Pipeline(sessions=sessions, client=client, models=models, max_deliveries=3)
+        try:
+            _, label_job, _ = succeed(p, tmp_path, {"kind": "classify", "labels": ["billing", "bug", "account"],
+                                                    "text": "Refund my billing error [fake:difficulty=easy]"},
+                                      rate=1.0)
+            _, field_job, _ = succeed(p, tmp_path, {"kind": "extract", "text": "Paid in full [fake:difficulty=easy]",
+                                                    "schema": {"type": "object", "required": ["status", "note"],
+                                                               "properties": {
+                                                                   "status": {"enum": ["paid", "unpaid", "late"]},
+                                                                   "note": {"type": "string"}}}},
+                                      rate=1.0)
+            for jid in (label_job, field_job):
+                assert shadow.run(p, jid) is None
+        finally:
+            client.close()
+    label, fields = row(p, label_job), row(p, field_job)
+    assert label is not None and label.status is ShadowStatus.DONE and label.agreed is False
+    assert fields is not None and fields.status is ShadowStatus.DONE and fields.agreed is False
+    assert fields.fields_total == 2 and fields.fields_equal == 1 and fields.agreement == 0.5
