@@ -26,12 +26,13 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Connection, Table, and_, case, insert, literal, or_, select, update
+from sqlalchemy.exc import OperationalError
 
 from pipeline.claude.client import CallResult
 from pipeline.db import Executor
 from pipeline.errors import CallFailed, Deferred
 from pipeline.flow.prompts import judge_prompt, work_prompt
-from pipeline.flow.stages import SHADOW_PRIORITY, Handoff, Pipeline, _call_writes, _shared, _total_cost
+from pipeline.flow.stages import SHADOW_PRIORITY, Handoff, Pipeline, _call_writes, _shared, _total_cost, replaying
 from pipeline.flow.states import Also, Claim
 from pipeline.flow.validation import check_stop, deterministic_check
 from pipeline.models import (
@@ -240,7 +241,13 @@ def _record(session: Connection, p: Pipeline, c: ShadowClaim, call_id: int, snap
             attempts: list[Any], *, to: ShadowStatus | None = None, values: dict[str, Any] | None = None,
             release_at: datetime | None = None) -> bool:
     """The call's record and the shadow's move (or hand-back), in one transaction. The calls' cost
-    goes on the shadow, moved or not: it was paid, and it is evaluation cost, not the job's."""
+    goes on the shadow, moved or not: it was paid, and it is evaluation cost, not the job's.
+
+    Run again by Pipeline.run after its commit's acknowledgement was lost, it finds its call row
+    closed (or deleted), and only says whether that first run moved the shadow: recording the call
+    again would count its cost twice."""
+    if replaying(session) and session.scalar(select(_CALLS.c.outcome).where(_CALLS.c.id == call_id)) != "started":
+        return bool(session.scalar(select(_SHADOWS.c.version).where(_SHADOWS.c.id == c.id)) != c.version)
     if to is None:
         moved = release(session, c, not_before=release_at)
         applied: bool | None = False
@@ -262,10 +269,15 @@ def _record(session: Connection, p: Pipeline, c: ShadowClaim, call_id: int, snap
 
 
 def _renew(p: Pipeline, c: ShadowClaim) -> None:
-    """Show the sweep that the worker on this step is alive (it is starting another attempt)."""
-    with p.engine.begin() as conn:
-        conn.execute(update(_SHADOWS).where(_SHADOWS.c.id == c.id, _SHADOWS.c.version == c.version)
-                     .values(claimed_at=utcnow()))
+    """Show the sweep that the worker on this step is alive (it is starting another attempt). Best
+    effort, as for a job's stage: a missed renewal costs at worst a duplicate, which the conditional
+    moves absorb, while blocking on a database outage would hold up a call already paid for."""
+    try:
+        with p.engine.begin() as conn:
+            conn.execute(update(_SHADOWS).where(_SHADOWS.c.id == c.id, _SHADOWS.c.version == c.version)
+                         .values(claimed_at=utcnow()))
+    except OperationalError as exc:
+        log.warning("job %s: could not renew the shadow step's claim: %s", c.job_id, exc.orig or exc)
 
 
 def sweep(session: Executor, *, deadline_s: float, claim_deadline_s: float, lost_before: datetime | None = None,

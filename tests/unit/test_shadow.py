@@ -266,3 +266,40 @@ def test_shadows_find_the_answers_a_weaker_tier_got_wrong(sessions: sessionmaker
     assert label is not None and label.status is ShadowStatus.DONE and label.agreed is False
     assert fields is not None and fields.status is ShadowStatus.DONE and fields.agreed is False
     assert fields.fields_total == 2 and fields.fields_equal == 1 and fields.agreement == 0.5
+
+
+def test_a_record_replayed_after_a_lost_commit_acknowledgement_counts_nothing_twice(pipeline: Pipeline,
+                                                                                    tmp_path: Path) -> None:
+    from pipeline.claude.client import Attempt
+    from pipeline.claude.pricing import Usage
+    from pipeline.flow.states import Claim
+
+    _, jid, _ = succeed(pipeline, tmp_path, {"kind": "classify", "labels": LABELS,
+                                             "text": "replayed [fake:difficulty=easy]"}, rate=1.0)
+    c = pipeline.run(lambda s: shadow.begin(s, jid, claim_deadline_s=300, now=utcnow()))
+    assert c is not None and c.status is ShadowStatus.WORKING
+    with pipeline.sessions() as s, s.begin():
+        call = ModelCall(job_id=jid, stage=Stage.SHADOW, tier="opus", model="m", outcome="started", started_at=utcnow())
+        s.add(call)
+        s.flush()
+        call_id = call.id
+    at = utcnow()
+    attempts = [Attempt(number=1, started_at=at, finished_at=at, latency_ms=1.0, ok=True, usage=Usage(1000, 100),
+                        text='{"label": "billing"}')]
+    snap = Claim(id=jid, version=0, deliveries=1, kind="classify", payload={}, tier="opus", attempt=1, feedback=None,
+                 candidate=None, candidate_stop=None)
+
+    def record(replay: bool) -> bool:
+        with pipeline.engine.begin() as conn:
+            conn.execution_options(**{stages.REPLAY: replay})
+            return shadow._record(conn, pipeline, c, call_id, snap, Stage.SHADOW, "opus", attempts,
+                                  to=ShadowStatus.DONE, values={"agreement": 1.0, "agreed": True})
+
+    assert record(False) is True
+    first = row(pipeline, jid)
+    assert first is not None and first.status is ShadowStatus.DONE and first.cost_usd > 0
+    # The same unit run again, as after a connection lost before the commit's acknowledgement.
+    assert record(True) is True
+    again = row(pipeline, jid)
+    assert again is not None and again.cost_usd == first.cost_usd
+    assert [x.outcome for x in calls(pipeline, jid, Stage.SHADOW)] == ["ok"]
