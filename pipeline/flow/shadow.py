@@ -89,12 +89,17 @@ def begin(session: Executor, job_id: int, *, claim_deadline_s: float, now: datet
     stale message, and for a step waiting out transient errors (the sweep publishes it when due)."""
     s = _SHADOWS.c
     stale = now - timedelta(seconds=claim_deadline_s)
+    # A claim stamped with this very time is this claim, committed once and now replayed by
+    # Pipeline.run (its acknowledgement was lost with the connection): taken again, counted once.
+    mine = s.claimed_at == now
     row = session.execute(
         update(_SHADOWS)
         .where(s.job_id == job_id, s.not_before.is_(None),
-               or_(s.status == P, and_(s.status.in_([W, J]), or_(s.claimed_at.is_(None), s.claimed_at < stale))))
+               or_(s.status == P, and_(s.status.in_([W, J]),
+                                       or_(s.claimed_at.is_(None), s.claimed_at < stale, mine))))
         .values(status=case((s.status == P, literal(W.value)), else_=s.status), claimed_at=now,
-                deliveries=s.deliveries + 1, version=s.version + 1, updated_at=now)
+                deliveries=case((mine, s.deliveries), else_=s.deliveries + 1),
+                version=case((mine, s.version), else_=s.version + 1), updated_at=now)
         .returning(s.id, s.job_id, s.version, s.status, s.deliveries, s.reference_tier, s.judge_tier,
                    s.reference_answer, s.created_at)
     ).first()
@@ -144,8 +149,9 @@ def run(p: Pipeline, job_id: int) -> Handoff | None:
         c = begin(session, job_id, claim_deadline_s=p.claim_deadline_s, now=now)
         if c is None:
             return None
-        if c.deliveries > 1:
-            # A call still "started" belongs to an earlier claim of this step, whose worker died.
+        if c.deliveries > 1 or replaying(session):
+            # A call still "started" belongs to an earlier claim of this step, whose worker died
+            # (or to this claim's first run, whose commit was acknowledged too late to be seen).
             session.execute(update(ModelCall).where(ModelCall.job_id == job_id, ModelCall.outcome == "started",
                                                     ModelCall.stage.in_(EVALUATION_STAGES))
                             .values(outcome="abandoned", finished_at=now))

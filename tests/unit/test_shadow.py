@@ -303,3 +303,16 @@ def test_a_record_replayed_after_a_lost_commit_acknowledgement_counts_nothing_tw
     again = row(pipeline, jid)
     assert again is not None and again.cost_usd == first.cost_usd
     assert [x.outcome for x in calls(pipeline, jid, Stage.SHADOW)] == ["ok"]
+
+
+def test_a_claim_replayed_with_its_own_stamp_is_taken_again_and_counted_once(pipeline: Pipeline,
+                                                                             tmp_path: Path) -> None:
+    _, jid, _ = succeed(pipeline, tmp_path, {"kind": "classify", "labels": LABELS,
+                                             "text": "claimed twice [fake:difficulty=easy]"}, rate=1.0)
+    now = utcnow()
+    first = pipeline.run(lambda s: shadow.begin(s, jid, claim_deadline_s=300, now=now))
+    replayed = pipeline.run(lambda s: shadow.begin(s, jid, claim_deadline_s=300, now=now))
+    rival = pipeline.run(lambda s: shadow.begin(s, jid, claim_deadline_s=300, now=now + timedelta(seconds=1)))
+    assert first is not None and replayed is not None
+    assert (replayed.version, replayed.deliveries) == (first.version, first.deliveries) == (1, 1)
+    assert rival is None  # another delivery, while the claim is live: refused
