@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from bench import env
 from bench.jobs import write_jsonl
 from bench.report import Figure
-from pipeline.cli.operate import DEFAULT_CONCURRENCY
+from pipeline.cli.operate import default_concurrency
 from pipeline.config import ModelConfig, load_config
 from pipeline.db import make_engine, session_factory
 from pipeline.flow.prompts import task_sections
@@ -356,7 +356,7 @@ def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | Non
     default (the --quick size at a quarter of it)."""
     n = jobs or (200 if quick else 2_000)
     latency = latency_ms if latency_ms is not None else (500.0 if quick else 1000.0)
-    per_tier = {t: concurrency or max(1, DEFAULT_CONCURRENCY.get(t, 64) // (4 if quick else 1)) for t in TIERS}
+    per_tier = {t: concurrency or max(1, default_concurrency(t) // (4 if quick else 1)) for t in TIERS}
     shared = shared_tokens(task_definition())
     console.print(f"[bold]caching[/]: {n:,} classify jobs under one task (shared part ~{shared:,} tokens), fake "
                   f"latency {latency:.0f} ms, worker threads {per_tier}; caching on, then off")
