@@ -20,7 +20,8 @@ DIFFICULTIES = ("easy", "medium", "hard")
 # The stages' own queues. A work tier's queue is named after the tier, so no work tier may take
 # one of these names: its jobs would land in the stage's queue, served by the stage's task.
 STAGE_QUEUES = ("triage", "validate")
-ROUTING_KEYS = (*DIFFICULTIES, "ambiguous", "min_confidence", "retries_per_tier", "escalation")
+ROUTING_KEYS = (*DIFFICULTIES, "ambiguous", "min_confidence", "retries_per_tier", "escalation", "shadow_rate",
+                "reference_tier", "judge_tier")
 STAGES_KEYS = ("triage_tier", "format_check_tier")
 # How long a prompt-cache entry lives: the two lifetimes the API offers, each with its write price.
 CACHE_TTLS = ("5m", "1h")
@@ -64,6 +65,23 @@ class RoutingPolicy:
     min_confidence: float
     retries_per_tier: int
     escalation: tuple[str, ...]
+    # Shadow evaluation (pipeline.flow.shadow): the share of succeeded jobs also worked by the
+    # reference tier, to measure what routing costs in quality. 0 turns it off. A batch
+    # (enqueue --shadow-rate) or a task (its shadow_rate field) may set its own.
+    shadow_rate: float = 0.0
+    # The tier whose answer a shadowed job's is compared with; None: the top of the escalation chain.
+    reference_tier: str | None = None
+    # The tier that judges a draft or a generation against the reference's (a pairwise yes/no);
+    # None: the reference tier, since a judge weaker than the answers it compares proves little.
+    judge_tier: str | None = None
+
+    @property
+    def reference(self) -> str:
+        return self.reference_tier or self.escalation[-1]
+
+    @property
+    def judge(self) -> str:
+        return self.judge_tier or self.reference
 
 
 @dataclass(frozen=True)
@@ -177,6 +195,27 @@ def _name(raw: dict[str, Any], key: str, where: str, default: str) -> str:
     return value
 
 
+def _optional_name(raw: dict[str, Any], key: str, where: str) -> str | None:
+    if key not in raw:
+        return None
+    return _name(raw, key, where, "") or None
+
+
+def check_rate(value: Any) -> float | None:
+    """A sampling rate as a float in [0, 1], or None if it is not one (a bool is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        return None
+    return float(value)
+
+
+def _rate(raw: dict[str, Any], key: str, where: str) -> float:
+    value = raw.get(key, 0.0)
+    rate = check_rate(value)
+    if rate is None:
+        raise ConfigError(f"{where}: {key!r} must be a number from 0 to 1 (the share of jobs sampled), not {value!r}")
+    return rate
+
+
 def _names(raw: dict[str, Any], key: str, where: str, default: tuple[str, ...]) -> tuple[str, ...]:
     value = raw.get(key, default)
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
@@ -287,6 +326,9 @@ def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> Model
         min_confidence=_number(r, "min_confidence", where, 0.6),
         retries_per_tier=_whole(r, "retries_per_tier", where, 1, 0),
         escalation=_names(r, "escalation", where, ("sonnet", "opus")),
+        shadow_rate=_rate(r, "shadow_rate", where),
+        reference_tier=_optional_name(r, "reference_tier", where),
+        judge_tier=_optional_name(r, "judge_tier", where),
     )
     _check_policy(r, routing, tiers, where)
     stages, where = _table(raw, "stages", source, known=STAGES_KEYS), f"{source} [stages]"
@@ -310,6 +352,11 @@ def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> Model
                               f"tier {tier!r}, which has no [tiers.{tier}] table (the tiers are {', '.join(tiers)})")
     if not 0 <= routing.min_confidence <= 1:
         raise ConfigError(f"{source} [routing]: min_confidence must be between 0 and 1")
+    if routing.reference not in config.work_tiers:
+        raise ConfigError(f"{source} [routing]: 'reference_tier' {routing.reference!r} is not a work tier: "
+                          f"expected one of {', '.join(config.work_tiers)}")
+    if routing.judge not in tiers:
+        raise ConfigError(f"{source} [routing]: 'judge_tier' {routing.judge!r} has no [tiers.{routing.judge}] table")
     return config
 
 

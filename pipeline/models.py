@@ -65,6 +65,24 @@ class Stage(enum.StrEnum):
     TRIAGE = "triage"
     WORK = "work"
     FORMAT_CHECK = "format_check"
+    # Shadow evaluation's calls (pipeline.flow.shadow): the reference tier's answer and the judge's
+    # verdict. Evaluation cost, never added to the job's cost nor counted by stats.
+    SHADOW = "shadow"
+    JUDGE = "judge"
+
+
+EVALUATION_STAGES = (Stage.SHADOW, Stage.JUDGE)
+
+
+class ShadowStatus(enum.StrEnum):
+    PENDING = "pending"    # sampled, its reference call not made yet
+    WORKING = "working"    # a worker is making the reference call
+    JUDGING = "judging"    # the reference answered; a draft or generation waits for the judge
+    DONE = "done"          # agreement recorded
+    FAILED = "failed"      # a call failed for good: no agreement, kept out of the estimates
+
+
+OPEN_SHADOW = (ShadowStatus.PENDING, ShadowStatus.WORKING, ShadowStatus.JUDGING)
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
@@ -124,6 +142,9 @@ class Batch(Base):
     tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The share of this batch's jobs shadowed (enqueue --shadow-rate), over the task's and the
+    # configuration's; NULL: not set for the batch.
+    shadow_rate: Mapped[float | None]
 
 
 class Task(Base):
@@ -343,3 +364,48 @@ class CacheWarmup(Base):
     lease_token: Mapped[str | None] = mapped_column(String(32))
     leased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ShadowEvaluation(Base):
+    """A job sampled for shadow evaluation: written when the job succeeds, with the random draw
+    and the rate it was drawn against, before any shadow call is made, so the sample is on record
+    whatever becomes of the calls. Its status moves by conditional updates (pipeline.flow.shadow).
+    Jobs that succeeded at the reference tier are never sampled: their agreement is 1 by definition."""
+
+    __tablename__ = "shadow_evaluations"
+    __table_args__ = (
+        # The dispatcher's shadow sweep reads only the open ones.
+        Index("ix_shadow_evaluations_open", "updated_at",
+              postgresql_where=text("status IN ('pending', 'working', 'judging')"),
+              sqlite_where=text("status IN ('pending', 'working', 'judging')")),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    status: Mapped[ShadowStatus] = mapped_column(_enum(ShadowStatus, "status"), default=ShadowStatus.PENDING)
+    version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The sample: the job was taken because draw < rate.
+    rate: Mapped[float]
+    draw: Mapped[float]
+    # The stratum: where the job ended and what triage said (NULL for a pinned job).
+    routed_tier: Mapped[str] = mapped_column(String(40))
+    difficulty: Mapped[str | None] = mapped_column(String(20))
+    reference_tier: Mapped[str] = mapped_column(String(40))
+    judge_tier: Mapped[str | None] = mapped_column(String(40))
+    deliveries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A step that met only transient errors waits until then; the dispatcher publishes it again.
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    reference_answer: Mapped[str | None] = mapped_column(Text)
+    # 1 when the answers agree; for extract, the share of fields equal. ``agreed``: all of it.
+    agreement: Mapped[float | None]
+    agreed: Mapped[bool | None] = mapped_column(Boolean)
+    fields_total: Mapped[int | None] = mapped_column(Integer)
+    fields_equal: Mapped[int | None] = mapped_column(Integer)
+    judge_reason: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    # What its calls cost: evaluation cost, never part of the job's.
+    cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0), server_default="0")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -91,7 +91,7 @@ def publisher(app: Celery) -> Callable[[Iterable[Handoff]], None]:
                 # A countdown (a job handed back to wait for its tier's rate limit) is held by a
                 # worker outside its pool until due: it takes no thread while it waits.
                 app.send_task(TASKS[h.stage], args=[h.job_id], queue=h.queue, producer=producer,
-                              countdown=h.delay_s if h.delay_s > 0 else None)
+                              countdown=h.delay_s if h.delay_s > 0 else None, priority=h.priority)
 
     return publish
 

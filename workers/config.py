@@ -8,7 +8,8 @@ from kombu import Queue
 
 from pipeline.settings import Settings
 
-TASKS = {"triage": "switchyard.triage", "work": "switchyard.work", "validate": "switchyard.validate"}
+TASKS = {"triage": "switchyard.triage", "work": "switchyard.work", "validate": "switchyard.validate",
+         "shadow": "switchyard.shadow"}
 
 
 def queue_names(settings: Settings) -> list[str]:
@@ -18,7 +19,7 @@ def queue_names(settings: Settings) -> list[str]:
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
     app = Celery("switchyard", broker=settings.broker_url,
-                 include=["workers.triage", "workers.work", "workers.validate"])
+                 include=["workers.triage", "workers.work", "workers.validate", "workers.shadow"])
     app.conf.update(
         # Set here as well as in the constructor: an embedded worker's producer pool reads the
         # configuration, and without it publishes to Celery's default broker (amqp://localhost).

@@ -14,6 +14,7 @@ from celery.worker import state
 @contextmanager
 def embedded_worker(app: Celery, *, queues: Sequence[str], concurrency: int = 8, pool: str = "threads",
                     loglevel: str = "WARNING") -> Iterator[None]:
+    import workers.shadow
     import workers.triage
     import workers.validate
     import workers.work  # noqa: F401

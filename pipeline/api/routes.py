@@ -29,6 +29,7 @@ from pipeline.intake.jobspec import MAX_KEY_LENGTH, decode_json, parse_job
 from pipeline.models import Batch, Tenant
 from pipeline.names import MAX_BATCH_NAME_LENGTH, check_batch_name
 from pipeline.queries import history, ops, report
+from pipeline.queries.quality import quality as report_quality
 
 log = logging.getLogger("switchyard.api")
 
@@ -61,6 +62,10 @@ BatchName = Annotated[str, Query(
                 f"{MAX_BATCH_NAME_LENGTH} characters, not only whitespace, with no control characters, line "
                 "separators or bidirectional controls.",
     json_schema_extra={"minLength": 1, "maxLength": MAX_BATCH_NAME_LENGTH})]
+
+ShadowRate = Annotated[float | None, Query(
+    ge=0, le=1, description="The share of the batch's jobs that shadow evaluation samples, from 0 to 1 (see "
+                            "`/v1/quality`); default: the task's, or the configuration's `shadow_rate`.")]
 
 
 def _batch_name(value: str, *, param: str) -> str:
@@ -151,12 +156,14 @@ async def submit_job(request: Request, who: Who, batch: BatchName) -> JSONRespon
                  "application/json": {"schema": {"type": "array", "items": JOB_SCHEMA}},
                  JSON_LINES[0]: {"schema": {"type": "string", "description": "One job object per line."}},
              }))
-async def submit_batch(request: Request, who: Who, name: BatchName) -> schemas.BatchSubmitted:
+async def submit_batch(request: Request, who: Who, name: BatchName, shadow_rate: ShadowRate = None
+                       ) -> schemas.BatchSubmitted:
     """Submit jobs to a batch: a JSON array, or JSON Lines (`application/x-ndjson`) streamed in.
 
     Every job is checked before any is written: one bad job refuses the request (422, naming its
     index or line and the field) and nothing is kept. Keys already in the batch are skipped, so
-    sending the same body twice adds nothing."""
+    sending the same body twice adds nothing. `shadow_rate` sets the share of the batch's jobs that
+    shadow evaluation samples (see `/v1/quality`)."""
     name = _batch_name(name, param="name")
     api = state(request)
     await run_in_threadpool(check_spend, api.sessions, who)
@@ -164,7 +171,8 @@ async def submit_batch(request: Request, who: Who, name: BatchName) -> schemas.B
     with await spool(request, max_bytes=api.max_body_bytes) as body:
         source = batch_source(body, reader, config=api.models, max_items=api.max_batch_jobs,
                               tasks=tasks.lookup(api.sessions, tenant_id=who.tenant_id))
-        result = await run_in_threadpool(submit_items, api.sessions, source, who=who, batch=name, lines=lines)
+        result = await run_in_threadpool(submit_items, api.sessions, source, who=who, batch=name, lines=lines,
+                                         shadow_rate=shadow_rate)
     request.app.state.metrics.jobs_accepted.inc(result.accepted)
     return schemas.BatchSubmitted(batch_id=result.batch_id or 0, batch=name, read=result.read,
                                   accepted=result.accepted, duplicates=result.duplicates)
@@ -345,6 +353,23 @@ def stats(request: Request, db: Db, who: Who,
         since=history.parse_time(since, option="since") if since else None,
         until=history.parse_time(until, option="until") if until else None)
     return JSONResponse(summary.to_dict())
+
+
+@router.get("/quality", response_model=schemas.QualityReport, tags=["stats"], responses={**ERRORS, **NOT_FOUND})
+def quality(request: Request, db: Db, who: Who,
+            batch_id: Annotated[int | None, Query(description="Only this batch.")] = None,
+            task: Annotated[str | None, Query(description="Only the jobs of this task (every version).",
+                                              pattern=NAME_PATTERN, max_length=100)] = None,
+            since: Annotated[str | None, Query(description="Jobs created at or after (ISO 8601 or an age).")] = None,
+            ) -> JSONResponse:
+    """Agreement of the tenant's routed answers with the reference tier's, from shadow evaluation:
+    per final tier and triage difficulty, the stratified estimate over all, the cost against
+    sending every job to the reference tier, and the evaluation cost (apart from the jobs')."""
+    if batch_id is not None:
+        _own_batch(db, batch_id, who)
+    figures = report_quality(db, state(request).models, batch_id=batch_id, task=task, tenant_id=who.tenant_id,
+                             since=history.parse_time(since, option="since") if since else None)
+    return JSONResponse(figures.to_dict())
 
 
 @router.get("/queue", response_model=schemas.QueueStatus, tags=["stats"],

@@ -183,6 +183,25 @@ class Stats(BaseModel):
     cache_saving_usd: Money = Field(description="Over all tiers.")
 
 
+class QualityReport(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    reference_tier: str
+    jobs: int
+    succeeded: int
+    shadowed: int = Field(description="Jobs sampled for shadow evaluation.")
+    evaluated: int = Field(description="Shadowed jobs with an agreement recorded.")
+    agreement: float | None = Field(description="Stratified estimate over the succeeded jobs; null when no "
+                                                "stratum can be estimated.")
+    agreement_low: float | None
+    agreement_high: float | None
+    cost_usd: Money
+    reference_cost_usd: Money = Field(description="Had every job been answered by the reference tier.")
+    evaluation_cost_usd: Money = Field(description="Shadow and judge calls: not part of the jobs' cost.")
+    strata: list[dict[str, Any]]
+    notes: list[str]
+
+
 class TenantUsage(BaseModel):
     tenant: str
     jobs_in_flight: int

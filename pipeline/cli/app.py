@@ -16,6 +16,7 @@ from rich.text import Text
 
 import pipeline.cli.history
 import pipeline.cli.operate
+import pipeline.cli.quality
 import pipeline.cli.tasks
 import pipeline.cli.tenants  # noqa: F401  (registers tokens, tenants, serve)
 from pipeline.cli.common import app, err

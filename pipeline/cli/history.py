@@ -112,6 +112,9 @@ def enqueue(
                          "API submissions are (so in one transaction, even with --skip-invalid). The tenant must "
                          "exist: `switchyard tokens create --tenant NAME` makes one. Without --tenant the batch is "
                          "the operator's own, which no API token sees.")] = None,
+    shadow_rate: Annotated[float | None, typer.Option(
+        help="The share of this batch's jobs that shadow evaluation samples, from 0 to 1 (see `switchyard "
+             "quality`); default: the task's shadow_rate, else the configuration's [routing] shadow_rate.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Add a file of jobs to a batch. Re-running the same file adds no duplicates."""
@@ -122,6 +125,9 @@ def enqueue(
     target = invalid_report or file.with_name(file.name + ".invalid.jsonl")
     if invalid_report is not None and not skip_invalid:
         raise InvalidInput("--invalid-report is only used with --skip-invalid: add that, or leave the report out")
+    if shadow_rate is not None and not 0 <= shadow_rate <= 1:
+        raise InvalidInput(f"--shadow-rate must be a number from 0 to 1 (the share of jobs shadowed), "
+                           f"not {shadow_rate}")
     input_size(file)  # a missing input is the first thing to say, before where its report would go
     if skip_invalid and _same_file(target, file):
         raise InvalidInput(f"--invalid-report {target} is the input file itself: name another file for the report")
@@ -135,7 +141,8 @@ def enqueue(
         with write_whole(target, keep_empty=False) if skip_invalid else nullcontext() as report_out:
             started = True
             report = _enqueue_with_progress(s, file, name=name, tenant_id=tenant_id, fmt=format,
-                                            skip_invalid=skip_invalid, report_out=report_out, quiet=as_json)
+                                            skip_invalid=skip_invalid, report_out=report_out, quiet=as_json,
+                                            shadow_rate=shadow_rate)
     except OutputError as exc:
         if not started:
             raise
@@ -199,7 +206,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _enqueue_with_progress(s: Settings, file: Path, *, name: str, tenant_id: int | None, fmt: str | None,
-                           skip_invalid: bool, report_out: Output | None, quiet: bool) -> EnqueueReport:
+                           skip_invalid: bool, report_out: Output | None, quiet: bool,
+                           shadow_rate: float | None = None) -> EnqueueReport:
     """enqueue_file with a progress bar; bad lines go to ``report_out`` (--skip-invalid)."""
     from pipeline.intake.enqueue import BadLine, Tick, enqueue_file, invalid_line_json
 
@@ -229,7 +237,8 @@ def _enqueue_with_progress(s: Settings, file: Path, *, name: str, tenant_id: int
         try:
             with _sessions() as sessions:
                 return enqueue_file(sessions, file, batch=name, config=s.models, tenant_id=tenant_id, fmt=fmt,
-                                    skip_invalid=skip_invalid, progress=progress, on_invalid=on_invalid)
+                                    skip_invalid=skip_invalid, progress=progress, on_invalid=on_invalid,
+                                    shadow_rate=shadow_rate)
         except JobInputError as exc:
             if exc.line is None or isinstance(exc, InputFileError):
                 raise

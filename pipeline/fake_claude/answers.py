@@ -99,6 +99,16 @@ def format_check(prompt: Prompt) -> str:
     return json.dumps({"ok": not problems, "problems": problems})
 
 
+def judge(prompt: Prompt) -> str:
+    """Shadow evaluation's pairwise question: as good when the two answers are the same once
+    whitespace and case are set aside, not as good otherwise."""
+    routed, reference = (" ".join((prompt.section(n) or "").split()).casefold()
+                         for n in ("routed_answer", "reference_answer"))
+    if routed == reference:
+        return json.dumps({"as_good": True, "reason": "The two answers say the same thing."})
+    return json.dumps({"as_good": False, "reason": "The routed answer differs from the reference answer."})
+
+
 def other(prompt: Prompt) -> str:
     return _OTHER[pick(prompt.digest, "other", len(_OTHER))]
 

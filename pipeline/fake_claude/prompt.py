@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-PURPOSES: tuple[str, ...] = ("triage", "classify", "extract", "draft", "generate", "format_check")
+PURPOSES: tuple[str, ...] = ("triage", "classify", "extract", "draft", "generate", "format_check", "judge")
 SECTION_NAMES: tuple[str, ...] = (
     "text", "labels", "schema", "instructions", "context", "prompt", "feedback", "kind", "output",
+    "routed_answer", "reference_answer",
 )
 _PURPOSE_TAG = re.compile(r"\[switchyard:([a-z_]+)\]")
 _HINT = re.compile(r"\[fake:([A-Za-z_][A-Za-z0-9_]*)(?:=([^\]\s]*))?\]")

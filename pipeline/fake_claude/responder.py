@@ -316,6 +316,8 @@ class Responder:
             return answers.write(prompt, invalid), None
         if prompt.purpose == "format_check":
             return answers.format_check(prompt), None
+        if prompt.purpose == "judge":
+            return answers.judge(prompt), None
         return answers.other(prompt), None
 
     def _structured(self, text: str, judged: Answer | None, schema: dict[str, Any], prompt: Prompt, job: Job,

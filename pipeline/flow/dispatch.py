@@ -23,6 +23,7 @@ from typing import Protocol
 from sqlalchemy import ColumnElement, and_, func, insert, or_, select, update
 
 from pipeline.db import Executor
+from pipeline.flow import shadow
 from pipeline.flow.stages import Handoff, Pipeline, handoff_for
 from pipeline.flow.states import transition_many
 from pipeline.models import ACTIVE, Job, JobStatus, ModelCall, RoutingDecision, utcnow
@@ -248,6 +249,9 @@ def run_dispatcher(
             publish(swept)
             if lost_before is None or len(swept) < 1000:
                 break
+        # Shadow evaluation's steps: those due after transient errors, lost, or held by a dead worker.
+        publish(p.run(partial(shadow.sweep, deadline_s=deadline_s, claim_deadline_s=claim_deadline_s,
+                              lost_before=lost_before)))
         if on_tick:
             on_tick(len(dispatched), len(swept))
         # A full dispatch means more is waiting and there was room: go again at once.

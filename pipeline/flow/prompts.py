@@ -137,6 +137,15 @@ Answer with one JSON object and nothing else: {"ok": true | false, "problems": [
 [switchyard:format_check]"""
 
 
+JUDGE_SYSTEM = """You compare two answers to the same job: the routed answer, from the model the \
+job was routed to, and the reference answer, from a stronger model. Judge only whether the routed \
+answer does what the instructions ask as well as the reference does; a different wording that is \
+as good is as good.
+Answer with one JSON object and nothing else:
+{"as_good": true | false, "reason": "<one short sentence>"}
+[switchyard:judge]"""
+
+
 def task_sections(kind: JobKind, definition: dict[str, Any], *, triage: bool = False) -> list[str]:
     """What a task's jobs share, as tagged sections: the same bytes for every job of the version."""
     parts = [_section("kind", kind.value)] if triage else []
@@ -193,3 +202,14 @@ def format_check_prompt(kind: JobKind, payload: dict[str, Any], output: str, *,
                        tail=[_section("output", output)], output_schema=FORMAT_CHECK_SCHEMA)
     parts = [_section("kind", kind.value), *_job_sections(kind, payload), _section("output", output)]
     return Prompt(FORMAT_CHECK_SYSTEM, "\n".join(parts), output_schema=FORMAT_CHECK_SCHEMA)
+
+
+def judge_prompt(kind: JobKind, payload: dict[str, Any], *, routed: str, reference: str,
+                 shared: Shared | None = None) -> Prompt:
+    """The pairwise question of shadow evaluation (pipeline.flow.shadow): is the routed answer as good
+    as the reference for the job's instructions? The two answers come last, in the user message."""
+    tail = [_section("routed_answer", routed), _section("reference_answer", reference)]
+    if shared is not None:
+        return _prompt(JUDGE_SYSTEM, _job_sections(kind, payload, own_only=True), kind, shared, triage=True,
+                       tail=tail)
+    return Prompt(JUDGE_SYSTEM, "\n".join([_section("kind", kind.value), *_job_sections(kind, payload), *tail]))

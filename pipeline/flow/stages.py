@@ -37,12 +37,28 @@ from pipeline.flow.validation import (
     parse_format_check,
 )
 from pipeline.flow.warmup import Admission, WarmupGate, prefix_key
-from pipeline.models import Job, JobKind, JobStatus, ModelCall, RoutingDecision, Stage, Task, ValidationVerdict, utcnow
+from pipeline.models import (
+    Batch,
+    Job,
+    JobKind,
+    JobStatus,
+    ModelCall,
+    RoutingDecision,
+    ShadowEvaluation,
+    Stage,
+    Task,
+    ValidationVerdict,
+    utcnow,
+)
+from pipeline.quality.sample import effective_rate, sampled_row
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 WORK, VALIDATE, TRIAGE = "work", "validate", "triage"
+# kombu's Redis transport serves a queue's priority lists in order, 0 (where every unprioritised
+# message goes) first and 9 last: a worker takes a shadow step only when no job's stage waits.
+SHADOW_PRIORITY = 9
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,9 @@ class Handoff:
     queue: str
     # Publish with this countdown: the same stage handed back to wait for its tier's rate limit.
     delay_s: float = 0.0
+    # The message's priority on its queue; None: the default, which goes first (a shadow step,
+    # pipeline.flow.shadow, goes last).
+    priority: int | None = None
 
 # A hand-back waits at most this long in the broker; if the tier is still busy it is handed back
 # again. Far below any stage deadline, so the sweeper never takes a waiting job for a lost one.
@@ -171,6 +190,7 @@ def handoff_for(job_id: int, status: JobStatus, tier: str | None) -> Handoff | N
 # rows are write-only here, and the ORM's bookkeeping cost more CPU than the SQL (see bench/).
 _JOBS, _CALLS = cast(Table, Job.__table__), cast(Table, ModelCall.__table__)
 _DECISIONS, _VERDICTS = cast(Table, RoutingDecision.__table__), cast(Table, ValidationVerdict.__table__)
+_SHADOWS = cast(Table, ShadowEvaluation.__table__)
 
 
 # ...and statements built once, executed with bound parameters.
@@ -327,6 +347,14 @@ def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,
         except OperationalError as exc:
             log.warning("job %s: could not renew the stage claim: %s", claim.id, exc.orig or exc)
 
+    return call_model(p, tier=tier, prompt=prompt, max_tokens=max_tokens, on_retry=renew, job_id=claim.id)
+
+
+def call_model(p: Pipeline, *, tier: str, prompt: Prompt, max_tokens: int, on_retry: Callable[[int], None],
+               job_id: int) -> CallResult | CallFailed | Deferred:
+    """One model call as every step makes it (a job's stages, and shadow evaluation's): the
+    structured output the tier takes, and the cache warm-up gate before a call through a cached
+    prefix. ``on_retry`` renews the step's claim before each retry."""
     cfg = p.models.tier(tier)
     output_schema = prompt.output_schema if cfg.structured_outputs else None
     gate = p.warmup if prompt.cache else None
@@ -340,12 +368,12 @@ def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,
             # dropped), rather than waiting here: a warm-up can take as long as a whole call, and
             # a batch's jobs would all sit in worker threads meanwhile, holding back the jobs of
             # other tasks and stages that could run now.
-            log.debug("job %s: the %s prefix is being warmed; asking again in %.1f s", claim.id, tier,
+            log.debug("job %s: the %s prefix is being warmed; asking again in %.1f s", job_id, tier,
                       admission.wait_s)
             return Deferred(tier, admission.wait_s, [])
     try:
         result = p.client.call(tier=tier, model=cfg.model, system=prompt.system, user=prompt.user,
-                               max_tokens=max_tokens, on_retry=renew, cache_system=prompt.cache,
+                               max_tokens=max_tokens, on_retry=on_retry, cache_system=prompt.cache,
                                cache_ttl=cfg.cache_ttl, output_schema=output_schema)
     except (CallFailed, Deferred) as outcome:
         if gate is not None and admission is not None and admission.lease is not None:
@@ -627,7 +655,30 @@ def validate(p: Pipeline, job_id: int) -> Handoff | None:
             verdict = format_check_unreadable(result.stop_reason)
     # The result's stamp, fixed before its first run: a replay must find the move it made.
     at = utcnow()
-    return p.record(lambda session: _apply_verdict(session, p, claim, call_id, verdict, result, at=at))
+    shadow = _shadow_sample(p, claim, at=at) if verdict.ok else None
+    return p.record(lambda session: _apply_verdict(session, p, claim, call_id, verdict, result, at=at,
+                                                   shadow=shadow))
+
+
+def _shadow_sample(p: Pipeline, claim: Claim, *, at: datetime) -> dict[str, Any] | None:
+    """Draw whether the job, about to succeed, is shadowed (pipeline.flow.shadow): the row to write
+    with its success, or None. The draw is made, and the row written, whatever becomes of the
+    shadow's calls, so the sample stays random."""
+    routing = p.models.routing
+    if claim.tier == routing.reference:
+        return None  # agreement with itself: never sampled, and no query spent on it
+    row = p.run(lambda session: session.execute(
+        select(Job.difficulty, Batch.shadow_rate).join(Batch, Batch.id == Job.batch_id).where(Job.id == claim.id)
+    ).first(), autocommit=True)
+    if row is None:
+        return None
+    shared = _shared(p, claim, claim.tier or "")
+    rate = effective_rate(configured=routing.shadow_rate, batch=row.shadow_rate,
+                          task=shared.definition.get("shadow_rate") if shared is not None else None)
+    if rate <= 0:
+        return None
+    return sampled_row(claim.id, JobKind(claim.kind), rate=rate, draw=random.random(), routed_tier=claim.tier or "",
+                       difficulty=row.difficulty, reference_tier=routing.reference, judge_tier=routing.judge, now=at)
 
 
 def _check_again(session: Connection, p: Pipeline, claim: Claim, call_id: int | None,
@@ -651,7 +702,7 @@ def _check_again(session: Connection, p: Pipeline, claim: Claim, call_id: int | 
 
 
 def _apply_verdict(session: Connection, p: Pipeline, claim: Claim, call_id: int | None, verdict: Verdict,
-                   result: CallResult | None, *, at: datetime) -> Handoff | None:
+                   result: CallResult | None, *, at: datetime, shadow: dict[str, Any] | None = None) -> Handoff | None:
     tier = claim.tier or ""
     checker = p.models.format_check_tier
     cost = _total_cost(p, checker, result.attempts) if result is not None else Decimal(0)
@@ -669,6 +720,11 @@ def _apply_verdict(session: Connection, p: Pipeline, claim: Claim, call_id: int 
     if verdict.ok:
         to, detail, values = JobStatus.SUCCEEDED, f"{verdict.validator} ok", {"output": verdict.output,
                                                                                 "feedback": None}
+        if shadow is not None:
+            # Sampled: the shadow's row goes with the success (only if this move happens), and its
+            # step to the reference tier's queue, at the lowest priority.
+            writes.append(Also(_SHADOWS, rows=[shadow]))
+            handoff = Handoff("shadow", claim.id, shadow["reference_tier"], priority=SHADOW_PRIORITY)
     else:
         step = after_failed_validation(tier, claim.attempt, p.models.routing, retryable=not verdict.final)
         reasons = verdict.feedback

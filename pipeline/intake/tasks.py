@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from pipeline.config import check_rate
 from pipeline.errors import JobInputError, NotFound
 from pipeline.flow import schema_check
 from pipeline.intake.jobspec import TaskLookup, TaskRef, _check_storable, _check_strings, _json_tokens, digest
@@ -37,7 +38,8 @@ MAX_LABELS = 500
 MAX_EXAMPLES = 200
 
 _KINDS = {kind.value: kind for kind in JobKind}
-_FIELDS = frozenset({"name", "kind", "instructions", "labels", "schema", "examples", "max_tokens", "tier"})
+_FIELDS = frozenset({"name", "kind", "instructions", "labels", "schema", "examples", "max_tokens", "tier",
+                     "shadow_rate"})
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class TaskSpec:
     examples: tuple[Example, ...] = ()
     max_tokens: int | None = None
     tier: str | None = None
+    # The share of the task's jobs shadowed (pipeline.flow.shadow), over the configuration's; a
+    # batch's own rate is over this one.
+    shadow_rate: float | None = None
 
     def definition(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind.value, "instructions": self.instructions}
@@ -76,6 +81,8 @@ class TaskSpec:
             out["max_tokens"] = self.max_tokens
         if self.tier is not None:
             out["tier"] = self.tier
+        if self.shadow_rate is not None:
+            out["shadow_rate"] = self.shadow_rate
         return out
 
     def content_sha256(self) -> str:
@@ -249,8 +256,13 @@ def parse_task(obj: Any, *, work_tiers: tuple[str, ...]) -> TaskSpec:
     tier = obj.get("tier")
     if tier is not None and tier not in work_tiers:
         raise JobInputError(f"field 'tier' {quoted(tier)} is not a work tier: expected one of {', '.join(work_tiers)}")
+    shadow_rate = obj.get("shadow_rate")
+    if shadow_rate is not None and check_rate(shadow_rate) is None:
+        raise JobInputError(f"field 'shadow_rate' must be a number from 0 to 1 (the share of the task's jobs "
+                            f"shadowed), not {quoted(shadow_rate)}")
     return TaskSpec(name=name, kind=kind, instructions=instructions, labels=labels, schema=schema,
-                    examples=examples, max_tokens=max_tokens, tier=tier)
+                    examples=examples, max_tokens=max_tokens, tier=tier,
+                    shadow_rate=check_rate(shadow_rate) if shadow_rate is not None else None)
 
 
 def read_toml(text: str | bytes) -> Any:

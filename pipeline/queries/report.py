@@ -19,7 +19,16 @@ from sqlalchemy.orm import Session
 
 from pipeline.claude.pricing import MILLION, Usage, call_cost
 from pipeline.config import ModelConfig
-from pipeline.models import Batch, Job, JobStatus, ModelCall, RoutingDecision, Stage, ValidationVerdict
+from pipeline.models import (
+    EVALUATION_STAGES,
+    Batch,
+    Job,
+    JobStatus,
+    ModelCall,
+    RoutingDecision,
+    Stage,
+    ValidationVerdict,
+)
 
 
 @dataclass
@@ -186,6 +195,11 @@ def _child_scope(job_filter: Any | None) -> Scoped:
     return scoped
 
 
+# A job's own calls: shadow evaluation's (pipeline.flow.shadow) are evaluation cost, reported by
+# `switchyard quality`, never as a tier's cost here.
+_JOB_CALL = ModelCall.stage.not_in([s.value for s in EVALUATION_STAGES])
+
+
 def _tagged(kind: str, *columns: Any) -> Any:
     """A select whose rows say which figures they carry (the arms of ``_per_tier``)."""
     return select(literal_column(f"'{kind}'"), *columns)
@@ -205,14 +219,14 @@ def _calls(scoped: Scoped, postgres: bool) -> Any:
     ]
     if not postgres:
         columns = [ModelCall.tier, *figures, func.count(func.distinct(ModelCall.job_id)).filter(work)]
-        return scoped(_tagged("calls", *columns, null()).group_by(ModelCall.tier), ModelCall.job_id)
+        return scoped(_tagged("calls", *columns, null()).where(_JOB_CALL).group_by(ModelCall.tier), ModelCall.job_id)
     # Ordered aggregates (percentile_cont, count(DISTINCT)) rule out hashing the groups: Postgres
     # then sorts every call row by tier, and forming and sorting those rows took a third of the
     # statement's time. Hashed instead, each tier collects its latencies and its work calls' job
     # ids, and only those values are sorted. percentile_cont skips the NULL latencies.
     by_tier = scoped(select(ModelCall.tier, *figures, func.array_agg(ModelCall.latency_ms).label("ms"),
                             func.array_agg(ModelCall.job_id).filter(work).label("worked"))
-                     .group_by(ModelCall.tier), ModelCall.job_id).subquery()
+                     .where(_JOB_CALL).group_by(ModelCall.tier), ModelCall.job_id).subquery()
     # unnest in a select list streams the values; in FROM it would first copy them into a tuplestore.
     ms = select(func.unnest(by_tier.c.ms).label("v")).correlate(by_tier).subquery()
     worked = select(func.unnest(by_tier.c.worked).label("v")).correlate(by_tier).subquery()
@@ -227,7 +241,8 @@ def _latencies(session: Session, scoped: Scoped, bounds: dict[str, int],
     (On Postgres ``_calls`` computes them.)"""
     by_tier: dict[str, list[float]] = defaultdict(list)
     for tier, ms in session.execute(scoped(select(ModelCall.tier, ModelCall.latency_ms)
-                                           .where(ModelCall.latency_ms.is_not(None)), ModelCall.job_id), bounds):
+                                           .where(ModelCall.latency_ms.is_not(None), _JOB_CALL),
+                                           ModelCall.job_id), bounds):
         by_tier[tier].append(float(ms or 0))
     for tier, values in by_tier.items():
         line = line_for(tier)

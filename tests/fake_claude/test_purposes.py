@@ -173,3 +173,21 @@ def test_system_as_blocks_carries_the_purpose(client: anthropic.Anthropic) -> No
         messages=[{"role": "user", "content": user_text(text="sales call", labels=LABELS)}],
     )
     assert json.loads(text_of(message)) == {"label": "sales"}
+
+
+@pytest.mark.parametrize(
+    ("routed", "reference", "as_good"),
+    [("Dear customer,\nsorry for the delay.", "dear customer, sorry  for the delay.", True),
+     ("Sorry.", "Dear customer, sorry for the delay.", False)],
+)
+def test_judge_says_as_good_only_for_the_same_answer(client: anthropic.Anthropic, routed: str, reference: str,
+                                                      as_good: bool) -> None:
+    # Through switchyard's own prompt, as shadow evaluation sends it.
+    from pipeline.flow.prompts import judge_prompt
+    from pipeline.models import JobKind
+
+    prompt = judge_prompt(JobKind.DRAFT, {"instructions": "Apologise."}, routed=routed, reference=reference)
+    message = client.messages.create(model=OPUS, max_tokens=300, system=prompt.system,
+                                     messages=[{"role": "user", "content": prompt.user}])
+    verdict = json.loads(text_of(message))
+    assert verdict["as_good"] is as_good and verdict["reason"]
