@@ -61,7 +61,7 @@ def classify(prompt: Prompt, invalid: bool, label: str | None) -> str:
 def extract(prompt: Prompt, invalid: bool, value: Any) -> str:
     """`value`, the quality model's, valid against the job's schema; or with `invalid`, not."""
     if invalid:
-        schema = _json(prompt.section("schema"))
+        schema = prompt.json_section("schema")
         bad = break_value(schema if schema is not None else {"type": "object"}, value)
         if bad is None or pick(prompt.digest, "invalid-extract", 3) == 0:
             return "Here are the fields you asked for: " + BAD_OUTPUT_MARKER
@@ -120,19 +120,12 @@ def malformed(text: str) -> str:
 
 
 def _labels(prompt: Prompt) -> list[str]:
-    labels = _json(prompt.section("labels"))
+    labels = prompt.json_section("labels")
     if isinstance(labels, list):
         return [label for label in labels if isinstance(label, str)]
     return []
 
 
-def _json(raw: str | None) -> Any:
-    if raw is None:
-        return None
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return None
 
 
 def _snippet(text: str, words: int = 14) -> str:

@@ -7,6 +7,7 @@ in tagged sections plus optional ``[fake:NAME=VALUE]`` hints for this fake.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -33,6 +34,16 @@ class Prompt:
 
     def section(self, name: str) -> str | None:
         return self.sections.get(name)
+
+    def json_section(self, name: str) -> Any:
+        """A section holding JSON (the labels, the schema), decoded; None if absent or not JSON."""
+        raw = self.sections.get(name)
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return None
 
 
 def block_text(content: Any) -> str:

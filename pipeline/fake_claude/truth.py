@@ -66,9 +66,9 @@ class Job:
     def from_prompt(cls, prompt: Prompt) -> Job:
         """The job a switchyard prompt carries (a task's labels and schema sit in its system prompt)."""
         parts = [prompt.sections[n] for n in TEXT_FIELDS if n in prompt.sections]
-        labels = _json(prompt.section("labels"))
+        labels = prompt.json_section("labels")
         labels = [x for x in labels if isinstance(x, str)] if isinstance(labels, list) else []
-        return _job("\n".join(parts) if parts else prompt.last_user, labels, _json(prompt.section("schema")))
+        return _job("\n".join(parts) if parts else prompt.last_user, labels, prompt.json_section("schema"))
 
 
 def _job(text: str, labels: Sequence[str], schema: Any) -> Job:
@@ -163,10 +163,3 @@ def _loose(label: str) -> str:
     return re.sub(r"[\s_-]+", "_", label.strip().lower())
 
 
-def _json(raw: str | None) -> Any:
-    if raw is None:
-        return None
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return None

@@ -25,6 +25,22 @@ from tests.cluster import Cluster, wait_for_batch
 SAMPLE = Path(__file__).resolve().parents[2] / "pipeline" / "samples" / "ticket-topic.toml"
 
 
+def _run(sessions: sessionmaker[Session], *, batch_id: int, url: str, broker_url: str, fake_claude: FakeClaude,
+         workdir: Path, concurrency: int, timeout: float) -> list[ModelCall]:
+    """Work the batch on a cluster of real workers; every job must succeed. Its calls, in order."""
+    workdir.mkdir()
+    cluster = Cluster(database_url=url, broker_url=broker_url, claude_url=fake_claude.base_url, workdir=workdir)
+    cluster.start_all(concurrency=concurrency)
+    try:
+        wait_for_batch(sessions, batch_id, timeout=timeout, cluster=cluster)
+    finally:
+        cluster.stop()
+    with sessions() as s:
+        jobs = s.scalars(select(Job).where(Job.batch_id == batch_id)).all()
+        assert {j.status for j in jobs} == {JobStatus.SUCCEEDED}, {j.key: j.error for j in jobs}
+        return list(s.scalars(select(ModelCall).join(Job).where(Job.batch_id == batch_id).order_by(ModelCall.id)))
+
+
 def test_a_task_batch_reads_its_shared_part_from_the_cache(
         fresh_database: Callable[[str], str], broker_url: str, fake_claude: FakeClaude, models: ModelConfig,
         tmp_path: Path) -> None:
@@ -43,20 +59,8 @@ def test_a_task_batch_reads_its_shared_part_from_the_cache(
     report = enqueue_file(sessions, path, batch="cached", config=models)
     assert report.accepted == 30 and report.batch_id is not None
 
-    (tmp_path / "cluster").mkdir()
-    cluster = Cluster(database_url=url, broker_url=broker_url, claude_url=fake_claude.base_url,
-                      workdir=tmp_path / "cluster")
-    cluster.start_all(concurrency=2)
-    try:
-        wait_for_batch(sessions, report.batch_id, timeout=120, cluster=cluster)
-    finally:
-        cluster.stop()
-
-    with sessions() as s:
-        jobs = s.scalars(select(Job).where(Job.batch_id == report.batch_id)).all()
-        assert {j.status for j in jobs} == {JobStatus.SUCCEEDED}, {j.key: j.error for j in jobs}
-        calls = s.scalars(select(ModelCall).join(Job).where(Job.batch_id == report.batch_id)
-                          .order_by(ModelCall.id)).all()
+    calls = _run(sessions, batch_id=report.batch_id, url=url, broker_url=broker_url, fake_claude=fake_claude,
+                 workdir=tmp_path / "cluster", concurrency=2, timeout=120)
     by_tier: dict[tuple[str, str], list[ModelCall]] = defaultdict(list)
     for c in calls:
         assert c.outcome == "ok"
@@ -102,19 +106,8 @@ def test_calls_fired_together_write_each_cached_prefix_once(
     report = enqueue_file(sessions, path, batch="warmed", config=models)
     assert report.accepted == 60 and report.batch_id is not None
 
-    (tmp_path / "cluster").mkdir()
-    cluster = Cluster(database_url=url, broker_url=broker_url, claude_url=fake_claude.base_url,
-                      workdir=tmp_path / "cluster")
-    cluster.start_all(concurrency=16)
-    try:
-        wait_for_batch(sessions, report.batch_id, timeout=180, cluster=cluster)
-    finally:
-        cluster.stop()
-
-    with sessions() as s:
-        jobs = s.scalars(select(Job).where(Job.batch_id == report.batch_id)).all()
-        assert {j.status for j in jobs} == {JobStatus.SUCCEEDED}, {j.key: j.error for j in jobs}
-        calls = s.scalars(select(ModelCall).join(Job).where(Job.batch_id == report.batch_id)).all()
+    calls = _run(sessions, batch_id=report.batch_id, url=url, broker_url=broker_url, fake_claude=fake_claude,
+                 workdir=tmp_path / "cluster", concurrency=16, timeout=180)
     by_prefix: dict[tuple[str, str], list[ModelCall]] = defaultdict(list)
     for c in calls:
         assert c.outcome == "ok", (c.stage, c.tier, c.error_message)
