@@ -112,7 +112,7 @@ def calibrate(
         estimator = w.estimator(session, batch_id=batch_id, models=models)
     current = estimator.estimate(models.routing)
     estimates = [current, *(estimator.estimate(p) for p in w.policies(replace(models, routing=routing)))]
-    choice = w.choose(estimates, target=target, batch=batch)
+    choice = w.choose(estimates, target=target, batch=batch, current=models.routing)
     chosen = choice.chosen
     comment = (f"Chosen by `switchyard calibrate --batch {batch} --target {target:g}` on "
                f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC: estimated agreement with {models.routing.reference} "

@@ -40,9 +40,11 @@ weighted by the (expected) number of jobs the policy ends there; the reference t
 definition. The strata are keyed by the verdict's difficulty, whatever its confidence, so a job
 triaged "medium" with low confidence counts with the medium jobs at the tier that worked it: the
 estimate assumes agreement at a tier depends on the difficulty triage saw, not on how sure it was.
-A stratum with no shadow result borrows the tier's over all difficulties (named in ``thin``); a
-tier with none at all cannot be estimated and its jobs are left out (``coverage`` says what share
-of the succeeded jobs is covered). A stratum relied on with fewer than ``THIN_BELOW`` shadow
+A stratum with no shadow result borrows from a harder difficulty at the same tier, the one that
+agreed least (named in ``thin``), never from an easier one: a weaker tier errs more on harder jobs.
+With none, it cannot be estimated and its jobs are left out (``coverage`` says what share of the
+succeeded jobs is covered, ``uncovered`` how many of those the policy routed; calibrate never
+picks such a policy). A stratum relied on with fewer than ``THIN_BELOW`` shadow
 results is named in ``thin``.
 
 Limits: retries per tier are taken as recorded; the pooled cells treat a job like its neighbours of
@@ -56,6 +58,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import textwrap
 import tomllib
 from collections import defaultdict
 from collections.abc import Sequence
@@ -216,9 +219,8 @@ class _Cells:
         for job in records.jobs:
             if job.agreed is not None and job.final_tier is not None:
                 d = job.difficulty or PINNED
-                for key in ((job.final_tier, d), (job.final_tier,)):
-                    self.agree[key][0] += job.agreed
-                    self.agree[key][1] += 1
+                self.agree[(job.final_tier, d)][0] += job.agreed
+                self.agree[(job.final_tier, d)][1] += 1
 
 
 def _route(job: _Job, policy: RoutingPolicy) -> str:
@@ -291,6 +293,16 @@ class _Estimator:
             tier = _next(tier, chain)
         return cost, ends, own_only
 
+    def harder(self, tier: str, difficulty: str) -> str | None:
+        """The difficulty to borrow a stratum's agreement from when it has no shadow result: of the
+        harder ones at the same tier with a result (any, for an unparsed verdict), the one that
+        agreed least. Never an easier one: the weaker tiers err more on harder jobs, so borrowing
+        down would promise them what only easy jobs showed."""
+        after = DIFFICULTIES if difficulty not in DIFFICULTIES else DIFFICULTIES[DIFFICULTIES.index(difficulty) + 1:]
+        found = [(a / n, d) for d in after if (n := self.cells.agree.get((tier, d), (0, 0))[1])
+                 for a in (self.cells.agree[(tier, d)][0],)]
+        return min(found)[1] if found else None
+
     def estimate(self, policy: RoutingPolicy) -> PolicyEstimate:
         from pipeline.quality.estimate import Stratum, stratified
 
@@ -325,9 +337,9 @@ class _Estimator:
                 n = self.cells.agree[key][1]
                 if n < THIN_BELOW:
                     thin.add(f"agreement at {tier} of {d} jobs: {n} shadow result(s)")
-            elif self.cells.agree.get((tier,), (0, 0))[1]:
-                key = (tier,)
-                thin.add(f"agreement at {tier} of {d} jobs: no shadow result, from all of {tier}'s "
+            elif (harder := self.harder(tier, d)) is not None:
+                key = (tier, harder)
+                thin.add(f"agreement at {tier} of {d} jobs: no shadow result, taken from its {harder} jobs "
                          f"({self.cells.agree[key][1]})")
             else:
                 key = ("-", tier, d)
@@ -445,7 +457,16 @@ def check_target(target: float) -> float:
     return target
 
 
-def choose(estimates: list[PolicyEstimate], *, target: float, batch: str, runners_up: int = 3) -> Choice:
+def changes(policy: RoutingPolicy, current: RoutingPolicy) -> int:
+    """How many settings ``policy`` changes from ``current``: among policies of one estimate, the one
+    changing least is the one to review."""
+    return (sum(policy.by_difficulty[d] != current.by_difficulty[d] for d in DIFFICULTIES)
+            + (policy.ambiguous != current.ambiguous) + (policy.escalation != current.escalation)
+            + (not math.isclose(policy.min_confidence, current.min_confidence)))
+
+
+def choose(estimates: list[PolicyEstimate], *, target: float, batch: str, current: RoutingPolicy | None = None,
+           runners_up: int = 3) -> Choice:
     """The cheapest policy whose agreement's 95% lower bound reaches ``target``, and the next cheapest.
 
     The lower bound, not the point estimate: the cheapest of a hundred-odd policies, picked by its
@@ -460,7 +481,8 @@ def choose(estimates: list[PolicyEstimate], *, target: float, batch: str, runner
                            f"finish")
     usable = [e for e in estimates if e.low is not None and e.uncovered == 0]
     reaching = sorted((e for e in usable if e.low is not None and e.low >= target),
-                      key=lambda e: (e.cost_usd, -(e.low or 0), -(e.agreement or 0)))
+                      key=lambda e: (e.cost_usd, -(e.low or 0), -(e.agreement or 0),
+                                     changes(e.policy, current) if current is not None else 0))
     if not reaching:
         if not usable:
             raise InvalidQuery(f"no policy of the sweep can be estimated over batch {batch}: each sends jobs to a "
@@ -469,7 +491,14 @@ def choose(estimates: list[PolicyEstimate], *, target: float, batch: str, runner
         raise InvalidQuery(f"no policy of the sweep reaches {target:.1%} agreement (the lower bound of its 95% "
                            f"interval) over batch {batch}: the best reachable is {describe(best.policy)} at "
                            f"{best.low:.1%} (point estimate {best.agreement:.1%}), costing ${best.cost_usd:.4f}")
-    return Choice(reaching[0], reaching[1:1 + runners_up])
+    # Runners-up that differ in their figures: thresholds no verdict lies between route alike.
+    seen = {(reaching[0].cost_usd, reaching[0].low)}
+    others: list[PolicyEstimate] = []
+    for e in reaching[1:]:
+        if (e.cost_usd, e.low) not in seen and len(others) < runners_up:
+            seen.add((e.cost_usd, e.low))
+            others.append(e)
+    return Choice(reaching[0], others)
 
 
 def _no_shadows(e: PolicyEstimate) -> bool:
@@ -485,7 +514,7 @@ def describe(policy: RoutingPolicy) -> str:
 
 def routing_toml(policy: RoutingPolicy, *, comment: str) -> str:
     """A [routing] table that loads as ``policy``."""
-    lines = ["[routing]", *(f"# {line}" for line in comment.splitlines())]
+    lines = ["[routing]", *(f"# {line}" for line in textwrap.wrap(comment, 100))]
     lines += [f"{d} = {json.dumps(policy.by_difficulty[d])}" for d in DIFFICULTIES]
     lines += [f"ambiguous = {json.dumps(policy.ambiguous)}", f"min_confidence = {policy.min_confidence!r}",
               f"retries_per_tier = {policy.retries_per_tier}",

@@ -164,8 +164,23 @@ def test_calibrate_picks_the_cheapest_policy_whose_lower_bound_reaches_the_targe
     choice = w.choose(swept, target=1.0, batch="b")
     assert choice.chosen.cost_usd == D("1.35") and choice.chosen.low == 1.0
     assert choice.chosen.policy.by_difficulty["easy"] == "opus"
-    low = min(e.low for e in swept if e.low is not None)
-    assert w.choose(swept, target=low, batch="b").chosen.cost_usd == min(e.cost_usd for e in swept)
+    usable = [e for e in swept if e.low is not None and e.uncovered == 0]
+    low = min(e.low for e in usable if e.low is not None)
+    assert w.choose(swept, target=low, batch="b").chosen.cost_usd == min(e.cost_usd for e in usable)
+    # Cheaper policies send hard jobs to sonnet, where no hard job was shadowed: never chosen.
+    assert min(e.cost_usd for e in swept) < min(e.cost_usd for e in usable)
+
+
+def test_agreement_is_never_borrowed_from_an_easier_difficulty(db: Session, batch: Batch,
+                                                               models: ModelConfig) -> None:
+    e = w.estimate_policy(db, batch_id=batch.id, models=models, policy=policy(models, hard="sonnet"))
+    # j4 (hard) at sonnet: sonnet's shadows are all of easy jobs, which say nothing of hard ones.
+    # It ends there 2/3 of the time: the share of sonnet's jobs that left it (no hard one was
+    # worked there) is 1/3.
+    assert e.uncovered == pytest.approx(2 / 3)
+    assert e.coverage == pytest.approx((5 - 2 / 3) / 5)
+    assert any("escalation from sonnet of hard jobs: none was worked there" in t for t in e.thin)
+    assert any("agreement at sonnet of hard jobs: no shadow result at sonnet, left out" in t for t in e.thin)
 
 
 def test_calibrate_says_no_policy_reaches_the_target_and_the_best_reachable(
