@@ -189,6 +189,12 @@ def test_calibrate_says_no_policy_reaches_the_target_and_the_best_reachable(
     m = replace(models, routing=replace(models.routing, escalation=("sonnet",), ambiguous="sonnet",
                                         reference_tier="opus",
                                         by_difficulty={"easy": "sonnet", "medium": "sonnet", "hard": "sonnet"}))
+    # Hard jobs at sonnet: none was shadowed there, so no policy of this sweep can be estimated...
+    with pytest.raises(InvalidQuery, match=r"no policy of the sweep can be estimated over batch b"):
+        w.choose(w.sweep(db, batch_id=batch.id, models=m), target=0.99, batch="b")
+    # ...until one is.
+    add_job(db, batch, "j6", verdict="hard", confidence=0.9, reason="long", start="sonnet",
+            path=[("sonnet", ["0.10"])], shadow=(False, "0.20"))
     swept = w.sweep(db, batch_id=batch.id, models=m)
     with pytest.raises(InvalidQuery, match=r"no policy of the sweep reaches 99\.0% .* best reachable is easy=sonnet"):
         w.choose(swept, target=0.99, batch="b")
