@@ -50,8 +50,8 @@ def whatif(
 
     models = settings().models
     base = _other_routing(config) if config is not None else None
-    asked = w.custom_policy(models, base=base, min_confidence=min_confidence, routes=route or [],
-                            escalation=escalation)
+    asked = w.custom_policy(models, base=base, base_source=str(config) if config else None,
+                            min_confidence=min_confidence, routes=route or [], escalation=escalation)
     with _session() as session:
         batch_id = history.find_batch(db_session=session, batch=batch, tenant_id=_tenant_id(session, tenant)).id
         estimator = w.estimator(session, batch_id=batch_id, models=models)

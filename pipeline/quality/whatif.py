@@ -156,8 +156,10 @@ def load(session: Session, *, batch_id: int) -> Records:
         elif d.reason_kind == "escalation" and d.from_tier:
             job.outcome[d.from_tier] = "left"
     worked_at: dict[int, str] = {}
-    for c in session.execute(select(ModelCall).where(ModelCall.job_id.in_(in_batch))
-                             .order_by(ModelCall.id)).scalars():
+    m = ModelCall
+    for c in session.execute(select(m.job_id, m.stage, m.tier, m.outcome, m.cost_usd, m.input_tokens, m.output_tokens,
+                                    m.cache_creation_input_tokens, m.cache_read_input_tokens)
+                             .where(m.job_id.in_(in_batch)).order_by(m.id)):
         job = jobs[c.job_id]
         cost = Decimal(c.cost_usd)
         if c.stage is Stage.TRIAGE:
@@ -182,7 +184,8 @@ def load(session: Session, *, batch_id: int) -> Records:
             else:
                 job.outcome.setdefault(tier, "open")
     shadowed = 0
-    for sh in session.execute(select(ShadowEvaluation).where(ShadowEvaluation.job_id.in_(in_batch))).scalars():
+    e = ShadowEvaluation
+    for sh in session.execute(select(e.job_id, e.status, e.agreed, e.reference_tier).where(e.job_id.in_(in_batch))):
         job = jobs[sh.job_id]
         if sh.status is ShadowStatus.DONE and sh.agreed is not None:
             shadowed += 1
@@ -201,6 +204,7 @@ class _Cells:
         self.cost: dict[tuple[str, ...], list[Decimal]] = defaultdict(list)
         self.left: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0, 0])
         self.agree: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0, 0])
+        self._means: dict[tuple[str, ...], Decimal | None] = {}
         for job in records.jobs:
             if job.start is None:
                 continue
@@ -223,6 +227,14 @@ class _Cells:
                 self.agree[(job.final_tier, d)][1] += 1
 
 
+    def mean(self, key: tuple[str, ...]) -> Decimal | None:
+        """The mean cost of a cell, worked out once: a sweep asks for it for every job and policy."""
+        if key not in self._means:
+            costs = self.cost.get(key)
+            self._means[key] = sum(costs, Decimal(0)) / len(costs) if costs else None
+        return self._means[key]
+
+
 def _route(job: _Job, policy: RoutingPolicy) -> str:
     if job.difficulty in (None, AMBIGUOUS) or job.confidence is None or job.confidence < policy.min_confidence:
         return policy.ambiguous
@@ -243,11 +255,11 @@ class _Estimator:
         d, kind = job.difficulty or AMBIGUOUS, job.kind
         for key, borrowed in (((tier, d, kind), None), ((tier, kind), f"its other {kind} jobs"),
                               ((tier,), "all its jobs")):
-            costs = self.cells.cost.get(key)
-            if costs:
+            mean = self.cells.mean(key)
+            if mean is not None:
                 if borrowed:
                     thin.add(f"cost at {tier} of {d} {kind} jobs: none was worked there, taken from {borrowed}")
-                return sum(costs, Decimal(0)) / len(costs)
+                return mean
         if job.usage is not None and tier in self.models.tiers:
             thin.add(f"cost at {tier}: no job was worked there, priced from each job's own tokens at its prices")
             return call_cost(self.models.tier(tier), job.usage, config=self.models)
@@ -393,8 +405,9 @@ def estimator(session: Session, *, batch_id: int, models: ModelConfig) -> _Estim
 # -- the policy asked for, and calibrate's choice --------------------------------------------------
 
 
-def custom_policy(models: ModelConfig, *, base: RoutingPolicy | None = None, min_confidence: float | None = None,
-                  routes: Sequence[str] = (), escalation: str | None = None) -> RoutingPolicy:
+def custom_policy(models: ModelConfig, *, base: RoutingPolicy | None = None, base_source: str | None = None,
+                  min_confidence: float | None = None, routes: Sequence[str] = (),
+                  escalation: str | None = None) -> RoutingPolicy:
     """``base`` (the configuration's policy by default) with the flags of `switchyard whatif` over it:
     ``--min-confidence``, ``--route DIFFICULTY=TIER`` and ``--escalation A,B,C``. A tier must have a
     [tiers] table in ``models``: the batch's records are priced by its tiers. InvalidQuery otherwise."""
@@ -408,7 +421,7 @@ def custom_policy(models: ModelConfig, *, base: RoutingPolicy | None = None, min
         return name
 
     for name in (*policy.by_difficulty.values(), policy.ambiguous, *policy.escalation):
-        tier(name, "the policy's [routing]")
+        tier(name, f"{base_source or models.source} [routing]")
     by_difficulty, ambiguous = dict(policy.by_difficulty), policy.ambiguous
     for route in routes:
         difficulty, sep, name = route.partition("=")

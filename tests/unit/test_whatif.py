@@ -231,6 +231,13 @@ def test_a_bad_policy_is_one_sentence(models: ModelConfig, kw: dict, message: st
         w.custom_policy(models, **kw)
 
 
+def test_a_config_whose_routing_names_a_tier_the_records_lack_is_refused(models: ModelConfig) -> None:
+    other = replace(models.routing, escalation=("sonnet", "mythos"))
+    with pytest.raises(InvalidQuery,
+                       match=r"^other.toml \[routing\] names tier 'mythos', which has no \[tiers.mythos\]"):
+        w.custom_policy(models, base=other, base_source="other.toml")
+
+
 def test_flags_build_the_policy_asked_for(models: ModelConfig) -> None:
     p = w.custom_policy(models, min_confidence=0.8, routes=["medium=opus", "easy=haiku"],
                         escalation="haiku,sonnet,opus")
