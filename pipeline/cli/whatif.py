@@ -21,7 +21,7 @@ from pipeline.config import DIFFICULTIES, ModelConfig, RoutingPolicy, load_confi
 from pipeline.quality.whatif import PolicyEstimate
 from pipeline.queries import history
 
-FIGURES = ("min conf", "cost", "vs recorded", "agreement", "95% interval", "thin")
+FIGURES = ("min conf", "cost", "vs recorded", "agreement", "95% interval", "covers", "thin")
 BatchOpt = Annotated[str, typer.Option(help="The batch (name or id) whose records are re-priced.")]
 EscalationOpt = Annotated[str | None, typer.Option(
     help="The escalation chain, cheapest first, such as haiku,sonnet,opus; the sweep maps onto its tiers.")]
@@ -84,7 +84,8 @@ def whatif(
             console.print(Text(f"{name}: thin: {note}"), style="dim")
     console.print(f"agreement: estimated from {estimator.records.shadowed:,} shadow result(s), 95% interval; cost: "
                   f"the jobs' own (triage, work, format checks), expected over escalations; thin: the cells it "
-                  f"relies on with under {w.THIN_BELOW} shadow results, or borrowed figures", style="dim")
+                  f"relies on with under {w.THIN_BELOW} shadow results, or borrowed figures; covers: the share of the "
+                  f"succeeded jobs in strata with a shadow result (the rest are left out)", style="dim")
 
 
 @app.command()
@@ -148,11 +149,12 @@ def _summary(e: PolicyEstimate, current: PolicyEstimate) -> str:
 
 
 def _frontier(estimates: list[PolicyEstimate]) -> list[PolicyEstimate]:
-    """The policies no cheaper one matches in agreement (point estimate), cheapest first."""
+    """The policies no cheaper one matches in agreement (point estimate), cheapest first. Only those
+    whose agreement covers every job they route: one that leaves jobs out would look better than it is."""
     out: list[PolicyEstimate] = []
     best = -1.0
     for e in sorted(estimates, key=lambda e: (e.cost_usd, -(e.agreement or 0))):
-        if e.agreement is not None and e.agreement > best:
+        if e.agreement is not None and e.uncovered == 0 and e.agreement > best:
             out.append(e)
             best = e.agreement
     return out
@@ -169,7 +171,7 @@ def _figures(e: PolicyEstimate, current: PolicyEstimate) -> list[str]:
     interval = "-" if e.low is None or e.high is None else f"{e.low:.0%}–{e.high:.0%}"
     ratio = float(e.cost_usd / current.cost_usd) if current.cost_usd else None
     return [f"{e.policy.min_confidence:.2f}", compact(e.cost_usd, "usd"), compact(ratio, "pct"),
-            compact(e.agreement, "pct"), interval, compact(len(e.thin)) if e.thin else ""]
+            compact(e.agreement, "pct"), interval, compact(e.coverage, "pct"), compact(len(e.thin)) if e.thin else ""]
 
 
 def _row(e: PolicyEstimate, current: PolicyEstimate, models: ModelConfig) -> dict[str, Any]:
