@@ -185,7 +185,7 @@ def test_status_json_reports_queues_workers_and_throughput(
     assert (queues["sonnet"]["workers"], queues["sonnet"]["concurrency"]) == (2, 8)
     assert (queues["validate"]["workers"], queues["validate"]["concurrency"]) == (1, 4)
     assert queues["triage"]["workers"] == queues["opus"]["workers"] == 0
-    assert all(q["depth"] == 0 for q in st["queues"])  # every batch above has finished
+    assert all(q["depth"] == 0 for q in st["queues"]), st["queues"]  # every batch above has finished
     pids = {w["pid"] for w in st["workers"]}
     assert pids == {p.popen.pid for p in cluster.procs if p.name.startswith("worker-")}
     assert st["finished_5m"].get("succeeded", 0) >= finished >= 3

@@ -135,7 +135,7 @@ def test_not_sampled_at_rate_0_nor_at_the_reference_tier(pipeline: Pipeline, tmp
 
 def test_a_reference_that_fails_the_jobs_checks_fails_the_shadow(pipeline: Pipeline, tmp_path: Path) -> None:
     _, jid, _h = succeed(pipeline, tmp_path, {"kind": "classify", "labels": LABELS,
-                                              "text": "x [fake:difficulty=easy] [fake:invalid=opus]"}, rate=1.0)
+                                              "text": "x [fake:difficulty=easy] [fake:error=refusal@opus]"}, rate=1.0)
     assert shadow.run(pipeline, jid) is None
     failed = row(pipeline, jid)
     assert failed is not None and failed.status is ShadowStatus.FAILED and failed.agreed is None
