@@ -18,7 +18,8 @@ import pipeline.cli.history
 import pipeline.cli.operate
 import pipeline.cli.quality
 import pipeline.cli.tasks
-import pipeline.cli.tenants  # noqa: F401  (registers tokens, tenants, serve)
+import pipeline.cli.tenants
+import pipeline.cli.whatif  # noqa: F401  (registers tokens, tenants, serve; whatif, calibrate)
 from pipeline.cli.common import app, err
 from pipeline.errors import SwitchyardError
 from pipeline.settings import mask_url

@@ -42,7 +42,7 @@ def wilson(successes: int, n: int, *, z: float = Z95) -> Interval | None:
 
 @dataclass(frozen=True)
 class Stratum:
-    jobs: int  # succeeded jobs in the stratum: its weight
+    jobs: float  # succeeded jobs in the stratum: its weight (whatif's are expected counts)
     shadowed: int  # shadowed jobs with a result
     agreed: int
     exact: bool = False  # at the reference tier: agreement 1 by definition, not sampled
