@@ -218,9 +218,11 @@ class Fake:
             r.read()
 
 
-def start_fake(procs: Processes, *, latency_ms: float = 0.0) -> Fake:
+def start_fake(procs: Processes, *, latency_ms: float = 0.0, args: list[str] | None = None) -> Fake:
+    """``args``: more of the fake's options (``--error-rates default``...)."""
     port = free_port()
-    argv = [sys.executable, "-m", "pipeline.fake_claude", "--port", str(port), "--latency-ms", str(latency_ms)]
+    argv = [sys.executable, "-m", "pipeline.fake_claude", "--port", str(port), "--latency-ms", str(latency_ms),
+            *(args or [])]
     proc = procs.start("fake-claude", argv, ready="listening on")
     return Fake(proc, f"http://127.0.0.1:{port}")
 

@@ -8,7 +8,7 @@ import io
 import pytest
 from rich.console import Console
 
-from bench import caching, enqueue, history, report
+from bench import caching, enqueue, history, quality, report
 
 
 @pytest.fixture
@@ -60,3 +60,26 @@ def test_caching_benchmark_at_toy_size(console: Console) -> None:
     # Cost targets on the work tiers only; the triage tier's cost is reported without one.
     assert [f.passed is not None for f in costs] == [False, True, True]
     assert "| caching |" in report.markdown(figures)
+
+
+def test_quality_benchmark_at_toy_size(console: Console) -> None:
+    figures = quality.run(quick=True, console=console, jobs=60, concurrency=4, latency_ms=0)
+    estimate, *costs, medium_opus, cascade = figures
+    runs = estimate.extra["runs"]
+    assert list(runs) == ["seed", "cascade", "medium=opus", "all-sonnet", "all-opus"]
+    assert all(r["succeeded"] == 60 for r in runs.values()), runs
+    # Opus's own run is the reference: it agrees with itself, and the pinned runs end where pinned.
+    assert runs["all-opus"]["agreement"] == 1.0 and runs["all-opus"]["tiers"] == {"opus": 60}
+    assert runs["all-sonnet"]["tiers"] == {"sonnet": 60} and runs["cascade"]["tiers"].get("haiku", 0) > 0
+    assert runs["medium=opus"]["tiers"]["opus"] > runs["seed"]["tiers"]["opus"], runs
+    # With the default error rates some answers are wrong (the draws are a hash of the job: fixed).
+    assert all(0.5 < r["accuracy"] <= 1 for r in runs.values()), runs
+    assert min(r["accuracy"] for r in runs.values()) < 1, runs
+    # The estimator reports a verdict either way (at this size the interval is wide).
+    assert estimate.passed is not None and estimate.extra["low"] <= estimate.extra["estimate"] <= estimate.extra["high"]
+    assert [f.baseline_name for f in costs] == ["all-opus"] * 4 and all(f.ratio and f.ratio > 0 for f in costs)
+    # whatif predicted both policies from the seed run, each against its own run.
+    for fig, name in ((medium_opus, "medium=opus"), (cascade, "cascade")):
+        assert name in fig.name and fig.passed is not None
+        assert fig.extra["actual_cost_usd"] == runs[name]["cost_usd"] and fig.extra["predicted_cost_usd"] > 0
+    assert "| quality |" in report.markdown(figures)

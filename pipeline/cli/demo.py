@@ -6,6 +6,11 @@ With no ANTHROPIC_API_KEY the bundled fake Claude answers, and the demo says so.
 routing policy SWITCHYARD_CONFIG names, and prints it: `make demo-cascade` runs the sample cascade
 (pipeline/samples/cascade.toml), where easy jobs are worked by Haiku and one sample job climbs
 Haiku -> Sonnet -> Opus.
+
+Its batches run with shadow evaluation on (``DEMO_SHADOW_RATE`` of the jobs that succeed below the
+reference tier are worked again by it), so each summary can set the estimated agreement with the
+reference beside the cost saved. The bundled fake answers wrongly at its default error rates
+(pipeline.fake_claude.rates), as models do, so that the agreement has something to measure.
 """
 
 from __future__ import annotations
@@ -14,23 +19,38 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy import func, select
 
 from pipeline import migrate
+from pipeline.cli.tables import compact
 from pipeline.config import DIFFICULTIES, ModelConfig
 from pipeline.errors import WaitTimedOut
 from pipeline.flow.runtime import check_claude
 from pipeline.flow.stages import Pipeline
 from pipeline.intake.enqueue import enqueue_file
-from pipeline.models import TERMINAL, JobStatus
+from pipeline.models import OPEN_SHADOW, TERMINAL, Job, JobStatus, ShadowEvaluation
 from pipeline.queries.history import batch_progress
+from pipeline.queries.quality import Quality, quality
 from pipeline.queries.report import Summary, summarize
 from pipeline.settings import Settings, mask_url
+
+# The demo's batches are small (51 and 12 jobs): half of the jobs below the reference shadowed gives
+# the estimate a few dozen results, at the price of that many reference calls (the summary says what).
+DEMO_SHADOW_RATE = 0.5
+
+
+@dataclass
+class DemoBatch:
+    name: str
+    summary: Summary
+    quality: Quality
 
 
 @contextmanager
@@ -42,11 +62,12 @@ def _fake_claude(settings: Settings, console: Console) -> Iterator[Settings]:
         check_claude(settings)
         yield settings
         return
-    from pipeline.fake_claude import FakeClaude, FakeOptions
+    from pipeline.fake_claude import DEFAULT_ERROR_RATES, FakeClaude, FakeOptions
 
-    with FakeClaude(options=FakeOptions(latency_ms=40, latency_jitter_ms=40)) as fake:
+    options = FakeOptions(latency_ms=40, latency_jitter_ms=40, error_rates=DEFAULT_ERROR_RATES)
+    with FakeClaude(options=options) as fake:
         console.print("[bold yellow]No ANTHROPIC_API_KEY: answers are simulated by the bundled fake Claude "
-                      f"at {fake.base_url}.[/]")
+                      f"at {fake.base_url}, wrong at its default error rates.[/]")
         yield settings.model_copy(update={"anthropic_api_key": "fake-key", "anthropic_base_url": fake.base_url})
 
 
@@ -62,7 +83,7 @@ def sample_path(name: str = "demo.jsonl") -> Path:
     return Path(str(resources.files("pipeline").joinpath(f"samples/{name}")))
 
 
-def _enqueue_task_sample(p: Pipeline, settings: Settings, batch: str) -> int:
+def _enqueue_task_sample(p: Pipeline, settings: Settings, batch: str, *, shadow_rate: float) -> int:
     """The README's example task (pipeline/samples/ticket-topic.toml), applied as the operator's,
     and a few tickets that name it: the second batch of the default demo. Returns its batch id."""
     from pipeline.intake import tasks
@@ -72,15 +93,16 @@ def _enqueue_task_sample(p: Pipeline, settings: Settings, batch: str) -> int:
     with p.sessions() as session:
         tasks.apply(session, spec, tenant_id=None)
         session.commit()
-    report = enqueue_file(p.sessions, sample_path("ticket-topic-jobs.jsonl"), batch=batch, config=settings.models)
+    report = enqueue_file(p.sessions, sample_path("ticket-topic-jobs.jsonl"), batch=batch, config=settings.models,
+                          shadow_rate=shadow_rate)
     assert report.batch_id is not None
     return report.batch_id
 
 
 def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = None,
-             timeout_s: float = 300.0) -> list[tuple[str, Summary]]:
-    """Run ``jobs_file`` (default: the bundled sample, then a second batch of task jobs) to its end
-    and return each batch's name and summary."""
+             shadow_rate: float = DEMO_SHADOW_RATE, timeout_s: float = 300.0) -> list[DemoBatch]:
+    """Run ``jobs_file`` (default: the bundled sample, then a second batch of task jobs) to its end,
+    its shadows included, and return each batch's name, summary and quality figures."""
     from pipeline.flow.dispatch import run_dispatcher
     from pipeline.flow.runtime import build_pipeline
     from workers.base import install_pipeline, publisher
@@ -100,12 +122,15 @@ def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = N
         # broker URL is the app's own.
         app = workers.celery.app
         batch = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        report = enqueue_file(p.sessions, jobs_file or sample_path(), batch=batch, config=settings.models)
-        console.print(f"Enqueued {report.accepted} jobs into batch [bold]{batch}[/].")
+        report = enqueue_file(p.sessions, jobs_file or sample_path(), batch=batch, config=settings.models,
+                              shadow_rate=shadow_rate)
+        console.print(f"Enqueued {report.accepted} jobs into batch [bold]{batch}[/], shadow rate {shadow_rate:g} "
+                      f"(reference tier {settings.models.routing.reference}).")
         assert report.batch_id is not None
         batches = [(batch, report.batch_id)]
         if jobs_file is None:
-            batches.append((f"{batch}-tasks", _enqueue_task_sample(p, settings, f"{batch}-tasks")))
+            batches.append((f"{batch}-tasks", _enqueue_task_sample(p, settings, f"{batch}-tasks",
+                                                                   shadow_rate=shadow_rate)))
             console.print(f"Enqueued the tickets of task [bold]ticket-topic[/] into batch [bold]{batch}-tasks[/].")
 
         stop = threading.Event()
@@ -125,10 +150,24 @@ def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = N
                 stop.set()
                 dispatcher.join(10)
         with p.sessions() as session:
-            summaries = [(name, summarize(session, settings.models, batch_id=batch_id)) for name, batch_id in batches]
+            summaries = [DemoBatch(name, summarize(session, settings.models, batch_id=batch_id),
+                                   quality(session, settings.models, batch_id=batch_id)) for name, batch_id in batches]
         install_pipeline(None)
         p.client.close()
         return summaries
+
+
+def quality_line(batch: DemoBatch) -> str:
+    """The saving beside what it cost in quality: the estimated agreement with the reference tier."""
+    s, q = batch.summary, batch.quality
+    saved = f"saved {s.saving_ratio:.0%} against all-{s.top_tier}"
+    if q.agreement is None or q.agreement_low is None or q.agreement_high is None:
+        why = "no job has succeeded" if q.succeeded == 0 else f"no shadowed job below {q.reference_tier} has a result"
+        return f"{saved}; agreement with {q.reference_tier} not estimated: {why}"
+    coverage = f", covering {q.coverage:.0%} of the jobs" if q.coverage is not None and q.coverage < 1 else ""
+    return (f"{saved}; estimated agreement with {q.reference_tier} {q.agreement:.2f} "
+            f"[{q.agreement_low:.2f}, {q.agreement_high:.2f}] from {q.evaluated} shadowed jobs{coverage} "
+            f"(evaluation cost {compact(q.evaluation_cost_usd, 'usd')})")
 
 
 def _follow(p: Pipeline, batch_id: int, console: Console, *, timeout_s: float) -> None:
@@ -140,10 +179,20 @@ def _follow(p: Pipeline, batch_id: int, console: Console, *, timeout_s: float) -
             with p.sessions() as session:
                 now = batch_progress(db_session=session, batch_id=batch_id)
             bar.update(task, completed=now.done, total=now.total)
-            if now.total and now.done >= now.total:
+            shadows = _open_shadows(p, batch_id) if now.total and now.done >= now.total else 0
+            if now.total and now.done >= now.total and not shadows:
                 return
             if time.monotonic() > deadline:
                 waiting = ", ".join(f"{n} {s}" for s, n in now.by_status.items() if JobStatus(s) not in TERMINAL)
+                waiting = waiting or f"{shadows} shadow evaluation(s) still open"
                 raise WaitTimedOut(f"the demo batch did not finish within {timeout_s:.0f} s: {now.done} of "
                                    f"{now.total} jobs ended, and {waiting}; the log above may say why")
             time.sleep(0.2)
+
+
+def _open_shadows(p: Pipeline, batch_id: int) -> int:
+    """The batch's shadows still on their way: they run after their jobs, at the lowest priority."""
+    with p.sessions() as session:
+        return session.scalar(select(func.count()).select_from(ShadowEvaluation)
+                              .join(Job, Job.id == ShadowEvaluation.job_id)
+                              .where(Job.batch_id == batch_id, ShadowEvaluation.status.in_(OPEN_SHADOW))) or 0

@@ -286,11 +286,20 @@ def fake_claude(
 @app.command()
 def demo(
     jobs: Annotated[Path | None, typer.Option(help="Jobs file (default: the bundled sample).")] = None,
+    shadow_rate: Annotated[float | None, typer.Option(
+        help="Share of the jobs that succeed below the reference tier worked again by it, to estimate "
+             "agreement (0 turns it off); default 0.5.")] = None,
 ) -> None:
     """Run the whole pipeline on sample jobs: SQLite, in-process broker, fake Claude by default.
-    Without --jobs, a second batch runs the example task (pipeline/samples/ticket-topic.toml)."""
-    from pipeline.cli.demo import run_demo
+    Without --jobs, a second batch runs the example task (pipeline/samples/ticket-topic.toml).
+    Each summary ends with the saving and the estimated agreement with the reference tier."""
+    from pipeline.cli.demo import DEMO_SHADOW_RATE, quality_line, run_demo
 
-    for name, summary in run_demo(settings(), console=console, jobs_file=jobs):
-        console.rule(f"batch {name}")
-        print_summary(summary)
+    shadow_rate = DEMO_SHADOW_RATE if shadow_rate is None else shadow_rate
+    if not 0 <= shadow_rate <= 1:
+        raise InvalidInput(f"--shadow-rate must be a number from 0 to 1 (the share of jobs shadowed), "
+                           f"not {shadow_rate}")
+    for batch in run_demo(settings(), console=console, jobs_file=jobs, shadow_rate=shadow_rate):
+        console.rule(f"batch {batch.name}")
+        print_summary(batch.summary)
+        console.print(quality_line(batch), markup=False, highlight=False)

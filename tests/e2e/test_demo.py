@@ -26,7 +26,24 @@ def run_demo(tmp_path: Path, **env_extra: str) -> str:
     # The second batch: the README's example task, applied, and its tickets worked under it.
     assert re.search(r"batch demo-[\d-]+-tasks", text), text
     assert re.search(r"jobs: 12 \(succeeded 12\)", text), text
+    # Each batch's summary ends with the saving and the estimated agreement, from its shadowed jobs.
+    assert "shadow rate 0.5 (reference tier opus)" in text, text
+    lines = quality_lines(text)
+    assert len(lines) == 2, text
+    for saved, estimate, low, high, shadowed, cost in lines:
+        assert 0 < saved < 100 and shadowed > 0 and cost > 0, text
+        assert 0 <= low <= estimate <= high <= 1, text
     return text
+
+
+QUALITY = re.compile(r"saved (\d+)% against all-opus; estimated agreement with opus (\d\.\d\d) "
+                     r"\[(\d\.\d\d), (\d\.\d\d)\] from (\d+) shadowed jobs(?:, covering \d+% of the jobs)? "
+                     r"\(evaluation cost \$([\d.]+)\)")
+
+
+def quality_lines(text: str) -> list[tuple[int, float, float, float, int, float]]:
+    return [(int(m[1]), float(m[2]), float(m[3]), float(m[4]), int(m[5]), float(m[6]))
+            for m in QUALITY.finditer(text)]
 
 
 def ended_at(text: str) -> dict[str, int]:
@@ -58,3 +75,13 @@ def test_demo_under_the_cascade_gives_haiku_work(tmp_path: Path) -> None:
     assert routed.get("haiku", 0) > 0 and routed.get("sonnet", 0) > 0 and routed.get("opus", 0) > 0, text
     # The sample job Haiku and then Sonnet get wrong climbs the whole chain: two escalations.
     assert escalations(text) >= 2, text
+
+
+def test_demo_refuses_a_shadow_rate_outside_0_to_1(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "SWITCHYARD_"))}
+    env.update(DATABASE_URL=f"sqlite:///{tmp_path}/demo.sqlite", COLUMNS="200")
+    out = subprocess.run([SWITCHYARD, "demo", "--shadow-rate", "2"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0
+    assert "--shadow-rate must be a number from 0 to 1" in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
