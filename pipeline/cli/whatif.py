@@ -5,6 +5,7 @@ pipeline.cli.app imports it."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources
@@ -21,7 +22,7 @@ from pipeline.config import DIFFICULTIES, ModelConfig, RoutingPolicy, load_confi
 from pipeline.quality.whatif import PolicyEstimate
 from pipeline.queries import history
 
-FIGURES = ("min conf", "cost", "vs recorded", "agreement", "95% interval", "covers", "thin")
+FIGURES = ("min conf", "cost", "vs now", "agreement", "95% interval", "covers", "thin")
 BatchOpt = Annotated[str, typer.Option(help="The batch (name or id) whose records are re-priced.")]
 EscalationOpt = Annotated[str | None, typer.Option(
     help="The escalation chain, cheapest first, such as haiku,sonnet,opus; the sweep maps onto its tiers.")]
@@ -64,15 +65,19 @@ def whatif(
                      "asked": _row(wanted, current, models), "sweep": [_row(e, current, models) for e in swept]})
         return
     shown = swept if show_all else _frontier(swept)
-    rows = [current, wanted, *(e for e in shown if not any(w.same_routing(e.policy, m.policy)
-                                                           for m in (current, wanted)))]
+    marked = [current] if w.same_routing(wanted.policy, current.policy) else [current, wanted]
+    rows = [*marked, *(e for e in shown if not any(w.same_routing(e.policy, m.policy) for m in marked))]
     rows.sort(key=lambda e: e.cost_usd)
     title = Text.assemble("cost against agreement with ", models.routing.reference, " (batch ", _plain(batch), ")")
-    table = new_table(("", *DIFFICULTIES, "ambiguous", *FIGURES), figures=FIGURES, title=title)
+    # The mapping in one narrow column, a letter a tier, so that the table fits a terminal.
+    short = _short_names(models.tiers)
+    table = new_table(("", "route", *FIGURES), figures=FIGURES, title=title)
     for e in rows:
-        table.add_row(_mark(e, current, wanted), *(e.policy.by_difficulty[d] for d in DIFFICULTIES),
-                      e.policy.ambiguous, *_figures(e, current))
+        table.add_row(_mark(e, current, wanted), " ".join(short[t] for t in (
+            *(e.policy.by_difficulty[d] for d in DIFFICULTIES), e.policy.ambiguous)), *_figures(e, current))
     console.print(table)
+    console.print(f"route: the tiers of {', '.join(DIFFICULTIES)} and ambiguous jobs ("
+                  + ", ".join(f"{short[t]} {t}" for t in models.tiers if short[t] != t) + ")", style="dim")
     console.print(f"escalation {' -> '.join(asked.escalation)} for the sweep, {' -> '.join(models.routing.escalation)} "
                   f"for the current policy; {len(swept)} policies swept, "
                   f"{'all shown' if show_all else 'shown: the cheapest for their agreement (--all: every one)'}",
@@ -160,11 +165,18 @@ def _frontier(estimates: list[PolicyEstimate]) -> list[PolicyEstimate]:
     return out
 
 
+def _short_names(tiers: Iterable[str]) -> dict[str, str]:
+    """Each tier by its initial (haiku H, sonnet S, opus O), or by its name where initials clash."""
+    names = list(tiers)
+    initials = {t: t[:1].upper() for t in names}
+    return initials if len(set(initials.values())) == len(names) else {t: t for t in names}
+
+
 def _mark(e: PolicyEstimate, current: PolicyEstimate, asked: PolicyEstimate) -> Text:
     from pipeline.quality.whatif import same_routing
 
     marks = [name for name, m in (("current", current), ("asked", asked)) if same_routing(e.policy, m.policy)]
-    return Text(", ".join(marks), "bold")
+    return Text("=".join(marks), "bold")
 
 
 def _figures(e: PolicyEstimate, current: PolicyEstimate) -> list[str]:
