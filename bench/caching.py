@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from importlib import resources
@@ -249,19 +248,6 @@ def _apply(workdir: Path, e: dict[str, str]) -> None:
         raise RuntimeError(f"switchyard tasks apply failed:\n{applied.stdout}{applied.stderr}")
 
 
-def _start_together(procs: env.Processes, concurrency: dict[str, int], *, extra_env: dict[str, str],
-                    while_starting: Callable[[], None]) -> None:
-    """The four workers and the dispatcher, started at once and then waited for: one after another,
-    their start-ups took most of a toy-sized run."""
-    started = [(procs.start(f"worker-{tier}", env.switchyard("worker", "--tier", tier, "--concurrency",
-                                                             str(concurrency[tier]), "--loglevel", "INFO"),
-                            ready=None, env=extra_env), " ready.") for tier in TIERS]
-    started.append((procs.start("dispatcher", env.switchyard("dispatcher"), ready=None, env=extra_env), "dispatcher:"))
-    while_starting()
-    env.wait_until(lambda: all(mark in proc.log.read_text(errors="replace") for proc, mark in started),
-                   timeout=120, interval=0.1, procs=procs, what="the workers and the dispatcher ready")
-
-
 def measure(*, caching: bool, n: int, concurrency: dict[str, int], latency_ms: float, workdir: Path,
             console: Console) -> Run:
     label = "on" if caching else "off"
@@ -276,7 +262,7 @@ def measure(*, caching: bool, n: int, concurrency: dict[str, int], latency_ms: f
         e = env.switchyard_env(database_url=db, broker=broker, claude_url="", SWITCHYARD_CONFIG=str(config_path))
         with env.Processes(e, workdir=workdir) as procs:
             fake = env.start_fake(procs, latency_ms=latency_ms)
-            _start_together(procs, concurrency, extra_env={"ANTHROPIC_BASE_URL": fake.url},
+            env.start_together(procs, {tier: concurrency[tier] for tier in TIERS}, env={"ANTHROPIC_BASE_URL": fake.url},
                             while_starting=lambda: _apply(workdir, e))
             path = write_jsonl(workdir / f"jobs-{label}.jsonl", task_jobs(n))
             console.print(f"  caching {label}: {n:,} jobs ...")

@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,6 +239,21 @@ def start_worker(procs: Processes, tier: str, *, concurrency: int, loglevel: str
 
 def start_dispatcher(procs: Processes, *, env: dict[str, str] | None = None) -> Proc:
     return procs.start("dispatcher", switchyard("dispatcher"), ready="dispatcher:", env=env)
+
+
+def start_together(procs: Processes, concurrency: Mapping[str, int], *, env: dict[str, str],
+                   while_starting: Callable[[], None] | None = None) -> None:
+    """A worker for each queue (``concurrency``: queue -> threads) and the dispatcher, started at
+    once and then waited for: one after another, their start-ups took most of a toy-sized run.
+    ``while_starting`` runs meanwhile."""
+    started = [(procs.start(f"worker-{queue}", switchyard("worker", "--tier", queue, "--concurrency", str(threads),
+                                                          "--loglevel", "INFO"), ready=None, env=env), " ready.")
+               for queue, threads in concurrency.items()]
+    started.append((procs.start("dispatcher", switchyard("dispatcher"), ready=None, env=env), "dispatcher:"))
+    if while_starting is not None:
+        while_starting()
+    wait_until(lambda: all(mark in proc.log.read_text(errors="replace") for proc, mark in started),
+               timeout=120, interval=0.1, procs=procs, what="the workers and the dispatcher ready")
 
 
 def wait_until(predicate: Any, *, timeout: float, interval: float = 0.1, procs: Processes | None = None,

@@ -150,14 +150,7 @@ def measure(policy: Policy, jobs: list[dict[str, Any]], *, workdir: Path, latenc
             fake = env.start_fake(procs, latency_ms=latency_ms,
                                   args=["--error-rates", "default", "--triage-noise", str(TRIAGE_NOISE)])
             claude = {"ANTHROPIC_BASE_URL": fake.url}
-            # Started at once and then waited for: one after another, their start-ups add up.
-            started = [(procs.start(f"worker-{queue}", env.switchyard("worker", "--tier", queue, "--concurrency",
-                                                                      str(threads), "--loglevel", "INFO"),
-                                    ready=None, env=claude), " ready.") for queue, threads in per_queue.items()]
-            started.append((procs.start("dispatcher", env.switchyard("dispatcher"), ready=None, env=claude),
-                            "dispatcher:"))
-            env.wait_until(lambda: all(mark in p.log.read_text(errors="replace") for p, mark in started),
-                           timeout=120, procs=procs, what="the workers and the dispatcher ready")
+            env.start_together(procs, per_queue, env=claude)
             console.print(f"  {policy.name}: {len(jobs):,} jobs, queues {per_queue} ...")
             t0 = time.monotonic()
             report = enqueue_file(sessions, path, batch=f"quality-{policy.name}", config=models,

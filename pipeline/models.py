@@ -284,6 +284,9 @@ class RoutingDecision(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     reason_kind: Mapped[str] = mapped_column(String(20))  # triage | pinned | retry | escalation
     verdict: Mapped[str | None] = mapped_column(String(20))  # easy | medium | hard | ambiguous
+    # The difficulty triage named, before the confidence threshold made a low-confidence one
+    # "ambiguous" (verdict); NULL when it named none it could parse, and on rows before the column.
+    triaged_as: Mapped[str | None] = mapped_column(String(20))
     confidence: Mapped[float | None]
     reason: Mapped[str | None] = mapped_column(Text)
     from_tier: Mapped[str | None] = mapped_column(String(40))

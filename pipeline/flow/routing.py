@@ -19,6 +19,8 @@ class TriageVerdict:
     confidence: float | None
     reason: str
     parsed: bool
+    # The difficulty the answer named, whatever its confidence; None if it named none.
+    triaged_as: str | None = None
 
 
 def _json_object(text: str) -> str:
@@ -64,11 +66,12 @@ def _read_triage(text: str | None, *, min_confidence: float) -> TriageVerdict:
     confidence = data.get("confidence")
     if isinstance(confidence, bool) or not isinstance(confidence, int | float) or not 0 <= confidence <= 1:
         return TriageVerdict(AMBIGUOUS, None, f"{difficulty}, but confidence {confidence!r} is not in [0, 1]",
-                             parsed=False)
+                             parsed=False, triaged_as=difficulty)
     if confidence < min_confidence:
         return TriageVerdict(AMBIGUOUS, float(confidence),
-                             f"{difficulty} with low confidence {confidence:.2f}: {reason}", parsed=True)
-    return TriageVerdict(difficulty, float(confidence), reason, parsed=True)
+                             f"{difficulty} with low confidence {confidence:.2f}: {reason}", parsed=True,
+                             triaged_as=difficulty)
+    return TriageVerdict(difficulty, float(confidence), reason, parsed=True, triaged_as=difficulty)
 
 
 def tier_for(verdict: TriageVerdict, policy: RoutingPolicy) -> str:

@@ -548,7 +548,8 @@ def triage(p: Pipeline, job_id: int) -> Handoff | None:
         *_call_writes(p, call_id=call_id, claim=claim, stage=Stage.TRIAGE, tier=tier, attempts=result.attempts),
         *_stale_cost(job_id, cost),
         Also(_DECISIONS, rows=[{"job_id": job_id, "reason_kind": "triage", "verdict": verdict.difficulty,
-                          "confidence": verdict.confidence, "reason": verdict.reason, "from_tier": None,
+                          "triaged_as": verdict.triaged_as, "confidence": verdict.confidence,
+                          "reason": verdict.reason, "from_tier": None,
                           "to_tier": target, "created_at": utcnow()}]),
     ]
 

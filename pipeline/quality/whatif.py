@@ -129,11 +129,15 @@ class Records:
     shadowed: int  # shadows with a result
 
 
-def raw_difficulty(verdict: str | None, confidence: float | None, reason: str | None) -> str:
-    """The difficulty triage saw, before the threshold: a low-confidence verdict is recorded as
-    ambiguous, its difficulty at the head of its reason. An unparsed verdict is ambiguous."""
+def raw_difficulty(verdict: str | None, confidence: float | None, reason: str | None,
+                   triaged_as: str | None = None) -> str:
+    """The difficulty triage saw, before the threshold: recorded as ``triaged_as``; on decisions
+    from before that column, a low-confidence verdict (recorded as ambiguous) has it at the head of
+    its reason. An unparsed verdict is ambiguous."""
     if verdict in DIFFICULTIES:
         return verdict
+    if confidence is not None and triaged_as in DIFFICULTIES:
+        return triaged_as
     if confidence is not None and reason and (m := _LOW_CONFIDENCE.match(reason)):
         return m.group(1)
     return AMBIGUOUS
@@ -150,7 +154,7 @@ def load(session: Session, *, batch_id: int) -> Records:
                              .order_by(RoutingDecision.id)).scalars():
         job = jobs[d.job_id]
         if d.reason_kind == "triage":
-            job.difficulty = raw_difficulty(d.verdict, d.confidence, d.reason)
+            job.difficulty = raw_difficulty(d.verdict, d.confidence, d.reason, d.triaged_as)
             job.confidence = d.confidence if job.difficulty != AMBIGUOUS else None
             job.start = d.to_tier
         elif d.reason_kind == "escalation" and d.from_tier:

@@ -139,6 +139,12 @@ def test_two_hundred_mixed_jobs_end_to_end(cluster: Cluster, sessions: sessionma
                                    stop_reason=triage_call.stop_reason)
             assert decisions[0].reason_kind == "triage"
             assert decisions[0].verdict == verdict.difficulty == job.difficulty
+            # What triage named, before the threshold: an unsure verdict is routed as ambiguous, and
+            # keeps the difficulty it named.
+            assert decisions[0].triaged_as == verdict.triaged_as
+            if "[fake:confidence=0.2]" in json.dumps(job.payload):
+                assert decisions[0].verdict == "ambiguous", job.key
+                assert decisions[0].triaged_as in ("easy", "medium", "hard"), job.key
             assert decisions[0].to_tier == tier_for(verdict, models.routing) == first_work.tier
 
         # Steered jobs took the path their hints force. Those steered to fail at Sonnet went there,

@@ -258,6 +258,8 @@ def test_the_written_configuration_loads_as_the_policy_and_keeps_the_rest(models
 @pytest.mark.parametrize("difficulty", ["easy", "medium", "hard"])
 def test_the_difficulty_under_a_low_confidence_verdict_is_read_back(difficulty: str) -> None:
     v = parse_triage(f'{{"difficulty": "{difficulty}", "confidence": 0.4, "reason": "r"}}', min_confidence=0.6)
-    assert v.difficulty == "ambiguous"
+    assert v.difficulty == "ambiguous" and v.triaged_as == difficulty
+    # As recorded now (routing_decisions.triaged_as), and as before that column (the reason's text).
+    assert w.raw_difficulty(v.difficulty, v.confidence, "something else", v.triaged_as) == difficulty
     assert w.raw_difficulty(v.difficulty, v.confidence, v.reason) == difficulty
     assert w.raw_difficulty("ambiguous", None, "triage answer is not JSON") == "ambiguous"
