@@ -109,7 +109,7 @@ def test_a_batch_rides_out_rate_limits_and_overloads(own_database: str, own_sess
     ok = sum(1 for c in calls if c.outcome == "ok")
     assert max(sends.values()) <= 6 * CALL_ATTEMPTS, sends.most_common(3)
     assert len(calls) / ok < 2.0, (len(calls), ok)  # 1 / 0.6 expected
-    assert took_s < 120
+    # How long it took is a figure (reported below), not an assertion: these machines are shared.
     figures["transient faults: 429 at 30% (retry-after 2 s) + 529 at 10%"] = summary(
         facts, seconds=round(took_s, 1), stages_requeued=len(requeued), most_sends_per_call=max(sends.values()),
         sends_per_answer=round(len(calls) / ok, 2))
