@@ -13,12 +13,14 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Enum,
     ForeignKey,
     Index,
     Integer,
     Numeric,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -103,6 +105,7 @@ class Tenant(Base):
     """A team using the HTTP API. Its limits are NULL when it has none."""
 
     __tablename__ = "tenants"
+    __table_args__ = (CheckConstraint("weight > 0", name="weight_positive"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
@@ -110,6 +113,9 @@ class Tenant(Base):
     # takes the oldest first, so a tenant's backlog delays everyone submitted after it.
     max_jobs_in_flight: Mapped[int | None] = mapped_column(Integer)
     max_spend_per_day_usd: Mapped[Decimal | None] = mapped_column(Money)
+    # The tenant's share of the dispatcher's round robin against the other tenants with queued jobs
+    # at the same priority (pipeline.flow.admission): weight 2 gets twice the jobs in flight of weight 1.
+    weight: Mapped[float] = mapped_column(default=1.0, server_default="1")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
 
 
@@ -135,6 +141,7 @@ class Batch(Base):
         UniqueConstraint("tenant_id", "name"),
         Index("uq_batches_name_no_tenant", "name", unique=True,
               postgresql_where=text("tenant_id IS NULL"), sqlite_where=text("tenant_id IS NULL")),
+        CheckConstraint("priority BETWEEN 0 AND 9", name="priority_range"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -145,6 +152,9 @@ class Batch(Base):
     # The share of this batch's jobs shadowed (enqueue --shadow-rate), over the task's and the
     # configuration's; NULL: not set for the batch.
     shadow_rate: Mapped[float | None]
+    # 0-9: the dispatcher admits a higher priority's queued jobs first, and its messages carry it
+    # (pipeline.flow.admission). Set at enqueue (--priority), else by the task, else 5.
+    priority: Mapped[int] = mapped_column(SmallInteger, default=5, server_default="5")
 
 
 class Task(Base):
@@ -187,6 +197,10 @@ class Job(Base):
         Index("ix_jobs_batch_id_id", "batch_id", "id"),
         Index("ix_jobs_batch_id_status_id", "batch_id", "status", "id", postgresql_include=["tier", "escalations"]),
         Index("ix_jobs_status_id", "status", "id"),
+        # The dispatcher's admission (pipeline.flow.admission): which batches have queued jobs, and
+        # each one's oldest. Partial: a job is in it only while queued.
+        Index("ix_jobs_queued_batch_id", "batch_id", "id", postgresql_where=text("status = 'queued'"),
+              sqlite_where=text("status = 'queued'")),
         Index("ix_jobs_created_at", "created_at", postgresql_using="brin"),
         # Jobs of a tier in a time window. Partial: a job enters it only once triage gives it a
         # tier, so enqueueing and the first transitions do not pay for it.

@@ -25,17 +25,18 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 import redis
-from kombu.transport.redis import PRIORITY_STEPS
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import ModelConfig
+from pipeline.flow.admission import BROKER_PRIORITY_STEPS as PRIORITY_STEPS
 from pipeline.models import ACTIVE, TERMINAL, Job, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
 
 # kombu's Redis transport keeps a queue's messages of priority p > 0 in a list of its own named
-# queue + "\x06\x16" + p; counting only the base list, as some queue-depth exporters do, misses them.
+# queue + "\x06\x16" + p (a list per level: workers.config sets them); counting only the base list,
+# as some queue-depth exporters do, misses them.
 PRIORITY_SEP = "\x06\x16"
 UNACKED_KEY = "unacked"  # kombu: messages delivered to a worker and not yet acked (ETA ones too)
 

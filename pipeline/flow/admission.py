@@ -1,0 +1,245 @@
+"""Which queued jobs the dispatcher admits next: by priority, then round robin across tenants, then
+across a tenant's batches.
+
+Each round the dispatcher has ``room`` free places (``max_in_flight`` less the jobs in a stage). They
+go to the highest priority with queued jobs first; only when its batches run out of queued jobs does
+the next priority get the rest. Within a priority, each place goes to the tenant with the fewest
+jobs in flight at that priority for its weight (``tenants.weight``; the operator's own batches, from
+the CLI without ``--tenant``, count as one tenant of weight 1), and within that tenant to its batch
+with the fewest jobs in flight, the older batch on a tie. Counting what is in flight rather than
+remembering whose turn it was keeps the policy stateless: Postgres is the only record, any number
+of dispatchers agree, and a place freed one at a time still goes to whoever is furthest below its
+share. Over the places of many rounds it is round robin (weighted): a 500,000-job batch holds half
+the places beside one other tenant's batch, and all of them once that batch has drained.
+
+The policy (``allocate``) is a plain function. Reading it from Postgres (``admit``) stays on indexes
+whatever the backlog: the batches with queued jobs come from a loose index scan of
+``ix_jobs_queued_batch_id`` (one index descent per such batch, not a read of the queued jobs), the
+jobs in flight per batch from ``ix_jobs_batch_id_status_id``, and each batch's share from the same
+partial index, its oldest first, ``LIMIT`` its share: a round reads about ``room`` jobs, never the
+backlog.
+
+The broker carries the priority too (``message_priority``): kombu's Redis transport keeps a list per
+priority level and a worker pops them in order, so a stage of an urgent batch is taken before the
+bulk messages already waiting in its queue.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sqlalchemy import BigInteger, Integer, column, func, select, text, true, values
+
+from pipeline.db import Executor, dialect_name
+from pipeline.errors import InvalidInput
+from pipeline.models import ACTIVE, Batch, Job, JobStatus, Tenant
+from pipeline.names import quoted
+
+MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 0, 9, 5
+
+# The Redis transport's priority levels (``broker_transport_options["priority_steps"]``): one list per
+# level, 0 popped first. kombu's default has four (0, 3, 6, 9), which would fold the ten batch
+# priorities into four; every level has its own list here.
+BROKER_PRIORITY_STEPS = tuple(range(10))
+# The last level is shadow evaluation's (pipeline.flow.stages.SHADOW_PRIORITY): it runs only when no
+# job's stage waits, so no job's message goes there.
+LAST_BROKER_PRIORITY = BROKER_PRIORITY_STEPS[-1]
+
+
+def valid_priority(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and MIN_PRIORITY <= value <= MAX_PRIORITY
+
+
+def check_priority(value: object, *, what: str = "the priority") -> int:
+    if not valid_priority(value):
+        raise InvalidInput(f"{what} must be a whole number from {MIN_PRIORITY} to {MAX_PRIORITY} ({MAX_PRIORITY} is "
+                           f"admitted first, {DEFAULT_PRIORITY} by default), not {quoted(value)}")
+    return value  # type: ignore[return-value]
+
+
+def message_priority(priority: int) -> int:
+    """The broker priority of a job's messages for its batch's priority: 9 (admitted first) goes to
+    level 0 (popped first), 8 to 1, ... and 1 and 0 share level 8, the last before the shadows'."""
+    return min(MAX_PRIORITY - priority, LAST_BROKER_PRIORITY - 1)
+
+
+# -- the policy ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Group:
+    """A batch with queued jobs, as the policy sees it."""
+
+    batch_id: int
+    priority: int
+    tenant_id: int | None  # None: the operator's own batches, which count as one tenant
+    weight: float = 1.0
+    in_flight: int = 0  # its jobs in a stage now
+    # Queued jobs it can still give; None: at least as many as the room (not counted, since
+    # counting a large batch's backlog is what this module avoids).
+    available: int | None = None
+
+
+def allocate(room: int, groups: Iterable[Group]) -> dict[int, int]:
+    """How many jobs of each batch to admit into ``room`` places (batch id -> jobs; none listed for
+    a batch that gets nothing). One place at a time: the highest priority first; within it, the
+    tenant with the fewest jobs in flight for its weight (counting what this round gives), the one
+    with the older batch on a tie; within the tenant, its batch with the fewest in flight, the older
+    on a tie. A batch gives no more than it has ``available``."""
+    out: dict[int, int] = {}
+    levels: dict[int, list[Group]] = defaultdict(list)
+    for g in groups:
+        if g.available is None or g.available > 0:
+            levels[g.priority].append(g)
+    for priority in sorted(levels, reverse=True):
+        if room <= 0:
+            break
+        room = _round_robin(room, levels[priority], out)
+    return out
+
+
+def _round_robin(room: int, groups: Sequence[Group], out: dict[int, int]) -> int:
+    by_tenant: dict[int | None, list[Group]] = defaultdict(list)
+    for g in groups:
+        by_tenant[g.tenant_id].append(g)
+    tenants: list[tuple[float, int, int | None]] = []  # (in flight / weight, oldest batch, tenant)
+    batches: dict[int | None, list[tuple[int, int]]] = {}  # tenant -> heap of (in flight, batch id)
+    load: dict[int | None, int] = {}
+    weight: dict[int | None, float] = {}
+    left: dict[int, int | None] = {}
+    for tenant, mine in by_tenant.items():
+        load[tenant] = sum(g.in_flight for g in mine)
+        weight[tenant] = max(mine[0].weight, 1e-9)
+        batches[tenant] = [(g.in_flight, g.batch_id) for g in mine]
+        heapq.heapify(batches[tenant])
+        tenants.append((load[tenant] / weight[tenant], min(g.batch_id for g in mine), tenant))
+        left.update({g.batch_id: g.available for g in mine})
+    heapq.heapify(tenants)
+    while room > 0 and tenants:
+        _, oldest, tenant = heapq.heappop(tenants)
+        in_flight, batch_id = heapq.heappop(batches[tenant])
+        out[batch_id] = out.get(batch_id, 0) + 1
+        room -= 1
+        load[tenant] += 1
+        remaining = left[batch_id]
+        if remaining is not None:
+            left[batch_id] = remaining = remaining - 1
+        if remaining is None or remaining > 0:
+            heapq.heappush(batches[tenant], (in_flight + 1, batch_id))
+        if batches[tenant]:
+            heapq.heappush(tenants, (load[tenant] / weight[tenant], oldest, tenant))
+    return room
+
+
+# -- reading it from Postgres ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Admitted:
+    id: int
+    pinned_tier: str | None
+    priority: int
+
+
+# One index descent per batch with queued jobs: the next batch id above the last, in the partial
+# index of queued jobs. (Postgres 15 has no skip scan; a DISTINCT would read every queued job.)
+_QUEUED_BATCHES = text("""
+WITH RECURSIVE queued(batch_id) AS (
+    (SELECT batch_id FROM jobs WHERE status = 'queued' ORDER BY batch_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.batch_id FROM jobs j WHERE j.status = 'queued' AND j.batch_id > q.batch_id
+            ORDER BY j.batch_id LIMIT 1)
+    FROM queued q WHERE q.batch_id IS NOT NULL
+)
+SELECT batch_id FROM queued WHERE batch_id IS NOT NULL LIMIT :most
+""")
+# More batches than this with queued jobs at once: the rest wait for a later round.
+MAX_GROUPS = 10_000
+
+
+def queued_batches(session: Executor) -> list[int]:
+    return [int(b) for b in session.execute(_QUEUED_BATCHES, {"most": MAX_GROUPS}).scalars()]
+
+
+def groups(session: Executor, batch_ids: Sequence[int]) -> list[Group]:
+    """The batches given, with their priority, tenant, weight and jobs in flight."""
+    if not batch_ids:
+        return []
+    in_flight = dict(session.execute(  # type: ignore[arg-type]
+        select(Job.batch_id, func.count()).where(Job.batch_id.in_(batch_ids), Job.status.in_(ACTIVE))
+        .group_by(Job.batch_id)).all())
+    rows = session.execute(select(Batch.id, Batch.priority, Batch.tenant_id, Tenant.weight)
+                           .outerjoin(Tenant, Tenant.id == Batch.tenant_id).where(Batch.id.in_(batch_ids))).all()
+    return [Group(r.id, r.priority, r.tenant_id, r.weight if r.weight is not None else 1.0, in_flight.get(r.id, 0))
+            for r in rows]
+
+
+def admit(session: Executor, room: int) -> list[Admitted]:
+    """The queued jobs to admit into ``room`` places, by ``allocate``, locked (SKIP LOCKED: two
+    dispatchers take disjoint sets). A batch that gives fewer than its share (it ran out, or another
+    dispatcher holds its oldest) has its share handed to the others, in another bounded read."""
+    if room <= 0:
+        return []
+    found = groups(session, queued_batches(session))
+    priority = {g.batch_id: g.priority for g in found}
+    taken: dict[int, list[tuple[int, str | None]]] = defaultdict(list)
+    # Each read that comes short marks at least one batch as run out, so this ends within a read
+    # per batch; usually the first read fills the room.
+    for _ in range(len(found) + 1):
+        shares = allocate(room, found)
+        wanted = {b: n - len(taken[b]) for b, n in shares.items() if n > len(taken[b])}
+        if not wanted:
+            break
+        after = {b: taken[b][-1][0] if taken[b] else 0 for b in wanted}
+        got = _oldest(session, wanted, after)
+        short = False
+        for b, n in wanted.items():
+            taken[b] += got.get(b, [])
+            if len(got.get(b, [])) < n:
+                short = True
+        if not short:
+            break
+        # Those that came short have given all they can: the next allocation knows it.
+        found = [replace(g, available=len(taken[g.batch_id])) if len(got.get(g.batch_id, [])) < wanted.get(
+            g.batch_id, 0) else g for g in found]
+    return [Admitted(job_id, tier, priority[b]) for b, jobs in taken.items() for job_id, tier in jobs]
+
+
+def _oldest(session: Executor, wanted: Mapping[int, int], after: Mapping[int, int]
+            ) -> dict[int, list[tuple[int, str | None]]]:
+    """Up to ``wanted[b]`` of batch b's oldest queued jobs past id ``after[b]``, in one statement on
+    Postgres (a LATERAL read of the partial index per batch)."""
+    out: dict[int, list[tuple[int, str | None]]] = defaultdict(list)
+    if dialect_name(session) == "postgresql":
+        want = values(column("batch_id", BigInteger), column("after_id", BigInteger), column("n", Integer),
+                      name="want").data([(b, after[b], n) for b, n in wanted.items()])
+        pick = (select(Job.id, Job.pinned_tier)
+                .where(Job.batch_id == want.c.batch_id, Job.status == JobStatus.QUEUED, Job.id > want.c.after_id)
+                .order_by(Job.id).limit(want.c.n).with_for_update(skip_locked=True).lateral("pick"))
+        rows: Iterable[Any] = session.execute(
+            select(want.c.batch_id, pick.c.id, pick.c.pinned_tier).select_from(want).join(pick, true())
+            .order_by(want.c.batch_id, pick.c.id)).all()
+        for r in rows:
+            out[r.batch_id].append((r.id, r.pinned_tier))
+        return out
+    for b, n in wanted.items():  # SQLite (the embedded demo): a statement per batch
+        for r in session.execute(select(Job.id, Job.pinned_tier).where(
+                Job.batch_id == b, Job.status == JobStatus.QUEUED, Job.id > after[b]).order_by(Job.id).limit(n)):
+            out[b].append((r.id, r.pinned_tier))
+    return out
+
+
+def with_priorities(session: Executor, handoffs: Sequence[Any]) -> list[Any]:
+    """``handoffs`` (pipeline.flow.stages.Handoff) with the broker priority of their job's batch
+    where they have none: the stages the sweeper and refeed publish again keep their batch's place."""
+    ids = [h.job_id for h in handoffs if h.priority is None]
+    if not ids:
+        return list(handoffs)
+    found = dict(session.execute(select(Job.id, Batch.priority).join(Batch, Batch.id == Job.batch_id)
+                                 .where(Job.id.in_(ids))).all())  # type: ignore[arg-type]
+    return [replace(h, priority=message_priority(found[h.job_id])) if h.priority is None and h.job_id in found else h
+            for h in handoffs]
