@@ -481,27 +481,35 @@ def batches(
     wide: WideFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Batches, newest first, with their tenant, their jobs per status and their cost."""
+    """Batches, newest first, with their tenant, priority, jobs per status and cost; then each
+    tenant's share of the jobs in flight now."""
+    from pipeline.queries.shares import describe, tenant_shares
+
     with _session() as session:
         rows = history.list_batches(db_session=session, limit=limit, tenant_id=_tenant_id(session, tenant))
+        shares = tenant_shares(session) if rows and not as_json else []
     if as_json:
         _print_json([{**history.jsonable(b), "done": b.done, "finished": b.finished} for b in rows])
         return
     console.print(_batches_table(rows, wide=wide, tenant_shown=tenant is None) if rows else "no batches yet")
+    if rows:
+        console.print(Text(describe(shares)))
 
 
 def _batches_table(rows: list[history.BatchSummary], *, wide: bool, tenant_shown: bool) -> Table:
     # "cancelled" and "created" only with --wide: a cancelled batch says so after its name, and a
     # tenant's batch names the tenant under it (a column of its own leaves each text a few letters).
     groups = STATUS_GROUPS if wide else STATUS_GROUPS[:-1]
-    cols = ("id", "batch", *(("created",) if wide else ()), "jobs", *groups, "cost")
-    table = new_table(cols, figures=("id", "jobs", *groups, "cost"), whole=("created",), styles=STATUS_STYLE)
+    cols = ("id", "batch", *(("created",) if wide else ()), "priority", "jobs", *groups, "cost")
+    table = new_table(cols, figures=("id", "priority", "jobs", *groups, "cost"), whole=("created",),
+                      styles=STATUS_STYLE)
     for b in rows:
         cells: dict[str, RenderableType] = {
             "id": str(b.id),
             "batch": Text.assemble(_plain(b.name), (" (cancelled)", "yellow") if b.cancelled_at else "",
                                    *(("\ntenant ", _plain(b.tenant)) if b.tenant is not None and tenant_shown else ())),
-            "created": when(b.created_at), "jobs": compact(b.jobs), "cost": compact(b.cost_usd, "usd"),
+            "created": when(b.created_at), "priority": str(b.priority), "jobs": compact(b.jobs),
+            "cost": compact(b.cost_usd, "usd"),
             **{g: compact(n) for g, n in zip(STATUS_GROUPS, _grouped(b.by_status), strict=True)}}
         table.add_row(*(cells[c] for c in cols))
     return table

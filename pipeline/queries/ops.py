@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from pipeline.config import ModelConfig
 from pipeline.flow.admission import BROKER_PRIORITY_STEPS as PRIORITY_STEPS
 from pipeline.models import ACTIVE, TERMINAL, Job, JobStatus, utcnow
+from pipeline.queries.shares import TenantShare, tenant_shares
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,8 @@ class Status:
     finished_1m: dict[str, int]
     finished_5m: dict[str, int]
     limits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Each tenant's share of the jobs in flight and its batches waiting (pipeline.queries.shares).
+    tenants: list[TenantShare] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -332,4 +335,4 @@ def gather(client: redis.Redis, session: Session, models: ModelConfig, limiter: 
             retrying=queue_in_flight(q, waits),
         ))
     return Status(queues=rows, workers=workers, in_flight=in_flight, queued=queued, finished_1m=f1,
-                  finished_5m=f5, limits=tier_limits)
+                  finished_5m=f5, limits=tier_limits, tenants=tenant_shares(session))
