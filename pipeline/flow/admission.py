@@ -1,9 +1,10 @@
 """Which queued jobs the dispatcher admits next: by priority, then round robin across tenants, then
 across a tenant's batches.
 
-Each round the dispatcher has ``room`` free places (``max_in_flight`` less the jobs in a stage). They
-go to the highest priority with queued jobs first; only when its batches run out of queued jobs does
-the next priority get the rest. Within a priority, each place goes to the tenant with the fewest
+Each round the dispatcher has free places: for a priority, ``max_in_flight`` less the jobs in a stage
+at that priority or above (so a backlog's jobs already in the stages never hold an urgent batch
+back). They go to the highest priority with queued jobs first; only when its batches run out of
+queued jobs does the next priority get the rest. Within a priority, each place goes to the tenant with the fewest
 jobs in flight at that priority for its weight (``tenants.weight``; the operator's own batches, from
 the CLI without ``--tenant``, count as one tenant of weight 1), and within that tenant to its batch
 with the fewest jobs in flight, the older batch on a tie. Counting what is in flight rather than
@@ -84,21 +85,28 @@ class Group:
     available: int | None = None
 
 
-def allocate(room: int, groups: Iterable[Group]) -> dict[int, int]:
+def allocate(room: int, groups: Iterable[Group], *, level_room: Mapping[int, int] | None = None) -> dict[int, int]:
     """How many jobs of each batch to admit into ``room`` places (batch id -> jobs; none listed for
     a batch that gets nothing). One place at a time: the highest priority first; within it, the
     tenant with the fewest jobs in flight for its weight (counting what this round gives), the one
     with the older batch on a tie; within the tenant, its batch with the fewest in flight, the older
-    on a tie. A batch gives no more than it has ``available``."""
+    on a tie. A batch gives no more than it has ``available``.
+
+    ``level_room``: the most that priority p and those above it may take this round, together
+    (``admit`` passes max_in_flight less the jobs in flight at p or above)."""
     out: dict[int, int] = {}
     levels: dict[int, list[Group]] = defaultdict(list)
     for g in groups:
         if g.available is None or g.available > 0:
             levels[g.priority].append(g)
+    given = 0  # this round, at the levels done so far (all above the next)
     for priority in sorted(levels, reverse=True):
-        if room <= 0:
-            break
-        room = _round_robin(room, levels[priority], out)
+        cap = room if level_room is None else min(room, level_room[priority] - given)
+        if cap <= 0:
+            continue
+        used = cap - _round_robin(cap, levels[priority], out)
+        room -= used
+        given += used
     return out
 
 
@@ -120,6 +128,12 @@ def _round_robin(room: int, groups: Sequence[Group], out: dict[int, int]) -> int
         left.update({g.batch_id: g.available for g in mine})
     heapq.heapify(tenants)
     while room > 0 and tenants:
+        if len(tenants) == 1 and len(batches[tenants[0][2]]) == 1:
+            # One batch left at this priority: the rest of the room at once, not a place at a time.
+            _, batch_id = batches[tenants[0][2]][0]
+            n = room if left[batch_id] is None else min(room, left[batch_id] or 0)
+            out[batch_id] = out.get(batch_id, 0) + n
+            return room - n
         _, oldest, tenant = heapq.heappop(tenants)
         in_flight, batch_id = heapq.heappop(batches[tenant])
         out[batch_id] = out.get(batch_id, 0) + 1
@@ -178,19 +192,37 @@ def groups(session: Executor, batch_ids: Sequence[int]) -> list[Group]:
             for r in rows]
 
 
-def admit(session: Executor, room: int) -> list[Admitted]:
-    """The queued jobs to admit into ``room`` places, by ``allocate``, locked (SKIP LOCKED: two
+def in_flight_by_priority(session: Executor) -> dict[int, int]:
+    """Jobs in a stage now, by their batch's priority (reads the jobs in flight, never the queued)."""
+    return dict(session.execute(  # type: ignore[arg-type]
+        select(Batch.priority, func.count()).select_from(Job).join(Batch, Batch.id == Job.batch_id)
+        .where(Job.status.in_(ACTIVE)).group_by(Batch.priority)).all())
+
+
+def admit(session: Executor, *, max_in_flight: int, limit: int = 1000) -> list[Admitted]:
+    """The queued jobs to admit now, at most ``limit``, by ``allocate``, locked (SKIP LOCKED: two
     dispatchers take disjoint sets). A batch that gives fewer than its share (it ran out, or another
-    dispatcher holds its oldest) has its share handed to the others, in another bounded read."""
+    dispatcher holds its oldest) has its share handed to the others, in another bounded read.
+
+    ``max_in_flight`` bounds, for each priority, the jobs in flight at that priority or above: lower
+    priorities' jobs do not hold places against a higher one, so an urgent batch never waits for a
+    backlog's jobs already in the stages to drain (its messages then pass theirs in the broker).
+    While both are in flight the stages hold up to ``max_in_flight`` of each; the backlog gets no
+    new place until it is under the bound again."""
+    found = groups(session, queued_batches(session))
+    if not found:
+        return []
+    busy = in_flight_by_priority(session)
+    level_room = {p: max_in_flight - sum(n for q, n in busy.items() if q >= p) for p in {g.priority for g in found}}
+    room = min(limit, max(level_room.values()))
     if room <= 0:
         return []
-    found = groups(session, queued_batches(session))
     priority = {g.batch_id: g.priority for g in found}
     taken: dict[int, list[tuple[int, str | None]]] = defaultdict(list)
     # Each read that comes short marks at least one batch as run out, so this ends within a read
     # per batch; usually the first read fills the room.
     for _ in range(len(found) + 1):
-        shares = allocate(room, found)
+        shares = allocate(room, found, level_room=level_room)
         wanted = {b: n - len(taken[b]) for b, n in shares.items() if n > len(taken[b])}
         if not wanted:
             break

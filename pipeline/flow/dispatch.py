@@ -40,13 +40,11 @@ def active_count(session: Executor) -> int:
 
 
 def dispatch(session: Executor, *, max_in_flight: int, limit: int = 1000) -> list[Handoff]:
-    """Move up to ``limit`` queued jobs into their first stage, within ``max_in_flight``."""
-    room = min(limit, max_in_flight - active_count(session))
-    if room <= 0:
-        return []
+    """Move up to ``limit`` queued jobs into their first stage, within ``max_in_flight`` (counted,
+    for each priority, over the jobs in flight at that priority or above)."""
     # By priority, then round robin across tenants and batches (pipeline.flow.admission); two
     # dispatchers (an operator may run more than one) take disjoint sets of jobs.
-    rows = admission.admit(session, room)
+    rows = admission.admit(session, max_in_flight=max_in_flight, limit=limit)
     if not rows:
         return []
     # Each job's messages carry its batch's priority, the stages after this one included (workers.base).

@@ -56,6 +56,13 @@ def test_the_operators_own_batches_count_as_one_tenant() -> None:
     assert allocate(8, groups) == {1: 2, 2: 2, 3: 4}
 
 
+def test_each_priority_counts_only_the_jobs_in_flight_at_it_or_above() -> None:
+    groups = [Group(1, priority=9, tenant_id=1, available=5), Group(2, priority=5, tenant_id=2)]
+    # 10 places for 9 and above; 3 for 5 and above, and the 5 given at 9 this round count there too.
+    assert allocate(100, groups, level_room={9: 10, 5: 3}) == {1: 5}
+    assert allocate(100, groups, level_room={9: 10, 5: 8}) == {1: 5, 2: 3}
+
+
 def test_what_a_batch_cannot_give_goes_to_the_others_then_to_the_next_priority() -> None:
     groups = [Group(1, priority=9, tenant_id=1, available=2), Group(2, priority=9, tenant_id=2, available=3),
               Group(3, priority=4, tenant_id=1)]
@@ -115,8 +122,8 @@ def batch(conn: Connection, jobs: int, *, tenant_id: int | None = None, priority
     return bid
 
 
-def admitted(conn: Connection, room: int) -> Counter[int]:
-    rows = admit(conn, room)
+def admitted(conn: Connection, room: int, *, max_in_flight: int = 10**6) -> Counter[int]:
+    rows = admit(conn, max_in_flight=max_in_flight, limit=room)
     assert len({r.id for r in rows}) == len(rows) <= room
     ids = [r.id for r in rows]
     by_batch = dict(conn.execute(text("SELECT id, batch_id FROM jobs WHERE id = ANY(:ids)"), {"ids": ids}).all())
@@ -136,6 +143,20 @@ def test_another_tenants_batch_gets_the_places_freed_until_it_holds_half(conn: C
     assert admitted(conn, 30) == {newer: 25, backlog: 5}
 
 
+def test_a_backlogs_jobs_in_flight_hold_no_place_against_a_higher_priority(conn: Connection) -> None:
+    bulk = tenant(conn)
+    backlog = batch(conn, 500, tenant_id=bulk, running=20)
+    newer = batch(conn, 50, tenant_id=tenant(conn))
+    # Full at priority 5: another tenant's batch at 5 waits for places to free up...
+    assert admitted(conn, 1000, max_in_flight=20) == {}
+    # ...but one at 9 does not: the 20 in flight at 5 do not count against it, and it takes all
+    # 20 places of its own while nothing at 5 is admitted.
+    urgent = batch(conn, 100, tenant_id=bulk, priority=9)
+    assert admitted(conn, 1000, max_in_flight=20) == {urgent: 20}
+    assert admitted(conn, 1000, max_in_flight=30) == {urgent: 30}
+    del backlog, newer
+
+
 def test_weights_and_batches_within_a_tenant_from_postgres(conn: Connection) -> None:
     heavy, light = tenant(conn, weight=3), tenant(conn, weight=1)
     h1, h2 = batch(conn, 1000, tenant_id=heavy), batch(conn, 1000, tenant_id=heavy)
@@ -149,13 +170,13 @@ def test_a_batch_that_runs_out_hands_its_share_on_in_the_same_round(conn: Connec
     other = batch(conn, 2, tenant_id=tenant(conn))
     assert admitted(conn, 30) == {small: 3, other: 2, big: 25}
     # ...and the oldest of each batch first.
-    rows = admit(conn, 5)
+    rows = admit(conn, max_in_flight=10**6, limit=5)
     assert [r.id for r in rows] == sorted(r.id for r in rows)
 
 
 def test_with_nothing_queued_nothing_is_admitted(conn: Connection) -> None:
     batch(conn, 0, tenant_id=tenant(conn), running=5)
-    assert admit(conn, 10) == []
+    assert admit(conn, max_in_flight=100) == []
     assert admission.queued_batches(conn) == []
 
 
