@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import BigInteger, Integer, column, func, select, text, true, values
+from sqlalchemy import func, select, text
 
 from pipeline.db import Executor, dialect_name
 from pipeline.errors import InvalidInput
@@ -241,20 +241,33 @@ def admit(session: Executor, *, max_in_flight: int, limit: int = 1000) -> list[A
     return [Admitted(job_id, tier, priority[b]) for b, jobs in taken.items() for job_id, tier in jobs]
 
 
+# One statement for every batch, its text fixed (the batches go as arrays): built from a VALUES list
+# instead, SQLAlchemy compiled it anew each round, which cost more than Postgres ran it. The row
+# comparison and the ORDER BY are the partial index's own columns: with ``id > after`` and ``ORDER
+# BY id`` the planner walked the primary key from the start of the table, filtering every older
+# batch's jobs out, because it takes a batch's jobs for spread evenly over the ids.
+_OLDEST = text("""
+SELECT w.batch_id, pick.id, pick.pinned_tier
+FROM unnest(CAST(:batches AS bigint[]), CAST(:after AS bigint[]), CAST(:n AS integer[])) AS w(batch_id, after_id, n)
+CROSS JOIN LATERAL (
+    SELECT jobs.id, jobs.pinned_tier FROM jobs
+    WHERE jobs.batch_id = w.batch_id AND jobs.status = 'queued' AND (jobs.batch_id, jobs.id) > (w.batch_id, w.after_id)
+    ORDER BY jobs.batch_id, jobs.id LIMIT w.n
+    FOR UPDATE SKIP LOCKED
+) AS pick
+ORDER BY w.batch_id, pick.id
+""")
+
+
 def _oldest(session: Executor, wanted: Mapping[int, int], after: Mapping[int, int]
             ) -> dict[int, list[tuple[int, str | None]]]:
     """Up to ``wanted[b]`` of batch b's oldest queued jobs past id ``after[b]``, in one statement on
     Postgres (a LATERAL read of the partial index per batch)."""
     out: dict[int, list[tuple[int, str | None]]] = defaultdict(list)
     if dialect_name(session) == "postgresql":
-        want = values(column("batch_id", BigInteger), column("after_id", BigInteger), column("n", Integer),
-                      name="want").data([(b, after[b], n) for b, n in wanted.items()])
-        pick = (select(Job.id, Job.pinned_tier)
-                .where(Job.batch_id == want.c.batch_id, Job.status == JobStatus.QUEUED, Job.id > want.c.after_id)
-                .order_by(Job.id).limit(want.c.n).with_for_update(skip_locked=True).lateral("pick"))
-        rows: Iterable[Any] = session.execute(
-            select(want.c.batch_id, pick.c.id, pick.c.pinned_tier).select_from(want).join(pick, true())
-            .order_by(want.c.batch_id, pick.c.id)).all()
+        batches = list(wanted)
+        rows = session.execute(_OLDEST, {"batches": batches, "after": [after[b] for b in batches],
+                                         "n": [wanted[b] for b in batches]})
         for r in rows:
             out[r.batch_id].append((r.id, r.pinned_tier))
         return out
