@@ -160,9 +160,9 @@ def _measure(sessions: sessionmaker[Session], start: Any, procs: env.Processes, 
     while True:
         with sessions() as s:
             n, total = terminal_count(s, batch_id=batch_id)
-            mine = s.scalar(select(func.count()).select_from(Job).where(Job.batch_id == batch_id,
-                                                                       Job.status.in_(ACTIVE))) or 0
-            every = s.scalar(select(func.count()).select_from(Job).where(Job.status.in_(ACTIVE))) or 0
+            # Both counts in one statement, so from one snapshot.
+            mine, every = s.execute(select(func.count().filter(Job.batch_id == batch_id), func.count())
+                                    .select_from(Job).where(Job.status.in_(ACTIVE))).one()
         if every:
             peak = max(peak, mine / every)
         if total and n == total:
