@@ -160,13 +160,13 @@ class Admitted:
 
 
 # One index descent per batch with queued jobs: the next batch id above the last, in the partial
-# index of queued jobs. (Postgres 15 has no skip scan; a DISTINCT would read every queued job.)
+# index of queued jobs (Postgres reads a min() off the index's first entry). Postgres 15 has no
+# skip scan: a DISTINCT would read every queued job. Written so that SQLite (the demo) runs it too.
 _QUEUED_BATCHES = text("""
 WITH RECURSIVE queued(batch_id) AS (
-    (SELECT batch_id FROM jobs WHERE status = 'queued' ORDER BY batch_id LIMIT 1)
+    SELECT min(batch_id) FROM jobs WHERE status = 'queued'
     UNION ALL
-    SELECT (SELECT j.batch_id FROM jobs j WHERE j.status = 'queued' AND j.batch_id > q.batch_id
-            ORDER BY j.batch_id LIMIT 1)
+    SELECT (SELECT min(j.batch_id) FROM jobs j WHERE j.status = 'queued' AND j.batch_id > q.batch_id)
     FROM queued q WHERE q.batch_id IS NOT NULL
 )
 SELECT batch_id FROM queued WHERE batch_id IS NOT NULL LIMIT :most
