@@ -109,8 +109,8 @@ class Tenant(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
-    # Jobs accepted and not yet finished (queued or in a stage). Queued jobs count: the dispatcher
-    # takes the oldest first, so a tenant's backlog delays everyone submitted after it.
+    # Jobs accepted and not yet finished (queued or in a stage). Queued jobs count: they are a
+    # backlog the tenant holds in Postgres, whatever share of the stages the round robin gives it.
     max_jobs_in_flight: Mapped[int | None] = mapped_column(Integer)
     max_spend_per_day_usd: Mapped[Decimal | None] = mapped_column(Money)
     # The tenant's share of the dispatcher's round robin against the other tenants with queued jobs
@@ -190,8 +190,8 @@ class Job(Base):
         # `jobs list --key-prefix` (LIKE 'p%') range-scan it whatever the database collation.
         Index("uq_jobs_batch_id_key", "batch_id", "key", unique=True,
               postgresql_ops={"key": "varchar_pattern_ops"}),
-        # The dispatcher takes the oldest queued jobs, and the sweeper scans each active status
-        # for stale stages: both read this index, never the whole table.
+        # The sweeper scans each active status for stale stages through this index, never the
+        # whole table.
         Index("ix_jobs_status_stage_started_at", "status", "stage_started_at"),
         # History queries (pipeline/queries/history.py says which query reads which index, and why).
         Index("ix_jobs_batch_id_id", "batch_id", "id"),
