@@ -192,3 +192,26 @@ def test_dispatch_publishes_each_job_at_its_batchs_broker_priority(conn: Connect
             Handoff("shadow", handoffs[0].job_id, "opus", priority=SHADOW_PRIORITY)]
     again = with_priorities(conn, some)
     assert again[0].priority == handoffs[0].priority and again[1].priority == SHADOW_PRIORITY
+
+
+def test_each_broker_priority_has_a_redis_list_of_its_own(broker_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    from pipeline.queries.ops import PRIORITY_SEP, queue_depths, queue_lists
+    from pipeline.settings import Settings
+    from workers.base import publisher
+    from workers.config import make_app
+
+    monkeypatch.setenv("BROKER_URL", broker_url)
+    app = make_app(Settings())
+    queue = f"priority-test-{next(_names)}"
+    client = redis.Redis.from_url(broker_url)
+    try:
+        # Batch priorities 9, 5 and 4: kombu's default steps would fold the last two into one list.
+        publisher(app)([Handoff("work", 1, queue, priority=message_priority(9)),
+                        Handoff("work", 2, queue, priority=message_priority(5)),
+                        Handoff("work", 3, queue, priority=message_priority(4))])
+        assert [client.llen(k) for k in (queue, f"{queue}{PRIORITY_SEP}4", f"{queue}{PRIORITY_SEP}5")] == [1, 1, 1]
+        assert queue_depths(client, [queue]) == {queue: 3}  # `status` counts every level's list
+    finally:
+        client.delete(*queue_lists(queue))
