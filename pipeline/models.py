@@ -13,12 +13,14 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Enum,
     ForeignKey,
     Index,
     Integer,
     Numeric,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -103,13 +105,17 @@ class Tenant(Base):
     """A team using the HTTP API. Its limits are NULL when it has none."""
 
     __tablename__ = "tenants"
+    __table_args__ = (CheckConstraint("weight > 0", name="weight_positive"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
-    # Jobs accepted and not yet finished (queued or in a stage). Queued jobs count: the dispatcher
-    # takes the oldest first, so a tenant's backlog delays everyone submitted after it.
+    # Jobs accepted and not yet finished (queued or in a stage). Queued jobs count: they are a
+    # backlog the tenant holds in Postgres, whatever share of the stages the round robin gives it.
     max_jobs_in_flight: Mapped[int | None] = mapped_column(Integer)
     max_spend_per_day_usd: Mapped[Decimal | None] = mapped_column(Money)
+    # The tenant's share of the dispatcher's round robin against the other tenants with queued jobs
+    # at the same priority (pipeline.flow.admission): weight 2 gets twice the jobs in flight of weight 1.
+    weight: Mapped[float] = mapped_column(default=1.0, server_default="1")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
 
 
@@ -135,6 +141,7 @@ class Batch(Base):
         UniqueConstraint("tenant_id", "name"),
         Index("uq_batches_name_no_tenant", "name", unique=True,
               postgresql_where=text("tenant_id IS NULL"), sqlite_where=text("tenant_id IS NULL")),
+        CheckConstraint("priority BETWEEN 0 AND 9", name="priority_range"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -145,6 +152,9 @@ class Batch(Base):
     # The share of this batch's jobs shadowed (enqueue --shadow-rate), over the task's and the
     # configuration's; NULL: not set for the batch.
     shadow_rate: Mapped[float | None]
+    # 0-9: the dispatcher admits a higher priority's queued jobs first, and its messages carry it
+    # (pipeline.flow.admission). Set at enqueue (--priority), else by the task, else 5.
+    priority: Mapped[int] = mapped_column(SmallInteger, default=5, server_default="5")
 
 
 class Task(Base):
@@ -180,13 +190,17 @@ class Job(Base):
         # `jobs list --key-prefix` (LIKE 'p%') range-scan it whatever the database collation.
         Index("uq_jobs_batch_id_key", "batch_id", "key", unique=True,
               postgresql_ops={"key": "varchar_pattern_ops"}),
-        # The dispatcher takes the oldest queued jobs, and the sweeper scans each active status
-        # for stale stages: both read this index, never the whole table.
+        # The sweeper scans each active status for stale stages through this index, never the
+        # whole table.
         Index("ix_jobs_status_stage_started_at", "status", "stage_started_at"),
         # History queries (pipeline/queries/history.py says which query reads which index, and why).
         Index("ix_jobs_batch_id_id", "batch_id", "id"),
         Index("ix_jobs_batch_id_status_id", "batch_id", "status", "id", postgresql_include=["tier", "escalations"]),
         Index("ix_jobs_status_id", "status", "id"),
+        # The dispatcher's admission (pipeline.flow.admission): which batches have queued jobs, and
+        # each one's oldest. Partial: a job is in it only while queued.
+        Index("ix_jobs_queued_batch_id", "batch_id", "id", postgresql_where=text("status = 'queued'"),
+              sqlite_where=text("status = 'queued'")),
         Index("ix_jobs_created_at", "created_at", postgresql_using="brin"),
         # Jobs of a tier in a time window. Partial: a job enters it only once triage gives it a
         # tier, so enqueueing and the first transitions do not pay for it.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 from dataclasses import dataclass
@@ -132,13 +133,29 @@ def check_spend_per_day(value: Decimal) -> Decimal:
     return kept
 
 
+# A tenant's weight in the dispatcher's round robin (pipeline.flow.admission): its share of the jobs
+# in flight against the other tenants with work at the same priority is in proportion to it.
+MAX_WEIGHT = 1000.0
+
+
+def check_weight(value: float) -> float:
+    if not (isinstance(value, int | float) and math.isfinite(value) and 0 < value <= MAX_WEIGHT):
+        raise InvalidInput(f"--weight must be a number above 0 and at most {MAX_WEIGHT:g} (a tenant's share of the "
+                           f"jobs in flight, against the others' weights; 1 by default), not {value}")
+    return float(value)
+
+
 def set_limits(session: Session, name: str, *, max_jobs_in_flight: int | None, max_spend_per_day_usd: Decimal | None,
-               clear: bool = False) -> Tenant:
+               clear: bool = False, weight: float | None = None) -> Tenant:
     """Set the limits given (None leaves one as it is); ``clear`` first removes both. A limit of 0
-    accepts no new jobs. The tenant comes back as stored, so the caller shows what is enforced."""
+    accepts no new jobs. ``weight``: the tenant's weight in the dispatcher's round robin (``clear``
+    leaves it). The tenant comes back as stored, so the caller shows what is enforced."""
     jobs = None if max_jobs_in_flight is None else check_jobs_in_flight(max_jobs_in_flight)
     spend = None if max_spend_per_day_usd is None else check_spend_per_day(max_spend_per_day_usd)
+    share = None if weight is None else check_weight(weight)
     tenant = require(session, name)
+    if share is not None:
+        tenant.weight = share
     if clear:
         tenant.max_jobs_in_flight = None
         tenant.max_spend_per_day_usd = None

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from celery import Celery, Task
 
@@ -116,6 +117,9 @@ class StageTask(Task):  # type: ignore[misc]
         _busy.add(1)
         try:
             handoff = type(self).stage(p, job_id)
+            if handoff is not None and handoff.priority is None:
+                # The job's next stage keeps the priority its batch's messages carry (pipeline.flow.admission).
+                handoff = replace(handoff, priority=(self.request.delivery_info or {}).get("priority"))
             if handoff is None:
                 outcome = "ended"
             else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
+from pipeline.flow.admission import BROKER_PRIORITY_STEPS
 from pipeline.settings import Settings
 
 TASKS = {"triage": "switchyard.triage", "work": "switchyard.work", "validate": "switchyard.validate",
@@ -45,6 +46,9 @@ def make_app(settings: Settings | None = None) -> Celery:
         # faster recovery after a crash comes from the sweeper, not from this.
         broker_transport_options={
             "visibility_timeout": int(settings.effective_stage_deadline_s + 600),
+            # A list per priority level, each of the ten its own (kombu's default folds them into
+            # four): a batch's priority orders its messages in every queue (pipeline.flow.admission).
+            "priority_steps": list(BROKER_PRIORITY_STEPS),
         },
         task_queues=[Queue(name) for name in queue_names(settings)],
         task_default_queue="triage",

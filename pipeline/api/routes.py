@@ -23,6 +23,7 @@ from pipeline.api.deps import Db, State, Who, caller, state
 from pipeline.api.submit import batch_source, body_reader, check_spend, find_job, one_job_source, submit_items
 from pipeline.db import transaction
 from pipeline.errors import BrokerDown, InvalidQuery, JobInputError, NotFound, UnsupportedMediaType
+from pipeline.flow.admission import valid_priority
 from pipeline.intake import tasks
 from pipeline.intake.enqueue import max_job_tokens
 from pipeline.intake.jobspec import MAX_KEY_LENGTH, decode_json, parse_job
@@ -66,6 +67,13 @@ BatchName = Annotated[str, Query(
 ShadowRate = Annotated[float | None, Query(
     ge=0, le=1, description="The share of the batch's jobs that shadow evaluation samples, from 0 to 1 (see "
                             "`/v1/quality`); default: the task's, or the configuration's `shadow_rate`.")]
+
+
+# Checked by the handler, not by Query(ge=, le=): the answer is then one sentence, as the CLI's.
+Priority = Annotated[int | None, Query(
+    description="The batch's priority, 0-9: the dispatcher admits higher priorities first, and round robin across "
+                "tenants and batches within one; default: the task's `priority`, else 5. Given for a batch that "
+                "exists, it changes the batch's.", json_schema_extra={"minimum": 0, "maximum": 9})]
 
 
 def _batch_name(value: str, *, param: str) -> str:
@@ -156,15 +164,17 @@ async def submit_job(request: Request, who: Who, batch: BatchName) -> JSONRespon
                  "application/json": {"schema": {"type": "array", "items": JOB_SCHEMA}},
                  JSON_LINES[0]: {"schema": {"type": "string", "description": "One job object per line."}},
              }))
-async def submit_batch(request: Request, who: Who, name: BatchName, shadow_rate: ShadowRate = None
-                       ) -> schemas.BatchSubmitted:
+async def submit_batch(request: Request, who: Who, name: BatchName, shadow_rate: ShadowRate = None,
+                       priority: Priority = None) -> schemas.BatchSubmitted:
     """Submit jobs to a batch: a JSON array, or JSON Lines (`application/x-ndjson`) streamed in.
 
     Every job is checked before any is written: one bad job refuses the request (422, naming its
     index or line and the field) and nothing is kept. Keys already in the batch are skipped, so
     sending the same body twice adds nothing. `shadow_rate` sets the share of the batch's jobs that
-    shadow evaluation samples (see `/v1/quality`)."""
+    shadow evaluation samples (see `/v1/quality`); `priority` the batch's priority (0-9)."""
     name = _batch_name(name, param="name")
+    if priority is not None and not valid_priority(priority):
+        raise InvalidQuery(f"query parameter 'priority' must be a whole number from 0 to 9, not {priority}")
     api = state(request)
     await run_in_threadpool(check_spend, api.sessions, who)
     reader, lines = body_reader(media_type(request))
@@ -172,7 +182,7 @@ async def submit_batch(request: Request, who: Who, name: BatchName, shadow_rate:
         source = batch_source(body, reader, config=api.models, max_items=api.max_batch_jobs,
                               tasks=tasks.lookup(api.sessions, tenant_id=who.tenant_id))
         result = await run_in_threadpool(submit_items, api.sessions, source, who=who, batch=name, lines=lines,
-                                         shadow_rate=shadow_rate)
+                                         shadow_rate=shadow_rate, priority=priority)
     request.app.state.metrics.jobs_accepted.inc(result.accepted)
     return schemas.BatchSubmitted(batch_id=result.batch_id or 0, batch=name, read=result.read,
                                   accepted=result.accepted, duplicates=result.duplicates)

@@ -138,6 +138,7 @@ class BatchSummary(BaseModel):
     finished: bool
     by_status: dict[str, int]
     cost_usd: Money
+    priority: int = Field(description="0-9: the dispatcher admits a higher priority's queued jobs first.")
 
 
 class BatchList(BaseModel):

@@ -115,6 +115,10 @@ def enqueue(
     shadow_rate: Annotated[float | None, typer.Option(
         help="The share of this batch's jobs that shadow evaluation samples, from 0 to 1 (see `switchyard "
              "quality`); default: the task's shadow_rate, else the configuration's [routing] shadow_rate.")] = None,
+    priority: Annotated[int | None, typer.Option(
+        help="The batch's priority, 0-9: the dispatcher admits higher priorities first, and round robin across "
+             "tenants and batches within one; default: the task's priority, else 5. Given for a batch that exists, "
+             "it changes the batch's.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Add a file of jobs to a batch. Re-running the same file adds no duplicates."""
@@ -128,6 +132,10 @@ def enqueue(
     if shadow_rate is not None and not 0 <= shadow_rate <= 1:
         raise InvalidInput(f"--shadow-rate must be a number from 0 to 1 (the share of jobs shadowed), "
                            f"not {shadow_rate}")
+    if priority is not None:
+        from pipeline.flow.admission import check_priority
+
+        check_priority(priority, what="--priority")
     input_size(file)  # a missing input is the first thing to say, before where its report would go
     if skip_invalid and _same_file(target, file):
         raise InvalidInput(f"--invalid-report {target} is the input file itself: name another file for the report")
@@ -142,7 +150,7 @@ def enqueue(
             started = True
             report = _enqueue_with_progress(s, file, name=name, tenant_id=tenant_id, fmt=format,
                                             skip_invalid=skip_invalid, report_out=report_out, quiet=as_json,
-                                            shadow_rate=shadow_rate)
+                                            shadow_rate=shadow_rate, priority=priority)
     except OutputError as exc:
         if not started:
             raise
@@ -207,7 +215,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _enqueue_with_progress(s: Settings, file: Path, *, name: str, tenant_id: int | None, fmt: str | None,
                            skip_invalid: bool, report_out: Output | None, quiet: bool,
-                           shadow_rate: float | None = None) -> EnqueueReport:
+                           shadow_rate: float | None = None, priority: int | None = None) -> EnqueueReport:
     """enqueue_file with a progress bar; bad lines go to ``report_out`` (--skip-invalid)."""
     from pipeline.intake.enqueue import BadLine, Tick, enqueue_file, invalid_line_json
 
@@ -238,7 +246,7 @@ def _enqueue_with_progress(s: Settings, file: Path, *, name: str, tenant_id: int
             with _sessions() as sessions:
                 return enqueue_file(sessions, file, batch=name, config=s.models, tenant_id=tenant_id, fmt=fmt,
                                     skip_invalid=skip_invalid, progress=progress, on_invalid=on_invalid,
-                                    shadow_rate=shadow_rate)
+                                    shadow_rate=shadow_rate, priority=priority)
         except JobInputError as exc:
             if exc.line is None or isinstance(exc, InputFileError):
                 raise
@@ -473,27 +481,35 @@ def batches(
     wide: WideFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Batches, newest first, with their tenant, their jobs per status and their cost."""
+    """Batches, newest first, with their tenant, priority, jobs per status and cost; then each
+    tenant's share of the jobs in flight now."""
+    from pipeline.queries.shares import describe, tenant_shares
+
     with _session() as session:
         rows = history.list_batches(db_session=session, limit=limit, tenant_id=_tenant_id(session, tenant))
+        shares = tenant_shares(session) if rows and not as_json else []
     if as_json:
         _print_json([{**history.jsonable(b), "done": b.done, "finished": b.finished} for b in rows])
         return
     console.print(_batches_table(rows, wide=wide, tenant_shown=tenant is None) if rows else "no batches yet")
+    if rows:
+        console.print(Text(describe(shares)))
 
 
 def _batches_table(rows: list[history.BatchSummary], *, wide: bool, tenant_shown: bool) -> Table:
     # "cancelled" and "created" only with --wide: a cancelled batch says so after its name, and a
     # tenant's batch names the tenant under it (a column of its own leaves each text a few letters).
     groups = STATUS_GROUPS if wide else STATUS_GROUPS[:-1]
-    cols = ("id", "batch", *(("created",) if wide else ()), "jobs", *groups, "cost")
-    table = new_table(cols, figures=("id", "jobs", *groups, "cost"), whole=("created",), styles=STATUS_STYLE)
+    cols = ("id", "batch", *(("created",) if wide else ()), "priority", "jobs", *groups, "cost")
+    table = new_table(cols, figures=("id", "priority", "jobs", *groups, "cost"), whole=("created",),
+                      styles=STATUS_STYLE)
     for b in rows:
         cells: dict[str, RenderableType] = {
             "id": str(b.id),
             "batch": Text.assemble(_plain(b.name), (" (cancelled)", "yellow") if b.cancelled_at else "",
                                    *(("\ntenant ", _plain(b.tenant)) if b.tenant is not None and tenant_shown else ())),
-            "created": when(b.created_at), "jobs": compact(b.jobs), "cost": compact(b.cost_usd, "usd"),
+            "created": when(b.created_at), "priority": str(b.priority), "jobs": compact(b.jobs),
+            "cost": compact(b.cost_usd, "usd"),
             **{g: compact(n) for g, n in zip(STATUS_GROUPS, _grouped(b.by_status), strict=True)}}
         table.add_row(*(cells[c] for c in cols))
     return table

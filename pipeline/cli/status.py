@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.cli.tables import compact, new_table
 from pipeline.errors import BrokerDown, ConfigError
@@ -70,8 +72,17 @@ def render_status(st: Status) -> Group:
     def fmt(d: dict[str, int]) -> str:
         return ", ".join(f"{k} {compact(v)}" for k, v in sorted(d.items())) or "none"
 
+    share = ("weight", "in flight", "share", "batches waiting")
+    tenants = new_table(("tenant", *share), figures=share[:-1],
+                        title="Tenants (the dispatcher's round robin: share of the jobs in flight; waiting: the "
+                              "priority of each batch with queued jobs)")
+    for t in st.tenants:
+        by_priority = Counter(t.waiting)
+        tenants.add_row(Text(t.tenant), f"{t.weight:g}", compact(t.in_flight), f"{100 * t.share:.0f}%",
+                        ", ".join(f"p{p}" + (f" ×{n}" if n > 1 else "") for p, n in by_priority.items()) or "-")
+
     summary = Table.grid(padding=(0, 2))
     summary.add_row("waiting in Postgres", f"{compact(st.queued)} job(s)")
     summary.add_row("finished, last minute", fmt(st.finished_1m))
     summary.add_row("finished, last 5 minutes", fmt(st.finished_5m))
-    return Group(queues, workers, limits, summary)
+    return Group(queues, workers, limits, *((tenants,) if st.tenants else ()), summary)

@@ -90,16 +90,18 @@ def tenants_list(as_json: JsonOpt = False) -> None:
     from pipeline import tenants
 
     with _sessions()() as session:
-        rows = [(t.name, t.max_jobs_in_flight, t.max_spend_per_day_usd, t.created_at)
+        rows = [(t.name, t.max_jobs_in_flight, t.max_spend_per_day_usd, t.weight, t.created_at)
                 for t in tenants.get_all(session)]
     if as_json:
         print(json.dumps([{"tenant": n, "max_jobs_in_flight": j, "max_spend_per_day_usd":
-                           f"{s:f}" if s is not None else None, "created_at": _when(c)} for n, j, s, c in rows]))
+                           f"{s:f}" if s is not None else None, "weight": w, "created_at": _when(c)}
+                          for n, j, s, w, c in rows]))
         return
-    limits = ("max jobs in flight", "max spend per day")
+    limits = ("max jobs in flight", "max spend per day", "weight")
     table = new_table(("tenant", *limits, "created"), figures=limits, whole=("created",))
-    for n, j, s, c in rows:
-        table.add_row(Text(n), "" if j is None else compact(j), "" if s is None else compact(s, "usd"), when(c))
+    for n, j, s, w, c in rows:
+        table.add_row(Text(n), "" if j is None else compact(j), "" if s is None else compact(s, "usd"), f"{w:g}",
+                      when(c))
     console.print(table)
 
 
@@ -143,24 +145,28 @@ def tenants_limits(
     spend_per_day: Annotated[str | None, typer.Option(help="Most USD of model calls per UTC day, to 8 decimal places; "
                                                            "0 accepts no new jobs.")] = None,
     clear: Annotated[bool, typer.Option("--clear", help="Remove both limits first.")] = False,
+    weight: Annotated[float | None, typer.Option(
+        help="The tenant's weight in the dispatcher's round robin: against the other tenants with queued jobs at "
+             "the same priority, its share of the jobs in flight is in proportion to it (1 by default).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Set a tenant's limits, enforced when it submits work (429 with the numbers). A limit of 0
-    accepts no new jobs; --clear removes them. Prints the limits as stored."""
+    """Set a tenant's limits, enforced when it submits work (429 with the numbers), and its weight
+    in the dispatcher's round robin. A limit of 0 accepts no new jobs; --clear removes them. Prints
+    the limits as stored."""
     from pipeline import tenants
     from pipeline.db import transaction
 
     with transaction(_sessions()) as session:
         t = tenants.set_limits(session, name, max_jobs_in_flight=jobs_in_flight,
-                               max_spend_per_day_usd=_usd(spend_per_day), clear=clear)
+                               max_spend_per_day_usd=_usd(spend_per_day), clear=clear, weight=weight)
         out = {"tenant": t.name, "max_jobs_in_flight": t.max_jobs_in_flight,
                "max_spend_per_day_usd": f"{t.max_spend_per_day_usd:f}" if t.max_spend_per_day_usd is not None
-               else None}
+               else None, "weight": t.weight}
     if as_json:
         print(json.dumps(out))
         return
     console.print(f"tenant {t.name}: jobs in flight {_jobs_limit(t.max_jobs_in_flight)}, "
-                  f"spend per day {_spend_limit(t.max_spend_per_day_usd)}")
+                  f"spend per day {_spend_limit(t.max_spend_per_day_usd)}, weight {t.weight:g}")
 
 
 @app.command()

@@ -1,13 +1,13 @@
 """Feeding the stages from Postgres, and recovering what the broker lost.
 
-Postgres is the queue of record. ``dispatch`` moves the oldest queued jobs into their first stage
-only while fewer than ``max_in_flight`` jobs are active, so Redis holds at most that many messages
-however large the batch. ``refeed`` publishes again the stages that waited out transient errors
-(their wait is a time in Postgres, not a message, so a broker flush cannot lose or shorten it).
-``sweep`` republishes the stages of a killed worker, as soon as its heartbeat has lapsed, and any
-stage that has made no progress past its deadline: a message lost in a Redis flush, or a dead
-worker whose heartbeat cannot be read. Duplicates this may create are harmless, because stages move
-jobs by conditional update.
+Postgres is the queue of record. ``dispatch`` moves queued jobs into their first stage (which ones,
+by priority and round robin across tenants: pipeline.flow.admission) only while fewer than
+``max_in_flight`` jobs are active, so Redis holds at most that many messages however large the
+batch. ``refeed`` publishes again the stages that waited out transient errors (their wait is a time
+in Postgres, not a message, so a broker flush cannot lose or shorten it). ``sweep`` republishes the
+stages of a killed worker, as soon as its heartbeat has lapsed, and any stage that has made no
+progress past its deadline: a message lost in a Redis flush, or a dead worker whose heartbeat cannot
+be read. Duplicates this may create are harmless, because stages move jobs by conditional update.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Protocol
 from sqlalchemy import ColumnElement, and_, func, insert, or_, select, update
 
 from pipeline.db import Executor
-from pipeline.flow import shadow
+from pipeline.flow import admission, shadow
 from pipeline.flow.stages import Handoff, Pipeline, handoff_for
 from pipeline.flow.states import transition_many
 from pipeline.models import ACTIVE, Job, JobStatus, ModelCall, RoutingDecision, utcnow
@@ -40,27 +40,22 @@ def active_count(session: Executor) -> int:
 
 
 def dispatch(session: Executor, *, max_in_flight: int, limit: int = 1000) -> list[Handoff]:
-    """Move up to ``limit`` queued jobs into their first stage, within ``max_in_flight``."""
-    room = min(limit, max_in_flight - active_count(session))
-    if room <= 0:
-        return []
-    rows = session.execute(
-        select(Job.id, Job.pinned_tier)
-        .where(Job.status == JobStatus.QUEUED)
-        .order_by(Job.id)
-        .limit(room)
-        # Two dispatchers (an operator may run more than one) take disjoint sets of jobs.
-        .with_for_update(skip_locked=True)
-    ).all()
+    """Move up to ``limit`` queued jobs into their first stage, within ``max_in_flight`` (counted,
+    for each priority, over the jobs in flight at that priority or above)."""
+    # By priority, then round robin across tenants and batches (pipeline.flow.admission); two
+    # dispatchers (an operator may run more than one) take disjoint sets of jobs.
+    rows = admission.admit(session, max_in_flight=max_in_flight, limit=limit)
     if not rows:
         return []
+    # Each job's messages carry its batch's priority, the stages after this one included (workers.base).
+    pri = {r.id: admission.message_priority(r.priority) for r in rows}
     to_triage = [r.id for r in rows if r.pinned_tier is None]
     pinned: dict[str, list[int]] = defaultdict(list)
     for r in rows:
         if r.pinned_tier is not None:
             pinned[r.pinned_tier].append(r.id)
 
-    handoffs = [Handoff("triage", m.id, "triage") for m in
+    handoffs = [Handoff("triage", m.id, "triage", priority=pri[m.id]) for m in
                 transition_many(session, to_triage, frm=JobStatus.QUEUED, to=JobStatus.TRIAGING,
                                 detail="dispatched to triage")]
     for tier, ids in pinned.items():
@@ -71,7 +66,7 @@ def dispatch(session: Executor, *, max_in_flight: int, limit: int = 1000) -> lis
                 {"job_id": m.id, "reason_kind": "pinned", "to_tier": tier, "reason": "tier pinned by the job",
                  "created_at": utcnow()} for m in moved
             ])
-        handoffs += [Handoff("work", m.id, tier) for m in moved]
+        handoffs += [Handoff("work", m.id, tier, priority=pri[m.id]) for m in moved]
     return handoffs
 
 
@@ -206,8 +201,8 @@ def sweep_stalled(p: Pipeline, *, deadline_s: float, claim_deadline_s: float, la
     dead: set[str] = set()
     if lapsed is not None and (holders := p.run(claim_holders, autocommit=True)):
         dead = lapsed(holders)
-    return p.run(partial(sweep, deadline_s=deadline_s, claim_deadline_s=claim_deadline_s, lost_before=lost_before,
-                         dead_workers=dead))
+    return p.run(lambda s: admission.with_priorities(s, sweep(
+        s, deadline_s=deadline_s, claim_deadline_s=claim_deadline_s, lost_before=lost_before, dead_workers=dead)))
 
 
 class Stopper(Protocol):
@@ -237,7 +232,7 @@ def run_dispatcher(
     while not stop.is_set():
         dispatched = p.run(lambda s: dispatch(s, max_in_flight=max_in_flight))
         publish(dispatched)
-        publish(p.run(refeed))
+        publish(p.run(lambda s: admission.with_priorities(s, refeed(s))))
         # Asked after dispatching: what was just published may have gone with the broker's data
         # too, and is unclaimed, so the sweep below covers it.
         lost_before = utcnow() if broker_lost is not None and broker_lost() else None

@@ -40,7 +40,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +53,7 @@ from pipeline import tenants
 from pipeline.config import ModelConfig, check_rate
 from pipeline.db import insert_or_skip, retry_conflicts
 from pipeline.errors import BatchCancelled, InputFileError, InvalidInput, JobInputError
+from pipeline.flow.admission import check_priority
 from pipeline.intake import tasks
 from pipeline.intake.jobspec import (
     CHARS_PER_TOKEN,
@@ -322,26 +323,32 @@ def iter_objects(numbered: Iterable[tuple[int, Any]], *, config: ModelConfig,
 
 
 def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = None,
-                        shadow_rate: float | None = None) -> int:
+                        shadow_rate: float | None = None, priority: int | None = None,
+                        task_ids: Collection[int] = ()) -> int:
     """The id of the batch called ``name`` in a tenant's namespace (None: the operator's, for
     batches enqueued from the CLI), created if new. ``shadow_rate``, if given, becomes the batch's
-    (pipeline.flow.shadow): for a batch that exists, from its next job to succeed on."""
+    (pipeline.flow.shadow): for a batch that exists, from its next job to succeed on. So does
+    ``priority`` (pipeline.flow.admission), from the dispatcher's next round; a new batch without
+    one takes the highest a task of ``task_ids`` (its first jobs') sets, else the default."""
     scope = Batch.tenant_id.is_(None) if tenant_id is None else Batch.tenant_id == tenant_id
     existing = session.execute(select(Batch.id, Batch.cancelled_at).where(Batch.name == name, scope)).first()
+    given = {k: v for k, v in (("shadow_rate", shadow_rate), ("priority", priority)) if v is not None}
     if existing is not None:
         if existing.cancelled_at is not None:
             # Jobs added now would be dispatched: a cancelled batch stays cancelled.
             raise BatchCancelled(f"batch {name!r} was cancelled at {existing.cancelled_at:%Y-%m-%d %H:%M:%S %Z}; "
                                  f"enqueue into a new batch name")
-        if shadow_rate is not None:
-            session.execute(update(Batch).where(Batch.id == existing.id).values(shadow_rate=shadow_rate))
+        if given:
+            session.execute(update(Batch).where(Batch.id == existing.id).values(**given))
         return int(existing.id)
+    if priority is None:
+        priority = tasks.default_priority(session, task_ids)
     session.execute(insert_or_skip(session, Batch).values(name=name, tenant_id=tenant_id, created_at=utcnow(),
-                                                          shadow_rate=shadow_rate)
+                                                          shadow_rate=shadow_rate, priority=priority)
                     .on_conflict_do_nothing())
     batch_id: int = session.scalar(select(Batch.id).where(Batch.name == name, scope))  # type: ignore[assignment]
-    if shadow_rate is not None:  # a concurrent enqueue made it first
-        session.execute(update(Batch).where(Batch.id == batch_id).values(shadow_rate=shadow_rate))
+    if given:  # a concurrent enqueue made it first
+        session.execute(update(Batch).where(Batch.id == batch_id).values(**given))
     return batch_id
 
 
@@ -364,6 +371,7 @@ def enqueue_items(
     chunk_size: int = CHUNK,
     total_bytes: int = 0,
     shadow_rate: float | None = None,
+    priority: int | None = None,
 ) -> EnqueueReport:
     """Check and write: the one path by which jobs enter Postgres, from a file or an HTTP body.
 
@@ -392,10 +400,12 @@ def enqueue_items(
     A batch is made only for a job: an input with no items is refused (InputFileError), and one
     whose every item is bad (``skip_invalid``) returns a report whose ``batch_id`` is None.
     ``batch`` must pass check_batch_name. ``shadow_rate``: the batch's share of jobs shadowed
-    (get_or_create_batch), in [0, 1]."""
+    (get_or_create_batch), in [0, 1]; ``priority``: the batch's, 0-9 (pipeline.flow.admission)."""
     check_batch_name(batch)
     if shadow_rate is not None and check_rate(shadow_rate) is None:
         raise InvalidInput(f"the shadow rate must be a number from 0 to 1, not {shadow_rate!r}")
+    if priority is not None:
+        check_priority(priority)
     if tenant_id is not None and not atomic:
         raise ValueError("an enqueue for a tenant must be atomic: its limits are checked against all of it")
 
@@ -408,13 +418,15 @@ def enqueue_items(
                 report = _enqueue_pass(session, source, batch=batch, tenant_id=tenant_id, where=where,
                                        atomic=atomic, skip_invalid=skip_invalid, copy=copy, phase="writing",
                                        progress=progress, on_invalid=on_invalid, max_reported=max_reported,
-                                       chunk_size=chunk_size, total_bytes=total_bytes, shadow_rate=shadow_rate)
+                                       chunk_size=chunk_size, total_bytes=total_bytes, shadow_rate=shadow_rate,
+                                       priority=priority)
             except KeyRepeated:
                 session.rollback()
                 report = _enqueue_pass(session, source, batch=batch, tenant_id=tenant_id, where=where,
                                        atomic=atomic, skip_invalid=skip_invalid, copy=False, phase="rewriting",
                                        progress=progress, on_invalid=on_invalid, max_reported=max_reported,
-                                       chunk_size=chunk_size, total_bytes=total_bytes, shadow_rate=shadow_rate)
+                                       chunk_size=chunk_size, total_bytes=total_bytes, shadow_rate=shadow_rate,
+                                       priority=priority)
             if report.read == 0:
                 raise InputFileError(f"{where or 'the request body'} has no jobs: nothing was enqueued")
             if tenant_id is not None and report.batch_id is not None:
@@ -432,7 +444,8 @@ def enqueue_items(
 def _enqueue_pass(session: Session, source: Source, *, batch: str, tenant_id: int | None, where: str | None,
                   atomic: bool, skip_invalid: bool, copy: bool, phase: str, progress: Progress | None,
                   on_invalid: InvalidSink | None, max_reported: int, chunk_size: int,
-                  total_bytes: int, shadow_rate: float | None = None) -> EnqueueReport:
+                  total_bytes: int, shadow_rate: float | None = None, priority: int | None = None
+                  ) -> EnqueueReport:
     """One reading of the input, writing as it goes; the caller commits the last of it."""
     report = EnqueueReport(batch=batch)
     pos = [0]
@@ -456,7 +469,9 @@ def _enqueue_pass(session: Session, source: Source, *, batch: str, tenant_id: in
         writer: Writer | None = None
 
         def start() -> Writer:
-            batch_id = get_or_create_batch(session, batch, tenant_id=tenant_id, shadow_rate=shadow_rate)
+            batch_id = get_or_create_batch(session, batch, tenant_id=tenant_id, shadow_rate=shadow_rate,
+                                           priority=priority,
+                                           task_ids={spec.task_id for _, spec in held if spec.task_id is not None})
             if not atomic:
                 session.commit()
             report.batch_id = batch_id
@@ -550,6 +565,7 @@ def enqueue_file(
     max_reported: int = 1000,
     chunk_size: int = CHUNK,
     shadow_rate: float | None = None,
+    priority: int | None = None,
 ) -> EnqueueReport:
     """Check and write. Raises JobInputError for the first bad line unless ``skip_invalid``.
 
@@ -569,7 +585,7 @@ def enqueue_file(
         tenant_id=tenant_id, where=str(path), skip_invalid=skip_invalid,
         atomic=not skip_invalid or tenant_id is not None, progress=progress,
         on_invalid=on_invalid, max_reported=max_reported, chunk_size=chunk_size, total_bytes=total,
-        shadow_rate=shadow_rate)
+        shadow_rate=shadow_rate, priority=priority)
 
 
 def invalid_line_json(bad: BadLine) -> str:

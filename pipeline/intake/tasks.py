@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from pipeline.config import check_rate
 from pipeline.errors import JobInputError, NotFound
 from pipeline.flow import schema_check
+from pipeline.flow.admission import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, valid_priority
 from pipeline.intake.jobspec import TaskLookup, TaskRef, _check_storable, _check_strings, _json_tokens, digest
 from pipeline.models import JobKind, Task
 from pipeline.names import quoted
@@ -39,7 +40,7 @@ MAX_EXAMPLES = 200
 
 _KINDS = {kind.value: kind for kind in JobKind}
 _FIELDS = frozenset({"name", "kind", "instructions", "labels", "schema", "examples", "max_tokens", "tier",
-                     "shadow_rate"})
+                     "shadow_rate", "priority"})
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class TaskSpec:
     # The share of the task's jobs shadowed (pipeline.flow.shadow), over the configuration's; a
     # batch's own rate is over this one.
     shadow_rate: float | None = None
+    # The priority of a batch its jobs start (pipeline.flow.admission), unless the batch sets its own.
+    priority: int | None = None
 
     def definition(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind.value, "instructions": self.instructions}
@@ -83,6 +86,8 @@ class TaskSpec:
             out["tier"] = self.tier
         if self.shadow_rate is not None:
             out["shadow_rate"] = self.shadow_rate
+        if self.priority is not None:
+            out["priority"] = self.priority
         return out
 
     def content_sha256(self) -> str:
@@ -260,9 +265,13 @@ def parse_task(obj: Any, *, work_tiers: tuple[str, ...]) -> TaskSpec:
     if shadow_rate is not None and check_rate(shadow_rate) is None:
         raise JobInputError(f"field 'shadow_rate' must be a number from 0 to 1 (the share of the task's jobs "
                             f"shadowed), not {quoted(shadow_rate)}")
+    priority = obj.get("priority")
+    if priority is not None and not valid_priority(priority):
+        raise JobInputError(f"field 'priority' must be a whole number from {MIN_PRIORITY} to {MAX_PRIORITY} (the "
+                            f"priority of the batches the task's jobs start), not {quoted(priority)}")
     return TaskSpec(name=name, kind=kind, instructions=instructions, labels=labels, schema=schema,
                     examples=examples, max_tokens=max_tokens, tier=tier,
-                    shadow_rate=check_rate(shadow_rate) if shadow_rate is not None else None)
+                    shadow_rate=check_rate(shadow_rate) if shadow_rate is not None else None, priority=priority)
 
 
 def read_toml(text: str | bytes) -> Any:
@@ -366,3 +375,13 @@ def lookup(session_factory: Callable[[], Session], *, tenant_id: int | None) -> 
         return ref
 
     return find
+
+
+def default_priority(session: Session, task_ids: Collection[int]) -> int:
+    """The priority of a new batch that sets none, from the task versions its jobs are bound to:
+    the highest any of them sets, else the default."""
+    if not task_ids:
+        return DEFAULT_PRIORITY
+    set_by = [d["priority"] for d in session.scalars(select(Task.definition).where(Task.id.in_(list(task_ids))))
+              if d.get("priority") is not None]
+    return max(set_by, default=DEFAULT_PRIORITY)

@@ -301,6 +301,7 @@ class BatchSummary:
     jobs: int
     by_status: dict[str, int]
     cost_usd: Decimal
+    priority: int = 5  # the dispatcher admits a higher one first (pipeline.flow.admission)
 
     @property
     def done(self) -> int:
@@ -328,7 +329,8 @@ def _batch_counts(db_session: Session, batch_ids: Sequence[int]) -> dict[int, tu
 
 def _summary(b: Batch, tenant: str | None, counts: dict[str, int], cost: Decimal) -> BatchSummary:
     return BatchSummary(id=b.id, name=b.name, tenant=tenant, created_at=b.created_at, cancelled_at=b.cancelled_at,
-                        jobs=sum(counts.values()), by_status=dict(sorted(counts.items())), cost_usd=cost)
+                        jobs=sum(counts.values()), by_status=dict(sorted(counts.items())), cost_usd=cost,
+                        priority=b.priority)
 
 
 def _check_limit(limit: int) -> None:

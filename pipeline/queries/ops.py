@@ -25,17 +25,19 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 import redis
-from kombu.transport.redis import PRIORITY_STEPS
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import ModelConfig
+from pipeline.flow.admission import BROKER_PRIORITY_STEPS as PRIORITY_STEPS
 from pipeline.models import ACTIVE, TERMINAL, Job, JobStatus, utcnow
+from pipeline.queries.shares import TenantShare, tenant_shares
 
 log = logging.getLogger(__name__)
 
 # kombu's Redis transport keeps a queue's messages of priority p > 0 in a list of its own named
-# queue + "\x06\x16" + p; counting only the base list, as some queue-depth exporters do, misses them.
+# queue + "\x06\x16" + p (a list per level: workers.config sets them); counting only the base list,
+# as some queue-depth exporters do, misses them.
 PRIORITY_SEP = "\x06\x16"
 UNACKED_KEY = "unacked"  # kombu: messages delivered to a worker and not yet acked (ETA ones too)
 
@@ -264,6 +266,8 @@ class Status:
     finished_1m: dict[str, int]
     finished_5m: dict[str, int]
     limits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Each tenant's share of the jobs in flight and its batches waiting (pipeline.queries.shares).
+    tenants: list[TenantShare] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -331,4 +335,4 @@ def gather(client: redis.Redis, session: Session, models: ModelConfig, limiter: 
             retrying=queue_in_flight(q, waits),
         ))
     return Status(queues=rows, workers=workers, in_flight=in_flight, queued=queued, finished_1m=f1,
-                  finished_5m=f5, limits=tier_limits)
+                  finished_5m=f5, limits=tier_limits, tenants=tenant_shares(session))

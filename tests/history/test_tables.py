@@ -27,6 +27,7 @@ from pipeline.cli import common as cli
 from pipeline.queries.history import BatchProgress
 from pipeline.queries.ops import QueueStatus, Status, WorkerInfo
 from pipeline.queries.report import FailureReason, Summary, TierLine
+from pipeline.queries.shares import TenantShare
 
 Run = Callable[..., tuple[int, str, str]]
 
@@ -213,11 +214,14 @@ def test_status_fits_80_columns() -> None:
                           host="worker-7f9c8d6b5-abcde", pid=1_234_567, concurrency=64, pool="threads", busy=63,
                           started_at=now - 93_784, seen_at=now, metrics_port=9100)]
     limits = {"haiku": {"rpm": 4_000, "itpm": 4_000_000, "otpm": 800_000, "paused_s": 2.5}}
+    tenants = [TenantShare(tenant="acme-analytics-platform-europe-west", weight=2.5, in_flight=45_678, share=0.824,
+                           waiting=[9, 5, 5]), TenantShare(tenant="(operator)", weight=1, in_flight=9_876, share=0.176)]
     st = Status(queues=queues, workers=workers, in_flight={}, queued=3_456_789,
-                finished_1m={"succeeded": 12_345, "failed": 67}, finished_5m={"succeeded": 61_234}, limits=limits)
+                finished_1m={"succeeded": 12_345, "failed": 67}, finished_5m={"succeeded": 61_234}, limits=limits,
+                tenants=tenants)
     out = render(render_status(st))
     fits(out, 80, "1.23M", "128", "45.7k", "256", "255", "12.5 s", "9,876", "1234567", "1d 02h", ":9100",
-         "4,000", "4.00M", "800k", "2.50 s", "3.46M", "12.3k", "61.2k")
+         "4,000", "4.00M", "800k", "2.50 s", "3.46M", "12.3k", "61.2k", "82%", "18%", "2.5", "p9, p5 ×2")
 
 
 def test_enqueue_wait_progress_fits_80_columns() -> None:

@@ -89,11 +89,11 @@ def test_what_is_printed_is_what_is_stored(sy: Sy, history_sessions: sessionmake
                                            kept: tuple[int | None, Decimal | None]) -> None:
     code, out, err = sy("tenants", "limits", tenant, *args)
     assert code == 0, err
-    assert " ".join(out.split()) == f"tenant {tenant}: {shown}"
+    assert " ".join(out.split()) == f"tenant {tenant}: {shown}, weight 1"  # the round robin's weight: unchanged
     assert stored(history_sessions, tenant) == kept
     code, out, err = sy("tenants", "limits", tenant, "--clear", *args, "--json")
     assert code == 0, err
-    assert json.loads(out) == {"tenant": tenant, **as_json}
+    assert json.loads(out) == {"tenant": tenant, **as_json, "weight": 1.0}
 
 
 @pytest.mark.parametrize("args", [

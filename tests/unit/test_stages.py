@@ -64,7 +64,8 @@ def test_a_job_walks_every_stage(pipeline: Pipeline, tmp_path: Path) -> None:
     [jid] = enqueue(pipeline, tmp_path, {"kind": "classify", "text": "charged twice [fake:difficulty=easy]",
                                          "labels": ["billing", "bug"]})
     handoffs = [h for h in dispatched(pipeline) if h.job_id == jid]
-    assert handoffs == [Handoff("triage", jid, "triage")]
+    # Priority 4 on the broker: the default batch priority, 5 (pipeline.flow.admission.message_priority).
+    assert handoffs == [Handoff("triage", jid, "triage", priority=4)]
     work = stages.triage(pipeline, jid)
     assert work == Handoff("work", jid, "sonnet")
     assert stages.work(pipeline, jid) == Handoff("validate", jid, "validate")

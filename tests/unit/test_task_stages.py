@@ -69,7 +69,7 @@ def test_a_task_job_through_its_stages(recorded: tuple[Pipeline, Recording], tmp
         job_id = s.scalar(select(Job.id).join(Batch).where(Batch.name == "stage-task"))
     assert job_id is not None
 
-    assert Handoff("triage", job_id, "triage") in p.run(lambda s: dispatch(s, max_in_flight=10_000))
+    assert Handoff("triage", job_id, "triage", priority=4) in p.run(lambda s: dispatch(s, max_in_flight=10_000))
     assert stages.triage(p, job_id) == Handoff("work", job_id, "sonnet")
     assert stages.work(p, job_id) == Handoff("validate", job_id, "validate")
     stages.validate(p, job_id)
