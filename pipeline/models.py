@@ -125,6 +125,8 @@ class ApiToken(Base):
     secret_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # An operator's token reads every tenant's jobs and batches (API reads, the dashboard).
+    operator: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
 
 
 class Batch(Base):

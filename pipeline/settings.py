@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     # while it streams in; a batch of more jobs than this is refused with 413 before any is written.
     api_max_body_bytes: int = Field(64 * 1024 * 1024, alias="SWITCHYARD_API_MAX_BODY_BYTES")
     api_max_batch_jobs: int = Field(100_000, alias="SWITCHYARD_API_MAX_BATCH_JOBS")
+    # The dashboard's session cookies are signed with it: set it (any long random string) so sessions
+    # survive a restart and hold across `serve --workers N`; unset, each process draws a random one.
+    ui_secret: str | None = Field(None, alias="SWITCHYARD_UI_SECRET", repr=False)
+    ui_session_s: int = Field(8 * 3600, alias="SWITCHYARD_UI_SESSION_S", gt=0)
+    # Mark the cookies Secure (sent over HTTPS only): set it when a TLS proxy fronts `switchyard serve`.
+    ui_secure_cookies: bool = Field(False, alias="SWITCHYARD_UI_SECURE_COOKIES")
     # Rate limits per tier, over those of the model configuration: "sonnet.rpm=50,opus.otpm=8000".
     rate_limits: str | None = Field(None, alias="SWITCHYARD_RATE_LIMITS")
     # The limits are per this many seconds. Anthropic's are per minute; tests shorten it.

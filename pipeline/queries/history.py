@@ -96,7 +96,7 @@ MAX_CANDIDATES = 10
 class JobFilters:
     """What ``list_jobs`` selects. Empty fields select everything; ``status`` is any of."""
 
-    batch: str | None = None  # a batch name (or its numeric id)
+    batch: str | int | None = None  # a batch name (or its numeric id); an int is an id only
     status: tuple[JobStatus, ...] = ()
     tier: str | None = None
     kind: JobKind | None = None
