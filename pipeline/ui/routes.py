@@ -33,7 +33,7 @@ from pipeline.settings import mask_url
 from pipeline.tenants import Caller
 from pipeline.ui import data
 from pipeline.ui.session import COOKIE, Signer, UiSession, caller_for, csrf_ok
-from pipeline.ui.timeline import moments
+from pipeline.ui.timeline import lanes, moments
 
 log = logging.getLogger("switchyard.api.ui")  # under the API's logger: `serve` gives it a handler
 
@@ -82,6 +82,18 @@ def viewer(request: Request) -> Viewer:
 Signed = Annotated[Viewer, Depends(viewer)]
 
 
+# Every page: scripts only from the server's own files (no inline script, no eval), no framing by
+# another site (a framed confirmation page could be clicked through), no referrer beyond the site.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
 class UiRoute(APIRoute):
     """Errors as pages, not the API's JSON: a missing session sends the browser to the sign-in
     (htmx through its HX-Redirect header), and a SwitchyardError (no such batch, a bad filter)
@@ -91,6 +103,11 @@ class UiRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def run(request: Request) -> Response:
+            response = await answer(request)
+            response.headers.update(SECURITY_HEADERS)
+            return response
+
+        async def answer(request: Request) -> Response:
             try:
                 return await handler(request)
             except SignInRequired:
@@ -151,7 +168,9 @@ templates.env.globals.update(STATUSES=[s.value for s in JobStatus], PREFIX=PREFI
 
 
 def page(request: Request, name: str, v: Viewer | None, status_code: int = 200, **context: Any) -> HTMLResponse:
-    base = {"viewer": v, "csrf": v.session.csrf if v else None, "now": utcnow()}
+    # palette: every tier in a fixed order, so a tier has one colour on every page and chart.
+    base = {"viewer": v, "csrf": v.session.csrf if v else None, "now": utcnow(),
+            "palette": list(state(request).models.tiers)}
     return templates.TemplateResponse(request, name, {**base, **context}, status_code=status_code)
 
 
@@ -317,7 +336,8 @@ def job(request: Request, v: Signed, job_id: int) -> HTMLResponse:
         story = history.get_job(db_session=db, job_id=job_id, tenant_id=v.who.scope)
     items = moments(story)
     start = items[0].at if items else story.job.created_at
-    return page(request, "job.html", v, story=story, moments=items, start=start)
+    total, by_tier = lanes(story, start, items)
+    return page(request, "job.html", v, story=story, moments=items, start=start, total=total, lanes=by_tier)
 
 
 def _limit(text: str | None) -> int:

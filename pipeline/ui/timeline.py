@@ -27,6 +27,31 @@ class Moment:
         return (self.at - start).total_seconds()
 
 
+@dataclass(frozen=True)
+class Span:
+    """A call drawn as a bar on its tier's lane, in percent of the job's whole span."""
+
+    tier: str
+    left: float
+    width: float
+    ok: bool
+    label: str
+
+
+def lanes(story: JobStory, start: datetime, items: list[Moment]) -> tuple[float, dict[str, list[Span]]]:
+    """The job's span in seconds, and its calls as bars per tier (in the order the tiers were first called)."""
+    ends = [m.at.timestamp() + (m.duration_ms or 0) / 1000 for m in items]
+    total = max([*ends, start.timestamp()]) - start.timestamp()
+    out: dict[str, list[Span]] = {}
+    for c in story.calls:
+        begin = (c.started_at - start).total_seconds()
+        took = (c.latency_ms or 0) / 1000
+        out.setdefault(c.tier, []).append(Span(
+            tier=c.tier, left=100 * begin / total if total else 0, width=max(0.6, 100 * took / total) if total else 100,
+            ok=c.outcome == "ok", label=f"{c.stage} call, +{begin:.2f}s, {c.latency_ms or 0:.0f} ms, {c.outcome}"))
+    return total, out
+
+
 def moments(story: JobStory) -> list[Moment]:
     out: list[Moment] = []
     for e in story.events:

@@ -121,8 +121,11 @@ def sign_in(page: Any, site: Site, token: str, *, again: bool = False) -> None:
     page.signed_in_as = token
 
 
-def shot(page: Any, name: str) -> None:
+def shot(page: Any, name: str, *, fold: bool = False) -> None:
+    """The whole page; with ``fold`` also what the window shows (the README's screenshots, in docs/)."""
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    if fold:
+        page.screenshot(path=str(SCREENSHOTS / f"{name}-fold.png"))
 
 
 def _tier_row(page: Any, queue: str) -> dict[str, str]:
@@ -153,6 +156,11 @@ def test_sign_in_sets_a_safe_cookie_and_no_token_shows(site: Site, page: Any) ->
     assert secret not in cookie["value"] and site.alice not in page.url
     assert page.evaluate("document.cookie") == ""  # HttpOnly: no script sees it
     assert page.locator("[data-testid=who]").inner_text().startswith("alice")
+    # No other site may frame a page (its buttons could be clicked through), nor run a script in it.
+    answer = page.goto(f"{site.url}/batches")
+    assert answer is not None and answer.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
+    assert "script-src 'self';" in answer.headers["content-security-policy"]
 
     # A forged or altered cookie is no session.
     forged = dict(cookie, value=cookie["value"][:-2] + ("AA" if not cookie["value"].endswith("AA") else "BB"))
@@ -216,7 +224,7 @@ def test_overview_shows_the_tiers_and_todays_cost(site: Site, page: Any) -> None
     # Both charts drew the tiers' series (uPlot's legend names each).
     assert page.locator(".chart .u-legend").count() == 2
     assert "sonnet" in page.locator(".chart").first.inner_text()
-    shot(page, "overview")
+    shot(page, "overview", fold=True)
 
 
 def test_batches_list_and_batch_page_match_the_database(site: Site, page: Any) -> None:
@@ -276,7 +284,7 @@ def test_a_jobs_timeline_tells_its_story(site: Site, page: Any) -> None:
     assert page.locator("[data-testid=timeline] li.m-verdict.bad").count() == sum(
         not v.ok for v in story.validations) >= 1
     assert json.loads(page.locator("[data-testid=output]").inner_text()) == story.output
-    shot(page, "job")
+    shot(page, "job", fold=True)
 
 
 def test_search_filters_and_pages_with_the_cursor(site: Site, page: Any) -> None:
@@ -358,9 +366,9 @@ def test_a_tenant_sees_only_its_own_and_an_operator_sees_all(site: Site, page: A
         every = session.scalar(select(func.count()).select_from(Batch))
     assert page.locator("tr[data-batch]").count() == every
     assert "bob-secret" in page.content() and "alice-claims" in page.content()
+    shot(page, "batches-operator")
     page.goto(f"{site.url}/jobs/{alice_job}")
     assert page.locator("[data-testid=job-id]").inner_text() == str(alice_job)
-    shot(page, "batches-operator")
 
 
 def test_a_revoked_token_ends_its_sessions_and_no_token_is_logged(site: Site, page: Any) -> None:
