@@ -183,7 +183,7 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="Server processes.")] = 1,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Run the HTTP API (OpenAPI document at /docs and /openapi.json)."""
+    """Run the HTTP API (OpenAPI document at /docs and /openapi.json) and the dashboard (/ui)."""
     import uvicorn
 
     s = Settings()  # fail here, in one sentence, on a bad environment

@@ -320,7 +320,11 @@ def test_cancel_a_live_batch_through_the_confirmation(site: Site, page: Any) -> 
     sign_in(page, site, site.alice)
     slow = _submit(site.server, site.alice, "alice-slow", _jobs("s", 16, hint="[fake:latency_ms=1500]"))
     page.goto(f"{site.url}/batches/{slow}")
-    page.wait_for_selector("[data-testid=done]")
+    # The page follows the batch live (htmx re-fetches its figures every 5 s): its count moves on
+    # without a reload, while jobs are still queued.
+    shown = page.locator("[data-testid=done]").inner_text()
+    page.wait_for_function("shown => document.querySelector('[data-testid=done]').textContent !== shown", arg=shown,
+                           timeout=40_000)
     page.click("text=Cancel…")
     page.wait_for_url(f"{site.url}/batches/{slow}/cancel")
     with site.server.sessions() as session:
