@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     # Postgres, so Redis never holds a whole batch.
     max_in_flight: int = Field(2000, alias="SWITCHYARD_MAX_IN_FLIGHT")
     dispatch_interval_s: float = Field(0.5, alias="SWITCHYARD_DISPATCH_INTERVAL_S", gt=0, le=3600, allow_inf_nan=False)
+    # How often the dispatcher folds ended jobs and finished calls into the rollups that `stats`,
+    # `batches` and the dashboard read (pipeline.queries.rollups); what is newer is read raw.
+    rollup_interval_s: float = Field(5.0, alias="SWITCHYARD_ROLLUP_INTERVAL_S", gt=0, le=3600, allow_inf_nan=False)
     # A stage that has made no progress for this long is republished by the sweeper. It must be
     # longer than the slowest stage can legitimately take, retries included.
     stage_deadline_s: float | None = Field(None, alias="SWITCHYARD_STAGE_DEADLINE_S")
