@@ -5,7 +5,7 @@ sees every tenant in the API's reads and the dashboard, and submits as its own t
 tokens stay tenant tokens (server default false).
 
 Revision ID: d8a5c3e1f067
-Revises: c4e1b7a9d302
+Revises: e5f2a8c1d4b7
 Create Date: 2026-12-07 06:30:00.000000
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = 'd8a5c3e1f067'
-down_revision: str | None = 'c4e1b7a9d302'
+down_revision: str | None = 'e5f2a8c1d4b7'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,15 +1,16 @@
 """What the dashboard's pages read, each behind one small function so a page never writes SQL.
 
-Most figures come from the queries the CLI and the API already use (pipeline.queries.ops for the
-queues and workers, .report for per-tier stats, .history for batches, jobs and stories, .quality for
-shadow evaluation). The time series and the batches' recent rates are the only queries of their own:
-aggregates over the calls and jobs of a time window, read through the started_at and finished_at
-columns. ``scope`` is the caller's (pipeline.tenants.Caller.scope): a tenant id, or None for an
+Every figure comes from the queries the CLI and the API already use: pipeline.queries.ops for the
+queues and workers, .rollups for the charts, today's cost and the recent rates (per batch, tier and
+minute, folded by the dispatcher every few seconds: a few rows per batch and minute whatever the
+batches' sizes), .report for per-tier stats, .history for batches, jobs and stories, .quality for
+shadow evaluation. ``scope`` is the caller's (pipeline.tenants.Caller.scope): a tenant id, or None for an
 operator, who sees every tenant.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -20,10 +21,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import ModelConfig
-from pipeline.models import EVALUATION_STAGES, TERMINAL, Batch, Job, JobStatus, ModelCall, ShadowEvaluation, utcnow
-from pipeline.queries import history, ops, report
+from pipeline.models import Batch, Job, JobStatus, RollupMinute, ShadowEvaluation, utcnow
+from pipeline.queries import history, ops, report, rollups
 from pipeline.queries.quality import Quality, quality
-from pipeline.tenants import day_start
 
 RECENT = timedelta(minutes=5)  # the window of "recent rate": ETAs and throughput per tier
 
@@ -42,43 +42,43 @@ class Series:
                 "colors": {t: palette.index(t) if t in palette else len(palette) for t in self.tiers}}
 
 
-def _in_scope(scope: int | None, batch_id: int | None = None) -> list[Any]:
-    conds: list[Any] = []
-    if scope is not None:
-        conds.append(Job.batch_id.in_(select(Batch.id).where(Batch.tenant_id == scope)))
-    if batch_id is not None:
-        conds.append(Job.batch_id == batch_id)
-    return conds
-
-
-def _bucket(column: Any, step_s: int) -> Any:
-    return (func.floor(func.extract("epoch", column) / step_s) * step_s).label("t")
-
-
-def _series(rows: Any, *, start: int, end: int, step_s: int, tiers: list[str]) -> Series:
-    x = list(range(start - start % step_s, end + 1, step_s))
-    index = {t: i for i, t in enumerate(x)}
+def _series(points: list[rollups.MinutePoint], value: Callable[[rollups.MinutePoint], float], *, since: datetime,
+            now: datetime, step_s: int, tiers: list[str]) -> Series:
+    """The rollups' minutes summed into buckets of ``step_s`` (whole minutes), one row per tier."""
+    start = int(since.timestamp())
+    x = list(range(start - start % step_s, int(now.timestamp()) + 1, step_s))
     out = Series(step_s=step_s, x=x, tiers={t: [0.0] * len(x) for t in tiers})
-    for t, tier, value in rows:
-        i = index.get(int(t))
-        if i is None:
-            continue
-        out.tiers.setdefault(tier or "-", [0.0] * len(x))[i] += float(value or 0)
+    for p in points:
+        i = (int(p.minute.timestamp()) - x[0]) // step_s
+        if p.tier in out.tiers and 0 <= i < len(x):
+            out.tiers[p.tier][i] += value(p)
     return out
+
+
+def _points(session: Session, *, scope: int | None, since: datetime, now: datetime,
+            batch_id: int | None) -> list[rollups.MinutePoint]:
+    if batch_id is None:
+        return rollups.per_minute(session, hours=(now - since).total_seconds() / 3600, tenant_id=scope, now=now)
+    return batch_minutes(session, batch_id)
+
+
+def batch_minutes(session: Session, batch_id: int) -> list[rollups.MinutePoint]:
+    """One batch's minutes, as ``rollups.per_minute`` reads every batch's (a batch is visible to
+    the caller: the page has looked it up in the caller's scope)."""
+    m = RollupMinute
+    rows = session.execute(
+        select(m.minute, m.tier, func.sum(m.jobs_succeeded + m.jobs_failed + m.jobs_cancelled),
+               func.sum(m.jobs_succeeded), func.sum(m.calls), func.sum(m.cost_usd))
+        .where(m.batch_id == batch_id).group_by(m.minute, m.tier).order_by(m.minute, m.tier))
+    return [rollups.MinutePoint(t, tier, int(j), int(ok), int(c), Decimal(cost)) for t, tier, j, ok, c, cost in rows]
 
 
 def throughput_series(session: Session, models: ModelConfig, *, scope: int | None, since: datetime,
                       step_s: int, batch_id: int | None = None, now: datetime | None = None) -> Series:
-    """Jobs finished (succeeded or failed) per bucket, by the tier they ended at."""
+    """Jobs that ended (succeeded, failed or cancelled) per bucket, by the work tier they ended at."""
     now = now or utcnow()
-    t = _bucket(Job.finished_at, step_s)
-    rows = session.execute(
-        select(t, Job.tier, func.count())
-        .where(Job.finished_at >= since, Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED]),
-               *_in_scope(scope, batch_id))
-        .group_by(t, Job.tier))
-    return _series(rows, start=int(since.timestamp()), end=int(now.timestamp()), step_s=step_s,
-                   tiers=list(models.work_tiers))
+    points = _points(session, scope=scope, since=since, now=now, batch_id=batch_id)
+    return _series(points, lambda p: p.jobs, since=since, now=now, step_s=step_s, tiers=list(models.work_tiers))
 
 
 def cost_series(session: Session, models: ModelConfig, *, scope: int | None, since: datetime, step_s: int,
@@ -86,14 +86,8 @@ def cost_series(session: Session, models: ModelConfig, *, scope: int | None, sin
     """The jobs' calls' cost per bucket, by the tier called (triage included; shadow evaluation,
     which `switchyard quality` reports, not)."""
     now = now or utcnow()
-    t = _bucket(ModelCall.started_at, step_s)
-    stmt = (select(t, ModelCall.tier, func.sum(ModelCall.cost_usd))
-            .where(ModelCall.started_at >= since, ModelCall.stage.not_in([s.value for s in EVALUATION_STAGES]))
-            .group_by(t, ModelCall.tier))
-    scoped = _in_scope(scope, batch_id)
-    if scoped:
-        stmt = stmt.where(ModelCall.job_id.in_(select(Job.id).where(*scoped)))
-    return _series(session.execute(stmt), start=int(since.timestamp()), end=int(now.timestamp()), step_s=step_s,
+    points = _points(session, scope=scope, since=since, now=now, batch_id=batch_id)
+    return _series(points, lambda p: float(p.cost_usd), since=since, now=now, step_s=step_s,
                    tiers=list(models.tiers))
 
 
@@ -131,20 +125,22 @@ class TierNow:
 class Overview:
     status: ops.Status
     tiers: list[TierNow]
-    today: report.Summary  # the jobs created today (UTC)
+    today: rollups.CostToday  # calls since 00:00 UTC; the top-tier price of the jobs that ended today
 
 
-def finished_by_tier(session: Session, *, scope: int | None, since: datetime) -> dict[str, int]:
-    rows = session.execute(select(Job.tier, func.count())
-                           .where(Job.finished_at >= since, Job.status.in_(TERMINAL), *_in_scope(scope))
-                           .group_by(Job.tier))
-    return {tier or "-": int(n) for tier, n in rows}
+def finished_by_tier(session: Session, *, scope: int | None, now: datetime) -> dict[str, int]:
+    """Jobs that ended per tier in the last RECENT, by whole minutes, from the rollups."""
+    points = rollups.per_minute(session, hours=RECENT.total_seconds() / 3600, tenant_id=scope, now=now)
+    out: dict[str, int] = {}
+    for p in points:
+        out[p.tier] = out.get(p.tier, 0) + p.jobs
+    return out
 
 
 def overview(session: Session, broker: redis.Redis, models: ModelConfig, limiter: ops.RateLevels, *,
              scope: int | None) -> Overview:
     st = ops.gather(broker, session, models, limiter)
-    recent = finished_by_tier(session, scope=scope, since=utcnow() - RECENT)
+    recent = finished_by_tier(session, scope=scope, now=utcnow())
     tiers = []
     for q in st.queues:
         tier = models.queue_tier(q.queue)
@@ -155,8 +151,7 @@ def overview(session: Session, broker: redis.Redis, models: ModelConfig, limiter
             itpm=int(lim.get("itpm") or 0), input_tokens_left=lim.get("input_tokens_left"),
             otpm=int(lim.get("otpm") or 0), output_tokens_left=lim.get("output_tokens_left"),
             paused_s=float(lim.get("paused_s") or 0)))
-    today = report.summarize(session, models, since=day_start(utcnow()), tenant_id=scope)
-    return Overview(status=st, tiers=tiers, today=today)
+    return Overview(status=st, tiers=tiers, today=rollups.cost_today(session, models, tenant_id=scope))
 
 
 # -- batches ---------------------------------------------------------------------------------------
@@ -181,13 +176,14 @@ class BatchRow:
 
 
 def recent_done(session: Session, batch_ids: list[int]) -> dict[int, int]:
+    """Jobs of each batch that ended in the last RECENT, by whole minutes, from the rollups: a few
+    rows per batch, whatever its size."""
     if not batch_ids:
         return {}
-    rows = session.execute(select(Job.batch_id, func.count())
-                           .where(Job.batch_id.in_(batch_ids), Job.finished_at >= utcnow() - RECENT,
-                                  Job.status.in_(TERMINAL))
-                           .group_by(Job.batch_id))
-    return {int(b): int(n) for b, n in rows}
+    m = RollupMinute
+    rows = session.execute(select(m.batch_id, func.sum(m.jobs_succeeded + m.jobs_failed + m.jobs_cancelled))
+                           .where(m.batch_id.in_(batch_ids), m.minute >= utcnow() - RECENT).group_by(m.batch_id))
+    return {int(b): int(n or 0) for b, n in rows}
 
 
 def batches(session: Session, *, scope: int | None, limit: int = 50) -> list[BatchRow]:

@@ -264,8 +264,8 @@ def overview_live(request: Request, v: Signed) -> HTMLResponse:
 
 
 def _step(since: datetime, now: datetime) -> int:
-    """Bucket width over a batch's life: about 60 buckets, in whole multiples of 10 s."""
-    return max(10, int((now - since).total_seconds() / 60) // 10 * 10)
+    """Bucket width over a batch's life: about 60 buckets, in whole minutes (the rollups' grain)."""
+    return max(60, int((now - since).total_seconds() / 60) // 60 * 60)
 
 
 @router.get("/data/series")
@@ -276,7 +276,7 @@ def series(request: Request, v: Signed, what: str = "throughput", batch: int | N
     with api.sessions() as db:
         if batch is not None:
             history.find_batch(db_session=db, batch=batch, tenant_id=v.who.scope)  # NotFound when not visible
-            since = min(data.batch_since(db, batch), now - timedelta(minutes=2))
+            since = min(data.batch_since(db, batch), now - timedelta(minutes=10))
         else:
             since = now - timedelta(hours=CHART_HOURS)
         step = _step(since, now) if batch is not None else 300
