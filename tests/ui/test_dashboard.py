@@ -357,13 +357,15 @@ def test_search_filters_and_pages_with_the_cursor(site: Site, page: Any) -> None
 
 def test_cancel_a_live_batch_through_the_confirmation(site: Site, page: Any) -> None:
     sign_in(page, site, site.alice)
-    slow = _submit(site.server, site.alice, "alice-slow", _jobs("s", 16, hint="[fake:latency_ms=1500]"))
+    # 40 jobs of two 1.5 s calls each, 4 in flight at a time: at least 30 s of work, so most are
+    # still queued when the cancel comes, however slow this machine is.
+    slow = _submit(site.server, site.alice, "alice-slow", _jobs("s", 40, hint="[fake:latency_ms=1500]"))
     page.goto(f"{site.url}/batches/{slow}")
-    # The page follows the batch live (htmx re-fetches its figures every 5 s): its count moves on
-    # without a reload, while jobs are still queued.
-    shown = page.locator("[data-testid=done]").inner_text()
-    page.wait_for_function("shown => document.querySelector('[data-testid=done]').textContent !== shown", arg=shown,
-                           timeout=40_000)
+    # The page follows the batch live (htmx re-fetches its figures every 5 s): its jobs per status
+    # move on without a reload.
+    status_line = "document.querySelector('#live p').textContent"
+    shown = page.evaluate(status_line)
+    page.wait_for_function(f"shown => {status_line} !== shown", arg=shown, timeout=40_000)
     page.click("text=Cancel…")
     page.wait_for_url(f"{site.url}/batches/{slow}/cancel")
     with site.server.sessions() as session:
