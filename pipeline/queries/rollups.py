@@ -364,12 +364,15 @@ def _read(session: Session, batch_id: int | None, tenant_id: int | None
         # The jobs not folded: queued (through the batch/status index, reading no heap), in a
         # stage, or ended since the last fold.
         tail = _tail_jobs(scope)
+        tail_jobs = 0
         for status, tier, n, esc in session.execute(text(
                 f"SELECT status, coalesce(tier, '{NO_TIER}'), count(*), coalesce(sum(escalations), 0) FROM jobs "
                 f"WHERE {scope} AND status = 'queued' GROUP BY 1, 2 "
                 f"UNION ALL SELECT status, tier, count(*), coalesce(sum(escalations), 0) FROM ({tail}) t "
                 "GROUP BY 1, 2"), params):
             by_status[status] = by_status.get(status, 0) + n
+            if status != "queued":
+                tail_jobs += n
             values = line(tier).values
             values["job_escalations"] += esc
             if status in ("succeeded", "failed", "cancelled"):
@@ -377,22 +380,36 @@ def _read(session: Session, batch_id: int | None, tenant_id: int | None
             else:
                 values.setdefault("jobs_live", 0)
                 values["jobs_live"] += n
-        for row in session.execute(text(
-                f"WITH j AS MATERIALIZED ({tail}), f AS ({_job_figures('j')}) "
-                f"SELECT tier, {', '.join(f'sum({x}) AS {x}' for x in _CHILD_FIGURES)} "
-                "FROM f GROUP BY tier"), params).mappings():
-            line(row["tier"]).add(dict(row))
-        # The calls not folded: in flight, finished since the last fold, or abandoned.
+        # What was decided about the jobs in a stage or ended since the last fold. None in a
+        # finished and folded batch: the statement (whose planning alone is a few milliseconds)
+        # is then not sent.
+        if tail_jobs:
+            for row in session.execute(text(
+                    f"WITH j AS MATERIALIZED ({tail}), f AS ({_job_figures('j')}) "
+                    f"SELECT tier, {', '.join(f'sum({x}) AS {x}' for x in _CHILD_FIGURES)} "
+                    "FROM f GROUP BY tier"), params).mappings():
+                line(row["tier"]).add(dict(row))
+        # The calls not folded: in flight, finished since the last fold, or abandoned. Grouped by
+        # tier and latency bucket (a few rows), which plans far faster than one aggregate per bucket.
         calls = (f"SELECT c.*, {bucket_sql('c.latency_ms')} AS b FROM model_calls c JOIN jobs j ON j.id = c.job_id "
                  f"WHERE NOT c.rolled_up AND c.stage NOT IN {EVALUATION} "
                  f"AND {_scope(batch_id, tenant_id, 'j.batch_id')}")
         for calls_row in session.execute(text(
-                f"SELECT tier, {_call_figures()}, count(*) FILTER (WHERE outcome = 'abandoned') "
-                f"FROM ({calls}) k GROUP BY tier"), params):
-            tier, *figures, hist, abandoned = tuple(calls_row)
+                "SELECT tier, b, count(*), count(*) FILTER (WHERE outcome = 'error'), "
+                "count(*) FILTER (WHERE delivery > 1), sum(input_tokens), sum(output_tokens), "
+                "sum(cache_creation_input_tokens), sum(cache_read_input_tokens), sum(cost_usd), "
+                "coalesce(sum(cost_usd) FILTER (WHERE delivery > 1), 0), "
+                f"count(*) FILTER (WHERE outcome = 'abandoned') FROM ({calls}) k GROUP BY tier, b"), params):
+            tier, b, *figures, abandoned = tuple(calls_row)
             fig = line(str(tier))
+            hist = None
+            if b is not None:
+                hist = [0] * LATENCY_BUCKETS
+                hist[b] = figures[0]
             fig.add({**dict(zip(CALL_FIGURES, figures, strict=True)), "latency_histogram": hist})
             fig.values["abandoned_calls"] = fig.values.get("abandoned_calls", 0) + abandoned
+        if not by_status.get("failed"):
+            return tiers, by_status, reasons
         for reason, n in session.execute(text(
                 f"SELECT reason, sum(jobs) FROM rollup_failures WHERE {scope} GROUP BY reason "
                 "UNION ALL SELECT coalesce(failure_reason, error, '(no reason recorded)'), count(*) FROM jobs "
