@@ -33,9 +33,11 @@ Two dispatchers, and readers
   The fold takes a transaction-level advisory lock (``LOCK``) with ``pg_try_advisory_xact_lock``:
   a second dispatcher skips its round instead of folding the same rows. The rows' conditions are
   repeated in the UPDATE itself, so even without the lock a row could not be added twice (the
-  second UPDATE re-checks ``NOT rolled_up`` on the row it waited for). Readers hold the same lock
-  shared while they read the rollups and then the tail (``_no_fold``): a fold cannot commit between
-  the two reads, so no row is counted in both or in neither, and the figures are exact and current.
+  second UPDATE re-checks ``NOT rolled_up`` on the row it waited for). A reader must see the
+  rollups and the tail as of one moment, or a fold committing between two reads would count its
+  rows twice or not at all: `stats` reads both in one statement, so in one snapshot
+  (``_read_statement``); `batches` holds the same lock shared across its few statements
+  (``_no_fold``), so no fold commits meanwhile. Either way the figures are exact and current.
 
 Postgres only: on SQLite (the demo) `stats` reads the raw rows as before.
 """
@@ -343,11 +345,52 @@ def _tail_jobs(jobs_scope: str) -> str:
             f"FROM jobs WHERE {UNROLLED_JOBS} AND {jobs_scope}")
 
 
+def _money(*columns: str) -> str:
+    """jsonb_build_object arguments for money columns, as exact text (a JSON number is a float)."""
+    return ", ".join(f"'{c}', {c}::text" for c in columns)
+
+
+def _read_statement(batch_id: int | None, tenant_id: int | None) -> str:
+    """The rollups and the tail of a scope in one statement, so in one snapshot: a fold that
+    commits meanwhile is either wholly in what it reads or not at all, with no lock, and it costs
+    one round trip. Each row is a kind and a JSON object of figures."""
+    scope = _scope(batch_id, tenant_id)
+    tail = _tail_jobs(scope)
+    calls = (f"SELECT c.*, {bucket_sql('c.latency_ms')} AS b FROM model_calls c JOIN jobs j ON j.id = c.job_id "
+             f"WHERE NOT c.rolled_up AND c.stage NOT IN {EVALUATION} AND {_scope(batch_id, tenant_id, 'j.batch_id')}")
+    return (
+        f"WITH t AS MATERIALIZED ({tail}), f AS ({_job_figures('t')}) "
+        # The rollups.
+        f"SELECT 'total' AS kind, to_jsonb(r) || jsonb_build_object({_money('cost_usd', 'repeated_cost_usd')}) "
+        f"FROM rollup_totals r WHERE {scope} "
+        # The jobs not folded: queued (counted through the batch/status index), in a stage, or
+        # ended since the last fold.
+        "UNION ALL SELECT 'jobs', jsonb_build_object('status', status, 'tier', tier, 'n', n, 'esc', esc) FROM ("
+        f"SELECT status, coalesce(tier, '{NO_TIER}') AS tier, count(*) AS n, coalesce(sum(escalations), 0) AS esc "
+        f"FROM jobs WHERE {scope} AND status = 'queued' GROUP BY 1, 2 "
+        "UNION ALL SELECT status, tier, count(*), coalesce(sum(escalations), 0) FROM t GROUP BY 1, 2) q "
+        # What was decided about those (none for queued jobs).
+        f"UNION ALL SELECT 'child', to_jsonb(x) FROM (SELECT tier, "
+        f"{', '.join(f'sum({x}) AS {x}' for x in _CHILD_FIGURES)} FROM f GROUP BY tier) x "
+        # The calls not folded: in flight, finished since the last fold, or abandoned; by tier and
+        # latency bucket (a few rows; one aggregate per bucket would take far longer to plan).
+        "UNION ALL SELECT 'calls', jsonb_build_object('tier', tier, 'b', b, 'calls', count(*), "
+        "'failed_calls', count(*) FILTER (WHERE outcome = 'error'), "
+        "'repeated_calls', count(*) FILTER (WHERE delivery > 1), 'input_tokens', sum(input_tokens), "
+        "'output_tokens', sum(output_tokens), 'cache_creation_input_tokens', sum(cache_creation_input_tokens), "
+        "'cache_read_input_tokens', sum(cache_read_input_tokens), 'cost_usd', sum(cost_usd)::text, "
+        "'repeated_cost_usd', coalesce(sum(cost_usd) FILTER (WHERE delivery > 1), 0)::text, "
+        f"'abandoned', count(*) FILTER (WHERE outcome = 'abandoned')) FROM ({calls}) k GROUP BY tier, b "
+        # The failure reasons, folded and not.
+        "UNION ALL SELECT 'reason', jsonb_build_object('reason', reason, 'n', n) FROM ("
+        f"SELECT reason, jobs AS n FROM rollup_failures WHERE {scope} "
+        "UNION ALL SELECT coalesce(failure_reason, error, '(no reason recorded)'), 1 FROM t "
+        "JOIN jobs USING (id) WHERE t.status = 'failed') rs")
+
+
 def _read(session: Session, batch_id: int | None, tenant_id: int | None
           ) -> tuple[dict[str, _Figures], dict[str, int], dict[str, int]]:
     """Per tier, the rollups plus the tail; the jobs per status; the failure reasons' counts."""
-    params = {"batch_id": batch_id, "tenant_id": tenant_id}
-    scope = _scope(batch_id, tenant_id)
     tiers: dict[str, _Figures] = {}
 
     def line(tier: str) -> _Figures:
@@ -355,49 +398,37 @@ def _read(session: Session, batch_id: int | None, tenant_id: int | None
 
     by_status: dict[str, int] = {}
     reasons: dict[str, int] = {}
-    with _no_fold(session):
-        for row in session.execute(text(f"SELECT * FROM rollup_totals WHERE {scope}"), params).mappings():
-            line(row["tier"]).add(dict(row))
+    rows = session.execute(text(_read_statement(batch_id, tenant_id)),
+                           {"batch_id": batch_id, "tenant_id": tenant_id})
+    for kind, row in rows:
+        if kind == "total":
+            line(row["tier"]).add({**row, "cost_usd": Decimal(row["cost_usd"]),
+                                   "repeated_cost_usd": Decimal(row["repeated_cost_usd"])})
             for status in ("succeeded", "failed", "cancelled"):
                 if n := row[f"jobs_{status}"]:
                     by_status[status] = by_status.get(status, 0) + n
-        # The jobs not folded: queued (through the batch/status index, reading no heap), in a
-        # stage, or ended since the last fold.
-        tail = _tail_jobs(scope)
-        for status, tier, n, esc in session.execute(text(
-                f"SELECT status, coalesce(tier, '{NO_TIER}'), count(*), coalesce(sum(escalations), 0) FROM jobs "
-                f"WHERE {scope} AND status = 'queued' GROUP BY 1, 2 "
-                f"UNION ALL SELECT status, tier, count(*), coalesce(sum(escalations), 0) FROM ({tail}) t "
-                "GROUP BY 1, 2"), params):
+        elif kind == "jobs":
+            status, n = row["status"], row["n"]
             by_status[status] = by_status.get(status, 0) + n
-            values = line(tier).values
-            values["job_escalations"] += esc
+            values = line(row["tier"]).values
+            values["job_escalations"] += row["esc"]
             if status in ("succeeded", "failed", "cancelled"):
                 values[f"jobs_{status}"] += n
             else:
-                values.setdefault("jobs_live", 0)
-                values["jobs_live"] += n
-        for row in session.execute(text(
-                f"WITH j AS MATERIALIZED ({tail}), f AS ({_job_figures('j')}) "
-                f"SELECT tier, {', '.join(f'sum({x}) AS {x}' for x in _CHILD_FIGURES)} "
-                "FROM f GROUP BY tier"), params).mappings():
-            line(row["tier"]).add(dict(row))
-        # The calls not folded: in flight, finished since the last fold, or abandoned.
-        calls = (f"SELECT c.*, {bucket_sql('c.latency_ms')} AS b FROM model_calls c JOIN jobs j ON j.id = c.job_id "
-                 f"WHERE NOT c.rolled_up AND c.stage NOT IN {EVALUATION} "
-                 f"AND {_scope(batch_id, tenant_id, 'j.batch_id')}")
-        for calls_row in session.execute(text(
-                f"SELECT tier, {_call_figures()}, count(*) FILTER (WHERE outcome = 'abandoned') "
-                f"FROM ({calls}) k GROUP BY tier"), params):
-            tier, *figures, hist, abandoned = tuple(calls_row)
-            fig = line(str(tier))
-            fig.add({**dict(zip(CALL_FIGURES, figures, strict=True)), "latency_histogram": hist})
-            fig.values["abandoned_calls"] = fig.values.get("abandoned_calls", 0) + abandoned
-        for reason, n in session.execute(text(
-                f"SELECT reason, sum(jobs) FROM rollup_failures WHERE {scope} GROUP BY reason "
-                "UNION ALL SELECT coalesce(failure_reason, error, '(no reason recorded)'), count(*) FROM jobs "
-                f"WHERE {UNROLLED_JOBS} AND status = 'failed' AND {scope} GROUP BY 1"), params):
-            reasons[reason] = reasons.get(reason, 0) + int(n)
+                values["jobs_live"] = values.get("jobs_live", 0) + n
+        elif kind == "child":
+            line(row["tier"]).add(row)
+        elif kind == "calls":
+            fig = line(row["tier"])
+            hist = None
+            if row["b"] is not None:
+                hist = [0] * LATENCY_BUCKETS
+                hist[row["b"]] = row["calls"]
+            fig.add({**row, "cost_usd": Decimal(row["cost_usd"]),
+                     "repeated_cost_usd": Decimal(row["repeated_cost_usd"]), "latency_histogram": hist})
+            fig.values["abandoned_calls"] = fig.values.get("abandoned_calls", 0) + row["abandoned"]
+        else:  # "reason"
+            reasons[row["reason"]] = reasons.get(row["reason"], 0) + int(row["n"])
     return tiers, by_status, reasons
 
 
