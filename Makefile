@@ -26,7 +26,10 @@ demo-cascade: $(STAMP) ## The demo under the sample cascade policy: easy jobs wo
 services: ## Start the local Postgres and Redis if they are not running
 	@scripts/ensure-services
 
-test: $(STAMP) services ## Run the test suite against the real Postgres and Redis
+browser: ## Find or install (apt-get, as root) the chromium the dashboard's browser tests drive
+	@scripts/ensure-browser
+
+test: $(STAMP) services browser ## Run the test suite against the real Postgres and Redis
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## Ruff over the code, tests, benchmarks and migrations; mypy over pipeline/, workers/ and bench/
@@ -39,4 +42,4 @@ bench: $(STAMP) services ## Run the benchmarks (add BENCH_ARGS=--quick for a sho
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
 
-.PHONY: help venv demo demo-cascade services test lint bench clean
+.PHONY: help venv demo demo-cascade services browser test lint bench clean

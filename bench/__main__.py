@@ -16,10 +16,10 @@ console = Console(width=150)
 
 
 def _benchmarks() -> dict[str, Callable[..., list[Figure]]]:
-    from bench import caching, enqueue, fairness, history, inflight, overhead, quality
+    from bench import caching, enqueue, fairness, history, inflight, overhead, quality, rollups
 
     return {"overhead": overhead.run, "inflight": inflight.run, "enqueue": enqueue.run, "history": history.run,
-            "caching": caching.run, "quality": quality.run, "fairness": fairness.run}
+            "rollups": rollups.run, "caching": caching.run, "quality": quality.run, "fairness": fairness.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     JSON,
     BigInteger,
     Boolean,
@@ -101,6 +102,9 @@ def _enum(cls: type[enum.Enum], name: str) -> Enum:
     )
 
 
+UNROLLED_JOBS = "NOT rolled_up AND status IN ('succeeded', 'failed', 'cancelled')"
+
+
 class Tenant(Base):
     """A team using the HTTP API. Its limits are NULL when it has none."""
 
@@ -131,6 +135,8 @@ class ApiToken(Base):
     secret_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # An operator's token reads every tenant's jobs and batches (API reads, the dashboard).
+    operator: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
 
 
 class Batch(Base):
@@ -210,6 +216,9 @@ class Job(Base):
         # only waiting jobs are in it, so no other transition pays for it.
         Index("ix_jobs_not_before", "not_before", postgresql_where=text("not_before IS NOT NULL"),
               sqlite_where=text("not_before IS NOT NULL")),
+        # The finished jobs not yet folded into the rollups (pipeline.queries.rollups). Partial: a
+        # job enters it when it ends and leaves it when folded, a few seconds later.
+        Index("ix_jobs_unrolled", "id", postgresql_where=text(UNROLLED_JOBS), sqlite_where=text(UNROLLED_JOBS)),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -268,6 +277,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Folded into the rollups (set by the fold, once the job has ended; pipeline.queries.rollups).
+    rolled_up: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
 
 class JobEvent(Base):
@@ -317,6 +328,12 @@ class ModelCall(Base):
         # stage never changes after the insert, so the call's later update can still be HOT.
         Index("ix_model_calls_work_job_id", "job_id", postgresql_where=text("stage = 'work'"),
               sqlite_where=text("stage = 'work'")),
+        # The calls not yet folded into the rollups: the ones in flight and those finished since the
+        # last fold, and abandoned ones (pipeline.queries.rollups says why those stay). Its
+        # predicate's column is written only by the fold, so a worker's update of its call row can
+        # still be HOT.
+        Index("ix_model_calls_unrolled", "job_id", postgresql_where=text("NOT rolled_up"),
+              sqlite_where=text("NOT rolled_up")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -348,6 +365,8 @@ class ModelCall(Base):
     applied: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Folded into the rollups (set by the fold only; pipeline.queries.rollups).
+    rolled_up: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
 
 class ValidationVerdict(Base):
@@ -426,3 +445,78 @@ class ShadowEvaluation(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# -- rollups (pipeline.queries.rollups) ------------------------------------------------------------
+
+# Latency histogram: bucket 0 holds calls under 1 ms; bucket k (1..LATENCY_BUCKETS-2) holds
+# [2^((k-1)/4), 2^(k/4)) ms, four buckets per doubling; the last holds everything from
+# 2^((LATENCY_BUCKETS-2)/4) ms (about 14.6 minutes) up.
+LATENCY_BUCKETS = 81
+LatencyHistogram = ARRAY(BigInteger).with_variant(JSON(), "sqlite")
+
+
+class _RollupFigures:
+    """What a rollup row adds up, for one batch and tier (and minute, in ``RollupMinute``).
+
+    Job figures count the jobs that ended (at their final tier, "-" for a job that never had one),
+    with what was decided about them: escalations away from a tier, verdicts on a tier's answers,
+    the jobs a tier worked, and the tokens of each job's last successful work call (priced at the
+    top tier by ``stats``). Call figures count the calls that finished (ok or error)."""
+
+    jobs_succeeded: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    jobs_failed: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    jobs_cancelled: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    job_escalations: Mapped[int] = mapped_column(BigInteger, server_default="0")  # sum of jobs.escalations
+    escalations: Mapped[int] = mapped_column(BigInteger, server_default="0")  # escalation decisions from the tier
+    worked: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    validations: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    validations_failed: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    top_input_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    top_output_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    top_cache_creation_input_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    top_cache_read_input_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    calls: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    failed_calls: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    repeated_calls: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    input_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    output_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    cache_creation_input_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    cache_read_input_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(18, 8), server_default="0")
+    repeated_cost_usd: Mapped[Decimal] = mapped_column(Numeric(18, 8), server_default="0")
+    # Calls per latency bucket (LATENCY_BUCKETS); NULL until a call with a latency is folded.
+    latency_histogram: Mapped[list[int] | None] = mapped_column(LatencyHistogram)
+
+
+class RollupTotal(_RollupFigures, Base):
+    """A batch's figures per tier, over its whole life: what `stats` and `batches` read."""
+
+    __tablename__ = "rollup_totals"
+
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    tier: Mapped[str] = mapped_column(String(40), primary_key=True)
+
+
+class RollupMinute(_RollupFigures, Base):
+    """A batch's figures per tier and minute (a job by the minute it ended, a call by the minute it
+    finished): what the dashboard's charts read."""
+
+    __tablename__ = "rollup_minutes"
+    __table_args__ = (Index("ix_rollup_minutes_minute", "minute"),)
+
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    tier: Mapped[str] = mapped_column(String(40), primary_key=True)
+    minute: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+
+
+class RollupFailure(Base):
+    """How many of a batch's folded jobs failed for each reason (report.failure_reasons)."""
+
+    __tablename__ = "rollup_failures"
+
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    # md5 of the reason: a job's error can be longer than an index entry may be.
+    reason_md5: Mapped[str] = mapped_column(String(32), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    jobs: Mapped[int] = mapped_column(BigInteger, server_default="0")

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     # Postgres, so Redis never holds a whole batch.
     max_in_flight: int = Field(2000, alias="SWITCHYARD_MAX_IN_FLIGHT")
     dispatch_interval_s: float = Field(0.5, alias="SWITCHYARD_DISPATCH_INTERVAL_S", gt=0, le=3600, allow_inf_nan=False)
+    # How often the dispatcher folds ended jobs and finished calls into the rollups that `stats`,
+    # `batches` and the dashboard read (pipeline.queries.rollups); what is newer is read raw.
+    rollup_interval_s: float = Field(5.0, alias="SWITCHYARD_ROLLUP_INTERVAL_S", gt=0, le=3600, allow_inf_nan=False)
     # A stage that has made no progress for this long is republished by the sweeper. It must be
     # longer than the slowest stage can legitimately take, retries included.
     stage_deadline_s: float | None = Field(None, alias="SWITCHYARD_STAGE_DEADLINE_S")
@@ -88,6 +91,12 @@ class Settings(BaseSettings):
     # while it streams in; a batch of more jobs than this is refused with 413 before any is written.
     api_max_body_bytes: int = Field(64 * 1024 * 1024, alias="SWITCHYARD_API_MAX_BODY_BYTES")
     api_max_batch_jobs: int = Field(100_000, alias="SWITCHYARD_API_MAX_BATCH_JOBS")
+    # The dashboard's session cookies are signed with it: set it (any long random string) so sessions
+    # survive a restart and hold across `serve --workers N`; unset, each process draws a random one.
+    ui_secret: str | None = Field(None, alias="SWITCHYARD_UI_SECRET", repr=False)
+    ui_session_s: int = Field(8 * 3600, alias="SWITCHYARD_UI_SESSION_S", gt=0)
+    # Mark the cookies Secure (sent over HTTPS only): set it when a TLS proxy fronts `switchyard serve`.
+    ui_secure_cookies: bool = Field(False, alias="SWITCHYARD_UI_SECURE_COOKIES")
     # Rate limits per tier, over those of the model configuration: "sonnet.rpm=50,opus.otpm=8000".
     rate_limits: str | None = Field(None, alias="SWITCHYARD_RATE_LIMITS")
     # The limits are per this many seconds. Anthropic's are per minute; tests shorten it.

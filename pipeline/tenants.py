@@ -39,6 +39,7 @@ class NewToken:
     prefix: str
     token: str  # shown once, never stored
     created_at: datetime
+    operator: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,15 +49,23 @@ class TokenInfo:
     prefix: str
     created_at: datetime
     revoked_at: datetime | None
+    operator: bool = False
 
 
 @dataclass(frozen=True)
 class Caller:
-    """Who a request is from: the tenant a valid token belongs to."""
+    """Who a request is from: the tenant a valid token belongs to. An operator's token reads every
+    tenant's work (``scope`` is None); it still submits as its own tenant."""
 
     tenant_id: int
     tenant: str
     token_prefix: str
+    operator: bool = False
+
+    @property
+    def scope(self) -> int | None:
+        """The tenant_id that reads are confined to: None (every tenant) for an operator."""
+        return None if self.operator else self.tenant_id
 
 
 def _sha256(secret: str) -> str:
@@ -171,23 +180,26 @@ def set_limits(session: Session, name: str, *, max_jobs_in_flight: int | None, m
 # -- tokens ---------------------------------------------------------------------------------------------
 
 
-def create_token(session: Session, tenant_name: str) -> NewToken:
-    """Make a token for the tenant (created if new). The secret is in the result and nowhere else."""
+def create_token(session: Session, tenant_name: str, *, operator: bool = False) -> NewToken:
+    """Make a token for the tenant (created if new). The secret is in the result and nowhere else.
+    An ``operator`` token reads every tenant's work."""
     tenant = get_or_create(session, tenant_name)
     prefix = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
-    row = ApiToken(tenant_id=tenant.id, prefix=prefix, secret_sha256=_sha256(secret), created_at=utcnow())
+    row = ApiToken(tenant_id=tenant.id, prefix=prefix, secret_sha256=_sha256(secret), created_at=utcnow(),
+                   operator=operator)
     session.add(row)
     session.flush()
     return NewToken(id=row.id, tenant=tenant.name, prefix=prefix, token=f"sy_{prefix}_{secret}",
-                    created_at=row.created_at)
+                    created_at=row.created_at, operator=operator)
 
 
 def list_tokens(session: Session, tenant_name: str | None = None) -> list[TokenInfo]:
     stmt = select(ApiToken, Tenant.name).join(Tenant, Tenant.id == ApiToken.tenant_id).order_by(ApiToken.id)
     if tenant_name is not None:
         stmt = stmt.where(Tenant.id == require(session, tenant_name).id)
-    return [TokenInfo(t.id, name, t.prefix, t.created_at, t.revoked_at) for t, name in session.execute(stmt)]
+    return [TokenInfo(t.id, name, t.prefix, t.created_at, t.revoked_at, t.operator)
+            for t, name in session.execute(stmt)]
 
 
 def revoke_token(session: Session, tenant_name: str, prefix: str) -> TokenInfo:
@@ -206,7 +218,7 @@ def revoke_token(session: Session, tenant_name: str, prefix: str) -> TokenInfo:
         session.execute(update(ApiToken).where(ApiToken.id == row.id, ApiToken.revoked_at.is_(None))
                         .values(revoked_at=utcnow()))
         session.refresh(row)
-    return TokenInfo(row.id, tenant.name, row.prefix, row.created_at, row.revoked_at)
+    return TokenInfo(row.id, tenant.name, row.prefix, row.created_at, row.revoked_at, row.operator)
 
 
 def authenticate(session: Session, token: str) -> Caller | None:
@@ -216,7 +228,7 @@ def authenticate(session: Session, token: str) -> Caller | None:
         return None
     prefix, secret = match.groups()
     row = session.execute(
-        select(ApiToken.secret_sha256, ApiToken.revoked_at, Tenant.id, Tenant.name)
+        select(ApiToken.secret_sha256, ApiToken.revoked_at, ApiToken.operator, Tenant.id, Tenant.name)
         .join(Tenant, Tenant.id == ApiToken.tenant_id).where(ApiToken.prefix == prefix)
     ).first()
     # Hash and compare even when the prefix is unknown, so timing does not tell which prefixes exist.
@@ -224,7 +236,7 @@ def authenticate(session: Session, token: str) -> Caller | None:
     ok = hmac.compare_digest(_sha256(secret), expected)
     if row is None or not ok or row.revoked_at is not None:
         return None
-    return Caller(tenant_id=row.id, tenant=row.name, token_prefix=prefix)
+    return Caller(tenant_id=row.id, tenant=row.name, token_prefix=prefix, operator=row.operator)
 
 
 # -- limits ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import io
 import pytest
 from rich.console import Console
 
-from bench import caching, enqueue, history, quality, report
+from bench import caching, enqueue, history, quality, report, rollups
 
 
 @pytest.fixture
@@ -38,6 +38,19 @@ def test_history_benchmark_at_toy_size(console: Console) -> None:
     assert stats.baseline and stats.baseline > 0 and stats.extra["floor_p95_ms"] == stats.baseline
     assert stats.ratio is not None
     assert "| history |" in report.markdown(figures)
+
+
+def test_rollups_benchmark_at_toy_size(console: Console) -> None:
+    figures = rollups.run(quick=True, console=console, sizes=[100, 300], runs=4)
+    by_name = {f.name.split(":")[0]: f for f in figures}
+    # Each size timed, the ratio against the smallest, the raw reference, the overview, the rebuild.
+    assert len(figures) == 6, list(by_name)
+    assert all(f.value > 0 for f in figures)
+    ratio = next(f for f in figures if "against" in f.name)
+    assert ratio.baseline and ratio.ratio is not None
+    rebuild = figures[-1]
+    assert rebuild.extra["jobs"] == 400 and rebuild.extra["calls"] > 400
+    assert "| rollups |" in report.markdown(figures)
 
 
 def test_caching_benchmark_at_toy_size(console: Console) -> None:

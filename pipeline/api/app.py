@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline import ui
 from pipeline.api import errors, routes, schemas
 from pipeline.api.deps import ApiState, Who, state
 from pipeline.api.metrics import ApiMetrics, LiveCollector, MetricsMiddleware
@@ -45,7 +46,8 @@ def broker_client(broker_url: str) -> redis.Redis | None:
 
 
 def create_app(*, database_url: str, broker_url: str, models: ModelConfig, tier_limits: Mapping[str, TierLimits],
-               rate_window_s: float, max_body_bytes: int, max_batch_jobs: int, pool_size: int = 10) -> FastAPI:
+               rate_window_s: float, max_body_bytes: int, max_batch_jobs: int, pool_size: int = 10,
+               ui_secret: str | None = None, ui_session_s: int = 8 * 3600, ui_secure_cookies: bool = False) -> FastAPI:
     broker = broker_client(broker_url)
     api = ApiState(
         sessions=session_factory(make_engine(database_url, pool_size=pool_size)),
@@ -68,6 +70,8 @@ def create_app(*, database_url: str, broker_url: str, models: ModelConfig, tier_
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     errors.install(app)
     app.include_router(routes.router)
+    # The dashboard (/ui): its own sign-in, a session cookie instead of the bearer token.
+    ui.install(app, secret=ui_secret, session_s=ui_session_s, secure_cookies=ui_secure_cookies)
 
     @app.get(OPENAPI, include_in_schema=False)
     def openapi_document() -> JSONResponse:
@@ -126,4 +130,5 @@ def app_from_env() -> FastAPI:
         log.setLevel(logging.INFO)
     return create_app(database_url=s.database_url, broker_url=s.broker_url, models=s.models,
                       tier_limits=s.tier_limits(), rate_window_s=s.rate_window_s,
-                      max_body_bytes=s.api_max_body_bytes, max_batch_jobs=s.api_max_batch_jobs)
+                      max_body_bytes=s.api_max_body_bytes, max_batch_jobs=s.api_max_batch_jobs,
+                      ui_secret=s.ui_secret, ui_session_s=s.ui_session_s, ui_secure_cookies=s.ui_secure_cookies)

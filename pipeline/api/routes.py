@@ -207,7 +207,7 @@ def list_jobs(
 ) -> JSONResponse:
     """The tenant's jobs, newest first, a page at a time (keyset paging: follow `next_cursor`)."""
     filters = history.JobFilters.read(batch=batch, status=status, tier=tier, kind=kind, since=since, until=until,
-                                      key_prefix=key_prefix, tenant_id=who.tenant_id)
+                                      key_prefix=key_prefix, tenant_id=who.scope)
     return _json(history.list_jobs(db_session=db, filters=filters, limit=limit, cursor=cursor))
 
 
@@ -215,7 +215,7 @@ def list_jobs(
 def get_job(job_id: int, db: Db, who: Who) -> JSONResponse:
     """One job with its whole story: routing decisions, every model call, validation verdicts and
     status changes, each in the order they happened."""
-    return _json(history.get_job(db_session=db, job_id=job_id, tenant_id=who.tenant_id))
+    return _json(history.get_job(db_session=db, job_id=job_id, tenant_id=who.scope))
 
 
 # -- batches ---------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def _batch(summary: history.BatchSummary) -> dict[str, Any]:
 @router.get("/batches", response_model=schemas.BatchList, tags=["batches"], responses=ERRORS)
 def list_batches(db: Db, who: Who, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JSONResponse:
     """The tenant's newest batches, each with its jobs per status and its cost so far."""
-    batches = history.list_batches(db_session=db, limit=limit, tenant_id=who.tenant_id)
+    batches = history.list_batches(db_session=db, limit=limit, tenant_id=who.scope)
     return JSONResponse({"batches": [_batch(b) for b in batches]})
 
 
@@ -239,7 +239,7 @@ def list_batches(db: Db, who: Who, limit: Annotated[int, Query(ge=1, le=1000)] =
             responses={**ERRORS, **NOT_FOUND})
 def get_batch(batch_id: int, db: Db, who: Who) -> JSONResponse:
     """One batch: its jobs per status, how many are done, and its cost so far."""
-    return JSONResponse(_batch(history.get_batch(db_session=db, batch=batch_id, tenant_id=who.tenant_id)))
+    return JSONResponse(_batch(history.get_batch(db_session=db, batch=batch_id, tenant_id=who.scope)))
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=schemas.Cancelled, tags=["batches"],
@@ -248,13 +248,13 @@ def cancel_batch(batch_id: int, db: Db, who: Who) -> JSONResponse:
     """Cancel the batch's jobs that are not being worked: not started, or waiting out transient
     errors between tries; jobs in a call right now finish. The batch then takes no new jobs.
     Repeating it is harmless."""
-    result = history.cancel_batch(db_session=db, batch=batch_id, tenant_id=who.tenant_id)
+    result = history.cancel_batch(db_session=db, batch=batch_id, tenant_id=who.scope)
     log.info("tenant %s cancelled batch %d: %d job(s)", who.tenant, batch_id, result.cancelled)
     return _json(result)
 
 
 def _own_batch(db: Db, batch_id: int, who: Who) -> Batch:
-    return history.find_batch(db_session=db, batch=batch_id, tenant_id=who.tenant_id)
+    return history.find_batch(db_session=db, batch=batch_id, tenant_id=who.scope)
 
 
 @router.get("/batches/{batch_id}/results", tags=["batches"], responses={
@@ -359,7 +359,7 @@ def stats(request: Request, db: Db, who: Who,
     if batch_id is not None:
         _own_batch(db, batch_id, who)
     summary = report.summarize(
-        db, state(request).models, batch_id=batch_id, tenant_id=who.tenant_id,
+        db, state(request).models, batch_id=batch_id, tenant_id=who.scope,
         since=history.parse_time(since, option="since") if since else None,
         until=history.parse_time(until, option="until") if until else None)
     return JSONResponse(summary.to_dict())
@@ -377,7 +377,7 @@ def quality(request: Request, db: Db, who: Who,
     sending every job to the reference tier, and the evaluation cost (apart from the jobs')."""
     if batch_id is not None:
         _own_batch(db, batch_id, who)
-    figures = report_quality(db, state(request).models, batch_id=batch_id, task=task, tenant_id=who.tenant_id,
+    figures = report_quality(db, state(request).models, batch_id=batch_id, task=task, tenant_id=who.scope,
                              since=history.parse_time(since, option="since") if since else None)
     return JSONResponse(figures.to_dict())
 

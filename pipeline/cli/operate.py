@@ -35,6 +35,37 @@ def db_current() -> None:
     console.print(migrate.current(settings().database_url) or "(empty database)")
 
 
+@db_app.command("rebuild-rollups")
+def db_rebuild_rollups(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")] = False,
+) -> None:
+    """Empty the rollups that `stats` and `batches` read and fold every job and call into them
+    again, from the raw records (pipeline/queries/rollups.py). Safe while the pipeline runs."""
+    import time
+
+    from rich.progress import Progress, TextColumn, TimeElapsedColumn
+
+    from pipeline.db import make_engine, session_factory
+    from pipeline.queries import rollups
+
+    engine = make_engine(settings().database_url, pool_size=1)
+    started = time.monotonic()
+    try:
+        with session_factory(engine)() as session, Progress(
+                TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                disable=as_json or not err.is_terminal) as bar:
+            task = bar.add_task("emptying the rollups", total=None)
+            done = rollups.rebuild(session, progress=lambda jobs, calls: bar.update(
+                task, description=f"folded {jobs:,} jobs and {calls:,} calls"))
+    finally:
+        engine.dispose()
+    elapsed = time.monotonic() - started
+    if as_json:
+        print(json.dumps({"jobs": done.jobs, "calls": done.calls, "seconds": round(elapsed, 3)}))
+    else:
+        console.print(f"rollups rebuilt: {done.jobs:,} jobs and {done.calls:,} calls folded in {elapsed:.1f} s")
+
+
 # -- processes ---------------------------------------------------------------------------------------
 
 
@@ -185,7 +216,7 @@ def dispatcher(
     run_dispatcher(p, publisher(workers.celery.app), max_in_flight=s.max_in_flight,
                    interval_s=interval or s.dispatch_interval_s, deadline_s=s.effective_stage_deadline_s,
                    claim_deadline_s=s.effective_claim_deadline_s, broker_lost=broker_watch(s.broker_url),
-                   lapsed=lapsed, stop=stop)
+                   lapsed=lapsed, stop=stop, rollup_interval_s=s.rollup_interval_s)
 
 
 def _serve_depths(s: Settings, port: int, stop: Any) -> None:

@@ -35,19 +35,32 @@ def _when(value: object) -> str:
     return value.isoformat(timespec="seconds") if value is not None else ""  # type: ignore[attr-defined]
 
 
+OPERATORS_TENANT = "operators"  # an operator token's own tenant when --tenant is not given
+
+
 @tokens_app.command("create")
-def tokens_create(tenant: TenantOpt, as_json: JsonOpt = False) -> None:
+def tokens_create(
+    tenant: Annotated[str | None, typer.Option("--tenant", help="The tenant's name (optional with --operator).")
+                      ] = None,
+    operator: Annotated[bool, typer.Option(
+        "--operator", help="An operator's token: it reads every tenant's jobs and batches (API and dashboard), "
+                           f"and submits as its own tenant (default {OPERATORS_TENANT!r}).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Make a token for TENANT (created if new). The token is printed once and never stored."""
     from pipeline import tenants
     from pipeline.db import transaction
 
+    if tenant is None and not operator:
+        raise InvalidInput("tokens create needs --tenant NAME (or --operator for an operator's token)")
     with transaction(_sessions()) as session:
-        new = tenants.create_token(session, tenant)
+        new = tenants.create_token(session, tenant or OPERATORS_TENANT, operator=operator)
     if as_json:
         print(json.dumps({"tenant": new.tenant, "prefix": new.prefix, "token": new.token,
-                          "created_at": _when(new.created_at)}))
+                          "created_at": _when(new.created_at), "operator": new.operator}))
         return
-    err.print(f"token for tenant [bold]{new.tenant}[/] (prefix {new.prefix}); it is shown only this once:")
+    role = "operator token" if new.operator else "token"
+    err.print(f"{role} for tenant [bold]{new.tenant}[/] (prefix {new.prefix}); it is shown only this once:")
     print(new.token)
 
 
@@ -61,11 +74,11 @@ def tokens_list(tenant: Annotated[str | None, typer.Option("--tenant", help="Onl
         rows = tenants.list_tokens(session, tenant)
     if as_json:
         print(json.dumps([{"tenant": t.tenant, "prefix": t.prefix, "created_at": _when(t.created_at),
-                           "revoked_at": _when(t.revoked_at) or None} for t in rows]))
+                           "revoked_at": _when(t.revoked_at) or None, "operator": t.operator} for t in rows]))
         return
-    table = new_table(("prefix", "tenant", "created", "revoked"), whole=("prefix", "created", "revoked"))
+    table = new_table(("prefix", "tenant", "operator", "created", "revoked"), whole=("prefix", "created", "revoked"))
     for t in rows:
-        table.add_row(t.prefix, Text(t.tenant), when(t.created_at), when(t.revoked_at))
+        table.add_row(t.prefix, Text(t.tenant), "yes" if t.operator else "", when(t.created_at), when(t.revoked_at))
     console.print(table)
 
 
@@ -176,7 +189,7 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="Server processes.")] = 1,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Run the HTTP API (OpenAPI document at /docs and /openapi.json)."""
+    """Run the HTTP API (OpenAPI document at /docs and /openapi.json) and the dashboard (/ui)."""
     import uvicorn
 
     s = Settings()  # fail here, in one sentence, on a bad environment

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime, timedelta
@@ -27,6 +28,7 @@ from pipeline.flow import admission, shadow
 from pipeline.flow.stages import Handoff, Pipeline, handoff_for
 from pipeline.flow.states import transition_many
 from pipeline.models import ACTIVE, Job, JobStatus, ModelCall, RoutingDecision, utcnow
+from pipeline.queries import rollups
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +207,24 @@ def sweep_stalled(p: Pipeline, *, deadline_s: float, claim_deadline_s: float, la
         s, deadline_s=deadline_s, claim_deadline_s=claim_deadline_s, lost_before=lost_before, dead_workers=dead)))
 
 
+class RollupFolder:
+    """The dispatcher's turn at the rollups: every ``interval_s``, fold what ended since
+    (pipeline.queries.rollups.fold), at once again while a fold comes back full."""
+
+    def __init__(self, p: Pipeline, interval_s: float) -> None:
+        self.p, self.interval_s, self.due = p, interval_s, 0.0
+
+    def __call__(self) -> None:
+        if time.monotonic() < self.due:
+            return
+        try:
+            done = self.p.run(rollups.fold)
+        except Exception:
+            log.exception("rollups: the fold failed; trying again in %.0f s", self.interval_s)
+            done = None
+        self.due = time.monotonic() + (0 if done is not None and done.full else self.interval_s)
+
+
 class Stopper(Protocol):
     def is_set(self) -> bool: ...
 
@@ -223,13 +243,16 @@ def run_dispatcher(
     lapsed: Lapsed | None = None,
     stop: Stopper | None = None,
     on_tick: Callable[[int, int], None] | None = None,
+    rollup_interval_s: float = 5.0,
 ) -> None:
     """Dispatch and sweep until ``stop`` is set. Publishing happens after each commit.
 
     ``broker_lost()`` says whether the broker lost its messages since it was last asked;
     ``lapsed(workers)`` which of the workers holding claims have stopped beating."""
     stop = stop or threading.Event()
+    fold = RollupFolder(p, rollup_interval_s)
     while not stop.is_set():
+        fold()
         dispatched = p.run(lambda s: dispatch(s, max_in_flight=max_in_flight))
         publish(dispatched)
         publish(p.run(lambda s: admission.with_priorities(s, refeed(s))))

@@ -96,7 +96,7 @@ MAX_CANDIDATES = 10
 class JobFilters:
     """What ``list_jobs`` selects. Empty fields select everything; ``status`` is any of."""
 
-    batch: str | None = None  # a batch name (or its numeric id)
+    batch: str | int | None = None  # a batch name (or its numeric id); an int is an id only
     status: tuple[JobStatus, ...] = ()
     tier: str | None = None
     kind: JobKind | None = None
@@ -313,6 +313,11 @@ class BatchSummary:
 
 
 def _batch_counts(db_session: Session, batch_ids: Sequence[int]) -> dict[int, tuple[dict[str, int], Decimal]]:
+    if db_session.get_bind().dialect.name == "postgresql":
+        # From the rollups: a few rows per batch, whatever its size.
+        from pipeline.queries import rollups
+
+        return rollups.batch_counts(db_session, batch_ids)
     out: dict[int, tuple[dict[str, int], Decimal]] = {i: ({}, Decimal(0)) for i in batch_ids}
     if not batch_ids:
         return out

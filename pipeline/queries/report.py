@@ -301,6 +301,10 @@ def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = N
               tenant_id: int | None = None) -> Summary:
     """Per-tier figures for the jobs of a batch and/or created in [since, until), or all jobs.
 
+    On Postgres, without a time window, from the rollups (``rollups.summarize``); what follows is
+    the same figures from the raw rows, for a time window and for SQLite, and what
+    `switchyard db rebuild-rollups` is checked against.
+
     Every call a job made counts, including failed, repeated and abandoned ones: they were requests
     the API saw. Each figure is a plain aggregate over the rows, so the sums can be checked in SQL.
 
@@ -309,6 +313,13 @@ def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = N
     over that id range (``_child_scope``). One more when other jobs have ids in that range
     (``_only_these``), and on SQLite one more for the percentiles (``_latencies``). A 10,000-job
     batch among a million jobs reads some 50,000 rows, all through indexes."""
+    if since is None and until is None and session.get_bind().dialect.name == "postgresql":
+        # A batch, a tenant or everything: the rollups and the jobs not folded yet, a few rows a
+        # batch whatever its size (pipeline.queries.rollups). A time window selects jobs by their
+        # creation, which the rollups do not keep: it reads the rows, as below.
+        from pipeline.queries import rollups
+
+        return rollups.summarize(session, config, batch_id=batch_id, tenant_id=tenant_id)
     job_filter = _job_filter(batch_id=batch_id, since=since, until=until, tenant_id=tenant_id)
     tiers = {name: TierLine(name) for name in config.tiers}
 

@@ -15,6 +15,8 @@ from starlette.routing import Route
 from pipeline.api.app import PUBLIC_PATHS, create_app
 from pipeline.config import load_config
 from pipeline.models import ApiToken
+from pipeline.ui.routes import LOGIN
+from pipeline.ui.routes import PREFIX as UI_PREFIX
 from tests.api.conftest import MAX_BATCH_JOBS, MAX_BODY_BYTES, MakeToken, Server
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -111,6 +113,15 @@ def test_only_the_public_paths_answer_without_a_token(server: Server) -> None:
     with server.client() as c:
         for method, path in routes:
             r = c.request(method, path, json=[])
+            if path.startswith(f"{UI_PREFIX}/"):
+                # The dashboard signs in with a session cookie, not the bearer token: only its sign-in
+                # page answers without one (and its form refuses a post without the form's own cookie);
+                # every other page sends the browser to it.
+                expected = {("GET", LOGIN): 200, ("POST", LOGIN): 403}.get((method, path), 303)
+                assert r.status_code == expected, (method, path, r.text[:200])
+                if expected == 303:
+                    assert r.headers["location"] == LOGIN, (method, path)
+                continue
             assert r.status_code == (200 if path in PUBLIC_PATHS else 401), (method, path, r.text[:200])
         # FastAPI's other documentation pages are switched off, not left public.
         for path in ("/redoc", "/docs/oauth2-redirect"):

@@ -18,7 +18,7 @@ from pipeline.config import ModelConfig
 from pipeline.errors import InvalidQuery
 from pipeline.flow.states import transition_many
 from pipeline.intake.enqueue import enqueue_file
-from pipeline.models import Batch, Job, JobEvent, JobKind, JobStatus
+from pipeline.models import Batch, Job, JobEvent, JobKind, JobStatus, ModelCall, Stage
 from pipeline.queries import history
 from tests.history.helpers import job_line, switchyard, switchyard_json, write_jsonl
 
@@ -31,6 +31,11 @@ def _shape(i: int) -> tuple[JobStatus, str | None]:
     status = [JobStatus.SUCCEEDED, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.QUEUED][i % 4]
     tier = None if status is JobStatus.QUEUED else ("opus" if i % 3 == 0 else "sonnet")
     return status, tier
+
+
+def _cost(i: int) -> float:
+    """What job i cost: a queued job has made no call."""
+    return 0 if _shape(i)[0] is JobStatus.QUEUED else i / 1000
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,10 @@ def shaped(history_sessions: sessionmaker[Session], models: ModelConfig,
         for i, job in enumerate(jobs):
             status, tier = _shape(i)
             s.execute(update(Job).where(Job.id == job.id).values(
-                status=status, tier=tier, created_at=T0 + timedelta(hours=i), cost_usd=i / 1000))
+                status=status, tier=tier, created_at=T0 + timedelta(hours=i), cost_usd=_cost(i)))
+            if tier is not None:  # the call that cost it, as the stages record one
+                s.add(ModelCall(job_id=job.id, stage=Stage.WORK, tier=tier, model=f"m-{tier}", outcome="ok",
+                                cost_usd=_cost(i), latency_ms=100.0, started_at=T0 + timedelta(hours=i)))
         s.commit()
         return {"ids": [j.id for j in jobs], "keys": [j.key for j in jobs]}
 
@@ -195,7 +203,7 @@ def test_batches_count_each_status_and_sum_cost(sy_json, sy, shaped: dict) -> No
     assert a["by_status"] == {"succeeded": 60, "failed": 30, "queued": 30}
     assert a["done"] == 90
     assert a["finished"] is False
-    assert a["cost_usd"] == f"{sum(i / 1000 for i in range(N)):.8f}"
+    assert a["cost_usd"] == f"{sum(_cost(i) for i in range(N)):.8f}"
     assert rows["hist-b"]["by_status"] == {"queued": 30}
     code, table, _ = sy("batches")
     assert code == 0
