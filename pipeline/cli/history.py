@@ -115,6 +115,10 @@ def enqueue(
     shadow_rate: Annotated[float | None, typer.Option(
         help="The share of this batch's jobs that shadow evaluation samples, from 0 to 1 (see `switchyard "
              "quality`); default: the task's shadow_rate, else the configuration's [routing] shadow_rate.")] = None,
+    mode: Annotated[str | None, typer.Option(
+        help="standard (synchronous calls) or economy (every model call through the Message Batches API, at "
+             "half price, answers within hours rather than seconds); default: the task's mode, else "
+             "standard.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Add a file of jobs to a batch. Re-running the same file adds no duplicates."""
@@ -128,6 +132,8 @@ def enqueue(
     if shadow_rate is not None and not 0 <= shadow_rate <= 1:
         raise InvalidInput(f"--shadow-rate must be a number from 0 to 1 (the share of jobs shadowed), "
                            f"not {shadow_rate}")
+    if mode is not None and mode not in ("standard", "economy"):
+        raise InvalidInput(f"--mode must be standard or economy, not {mode!r}")
     input_size(file)  # a missing input is the first thing to say, before where its report would go
     if skip_invalid and _same_file(target, file):
         raise InvalidInput(f"--invalid-report {target} is the input file itself: name another file for the report")
@@ -142,7 +148,7 @@ def enqueue(
             started = True
             report = _enqueue_with_progress(s, file, name=name, tenant_id=tenant_id, fmt=format,
                                             skip_invalid=skip_invalid, report_out=report_out, quiet=as_json,
-                                            shadow_rate=shadow_rate)
+                                            shadow_rate=shadow_rate, mode=mode)
     except OutputError as exc:
         if not started:
             raise
@@ -207,7 +213,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _enqueue_with_progress(s: Settings, file: Path, *, name: str, tenant_id: int | None, fmt: str | None,
                            skip_invalid: bool, report_out: Output | None, quiet: bool,
-                           shadow_rate: float | None = None) -> EnqueueReport:
+                           shadow_rate: float | None = None, mode: str | None = None) -> EnqueueReport:
     """enqueue_file with a progress bar; bad lines go to ``report_out`` (--skip-invalid)."""
     from pipeline.intake.enqueue import BadLine, Tick, enqueue_file, invalid_line_json
 
@@ -238,7 +244,7 @@ def _enqueue_with_progress(s: Settings, file: Path, *, name: str, tenant_id: int
             with _sessions() as sessions:
                 return enqueue_file(sessions, file, batch=name, config=s.models, tenant_id=tenant_id, fmt=fmt,
                                     skip_invalid=skip_invalid, progress=progress, on_invalid=on_invalid,
-                                    shadow_rate=shadow_rate)
+                                    shadow_rate=shadow_rate, mode=mode)
         except JobInputError as exc:
             if exc.line is None or isinstance(exc, InputFileError):
                 raise

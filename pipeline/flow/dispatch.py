@@ -228,13 +228,18 @@ def run_dispatcher(
     lapsed: Lapsed | None = None,
     stop: Stopper | None = None,
     on_tick: Callable[[int, int], None] | None = None,
+    economy: Callable[[], None] | None = None,
 ) -> None:
     """Dispatch and sweep until ``stop`` is set. Publishing happens after each commit.
 
     ``broker_lost()`` says whether the broker lost its messages since it was last asked;
-    ``lapsed(workers)`` which of the workers holding claims have stopped beating."""
+    ``lapsed(workers)`` which of the workers holding claims have stopped beating; ``economy()``
+    runs economy mode's round (pipeline.flow.economy.Economy.tick: submit, poll, wake), before the
+    refeed that publishes the jobs it woke."""
     stop = stop or threading.Event()
     while not stop.is_set():
+        if economy is not None:
+            economy()
         dispatched = p.run(lambda s: dispatch(s, max_in_flight=max_in_flight))
         publish(dispatched)
         publish(p.run(refeed))

@@ -68,6 +68,9 @@ from pipeline.intake.write import KeyRepeated, Writer, open_writer
 from pipeline.models import Batch, utcnow
 from pipeline.names import check_batch_name
 
+# A batch's modes (pipeline.flow.economy): its model calls made synchronously, or in message batches.
+MODES = ("standard", "economy")
+
 # Lines per chunk: what a progress tick, a --skip-invalid commit and a staged INSERT ... SELECT
 # cover, and what is held before the database is first touched.
 CHUNK = 5000
@@ -322,7 +325,7 @@ def iter_objects(numbered: Iterable[tuple[int, Any]], *, config: ModelConfig,
 
 
 def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = None,
-                        shadow_rate: float | None = None) -> int:
+                        shadow_rate: float | None = None, mode: str | None = None) -> int:
     """The id of the batch called ``name`` in a tenant's namespace (None: the operator's, for
     batches enqueued from the CLI), created if new. ``shadow_rate``, if given, becomes the batch's
     (pipeline.flow.shadow): for a batch that exists, from its next job to succeed on."""
@@ -335,13 +338,17 @@ def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = 
                                  f"enqueue into a new batch name")
         if shadow_rate is not None:
             session.execute(update(Batch).where(Batch.id == existing.id).values(shadow_rate=shadow_rate))
+        if mode is not None:
+            session.execute(update(Batch).where(Batch.id == existing.id).values(mode=mode))
         return int(existing.id)
     session.execute(insert_or_skip(session, Batch).values(name=name, tenant_id=tenant_id, created_at=utcnow(),
-                                                          shadow_rate=shadow_rate)
+                                                          shadow_rate=shadow_rate, mode=mode)
                     .on_conflict_do_nothing())
     batch_id: int = session.scalar(select(Batch.id).where(Batch.name == name, scope))  # type: ignore[assignment]
     if shadow_rate is not None:  # a concurrent enqueue made it first
         session.execute(update(Batch).where(Batch.id == batch_id).values(shadow_rate=shadow_rate))
+    if mode is not None:
+        session.execute(update(Batch).where(Batch.id == batch_id).values(mode=mode))
     return batch_id
 
 
@@ -364,6 +371,7 @@ def enqueue_items(
     chunk_size: int = CHUNK,
     total_bytes: int = 0,
     shadow_rate: float | None = None,
+    mode: str | None = None,
 ) -> EnqueueReport:
     """Check and write: the one path by which jobs enter Postgres, from a file or an HTTP body.
 
@@ -394,6 +402,8 @@ def enqueue_items(
     ``batch`` must pass check_batch_name. ``shadow_rate``: the batch's share of jobs shadowed
     (get_or_create_batch), in [0, 1]."""
     check_batch_name(batch)
+    if mode is not None and mode not in MODES:
+        raise InvalidInput(f"the mode must be one of {', '.join(MODES)}, not {mode!r}")
     if shadow_rate is not None and check_rate(shadow_rate) is None:
         raise InvalidInput(f"the shadow rate must be a number from 0 to 1, not {shadow_rate!r}")
     if tenant_id is not None and not atomic:
@@ -408,13 +418,15 @@ def enqueue_items(
                 report = _enqueue_pass(session, source, batch=batch, tenant_id=tenant_id, where=where,
                                        atomic=atomic, skip_invalid=skip_invalid, copy=copy, phase="writing",
                                        progress=progress, on_invalid=on_invalid, max_reported=max_reported,
-                                       chunk_size=chunk_size, total_bytes=total_bytes, shadow_rate=shadow_rate)
+                                       chunk_size=chunk_size, total_bytes=total_bytes, shadow_rate=shadow_rate,
+                                       mode=mode)
             except KeyRepeated:
                 session.rollback()
                 report = _enqueue_pass(session, source, batch=batch, tenant_id=tenant_id, where=where,
                                        atomic=atomic, skip_invalid=skip_invalid, copy=False, phase="rewriting",
                                        progress=progress, on_invalid=on_invalid, max_reported=max_reported,
-                                       chunk_size=chunk_size, total_bytes=total_bytes, shadow_rate=shadow_rate)
+                                       chunk_size=chunk_size, total_bytes=total_bytes, shadow_rate=shadow_rate,
+                                       mode=mode)
             if report.read == 0:
                 raise InputFileError(f"{where or 'the request body'} has no jobs: nothing was enqueued")
             if tenant_id is not None and report.batch_id is not None:
@@ -432,7 +444,7 @@ def enqueue_items(
 def _enqueue_pass(session: Session, source: Source, *, batch: str, tenant_id: int | None, where: str | None,
                   atomic: bool, skip_invalid: bool, copy: bool, phase: str, progress: Progress | None,
                   on_invalid: InvalidSink | None, max_reported: int, chunk_size: int,
-                  total_bytes: int, shadow_rate: float | None = None) -> EnqueueReport:
+                  total_bytes: int, shadow_rate: float | None = None, mode: str | None = None) -> EnqueueReport:
     """One reading of the input, writing as it goes; the caller commits the last of it."""
     report = EnqueueReport(batch=batch)
     pos = [0]
@@ -456,7 +468,8 @@ def _enqueue_pass(session: Session, source: Source, *, batch: str, tenant_id: in
         writer: Writer | None = None
 
         def start() -> Writer:
-            batch_id = get_or_create_batch(session, batch, tenant_id=tenant_id, shadow_rate=shadow_rate)
+            batch_id = get_or_create_batch(session, batch, tenant_id=tenant_id, shadow_rate=shadow_rate,
+                                           mode=mode)
             if not atomic:
                 session.commit()
             report.batch_id = batch_id
@@ -550,6 +563,7 @@ def enqueue_file(
     max_reported: int = 1000,
     chunk_size: int = CHUNK,
     shadow_rate: float | None = None,
+    mode: str | None = None,
 ) -> EnqueueReport:
     """Check and write. Raises JobInputError for the first bad line unless ``skip_invalid``.
 
@@ -569,7 +583,7 @@ def enqueue_file(
         tenant_id=tenant_id, where=str(path), skip_invalid=skip_invalid,
         atomic=not skip_invalid or tenant_id is not None, progress=progress,
         on_invalid=on_invalid, max_reported=max_reported, chunk_size=chunk_size, total_bytes=total,
-        shadow_rate=shadow_rate)
+        shadow_rate=shadow_rate, mode=mode)
 
 
 def invalid_line_json(bad: BadLine) -> str:

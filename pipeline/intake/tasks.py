@@ -39,7 +39,7 @@ MAX_EXAMPLES = 200
 
 _KINDS = {kind.value: kind for kind in JobKind}
 _FIELDS = frozenset({"name", "kind", "instructions", "labels", "schema", "examples", "max_tokens", "tier",
-                     "shadow_rate"})
+                     "shadow_rate", "mode"})
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,9 @@ class TaskSpec:
     # The share of the task's jobs shadowed (pipeline.flow.shadow), over the configuration's; a
     # batch's own rate is over this one.
     shadow_rate: float | None = None
+    # The default mode of the task's batches (standard or economy: pipeline.flow.economy); a batch's
+    # own mode (enqueue --mode) is over it.
+    mode: str | None = None
 
     def definition(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind.value, "instructions": self.instructions}
@@ -83,6 +86,8 @@ class TaskSpec:
             out["tier"] = self.tier
         if self.shadow_rate is not None:
             out["shadow_rate"] = self.shadow_rate
+        if self.mode is not None:
+            out["mode"] = self.mode
         return out
 
     def content_sha256(self) -> str:
@@ -260,9 +265,12 @@ def parse_task(obj: Any, *, work_tiers: tuple[str, ...]) -> TaskSpec:
     if shadow_rate is not None and check_rate(shadow_rate) is None:
         raise JobInputError(f"field 'shadow_rate' must be a number from 0 to 1 (the share of the task's jobs "
                             f"shadowed), not {quoted(shadow_rate)}")
+    mode = obj.get("mode")
+    if mode is not None and mode not in ("standard", "economy"):
+        raise JobInputError(f"field 'mode' must be \"standard\" or \"economy\", not {quoted(mode)}")
     return TaskSpec(name=name, kind=kind, instructions=instructions, labels=labels, schema=schema,
                     examples=examples, max_tokens=max_tokens, tier=tier,
-                    shadow_rate=check_rate(shadow_rate) if shadow_rate is not None else None)
+                    shadow_rate=check_rate(shadow_rate) if shadow_rate is not None else None, mode=mode)
 
 
 def read_toml(text: str | bytes) -> Any:
