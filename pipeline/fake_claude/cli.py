@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from pipeline.fake_claude.models import CACHE_MIN_TOKENS
-from pipeline.fake_claude.options import DEFAULT_FAULTS, FakeOptions, parse_cache_min_tokens, parse_faults
+from pipeline.fake_claude.options import (
+    DEFAULT_FAULTS,
+    FakeOptions,
+    parse_batch_error_rates,
+    parse_cache_min_tokens,
+    parse_faults,
+)
 from pipeline.fake_claude.rates import parse_error_rates
 from pipeline.fake_claude.server import serve_forever
 
@@ -20,6 +26,13 @@ def _cache_min_tokens(spec: str) -> dict[str, int]:
 def _error_rates(spec: str) -> dict[str, dict[str, float]]:
     try:
         return parse_error_rates(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _batch_error_rates(spec: str) -> dict[str, float]:
+    try:
+        return parse_batch_error_rates(spec)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -49,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "* for all) or a TOML or JSON file; a wrong answer per model class and true difficulty")
     p.add_argument("--triage-noise", type=float, default=0.0,
                    help="share of triage verdicts replaced by another difficulty (default: 0)")
+    p.add_argument("--batch-delay-s", type=float, default=0.0,
+                   help="a message batch ends (its requests are processed) this many seconds after its "
+                        "creation (default: 0)")
+    p.add_argument("--batch-error-rates", type=_batch_error_rates, default={},
+                   help="shares of message-batch requests that end errored, expired or canceled, as "
+                        "errored=0.02,expired=0.01,canceled=0 (drawn from --seed; default: none)")
     return p
 
 
@@ -71,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
             cache_min_tokens=args.cache_min_tokens,
             error_rates=args.error_rates,
             triage_noise=args.triage_noise,
+            batch_delay_s=args.batch_delay_s,
+            batch_error_rates=args.batch_error_rates,
         )
     except ValueError as exc:
         parser.error(str(exc))
