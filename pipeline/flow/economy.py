@@ -513,6 +513,35 @@ def build_economy(p: Pipeline, settings: Settings) -> Economy:
     return Economy(p, client, p.models.economy, kill_at=settings.test_economy_kill)
 
 
+@dataclass(frozen=True)
+class Saving:
+    """What a selection of jobs' calls made in message batches cost, against the same calls at the
+    standard price (their cost over the configured batch multiplier: every token of such a call
+    is billed at that multiple, so the division is exact)."""
+
+    calls: int
+    cost_usd: Decimal
+    standard_cost_usd: Decimal
+
+    @property
+    def saved_usd(self) -> Decimal:
+        return self.standard_cost_usd - self.cost_usd
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls, "cost_usd": f"{self.cost_usd:f}",
+                "standard_cost_usd": f"{self.standard_cost_usd:f}", "saved_usd": f"{self.saved_usd:f}"}
+
+
+def saving(conn: Any, *, batch_multiplier: Decimal, job_filter: Any) -> Saving:
+    """The Saving of the jobs ``job_filter`` selects (pipeline.queries.report's filter)."""
+    n, cost = conn.execute(select(func.count(), func.coalesce(func.sum(_CALLS.c.cost_usd), 0))
+                           .select_from(_CALLS.join(_JOBS, _JOBS.c.id == _CALLS.c.job_id))
+                           .where(_CALLS.c.message_batch_id.is_not(None), job_filter)).one()
+    cost = Decimal(cost)
+    standard = cost / batch_multiplier if batch_multiplier else cost
+    return Saving(calls=int(n), cost_usd=cost, standard_cost_usd=standard.quantize(Decimal("0.00000001")))
+
+
 def open_batches(conn: Connection) -> list[dict[str, Any]]:
     """The message batches not yet ended, per model: requests, age, counts (for `status`)."""
     now = utcnow()
