@@ -391,7 +391,13 @@ class Economy:
                                                  or_(_MB.c.polled_at.is_(None), _MB.c.polled_at < due))
             .order_by(_MB.c.id)).all(), autocommit=True)
         for r in rows:
-            info = self.client.retrieve(r.api_id)
+            try:
+                info = self.client.retrieve(r.api_id)
+            except ClaudeError as exc:
+                # One batch the API will not describe must not hold up the others' polls.
+                log.warning("economy: polling message batch %s failed: %s", r.api_id, exc)
+                self._update_batch(r.id, polled_at=utcnow(), error=str(exc))
+                continue
             self._update_batch(r.id, counts=info.counts, polled_at=utcnow())
             if info.status == "ended":
                 self.read_results(r.id, r.api_id)

@@ -134,6 +134,7 @@ def test_economy_end_to_end(sessions: sessionmaker[Session], cluster: Cluster, f
                             workdir: Path) -> None:
     """Every call of an economy batch goes through message batches, at half the standard price,
     with the same records; not one synchronous /v1/messages request."""
+    fake.reset()  # its request log and counters are the case's own (the checks read them whole)
     sync_before, billed_before = fake.stats()["total"], _billed(fake)
     batch_id = _enqueue(sessions, workdir, "econ-e2e", _jobs("e2e", 12))
     wait_for_batch(sessions, batch_id, timeout=90, cluster=cluster)
@@ -169,6 +170,7 @@ def test_errored_expired_canceled(sessions: sessionmaker[Session], cluster: Clus
                                   workdir: Path) -> None:
     """Errored once: retried in a later batch. Expired once: resubmitted; always: the standard path,
     noted on the job. Canceled (the job still live): made again. A permanent error fails the job."""
+    fake.reset()
     sync_before, billed_before = fake.stats()["total"], _billed(fake)
     jobs = [*_jobs("errored", 2, "[fake:batch=errored] [fake:times=1]"),
             *_jobs("expired-once", 2, "[fake:batch=expired] [fake:times=1]"),
@@ -200,6 +202,7 @@ def test_job_cancelled_in_a_message_batch(sessions: sessionmaker[Session], clust
     """`switchyard cancel` while a job's request sits in a message batch: the job ends cancelled
     once, the batch (all of whose requests are the cancelled jobs') is cancelled at the API, and an
     answer that still arrives is recorded as a call paid for and not applied."""
+    fake.reset()
     billed_before = _billed(fake)
     batch_id = _enqueue(sessions, workdir, "econ-cancel", _jobs("cancel", 3))
 
@@ -231,6 +234,7 @@ def _kill_case(sessions: sessionmaker[Session], cluster: Cluster, fake: FakeClau
     cluster.env_extra["SWITCHYARD_TEST_ECONOMY_KILL"] = f"{point}={marker}"
     try:
         dispatcher = cluster.restart(dispatcher)
+        fake.reset()
         billed_before, created_before = _billed(fake), _batch_stats(fake)["requests"]
         batch_id = _enqueue(sessions, workdir, f"econ-kill-{point}", _jobs(f"kill-{point}", 4))
         wait_for(lambda: not dispatcher.alive, timeout=60, what=f"the dispatcher to kill itself at {point}")
