@@ -69,9 +69,14 @@ def cluster(database_url: str, broker_url: str, fake: FakeClaude, workdir: Path)
     config.write_text(re.sub(r"\n\[economy\][^\[]*", "\n", defaults) + ECONOMY_TOML)
     c = Cluster(database_url=database_url, broker_url=broker_url, claude_url=fake.base_url, workdir=workdir,
                 env_extra={**FAST_ENV, "SWITCHYARD_CONFIG": str(config)})
-    c.start_all(concurrency=8)
-    yield c
-    c.stop()
+    procs = [c.worker(tier, concurrency=8, wait=False) for tier in ("triage", "sonnet", "opus", "validate")]
+    procs.append(c.dispatcher(wait=False))
+    try:
+        # Longer than start_all's minute: on a shared 2-core machine five imports at once can take it.
+        c.wait_ready(procs, timeout=240)
+        yield c
+    finally:
+        c.stop()
 
 
 def _enqueue(sessions: sessionmaker[Session], workdir: Path, name: str, jobs: list[dict[str, Any]]) -> int:
