@@ -205,9 +205,17 @@ def test_errored_expired_canceled(sessions: sessionmaker[Session], cluster: Clus
 def test_job_cancelled_in_a_message_batch(sessions: sessionmaker[Session], cluster: Cluster, fake: FakeClaude,
                                           workdir: Path) -> None:
     """`switchyard cancel` while a job's request sits in a message batch: the job ends cancelled
-    once, the batch (all of whose requests are the cancelled jobs') is cancelled at the API, and an
-    answer that still arrives is recorded as a call paid for and not applied."""
-    fake.reset()
+    once, and the message batch (all of whose requests are the cancelled jobs') is cancelled at
+    the API, its requests ending canceled, none billed."""
+    # Batches that take long enough for the cancel to find the requests still in one.
+    fake.reconfigure(FakeOptions(batch_delay_s=60))
+    try:
+        _cancel_case(sessions, cluster, fake, workdir)
+    finally:
+        fake.reconfigure(FakeOptions(batch_delay_s=0.5))
+
+
+def _cancel_case(sessions: sessionmaker[Session], cluster: Cluster, fake: FakeClaude, workdir: Path) -> None:
     billed_before = _billed(fake)
     batch_id = _enqueue(sessions, workdir, "econ-cancel", _jobs("cancel", 3))
 
@@ -227,7 +235,12 @@ def test_job_cancelled_in_a_message_batch(sessions: sessionmaker[Session], clust
     _check(sessions, fake, batch_id, billed_before)
     with sessions() as s:
         statuses = set(s.scalars(select(Job.status).where(Job.batch_id == batch_id)))
+        cancelled = s.scalars(select(MessageBatch.cancel_requested_at).join(
+            EconomyRequest, EconomyRequest.message_batch_id == MessageBatch.id).join(Job).where(
+            Job.batch_id == batch_id)).all()
     assert statuses == {JobStatus.CANCELLED}
+    assert cancelled and all(at is not None for at in cancelled)
+    assert _batch_stats(fake)["results"].get("canceled", 0) == 3
 
 
 def _kill_case(sessions: sessionmaker[Session], cluster: Cluster, fake: FakeClaude, workdir: Path, point: str
