@@ -83,7 +83,8 @@ class BatchStore:
         """POST /v1/messages/batches; RequestInvalid for a malformed envelope. Each request's params
         are checked when it is processed, and a bad one ends errored, as on the API."""
         custom_ids, items = _read_requests(body)
-        batch = _Batch(id=new_batch_id(), created_at=now, ends_at=now + self._delay_s,
+        # A delay past the expiry ends the batch at its expiry, every request expired.
+        batch = _Batch(id=new_batch_id(), created_at=now, ends_at=now + min(self._delay_s, EXPIRY_S),
                        expires_at=now + EXPIRY_S, custom_ids=custom_ids, items=items)
         with self._lock:
             self._batches[batch.id] = batch

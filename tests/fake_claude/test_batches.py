@@ -189,6 +189,26 @@ def test_cancel_goes_canceling_then_ended_with_every_request_canceled(
     assert fake.stats()["batches"]["results"]["canceled"] >= 3
 
 
+def test_a_batch_unprocessed_at_24_hours_expires() -> None:
+    class Clock:
+        now = time.time()
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+    with FakeClaude(clock=clock, options=FakeOptions(batch_delay_s=48 * 3600)) as fc, anthropic.Anthropic(
+        api_key="t", base_url=fc.base_url, max_retries=0
+    ) as client:
+        batch = client.messages.batches.create(requests=requests_for(["slow", "slower"]))
+        clock.now += 24 * 3600 - 1
+        assert client.messages.batches.retrieve(batch.id).processing_status == "in_progress"
+        clock.now += 1
+        ended = wait_ended(client, batch.id)
+        assert ended.request_counts.expired == 2
+        assert result_types(results(client, batch.id)) == {"r0": "expired", "r1": "expired"}
+
+
 def test_delete_only_once_ended(slow: tuple[FakeClaude, anthropic.Anthropic]) -> None:
     _, client = slow
     batch = client.messages.batches.create(requests=requests_for(["keep me"]))
