@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.fake_claude.errors import RequestInvalid, error_body, invalid, new_batch_id, new_request_id
 from pipeline.fake_claude.options import BATCH_OUTCOMES
-from pipeline.fake_claude.responder import Responder, Response, page_of
+from pipeline.fake_claude.responder import BatchAnswer, Responder, Response, page_of
 from pipeline.fake_claude.stats import Recorder
 from pipeline.fake_claude.validation import check_headers
 
@@ -153,7 +153,7 @@ class BatchStore:
                 line = {"custom_id": batch.custom_ids[start + offset], "result": answer.result}
                 batch.items[start + offset] = json.dumps(line, ensure_ascii=False).encode()
                 batch.counts[answer.result["type"]] += 1
-                recorder.batch_result(answer.result["type"], model=answer.model, usage=answer.usage)
+                _record(recorder, answer)
             batch.processed = start + len(answers)
             if batch.processed == len(batch.items):
                 batch.ended_at = now
@@ -182,6 +182,12 @@ class BatchStore:
         if batch is None:
             raise RequestInvalid(404, "not_found_error", f"message batch {batch_id} not found")
         return batch
+
+
+def _record(recorder: Recorder, answer: BatchAnswer) -> None:
+    judged = answer.judged
+    recorder.batch_result(answer.result["type"], model=answer.model, usage=answer.usage,
+                          judged=(answer.purpose or "", judged.difficulty, judged.wrong) if judged else None)
 
 
 def _read_requests(body: Any) -> tuple[list[str], list[bytes]]:

@@ -382,8 +382,15 @@ def test_batches_count_apart_from_synchronous_requests(fake: FakeClaude, client:
     assert batches["results"]["succeeded"] == earlier["results"].get("succeeded", 0) + 2
     assert batches["results"]["expired"] == earlier["results"].get("expired", 0) + 1
     assert batches["output_tokens"] > earlier["output_tokens"]
+    # The quality model's answers in the batch are counted with the synchronous ones.
+    assert judged_classify(after) == judged_classify(before) + 2
     client.messages.create(**job("one synchronous call"))
     assert fake.stats()["total"] == before["total"] + 1
+
+
+def judged_classify(stats: dict[str, Any]) -> int:
+    by_difficulty = stats["quality"]["answers"].get("classify", {}).get("sonnet", {})
+    return sum(counts["right"] + counts["wrong"] for counts in by_difficulty.values())
 
 
 def test_batches_do_not_use_the_synchronous_rate_limit() -> None:
