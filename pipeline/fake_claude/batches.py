@@ -146,8 +146,8 @@ class BatchStore:
             chunk = batch.items[start:start + _CHUNK]
             drawn = [self._draw() for _ in chunk]
         # Outside the lock: polls and cancels go on meanwhile. Only this thread processes.
-        answers = [responder.batch_request(json.loads(params), now=now, drawn=d) for params, d in zip(chunk, drawn,
-                                                                                                    strict=True)]
+        answers = [responder.batch_request(json.loads(params), now=now, drawn=outcome)
+                   for params, outcome in zip(chunk, drawn, strict=True)]
         with self._lock:
             for offset, answer in enumerate(answers):
                 line = {"custom_id": batch.custom_ids[start + offset], "result": answer.result}
