@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.fake_claude.errors import RequestInvalid, error_body, invalid, new_batch_id, new_request_id
 from pipeline.fake_claude.options import BATCH_OUTCOMES
-from pipeline.fake_claude.responder import Responder, Response, page_of
+from pipeline.fake_claude.responder import BatchAnswer, Responder, Response, page_of
 from pipeline.fake_claude.stats import Recorder
 from pipeline.fake_claude.validation import check_headers
 
@@ -83,7 +83,8 @@ class BatchStore:
         """POST /v1/messages/batches; RequestInvalid for a malformed envelope. Each request's params
         are checked when it is processed, and a bad one ends errored, as on the API."""
         custom_ids, items = _read_requests(body)
-        batch = _Batch(id=new_batch_id(), created_at=now, ends_at=now + self._delay_s,
+        # A delay past the expiry ends the batch at its expiry, every request expired.
+        batch = _Batch(id=new_batch_id(), created_at=now, ends_at=now + min(self._delay_s, EXPIRY_S),
                        expires_at=now + EXPIRY_S, custom_ids=custom_ids, items=items)
         with self._lock:
             self._batches[batch.id] = batch
@@ -145,14 +146,14 @@ class BatchStore:
             chunk = batch.items[start:start + _CHUNK]
             drawn = [self._draw() for _ in chunk]
         # Outside the lock: polls and cancels go on meanwhile. Only this thread processes.
-        answers = [responder.batch_request(json.loads(params), now=now, drawn=d) for params, d in zip(chunk, drawn,
-                                                                                                    strict=True)]
+        answers = [responder.batch_request(json.loads(params), now=now, drawn=outcome)
+                   for params, outcome in zip(chunk, drawn, strict=True)]
         with self._lock:
             for offset, answer in enumerate(answers):
                 line = {"custom_id": batch.custom_ids[start + offset], "result": answer.result}
                 batch.items[start + offset] = json.dumps(line, ensure_ascii=False).encode()
                 batch.counts[answer.result["type"]] += 1
-                recorder.batch_result(answer.result["type"], model=answer.model, usage=answer.usage)
+                _record(recorder, answer)
             batch.processed = start + len(answers)
             if batch.processed == len(batch.items):
                 batch.ended_at = now
@@ -181,6 +182,12 @@ class BatchStore:
         if batch is None:
             raise RequestInvalid(404, "not_found_error", f"message batch {batch_id} not found")
         return batch
+
+
+def _record(recorder: Recorder, answer: BatchAnswer) -> None:
+    judged = answer.judged
+    recorder.batch_result(answer.result["type"], model=answer.model, usage=answer.usage,
+                          judged=(answer.purpose or "", judged.difficulty, judged.wrong) if judged else None)
 
 
 def _read_requests(body: Any) -> tuple[list[str], list[bytes]]:

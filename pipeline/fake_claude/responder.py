@@ -65,6 +65,7 @@ class BatchAnswer:
     result: dict[str, Any]  # {"type": "succeeded", "message": ...}, errored, expired or canceled
     model: str | None = None
     usage: dict[str, int] | None = None  # a succeeded message's usage
+    purpose: str | None = None
     judged: Answer | None = None
 
 
@@ -195,7 +196,7 @@ class Responder:
         # Answered as soon as made: what it wrote is readable by the batch's next request.
         self._cache.settle(cache, delivered=True)
         return BatchAnswer({"type": "succeeded", "message": message}, model=model, usage=message["usage"],
-                           judged=judged)
+                           purpose=prompt.purpose, judged=judged)
 
     def _reply(self, body: dict[str, Any], prompt: Prompt, hints: Hints, klass: str, fault: str | None,
                cache: CachePlan, input_tokens: int, now: float) -> tuple[dict[str, Any], Answer | None]:

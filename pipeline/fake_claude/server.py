@@ -131,7 +131,7 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path == "/v1/messages":
             self._messages(raw, now)
         elif is_batch_path(url.path):
-            body = _parse_json(raw)
+            body = _parse_json(raw) if raw else None  # a cancel has no body
             if isinstance(body, _BadJson):
                 self._send(self.server.responder.error(400, "invalid_request_error", body.message, now=now).response)
             else:

@@ -109,12 +109,17 @@ class Recorder:
             self._batch_requests += requests
 
     def batch_result(self, result_type: str, *, count: int = 1, model: str | None = None,
-                     usage: dict[str, int] | None = None) -> None:
-        """`count` requests of a message batch ended as `result_type`; `usage` is a succeeded one's."""
+                     usage: dict[str, int] | None = None, judged: tuple[str, str, bool] | None = None) -> None:
+        """`count` requests of a message batch ended as `result_type`; `usage` is a succeeded one's,
+        `judged` the quality model's say on its answer (purpose, true difficulty, wrong): counted
+        with the synchronous answers, as the same model gave it."""
         with self._lock:
             self._batch_results[result_type] += count
             if model is not None:
                 self._batch_by_model[model] += count
+                if judged is not None:
+                    purpose, difficulty, wrong = judged
+                    self._judged[(purpose, model_class(model) or "", difficulty, wrong)] += 1
             for name, value in (usage or {}).items():
                 if name in _USAGE_FIELDS:
                     self._batch_tokens[name] += value
@@ -149,8 +154,8 @@ class Recorder:
                 # prefix, misses did not (and usually wrote one), writes wrote one; the hit rate a
                 # benchmark wants is read / (read + creation) input tokens.
                 "cache": {model: dict(counts) for model, counts in self._cache.items()},
-                # The quality model's settings, and its answers served: per purpose, model class and
-                # true difficulty, how many were right and how many wrong.
+                # The quality model's settings, and its answers served (synchronous and in batches):
+                # per purpose, model class and true difficulty, how many were right and how many wrong.
                 "quality": {**self._quality, "answers": self._answers()},
                 "since": self._started_at,
             }
