@@ -237,19 +237,23 @@ class Economy:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def tick(self) -> None:
-        """One round; an API or database error is logged and the next round tries again."""
+        """One round. An API error is logged and the next round tries that part again; the other
+        parts go on (a batch that cannot be cancelled must not stop answers being woken)."""
+        due = time.monotonic() - self._reconciled_at >= self.config.create_timeout_s / 2
+        if due and self._guarded(self.reconcile):
+            self._reconciled_at = time.monotonic()
+        for part in (self.drop_stale, self.submit_due, self.poll, self.cancel_abandoned, self.settle_orphans,
+                     self.wake):
+            self._guarded(part)
+
+    @staticmethod
+    def _guarded(part: Any) -> bool:
         try:
-            if time.monotonic() - self._reconciled_at >= self.config.create_timeout_s / 2:
-                self.reconcile()
-                self._reconciled_at = time.monotonic()
-            self.drop_stale()
-            self.submit_due()
-            self.poll()
-            self.cancel_abandoned()
-            self.settle_orphans()
-            self.wake()
+            part()
         except ClaudeError as exc:
             log.warning("economy: the Message Batches API answered %s; trying again next round", exc)
+            return False
+        return True
 
     # -- submitting ------------------------------------------------------------------------------
 
@@ -397,6 +401,8 @@ class Economy:
                 # One batch the API will not describe must not hold up the others' polls.
                 log.warning("economy: polling message batch %s failed: %s", r.api_id, exc)
                 self._update_batch(r.id, polled_at=utcnow(), error=str(exc))
+                if exc.status == 404:
+                    self._lost(r.id, r.api_id)
                 continue
             self._update_batch(r.id, counts=info.counts, polled_at=utcnow())
             if info.status == "ended":
@@ -446,6 +452,18 @@ class Economy:
         log.info("economy: message batch %s ended; %d result(s) stored", api_id, stored)
         return stored
 
+    def _lost(self, row_id: int, api_id: str) -> None:
+        """The API no longer knows the batch (deleted elsewhere): its results cannot be read, so
+        its requests are taken as expired (made again once, then on the standard path)."""
+        log.error("economy: message batch %s is gone from the API; its requests are taken as expired", api_id)
+
+        def do(conn: Connection) -> None:
+            now = utcnow()
+            conn.execute(update(_REQ).where(_REQ.c.message_batch_id == row_id, _REQ.c.state == "submitted").values(
+                state="done", result_type="expired", result={"type": "expired"}, result_at=now))
+            conn.execute(update(_MB).where(_MB.c.id == row_id).values(state="ended", ended_at=now))
+        self.p.run(do)
+
     # -- cancelling, orphans, waking --------------------------------------------------------------
 
     def cancel_abandoned(self) -> None:
@@ -455,7 +473,12 @@ class Economy:
         rows = self.p.run(lambda c: c.execute(select(_MB.c.id, _MB.c.api_id).where(
             _MB.c.state == "in_progress", _MB.c.cancel_requested_at.is_(None), ~live)).all(), autocommit=True)
         for r in rows:
-            self.client.cancel(r.api_id)
+            try:
+                self.client.cancel(r.api_id)
+            except ClaudeError as exc:
+                log.warning("economy: cancelling message batch %s failed: %s", r.api_id, exc)
+                if exc.status != 404:
+                    continue  # tried again next round
             self._update_batch(r.id, cancel_requested_at=utcnow())
             log.info("economy: message batch %s cancelled: every job it served was cancelled", r.api_id)
 
