@@ -27,7 +27,7 @@ from pipeline.config import load_config
 from pipeline.fake_claude import FakeClaude, FakeOptions
 from pipeline.intake.enqueue import enqueue_file
 from pipeline.models import EconomyRequest, Job, JobStatus, MessageBatch, ModelCall
-from tests.cluster import SWITCHYARD, Cluster, wait_for_batch
+from tests.cluster import SWITCHYARD, Cluster, Proc, wait_for_batch
 from tests.faults.conftest import FAST_ENV, wait_for
 from tests.faults.invariants import check_exactly_once
 
@@ -243,6 +243,15 @@ def _cancel_case(sessions: sessionmaker[Session], cluster: Cluster, fake: FakeCl
     assert _batch_stats(fake)["results"].get("canceled", 0) == 3
 
 
+def _restart(cluster: Cluster, proc: Proc) -> Proc:
+    """Start the dispatcher again and wait for it, longer than Cluster.restart's 30 s (a loaded
+    2-core machine can take that to import it)."""
+    new = cluster.restart(proc, wait_ready=False)
+    wait_for(lambda: "dispatcher:" in new.log.read_text(errors="replace"), timeout=240, what="the dispatcher ready",
+             interval=0.2)
+    return new
+
+
 def _kill_case(sessions: sessionmaker[Session], cluster: Cluster, fake: FakeClaude, workdir: Path, point: str
                ) -> None:
     marker = workdir / f"killed-{point}"
@@ -251,14 +260,14 @@ def _kill_case(sessions: sessionmaker[Session], cluster: Cluster, fake: FakeClau
     dispatcher.popen.wait(20)
     cluster.env_extra["SWITCHYARD_TEST_ECONOMY_KILL"] = f"{point}={marker}"
     try:
-        dispatcher = cluster.restart(dispatcher)
+        dispatcher = _restart(cluster, dispatcher)
         fake.reset()
         billed_before, created_before = _billed(fake), _batch_stats(fake)["requests"]
         batch_id = _enqueue(sessions, workdir, f"econ-kill-{point}", _jobs(f"kill-{point}", 4))
         wait_for(lambda: not dispatcher.alive, timeout=60, what=f"the dispatcher to kill itself at {point}")
         assert marker.exists()
         assert dispatcher.popen.returncode == -signal.SIGKILL
-        dispatcher = cluster.restart(dispatcher)
+        dispatcher = _restart(cluster, dispatcher)
         wait_for_batch(sessions, batch_id, timeout=90, cluster=cluster)
         _check(sessions, fake, batch_id, billed_before)
         with sessions() as s:
