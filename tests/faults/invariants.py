@@ -153,7 +153,7 @@ def check_exactly_once(sessions: sessionmaker[Session], batch_id: int, *, fake: 
     still_started = [(c.job_id, c.stage.value, c.tier, c.delivery) for c in calls if c.outcome == "started"]
     assert not still_started, f"{len(still_started)} call row(s) still 'started' (job, stage, tier, delivery): " \
         f"{still_started[:5]}"
-    assert max(c.attempt for c in calls) <= max_attempts, "a call retried past its bound"
+    assert max((c.attempt for c in calls), default=0) <= max_attempts, "a call retried past its bound"
     served_ids = Counter(r["request_id"] for r in served)
     assert all(n == 1 for n in Counter(c.request_id for c in calls if c.request_id).values()), \
         "a request id recorded twice"
