@@ -92,6 +92,20 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class EconomyConfig:
+    """Economy mode's message batches ([economy]; pipeline.flow.economy): a model's pending calls
+    go as one message batch once there are ``max_requests`` of them or the oldest has waited
+    ``max_age_s``; open batches are polled every ``poll_interval_s``. A "creating" batch row older
+    than ``create_timeout_s`` (its dispatcher died before recording the API's answer) is reconciled
+    with the API's list of batches."""
+
+    max_requests: int = 100_000
+    max_age_s: float = 60.0
+    poll_interval_s: float = 10.0
+    create_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     tiers: dict[str, TierConfig]
     routing: RoutingPolicy
@@ -100,6 +114,10 @@ class ModelConfig:
     cache_write_multiplier: Decimal = Decimal("1.25")
     cache_write_1h_multiplier: Decimal = Decimal("2")
     cache_read_multiplier: Decimal = Decimal("0.10")
+    # The Message Batches discount: every token of a call made in a message batch (economy mode)
+    # costs this multiple of its price, cache writes and reads included (the discounts stack).
+    batch_multiplier: Decimal = Decimal("0.5")
+    economy: EconomyConfig = field(default_factory=EconomyConfig)
     # The cheap tier that triages and checks formats; the work tiers are the routing targets.
     triage_tier: str = "haiku"
     format_check_tier: str = "haiku"
@@ -295,6 +313,26 @@ def _caching(raw: dict[str, Any], where: str) -> bool:
     return _flag(raw, "enabled", where, default=True)
 
 
+def _economy(raw: dict[str, Any], where: str) -> EconomyConfig:
+    d = EconomyConfig()
+    unknown = sorted(raw.keys() - {f.name for f in fields(EconomyConfig)})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (expected some of "
+                          f"{', '.join(f.name for f in fields(EconomyConfig))})")
+    max_requests = _whole(raw, "max_requests", where, d.max_requests, 1)
+    if max_requests > 100_000:
+        raise ConfigError(f"{where}: 'max_requests' must be at most 100000 (the API's most per message batch), "
+                          f"not {max_requests}")
+    out = EconomyConfig(max_requests=max_requests, max_age_s=_number(raw, "max_age_s", where, d.max_age_s),
+                        poll_interval_s=_number(raw, "poll_interval_s", where, d.poll_interval_s),
+                        create_timeout_s=_number(raw, "create_timeout_s", where, d.create_timeout_s))
+    for name in ("max_age_s", "poll_interval_s", "create_timeout_s"):
+        if not 0 < getattr(out, name) <= 86400:
+            raise ConfigError(f"{where}: {name!r} must be a number of seconds above 0 and at most 86400, "
+                              f"not {getattr(out, name)!r}")
+    return out
+
+
 def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> ModelConfig:
     tiers_raw = raw.get("tiers")
     if not isinstance(tiers_raw, dict) or not tiers_raw:
@@ -340,6 +378,8 @@ def parse_config(raw: dict[str, Any], *, source: str = "configuration") -> Model
         cache_write_multiplier=_decimal(pricing, "cache_write_multiplier", f"{source} [pricing]", "1.25"),
         cache_write_1h_multiplier=_decimal(pricing, "cache_write_1h_multiplier", f"{source} [pricing]", "2"),
         cache_read_multiplier=_decimal(pricing, "cache_read_multiplier", f"{source} [pricing]", "0.10"),
+        batch_multiplier=_decimal(pricing, "batch_multiplier", f"{source} [pricing]", "0.5"),
+        economy=_economy(_table(raw, "economy", source), f"{source} [economy]"),
         triage_tier=_name(stages, "triage_tier", where, "haiku"),
         format_check_tier=_name(stages, "format_check_tier", where, "haiku"),
         caching=_caching(_table(raw, "caching", source), f"{source} [caching]"),

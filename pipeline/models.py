@@ -161,6 +161,10 @@ class Batch(Base):
     # 0-9: the dispatcher admits a higher priority's queued jobs first, and its messages carry it
     # (pipeline.flow.admission). Set at enqueue (--priority), else by the task, else 5.
     priority: Mapped[int] = mapped_column(SmallInteger, default=5, server_default="5")
+    # How the batch's model calls are made: "standard" (synchronous /v1/messages) or "economy"
+    # (Message Batches, at the batch discount: pipeline.flow.economy). NULL: not set for the batch,
+    # so the task's default mode, else standard.
+    mode: Mapped[str | None] = mapped_column(String(20))
 
 
 class Task(Base):
@@ -279,6 +283,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Folded into the rollups (set by the fold, once the job has ended; pipeline.queries.rollups).
     rolled_up: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # What economy mode had to do out of the ordinary for this job (a request that expired twice
+    # went the standard path), for `jobs show`; NULL for most jobs.
+    economy_note: Mapped[str | None] = mapped_column(Text)
 
 
 class JobEvent(Base):
@@ -367,6 +374,8 @@ class ModelCall(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Folded into the rollups (set by the fold only; pipeline.queries.rollups).
     rolled_up: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # The message batch that answered it (economy mode: msgbatch_...); NULL for a synchronous call.
+    message_batch_id: Mapped[str | None] = mapped_column(String(100))
 
 
 class ValidationVerdict(Base):
@@ -520,3 +529,70 @@ class RollupFailure(Base):
     reason_md5: Mapped[str] = mapped_column(String(32), primary_key=True)
     reason: Mapped[str] = mapped_column(Text)
     jobs: Mapped[int] = mapped_column(BigInteger, server_default="0")
+class MessageBatch(Base):
+    """One message batch of economy mode (pipeline.flow.economy), written before it is created at
+    the API ("creating", no ``api_id`` yet) and again once it is ("in_progress", its id): a
+    dispatcher killed between the two leaves a "creating" row that the next one reconciles with the
+    API's list of batches instead of submitting its requests again."""
+
+    __tablename__ = "message_batches"
+    __table_args__ = (
+        Index("ix_message_batches_open", "state", postgresql_where=text("state IN ('creating', 'in_progress')"),
+              sqlite_where=text("state IN ('creating', 'in_progress')")),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    api_id: Mapped[str | None] = mapped_column(String(100), unique=True)
+    model: Mapped[str] = mapped_column(String(100))
+    # creating -> in_progress -> ended; creating -> failed (never created: its requests went back)
+    state: Mapped[str] = mapped_column(String(20), default="creating")
+    requests: Mapped[int] = mapped_column(Integer)
+    # The API's request_counts at the last poll.
+    counts: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    polled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class EconomyRequest(Base):
+    """One model call of an economy job, made through a message batch: the exact /v1/messages
+    body the synchronous path would send, then its result. A stage that needs the call writes it
+    ("pending") and hands its job back; the dispatcher submits it, stores the result ("done") and
+    wakes the job; the stage, run again, applies the result as a synchronous answer and marks it
+    ``consumed_at`` in the same statement. Keyed by the job's version: a stage makes one call per
+    version, and the version moves on with every transition."""
+
+    __tablename__ = "economy_requests"
+    __table_args__ = (
+        Index("ix_economy_requests_job", "job_id", "job_version", "purpose"),
+        Index("ix_economy_requests_pending", "model", "id", postgresql_where=text("state = 'pending'"),
+              sqlite_where=text("state = 'pending'")),
+        Index("ix_economy_requests_batch", "message_batch_id"),
+        Index("ix_economy_requests_unread", "job_id", postgresql_where=text("state = 'done' AND consumed_at IS NULL"),
+              sqlite_where=text("state = 'done' AND consumed_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    job_version: Mapped[int] = mapped_column(Integer)
+    purpose: Mapped[str] = mapped_column(String(20))  # the call's stage: triage | work | format_check
+    tier: Mapped[str] = mapped_column(String(40))
+    model: Mapped[str] = mapped_column(String(100))
+    # 1, then 2 for the one resubmission of an expired request (a second expiry goes standard).
+    round: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # pending -> submitting (claimed into a message batch) -> submitted -> done; dropped (its job
+    # ended before it was submitted)
+    state: Mapped[str] = mapped_column(String(20), default="pending")
+    params: Mapped[dict[str, Any]] = mapped_column(Json)
+    custom_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    message_batch_id: Mapped[int | None] = mapped_column(ForeignKey("message_batches.id", ondelete="SET NULL"))
+    # succeeded | errored | expired | canceled, and the API's result object
+    result_type: Mapped[str | None] = mapped_column(String(20))
+    result: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    result_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    consumed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     # process, as the kernel's OOM killer would. It exists for the poison-job fault test
     # (tests/faults) and does nothing unless set; see pipeline/claude/testhooks.py.
     test_crash_on: str | None = Field(None, alias="SWITCHYARD_TEST_CRASH_ON")
+    # TEST HOOK, off by default: "after_create=MARKER" or "while_polling=MARKER" makes the dispatcher
+    # SIGKILL itself once at that point of economy mode (pipeline.flow.economy), for the fault tests.
+    test_economy_kill: str | None = Field(None, alias="SWITCHYARD_TEST_ECONOMY_KILL")
 
     # The HTTP API (`switchyard serve`). A request body past this many bytes is refused with 413
     # while it streams in; a batch of more jobs than this is refused with 413 before any is written.

@@ -9,7 +9,7 @@ import json
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import redis
 from fastapi import APIRouter, Depends, Query, Request
@@ -67,6 +67,11 @@ BatchName = Annotated[str, Query(
 ShadowRate = Annotated[float | None, Query(
     ge=0, le=1, description="The share of the batch's jobs that shadow evaluation samples, from 0 to 1 (see "
                             "`/v1/quality`); default: the task's, or the configuration's `shadow_rate`.")]
+
+Mode = Annotated[Literal["standard", "economy"] | None, Query(
+    description="How the batch's model calls are made: `standard` (synchronous) or `economy` (through the "
+                "Message Batches API at half price; answers within hours rather than seconds). Default: the "
+                "task's `mode`, else standard.")]
 
 
 # Checked by the handler, not by Query(ge=, le=): the answer is then one sentence, as the CLI's.
@@ -165,13 +170,14 @@ async def submit_job(request: Request, who: Who, batch: BatchName) -> JSONRespon
                  JSON_LINES[0]: {"schema": {"type": "string", "description": "One job object per line."}},
              }))
 async def submit_batch(request: Request, who: Who, name: BatchName, shadow_rate: ShadowRate = None,
-                       priority: Priority = None) -> schemas.BatchSubmitted:
+                       priority: Priority = None, mode: Mode = None) -> schemas.BatchSubmitted:
     """Submit jobs to a batch: a JSON array, or JSON Lines (`application/x-ndjson`) streamed in.
 
     Every job is checked before any is written: one bad job refuses the request (422, naming its
     index or line and the field) and nothing is kept. Keys already in the batch are skipped, so
     sending the same body twice adds nothing. `shadow_rate` sets the share of the batch's jobs that
-    shadow evaluation samples (see `/v1/quality`); `priority` the batch's priority (0-9)."""
+    shadow evaluation samples (see `/v1/quality`); `priority` the batch's priority (0-9); `mode` makes
+    its model calls standard or economy."""
     name = _batch_name(name, param="name")
     if priority is not None and not valid_priority(priority):
         raise InvalidQuery(f"query parameter 'priority' must be a whole number from 0 to 9, not {priority}")
@@ -182,7 +188,7 @@ async def submit_batch(request: Request, who: Who, name: BatchName, shadow_rate:
         source = batch_source(body, reader, config=api.models, max_items=api.max_batch_jobs,
                               tasks=tasks.lookup(api.sessions, tenant_id=who.tenant_id))
         result = await run_in_threadpool(submit_items, api.sessions, source, who=who, batch=name, lines=lines,
-                                         shadow_rate=shadow_rate, priority=priority)
+                                         shadow_rate=shadow_rate, priority=priority, mode=mode)
     request.app.state.metrics.jobs_accepted.inc(result.accepted)
     return schemas.BatchSubmitted(batch_id=result.batch_id or 0, batch=name, read=result.read,
                                   accepted=result.accepted, duplicates=result.duplicates)

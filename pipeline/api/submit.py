@@ -32,11 +32,11 @@ def check_spend(sessions: sessionmaker[Session], who: Caller) -> None:
 
 
 def submit_items(sessions: sessionmaker[Session], source: Source, *, who: Caller,
-                 batch: str, lines: bool, shadow_rate: float | None = None, priority: int | None = None
-                 ) -> EnqueueReport:
+                 batch: str, lines: bool, shadow_rate: float | None = None, priority: int | None = None,
+                 mode: str | None = None) -> EnqueueReport:
     try:
         report = enqueue_items(sessions, source, batch=batch, tenant_id=who.tenant_id, atomic=True,
-                               shadow_rate=shadow_rate, priority=priority)
+                               shadow_rate=shadow_rate, priority=priority, mode=mode)
     except (BadItem, InputFileError):
         raise  # said already, or about the whole body: no item to name
     except JobInputError as exc:

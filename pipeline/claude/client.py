@@ -60,6 +60,10 @@ class Attempt:
     error_type: str | None = None
     error_message: str | None = None
     retry_after: float | None = None
+    # Economy mode (pipeline.flow.economy): the message batch that answered, and the request row
+    # the answer was stored in; None for a synchronous call.
+    message_batch_id: str | None = None
+    economy_request_id: int | None = None
 
 
 @dataclass
@@ -215,6 +219,45 @@ def check_endpoint(*, api_key: str, base_url: str | None, models: Mapping[str, s
                                   f"({which} in {config})") from None
 
 
+def message_params(*, model: str, system: str, user: str, max_tokens: int, cache_system: bool = False,
+                   cache_ttl: str = "5m", output_schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The /v1/messages body of a call: what ClaudeClient.call sends, and what economy mode puts
+    in a message batch request's ``params`` (pipeline.flow.economy), so both make the same call.
+
+    ``cache_system``: end the system prompt with a cache_control breakpoint, which the API takes
+    only on a content block, so the system goes as one text block then; ``cache_ttl`` is the tier's
+    configured lifetime ("5m", the API's default, or "1h"), which its price follows.
+    ``output_schema``: ask for structured outputs (``output_config.format``)."""
+    sent: str | list[TextBlockParam] = system
+    if cache_system:
+        control: CacheControlEphemeralParam = {"type": "ephemeral"}
+        if cache_ttl == "1h":  # the configuration allows "5m" (the API's default) or "1h"
+            control["ttl"] = "1h"
+        sent = [{"type": "text", "text": system, "cache_control": control}]
+    params: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "system": sent,
+                              "messages": [{"role": "user", "content": user}]}
+    if output_schema is not None:
+        output_config: OutputConfigParam = {"format": {"type": "json_schema", "schema": output_schema}}
+        params["output_config"] = output_config
+    return params
+
+
+def usage_of(u: Any) -> Usage:
+    """The SDK's usage object (or the same as a dict, from a batch result) as a Usage."""
+    get = u.get if isinstance(u, dict) else lambda k: getattr(u, k, None)
+    creation = get("cache_creation")
+    hour = (creation.get("ephemeral_1h_input_tokens") if isinstance(creation, dict)
+            else getattr(creation, "ephemeral_1h_input_tokens", None)) if creation is not None else None
+    return Usage(
+        input_tokens=get("input_tokens") or 0,
+        output_tokens=get("output_tokens") or 0,
+        cache_creation_input_tokens=get("cache_creation_input_tokens") or 0,
+        cache_read_input_tokens=get("cache_read_input_tokens") or 0,
+        # A 1-hour write costs more than a 5-minute one (pipeline.claude.pricing).
+        cache_creation_1h_input_tokens=(hour or 0) if creation is not None else None,
+    )
+
+
 class ClaudeClient:
     def __init__(
         self,
@@ -298,16 +341,8 @@ class ClaudeClient:
         to that JSON Schema by the decoder. A refusal or a max_tokens stop can still break it, so
         the caller validates the answer as ever."""
         attempts: list[Attempt] = []
-        extra: dict[str, Any] = {}
-        if output_schema is not None:
-            output_config: OutputConfigParam = {"format": {"type": "json_schema", "schema": output_schema}}
-            extra["output_config"] = output_config
-        sent: str | list[TextBlockParam] = system
-        if cache_system:
-            control: CacheControlEphemeralParam = {"type": "ephemeral"}
-            if cache_ttl == "1h":  # the configuration allows "5m" (the API's default) or "1h"
-                control["ttl"] = "1h"
-            sent = [{"type": "text", "text": system, "cache_control": control}]
+        params = message_params(model=model, system=system, user=user, max_tokens=max_tokens,
+                                cache_system=cache_system, cache_ttl=cache_ttl, output_schema=output_schema)
         estimate = (len(system) + len(user)) // 4
         for number in range(1, self.attempts + 1):
             try:
@@ -319,13 +354,7 @@ class ClaudeClient:
             started = datetime.now(UTC)
             t0 = time.perf_counter()
             try:
-                raw = self._sdk.messages.with_raw_response.create(
-                    model=model,
-                    max_tokens=max_tokens,
-                    system=sent,
-                    messages=[{"role": "user", "content": user}],
-                    **extra,
-                )
+                raw = self._sdk.messages.with_raw_response.create(**params)
                 message = raw.parse()
             except anthropic.APIError as exc:
                 err = translate(exc)
@@ -351,16 +380,7 @@ class ClaudeClient:
                 self._sleep(self.backoff(number, retry_after))
                 continue
             latency = (time.perf_counter() - t0) * 1000
-            u = message.usage
-            usage = Usage(
-                input_tokens=u.input_tokens,
-                output_tokens=u.output_tokens,
-                cache_creation_input_tokens=u.cache_creation_input_tokens or 0,
-                cache_read_input_tokens=u.cache_read_input_tokens or 0,
-                # A 1-hour write costs more than a 5-minute one (pipeline.claude.pricing).
-                cache_creation_1h_input_tokens=(u.cache_creation.ephemeral_1h_input_tokens or 0
-                                                if u.cache_creation is not None else None),
-            )
+            usage = usage_of(message.usage)
             # Settle the reservation: the real input count for the estimate, the real output for
             # max_tokens (pipeline.claude.ratelimit explains why it reserves the worst case). The
             # input count is what the API counts against its limit: cache reads are not.

@@ -31,9 +31,11 @@ class Usage:
         return self.input_tokens + self.cache_creation_input_tokens
 
 
-def call_cost(tier: TierConfig, usage: Usage, *, config: ModelConfig) -> Decimal:
+def call_cost(tier: TierConfig, usage: Usage, *, config: ModelConfig, batch: bool = False) -> Decimal:
     """USD for one call. Cache writes and reads are priced as multiples of the input price: a write
-    at its lifetime's multiplier (the usage's own breakdown, or else the tier's cache_ttl)."""
+    at its lifetime's multiplier (the usage's own breakdown, or else the tier's cache_ttl). A call
+    made in a message batch (``batch``, economy mode) costs the batch multiplier of all that: the
+    discounts stack, so a cache read there costs cache_read_multiplier x batch_multiplier of input."""
     per_in = tier.input_per_mtok / MILLION
     per_out = tier.output_per_mtok / MILLION
     if usage.cache_creation_1h_input_tokens is None:
@@ -42,9 +44,10 @@ def call_cost(tier: TierConfig, usage: Usage, *, config: ModelConfig) -> Decimal
         hour = min(usage.cache_creation_1h_input_tokens, usage.cache_creation_input_tokens)
         writes = (hour * config.cache_write_1h_multiplier
                   + (usage.cache_creation_input_tokens - hour) * config.cache_write_multiplier)
-    return (
+    full = (
         usage.input_tokens * per_in
         + writes * per_in
         + usage.cache_read_input_tokens * per_in * config.cache_read_multiplier
         + usage.output_tokens * per_out
     )
+    return full * config.batch_multiplier if batch else full

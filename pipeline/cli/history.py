@@ -119,6 +119,10 @@ def enqueue(
         help="The batch's priority, 0-9: the dispatcher admits higher priorities first, and round robin across "
              "tenants and batches within one; default: the task's priority, else 5. Given for a batch that exists, "
              "it changes the batch's.")] = None,
+    mode: Annotated[str | None, typer.Option(
+        help="standard (synchronous calls) or economy (every model call through the Message Batches API, at "
+             "half price, answers within hours rather than seconds); default: the task's mode, else "
+             "standard.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Add a file of jobs to a batch. Re-running the same file adds no duplicates."""
@@ -136,6 +140,8 @@ def enqueue(
         from pipeline.flow.admission import check_priority
 
         check_priority(priority, what="--priority")
+    if mode is not None and mode not in ("standard", "economy"):
+        raise InvalidInput(f"--mode must be standard or economy, not {mode!r}")
     input_size(file)  # a missing input is the first thing to say, before where its report would go
     if skip_invalid and _same_file(target, file):
         raise InvalidInput(f"--invalid-report {target} is the input file itself: name another file for the report")
@@ -150,7 +156,7 @@ def enqueue(
             started = True
             report = _enqueue_with_progress(s, file, name=name, tenant_id=tenant_id, fmt=format,
                                             skip_invalid=skip_invalid, report_out=report_out, quiet=as_json,
-                                            shadow_rate=shadow_rate, priority=priority)
+                                            shadow_rate=shadow_rate, priority=priority, mode=mode)
     except OutputError as exc:
         if not started:
             raise
@@ -215,7 +221,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _enqueue_with_progress(s: Settings, file: Path, *, name: str, tenant_id: int | None, fmt: str | None,
                            skip_invalid: bool, report_out: Output | None, quiet: bool,
-                           shadow_rate: float | None = None, priority: int | None = None) -> EnqueueReport:
+                           shadow_rate: float | None = None, priority: int | None = None,
+                           mode: str | None = None) -> EnqueueReport:
     """enqueue_file with a progress bar; bad lines go to ``report_out`` (--skip-invalid)."""
     from pipeline.intake.enqueue import BadLine, Tick, enqueue_file, invalid_line_json
 
@@ -246,7 +253,7 @@ def _enqueue_with_progress(s: Settings, file: Path, *, name: str, tenant_id: int
             with _sessions() as sessions:
                 return enqueue_file(sessions, file, batch=name, config=s.models, tenant_id=tenant_id, fmt=fmt,
                                     skip_invalid=skip_invalid, progress=progress, on_invalid=on_invalid,
-                                    shadow_rate=shadow_rate, priority=priority)
+                                    shadow_rate=shadow_rate, priority=priority, mode=mode)
         except JobInputError as exc:
             if exc.line is None or isinstance(exc, InputFileError):
                 raise
@@ -409,6 +416,9 @@ def jobs_show(
     console.print(f"created {when(j.created_at)}   finished {when(j.finished_at)}")
     if story.task is not None:
         console.print(Text.assemble("task ", _plain(story.task), f"  version {story.task_version}"))
+    if story.mode == "economy" or story.economy_note:
+        console.print(Text.assemble("mode economy (calls through message batches)",
+                                    *((": ", _plain(story.economy_note)) if story.economy_note else ())))
     if story.next_try_at is not None:
         console.print(Text.assemble(("waiting out transient errors", "yellow"),
                                     f": next try {when(story.next_try_at)}, meeting only transient errors since "
@@ -454,10 +464,14 @@ def jobs_show(
 
 
 def _calls_table(calls: list[history.CallRecord], *, wide: bool) -> Table:
-    cols = (("#", "stage", "tier", "model", "try", "delivery", "outcome", "in", "out", "cost", "latency", "request")
-            if wide else ("stage", "tier", "try", "outcome", "in", "out", "cost", "latency"))
-    table = new_table(cols, figures=("#", "try", "delivery", "in", "out", "cost", "latency"), whole=("request",),
-                      title="model calls")
+    cols: tuple[str, ...] = (
+        ("#", "stage", "tier", "model", "try", "delivery", "outcome", "in", "out", "cost", "latency", "request")
+        if wide else ("stage", "tier", "try", "outcome", "in", "out", "cost", "latency"))
+    if any(c.message_batch_id for c in calls):
+        # Economy mode: which message batch answered each call (latency: from its submission).
+        cols += ("message batch",)
+    table = new_table(cols, figures=("#", "try", "delivery", "in", "out", "cost", "latency"),
+                      whole=("request", "message batch"), title="model calls")
     for c in calls:
         outcome = c.outcome if c.applied or c.outcome != "ok" else "ok (not applied)"
         if c.error_type:
@@ -466,7 +480,7 @@ def _calls_table(calls: list[history.CallRecord], *, wide: bool) -> Table:
             "#": str(c.id), "stage": c.stage, "tier": c.tier, "model": c.model, "try": str(c.attempt),
             "delivery": str(c.delivery), "outcome": Text(outcome), "in": compact(c.input_tokens),
             "out": compact(c.output_tokens), "cost": compact(c.cost_usd, "usd"), "latency": compact(c.latency_ms, "ms"),
-            "request": c.request_id or "-"}
+            "request": c.request_id or "-", "message batch": c.message_batch_id or "-"}
         table.add_row(*(cells[col] for col in cols))
     return table
 
@@ -527,17 +541,20 @@ def stats(
 ) -> None:
     """Per tier: jobs, calls, tokens, cost, the cache hit rate and what caching saved, latency,
     escalation and validation failure rates, and the saving against sending every job to the top tier."""
-    from pipeline.queries.report import summarize
+    from pipeline.flow import economy
+    from pipeline.queries.report import _job_filter, summarize
 
     s = settings()
     with _session() as session:
         tenant_id = _tenant_id(session, tenant)
         batch_id = history.find_batch(db_session=session, batch=batch, tenant_id=tenant_id).id if batch else None
-        summary = summarize(session, s.models, batch_id=batch_id, tenant_id=tenant_id,
-                            since=history.parse_time(since, option="--since") if since else None,
-                            until=history.parse_time(until, option="--until") if until else None)
+        window = dict(since=history.parse_time(since, option="--since") if since else None,
+                      until=history.parse_time(until, option="--until") if until else None)
+        summary = summarize(session, s.models, batch_id=batch_id, tenant_id=tenant_id, **window)
+        saved = economy.saving(session, batch_multiplier=s.models.batch_multiplier,
+                               job_filter=_job_filter(batch_id=batch_id, tenant_id=tenant_id, **window))
     if as_json:
-        _print_json(summary.to_dict())
+        _print_json({**summary.to_dict(), "economy": saved.to_dict()})
         return
     title = Text.assemble("per tier", *((" (batch ", _plain(batch), ")") if batch else ()),
                           *((" (tenant ", _plain(tenant), ")") if tenant else ()))
@@ -545,6 +562,10 @@ def stats(
     statuses = ", ".join(f"{k} {compact(v)}" for k, v in sorted(summary.by_status.items())) or "none"
     console.print(f"jobs: {compact(summary.jobs)} ({statuses})")
     console.print(cost_line(summary))
+    if saved.calls:
+        console.print(f"economy mode: {saved.calls:,} call(s) through message batches cost "
+                      f"{compact(saved.cost_usd, 'usd')}, against {compact(saved.standard_cost_usd, 'usd')} at the "
+                      f"standard price: saved {compact(saved.saved_usd, 'usd')}")
     if summary.failure_reasons:
         console.print(failure_view(summary.failure_reasons, failed=summary.by_status.get("failed", 0)))
     console.print("cache hit rate: the share of all input tokens read from the cache; saved by caching: against "

@@ -213,10 +213,13 @@ def dispatcher(
         "dispatcher: %s; max %d jobs in flight, stage deadline %.0f s, claim deadline %.0f s%s", s.connects_to(),
         s.max_in_flight, s.effective_stage_deadline_s, s.effective_claim_deadline_s,
         " (sooner when a worker stops beating)" if lapsed else "")
+    from pipeline.flow.economy import build_economy
+
+    economy = build_economy(p, s)
     run_dispatcher(p, publisher(workers.celery.app), max_in_flight=s.max_in_flight,
                    interval_s=interval or s.dispatch_interval_s, deadline_s=s.effective_stage_deadline_s,
                    claim_deadline_s=s.effective_claim_deadline_s, broker_lost=broker_watch(s.broker_url),
-                   lapsed=lapsed, stop=stop, rollup_interval_s=s.rollup_interval_s)
+                   lapsed=lapsed, stop=stop, rollup_interval_s=s.rollup_interval_s, economy=economy.tick)
 
 
 def _serve_depths(s: Settings, port: int, stop: Any) -> None:

@@ -80,9 +80,24 @@ def render_status(st: Status) -> Group:
         by_priority = Counter(t.waiting)
         tenants.add_row(Text(t.tenant), f"{t.weight:g}", compact(t.in_flight), f"{100 * t.share:.0f}%",
                         ", ".join(f"p{p}" + (f" ×{n}" if n > 1 else "") for p, n in by_priority.items()) or "-")
+    parts: list[Table] = [queues, workers, limits, *((tenants,) if st.tenants else ())]
+    if st.message_batches:
+        counted = ("requests", "age", "processing", "succeeded", "errored", "expired", "canceled")
+        batches = new_table(("model", "message batch", "state", *counted), figures=counted,
+                            whole=("message batch",), title="Economy mode: open message batches, and the requests "
+                                                             "waiting for the next one")
+        for m in st.message_batches:
+            for b in m["batches"]:
+                counts = b["counts"]
+                batches.add_row(m["model"], b["id"] or "(being created)", b["state"], compact(b["requests"]),
+                                compact(b["age_s"], "s"), *(compact(counts.get(k, 0)) for k in counted[2:]))
+            if m["pending_requests"]:
+                batches.add_row(m["model"], "(next batch)", "pending", compact(m["pending_requests"]), "",
+                                *[""] * 5)
+        parts.append(batches)
 
     summary = Table.grid(padding=(0, 2))
     summary.add_row("waiting in Postgres", f"{compact(st.queued)} job(s)")
     summary.add_row("finished, last minute", fmt(st.finished_1m))
     summary.add_row("finished, last 5 minutes", fmt(st.finished_5m))
-    return Group(queues, workers, limits, *((tenants,) if st.tenants else ()), summary)
+    return Group(*parts, summary)

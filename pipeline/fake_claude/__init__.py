@@ -9,10 +9,17 @@ Hints, anywhere in the last user message (unknown or malformed ones are ignored)
   [fake:error=CODE] or [fake:error=CODE@CLASS[,CLASS]] with [fake:times=N]
       CODE: 400 401 403 404 413 429 500 529 stall drop empty malformed refusal max_tokens
   [fake:latency_ms=N] [fake:truth=LABEL]
+  [fake:batch=errored|expired|canceled] (@CLASS and [fake:times=N] as for error): inside a message
+      batch only, how the request ends
 Prompt caching is simulated (cache.py): `cache_control` breakpoints, TTLs, per-model minimums, and
 entries readable only once the answer that wrote them has gone out. `output_config.format` with a
 JSON Schema is answered with JSON valid against it (a refusal or max_tokens fault still breaks it);
 the request log names the schema each request asked for (`output_format`, see `schema_digest`).
+The Message Batches API (batches.py): a batch ends --batch-delay-s after its creation, its requests
+answered then by the same code as POST /v1/messages (same answers, usage and cache), outside the
+synchronous rate limits, fault rate, request log and `total`; --batch-error-rates
+errored=0.02,expired=0.01 ends a share of them so (drawn from --seed); results come as JSON Lines in
+shuffled order; GET /_fake/stats counts them under "batches".
 GET /v1/models and GET /v1/models/{id} answer as the Models API does (the workers and the demo
 check the configured models there at start).
 

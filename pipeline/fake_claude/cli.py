@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import TypeVar
 
 from pipeline.fake_claude.models import CACHE_MIN_TOKENS
-from pipeline.fake_claude.options import DEFAULT_FAULTS, FakeOptions, parse_cache_min_tokens, parse_faults
+from pipeline.fake_claude.options import (
+    DEFAULT_FAULTS,
+    FakeOptions,
+    parse_batch_error_rates,
+    parse_cache_min_tokens,
+    parse_faults,
+)
 from pipeline.fake_claude.rates import parse_error_rates
 from pipeline.fake_claude.server import serve_forever
 
-
-def _cache_min_tokens(spec: str) -> dict[str, int]:
-    try:
-        return parse_cache_min_tokens(spec)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None  # argparse shows this message, not its own
+T = TypeVar("T")
 
 
-def _error_rates(spec: str) -> dict[str, dict[str, float]]:
-    try:
-        return parse_error_rates(spec)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _arg_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a parser raising ValueError: argparse then shows the parser's message,
+    not its own."""
+
+    def convert(spec: str) -> T:
+        try:
+            return parse(spec)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__  # argparse names the type in some messages
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,14 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpm", type=int, default=None, help="requests per minute per model class")
     p.add_argument("--itpm", type=int, default=None, help="input tokens per minute per model class")
     p.add_argument("--otpm", type=int, default=None, help="output tokens per minute per model class")
-    p.add_argument("--cache-min-tokens", type=_cache_min_tokens, default={},
+    p.add_argument("--cache-min-tokens", type=_arg_type(parse_cache_min_tokens), default={},
                    help="shortest cacheable prefix, as CLASS_OR_MODEL=TOKENS, comma-separated (default: "
                         + ",".join(f"{k}={v}" for k, v in CACHE_MIN_TOKENS.items()) + ")")
-    p.add_argument("--error-rates", type=_error_rates, default=None,
+    p.add_argument("--error-rates", type=_arg_type(parse_error_rates), default=None,
                    help="turn the quality model on: 'default', CLASS.DIFFICULTY=RATE items (comma-separated, "
                         "* for all) or a TOML or JSON file; a wrong answer per model class and true difficulty")
     p.add_argument("--triage-noise", type=float, default=0.0,
                    help="share of triage verdicts replaced by another difficulty (default: 0)")
+    p.add_argument("--batch-delay-s", type=float, default=0.0,
+                   help="a message batch ends (its requests are processed) this many seconds after its "
+                        "creation (default: 0)")
+    p.add_argument("--batch-error-rates", type=_arg_type(parse_batch_error_rates), default={},
+                   help="shares of message-batch requests that end errored, expired or canceled, as "
+                        "errored=0.02,expired=0.01,canceled=0 (drawn from --seed; default: none)")
     return p
 
 
@@ -71,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
             cache_min_tokens=args.cache_min_tokens,
             error_rates=args.error_rates,
             triage_noise=args.triage_noise,
+            batch_delay_s=args.batch_delay_s,
+            batch_error_rates=args.batch_error_rates,
         )
     except ValueError as exc:
         parser.error(str(exc))

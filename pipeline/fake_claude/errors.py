@@ -22,6 +22,10 @@ def new_message_id() -> str:
     return "msg_" + _token()
 
 
+def new_batch_id() -> str:
+    return "msgbatch_" + _token()
+
+
 def error_body(error_type: str, message: str, request_id: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": error_type, "message": message}, "request_id": request_id}
 

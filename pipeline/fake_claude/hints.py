@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.fake_claude.models import MODEL_CLASSES
-from pipeline.fake_claude.options import KNOWN_FAULTS
+from pipeline.fake_claude.options import BATCH_OUTCOMES, KNOWN_FAULTS
 from pipeline.fake_claude.rates import DIFFICULTIES
 
 
@@ -28,6 +28,8 @@ class Hints:
     invalid_classes: frozenset[str] = frozenset()
     invalid_once: bool = False
     error: ErrorHint | None = None
+    # Only inside a message batch: the request ends errored, expired or canceled (fault is the name).
+    batch: ErrorHint | None = None
     latency_ms: float | None = None
     truth: str | None = None  # the job's true label, for the quality model (truth.py)
 
@@ -54,13 +56,14 @@ def _float(value: str) -> float | None:
         return None
 
 
-def _error(raw: dict[str, str]) -> ErrorHint | None:
-    spec = raw.get("error")
+def _fault_hint(raw: dict[str, str], name: str, known: frozenset[str]) -> ErrorHint | None:
+    """[fake:NAME=FAULT] or [fake:NAME=FAULT@CLASS,...], with [fake:times=N]."""
+    spec = raw.get(name)
     if not spec:
         return None
     fault, _, class_spec = spec.partition("@")
     fault = fault.strip().lower()
-    if fault not in KNOWN_FAULTS:
+    if fault not in known:
         return None
     classes = _classes(class_spec) if class_spec else None
     if class_spec and classes is None:
@@ -81,7 +84,8 @@ def read_hints(raw: dict[str, str]) -> Hints:
         triage_garbage=raw.get("triage", "").lower() == "garbage",
         invalid_classes=invalid or frozenset(),
         invalid_once="invalid_once" in raw,
-        error=_error(raw),
+        error=_fault_hint(raw, "error", KNOWN_FAULTS),
+        batch=_fault_hint(raw, "batch", frozenset(BATCH_OUTCOMES)),
         latency_ms=latency if latency is not None and latency >= 0 else None,
         truth=raw.get("truth") or None,
     )

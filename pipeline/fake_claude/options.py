@@ -23,6 +23,8 @@ ERROR_FAULTS: dict[str, tuple[int, str]] = {
 # max_tokens: the answer stops short, as if it had hit the request's max_tokens.
 BEHAVIOUR_FAULTS: tuple[str, ...] = ("stall", "drop", "empty", "malformed", "refusal", "max_tokens")
 KNOWN_FAULTS: frozenset[str] = frozenset(ERROR_FAULTS) | frozenset(BEHAVIOUR_FAULTS)
+# What a request inside a message batch can be made to end as, besides succeeded (batches.py).
+BATCH_OUTCOMES: tuple[str, ...] = ("errored", "expired", "canceled")
 DEFAULT_FAULTS: tuple[str, ...] = ("429", "529", "500", "stall", "drop", "malformed", "empty", "refusal")
 
 
@@ -53,6 +55,38 @@ def parse_cache_min_tokens(spec: str) -> dict[str, int]:
     return out
 
 
+def parse_batch_error_rates(spec: str) -> dict[str, float]:
+    """Read `--batch-error-rates`: "errored=0.02,expired=0.01" (canceled too); the shares of batch
+    requests ending so. A ValueError's message is one sentence naming the mistake."""
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in BATCH_OUTCOMES:
+            raise ValueError(f"{part!r}: expected OUTCOME=RATE with OUTCOME one of {', '.join(BATCH_OUTCOMES)}")
+        try:
+            rate = float(value)
+        except ValueError:
+            raise ValueError(f"{part!r}: the rate must be a number from 0 to 1") from None
+        out[name] = rate
+    check_batch_error_rates(out)
+    return out
+
+
+def check_batch_error_rates(rates: Mapping[str, float]) -> None:
+    unknown = [name for name in rates if name not in BATCH_OUTCOMES]
+    if unknown:
+        raise ValueError(f"batch error rates: unknown outcome {', '.join(unknown)} "
+                         f"(known: {', '.join(BATCH_OUTCOMES)})")
+    bad = [name for name, rate in rates.items() if not 0.0 <= rate <= 1.0]
+    if bad:
+        raise ValueError(f"batch error rates: the rate of {', '.join(bad)} must be from 0 to 1")
+    if sum(rates.values()) > 1.0:
+        raise ValueError("batch error rates: the rates add up to more than 1")
+
+
 @dataclass(frozen=True)
 class FakeOptions:
     latency_ms: float = 0
@@ -78,6 +112,10 @@ class FakeOptions:
     error_rates: ErrorRates | None = None
     # The share of triage verdicts replaced by another difficulty than the job's true one.
     triage_noise: float = 0.0
+    # Message batches (batches.py): a batch ends this long after its creation, and its requests end
+    # errored, expired or canceled at these rates (drawn in order from `seed`), the rest succeeded.
+    batch_delay_s: float = 0.0
+    batch_error_rates: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fault_rate <= 1.0:
@@ -87,7 +125,8 @@ class FakeOptions:
         unknown = [f for f in self.faults if f not in KNOWN_FAULTS]
         if unknown:
             raise ValueError(f"unknown fault(s): {', '.join(unknown)}")
-        for name in ("latency_ms", "latency_jitter_ms", "stall_seconds", "retry_after_s"):
+        check_batch_error_rates(self.batch_error_rates)
+        for name in ("latency_ms", "latency_jitter_ms", "stall_seconds", "retry_after_s", "batch_delay_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("rpm", "itpm", "otpm"):

@@ -26,7 +26,7 @@ from pipeline.fake_claude.errors import (
     new_message_id,
     new_request_id,
 )
-from pipeline.fake_claude.hints import Hints, read_hints
+from pipeline.fake_claude.hints import ErrorHint, Hints, read_hints
 from pipeline.fake_claude.models import is_known, model_class, model_entry
 from pipeline.fake_claude.options import ERROR_FAULTS, FakeOptions
 from pipeline.fake_claude.prompt import (
@@ -56,6 +56,17 @@ class Response:
     status: int
     headers: dict[str, str]
     body: Any  # JSON-serialisable
+
+
+@dataclass(frozen=True)
+class BatchAnswer:
+    """A processed message-batch request: its result object, and what the stats count of it."""
+
+    result: dict[str, Any]  # {"type": "succeeded", "message": ...}, errored, expired or canceled
+    model: str | None = None
+    usage: dict[str, int] | None = None  # a succeeded message's usage
+    purpose: str | None = None
+    judged: Answer | None = None
 
 
 @dataclass(frozen=True)
@@ -112,13 +123,10 @@ class Responder:
         model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
         klass = model_class(model) if model else None
         purpose: str | None = None
-        input_tokens = 0
         try:
             check_headers(headers, self.options.api_key)
-            check_message_body(body, need_max_tokens=True)
-            prompt = read_prompt(body)
+            prompt, input_tokens = _read_request(body)
             purpose = prompt.purpose
-            input_tokens = estimate_input_tokens(body)
             check_prompt_size(input_tokens)
         except RequestInvalid as exc:
             return self._error(exc, request_id, klass, now, model=model, purpose=purpose)
@@ -131,15 +139,14 @@ class Responder:
         admission = self._limiter.admit(klass, input_tokens - cache.read_tokens, now)
         if not admission.allowed:
             return self._rate_limited(request_id, klass, now, model, purpose, admission.retry_after_s)
-        fault = self._hinted_fault(prompt, hints, klass) or random_fault
+        fault = self._hinted_fault(prompt, hints.error, klass) or random_fault
         delay = self._latency(hints)
         schema = output_schema(body)
         meta = {"request_id": request_id, "model": model, "purpose": purpose, "fault": fault,
                 "output_format": schema_digest(schema) if schema is not None else None}
 
         if fault in ERROR_FAULTS:
-            status, error_type = ERROR_FAULTS[fault]
-            injected = RequestInvalid(status, error_type, _FAULT_MESSAGES[fault])
+            injected = _injected(fault)
             outcome = self._error(injected, request_id, klass, now, model=model, purpose=purpose,
                                   retry_after_s=self.options.retry_after_s, fault=fault)
             return _with_delay(outcome, delay)
@@ -148,9 +155,54 @@ class Responder:
         if fault == "stall":
             delay += self.options.stall_seconds
 
+        message, judged = self._reply(body, prompt, hints, klass, fault, cache, input_tokens, now)
+        usage = message["usage"]
+        self._limiter.charge_output(klass, usage["output_tokens"], now)
+        response = Response(200, self._headers(request_id, klass, now), message)
+        return Outcome(response, delay, input_tokens=usage["input_tokens"], output_tokens=usage["output_tokens"],
+                       cache=cache, judged=judged, **meta)
+
+    def batch_request(self, params: Any, *, now: float, drawn: str | None) -> BatchAnswer:
+        """One request of a message batch, processed (batches.py): the result line's `result`.
+
+        The same checks and answers as POST /v1/messages, so a request gets the same message in a
+        batch as synchronously, but outside the synchronous rate limits, fault rate and request log.
+        `drawn` is what the batch's error rates made of it (errored, expired, canceled, or None); a
+        [fake:batch=...] hint wins over it. A [fake:error=CODE] hint for an HTTP status gives an
+        errored result with that error; stall and drop, transport faults, have no batch equivalent."""
+        request_id = new_request_id()
+        try:
+            prompt, input_tokens = _read_request(params)
+            check_prompt_size(input_tokens)
+        except RequestInvalid as exc:
+            named = params.get("model") if isinstance(params, dict) else None
+            return BatchAnswer({"type": "errored", "error": error_body(exc.error_type, exc.message, request_id)},
+                               model=named if isinstance(named, str) else None)
+        model: str = params["model"]
+        klass = model_class(model) or ""
+        hints = read_hints(prompt.hints)
+        ending = self._hinted_fault(prompt, hints.batch, klass, scope="batch") or drawn
+        if ending in ("expired", "canceled"):
+            return BatchAnswer({"type": ending}, model=model)
+        fault = self._hinted_fault(prompt, hints.error, klass)
+        if ending == "errored" or fault in ERROR_FAULTS:
+            error = _injected(fault) if fault in ERROR_FAULTS else _BATCH_ERRORED
+            return BatchAnswer({"type": "errored", "error": error_body(error.error_type, error.message, request_id)},
+                               model=model)
+        if fault in ("stall", "drop"):
+            fault = None
+        cache = self._cache.plan(params, now)
+        message, judged = self._reply(params, prompt, hints, klass, fault, cache, input_tokens, now)
+        # Answered as soon as made: what it wrote is readable by the batch's next request.
+        self._cache.settle(cache, delivered=True)
+        return BatchAnswer({"type": "succeeded", "message": message}, model=model, usage=message["usage"],
+                           purpose=prompt.purpose, judged=judged)
+
+    def _reply(self, body: dict[str, Any], prompt: Prompt, hints: Hints, klass: str, fault: str | None,
+               cache: CachePlan, input_tokens: int, now: float) -> tuple[dict[str, Any], Answer | None]:
+        """The message answering a checked request, and the quality model's answer judged in it."""
         content, stop_reason, stop_sequence, output_tokens, judged = self._answer(body, prompt, hints, klass,
                                                                                  fault)
-        self._limiter.charge_output(klass, output_tokens, now)
         self._cache.begin(cache, now)
         uncached = input_tokens - cache.read_tokens - cache.creation_tokens
         message = {
@@ -158,7 +210,7 @@ class Responder:
             "type": "message",
             "role": "assistant",
             "content": content,
-            "model": model,
+            "model": body["model"],
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
             "usage": {
@@ -168,9 +220,7 @@ class Responder:
                 "cache_read_input_tokens": cache.read_tokens,
             },
         }
-        response = Response(200, self._headers(request_id, klass, now), message)
-        return Outcome(response, delay, input_tokens=uncached, output_tokens=output_tokens, cache=cache,
-                       judged=judged if stop_reason in ("end_turn", "stop_sequence") else None, **meta)
+        return message, judged if stop_reason in ("end_turn", "stop_sequence") else None
 
     def count_tokens(self, headers: Mapping[str, str], body: Any, *, now: float) -> Outcome:
         """POST /v1/messages/count_tokens."""
@@ -189,27 +239,9 @@ class Responder:
         request_id = new_request_id()
         try:
             check_headers(headers, self.options.api_key)
-            limit = int(query.get("limit", "20"))
-            if not 1 <= limit <= 1000:
-                raise ValueError(limit)  # noqa: TRY301 - one answer for unparseable and out of range
+            body = page_of([model_entry(m, i) for i, m in enumerate(self.options.models)], query)
         except RequestInvalid as exc:
             return self._error(exc, request_id, None, now)
-        except ValueError:
-            bad_limit = invalid("limit: Input should be between 1 and 1000")
-            return self._error(bad_limit, request_id, None, now)
-        entries = [model_entry(m, i) for i, m in enumerate(self.options.models)]
-        ids = [e["id"] for e in entries]
-        if query.get("after_id") in ids:
-            entries = entries[ids.index(query["after_id"]) + 1:]
-        elif query.get("before_id") in ids:
-            entries = entries[: ids.index(query["before_id"])][-limit:]
-        page, has_more = entries[:limit], len(entries) > limit
-        body = {
-            "data": page,
-            "has_more": has_more,
-            "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None,
-        }
         return Outcome(Response(200, self._headers(request_id, None, now), body), 0.0, request_id)
 
     def get_model(self, headers: Mapping[str, str], model_id: str, *, now: float) -> Outcome:
@@ -240,13 +272,14 @@ class Responder:
             return self.options.faults[index]
         return None
 
-    def _hinted_fault(self, prompt: Prompt, hints: Hints, klass: str) -> str | None:
-        hint = hints.error
+    def _hinted_fault(self, prompt: Prompt, hint: ErrorHint | None, klass: str, *, scope: str = "") -> str | None:
+        """The fault `hint` asks for on this request, counting `times=N` per prompt (and scope: a
+        [fake:batch=...] hint counts apart from a [fake:error=...] one)."""
         if hint is None or not hint.applies_to(klass):
             return None
         if hint.times is None:
             return hint.fault
-        key = (prompt.digest, prompt.purpose)
+        key = (prompt.digest, prompt.purpose + scope)
         with self._lock:
             seen = self._times.get(key, 0)
             self._times[key] = seen + 1
@@ -382,6 +415,47 @@ _FAULT_MESSAGES = {
     "500": "Injected fault: internal server error (fake error=500).",
     "529": "Injected fault: overloaded (fake error=529).",
 }
+
+
+_BATCH_ERRORED = RequestInvalid(500, "api_error", "Injected fault: internal server error (fake batch=errored).")
+
+
+def page_of(entries: list[dict[str, Any]], query: Mapping[str, str]) -> dict[str, Any]:
+    """A list endpoint's page, as the API pages them: `limit` (1-1000, default 20), `after_id` (the
+    entries after that id) or `before_id` (the last `limit` entries before it); RequestInvalid for a
+    bad limit."""
+    try:
+        limit = int(query.get("limit", "20"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 1000:
+        raise invalid("limit: Input should be between 1 and 1000")
+    ids = [e["id"] for e in entries]
+    if query.get("before_id") in ids:
+        # Paging backwards: has_more says whether there are more entries before this page.
+        end = ids.index(query["before_id"])
+        page, has_more = entries[max(0, end - limit):end], end > limit
+    else:
+        if query.get("after_id") in ids:
+            entries = entries[ids.index(query["after_id"]) + 1:]
+        page, has_more = entries[:limit], len(entries) > limit
+    return {
+        "data": page,
+        "has_more": has_more,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+    }
+
+
+def _read_request(body: Any) -> tuple[Prompt, int]:
+    """A /v1/messages body checked (but for its size): (its prompt, its input tokens)."""
+    check_message_body(body, need_max_tokens=True)
+    return read_prompt(body), estimate_input_tokens(body)
+
+
+def _injected(fault: str) -> RequestInvalid:
+    status, error_type = ERROR_FAULTS[fault]
+    return RequestInvalid(status, error_type, _FAULT_MESSAGES[fault])
 
 
 def _retry_after(seconds: float) -> dict[str, str]:

@@ -17,6 +17,7 @@ from types import FrameType, TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from pipeline.fake_claude.batches import MAX_BATCH_BYTES, BatchApi, BatchStore, JsonLines, is_batch_path
 from pipeline.fake_claude.options import FakeOptions
 from pipeline.fake_claude.quality import QualityModel
 from pipeline.fake_claude.responder import Outcome, Responder, Response
@@ -25,6 +26,7 @@ from pipeline.fake_claude.stats import LoggedRequest, Recorder
 log = logging.getLogger(__name__)
 
 _MAX_BODY_BYTES = 64 * 1024 * 1024
+_BATCH_POLL_S = 0.05  # how often the batch thread looks for a batch come due
 
 
 class _Server(ThreadingHTTPServer):
@@ -35,10 +37,12 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 2048
 
     def __init__(
-        self, address: tuple[str, int], responder: Responder, recorder: Recorder, clock: Callable[[], float]
+        self, address: tuple[str, int], responder: Responder, recorder: Recorder, clock: Callable[[], float],
+        batch_api: BatchApi,
     ) -> None:
         super().__init__(address, _Handler)
         self.responder = responder
+        self.batch_api = batch_api
         self.recorder = recorder
         self.clock = clock
         self.stopping = threading.Event()  # wakes sleeping handlers on stop
@@ -103,7 +107,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         now = self.server.clock()
-        if url.path == "/v1/models":
+        if is_batch_path(url.path):
+            self._batches("GET", url.path, url.query, None, now)
+        elif url.path == "/v1/models":
             query = dict(parse_qsl(url.query))
             self._send(self.server.responder.list_models(self._headers(), query, now=now).response)
         elif url.path.startswith("/v1/models/"):
@@ -118,10 +124,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         url = urlsplit(self.path)
-        raw = self._read_body()
+        if is_batch_path(url.path) and self._too_large(MAX_BATCH_BYTES):
+            return
+        raw = self._read_body(MAX_BATCH_BYTES if is_batch_path(url.path) else _MAX_BODY_BYTES)
         now = self.server.clock()
         if url.path == "/v1/messages":
             self._messages(raw, now)
+        elif is_batch_path(url.path):
+            body = _parse_json(raw) if raw else None  # a cancel has no body
+            if isinstance(body, _BadJson):
+                self._send(self.server.responder.error(400, "invalid_request_error", body.message, now=now).response)
+            else:
+                self._batches("POST", url.path, url.query, body, now)
         elif url.path == "/v1/messages/count_tokens":
             body = _parse_json(raw)
             if isinstance(body, _BadJson):
@@ -133,9 +147,40 @@ class _Handler(BaseHTTPRequestHandler):
         elif url.path == "/_fake/reset":
             self.server.responder.reset()
             self.server.recorder.reset()
+            self.server.batch_api.store.reset()
             self._send_json(200, {"ok": True})
         else:
             self._not_found(url.path, now)
+
+    def do_DELETE(self) -> None:
+        url = urlsplit(self.path)
+        now = self.server.clock()
+        if is_batch_path(url.path):
+            self._batches("DELETE", url.path, url.query, None, now)
+        else:
+            self._not_found(url.path, now)
+
+    # -- /v1/messages/batches --------------------------------------------------------------------
+
+    def _batches(self, method: str, path: str, query: str, body: Any, now: float) -> None:
+        server = self.server
+        host = self.headers.get("host") or "{}:{}".format(*server.server_address[:2])
+        self._send(server.batch_api.handle(method, path, dict(parse_qsl(query)), self._headers(), body,
+                                           responder=server.responder, recorder=server.recorder, now=now,
+                                           base_url=f"http://{host}"))
+
+    def _too_large(self, limit: int) -> bool:
+        """Answer 413 without reading a body over `limit` bytes (the connection closes after it)."""
+        length = self.headers.get("content-length")
+        if length is None or not length.isdigit() or int(length) <= limit:
+            return False
+        self.close_connection = True
+        outcome = self.server.responder.error(
+            413, "request_too_large",
+            f"body: {int(length):,} bytes, more than the {limit:,} bytes a message batch takes",
+            now=self.server.clock())
+        self._send(outcome.response)
+        return True
 
     # -- /v1/messages ----------------------------------------------------------------------------
 
@@ -181,10 +226,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _headers(self) -> dict[str, str]:
         return {name.lower(): value for name, value in self.headers.items()}
 
-    def _read_body(self) -> bytes:
+    def _read_body(self, limit: int = _MAX_BODY_BYTES) -> bytes:
         length = self.headers.get("content-length")
         if length is not None and length.isdigit():
-            return self.rfile.read(min(int(length), _MAX_BODY_BYTES))
+            return self.rfile.read(min(int(length), limit))
         if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
             return self._read_chunked()
         return b""
@@ -204,10 +249,13 @@ class _Handler(BaseHTTPRequestHandler):
         if response is None:
             self._drop()
             return
-        payload = json.dumps(response.body, ensure_ascii=False).encode()
+        if isinstance(response.body, JsonLines):
+            payload, content_type = b"".join(line + b"\n" for line in response.body.lines), "application/x-jsonl"
+        else:
+            payload, content_type = json.dumps(response.body, ensure_ascii=False).encode(), "application/json"
         try:
             self.send_response(response.status)
-            self.send_header("content-type", "application/json")
+            self.send_header("content-type", content_type)
             self.send_header("content-length", str(len(payload)))
             for name, value in response.headers.items():
                 self.send_header(name, value)
@@ -295,19 +343,36 @@ class FakeClaude:
         self._address = (host, port)
         self._responder = Responder(self.options)
         self._recorder = Recorder(quality=self._responder.quality.describe())
+        self._batch_api = BatchApi(_batch_store(self.options))
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._batch_thread: threading.Thread | None = None
 
     def start(self) -> FakeClaude:
         if self._server is not None:
             raise RuntimeError("FakeClaude is already started")
-        server = _Server(self._address, self._responder, self._recorder, self._clock)
+        server = _Server(self._address, self._responder, self._recorder, self._clock, self._batch_api)
         thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-claude", daemon=True
         )
         thread.start()
-        self._server, self._thread = server, thread
+        batch_thread = threading.Thread(target=self._process_batches, args=(server,), name="fake-claude-batches",
+                                        daemon=True)
+        batch_thread.start()
+        self._server, self._thread, self._batch_thread = server, thread, batch_thread
         return self
+
+    def _process_batches(self, server: _Server) -> None:
+        """Message batches are processed here, one chunk at a time, as each comes due."""
+        while not server.stopping.is_set():
+            try:
+                busy = server.batch_api.store.advance(server.responder, self._recorder, self._clock())
+            except Exception:
+                # Like a request the fake fails to answer: logged, and the fake keeps serving.
+                log.exception("fake-claude failed to process a message batch")
+                busy = False
+            if not busy:
+                server.stopping.wait(_BATCH_POLL_S)
 
     def stop(self) -> None:
         server, thread = self._server, self._thread
@@ -318,7 +383,9 @@ class FakeClaude:
         server.close_connections()
         server.server_close()
         thread.join(timeout=5)
-        self._server = self._thread = None
+        if self._batch_thread is not None:
+            self._batch_thread.join(timeout=5)
+        self._server = self._thread = self._batch_thread = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -346,9 +413,10 @@ class FakeClaude:
         return self._recorder.requests()
 
     def reset(self) -> None:
-        """Clear counters, the log, `times=N` counters, rate-limit buckets and the prompt cache;
-        reseed faults."""
+        """Clear counters, the log, `times=N` counters, rate-limit buckets, the prompt cache and the
+        message batches; reseed faults."""
         self._responder.reset()
+        self._batch_api.store.reset()
         self._recorder.reset()
 
     def reconfigure(self, options: FakeOptions) -> None:
@@ -357,6 +425,7 @@ class FakeClaude:
         while requests are in flight."""
         self.options = options
         self._responder = Responder(options)
+        self._batch_api.store = _batch_store(options)
         if self._server is not None:
             self._server.responder = self._responder
         self._recorder.reset()
@@ -369,6 +438,10 @@ class FakeClaude:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _batch_store(options: FakeOptions) -> BatchStore:
+    return BatchStore(delay_s=options.batch_delay_s, error_rates=options.batch_error_rates, seed=options.seed)
 
 
 def serve_forever(*, host: str, port: int, options: FakeOptions) -> None:

@@ -35,6 +35,7 @@ class LoggedRequest:
     output_format: str | None = None
 
 
+_USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 _CACHE_COUNTERS = ("hits", "misses", "writes", "uncacheable", "read_input_tokens", "creation_input_tokens")
 
 
@@ -61,6 +62,11 @@ class Recorder:
         self._judged: Counter[tuple[str, str, str, bool]] = Counter()
         self._max_in_flight = self._in_flight
         self._log.clear()
+        self._batches = 0
+        self._batch_requests = 0
+        self._batch_results: Counter[str] = Counter()
+        self._batch_by_model: Counter[str] = Counter()
+        self._batch_tokens: Counter[str] = Counter(dict.fromkeys(_USAGE_FIELDS, 0))
 
     def reset(self) -> None:
         with self._lock:
@@ -97,6 +103,27 @@ class Recorder:
         counts["read_input_tokens"] += entry.cache_read_input_tokens
         counts["creation_input_tokens"] += entry.cache_creation_input_tokens
 
+    def batch_created(self, requests: int) -> None:
+        with self._lock:
+            self._batches += 1
+            self._batch_requests += requests
+
+    def batch_result(self, result_type: str, *, count: int = 1, model: str | None = None,
+                     usage: dict[str, int] | None = None, judged: tuple[str, str, bool] | None = None) -> None:
+        """`count` requests of a message batch ended as `result_type`; `usage` is a succeeded one's,
+        `judged` the quality model's say on its answer (purpose, true difficulty, wrong): counted
+        with the synchronous answers, as the same model gave it."""
+        with self._lock:
+            self._batch_results[result_type] += count
+            if model is not None:
+                self._batch_by_model[model] += count
+                if judged is not None:
+                    purpose, difficulty, wrong = judged
+                    self._judged[(purpose, model_class(model) or "", difficulty, wrong)] += 1
+            for name, value in (usage or {}).items():
+                if name in _USAGE_FIELDS:
+                    self._batch_tokens[name] += value
+
     def counted_tokens(self) -> None:
         with self._lock:
             self._count_tokens += 1
@@ -114,12 +141,21 @@ class Recorder:
                 "input_tokens": self._input_tokens,
                 "output_tokens": self._output_tokens,
                 "count_tokens_requests": self._count_tokens,
+                # Message batches, apart: none of their requests is in the counts above (`total`
+                # is synchronous POST /v1/messages only), in the request log or the rate limits.
+                "batches": {
+                    "created": self._batches,
+                    "requests": self._batch_requests,
+                    "results": dict(self._batch_results),
+                    "by_model": dict(self._batch_by_model),
+                    **self._batch_tokens,
+                },
                 # Per model, over answered requests with a cache_control breakpoint: hits read a
                 # prefix, misses did not (and usually wrote one), writes wrote one; the hit rate a
                 # benchmark wants is read / (read + creation) input tokens.
                 "cache": {model: dict(counts) for model, counts in self._cache.items()},
-                # The quality model's settings, and its answers served: per purpose, model class and
-                # true difficulty, how many were right and how many wrong.
+                # The quality model's settings, and its answers served (synchronous and in batches):
+                # per purpose, model class and true difficulty, how many were right and how many wrong.
                 "quality": {**self._quality, "answers": self._answers()},
                 "since": self._started_at,
             }

@@ -244,15 +244,20 @@ def run_dispatcher(
     stop: Stopper | None = None,
     on_tick: Callable[[int, int], None] | None = None,
     rollup_interval_s: float = 5.0,
+    economy: Callable[[], None] | None = None,
 ) -> None:
     """Dispatch and sweep until ``stop`` is set. Publishing happens after each commit.
 
     ``broker_lost()`` says whether the broker lost its messages since it was last asked;
-    ``lapsed(workers)`` which of the workers holding claims have stopped beating."""
+    ``lapsed(workers)`` which of the workers holding claims have stopped beating; ``economy()``
+    runs economy mode's round (pipeline.flow.economy.Economy.tick: submit, poll, wake), before the
+    refeed that publishes the jobs it woke."""
     stop = stop or threading.Event()
     fold = RollupFolder(p, rollup_interval_s)
     while not stop.is_set():
         fold()
+        if economy is not None:
+            economy()
         dispatched = p.run(lambda s: dispatch(s, max_in_flight=max_in_flight))
         publish(dispatched)
         publish(p.run(lambda s: admission.with_priorities(s, refeed(s))))

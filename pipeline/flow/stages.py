@@ -26,6 +26,7 @@ from pipeline.claude.client import MAX_RETRY_AFTER_S, Attempt, CallResult, Model
 from pipeline.claude.pricing import call_cost
 from pipeline.config import ModelConfig
 from pipeline.errors import CallFailed, Deferred
+from pipeline.flow import economy
 from pipeline.flow.prompts import Prompt, Shared, format_check_prompt, triage_prompt, work_prompt
 from pipeline.flow.routing import after_failed_validation, parse_triage, tier_for
 from pipeline.flow.states import Also, Claim, begin_stage, last_step, moved_at, release_stage, renew_claim, transition
@@ -39,6 +40,7 @@ from pipeline.flow.validation import (
 from pipeline.flow.warmup import Admission, WarmupGate, prefix_key
 from pipeline.models import (
     Batch,
+    EconomyRequest,
     Job,
     JobKind,
     JobStatus,
@@ -191,6 +193,7 @@ def handoff_for(job_id: int, status: JobStatus, tier: str | None) -> Handoff | N
 _JOBS, _CALLS = cast(Table, Job.__table__), cast(Table, ModelCall.__table__)
 _DECISIONS, _VERDICTS = cast(Table, RoutingDecision.__table__), cast(Table, ValidationVerdict.__table__)
 _SHADOWS = cast(Table, ShadowEvaluation.__table__)
+_ECONOMY_REQUESTS = cast(Table, EconomyRequest.__table__)
 
 
 # ...and statements built once, executed with bound parameters.
@@ -205,7 +208,8 @@ def _start_call(session: Connection, p: Pipeline, claim: Claim, *, stage: Stage,
 
 
 def _cost(p: Pipeline, tier: str, attempt: Attempt) -> Decimal:
-    return call_cost(p.models.tier(tier), attempt.usage, config=p.models) if attempt.ok else Decimal(0)
+    return (call_cost(p.models.tier(tier), attempt.usage, config=p.models, batch=attempt.message_batch_id is not None)
+            if attempt.ok else Decimal(0))
 
 
 def _total_cost(p: Pipeline, tier: str, attempts: Iterable[Attempt]) -> Decimal:
@@ -232,14 +236,17 @@ def _call_writes(p: Pipeline, *, call_id: int, claim: Claim, stage: Stage, tier:
             cost_usd=_cost(p, tier, a), latency_ms=a.latency_ms, request_id=a.request_id, status_code=a.status_code,
             stop_reason=a.stop_reason, error_type=a.error_type, error_message=a.error_message,
             response_text=a.text, applied=a.ok and applied is not False, started_at=a.started_at,
-            finished_at=a.finished_at,
+            finished_at=a.finished_at, message_batch_id=a.message_batch_id,
         )
         if a.number == 1:
             first.append(Also(_CALLS, row_id=call_id, values=values, when="always", moved_flag=flag))
         else:
             retries.append({"job_id": claim.id, "stage": stage, "tier": tier, "model": tier_cfg.model,
                             "delivery": claim.deliveries, **values})
-    return first + ([Also(_CALLS, rows=retries, when="always", moved_flag=flag)] if retries else [])
+    # An economy call's answer is read once: its request is marked consumed with the call's record.
+    read = [Also(_ECONOMY_REQUESTS, row_id=a.economy_request_id, values={"consumed_at": utcnow()}, when="always")
+            for a in attempts if a.economy_request_id is not None]
+    return first + ([Also(_CALLS, rows=retries, when="always", moved_flag=flag)] if retries else []) + read
 
 
 def _stale_cost(job_id: int, cost: Decimal) -> list[Also]:
@@ -335,8 +342,8 @@ def _shared(p: Pipeline, claim: Claim, tier: str) -> Shared | None:
     return Shared(definition, p.models.min_cache_tokens(tier) if p.models.caching else None)
 
 
-def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,
-          max_tokens: int) -> CallResult | CallFailed | Deferred:
+def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt, max_tokens: int,
+          stage: Stage) -> CallResult | CallFailed | Deferred:
     def renew(_attempt: int) -> None:
         # Best effort and without Pipeline.run's retries: a missed renewal costs at worst a
         # duplicate delivery (which the version check absorbs), while blocking here on a database
@@ -347,16 +354,28 @@ def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,
         except OperationalError as exc:
             log.warning("job %s: could not renew the stage claim: %s", claim.id, exc.orig or exc)
 
-    return call_model(p, tier=tier, prompt=prompt, max_tokens=max_tokens, on_retry=renew, job_id=claim.id)
+    return call_model(p, tier=tier, prompt=prompt, max_tokens=max_tokens, on_retry=renew, job_id=claim.id,
+                      economy_call=economy.economy_call(p, job_id=claim.id, version=claim.version,
+                                                        batch_id=claim.batch_id, task_id=claim.task_id,
+                                                        purpose=stage.value))
 
 
 def call_model(p: Pipeline, *, tier: str, prompt: Prompt, max_tokens: int, on_retry: Callable[[int], None],
-               job_id: int) -> CallResult | CallFailed | Deferred:
+               job_id: int, economy_call: economy.EconomyCall | None = None) -> CallResult | CallFailed | Deferred:
     """One model call as every step makes it (a job's stages, and shadow evaluation's): the
     structured output the tier takes, and the cache warm-up gate before a call through a cached
-    prefix. ``on_retry`` renews the step's claim before each retry."""
+    prefix. ``on_retry`` renews the step's claim before each retry. ``economy_call``: the job is in
+    economy mode, and the answer comes from a message batch (pipeline.flow.economy) unless its
+    request expired twice."""
     cfg = p.models.tier(tier)
     output_schema = prompt.output_schema if cfg.structured_outputs else None
+    if economy_call is not None:
+        # No warm-up gate: a message batch's requests run together whatever order they come in.
+        answer = economy.obtain(p, economy_call, tier=tier, model=cfg.model, system=prompt.system, user=prompt.user,
+                                max_tokens=max_tokens, cache_system=prompt.cache, cache_ttl=cfg.cache_ttl,
+                                output_schema=output_schema)
+        if answer is not None:
+            return answer
     gate = p.warmup if prompt.cache else None
     admission: Admission | None = None
     if gate is not None:
@@ -429,7 +448,12 @@ def _defer(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage:
            deferred: Deferred) -> Handoff | None:
     """Hand the job back to its queue until the tier's budget has room, instead of holding a
     worker thread (pipeline.claude.ratelimit says when that happens). Attempts already made (a 429 that
-    paused the tier) are recorded and start the stage's patience, as any transient error does."""
+    paused the tier) are recorded and start the stage's patience, as any transient error does.
+    An economy call waiting in a message batch (economy.Parked) parks the job in Postgres instead,
+    with no message: the dispatcher wakes it when the answer is stored."""
+    if isinstance(deferred, economy.Parked):
+        _hand_back(p, claim, call_id, status=status, stage=stage, tier=tier, attempts=[], not_before=deferred.until)
+        return None
     if deferred.attempts and _patience_spent(p, claim, call_id, status=status, stage=stage, tier=tier,
                                              attempts=deferred.attempts):
         return None
@@ -531,7 +555,7 @@ def triage(p: Pipeline, job_id: int) -> Handoff | None:
     claim, call_id = claimed
     assert call_id is not None
     result = _call(p, claim, tier=tier, prompt=triage_prompt(claim.kind, claim.payload, shared=_shared(p, claim, tier)),
-                   max_tokens=p.models.limits.triage_max_tokens)
+                   max_tokens=p.models.limits.triage_max_tokens, stage=Stage.TRIAGE)
     if isinstance(result, Deferred):
         return _defer(p, claim, call_id, status=JobStatus.TRIAGING, stage=Stage.TRIAGE, tier=tier, deferred=result)
     if isinstance(result, CallFailed):
@@ -582,7 +606,7 @@ def work(p: Pipeline, job_id: int) -> Handoff | None:
         max_tokens = min(max_tokens, shared.definition["max_tokens"])
     result = _call(p, claim, tier=tier, prompt=work_prompt(claim.kind, claim.payload, feedback=claim.feedback,
                                                            shared=shared),
-                   max_tokens=max_tokens)
+                   max_tokens=max_tokens, stage=Stage.WORK)
     if isinstance(result, Deferred):
         return _defer(p, claim, call_id, status=JobStatus.WORKING, stage=Stage.WORK, tier=tier, deferred=result)
     if isinstance(result, CallFailed):
@@ -638,7 +662,7 @@ def validate(p: Pipeline, job_id: int) -> Handoff | None:
         answer = claim.candidate or ""
         outcome = _call(p, claim, tier=checker, prompt=format_check_prompt(JobKind(claim.kind), claim.payload, answer,
                                                                           shared=_shared(p, claim, checker)),
-                        max_tokens=p.models.limits.format_check_max_tokens)
+                        max_tokens=p.models.limits.format_check_max_tokens, stage=Stage.FORMAT_CHECK)
         if isinstance(outcome, Deferred):
             return _defer(p, claim, call_id, status=JobStatus.VALIDATING, stage=Stage.FORMAT_CHECK, tier=checker,
                           deferred=outcome)

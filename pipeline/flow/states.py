@@ -318,6 +318,8 @@ class Claim:
     transient_since: datetime | None = None
     # The task version the job is bound to, if any: its prompts share the task's part.
     task_id: int | None = None
+    # The job's batch: its mode (standard or economy, pipeline.flow.economy) is the batch's.
+    batch_id: int | None = None
 
 
 # Built once, run with bound parameters, on the table rather than the ORM entity: every stage of
@@ -336,7 +338,7 @@ _BEGIN_STAGE = (
             claimed_at=_NOW, claimed_by=bindparam("b_worker", type_=_JOBS.c.claimed_by.type))
     .returning(_JOBS.c.id, _JOBS.c.version, _JOBS.c.deliveries, _JOBS.c.kind, _JOBS.c.payload, _JOBS.c.tier,
                _JOBS.c.attempt, _JOBS.c.feedback, _JOBS.c.candidate, _JOBS.c.candidate_stop, _JOBS.c.transient_since,
-               _JOBS.c.task_id)
+               _JOBS.c.task_id, _JOBS.c.batch_id)
 )
 
 

@@ -69,6 +69,9 @@ from pipeline.intake.write import KeyRepeated, Writer, open_writer
 from pipeline.models import Batch, utcnow
 from pipeline.names import check_batch_name
 
+# A batch's modes (pipeline.flow.economy): its model calls made synchronously, or in message batches.
+MODES = ("standard", "economy")
+
 # Lines per chunk: what a progress tick, a --skip-invalid commit and a staged INSERT ... SELECT
 # cover, and what is held before the database is first touched.
 CHUNK = 5000
@@ -324,7 +327,7 @@ def iter_objects(numbered: Iterable[tuple[int, Any]], *, config: ModelConfig,
 
 def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = None,
                         shadow_rate: float | None = None, priority: int | None = None,
-                        task_ids: Collection[int] = ()) -> int:
+                        task_ids: Collection[int] = (), mode: str | None = None) -> int:
     """The id of the batch called ``name`` in a tenant's namespace (None: the operator's, for
     batches enqueued from the CLI), created if new. ``shadow_rate``, if given, becomes the batch's
     (pipeline.flow.shadow): for a batch that exists, from its next job to succeed on. So does
@@ -332,7 +335,8 @@ def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = 
     one takes the highest a task of ``task_ids`` (its first jobs') sets, else the default."""
     scope = Batch.tenant_id.is_(None) if tenant_id is None else Batch.tenant_id == tenant_id
     existing = session.execute(select(Batch.id, Batch.cancelled_at).where(Batch.name == name, scope)).first()
-    given = {k: v for k, v in (("shadow_rate", shadow_rate), ("priority", priority)) if v is not None}
+    given = {k: v for k, v in (("shadow_rate", shadow_rate), ("priority", priority), ("mode", mode))
+             if v is not None}
     if existing is not None:
         if existing.cancelled_at is not None:
             # Jobs added now would be dispatched: a cancelled batch stays cancelled.
@@ -344,7 +348,7 @@ def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = 
     if priority is None:
         priority = tasks.default_priority(session, task_ids)
     session.execute(insert_or_skip(session, Batch).values(name=name, tenant_id=tenant_id, created_at=utcnow(),
-                                                          shadow_rate=shadow_rate, priority=priority)
+                                                          shadow_rate=shadow_rate, priority=priority, mode=mode)
                     .on_conflict_do_nothing())
     batch_id: int = session.scalar(select(Batch.id).where(Batch.name == name, scope))  # type: ignore[assignment]
     if given:  # a concurrent enqueue made it first
@@ -372,6 +376,7 @@ def enqueue_items(
     total_bytes: int = 0,
     shadow_rate: float | None = None,
     priority: int | None = None,
+    mode: str | None = None,
 ) -> EnqueueReport:
     """Check and write: the one path by which jobs enter Postgres, from a file or an HTTP body.
 
@@ -402,6 +407,8 @@ def enqueue_items(
     ``batch`` must pass check_batch_name. ``shadow_rate``: the batch's share of jobs shadowed
     (get_or_create_batch), in [0, 1]; ``priority``: the batch's, 0-9 (pipeline.flow.admission)."""
     check_batch_name(batch)
+    if mode is not None and mode not in MODES:
+        raise InvalidInput(f"the mode must be one of {', '.join(MODES)}, not {mode!r}")
     if shadow_rate is not None and check_rate(shadow_rate) is None:
         raise InvalidInput(f"the shadow rate must be a number from 0 to 1, not {shadow_rate!r}")
     if priority is not None:
@@ -419,14 +426,14 @@ def enqueue_items(
                                        atomic=atomic, skip_invalid=skip_invalid, copy=copy, phase="writing",
                                        progress=progress, on_invalid=on_invalid, max_reported=max_reported,
                                        chunk_size=chunk_size, total_bytes=total_bytes, shadow_rate=shadow_rate,
-                                       priority=priority)
+                                       priority=priority, mode=mode)
             except KeyRepeated:
                 session.rollback()
                 report = _enqueue_pass(session, source, batch=batch, tenant_id=tenant_id, where=where,
                                        atomic=atomic, skip_invalid=skip_invalid, copy=False, phase="rewriting",
                                        progress=progress, on_invalid=on_invalid, max_reported=max_reported,
                                        chunk_size=chunk_size, total_bytes=total_bytes, shadow_rate=shadow_rate,
-                                       priority=priority)
+                                       priority=priority, mode=mode)
             if report.read == 0:
                 raise InputFileError(f"{where or 'the request body'} has no jobs: nothing was enqueued")
             if tenant_id is not None and report.batch_id is not None:
@@ -444,8 +451,8 @@ def enqueue_items(
 def _enqueue_pass(session: Session, source: Source, *, batch: str, tenant_id: int | None, where: str | None,
                   atomic: bool, skip_invalid: bool, copy: bool, phase: str, progress: Progress | None,
                   on_invalid: InvalidSink | None, max_reported: int, chunk_size: int,
-                  total_bytes: int, shadow_rate: float | None = None, priority: int | None = None
-                  ) -> EnqueueReport:
+                  total_bytes: int, shadow_rate: float | None = None, priority: int | None = None,
+                  mode: str | None = None) -> EnqueueReport:
     """One reading of the input, writing as it goes; the caller commits the last of it."""
     report = EnqueueReport(batch=batch)
     pos = [0]
@@ -470,7 +477,7 @@ def _enqueue_pass(session: Session, source: Source, *, batch: str, tenant_id: in
 
         def start() -> Writer:
             batch_id = get_or_create_batch(session, batch, tenant_id=tenant_id, shadow_rate=shadow_rate,
-                                           priority=priority,
+                                           priority=priority, mode=mode,
                                            task_ids={spec.task_id for _, spec in held if spec.task_id is not None})
             if not atomic:
                 session.commit()
@@ -566,6 +573,7 @@ def enqueue_file(
     chunk_size: int = CHUNK,
     shadow_rate: float | None = None,
     priority: int | None = None,
+    mode: str | None = None,
 ) -> EnqueueReport:
     """Check and write. Raises JobInputError for the first bad line unless ``skip_invalid``.
 
@@ -585,7 +593,7 @@ def enqueue_file(
         tenant_id=tenant_id, where=str(path), skip_invalid=skip_invalid,
         atomic=not skip_invalid or tenant_id is not None, progress=progress,
         on_invalid=on_invalid, max_reported=max_reported, chunk_size=chunk_size, total_bytes=total,
-        shadow_rate=shadow_rate, priority=priority)
+        shadow_rate=shadow_rate, priority=priority, mode=mode)
 
 
 def invalid_line_json(bad: BadLine) -> str:

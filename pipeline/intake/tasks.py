@@ -40,7 +40,7 @@ MAX_EXAMPLES = 200
 
 _KINDS = {kind.value: kind for kind in JobKind}
 _FIELDS = frozenset({"name", "kind", "instructions", "labels", "schema", "examples", "max_tokens", "tier",
-                     "shadow_rate", "priority"})
+                     "shadow_rate", "priority", "mode"})
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,9 @@ class TaskSpec:
     shadow_rate: float | None = None
     # The priority of a batch its jobs start (pipeline.flow.admission), unless the batch sets its own.
     priority: int | None = None
+    # The default mode of the task's batches (standard or economy: pipeline.flow.economy); a batch's
+    # own mode (enqueue --mode) is over it.
+    mode: str | None = None
 
     def definition(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind.value, "instructions": self.instructions}
@@ -88,6 +91,8 @@ class TaskSpec:
             out["shadow_rate"] = self.shadow_rate
         if self.priority is not None:
             out["priority"] = self.priority
+        if self.mode is not None:
+            out["mode"] = self.mode
         return out
 
     def content_sha256(self) -> str:
@@ -269,9 +274,13 @@ def parse_task(obj: Any, *, work_tiers: tuple[str, ...]) -> TaskSpec:
     if priority is not None and not valid_priority(priority):
         raise JobInputError(f"field 'priority' must be a whole number from {MIN_PRIORITY} to {MAX_PRIORITY} (the "
                             f"priority of the batches the task's jobs start), not {quoted(priority)}")
+    mode = obj.get("mode")
+    if mode is not None and mode not in ("standard", "economy"):
+        raise JobInputError(f"field 'mode' must be \"standard\" or \"economy\", not {quoted(mode)}")
     return TaskSpec(name=name, kind=kind, instructions=instructions, labels=labels, schema=schema,
                     examples=examples, max_tokens=max_tokens, tier=tier,
-                    shadow_rate=check_rate(shadow_rate) if shadow_rate is not None else None, priority=priority)
+                    shadow_rate=check_rate(shadow_rate) if shadow_rate is not None else None, priority=priority,
+                    mode=mode)
 
 
 def read_toml(text: str | bytes) -> Any:

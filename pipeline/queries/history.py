@@ -561,6 +561,8 @@ class CallRecord:
     error_message: str | None
     started_at: datetime
     finished_at: datetime | None
+    # The message batch that answered the call (economy mode); None for a synchronous call.
+    message_batch_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -610,6 +612,10 @@ class JobStory:
     transient_since: datetime | None = None
     routing: list[RoutingRecord] = field(default_factory=list)
     calls: list[CallRecord] = field(default_factory=list)
+    # Economy mode (pipeline.flow.economy): the batch's mode, and what economy had to do out of the
+    # ordinary for the job (a call that went the standard path after expiring twice).
+    mode: str = "standard"
+    economy_note: str | None = None
     validations: list[VerdictRecord] = field(default_factory=list)
     events: list[EventRecord] = field(default_factory=list)
 
@@ -636,13 +642,13 @@ def get_job(*, db_session: Session, job_id: int, tenant_id: int | None = None) -
         raise NotFound(f"no job with id {job_id}")
     row: Any = db_session.execute(
         select(*_SUMMARY_COLUMNS, Job.payload, Job.meta, Job.pinned_tier, Job.output, Task.name, Task.version,
-               Job.not_before, Job.transient_since)
+               Job.not_before, Job.transient_since, Batch.mode, Job.economy_note)
         .join(Batch, Batch.id == Job.batch_id).outerjoin(Task, Task.id == Job.task_id)
         .where(Job.id == job_id, _tenant_scope(tenant_id))
     ).first()
     if row is None:
         raise NotFound(f"no job with id {job_id}")
-    payload, meta, pinned, output, task, task_version, not_before, transient_since = row[-8:]
+    payload, meta, pinned, output, task, task_version, not_before, transient_since, mode, note = row[-10:]
     calls = [
         CallRecord(id=c.id, stage=c.stage.value, tier=c.tier, model=c.model, attempt=c.attempt, delivery=c.delivery,
                    outcome=c.outcome, applied=c.applied, input_tokens=c.input_tokens, output_tokens=c.output_tokens,
@@ -650,7 +656,7 @@ def get_job(*, db_session: Session, job_id: int, tenant_id: int | None = None) -
                    cache_read_input_tokens=c.cache_read_input_tokens, cost_usd=Decimal(c.cost_usd),
                    latency_ms=c.latency_ms, request_id=c.request_id, status_code=c.status_code,
                    stop_reason=c.stop_reason, error_type=c.error_type, error_message=c.error_message,
-                   started_at=c.started_at, finished_at=c.finished_at)
+                   started_at=c.started_at, finished_at=c.finished_at, message_batch_id=c.message_batch_id)
         for c in db_session.scalars(select(ModelCall).where(ModelCall.job_id == job_id).order_by(ModelCall.id))
     ]
     routing = [
@@ -673,7 +679,8 @@ def get_job(*, db_session: Session, job_id: int, tenant_id: int | None = None) -
     return JobStory(job=_job_summary(row[:len(_SUMMARY_COLUMNS)]), payload=payload, metadata=meta,
                     pinned_tier=pinned, output=output, task=task, task_version=task_version,
                     next_try_at=not_before, transient_since=transient_since, routing=routing,
-                    calls=calls, validations=validations, events=events)
+                    calls=calls, validations=validations, events=events, mode=mode or "standard",
+                    economy_note=note)
 
 
 # -- export ----------------------------------------------------------------------------------------

@@ -268,6 +268,8 @@ class Status:
     limits: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Each tenant's share of the jobs in flight and its batches waiting (pipeline.queries.shares).
     tenants: list[TenantShare] = field(default_factory=list)
+    # Economy mode's message batches not yet ended, per model (pipeline.flow.economy.open_batches).
+    message_batches: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -334,5 +336,8 @@ def gather(client: redis.Redis, session: Session, models: ModelConfig, limiter: 
             paused_s=float(tier_limits[models.queue_tier(q)]["paused_s"]),
             retrying=queue_in_flight(q, waits),
         ))
+    from pipeline.flow.economy import open_batches
+
     return Status(queues=rows, workers=workers, in_flight=in_flight, queued=queued, finished_1m=f1,
-                  finished_5m=f5, limits=tier_limits, tenants=tenant_shares(session))
+                  finished_5m=f5, limits=tier_limits, tenants=tenant_shares(session),
+                  message_batches=open_batches(session.connection()))
