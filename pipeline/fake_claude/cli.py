@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--latency-jitter-ms", type=float, default=0.0)
+    p.add_argument("--latency-sigma", type=float, default=0.0,
+                   help="log-normal latency: --latency-ms is the median, this the sigma of its log (0.692: p99 = "
+                        "5x the median; default 0, a steady latency)")
     p.add_argument("--fault-rate", type=float, default=0.0)
     p.add_argument("--faults", type=parse_faults, default=DEFAULT_FAULTS,
                    help="comma list drawn from by --fault-rate (default: %(default)s)")
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         options = FakeOptions(
             latency_ms=args.latency_ms,
             latency_jitter_ms=args.latency_jitter_ms,
+            latency_sigma=args.latency_sigma,
             fault_rate=args.fault_rate,
             faults=args.faults,
             seed=args.seed,

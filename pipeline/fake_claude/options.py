@@ -57,6 +57,10 @@ def parse_cache_min_tokens(spec: str) -> dict[str, int]:
 class FakeOptions:
     latency_ms: float = 0
     latency_jitter_ms: float = 0
+    # Log-normal latency: when > 0, each answer waits latency_ms * exp(sigma * Z), Z standard normal,
+    # so latency_ms is the median and exp(2.326 * sigma) the ratio of the p99 to it (sigma 0.692:
+    # the p99 is 5x the median). Model latency has that long right tail; a steady one makes waves.
+    latency_sigma: float = 0
     fault_rate: float = 0.0
     faults: tuple[str, ...] = DEFAULT_FAULTS
     seed: int = 0
@@ -87,7 +91,7 @@ class FakeOptions:
         unknown = [f for f in self.faults if f not in KNOWN_FAULTS]
         if unknown:
             raise ValueError(f"unknown fault(s): {', '.join(unknown)}")
-        for name in ("latency_ms", "latency_jitter_ms", "stall_seconds", "retry_after_s"):
+        for name in ("latency_ms", "latency_jitter_ms", "latency_sigma", "stall_seconds", "retry_after_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("rpm", "itpm", "otpm"):
