@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpm", type=int, default=None, help="requests per minute per model class")
     p.add_argument("--itpm", type=int, default=None, help="input tokens per minute per model class")
     p.add_argument("--otpm", type=int, default=None, help="output tokens per minute per model class")
+    p.add_argument("--rate-window-s", type=float, default=60.0,
+                   help="the period --rpm, --itpm and --otpm are per (default: a minute)")
     p.add_argument("--cache-min-tokens", type=_cache_min_tokens, default={},
                    help="shortest cacheable prefix, as CLASS_OR_MODEL=TOKENS, comma-separated (default: "
                         + ",".join(f"{k}={v}" for k, v in CACHE_MIN_TOKENS.items()) + ")")
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             rpm=args.rpm,
             itpm=args.itpm,
             otpm=args.otpm,
+            rate_window_s=args.rate_window_s,
             cache_min_tokens=args.cache_min_tokens,
             error_rates=args.error_rates,
             triage_noise=args.triage_noise,

@@ -71,6 +71,8 @@ class FakeOptions:
     rpm: int | None = None
     itpm: int | None = None
     otpm: int | None = None
+    # The period the three limits are per: a minute, as the API's; shorter for quick benchmarks.
+    rate_window_s: float = 60.0
     # Only what GET /v1/models lists; any id of the documented shape is accepted by /v1/messages.
     models: tuple[str, ...] = field(default=DEFAULT_MODELS)
     # The shortest cacheable prefix in tokens, by model class or exact model id (the id wins); a
@@ -98,6 +100,8 @@ class FakeOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive integer or None")
+        if self.rate_window_s <= 0:
+            raise ValueError("rate_window_s must be > 0")
         bad = [k for k, v in self.cache_min_tokens.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
         if bad:
             raise ValueError(f"cache_min_tokens must be positive integers; not for {', '.join(bad)}")

@@ -84,7 +84,7 @@ class Responder:
     def __init__(self, options: FakeOptions) -> None:
         self.options = options
         self._lock = threading.Lock()
-        self._limiter = RateLimiter(options.rpm, options.itpm, options.otpm)
+        self._limiter = RateLimiter(options.rpm, options.itpm, options.otpm, window_s=options.rate_window_s)
         self._fault_rng = random.Random(options.seed)
         # Jitter has its own generator so that it never shifts which requests get faults.
         self._jitter_rng = random.Random(options.seed + 1)
