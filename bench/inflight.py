@@ -134,7 +134,8 @@ def measure_switchyard(c: int, n: int, db: str, broker: str, workdir: Path, cons
         worker = procs.start(f"worker-{TIER}", env.switchyard(*argv), env=e, timeout=180,
                              ready=f"all {split} processes ready" if split > 1 else " ready.")
         pids = [worker.pid, *env.child_pids(worker.pid)]
-        env.start_worker(procs, "validate", concurrency=min(c, 500), env=e)
+        procs.start("worker-validate", env.switchyard("worker", "--tier", "validate", "--concurrency", str(min(c, 500)),
+                                                      "--db-connections", "16"), ready=" ready.", env=e)
         env.start_dispatcher(procs, env=e)
         # Warm up: one wave through, so the pools and threads exist before idle memory is read.
         warm = write_jsonl(workdir / f"warm-{c}.jsonl", classify_jobs(min(c, 50), tier=TIER, prefix=f"w{c}"))

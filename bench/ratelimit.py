@@ -47,6 +47,7 @@ from pipeline.queries.report import terminal_count
 from pipeline.settings import Settings
 
 NAME = "rate-limit"
+OUTPUT_RESERVE = "observed"
 THREADS = 64  # per tier, on both sides: several times what the limits let through at this latency
 LATENCY_MS, JITTER_MS = 2000.0, 1000.0
 
@@ -144,14 +145,24 @@ def run_switchyard(size: Size, workdir: Path, db: str, broker: str, console: Con
                    started: threading.Event) -> list[dict[str, Any]]:
     rpm, otpm = limits_spec(size)
     limits = ",".join(f"{t}.{k}={v}" for t in ("haiku", "sonnet", "opus") for k, v in (("rpm", rpm), ("otpm", otpm)))
-    extra = {"SWITCHYARD_RATE_LIMITS": limits, "SWITCHYARD_RATE_WINDOW_S": str(size.window_s)}
+    # The fake counts the output tokens an answer has, not its max_tokens: reserve what answers
+    # have been (pipeline.claude.ratelimit.OutputReserve), not the worst case.
+    extra = {"SWITCHYARD_RATE_LIMITS": limits, "SWITCHYARD_RATE_WINDOW_S": str(size.window_s),
+             "SWITCHYARD_RATE_OUTPUT_RESERVE": OUTPUT_RESERVE}
     sessions = session_factory(make_engine(db, pool_size=2))
     settings = Settings(DATABASE_URL=db, BROKER_URL=broker)
     with env.Processes(env.switchyard_env(database_url=db, broker=broker, claude_url="", **extra),
                        workdir=workdir) as procs:
         fake = env.start_fake(procs, latency_ms=LATENCY_MS, args=fake_args(size))
         e = {"ANTHROPIC_BASE_URL": fake.url}
-        env.start_together(procs, {"sonnet": THREADS, "opus": THREADS, "validate": 32}, env=e)
+        # Few Postgres connections each: the database is shared, and a few jobs a second need few.
+        started_procs = [procs.start(f"worker-{q}", env.switchyard("worker", "--tier", q, "--concurrency", str(n),
+                                                                   "--db-connections", "6"), ready=None, env=e)
+                         for q, n in (("sonnet", THREADS), ("opus", THREADS), ("validate", 32))]
+        started_procs.append(procs.start("dispatcher", env.switchyard("dispatcher"), ready=None, env=e))
+        env.wait_until(lambda: all(m in p.log.read_text(errors="replace") for p, m in
+                                   zip(started_procs, (" ready.", " ready.", " ready.", "dispatcher:"), strict=True)),
+                       timeout=180, interval=0.2, procs=procs, what="the workers and the dispatcher ready")
         batches = []
         for s in SCENARIOS:
             path = workdir / f"rl-{s.tier}.jsonl"
@@ -222,8 +233,13 @@ def run(*, quick: bool, console: Console, profile: bool = False) -> list[Figure]
         started = threading.Event()
         result: dict[str, list[dict[str, Any]]] = {}
         # The two sides run at once, each against its own fake: the same minutes, the same machine.
-        sy = threading.Thread(target=lambda: result.update(sy=run_switchyard(size, workdir, db, broker, console,
-                                                                              started)), daemon=True)
+        def switchyard_side() -> None:
+            try:
+                result["sy"] = run_switchyard(size, workdir, db, broker, console, started)
+            finally:
+                started.set()  # a side that fails to start must not keep the script waiting
+
+        sy = threading.Thread(target=switchyard_side, daemon=True)
         sy.start()
         started.wait(600)
         result["script"] = run_script(size, workdir, models)

@@ -95,6 +95,9 @@ def worker(
     if tier not in queue_names(s):
         raise _unknown_queue(tier, s)
     s.tier_limits()  # a mistake in SWITCHYARD_RATE_LIMITS stops the worker now, not at its first job
+    from pipeline.claude.ratelimit import OutputReserve
+
+    OutputReserve(s.rate_output_reserve)  # ...and one in SWITCHYARD_RATE_OUTPUT_RESERVE
     # ...and so does a Claude endpoint that cannot be reached, refuses the key or lacks the model
     # this queue calls: its jobs would otherwise wait out their patience before failing.
     from pipeline.cli import workergroup

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from pipeline.claude.client import AttemptObserver, ClaudeClient, ModelClient, RateLimiter, check_endpoint
+from pipeline.claude.ratelimit import OutputReserve
 from pipeline.db import make_engine, session_factory
 from pipeline.errors import ConfigError
 from pipeline.flow.stages import Pipeline
@@ -64,6 +65,7 @@ def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLi
         limiter=limiter,
         max_connections=max(concurrency, 10),
         on_attempt=on_attempt,
+        output_reserve=OutputReserve(settings.rate_output_reserve),
     )
     if settings.test_crash_on:
         from pipeline.claude.testhooks import CrashOnMarker
