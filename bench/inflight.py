@@ -237,8 +237,10 @@ def _report(console: Console, label: str, c: int, n: int, ideal: float, sy: Samp
     ]
 
 
-def run(*, quick: bool, console: Console, profile: bool = False) -> list[Figure]:
-    levels = (40,) if quick else (50, 200, 500, 2000)
+def run(*, quick: bool, console: Console, profile: bool = False,
+        levels: tuple[int, ...] | None = None) -> list[Figure]:
+    """``levels``: the concurrencies with a steady latency (default: all of them, or 40 if quick)."""
+    levels = levels or ((40,) if quick else (50, 200, 500, 2000))
     figures: list[Figure] = []
     broker = env.broker_url()
     with env.scratch_database() as db, env.workdir() as workdir:
