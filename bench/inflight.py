@@ -131,7 +131,7 @@ def measure_switchyard(c: int, n: int, db: str, broker: str, workdir: Path, cons
         argv = ["worker", "--tier", TIER, "--concurrency", str(c), "--loglevel", "INFO"]
         if processes is not None:
             argv += ["--processes", str(processes)]
-        worker = procs.start(f"worker-{TIER}", env.switchyard(*argv), env=e, timeout=180,
+        worker = procs.start(f"worker-{TIER}", env.switchyard(*argv), env=e, timeout=600,
                              ready=f"all {split} processes ready" if split > 1 else " ready.")
         pids = [worker.pid, *env.child_pids(worker.pid)]
         procs.start("worker-validate", env.switchyard("worker", "--tier", "validate", "--concurrency", str(min(c, 500)),

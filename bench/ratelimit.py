@@ -180,7 +180,7 @@ def run_switchyard(size: Size, workdir: Path, db: str, broker: str, console: Con
         started_procs.append(procs.start("dispatcher", env.switchyard("dispatcher"), ready=None, env=e))
         env.wait_until(lambda: all(m in p.log.read_text(errors="replace") for p, m in
                                    zip(started_procs, (" ready.", " ready.", " ready.", "dispatcher:"), strict=True)),
-                       timeout=180, interval=0.2, procs=procs, what="the workers and the dispatcher ready")
+                       timeout=600, interval=0.2, procs=procs, what="the workers and the dispatcher ready")
         batches = []
         for s in SCENARIOS:
             path = workdir / f"rl-{s.tier}.jsonl"
