@@ -253,7 +253,7 @@ def start_worker(procs: Processes, tier: str, *, concurrency: int, loglevel: str
 
 
 def start_dispatcher(procs: Processes, *, env: dict[str, str] | None = None) -> Proc:
-    return procs.start("dispatcher", switchyard("dispatcher"), ready="dispatcher:", env=env)
+    return procs.start("dispatcher", switchyard("dispatcher"), ready="dispatcher:", env=env, timeout=300)
 
 
 def start_together(procs: Processes, concurrency: Mapping[str, int], *, env: dict[str, str],
