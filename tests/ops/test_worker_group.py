@@ -45,8 +45,8 @@ def cluster(database_url: str, broker_url: str, fake: FakeClaude,
                 workdir=tmp_path_factory.mktemp("group"),
                 env_extra={"SWITCHYARD_CLAIM_DEADLINE_S": "600", "SWITCHYARD_STAGE_DEADLINE_S": "600"})
     try:
-        c.worker("validate", concurrency=8)
-        c.dispatcher()
+        # Started together and given time: on a loaded machine each import takes tens of seconds.
+        c.wait_ready([c.worker("validate", concurrency=8, wait=False), c.dispatcher(wait=False)], timeout=120)
         yield c
     finally:
         c.stop()
