@@ -16,11 +16,11 @@ console = Console(width=150)
 
 
 def _benchmarks() -> dict[str, Callable[..., list[Figure]]]:
-    from bench import caching, economy, enqueue, fairness, history, inflight, overhead, quality, rollups
+    from bench import caching, economy, enqueue, fairness, history, inflight, overhead, quality, ratelimit, rollups
 
-    return {"overhead": overhead.run, "inflight": inflight.run, "enqueue": enqueue.run, "history": history.run,
-            "rollups": rollups.run, "caching": caching.run, "quality": quality.run, "fairness": fairness.run,
-            "economy": economy.run}
+    return {"overhead": overhead.run, "inflight": inflight.run, "ratelimit": ratelimit.run, "enqueue": enqueue.run,
+            "history": history.run, "rollups": rollups.run, "caching": caching.run, "quality": quality.run,
+            "fairness": fairness.run, "economy": economy.run}
 
 
 def main(argv: list[str] | None = None) -> int:

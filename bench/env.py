@@ -109,6 +109,21 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def child_pids(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
 @dataclass
 class Proc:
     name: str
@@ -238,7 +253,7 @@ def start_worker(procs: Processes, tier: str, *, concurrency: int, loglevel: str
 
 
 def start_dispatcher(procs: Processes, *, env: dict[str, str] | None = None) -> Proc:
-    return procs.start("dispatcher", switchyard("dispatcher"), ready="dispatcher:", env=env)
+    return procs.start("dispatcher", switchyard("dispatcher"), ready="dispatcher:", env=env, timeout=300)
 
 
 def start_together(procs: Processes, concurrency: Mapping[str, int], *, env: dict[str, str],

@@ -13,10 +13,17 @@ its growth from idle to the peak of the run, per call in flight.
 
 Baseline, in the same run: the plain script a user would write instead, a ThreadPoolExecutor of C
 threads calling the SDK against the same fake.
+
+Past 200 threads `switchyard worker` splits itself into processes (pipeline/cli/workergroup.py):
+the figures at C = 500 and 2,000 are of that group, memory and CPU summed over its processes; the
+same C = 500 as one process (`--processes 1`) is measured beside it, as the before. And a run with
+a variable latency: log-normal, median C/40 s, p99 five times the median; its ideal is C over the
+mean latency (the median times exp(sigma^2 / 2)).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -33,6 +40,7 @@ from bench import env
 from bench.jobs import classify_jobs, write_jsonl
 from bench.profile import cpu_seconds
 from bench.report import Figure
+from pipeline.cli.workergroup import processes_for
 from pipeline.db import make_engine, session_factory
 from pipeline.intake.enqueue import enqueue_file
 from pipeline.models import Job, JobStatus
@@ -42,6 +50,8 @@ from pipeline.settings import Settings
 NAME = "in-flight"
 IDEAL_RATE = 40.0  # jobs/s: C / L with L = C / 40
 TIER = "sonnet"
+# Log-normal latency with the p99 five times the median: exp(2.326 * sigma) = 5.
+SIGMA_P99_5X = math.log(5) / 2.326
 
 
 @dataclass
@@ -86,9 +96,9 @@ class Sampled:
 class Sampler(threading.Thread):
     """Reads the fake's in-flight counter (and a process's memory) every ``interval`` seconds."""
 
-    def __init__(self, fake: env.Fake, rss_pid: int | None, interval: float = 0.1) -> None:
+    def __init__(self, fake: env.Fake, rss_pids: list[int], interval: float = 0.1) -> None:
         super().__init__(daemon=True)
-        self.fake, self.rss_pid, self.interval = fake, rss_pid, interval
+        self.fake, self.rss_pids, self.interval = fake, rss_pids, interval
         self.samples: list[tuple[float, int]] = []
         self.rss_peak = 0
         self.t0, self.wall0 = time.monotonic(), time.time()
@@ -102,42 +112,46 @@ class Sampler(threading.Thread):
                 n = -1
             if n >= 0:
                 self.samples.append((time.monotonic() - self.t0, n))
-            if self.rss_pid:
-                self.rss_peak = max(self.rss_peak, env.rss_kib(self.rss_pid))
+            if self.rss_pids:
+                self.rss_peak = max(self.rss_peak, sum(env.rss_kib(p) for p in self.rss_pids))
             self.done.wait(self.interval)
 
 
 def measure_switchyard(c: int, n: int, db: str, broker: str, workdir: Path, console: Console, *,
-                       processes: int = 1) -> Sampled:
-    """The tier's C threads in one worker process, or split over ``processes`` of them (memory is
-    then the first one's)."""
+                       processes: int | None = None, sigma: float = 0.0) -> Sampled:
+    """The tier's worker at ``--concurrency C``: as many processes as it splits itself into, or
+    ``processes`` if given. Memory and CPU are those of all its processes together."""
     latency_ms = c / 40 * 1000
+    split = processes_for(c, processes)
     sessions = session_factory(make_engine(db, pool_size=2))
     settings = Settings(DATABASE_URL=db, BROKER_URL=broker)
     with env.Processes(env.switchyard_env(database_url=db, broker=broker, claude_url=""), workdir=workdir) as procs:
-        fake = env.start_fake(procs, latency_ms=latency_ms)
+        fake = env.start_fake(procs, latency_ms=latency_ms, args=["--latency-sigma", str(sigma)] if sigma else None)
         e = {"ANTHROPIC_BASE_URL": fake.url}
-        worker = env.start_worker(procs, TIER, concurrency=c // processes, env=e)
-        workers = [worker] + [
-            procs.start(f"worker-{TIER}-{i}", env.switchyard("worker", "--tier", TIER, "--concurrency",
-                                                             str(c // processes), "--loglevel", "INFO"),
-                        ready=" ready.", env=e)
-            for i in range(1, processes)]
-        env.start_worker(procs, "validate", concurrency=c, env=e)
+        argv = ["worker", "--tier", TIER, "--concurrency", str(c), "--loglevel", "INFO"]
+        if processes is not None:
+            argv += ["--processes", str(processes)]
+        worker = procs.start(f"worker-{TIER}", env.switchyard(*argv), env=e, timeout=600,
+                             ready=f"all {split} processes ready" if split > 1 else " ready.")
+        pids = [worker.pid, *env.child_pids(worker.pid)]
+        # One validate process, as before worker groups: its stage is short and not what is measured.
+        procs.start("worker-validate", env.switchyard("worker", "--tier", "validate", "--concurrency", str(min(c, 500)),
+                                                      "--processes", "1", "--db-connections", "16"),
+                    ready=" ready.", env=e, timeout=600)
         env.start_dispatcher(procs, env=e)
         # Warm up: one wave through, so the pools and threads exist before idle memory is read.
         warm = write_jsonl(workdir / f"warm-{c}.jsonl", classify_jobs(min(c, 50), tier=TIER, prefix=f"w{c}"))
         report = enqueue_file(sessions, warm, batch=f"warm-{c}-{time.time_ns()}", config=settings.models)
         _wait(sessions, report.batch_id, report.accepted, procs, timeout=60 + 3 * latency_ms / 1000)
-        rss_idle = env.rss_kib(worker.pid)
+        rss_idle = sum(env.rss_kib(p) for p in pids)
         fake.reset()
         path = write_jsonl(workdir / f"jobs-{c}.jsonl", classify_jobs(n, tier=TIER, prefix=f"j{c}"))
-        sampler = Sampler(fake, worker.pid)
-        cpu0 = sum(cpu_seconds(w.pid) for w in workers)
+        sampler = Sampler(fake, pids)
+        cpu0 = sum(cpu_seconds(p) for p in pids)
         sampler.start()
         report = enqueue_file(sessions, path, batch=f"inflight-{c}-{time.time_ns()}", config=settings.models)
         t1 = _wait(sessions, report.batch_id, n, procs, timeout=120 + 4 * n / IDEAL_RATE)
-        cpu = sum(cpu_seconds(w.pid) for w in workers) - cpu0
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
         sampler.done.set()
         sampler.join()
         stats = fake.stats()
@@ -146,8 +160,9 @@ def measure_switchyard(c: int, n: int, db: str, broker: str, workdir: Path, cons
                                                      Job.status == JobStatus.SUCCEEDED)) or 0
             ends = s.scalars(select(Job.finished_at).where(Job.batch_id == report.batch_id)).all()
     finished = [e.timestamp() - sampler.wall0 for e in ends if e is not None]
+    # The parent of a split worker only waits: its CPU is counted, but it is not a process that serves.
     return Sampled(t1 - sampler.t0, n, sampler.samples, int(stats["max_in_flight"]), rss_idle,
-                   sampler.rss_peak, ok, finished, worker_cpu_s=cpu, worker_processes=processes)
+                   sampler.rss_peak, ok, finished, worker_cpu_s=cpu, worker_processes=split)
 
 
 def _wait(sessions: sessionmaker[Session], batch_id: int | None, n: int, procs: env.Processes,
@@ -161,11 +176,11 @@ def _wait(sessions: sessionmaker[Session], batch_id: int | None, n: int, procs: 
     return env.wait_until(done, timeout=timeout, interval=0.1, procs=procs, what=f"batch {batch_id}")
 
 
-def measure_script(c: int, n: int, workdir: Path) -> Sampled:
+def measure_script(c: int, n: int, workdir: Path, *, sigma: float = 0.0) -> Sampled:
     """The plain script: C threads, each calling the SDK, as many calls as there are jobs."""
     latency_ms = c / 40 * 1000
     with env.Processes(env.switchyard_env(database_url="", broker="", claude_url=""), workdir=workdir) as procs:
-        fake = env.start_fake(procs, latency_ms=latency_ms)
+        fake = env.start_fake(procs, latency_ms=latency_ms, args=["--latency-sigma", str(sigma)] if sigma else None)
         client = anthropic.Anthropic(api_key="bench-key", base_url=fake.url, max_retries=0,
                                      http_client=anthropic.DefaultHttpxClient(
                                          limits=anthropic.DEFAULT_CONNECTION_LIMITS.__class__(
@@ -183,7 +198,7 @@ def measure_script(c: int, n: int, workdir: Path) -> Sampled:
             list(pool.map(one, range(min(c, 50))))  # warm-up, as on the other side
             fake.reset()
             ends.clear()
-            sampler = Sampler(fake, os.getpid())
+            sampler = Sampler(fake, [os.getpid()])
             sampler.start()
             results = list(pool.map(one, range(n)))
             t1 = time.monotonic()
@@ -195,56 +210,78 @@ def measure_script(c: int, n: int, workdir: Path) -> Sampled:
                    finished=[e - sampler.t0 for e in ends])
 
 
-def run(*, quick: bool, console: Console, profile: bool = False) -> list[Figure]:
-    levels = (40,) if quick else (50, 200, 500)
+def _report(console: Console, label: str, c: int, n: int, ideal: float, sy: Sampled, script: Sampled, *,
+            target: float) -> list[Figure]:
+    growth = max(0, sy.rss_peak_kib - sy.rss_idle_kib) / 1024
+    per_call = growth / max(1, sy.max_in_flight)
+    console.print(f"  script: {script.steady_rate():.1f} jobs/s steady, {script.rate:.1f} end to end, "
+                  f"mean in flight {script.mean_in_flight():.0f}; switchyard ({sy.worker_processes} work "
+                  f"process(es)): {sy.steady_rate():.1f} jobs/s steady, {sy.rate:.1f} end to end, mean in flight "
+                  f"{sy.mean_in_flight():.0f} (max {sy.max_in_flight}), worker RSS {sy.rss_idle_kib / 1024:.0f} -> "
+                  f"{sy.rss_peak_kib / 1024:.0f} MiB, {sy.ok}/{sy.jobs} succeeded; work worker CPU "
+                  f"{1000 * sy.worker_cpu_s / n:.1f} ms a job, each process on a CPU {100 * sy.worker_busy():.0f}% "
+                  "of the run")
+    extra = {"C": c, "ideal_rate": ideal, "jobs": n, "succeeded": sy.ok, "seconds": sy.seconds,
+             "processes": sy.worker_processes, "end_to_end_rate": sy.rate, "script_end_to_end_rate": script.rate,
+             "script_steady_rate": script.steady_rate(), "script_mean_in_flight": script.mean_in_flight(),
+             "max_in_flight": sy.max_in_flight, "rss_idle_mib": sy.rss_idle_kib / 1024,
+             "rss_peak_mib": sy.rss_peak_kib / 1024, "worker_cpu_ms_per_job": 1000 * sy.worker_cpu_s / n,
+             "worker_busy": sy.worker_busy()}
+    return [
+        Figure(NAME, f"{label}: throughput (steady) vs ideal", sy.steady_rate(), "jobs/s", baseline=ideal,
+               baseline_name=f"ideal; script {script.steady_rate():.1f}", target=target, extra=extra),
+        Figure(NAME, f"{label}: throughput, enqueue to last job", sy.rate, "jobs/s", baseline=ideal,
+               baseline_name=f"ideal; script {script.rate:.1f}"),
+        Figure(NAME, f"{label}: mean calls in flight vs C", sy.mean_in_flight(), "calls", baseline=float(c),
+               baseline_name=f"C; script {script.mean_in_flight():.0f}", target=target),
+        Figure(NAME, f"{label}: worker memory per call in flight", per_call * 1024, "KiB", target=1024,
+               target_kind="<"),
+    ]
+
+
+def run(*, quick: bool, console: Console, profile: bool = False,
+        levels: tuple[int, ...] | None = None, extras: bool = True) -> list[Figure]:
+    """``levels``: the concurrencies with a steady latency (default: all of them, or 40 if quick);
+    ``extras``: the one-process and log-normal runs too."""
+    levels = levels or ((40,) if quick else (50, 200, 500, 2000))
     figures: list[Figure] = []
     broker = env.broker_url()
     with env.scratch_database() as db, env.workdir() as workdir:
         for c in levels:
-            n = 4 * c if quick else 2000
-            console.print(f"[bold]in-flight[/]: C={c}, L={c / 40:.2f} s, {n:,} jobs (ideal {IDEAL_RATE:.0f} jobs/s)")
+            # At C = 2,000 (L = 50 s) 2,000 jobs would be one wave: three of them.
+            n = 4 * c if quick else max(2000, 3 * c)
+            split = processes_for(c, None)
+            console.print(f"[bold]in-flight[/]: C={c}, L={c / 40:.2f} s, {n:,} jobs (ideal {IDEAL_RATE:.0f} jobs/s), "
+                          f"{split} work process(es)")
             script = measure_script(c, n, workdir)
             sy = measure_switchyard(c, n, db, broker, workdir, console)
-            growth = max(0, sy.rss_peak_kib - sy.rss_idle_kib) / 1024
-            per_call = growth / max(1, sy.max_in_flight)
-            console.print(f"  script: {script.steady_rate():.1f} jobs/s steady, {script.rate:.1f} end to end, "
-                          f"mean in flight {script.mean_in_flight():.0f}; switchyard: {sy.steady_rate():.1f} jobs/s "
-                          f"steady, {sy.rate:.1f} end to end, mean in flight {sy.mean_in_flight():.0f} "
-                          f"(max {sy.max_in_flight}), worker RSS {sy.rss_idle_kib / 1024:.0f} -> "
-                          f"{sy.rss_peak_kib / 1024:.0f} MiB, {sy.ok}/{sy.jobs} succeeded; work worker CPU "
-                          f"{1000 * sy.worker_cpu_s / n:.1f} ms a job, on a CPU {100 * sy.worker_busy():.0f}% "
-                          "of the run")
-            extra = {"C": c, "latency_s": c / 40, "jobs": n, "succeeded": sy.ok, "seconds": sy.seconds,
-                     "end_to_end_rate": sy.rate, "script_end_to_end_rate": script.rate,
-                     "script_steady_rate": script.steady_rate(), "script_mean_in_flight": script.mean_in_flight(),
-                     "max_in_flight": sy.max_in_flight, "rss_idle_mib": sy.rss_idle_kib / 1024,
-                     "rss_peak_mib": sy.rss_peak_kib / 1024, "worker_cpu_ms_per_job": 1000 * sy.worker_cpu_s / n,
-                     "worker_busy": sy.worker_busy()}
+            figures += _report(console, f"C={c}", c, n, IDEAL_RATE, sy, script, target=0.95)
+        if not quick and extras:
+            # The before, in the same run: C = 500 as one process, which the worker no longer is
+            # unless told (--processes 1). What limits it is its single GIL at each wave boundary.
+            c = 500
+            console.print(f"[bold]in-flight[/]: C={c} as one process (--processes 1)")
+            one = measure_switchyard(c, 2000, db, broker, workdir, console, processes=1)
+            console.print(f"  switchyard, 1 process: {one.steady_rate():.1f} jobs/s steady, {one.rate:.1f} end "
+                          f"to end, mean in flight {one.mean_in_flight():.0f}; work worker CPU "
+                          f"{1000 * one.worker_cpu_s / one.jobs:.1f} ms a job, on a CPU "
+                          f"{100 * one.worker_busy():.0f}% of the run")
             figures += [
-                Figure(NAME, f"C={c}: throughput (steady) vs ideal", sy.steady_rate(), "jobs/s",
-                       baseline=IDEAL_RATE, baseline_name=f"ideal; script {script.steady_rate():.1f}", target=0.9,
-                       extra=extra),
-                Figure(NAME, f"C={c}: throughput, enqueue to last job", sy.rate, "jobs/s", baseline=IDEAL_RATE,
-                       baseline_name=f"ideal; script {script.rate:.1f}"),
-                Figure(NAME, f"C={c}: mean calls in flight vs C", sy.mean_in_flight(), "calls", baseline=float(c),
-                       baseline_name=f"C; script {script.mean_in_flight():.0f}", target=0.9),
-                Figure(NAME, f"C={c}: worker memory per call in flight", per_call * 1024, "KiB", target=1024,
-                       target_kind="<"),
-            ]
-        if not quick:
-            # Not a target: the same C over two processes, which shows what limits one process at
-            # a large C (its single GIL at each wave boundary; README, Benchmarks).
-            c = levels[-1]
-            console.print(f"[bold]in-flight[/]: C={c} as 2 worker processes of {c // 2} threads")
-            two = measure_switchyard(c, 2000, db, broker, workdir, console, processes=2)
-            console.print(f"  switchyard, 2 processes: {two.steady_rate():.1f} jobs/s steady, {two.rate:.1f} end "
-                          f"to end, mean in flight {two.mean_in_flight():.0f}; work workers' CPU "
-                          f"{1000 * two.worker_cpu_s / two.jobs:.1f} ms a job, each on a CPU "
-                          f"{100 * two.worker_busy():.0f}% of the run")
-            figures += [
-                Figure(NAME, f"C={c} as 2 processes × {c // 2}: throughput (steady)", two.steady_rate(), "jobs/s",
+                Figure(NAME, f"C={c} as 1 process: throughput (steady)", one.steady_rate(), "jobs/s",
                        baseline=IDEAL_RATE, baseline_name="ideal", note="diagnostic, no target"),
-                Figure(NAME, f"C={c} as 2 processes × {c // 2}: mean calls in flight", two.mean_in_flight(),
+                Figure(NAME, f"C={c} as 1 process: mean calls in flight", one.mean_in_flight(),
                        "calls", baseline=float(c), baseline_name="C", note="diagnostic, no target"),
             ]
+        if not extras:
+            return figures
+        # Variable latency: log-normal, median C/40 s, p99 five times that. The ideal is C over the
+        # mean latency, which the long tail puts above the median.
+        c = 40 if quick else 500
+        n = 4 * c if quick else 2000
+        ideal = IDEAL_RATE / math.exp(SIGMA_P99_5X ** 2 / 2)
+        console.print(f"[bold]in-flight[/]: C={c}, log-normal latency (median {c / 40:.2f} s, p99 "
+                      f"{5 * c / 40:.1f} s), {n:,} jobs (ideal {ideal:.1f} jobs/s)")
+        script = measure_script(c, n, workdir, sigma=SIGMA_P99_5X)
+        sy = measure_switchyard(c, n, db, broker, workdir, console, sigma=SIGMA_P99_5X)
+        figures += _report(console, f"C={c}, log-normal latency", c, n, ideal, sy, script, target=0.9)
     return figures

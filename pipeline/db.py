@@ -61,7 +61,7 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, pool_size: int = 10, pre_ping: bool = True) -> Engine:
+def make_engine(url: str, *, pool_size: int = 10, pre_ping: bool = True, max_overflow: int | None = None) -> Engine:
     url = normalise_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -86,7 +86,7 @@ def make_engine(url: str, *, pool_size: int = 10, pre_ping: bool = True) -> Engi
     return create_engine(
         url,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=pool_size if max_overflow is None else max_overflow,
         pool_pre_ping=pre_ping,
         pool_recycle=1800,
     )

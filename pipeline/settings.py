@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     # A call that would wait longer than this for its tier's budget hands its job back to the queue
     # with a countdown instead of holding a worker thread (pipeline.claude.ratelimit).
     rate_max_wait_s: float = Field(10.0, alias="SWITCHYARD_RATE_MAX_WAIT_S", ge=0)
+    # What a call reserves of its tier's output-token budget: "max_tokens" (the worst case, as the
+    # API estimates OTPM) or "observed" (the largest recent answer; pipeline.claude.ratelimit.OutputReserve).
+    rate_output_reserve: str = Field("max_tokens", alias="SWITCHYARD_RATE_OUTPUT_RESERVE")
     # One call warms a cached prompt prefix while the others that need it wait (pipeline.flow.warmup),
     # for at most this long if it dies or is slow; 0 turns the warm-up off (every call goes at once).
     cache_warmup_lease_s: float = Field(DEFAULT_LEASE_S, alias="SWITCHYARD_CACHE_WARMUP_LEASE_S", ge=0,

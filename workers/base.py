@@ -40,6 +40,7 @@ def current_pipeline(app: Celery) -> Pipeline:
                 # and the identity of its heartbeat, which the claims it takes carry.
                 hooks = app.conf.get("switchyard_hooks") or {}
                 _pipeline = build_pipeline(settings, concurrency=app.conf.worker_concurrency or 16,
+                                           db_connections=app.conf.get("switchyard_db_connections"),
                                            worker_id=app.conf.get("switchyard_worker_id"), **hooks)
     return _pipeline
 

@@ -26,6 +26,7 @@ import httpx2 as httpx
 from anthropic.types import CacheControlEphemeralParam, OutputConfigParam, TextBlockParam
 
 from pipeline.claude.pricing import Usage
+from pipeline.claude.ratelimit import OutputReserve
 from pipeline.errors import (
     CallFailed,
     ClaudeError,
@@ -271,8 +272,11 @@ class ClaudeClient:
         sleep: Callable[[float], None] = time.sleep,
         max_connections: int = 1000,
         on_attempt: AttemptObserver | None = None,
+        output_reserve: OutputReserve | None = None,
     ) -> None:
         self.attempts = max(1, attempts)
+        # What a call reserves of its tier's output budget (pipeline.claude.ratelimit.OutputReserve).
+        self.output_reserve = output_reserve or OutputReserve()
         self.on_attempt = on_attempt
         self.max_backoff_s = max_backoff_s
         self.limiter = limiter or NoLimit()
@@ -345,8 +349,9 @@ class ClaudeClient:
                                 cache_system=cache_system, cache_ttl=cache_ttl, output_schema=output_schema)
         estimate = (len(system) + len(user)) // 4
         for number in range(1, self.attempts + 1):
+            reserved = self.output_reserve.expect(tier, max_tokens)
             try:
-                self.limiter.acquire(tier, input_tokens=estimate, output_tokens=max_tokens)
+                self.limiter.acquire(tier, input_tokens=estimate, output_tokens=reserved)
             except RateLimited as exc:
                 raise Deferred(tier, exc.wait_s, attempts) from exc
             if on_retry is not None and number > 1:
@@ -367,7 +372,7 @@ class ClaudeClient:
                 attempts.append(attempt)
                 self._observe(tier, model, attempt)
                 # A failed request produced no output: give the reserved output tokens back.
-                self.limiter.adjust(tier, output_tokens=-max_tokens)
+                self.limiter.adjust(tier, output_tokens=-reserved)
                 retry_after = err.retry_after
                 if err.status == 429 and err.retry_after is not None:
                     self.limiter.penalize(tier, retry_after=err.retry_after)
@@ -385,7 +390,8 @@ class ClaudeClient:
             # max_tokens (pipeline.claude.ratelimit explains why it reserves the worst case). The
             # input count is what the API counts against its limit: cache reads are not.
             self.limiter.adjust(tier, input_tokens=usage.rate_limited_input_tokens - estimate,
-                                output_tokens=usage.output_tokens - max_tokens)
+                                output_tokens=usage.output_tokens - reserved)
+            self.output_reserve.observe(tier, usage.output_tokens)
             text = "".join(getattr(b, "text", "") for b in message.content if b.type == "text")
             attempt = Attempt(
                 number=number, started_at=started, finished_at=datetime.now(UTC), latency_ms=latency,

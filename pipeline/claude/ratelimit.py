@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -175,6 +177,49 @@ def parse_overrides(spec: str | None, tiers: Mapping[str, TierLimits]) -> dict[s
                 f"and KIND one of {', '.join(KINDS)}")
         out[tier] = TierLimits(**{**out[tier].__dict__, kind: int(digits)})
     return out
+
+
+OUTPUT_RESERVE_MODES = ("max_tokens", "observed")
+
+
+class OutputReserve:
+    """How many output tokens a call reserves before it is sent (SWITCHYARD_RATE_OUTPUT_RESERVE).
+
+    ``max_tokens`` (the default): the worst case, which never overshoots, and is how Anthropic
+    documents its own accounting of OTPM (estimated from max_tokens at the start of a request,
+    adjusted at its end): reserving less would only move the 429s to the API.
+
+    ``observed``: the largest output among the tier's last ``keep`` answers in this process (the
+    full max_tokens until ``warm`` have been seen), never more than max_tokens; the adjustment after
+    the call settles the difference either way. For a limit counted on the tokens actually produced
+    (the fake Claude's, and any proxy that counts so), when answers are far shorter than max_tokens:
+    a budget of B output tokens then holds B / (largest answer) calls in flight instead of
+    B / max_tokens, which is what lets an OTPM-bound tier run at its limit at all when the calls
+    are slow (bench/ratelimit.py). An answer longer than every recent one overshoots by its excess
+    until the adjustment; a 429 then pauses the tier as any other."""
+
+    def __init__(self, mode: str = "max_tokens", *, keep: int = 200, warm: int = 20) -> None:
+        if mode not in OUTPUT_RESERVE_MODES:
+            raise ConfigError(f"SWITCHYARD_RATE_OUTPUT_RESERVE: {mode!r} is not one of "
+                              f"{', '.join(OUTPUT_RESERVE_MODES)}")
+        self.mode, self.keep, self.warm = mode, keep, warm
+        self._seen: dict[str, deque[int]] = {}
+        self._lock = threading.Lock()
+
+    def expect(self, tier: str, max_tokens: int) -> int:
+        if self.mode == "max_tokens":
+            return max_tokens
+        with self._lock:
+            seen = self._seen.get(tier)
+            if seen is None or len(seen) < self.warm:
+                return max_tokens
+            return min(max_tokens, max(seen))
+
+    def observe(self, tier: str, output_tokens: int) -> None:
+        if self.mode == "max_tokens":
+            return
+        with self._lock:
+            self._seen.setdefault(tier, deque(maxlen=self.keep)).append(output_tokens)
 
 
 @dataclass(frozen=True)

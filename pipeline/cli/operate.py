@@ -112,6 +112,12 @@ def worker(
     events: Annotated[bool | None, typer.Option(
         "--events/--no-events",
         help="Send task events, for Flower or `celery events` (default: SWITCHYARD_TASK_EVENTS, else off).")] = None,
+    processes: Annotated[int | None, typer.Option(
+        min=1, help="Processes to share the threads among, under one parent that forwards signals (default: "
+                    "one per 200 threads of --concurrency).")] = None,
+    db_connections: Annotated[int | None, typer.Option(
+        min=1, help="Postgres connections the worker may open, all its processes together (default: "
+                    "C/2, between 8 and 32).")] = None,
 ) -> None:
     """Run a worker for one tier's queue."""
     s = settings()
@@ -120,18 +126,30 @@ def worker(
     if tier not in queue_names(s):
         raise _unknown_queue(tier, s)
     s.tier_limits()  # a mistake in SWITCHYARD_RATE_LIMITS stops the worker now, not at its first job
+    from pipeline.claude.ratelimit import OutputReserve
+
+    OutputReserve(s.rate_output_reserve)  # ...and one in SWITCHYARD_RATE_OUTPUT_RESERVE
     # ...and so does a Claude endpoint that cannot be reached, refuses the key or lacks the model
     # this queue calls: its jobs would otherwise wait out their patience before failing.
+    from pipeline.cli import workergroup
     from pipeline.flow.runtime import check_claude
 
-    check_claude(s, tiers=[s.models.queue_tier(tier)])
+    if workergroup.child_index() is None:  # a worker group's parent has checked for its children
+        check_claude(s, tiers=[s.models.queue_tier(tier)])
     # Model calls are I/O-bound and take seconds: 64 threads wait on them for the cost of one
     # process, where a prefork pool of 2 would hold 2 calls.
     n = concurrency or default_concurrency(tier)
+    conns = db_connections or workergroup.default_db_connections(n)
+    split = workergroup.processes_for(n, processes) if pool is Pool.threads else 1
+    if split > 1:
+        _run_worker_group(tier, n, split, conns, pool=pool, loglevel=loglevel, events=events,
+                          metrics_port=metrics_port if metrics_port is not None else s.metrics_port)
+        return
     import workers.celery
 
     celery_app = workers.celery.app
     celery_app.conf.worker_concurrency = n
+    celery_app.conf.switchyard_db_connections = conns
     if events is not None:
         celery_app.conf.worker_send_task_events = events
     port = metrics_port if metrics_port is not None else s.metrics_port
@@ -140,12 +158,37 @@ def worker(
     if heartbeat is not None:
         # Claims name this process, so the dispatcher republishes them as soon as its beats stop.
         celery_app.conf.switchyard_worker_id = heartbeat.worker_id
+    index = workergroup.child_index()
+    node = f"{tier}@%h" if index is None else f"{tier}-{index}@%h"
+    workergroup.report_ready_when_celery_is()
     try:
-        celery_app.worker_main(["worker", "-Q", tier, "-P", pool.value, "-c", str(n), "-n", f"{tier}@%h",
+        celery_app.worker_main(["worker", "-Q", tier, "-P", pool.value, "-c", str(n), "-n", node,
                                 "-l", loglevel, "--without-mingle", "--without-gossip"])
     finally:
         if heartbeat is not None:
             heartbeat.stop()
+
+
+def _run_worker_group(tier: str, n: int, processes: int, conns: int, *, pool: Pool, loglevel: str,
+                      events: bool | None, metrics_port: int | None) -> None:
+    """Past a few hundred threads, the worker is a parent of several worker processes
+    (pipeline/cli/workergroup.py says why and how signals reach them)."""
+    import sys
+
+    from pipeline.cli import workergroup
+
+    argv = [sys.executable, "-c", "from pipeline.cli.app import main; main()", "worker", "--tier", tier,
+            "--pool", pool.value, "--loglevel", loglevel]
+    if events is not None:
+        argv.append("--events" if events else "--no-events")
+    children = workergroup.plan(n, processes, conns, metrics_port)
+    err.print(f"worker {tier}: {n} threads as {processes} processes of "
+              f"{'+'.join(str(c.concurrency) for c in children)}, {conns} Postgres connections in all",
+              markup=False, highlight=False)
+    status = workergroup.run_group(argv, children, tier=tier,
+                                   say=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+    if status:
+        raise typer.Exit(status)
 
 
 def _start_worker_side(s: Settings, celery_app: Any, *, tier: str, concurrency: int, pool: str,

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--latency-jitter-ms", type=float, default=0.0)
+    p.add_argument("--latency-sigma", type=float, default=0.0,
+                   help="log-normal latency: --latency-ms is the median, this the sigma of its log (0.692: p99 = "
+                        "5x the median; default 0, a steady latency)")
     p.add_argument("--fault-rate", type=float, default=0.0)
     p.add_argument("--faults", type=parse_faults, default=DEFAULT_FAULTS,
                    help="comma list drawn from by --fault-rate (default: %(default)s)")
@@ -51,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpm", type=int, default=None, help="requests per minute per model class")
     p.add_argument("--itpm", type=int, default=None, help="input tokens per minute per model class")
     p.add_argument("--otpm", type=int, default=None, help="output tokens per minute per model class")
+    p.add_argument("--rate-window-s", type=float, default=60.0,
+                   help="the period --rpm, --itpm and --otpm are per (default: a minute)")
     p.add_argument("--cache-min-tokens", type=_arg_type(parse_cache_min_tokens), default={},
                    help="shortest cacheable prefix, as CLASS_OR_MODEL=TOKENS, comma-separated (default: "
                         + ",".join(f"{k}={v}" for k, v in CACHE_MIN_TOKENS.items()) + ")")
@@ -75,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         options = FakeOptions(
             latency_ms=args.latency_ms,
             latency_jitter_ms=args.latency_jitter_ms,
+            latency_sigma=args.latency_sigma,
             fault_rate=args.fault_rate,
             faults=args.faults,
             seed=args.seed,
@@ -84,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             rpm=args.rpm,
             itpm=args.itpm,
             otpm=args.otpm,
+            rate_window_s=args.rate_window_s,
             cache_min_tokens=args.cache_min_tokens,
             error_rates=args.error_rates,
             triage_noise=args.triage_noise,

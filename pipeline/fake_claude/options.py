@@ -91,6 +91,10 @@ def check_batch_error_rates(rates: Mapping[str, float]) -> None:
 class FakeOptions:
     latency_ms: float = 0
     latency_jitter_ms: float = 0
+    # Log-normal latency: when > 0, each answer waits latency_ms * exp(sigma * Z), Z standard normal,
+    # so latency_ms is the median and exp(2.326 * sigma) the ratio of the p99 to it (sigma 0.692:
+    # the p99 is 5x the median). Model latency has that long right tail; a steady one makes waves.
+    latency_sigma: float = 0
     fault_rate: float = 0.0
     faults: tuple[str, ...] = DEFAULT_FAULTS
     seed: int = 0
@@ -101,6 +105,8 @@ class FakeOptions:
     rpm: int | None = None
     itpm: int | None = None
     otpm: int | None = None
+    # The period the three limits are per: a minute, as the API's; shorter for quick benchmarks.
+    rate_window_s: float = 60.0
     # Only what GET /v1/models lists; any id of the documented shape is accepted by /v1/messages.
     models: tuple[str, ...] = field(default=DEFAULT_MODELS)
     # The shortest cacheable prefix in tokens, by model class or exact model id (the id wins); a
@@ -126,13 +132,16 @@ class FakeOptions:
         if unknown:
             raise ValueError(f"unknown fault(s): {', '.join(unknown)}")
         check_batch_error_rates(self.batch_error_rates)
-        for name in ("latency_ms", "latency_jitter_ms", "stall_seconds", "retry_after_s", "batch_delay_s"):
+        for name in ("latency_ms", "latency_jitter_ms", "latency_sigma", "stall_seconds", "retry_after_s",
+                     "batch_delay_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("rpm", "itpm", "otpm"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive integer or None")
+        if self.rate_window_s <= 0:
+            raise ValueError("rate_window_s must be > 0")
         bad = [k for k, v in self.cache_min_tokens.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
         if bad:
             raise ValueError(f"cache_min_tokens must be positive integers; not for {', '.join(bad)}")

@@ -19,10 +19,11 @@ class _Bucket:
     capacity: float
     level: float
     updated: float
+    window_s: float = 60.0
 
     @property
-    def rate(self) -> float:  # refill per second: the whole capacity every minute
-        return self.capacity / 60.0
+    def rate(self) -> float:  # refill per second: the whole capacity every window (a minute)
+        return self.capacity / self.window_s
 
     def refill(self, now: float) -> None:
         if now > self.updated:
@@ -49,8 +50,11 @@ def rfc3339(ts: float) -> str:
 
 
 class RateLimiter:
-    def __init__(self, rpm: int | None, itpm: int | None, otpm: int | None) -> None:
+    def __init__(self, rpm: int | None, itpm: int | None, otpm: int | None, *, window_s: float = 60.0) -> None:
+        """``window_s``: the limits are per this many seconds; a minute, as the API's, unless a
+        short benchmark or test shrinks it."""
         self._limits = {"requests": rpm, "input-tokens": itpm, "output-tokens": otpm}
+        self._window_s = window_s
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str], _Bucket] = {}
 
@@ -64,7 +68,8 @@ class RateLimiter:
             return None
         bucket = self._buckets.get((model_class, kind))
         if bucket is None:
-            bucket = self._buckets[(model_class, kind)] = _Bucket(float(limit), float(limit), now)
+            bucket = self._buckets[(model_class, kind)] = _Bucket(float(limit), float(limit), now,
+                                                                       self._window_s)
         bucket.refill(now)
         return bucket
 

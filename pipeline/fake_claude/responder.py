@@ -95,7 +95,7 @@ class Responder:
     def __init__(self, options: FakeOptions) -> None:
         self.options = options
         self._lock = threading.Lock()
-        self._limiter = RateLimiter(options.rpm, options.itpm, options.otpm)
+        self._limiter = RateLimiter(options.rpm, options.itpm, options.otpm, window_s=options.rate_window_s)
         self._fault_rng = random.Random(options.seed)
         # Jitter has its own generator so that it never shifts which requests get faults.
         self._jitter_rng = random.Random(options.seed + 1)
@@ -291,11 +291,14 @@ class Responder:
     def _latency(self, hints: Hints) -> float:
         if hints.latency_ms is not None:
             return hints.latency_ms / 1000.0  # an explicit per-request latency: no jitter
-        jitter = 0.0
+        jitter, base = 0.0, self.options.latency_ms
         if self.options.latency_jitter_ms > 0:
             with self._lock:
                 jitter = self._jitter_rng.uniform(0.0, self.options.latency_jitter_ms)
-        return (self.options.latency_ms + jitter) / 1000.0
+        if self.options.latency_sigma > 0:
+            with self._lock:
+                base *= self._jitter_rng.lognormvariate(0.0, self.options.latency_sigma)
+        return (base + jitter) / 1000.0
 
     def _answer(
         self, body: dict[str, Any], prompt: Prompt, hints: Hints, klass: str, fault: str | None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from pipeline.claude.client import AttemptObserver, ClaudeClient, ModelClient, RateLimiter, check_endpoint
+from pipeline.claude.ratelimit import OutputReserve
 from pipeline.db import make_engine, session_factory
 from pipeline.errors import ConfigError
 from pipeline.flow.stages import Pipeline
@@ -37,8 +38,11 @@ def check_claude(settings: Settings, *, tiers: Iterable[str] | None = None) -> N
 
 def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLimiter | None = None,
                    on_attempt: AttemptObserver | None = None,
-                   on_wait: Callable[[str, float], None] | None = None, worker_id: str | None = None) -> Pipeline:
-    """``worker_id``: the worker process's heartbeat identity, which its claims carry."""
+                   on_wait: Callable[[str, float], None] | None = None, worker_id: str | None = None,
+                   db_connections: int | None = None) -> Pipeline:
+    """``worker_id``: the worker process's heartbeat identity, which its claims carry.
+    ``db_connections``: the most Postgres connections to open (half pooled, half overflow); by
+    default from ``concurrency``. A worker split over processes gives each its share."""
     if not settings.api_key:
         raise ConfigError("ANTHROPIC_API_KEY is not set (for the fake Claude, any value will do)")
     if limiter is None:
@@ -46,7 +50,12 @@ def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLi
     # No pre-ping: Pipeline.run retries a unit of work that fails on a dead connection (SQLAlchemy
     # then discards the pool's other stale connections), so the ping per checkout (two per stage)
     # bought nothing the retry does not already give.
-    engine = make_engine(settings.database_url, pool_size=min(max(concurrency // 4, 4), 16), pre_ping=False)
+    if db_connections is None:
+        engine = make_engine(settings.database_url, pool_size=min(max(concurrency // 4, 4), 16), pre_ping=False)
+    else:
+        pooled = max(1, db_connections // 2)
+        engine = make_engine(settings.database_url, pool_size=pooled, max_overflow=max(0, db_connections - pooled),
+                             pre_ping=False)
     client: ModelClient = ClaudeClient(
         api_key=settings.api_key,
         base_url=settings.anthropic_base_url,
@@ -56,6 +65,7 @@ def build_pipeline(settings: Settings, *, concurrency: int = 16, limiter: RateLi
         limiter=limiter,
         max_connections=max(concurrency, 10),
         on_attempt=on_attempt,
+        output_reserve=OutputReserve(settings.rate_output_reserve),
     )
     if settings.test_crash_on:
         from pipeline.claude.testhooks import CrashOnMarker

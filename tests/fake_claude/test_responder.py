@@ -133,3 +133,21 @@ def test_responder_is_pure_and_deterministic() -> None:
     stalled = Responder(FakeOptions(stall_seconds=3)).messages(
         HEADERS, {**body, "messages": [{"role": "user", "content": "[fake:error=stall]"}]}, now=0.0)
     assert stalled.delay_s == pytest.approx(3.0) and stalled.status == 200
+
+
+def test_rate_limiter_window_shortens_the_period() -> None:
+    limiter = RateLimiter(rpm=10, itpm=None, otpm=None, window_s=10.0)
+    assert all(limiter.admit("opus", 1, now=0.0).allowed for _ in range(10))
+    denied = limiter.admit("opus", 1, now=0.0)
+    assert not denied.allowed and denied.retry_after_s == pytest.approx(1.0)  # 10 a window of 10 s
+
+
+def test_log_normal_latency_has_the_median_and_p99_asked_for() -> None:
+    sigma = 0.692  # exp(2.326 * sigma) = 5: the p99 five times the median
+    responder = Responder(FakeOptions(latency_ms=1000, latency_sigma=sigma, seed=3))
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+    delays = sorted(responder.messages(HEADERS, body, now=0.0).delay_s for _ in range(4000))
+    assert delays[len(delays) // 2] == pytest.approx(1.0, rel=0.08)
+    assert delays[int(len(delays) * 0.99)] == pytest.approx(5.0, rel=0.2)
+    with pytest.raises(ValueError, match="latency_sigma"):
+        FakeOptions(latency_sigma=-1)
