@@ -26,6 +26,7 @@ from pipeline.claude.client import MAX_RETRY_AFTER_S, Attempt, CallResult, Model
 from pipeline.claude.pricing import call_cost
 from pipeline.config import ModelConfig
 from pipeline.errors import CallFailed, Deferred
+from pipeline.flow import budgets
 from pipeline.flow.prompts import Prompt, Shared, format_check_prompt, triage_prompt, work_prompt
 from pipeline.flow.routing import after_failed_validation, parse_triage, tier_for
 from pipeline.flow.states import Also, Claim, begin_stage, last_step, moved_at, release_stage, renew_claim, transition
@@ -239,7 +240,9 @@ def _call_writes(p: Pipeline, *, call_id: int, claim: Claim, stage: Stage, tier:
         else:
             retries.append({"job_id": claim.id, "stage": stage, "tier": tier, "model": tier_cfg.model,
                             "delivery": claim.deliveries, **values})
-    return first + ([Also(_CALLS, rows=retries, when="always", moved_flag=flag)] if retries else [])
+    writes = first + ([Also(_CALLS, rows=retries, when="always", moved_flag=flag)] if retries else [])
+    # The call's budget reservation, if it made one, replaced by its actual cost in the same statement.
+    return writes + budgets.settle_writes(budgets.take(call_id), _total_cost(p, tier, attempts))
 
 
 def _stale_cost(job_id: int, cost: Decimal) -> list[Also]:
@@ -335,8 +338,8 @@ def _shared(p: Pipeline, claim: Claim, tier: str) -> Shared | None:
     return Shared(definition, p.models.min_cache_tokens(tier) if p.models.caching else None)
 
 
-def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,
-          max_tokens: int) -> CallResult | CallFailed | Deferred:
+def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt, max_tokens: int,
+          call_id: int) -> CallResult | CallFailed | Deferred:
     def renew(_attempt: int) -> None:
         # Best effort and without Pipeline.run's retries: a missed renewal costs at worst a
         # duplicate delivery (which the version check absorbs), while blocking here on a database
@@ -347,7 +350,16 @@ def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt,
         except OperationalError as exc:
             log.warning("job %s: could not renew the stage claim: %s", claim.id, exc.orig or exc)
 
-    return call_model(p, tier=tier, prompt=prompt, max_tokens=max_tokens, on_retry=renew, job_id=claim.id)
+    # The call's worst case reserved against its budgets first (pipeline.flow.budgets); a call that
+    # does not fit is not made, and its job is paused already.
+    paused = budgets.hold_call(p, job_id=claim.id, version=claim.version, call_id=call_id, tier=tier, prompt=prompt,
+                               max_tokens=max_tokens)
+    if paused is not None:
+        return paused
+    result = call_model(p, tier=tier, prompt=prompt, max_tokens=max_tokens, on_retry=renew, job_id=claim.id)
+    if isinstance(result, Deferred) and not result.attempts:
+        budgets.take(call_id)  # handed back unmade: its call row goes, and the reservation with it
+    return result
 
 
 def call_model(p: Pipeline, *, tier: str, prompt: Prompt, max_tokens: int, on_retry: Callable[[int], None],
@@ -531,7 +543,7 @@ def triage(p: Pipeline, job_id: int) -> Handoff | None:
     claim, call_id = claimed
     assert call_id is not None
     result = _call(p, claim, tier=tier, prompt=triage_prompt(claim.kind, claim.payload, shared=_shared(p, claim, tier)),
-                   max_tokens=p.models.limits.triage_max_tokens)
+                   max_tokens=p.models.limits.triage_max_tokens, call_id=call_id)
     if isinstance(result, Deferred):
         return _defer(p, claim, call_id, status=JobStatus.TRIAGING, stage=Stage.TRIAGE, tier=tier, deferred=result)
     if isinstance(result, CallFailed):
@@ -582,7 +594,7 @@ def work(p: Pipeline, job_id: int) -> Handoff | None:
         max_tokens = min(max_tokens, shared.definition["max_tokens"])
     result = _call(p, claim, tier=tier, prompt=work_prompt(claim.kind, claim.payload, feedback=claim.feedback,
                                                            shared=shared),
-                   max_tokens=max_tokens)
+                   max_tokens=max_tokens, call_id=call_id)
     if isinstance(result, Deferred):
         return _defer(p, claim, call_id, status=JobStatus.WORKING, stage=Stage.WORK, tier=tier, deferred=result)
     if isinstance(result, CallFailed):
@@ -638,7 +650,7 @@ def validate(p: Pipeline, job_id: int) -> Handoff | None:
         answer = claim.candidate or ""
         outcome = _call(p, claim, tier=checker, prompt=format_check_prompt(JobKind(claim.kind), claim.payload, answer,
                                                                           shared=_shared(p, claim, checker)),
-                        max_tokens=p.models.limits.format_check_max_tokens)
+                        max_tokens=p.models.limits.format_check_max_tokens, call_id=call_id)
         if isinstance(outcome, Deferred):
             return _defer(p, claim, call_id, status=JobStatus.VALIDATING, stage=Stage.FORMAT_CHECK, tier=checker,
                           deferred=outcome)
