@@ -26,7 +26,8 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.cli.common import app, console, err, failure_view, jobs_app, settings
+from pipeline.cli.budgets import budget_line
+from pipeline.cli.common import app, batches_app, console, err, failure_view, jobs_app, settings
 from pipeline.cli.outfile import Output, write_whole
 from pipeline.cli.tables import Unit, compact, cost_line, new_table, when
 from pipeline.errors import InputFileError, InvalidInput, InvalidQuery, JobInputError, OutputError
@@ -34,6 +35,7 @@ from pipeline.names import check_batch_name, escaped
 from pipeline.queries import history
 
 if TYPE_CHECKING:
+    from pipeline.flow.budgets import BudgetState
     from pipeline.intake.enqueue import EnqueueReport
     from pipeline.queries.report import FailureReason, Summary
     from pipeline.settings import Settings
@@ -115,9 +117,13 @@ def enqueue(
     shadow_rate: Annotated[float | None, typer.Option(
         help="The share of this batch's jobs that shadow evaluation samples, from 0 to 1 (see `switchyard "
              "quality`); default: the task's shadow_rate, else the configuration's [routing] shadow_rate.")] = None,
+    budget_usd: Annotated[str | None, typer.Option(
+        "--budget-usd", help="The batch's spending cap in USD: no call is made that could take its spend over it, "
+                             "and jobs that do not fit pause (see `switchyard batches budget`).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Add a file of jobs to a batch. Re-running the same file adds no duplicates."""
+    from pipeline.flow.budgets import check_budget
     from pipeline.intake.enqueue import input_size
 
     s = settings()
@@ -128,6 +134,7 @@ def enqueue(
     if shadow_rate is not None and not 0 <= shadow_rate <= 1:
         raise InvalidInput(f"--shadow-rate must be a number from 0 to 1 (the share of jobs shadowed), "
                            f"not {shadow_rate}")
+    budget = None if budget_usd is None else check_budget(budget_usd)  # before anything is read
     input_size(file)  # a missing input is the first thing to say, before where its report would go
     if skip_invalid and _same_file(target, file):
         raise InvalidInput(f"--invalid-report {target} is the input file itself: name another file for the report")
@@ -142,7 +149,7 @@ def enqueue(
             started = True
             report = _enqueue_with_progress(s, file, name=name, tenant_id=tenant_id, fmt=format,
                                             skip_invalid=skip_invalid, report_out=report_out, quiet=as_json,
-                                            shadow_rate=shadow_rate)
+                                            shadow_rate=shadow_rate, budget_usd=budget)
     except OutputError as exc:
         if not started:
             raise
@@ -207,7 +214,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _enqueue_with_progress(s: Settings, file: Path, *, name: str, tenant_id: int | None, fmt: str | None,
                            skip_invalid: bool, report_out: Output | None, quiet: bool,
-                           shadow_rate: float | None = None) -> EnqueueReport:
+                           shadow_rate: float | None = None, budget_usd: Decimal | None = None) -> EnqueueReport:
     """enqueue_file with a progress bar; bad lines go to ``report_out`` (--skip-invalid)."""
     from pipeline.intake.enqueue import BadLine, Tick, enqueue_file, invalid_line_json
 
@@ -238,7 +245,7 @@ def _enqueue_with_progress(s: Settings, file: Path, *, name: str, tenant_id: int
             with _sessions() as sessions:
                 return enqueue_file(sessions, file, batch=name, config=s.models, tenant_id=tenant_id, fmt=fmt,
                                     skip_invalid=skip_invalid, progress=progress, on_invalid=on_invalid,
-                                    shadow_rate=shadow_rate)
+                                    shadow_rate=shadow_rate, budget_usd=budget_usd)
         except JobInputError as exc:
             if exc.line is None or isinstance(exc, InputFileError):
                 raise
@@ -466,23 +473,32 @@ def _calls_table(calls: list[history.CallRecord], *, wide: bool) -> Table:
 # -- batches, stats, export ------------------------------------------------------------------------
 
 
-@app.command()
+@batches_app.callback(invoke_without_command=True)
 def batches(
+    ctx: typer.Context,
     limit: Annotated[int, typer.Option(help="How many of the newest batches.")] = 50,
     tenant: Annotated[str | None, typer.Option("--tenant", help="Only this tenant's batches.")] = None,
     wide: WideFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Batches, newest first, with their tenant, their jobs per status and their cost."""
+    """Batches, newest first, with their tenant, their jobs per status, their cost and their budget."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from pipeline.flow import budgets
+
     with _session() as session:
         rows = history.list_batches(db_session=session, limit=limit, tenant_id=_tenant_id(session, tenant))
+        spend = budgets.states(session, [b.id for b in rows])
     if as_json:
-        _print_json([{**history.jsonable(b), "done": b.done, "finished": b.finished} for b in rows])
+        _print_json([{**history.jsonable(b), "done": b.done, "finished": b.finished,
+                      "budget": history.jsonable(spend[b.id].as_dict())} for b in rows])
         return
-    console.print(_batches_table(rows, wide=wide, tenant_shown=tenant is None) if rows else "no batches yet")
+    console.print(_batches_table(rows, wide=wide, tenant_shown=tenant is None, spend=spend) if rows
+                  else "no batches yet")
 
 
-def _batches_table(rows: list[history.BatchSummary], *, wide: bool, tenant_shown: bool) -> Table:
+def _batches_table(rows: list[history.BatchSummary], *, wide: bool, tenant_shown: bool,
+                   spend: dict[int, BudgetState] | None = None) -> Table:
     # "cancelled" and "created" only with --wide: a cancelled batch says so after its name, and a
     # tenant's batch names the tenant under it (a column of its own leaves each text a few letters).
     groups = STATUS_GROUPS if wide else STATUS_GROUPS[:-1]
@@ -492,7 +508,8 @@ def _batches_table(rows: list[history.BatchSummary], *, wide: bool, tenant_shown
         cells: dict[str, RenderableType] = {
             "id": str(b.id),
             "batch": Text.assemble(_plain(b.name), (" (cancelled)", "yellow") if b.cancelled_at else "",
-                                   *(("\ntenant ", _plain(b.tenant)) if b.tenant is not None and tenant_shown else ())),
+                                   *(("\ntenant ", _plain(b.tenant)) if b.tenant is not None and tenant_shown else ()),
+                                   budget_line(spend.get(b.id) if spend else None)),
             "created": when(b.created_at), "jobs": compact(b.jobs), "cost": compact(b.cost_usd, "usd"),
             **{g: compact(n) for g, n in zip(STATUS_GROUPS, _grouped(b.by_status), strict=True)}}
         table.add_row(*(cells[c] for c in cols))

@@ -29,7 +29,8 @@ tenant's calls of a day its daily limit, whatever the concurrency.
 
 Paused jobs resume (``resume_due``, each dispatcher tick) as soon as what they need fits again: a
 raised budget, the next UTC day for a daily limit, or reservations released by calls that cost less
-than their worst case. ``resume_batch`` (`switchyard batches resume`) moves them all back by hand.
+than their worst case. ``resume_batch`` (`switchyard batches resume`) has them all moved back by
+hand. Either way the dispatcher moves them and publishes their stage, as it does for every job.
 
 Shadow evaluation's calls (pipeline.flow.shadow) reserve nothing: they are evaluation cost, never
 part of a job's or a batch's, and are sampled at a low rate; their cost reaches the tenant's daily
@@ -397,13 +398,13 @@ def states(session: Executor, batch_ids: list[int]) -> dict[int, BudgetState]:
     """Each batch's budget, spent, reserved and paused jobs."""
     if not batch_ids:
         return {}
-    reserved = dict(session.execute(
+    reserved: dict[int, Any] = dict(session.execute(
         select(BudgetReservation.batch_id, func.sum(BudgetReservation.amount_usd))
         .where(BudgetReservation.batch_id.in_(batch_ids), BudgetReservation.released_at.is_(None))
-        .group_by(BudgetReservation.batch_id)).tuples().all())
-    paused = dict(session.execute(
+        .group_by(BudgetReservation.batch_id)).all())  # type: ignore[arg-type]
+    paused: dict[int, Any] = dict(session.execute(
         select(Job.batch_id, func.count()).where(Job.batch_id.in_(batch_ids), Job.status == JobStatus.PAUSED)
-        .group_by(Job.batch_id)).tuples().all())
+        .group_by(Job.batch_id)).all())  # type: ignore[arg-type]
     return {b.id: BudgetState(b.id, b.name, b.budget_usd, Decimal(b.budget_spent_usd),
                               Decimal(reserved.get(b.id) or 0), int(paused.get(b.id, 0)))
             for b in session.execute(select(Batch.id, Batch.name, Batch.budget_usd, Batch.budget_spent_usd)
@@ -427,12 +428,13 @@ def set_budget(session: Executor, batch_id: int, usd: Decimal | None) -> None:
     session.execute(update(Batch).where(Batch.id == batch_id).values(**values))
 
 
-def resume_batch(session: Executor, batch_id: int, name: str) -> list[Resumed]:
-    """Move every paused job of the batch back to where it was, whatever the room (a job that still
-    does not fit pauses again at its next call). Refused, changing nothing, if none is paused."""
-    rows = session.execute(select(Job.id, Job.paused_from).where(Job.batch_id == batch_id,
-                                                                 Job.status == JobStatus.PAUSED)
-                           .order_by(Job.id).with_for_update()).all()
-    if not rows:
+def resume_batch(session: Executor, batch_id: int, name: str) -> int:
+    """Have every paused job of the batch resumed, whatever the room, at the dispatcher's next tick
+    (which publishes them: a job moved back here would have no message until the sweeper's long
+    deadline). A job that still does not fit pauses again at its next call. Refused, changing
+    nothing, if none is paused. How many will resume."""
+    n = session.execute(update(Job).where(Job.batch_id == batch_id, Job.status == JobStatus.PAUSED)
+                        .values(paused_need_usd=0).execution_options(synchronize_session=False)).rowcount  # type: ignore[attr-defined]
+    if not n:
         raise InvalidInput(f"batch {name!r} has no paused jobs, so there is nothing to resume")
-    return _move_back(session, list(rows), "resumed by hand")
+    return int(n)

@@ -43,6 +43,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
@@ -53,6 +54,7 @@ from pipeline import tenants
 from pipeline.config import ModelConfig, check_rate
 from pipeline.db import insert_or_skip, retry_conflicts
 from pipeline.errors import BatchCancelled, InputFileError, InvalidInput, JobInputError
+from pipeline.flow import budgets
 from pipeline.intake import tasks
 from pipeline.intake.jobspec import (
     CHARS_PER_TOKEN,
@@ -322,7 +324,7 @@ def iter_objects(numbered: Iterable[tuple[int, Any]], *, config: ModelConfig,
 
 
 def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = None,
-                        shadow_rate: float | None = None) -> int:
+                        shadow_rate: float | None = None, budget_usd: Decimal | None = None) -> int:
     """The id of the batch called ``name`` in a tenant's namespace (None: the operator's, for
     batches enqueued from the CLI), created if new. ``shadow_rate``, if given, becomes the batch's
     (pipeline.flow.shadow): for a batch that exists, from its next job to succeed on."""
@@ -335,6 +337,8 @@ def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = 
                                  f"enqueue into a new batch name")
         if shadow_rate is not None:
             session.execute(update(Batch).where(Batch.id == existing.id).values(shadow_rate=shadow_rate))
+        if budget_usd is not None:
+            budgets.set_budget(session, int(existing.id), budget_usd)
         return int(existing.id)
     session.execute(insert_or_skip(session, Batch).values(name=name, tenant_id=tenant_id, created_at=utcnow(),
                                                           shadow_rate=shadow_rate)
@@ -342,6 +346,8 @@ def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = 
     batch_id: int = session.scalar(select(Batch.id).where(Batch.name == name, scope))  # type: ignore[assignment]
     if shadow_rate is not None:  # a concurrent enqueue made it first
         session.execute(update(Batch).where(Batch.id == batch_id).values(shadow_rate=shadow_rate))
+    if budget_usd is not None:  # set before the batch's first job is written, so every call reserves
+        budgets.set_budget(session, batch_id, budget_usd)
     return batch_id
 
 
@@ -364,6 +370,7 @@ def enqueue_items(
     chunk_size: int = CHUNK,
     total_bytes: int = 0,
     shadow_rate: float | None = None,
+    budget_usd: Decimal | None = None,
 ) -> EnqueueReport:
     """Check and write: the one path by which jobs enter Postgres, from a file or an HTTP body.
 
@@ -408,13 +415,15 @@ def enqueue_items(
                 report = _enqueue_pass(session, source, batch=batch, tenant_id=tenant_id, where=where,
                                        atomic=atomic, skip_invalid=skip_invalid, copy=copy, phase="writing",
                                        progress=progress, on_invalid=on_invalid, max_reported=max_reported,
-                                       chunk_size=chunk_size, total_bytes=total_bytes, shadow_rate=shadow_rate)
+                                       chunk_size=chunk_size, total_bytes=total_bytes, shadow_rate=shadow_rate,
+                                       budget_usd=budget_usd)
             except KeyRepeated:
                 session.rollback()
                 report = _enqueue_pass(session, source, batch=batch, tenant_id=tenant_id, where=where,
                                        atomic=atomic, skip_invalid=skip_invalid, copy=False, phase="rewriting",
                                        progress=progress, on_invalid=on_invalid, max_reported=max_reported,
-                                       chunk_size=chunk_size, total_bytes=total_bytes, shadow_rate=shadow_rate)
+                                       chunk_size=chunk_size, total_bytes=total_bytes, shadow_rate=shadow_rate,
+                                       budget_usd=budget_usd)
             if report.read == 0:
                 raise InputFileError(f"{where or 'the request body'} has no jobs: nothing was enqueued")
             if tenant_id is not None and report.batch_id is not None:
@@ -432,7 +441,8 @@ def enqueue_items(
 def _enqueue_pass(session: Session, source: Source, *, batch: str, tenant_id: int | None, where: str | None,
                   atomic: bool, skip_invalid: bool, copy: bool, phase: str, progress: Progress | None,
                   on_invalid: InvalidSink | None, max_reported: int, chunk_size: int,
-                  total_bytes: int, shadow_rate: float | None = None) -> EnqueueReport:
+                  total_bytes: int, shadow_rate: float | None = None,
+                  budget_usd: Decimal | None = None) -> EnqueueReport:
     """One reading of the input, writing as it goes; the caller commits the last of it."""
     report = EnqueueReport(batch=batch)
     pos = [0]
@@ -456,7 +466,8 @@ def _enqueue_pass(session: Session, source: Source, *, batch: str, tenant_id: in
         writer: Writer | None = None
 
         def start() -> Writer:
-            batch_id = get_or_create_batch(session, batch, tenant_id=tenant_id, shadow_rate=shadow_rate)
+            batch_id = get_or_create_batch(session, batch, tenant_id=tenant_id, shadow_rate=shadow_rate,
+                                           budget_usd=budget_usd)
             if not atomic:
                 session.commit()
             report.batch_id = batch_id
@@ -550,6 +561,7 @@ def enqueue_file(
     max_reported: int = 1000,
     chunk_size: int = CHUNK,
     shadow_rate: float | None = None,
+    budget_usd: Decimal | None = None,
 ) -> EnqueueReport:
     """Check and write. Raises JobInputError for the first bad line unless ``skip_invalid``.
 
@@ -569,7 +581,7 @@ def enqueue_file(
         tenant_id=tenant_id, where=str(path), skip_invalid=skip_invalid,
         atomic=not skip_invalid or tenant_id is not None, progress=progress,
         on_invalid=on_invalid, max_reported=max_reported, chunk_size=chunk_size, total_bytes=total,
-        shadow_rate=shadow_rate)
+        shadow_rate=shadow_rate, budget_usd=budget_usd)
 
 
 def invalid_line_json(bad: BadLine) -> str:
