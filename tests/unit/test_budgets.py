@@ -201,7 +201,8 @@ def test_a_dead_calls_reservation_is_released_once(pipeline: Pipeline, tmp_path:
                           .returning(ModelCall.id)) for j in (a, b)]
         s.commit()
     holds = [p.run(lambda s, j=j, c=c: budgets.reserve(s, job_id=j.id, version=j.version, call_id=c,
-                                                       amount=Decimal("0.4"))) for j, c in zip((a, b), calls, strict=True)]
+                                                       amount=Decimal("0.4")))
+             for j, c in zip((a, b), calls, strict=True)]
     assert all(isinstance(h, budgets.Hold) for h in holds)
     assert state(p, batch_id).reserved_usd == Decimal("0.8")
     # Call a's worker dies: the sweeper marks its call abandoned, and the tick releases it, once.
