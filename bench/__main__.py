@@ -16,10 +16,10 @@ console = Console(width=150)
 
 
 def _benchmarks() -> dict[str, Callable[..., list[Figure]]]:
-    from bench import caching, enqueue, history, inflight, overhead, quality
+    from bench import budgets, caching, enqueue, history, inflight, overhead, quality
 
     return {"overhead": overhead.run, "inflight": inflight.run, "enqueue": enqueue.run, "history": history.run,
-            "caching": caching.run, "quality": quality.run}
+            "caching": caching.run, "quality": quality.run, "budgets": budgets.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ submission leaves nothing behind), and bad items named by their index or line.""
 from __future__ import annotations
 
 import logging
+from decimal import Decimal
 from typing import IO, Any
 
 from sqlalchemy import select
@@ -32,10 +33,11 @@ def check_spend(sessions: sessionmaker[Session], who: Caller) -> None:
 
 
 def submit_items(sessions: sessionmaker[Session], source: Source, *, who: Caller,
-                 batch: str, lines: bool, shadow_rate: float | None = None) -> EnqueueReport:
+                 batch: str, lines: bool, shadow_rate: float | None = None,
+                 budget_usd: Decimal | None = None) -> EnqueueReport:
     try:
         report = enqueue_items(sessions, source, batch=batch, tenant_id=who.tenant_id, atomic=True,
-                               shadow_rate=shadow_rate)
+                               shadow_rate=shadow_rate, budget_usd=budget_usd)
     except (BadItem, InputFileError):
         raise  # said already, or about the whole body: no item to name
     except JobInputError as exc:

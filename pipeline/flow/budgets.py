@@ -411,6 +411,24 @@ def states(session: Executor, batch_ids: list[int]) -> dict[int, BudgetState]:
                                      .where(Batch.id.in_(batch_ids)))}
 
 
+@dataclass(frozen=True)
+class Overview:
+    """Budgets across every batch and tenant, for `switchyard status` and /metrics (no names)."""
+
+    reserved_usd: Decimal  # held by the calls in flight
+    calls_reserved: int  # calls in flight holding a reservation
+    paused: int  # jobs paused for a budget
+    exhausted_batches: int  # batches with a budget and jobs paused for it
+
+
+def overview(session: Executor) -> Overview:
+    held = session.execute(select(func.count(), func.coalesce(func.sum(BudgetReservation.amount_usd), 0))
+                           .where(BudgetReservation.released_at.is_(None))).one()
+    paused = session.execute(select(func.count(), func.count(func.distinct(Job.batch_id)))
+                             .where(Job.status == JobStatus.PAUSED)).one()
+    return Overview(Decimal(held[1]), int(held[0]), int(paused[0]), int(paused[1]))
+
+
 def batch_job_spend(session: Executor, batch_id: int) -> Decimal:
     """What the batch's jobs have cost so far (their calls', shadow evaluation's excluded)."""
     return Decimal(session.scalar(select(func.coalesce(func.sum(Job.cost_usd), 0))

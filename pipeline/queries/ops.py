@@ -264,6 +264,8 @@ class Status:
     finished_1m: dict[str, int]
     finished_5m: dict[str, int]
     limits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Budgets over every batch and tenant (pipeline.flow.budgets.overview): reserved, paused jobs.
+    budgets: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -330,5 +332,7 @@ def gather(client: redis.Redis, session: Session, models: ModelConfig, limiter: 
             paused_s=float(tier_limits[models.queue_tier(q)]["paused_s"]),
             retrying=queue_in_flight(q, waits),
         ))
+    from pipeline.flow.budgets import overview
+
     return Status(queues=rows, workers=workers, in_flight=in_flight, queued=queued, finished_1m=f1,
-                  finished_5m=f5, limits=tier_limits)
+                  finished_5m=f5, limits=tier_limits, budgets=asdict(overview(session)))
