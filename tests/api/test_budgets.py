@@ -25,7 +25,7 @@ def test_a_budget_is_set_at_submission_changed_and_shown(server: Server, make_to
                                  "spent_usd": "0.00000000", "reserved_usd": "0", "paused": 0, "exhausted": False}
         # A job paused for the budget is resumed by hand: at the dispatcher's next tick, whatever the room.
         with api_sessions() as s:
-            s.execute(update(Job).where(Job.batch_id == batch_id, Job.key == "k1")
+            s.execute(update(Job).where(Job.batch_id == batch_id, Job.key == "k-1")
                       .values(status=JobStatus.PAUSED, paused_reason="budget", paused_from="working",
                               paused_need_usd=Decimal("3")))
             s.commit()
@@ -39,7 +39,7 @@ def test_a_budget_is_set_at_submission_changed_and_shown(server: Server, make_to
         assert shown.status_code == 200 and shown.json()["paused"] == 1 and shown.json()["exhausted"] is True
     with api_sessions() as s:
         assert s.scalar(select(Batch.budget_usd).where(Batch.id == batch_id)) == Decimal("2.25")
-        assert s.scalar(select(Job.paused_need_usd).where(Job.batch_id == batch_id, Job.key == "k1")) == 0
+        assert s.scalar(select(Job.paused_need_usd).where(Job.batch_id == batch_id, Job.key == "k-1")) == 0
 
 
 @pytest.mark.parametrize(("value", "said"), [("-1", "must be 0 or more"), ("lots", "is not a number of dollars"),
