@@ -83,7 +83,10 @@ def measure(*, n: int, in_flight: int, latency_ms: float, console: Console) -> R
         sessions = session_factory(engine)
         e = env.switchyard_env(database_url=db, broker=env.broker_url(), claude_url="",
                                SWITCHYARD_CONFIG=str(config_path), SWITCHYARD_CLAIM_DEADLINE_S="15",
-                               SWITCHYARD_CALL_TIMEOUT_S="30")
+                               SWITCHYARD_CALL_TIMEOUT_S="30",
+                               # The killed worker's prefetched messages, never begun, are lost with it:
+                               # the sweeper republishes them after this (600 s by default here).
+                               SWITCHYARD_STAGE_DEADLINE_S="60")
         with env.Processes(e, workdir=workdir) as procs:
             fake = env.start_fake(procs, latency_ms=latency_ms)
             env.start_together(procs, {"opus": in_flight, "validate": in_flight},
