@@ -68,7 +68,10 @@ def cluster(own: tuple[str, sessionmaker[Session]], broker_url: str, slow_fake: 
     c = Cluster(database_url=own[0], broker_url=broker_url, claude_url=slow_fake.base_url,
                 workdir=tmp_path_factory.mktemp("budgets-cluster"),
                 env_extra={"SWITCHYARD_CONFIG": str(config_path), "SWITCHYARD_CLAIM_DEADLINE_S": "5",
-                           "SWITCHYARD_CALL_TIMEOUT_S": "5"})
+                           "SWITCHYARD_CALL_TIMEOUT_S": "5",
+                           # The killed worker's prefetched messages, never begun, go with it: the
+                           # sweeper republishes them after this, not after the usual 60 s.
+                           "SWITCHYARD_STAGE_DEADLINE_S": "15"})
     try:
         # The jobs are pinned to opus: no triage, and no sonnet.
         procs = [c.worker(q, concurrency=24, wait=False) for q in ("opus", "validate")]
