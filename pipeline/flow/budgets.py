@@ -342,32 +342,47 @@ def _rooms(session: Executor, batch_ids: set[int], tenant_ids: set[int], today: 
 
 def resume_due(session: Executor, *, now: datetime | None = None, limit: int = 1000) -> list[Resumed]:
     """Move paused jobs back to their stage while what each needs fits in its budgets' room (oldest
-    first): after a budget was raised, at the next UTC day for a daily limit, and as calls in flight
-    settle for less than they reserved. The resumed job reserves again before its call, so a room
-    that shrank meanwhile pauses it again; what this adds is only that a job is not woken for
-    nothing."""
+    first within a batch): after a budget was raised, at the next UTC day for a daily limit, and as
+    calls in flight settle for less than they reserved. The resumed job reserves again before its
+    call, so a room that shrank meanwhile pauses it again; what this adds is only that a job is not
+    woken for nothing.
+
+    Batch by batch, so that the paused jobs of a batch out of budget never stand in front of those
+    of a batch with room. Finding the batches reads every paused job's row once a tick (through the
+    status index): cheap for thousands, to watch for millions."""
     now = now or utcnow()
-    rows = session.execute(
-        select(Job.id, Job.batch_id, Job.paused_from, Job.paused_need_usd, Batch.tenant_id)
+    waiting = session.execute(
+        select(Job.batch_id, Batch.tenant_id, func.min(Job.paused_need_usd).label("least"))
         .join(Batch, Batch.id == Job.batch_id)
         .where(Job.status == JobStatus.PAUSED, Job.paused_reason == PAUSE_REASON)
-        .order_by(Job.id).limit(limit).with_for_update(of=Job, skip_locked=True)).all()
-    if not rows:
+        .group_by(Job.batch_id, Batch.tenant_id)).all()
+    if not waiting:
         return []
-    batch_room, tenant_room = _rooms(session, {r.batch_id for r in rows},
-                                     {r.tenant_id for r in rows if r.tenant_id is not None}, now.date())
-    chosen = []
-    for r in rows:
-        need = Decimal(r.paused_need_usd or 0)
-        b = batch_room.get(r.batch_id)
-        t = tenant_room.get(r.tenant_id) if r.tenant_id is not None else None
-        if (b is not None and b < need) or (t is not None and t < need):
+    batch_room, tenant_room = _rooms(session, {w.batch_id for w in waiting},
+                                     {w.tenant_id for w in waiting if w.tenant_id is not None}, now.date())
+
+    def fits_room(batch_id: int, tenant_id: int | None, need: Decimal) -> bool:
+        b = batch_room.get(batch_id)
+        t = tenant_room.get(tenant_id) if tenant_id is not None else None
+        return (b is None or b >= need) and (t is None or t >= need)
+
+    chosen: list[Any] = []
+    for w in waiting:
+        if len(chosen) >= limit or not fits_room(w.batch_id, w.tenant_id, Decimal(w.least or 0)):
             continue
-        if b is not None:
-            batch_room[r.batch_id] = b - need
-        if t is not None:
-            tenant_room[r.tenant_id] = t - need
-        chosen.append(r)
+        rows = session.execute(
+            select(Job.id, Job.paused_from, Job.paused_need_usd)
+            .where(Job.batch_id == w.batch_id, Job.status == JobStatus.PAUSED, Job.paused_reason == PAUSE_REASON)
+            .order_by(Job.id).limit(limit - len(chosen)).with_for_update(skip_locked=True)).all()
+        for r in rows:
+            need = Decimal(r.paused_need_usd or 0)
+            if not fits_room(w.batch_id, w.tenant_id, need):
+                continue
+            if batch_room.get(w.batch_id) is not None:
+                batch_room[w.batch_id] = cast(Decimal, batch_room[w.batch_id]) - need
+            if w.tenant_id is not None and tenant_room.get(w.tenant_id) is not None:
+                tenant_room[w.tenant_id] = cast(Decimal, tenant_room[w.tenant_id]) - need
+            chosen.append(r)
     return _move_back(session, chosen, "resumed: its budget has room")
 
 

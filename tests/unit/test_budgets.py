@@ -250,3 +250,19 @@ def test_resume_and_cancel_of_paused_jobs(pipeline: Pipeline, tmp_path: Path) ->
     with p.sessions() as s, pytest.raises(InvalidInput, match="has no paused jobs"):
         budgets.resume_batch(s, batch_id, name)
     assert {j.status for j in batch_jobs(p, batch_id)} == {JobStatus.CANCELLED}
+
+
+def test_a_batch_out_of_budget_does_not_hold_back_one_with_room(pipeline: Pipeline, tmp_path: Path) -> None:
+    p = pipeline
+    starved = enqueue(p, tmp_path, 5, budget=Decimal("0.001"))  # older: its paused jobs come first by id
+    raised = enqueue(p, tmp_path, 2, budget=Decimal("1"))
+    with p.sessions() as s:
+        s.execute(update(Job).where(Job.batch_id.in_([starved, raised]))
+                  .values(status=JobStatus.PAUSED, paused_reason="budget", paused_from="triaging",
+                          paused_need_usd=Decimal("0.01")))
+        s.commit()
+    # However few it may resume at once, what fits is found behind what does not.
+    resumed = p.run(lambda s: budgets.resume_due(s, limit=2))
+    assert sorted(r.id for r in resumed) == [j.id for j in batch_jobs(p, raised)]
+    assert {r.status for r in resumed} == {JobStatus.TRIAGING}
+    assert {j.status for j in batch_jobs(p, starved)} == {JobStatus.PAUSED}
