@@ -135,7 +135,10 @@ def measure(*, n: int, in_flight: int, latency_ms: float, console: Console) -> R
                     victim.popen.send_signal(signal.SIGKILL)
                     victim.popen.wait(10)
                     procs.procs.remove(victim)
-                    env.start_worker(procs, "opus", concurrency=in_flight, env={"ANTHROPIC_BASE_URL": fake.url})
+                    # A loaded machine may take more than a minute to start it again.
+                    procs.start("worker-opus", env.switchyard("worker", "--tier", "opus", "--concurrency",
+                                                              str(in_flight)), ready=" ready.", timeout=600,
+                                env={"ANTHROPIC_BASE_URL": fake.url})
                     console.print(f"  SIGKILLed the opus worker with {held[0]} calls in flight, at "
                                   f"{spent / run.budget:.0%} of the budget; restarted it")
                 if busy == 0 and held[0] == 0:
