@@ -5,7 +5,7 @@ checks that they agree with these models."""
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -15,6 +15,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Enum,
     ForeignKey,
@@ -51,6 +52,9 @@ class JobStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Waiting for room in a budget (pipeline.flow.budgets): no call made, no worker holding it, not
+    # failed. Neither active (the dispatcher's room and the sweeper ignore it) nor terminal.
+    PAUSED = "paused"
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
@@ -165,6 +169,51 @@ class Batch(Base):
     # (Message Batches, at the batch discount: pipeline.flow.economy). NULL: not set for the batch,
     # so the task's default mode, else standard.
     mode: Mapped[str | None] = mapped_column(String(20))
+    # The batch's spending cap in USD (enqueue --budget-usd, `batches budget`); NULL: none. Its
+    # calls reserve their worst case against it before they are made (pipeline.flow.budgets).
+    budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    # What the batch's budgeted calls have cost, added in the statement that records each call.
+    budget_spent_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0), server_default="0")
+
+
+class TenantSpendDay(Base):
+    """A tenant's spend on one UTC day, against its daily limit (tenants.max_spend_per_day_usd) at
+    call time: the row its calls' reservations lock and its calls' costs are added to."""
+
+    __tablename__ = "tenant_spend_days"
+    __table_args__ = (UniqueConstraint("tenant_id", "day"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    day: Mapped[date] = mapped_column(Date)
+    spent_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0), server_default="0")
+
+
+class BudgetReservation(Base):
+    """The worst-case cost of one model call, held against the budgets that cover it (its batch's,
+    its tenant's day) from before the call until its result is recorded. Open while ``released_at``
+    is NULL: what a budget has reserved is the sum of its open rows, so releasing is setting that
+    column once, and a release that comes twice (the sweeper and a late result) changes nothing."""
+
+    __tablename__ = "budget_reservations"
+    __table_args__ = (
+        Index("ix_budget_reservations_open_batch", "batch_id", postgresql_where=text("released_at IS NULL"),
+              sqlite_where=text("released_at IS NULL")),
+        Index("ix_budget_reservations_open_day", "day_id", postgresql_where=text("released_at IS NULL"),
+              sqlite_where=text("released_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    # Deleting the call row (a call handed back before any attempt) deletes, so releases, its hold.
+    call_id: Mapped[int] = mapped_column(ForeignKey("model_calls.id", ondelete="CASCADE"), unique=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    day_id: Mapped[int | None] = mapped_column(ForeignKey("tenant_spend_days.id", ondelete="CASCADE"))
+    amount_usd: Mapped[Decimal] = mapped_column(Money)
+    # The call's actual cost, once its result is recorded; NULL if it never was (released by the sweeper).
+    cost_usd: Mapped[Decimal | None] = mapped_column(Money)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Task(Base):
@@ -286,6 +335,11 @@ class Job(Base):
     # What economy mode had to do out of the ordinary for this job (a request that expired twice
     # went the standard path), for `jobs show`; NULL for most jobs.
     economy_note: Mapped[str | None] = mapped_column(Text)
+    # A paused job (pipeline.flow.budgets): why ("budget"), the status it resumes to, and the
+    # worst-case cost that did not fit, so the dispatcher resumes it once that much is free.
+    paused_reason: Mapped[str | None] = mapped_column(String(20))
+    paused_from: Mapped[str | None] = mapped_column(String(20))
+    paused_need_usd: Mapped[Decimal | None] = mapped_column(Money)
 
 
 class JobEvent(Base):

@@ -21,7 +21,7 @@ from decimal import Decimal
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from pipeline.db import insert_or_skip
+from pipeline.db import Executor, insert_or_skip
 from pipeline.errors import BatchCancelled, InvalidInput, LimitExceeded, NotFound
 from pipeline.models import TERMINAL, ApiToken, Batch, Job, ModelCall, Money, Tenant, utcnow
 from pipeline.names import quoted
@@ -254,7 +254,7 @@ def day_start(now: datetime) -> datetime:
     return datetime.combine(now.date(), time(0), tzinfo=now.tzinfo)
 
 
-def spend_today(session: Session, tenant_id: int, *, now: datetime | None = None) -> Decimal:
+def spend_today(session: Executor, tenant_id: int, *, now: datetime | None = None) -> Decimal:
     """What the tenant's model calls have cost since 00:00 UTC."""
     since = day_start(now or utcnow())
     total = session.scalar(

@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pipeline.flow import budgets
 from pipeline.queries import ops
 
 
@@ -63,6 +64,28 @@ class LiveCollector(Collector):
         except SQLAlchemyError:
             pass
         yield jobs
+        yield from budget_gauges(self.api.sessions)
+
+
+def budget_gauges(sessions: Any) -> Iterator[GaugeMetricFamily]:
+    """Budgets summed over every batch and tenant (pipeline.flow.budgets): no label at all, so no
+    tenant's or batch's name reaches a series."""
+    reserved = GaugeMetricFamily("switchyard_budget_reserved_usd", "USD held by the calls in flight against "
+                                 "their budgets (their worst case), all budgets together.")
+    calls = GaugeMetricFamily("switchyard_budget_calls_reserved", "Calls in flight holding a budget reservation.")
+    paused = GaugeMetricFamily("switchyard_budget_paused_jobs", "Jobs paused because their next call did not fit "
+                               "a budget.")
+    exhausted = GaugeMetricFamily("switchyard_budget_exhausted_batches", "Batches with jobs paused for their budget.")
+    try:
+        with sessions() as session:
+            seen = budgets.overview(session)
+    except SQLAlchemyError:
+        return
+    reserved.add_metric([], float(seen.reserved_usd))
+    calls.add_metric([], seen.calls_reserved)
+    paused.add_metric([], seen.paused)
+    exhausted.add_metric([], seen.exhausted_batches)
+    yield from (reserved, calls, paused, exhausted)
 
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

@@ -9,6 +9,7 @@ import json
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import redis
@@ -23,6 +24,7 @@ from pipeline.api.deps import Db, State, Who, caller, state
 from pipeline.api.submit import batch_source, body_reader, check_spend, find_job, one_job_source, submit_items
 from pipeline.db import transaction
 from pipeline.errors import BrokerDown, InvalidQuery, JobInputError, NotFound, UnsupportedMediaType
+from pipeline.flow import budgets
 from pipeline.flow.admission import valid_priority
 from pipeline.intake import tasks
 from pipeline.intake.enqueue import max_job_tokens
@@ -79,6 +81,16 @@ Priority = Annotated[int | None, Query(
     description="The batch's priority, 0-9: the dispatcher admits higher priorities first, and round robin across "
                 "tenants and batches within one; default: the task's `priority`, else 5. Given for a batch that "
                 "exists, it changes the batch's.", json_schema_extra={"minimum": 0, "maximum": 9})]
+
+
+BudgetUsd = Annotated[str | None, Query(
+    max_length=40, description="The batch's spending cap in USD, 0 or more (a decimal string): no call is made that "
+                               "could take the batch's spend over it, and jobs that do not fit pause (status "
+                               "`paused`) until it is raised (`POST /v1/batches/{id}/budget`).")]
+
+
+def _budget(value: str, *, param: str) -> Decimal:
+    return budgets.check_budget(value, where=f"query parameter {param!r}")
 
 
 def _batch_name(value: str, *, param: str) -> str:
@@ -170,7 +182,8 @@ async def submit_job(request: Request, who: Who, batch: BatchName) -> JSONRespon
                  JSON_LINES[0]: {"schema": {"type": "string", "description": "One job object per line."}},
              }))
 async def submit_batch(request: Request, who: Who, name: BatchName, shadow_rate: ShadowRate = None,
-                       priority: Priority = None, mode: Mode = None) -> schemas.BatchSubmitted:
+                       priority: Priority = None, mode: Mode = None,
+                       budget_usd: BudgetUsd = None) -> schemas.BatchSubmitted:
     """Submit jobs to a batch: a JSON array, or JSON Lines (`application/x-ndjson`) streamed in.
 
     Every job is checked before any is written: one bad job refuses the request (422, naming its
@@ -181,6 +194,7 @@ async def submit_batch(request: Request, who: Who, name: BatchName, shadow_rate:
     name = _batch_name(name, param="name")
     if priority is not None and not valid_priority(priority):
         raise InvalidQuery(f"query parameter 'priority' must be a whole number from 0 to 9, not {priority}")
+    budget = None if budget_usd is None else _budget(budget_usd, param="budget_usd")
     api = state(request)
     await run_in_threadpool(check_spend, api.sessions, who)
     reader, lines = body_reader(media_type(request))
@@ -188,7 +202,8 @@ async def submit_batch(request: Request, who: Who, name: BatchName, shadow_rate:
         source = batch_source(body, reader, config=api.models, max_items=api.max_batch_jobs,
                               tasks=tasks.lookup(api.sessions, tenant_id=who.tenant_id))
         result = await run_in_threadpool(submit_items, api.sessions, source, who=who, batch=name, lines=lines,
-                                         shadow_rate=shadow_rate, priority=priority, mode=mode)
+                                         shadow_rate=shadow_rate, priority=priority, mode=mode,
+                                         budget_usd=budget)
     request.app.state.metrics.jobs_accepted.inc(result.accepted)
     return schemas.BatchSubmitted(batch_id=result.batch_id or 0, batch=name, read=result.read,
                                   accepted=result.accepted, duplicates=result.duplicates)
@@ -257,6 +272,31 @@ def cancel_batch(batch_id: int, db: Db, who: Who) -> JSONResponse:
     result = history.cancel_batch(db_session=db, batch=batch_id, tenant_id=who.scope)
     log.info("tenant %s cancelled batch %d: %d job(s)", who.tenant, batch_id, result.cancelled)
     return _json(result)
+
+
+@router.post("/batches/{batch_id}/budget", response_model=schemas.BudgetState, tags=["batches"],
+             responses={**ERRORS, **NOT_FOUND})
+def set_budget(batch_id: int, db: Db, who: Who,
+               usd: Annotated[str, Query(max_length=40, description="The new budget in USD, 0 or more.")],
+               ) -> JSONResponse:
+    """Set the batch's spending cap. Raised, the jobs paused for it resume at the dispatcher's next
+    tick; lowered under what is spent and reserved, the next calls pause their jobs."""
+    amount = _budget(usd, param="usd")
+    b = _own_batch(db, batch_id, who)
+    budgets.set_budget(db, b.id, amount)
+    db.commit()
+    return _json(budgets.states(db, [b.id])[b.id].as_dict())
+
+
+@router.post("/batches/{batch_id}/resume", response_model=schemas.BudgetState, tags=["batches"],
+             responses={**ERRORS, **NOT_FOUND})
+def resume_batch(batch_id: int, db: Db, who: Who) -> JSONResponse:
+    """Resume the batch's paused jobs at the dispatcher's next tick, whatever their budget's room (one
+    that still does not fit pauses again at its next call). 422 if none is paused."""
+    b = _own_batch(db, batch_id, who)
+    budgets.resume_batch(db, b.id, b.name)
+    db.commit()
+    return _json(budgets.states(db, [b.id])[b.id].as_dict())
 
 
 def _own_batch(db: Db, batch_id: int, who: Who) -> Batch:

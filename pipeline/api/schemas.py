@@ -154,6 +154,16 @@ class Cancelled(BaseModel):
     waiting: int = Field(description="Of those, the jobs that were waiting out transient errors.")
 
 
+class BudgetState(BaseModel):
+    batch_id: int
+    batch: str
+    budget_usd: Money | None = Field(description="The batch's spending cap; null: none.")
+    spent_usd: Money = Field(description="What the batch's budgeted calls have cost.")
+    reserved_usd: Money = Field(description="The worst-case cost of its calls in flight, held against the budget.")
+    paused: int = Field(description="Jobs paused because their next call did not fit.")
+    exhausted: bool = Field(description="The batch has a budget and jobs paused for it.")
+
+
 class TierStats(BaseModel):
     model_config = ConfigDict(extra="allow")
 

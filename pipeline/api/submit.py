@@ -6,6 +6,7 @@ submission leaves nothing behind), and bad items named by their index or line.""
 from __future__ import annotations
 
 import logging
+from decimal import Decimal
 from typing import IO, Any
 
 from sqlalchemy import select
@@ -33,10 +34,10 @@ def check_spend(sessions: sessionmaker[Session], who: Caller) -> None:
 
 def submit_items(sessions: sessionmaker[Session], source: Source, *, who: Caller,
                  batch: str, lines: bool, shadow_rate: float | None = None, priority: int | None = None,
-                 mode: str | None = None) -> EnqueueReport:
+                 mode: str | None = None, budget_usd: Decimal | None = None) -> EnqueueReport:
     try:
         report = enqueue_items(sessions, source, batch=batch, tenant_id=who.tenant_id, atomic=True,
-                               shadow_rate=shadow_rate, priority=priority, mode=mode)
+                               shadow_rate=shadow_rate, priority=priority, mode=mode, budget_usd=budget_usd)
     except (BadItem, InputFileError):
         raise  # said already, or about the whole body: no item to name
     except JobInputError as exc:

@@ -14,6 +14,7 @@ import sys
 
 from rich.text import Text
 
+import pipeline.cli.budgets
 import pipeline.cli.history
 import pipeline.cli.operate
 import pipeline.cli.quality

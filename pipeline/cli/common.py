@@ -20,6 +20,10 @@ db_app = typer.Typer(no_args_is_help=True, help="The database schema (Alembic mi
 jobs_app = typer.Typer(no_args_is_help=True, help="Job history.")
 app.add_typer(db_app, name="db")
 app.add_typer(jobs_app, name="jobs")
+# No no_args_is_help: on its own, `switchyard batches` lists them (pipeline.cli.history); its
+# commands act on one batch (pipeline.cli.budgets: budget, resume).
+batches_app = typer.Typer(help="Batches: list them; set a batch's budget; resume its paused jobs.")
+app.add_typer(batches_app, name="batches")
 
 console = Console()
 # Errors are one sentence on one line, however narrow the terminal: scripts grep them.

@@ -26,7 +26,8 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.cli.common import app, console, err, failure_view, jobs_app, settings
+from pipeline.cli.budgets import budget_line
+from pipeline.cli.common import app, batches_app, console, err, failure_view, jobs_app, settings
 from pipeline.cli.outfile import Output, write_whole
 from pipeline.cli.tables import Unit, compact, cost_line, new_table, when
 from pipeline.errors import InputFileError, InvalidInput, InvalidQuery, JobInputError, OutputError
@@ -34,6 +35,7 @@ from pipeline.names import check_batch_name, escaped
 from pipeline.queries import history
 
 if TYPE_CHECKING:
+    from pipeline.flow.budgets import BudgetState
     from pipeline.intake.enqueue import EnqueueReport
     from pipeline.queries.report import FailureReason, Summary
     from pipeline.settings import Settings
@@ -123,9 +125,13 @@ def enqueue(
         help="standard (synchronous calls) or economy (every model call through the Message Batches API, at "
              "half price, answers within hours rather than seconds); default: the task's mode, else "
              "standard.")] = None,
+    budget_usd: Annotated[str | None, typer.Option(
+        "--budget-usd", help="The batch's spending cap in USD: no call is made that could take its spend over it, "
+                             "and jobs that do not fit pause (see `switchyard batches budget`).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Add a file of jobs to a batch. Re-running the same file adds no duplicates."""
+    from pipeline.flow.budgets import check_budget
     from pipeline.intake.enqueue import input_size
 
     s = settings()
@@ -142,6 +148,7 @@ def enqueue(
         check_priority(priority, what="--priority")
     if mode is not None and mode not in ("standard", "economy"):
         raise InvalidInput(f"--mode must be standard or economy, not {mode!r}")
+    budget = None if budget_usd is None else check_budget(budget_usd)  # before anything is read
     input_size(file)  # a missing input is the first thing to say, before where its report would go
     if skip_invalid and _same_file(target, file):
         raise InvalidInput(f"--invalid-report {target} is the input file itself: name another file for the report")
@@ -156,7 +163,8 @@ def enqueue(
             started = True
             report = _enqueue_with_progress(s, file, name=name, tenant_id=tenant_id, fmt=format,
                                             skip_invalid=skip_invalid, report_out=report_out, quiet=as_json,
-                                            shadow_rate=shadow_rate, priority=priority, mode=mode)
+                                            shadow_rate=shadow_rate, priority=priority, mode=mode,
+                                            budget_usd=budget)
     except OutputError as exc:
         if not started:
             raise
@@ -222,7 +230,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def _enqueue_with_progress(s: Settings, file: Path, *, name: str, tenant_id: int | None, fmt: str | None,
                            skip_invalid: bool, report_out: Output | None, quiet: bool,
                            shadow_rate: float | None = None, priority: int | None = None,
-                           mode: str | None = None) -> EnqueueReport:
+                           mode: str | None = None, budget_usd: Decimal | None = None) -> EnqueueReport:
     """enqueue_file with a progress bar; bad lines go to ``report_out`` (--skip-invalid)."""
     from pipeline.intake.enqueue import BadLine, Tick, enqueue_file, invalid_line_json
 
@@ -253,7 +261,7 @@ def _enqueue_with_progress(s: Settings, file: Path, *, name: str, tenant_id: int
             with _sessions() as sessions:
                 return enqueue_file(sessions, file, batch=name, config=s.models, tenant_id=tenant_id, fmt=fmt,
                                     skip_invalid=skip_invalid, progress=progress, on_invalid=on_invalid,
-                                    shadow_rate=shadow_rate, priority=priority, mode=mode)
+                                    shadow_rate=shadow_rate, priority=priority, mode=mode, budget_usd=budget_usd)
         except JobInputError as exc:
             if exc.line is None or isinstance(exc, InputFileError):
                 raise
@@ -488,29 +496,37 @@ def _calls_table(calls: list[history.CallRecord], *, wide: bool) -> Table:
 # -- batches, stats, export ------------------------------------------------------------------------
 
 
-@app.command()
+@batches_app.callback(invoke_without_command=True)
 def batches(
+    ctx: typer.Context,
     limit: Annotated[int, typer.Option(help="How many of the newest batches.")] = 50,
     tenant: Annotated[str | None, typer.Option("--tenant", help="Only this tenant's batches.")] = None,
     wide: WideFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Batches, newest first, with their tenant, priority, jobs per status and cost; then each
-    tenant's share of the jobs in flight now."""
+    """Batches, newest first, with their tenant, priority, jobs per status, cost and budget; then
+    each tenant's share of the jobs in flight now."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from pipeline.flow import budgets
     from pipeline.queries.shares import describe, tenant_shares
 
     with _session() as session:
         rows = history.list_batches(db_session=session, limit=limit, tenant_id=_tenant_id(session, tenant))
+        spend = budgets.states(session, [b.id for b in rows])
         shares = tenant_shares(session) if rows and not as_json else []
     if as_json:
-        _print_json([{**history.jsonable(b), "done": b.done, "finished": b.finished} for b in rows])
+        _print_json([{**history.jsonable(b), "done": b.done, "finished": b.finished,
+                      "budget": history.jsonable(spend[b.id].as_dict())} for b in rows])
         return
-    console.print(_batches_table(rows, wide=wide, tenant_shown=tenant is None) if rows else "no batches yet")
+    console.print(_batches_table(rows, wide=wide, tenant_shown=tenant is None, spend=spend) if rows
+                  else "no batches yet")
     if rows:
         console.print(Text(describe(shares)))
 
 
-def _batches_table(rows: list[history.BatchSummary], *, wide: bool, tenant_shown: bool) -> Table:
+def _batches_table(rows: list[history.BatchSummary], *, wide: bool, tenant_shown: bool,
+                   spend: dict[int, BudgetState] | None = None) -> Table:
     # "cancelled" and "created" only with --wide: a cancelled batch says so after its name, and a
     # tenant's batch names the tenant under it (a column of its own leaves each text a few letters).
     groups = STATUS_GROUPS if wide else STATUS_GROUPS[:-1]
@@ -521,7 +537,8 @@ def _batches_table(rows: list[history.BatchSummary], *, wide: bool, tenant_shown
         cells: dict[str, RenderableType] = {
             "id": str(b.id),
             "batch": Text.assemble(_plain(b.name), (" (cancelled)", "yellow") if b.cancelled_at else "",
-                                   *(("\ntenant ", _plain(b.tenant)) if b.tenant is not None and tenant_shown else ())),
+                                   *(("\ntenant ", _plain(b.tenant)) if b.tenant is not None and tenant_shown else ()),
+                                   budget_line(spend.get(b.id) if spend else None)),
             "created": when(b.created_at), "priority": str(b.priority), "jobs": compact(b.jobs),
             "cost": compact(b.cost_usd, "usd"),
             **{g: compact(n) for g, n in zip(STATUS_GROUPS, _grouped(b.by_status), strict=True)}}

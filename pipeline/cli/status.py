@@ -100,4 +100,9 @@ def render_status(st: Status) -> Group:
     summary.add_row("waiting in Postgres", f"{compact(st.queued)} job(s)")
     summary.add_row("finished, last minute", fmt(st.finished_1m))
     summary.add_row("finished, last 5 minutes", fmt(st.finished_5m))
+    if st.budgets:
+        b = st.budgets
+        summary.add_row("budgets", f"{compact(b['reserved_usd'], 'usd')} reserved by {compact(b['calls_reserved'])} "
+                                   f"call(s) in flight; {compact(b['paused'])} job(s) paused in "
+                                   f"{compact(b['exhausted_batches'])} batch(es) out of budget")
     return Group(*parts, summary)

@@ -24,7 +24,7 @@ from typing import Protocol
 from sqlalchemy import ColumnElement, and_, func, insert, or_, select, update
 
 from pipeline.db import Executor
-from pipeline.flow import admission, shadow
+from pipeline.flow import admission, budgets, shadow
 from pipeline.flow.stages import Handoff, Pipeline, handoff_for
 from pipeline.flow.states import transition_many
 from pipeline.models import ACTIVE, Job, JobStatus, ModelCall, RoutingDecision, utcnow
@@ -225,6 +225,11 @@ class RollupFolder:
         self.due = time.monotonic() + (0 if done is not None and done.full else self.interval_s)
 
 
+def settle_budgets(session: Executor) -> list[Handoff]:
+    budgets.release_abandoned(session)
+    return [h for r in budgets.resume_due(session) if (h := handoff_for(r.id, r.status, r.tier)) is not None]
+
+
 class Stopper(Protocol):
     def is_set(self) -> bool: ...
 
@@ -272,6 +277,9 @@ def run_dispatcher(
             publish(swept)
             if lost_before is None or len(swept) < 1000:
                 break
+        # Budgets (pipeline.flow.budgets): free what the calls that died with their worker reserved
+        # (the sweep above marked them abandoned), then resume the paused jobs that fit again.
+        publish(p.run(settle_budgets))
         # Shadow evaluation's steps: those due after transient errors, lost, or held by a dead worker.
         publish(p.run(partial(shadow.sweep, deadline_s=deadline_s, claim_deadline_s=claim_deadline_s,
                               lost_before=lost_before)))

@@ -26,7 +26,7 @@ from pipeline.claude.client import MAX_RETRY_AFTER_S, Attempt, CallResult, Model
 from pipeline.claude.pricing import call_cost
 from pipeline.config import ModelConfig
 from pipeline.errors import CallFailed, Deferred
-from pipeline.flow import economy
+from pipeline.flow import budgets, economy
 from pipeline.flow.prompts import Prompt, Shared, format_check_prompt, triage_prompt, work_prompt
 from pipeline.flow.routing import after_failed_validation, parse_triage, tier_for
 from pipeline.flow.states import Also, Claim, begin_stage, last_step, moved_at, release_stage, renew_claim, transition
@@ -243,10 +243,12 @@ def _call_writes(p: Pipeline, *, call_id: int, claim: Claim, stage: Stage, tier:
         else:
             retries.append({"job_id": claim.id, "stage": stage, "tier": tier, "model": tier_cfg.model,
                             "delivery": claim.deliveries, **values})
+    writes = first + ([Also(_CALLS, rows=retries, when="always", moved_flag=flag)] if retries else [])
     # An economy call's answer is read once: its request is marked consumed with the call's record.
     read = [Also(_ECONOMY_REQUESTS, row_id=a.economy_request_id, values={"consumed_at": utcnow()}, when="always")
             for a in attempts if a.economy_request_id is not None]
-    return first + ([Also(_CALLS, rows=retries, when="always", moved_flag=flag)] if retries else []) + read
+    # The call's budget reservation, if it made one, replaced by its actual cost in the same statement.
+    return writes + read + budgets.settle_writes(budgets.take(call_id), _total_cost(p, tier, attempts))
 
 
 def _stale_cost(job_id: int, cost: Decimal) -> list[Also]:
@@ -343,7 +345,7 @@ def _shared(p: Pipeline, claim: Claim, tier: str) -> Shared | None:
 
 
 def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt, max_tokens: int,
-          stage: Stage) -> CallResult | CallFailed | Deferred:
+          stage: Stage, call_id: int) -> CallResult | CallFailed | Deferred:
     def renew(_attempt: int) -> None:
         # Best effort and without Pipeline.run's retries: a missed renewal costs at worst a
         # duplicate delivery (which the version check absorbs), while blocking here on a database
@@ -354,10 +356,21 @@ def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt, max_tokens: i
         except OperationalError as exc:
             log.warning("job %s: could not renew the stage claim: %s", claim.id, exc.orig or exc)
 
-    return call_model(p, tier=tier, prompt=prompt, max_tokens=max_tokens, on_retry=renew, job_id=claim.id,
-                      economy_call=economy.economy_call(p, job_id=claim.id, version=claim.version,
-                                                        batch_id=claim.batch_id, task_id=claim.task_id,
-                                                        purpose=stage.value))
+    # The call's worst case reserved against its budgets first (pipeline.flow.budgets); a call that
+    # does not fit is not made, and its job is paused already.
+    paused = budgets.hold_call(p, job_id=claim.id, version=claim.version, call_id=call_id, tier=tier, prompt=prompt,
+                               max_tokens=max_tokens)
+    if paused is not None:
+        return paused
+    result = call_model(p, tier=tier, prompt=prompt, max_tokens=max_tokens, on_retry=renew, job_id=claim.id,
+                        economy_call=economy.economy_call(p, job_id=claim.id, version=claim.version,
+                                                          batch_id=claim.batch_id, task_id=claim.task_id,
+                                                          purpose=stage.value))
+    if isinstance(result, Deferred) and not result.attempts:
+        # Handed back unmade (a rate-limit or warm-up wait, or an economy call parked until its
+        # message batch answers): its call row goes, and the reservation with it.
+        budgets.take(call_id)
+    return result
 
 
 def call_model(p: Pipeline, *, tier: str, prompt: Prompt, max_tokens: int, on_retry: Callable[[int], None],
@@ -555,7 +568,7 @@ def triage(p: Pipeline, job_id: int) -> Handoff | None:
     claim, call_id = claimed
     assert call_id is not None
     result = _call(p, claim, tier=tier, prompt=triage_prompt(claim.kind, claim.payload, shared=_shared(p, claim, tier)),
-                   max_tokens=p.models.limits.triage_max_tokens, stage=Stage.TRIAGE)
+                   max_tokens=p.models.limits.triage_max_tokens, stage=Stage.TRIAGE, call_id=call_id)
     if isinstance(result, Deferred):
         return _defer(p, claim, call_id, status=JobStatus.TRIAGING, stage=Stage.TRIAGE, tier=tier, deferred=result)
     if isinstance(result, CallFailed):
@@ -606,7 +619,7 @@ def work(p: Pipeline, job_id: int) -> Handoff | None:
         max_tokens = min(max_tokens, shared.definition["max_tokens"])
     result = _call(p, claim, tier=tier, prompt=work_prompt(claim.kind, claim.payload, feedback=claim.feedback,
                                                            shared=shared),
-                   max_tokens=max_tokens, stage=Stage.WORK)
+                   max_tokens=max_tokens, stage=Stage.WORK, call_id=call_id)
     if isinstance(result, Deferred):
         return _defer(p, claim, call_id, status=JobStatus.WORKING, stage=Stage.WORK, tier=tier, deferred=result)
     if isinstance(result, CallFailed):
@@ -662,7 +675,8 @@ def validate(p: Pipeline, job_id: int) -> Handoff | None:
         answer = claim.candidate or ""
         outcome = _call(p, claim, tier=checker, prompt=format_check_prompt(JobKind(claim.kind), claim.payload, answer,
                                                                           shared=_shared(p, claim, checker)),
-                        max_tokens=p.models.limits.format_check_max_tokens, stage=Stage.FORMAT_CHECK)
+                        max_tokens=p.models.limits.format_check_max_tokens, stage=Stage.FORMAT_CHECK,
+                        call_id=call_id)
         if isinstance(outcome, Deferred):
             return _defer(p, claim, call_id, status=JobStatus.VALIDATING, stage=Stage.FORMAT_CHECK, tier=checker,
                           deferred=outcome)

@@ -6,6 +6,9 @@
        │           │           └──┼──────────┤ (retry / escalation)
        └───────────┴───────────── ┴──────────┴──► failed | cancelled
 
+    triaging | working | validating ──► paused ──► (back where it was) | cancelled
+      (a call that does not fit its budget; pipeline.flow.budgets resumes it when there is room)
+
 Every transition is one conditional UPDATE from the status *and version* the caller read, so a
 message delivered twice, or a sweeper racing a slow worker, moves a job at most once. Each
 successful transition also writes a ``job_events`` row with its timestamp.
@@ -27,12 +30,14 @@ from pipeline.models import TERMINAL, Job, JobEvent, JobStatus, utcnow
 
 Q, T, W, V = JobStatus.QUEUED, JobStatus.TRIAGING, JobStatus.WORKING, JobStatus.VALIDATING
 S, F, C = JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED
+P = JobStatus.PAUSED
 
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     Q: frozenset({T, W, F, C}),
-    T: frozenset({W, F, C}),
-    W: frozenset({V, F, C}),
-    V: frozenset({S, W, V, F, C}),
+    T: frozenset({W, F, C, P}),
+    W: frozenset({V, F, C, P}),
+    V: frozenset({S, W, V, F, C, P}),
+    P: frozenset({T, W, V, C}),
     S: frozenset(),
     F: frozenset(),
     C: frozenset(),

@@ -43,6 +43,7 @@ import re
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
@@ -53,6 +54,7 @@ from pipeline import tenants
 from pipeline.config import ModelConfig, check_rate
 from pipeline.db import insert_or_skip, retry_conflicts
 from pipeline.errors import BatchCancelled, InputFileError, InvalidInput, JobInputError
+from pipeline.flow import budgets
 from pipeline.flow.admission import check_priority
 from pipeline.intake import tasks
 from pipeline.intake.jobspec import (
@@ -327,7 +329,8 @@ def iter_objects(numbered: Iterable[tuple[int, Any]], *, config: ModelConfig,
 
 def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = None,
                         shadow_rate: float | None = None, priority: int | None = None,
-                        task_ids: Collection[int] = (), mode: str | None = None) -> int:
+                        task_ids: Collection[int] = (), mode: str | None = None,
+                        budget_usd: Decimal | None = None) -> int:
     """The id of the batch called ``name`` in a tenant's namespace (None: the operator's, for
     batches enqueued from the CLI), created if new. ``shadow_rate``, if given, becomes the batch's
     (pipeline.flow.shadow): for a batch that exists, from its next job to succeed on. So does
@@ -344,6 +347,8 @@ def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = 
                                  f"enqueue into a new batch name")
         if given:
             session.execute(update(Batch).where(Batch.id == existing.id).values(**given))
+        if budget_usd is not None:
+            budgets.set_budget(session, int(existing.id), budget_usd)
         return int(existing.id)
     if priority is None:
         priority = tasks.default_priority(session, task_ids)
@@ -353,6 +358,8 @@ def get_or_create_batch(session: Session, name: str, *, tenant_id: int | None = 
     batch_id: int = session.scalar(select(Batch.id).where(Batch.name == name, scope))  # type: ignore[assignment]
     if given:  # a concurrent enqueue made it first
         session.execute(update(Batch).where(Batch.id == batch_id).values(**given))
+    if budget_usd is not None:  # set before the batch's first job is written, so every call reserves
+        budgets.set_budget(session, batch_id, budget_usd)
     return batch_id
 
 
@@ -377,6 +384,7 @@ def enqueue_items(
     shadow_rate: float | None = None,
     priority: int | None = None,
     mode: str | None = None,
+    budget_usd: Decimal | None = None,
 ) -> EnqueueReport:
     """Check and write: the one path by which jobs enter Postgres, from a file or an HTTP body.
 
@@ -426,14 +434,14 @@ def enqueue_items(
                                        atomic=atomic, skip_invalid=skip_invalid, copy=copy, phase="writing",
                                        progress=progress, on_invalid=on_invalid, max_reported=max_reported,
                                        chunk_size=chunk_size, total_bytes=total_bytes, shadow_rate=shadow_rate,
-                                       priority=priority, mode=mode)
+                                       priority=priority, mode=mode, budget_usd=budget_usd)
             except KeyRepeated:
                 session.rollback()
                 report = _enqueue_pass(session, source, batch=batch, tenant_id=tenant_id, where=where,
                                        atomic=atomic, skip_invalid=skip_invalid, copy=False, phase="rewriting",
                                        progress=progress, on_invalid=on_invalid, max_reported=max_reported,
                                        chunk_size=chunk_size, total_bytes=total_bytes, shadow_rate=shadow_rate,
-                                       priority=priority, mode=mode)
+                                       priority=priority, mode=mode, budget_usd=budget_usd)
             if report.read == 0:
                 raise InputFileError(f"{where or 'the request body'} has no jobs: nothing was enqueued")
             if tenant_id is not None and report.batch_id is not None:
@@ -452,7 +460,7 @@ def _enqueue_pass(session: Session, source: Source, *, batch: str, tenant_id: in
                   atomic: bool, skip_invalid: bool, copy: bool, phase: str, progress: Progress | None,
                   on_invalid: InvalidSink | None, max_reported: int, chunk_size: int,
                   total_bytes: int, shadow_rate: float | None = None, priority: int | None = None,
-                  mode: str | None = None) -> EnqueueReport:
+                  mode: str | None = None, budget_usd: Decimal | None = None) -> EnqueueReport:
     """One reading of the input, writing as it goes; the caller commits the last of it."""
     report = EnqueueReport(batch=batch)
     pos = [0]
@@ -477,7 +485,7 @@ def _enqueue_pass(session: Session, source: Source, *, batch: str, tenant_id: in
 
         def start() -> Writer:
             batch_id = get_or_create_batch(session, batch, tenant_id=tenant_id, shadow_rate=shadow_rate,
-                                           priority=priority, mode=mode,
+                                           priority=priority, mode=mode, budget_usd=budget_usd,
                                            task_ids={spec.task_id for _, spec in held if spec.task_id is not None})
             if not atomic:
                 session.commit()
@@ -574,6 +582,7 @@ def enqueue_file(
     shadow_rate: float | None = None,
     priority: int | None = None,
     mode: str | None = None,
+    budget_usd: Decimal | None = None,
 ) -> EnqueueReport:
     """Check and write. Raises JobInputError for the first bad line unless ``skip_invalid``.
 
@@ -593,7 +602,7 @@ def enqueue_file(
         tenant_id=tenant_id, where=str(path), skip_invalid=skip_invalid,
         atomic=not skip_invalid or tenant_id is not None, progress=progress,
         on_invalid=on_invalid, max_reported=max_reported, chunk_size=chunk_size, total_bytes=total,
-        shadow_rate=shadow_rate, priority=priority, mode=mode)
+        shadow_rate=shadow_rate, priority=priority, mode=mode, budget_usd=budget_usd)
 
 
 def invalid_line_json(bad: BadLine) -> str:

@@ -435,6 +435,9 @@ def cancel_batch(*, db_session: Session, batch: str | int, chunk: int = CANCEL_C
     db_session.commit()
     cancelled = _cancel_chunks(db_session, b.id, status=JobStatus.QUEUED, chunk=chunk,
                                error="cancelled before it started")
+    # A job paused for its budget (pipeline.flow.budgets) holds no claim and no message either.
+    cancelled += _cancel_chunks(db_session, b.id, status=JobStatus.PAUSED, chunk=chunk,
+                                error="cancelled while paused for its budget")
     waiting = sum(_cancel_chunks(db_session, b.id, status=status, chunk=chunk, waiting_only=True,
                                  error=f"cancelled in the {status.value} stage, while waiting out transient errors")
                   for status in (JobStatus.TRIAGING, JobStatus.WORKING, JobStatus.VALIDATING))

@@ -270,6 +270,8 @@ class Status:
     tenants: list[TenantShare] = field(default_factory=list)
     # Economy mode's message batches not yet ended, per model (pipeline.flow.economy.open_batches).
     message_batches: list[dict[str, Any]] = field(default_factory=list)
+    # Budgets over every batch and tenant (pipeline.flow.budgets.overview): reserved, paused jobs.
+    budgets: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -336,8 +338,9 @@ def gather(client: redis.Redis, session: Session, models: ModelConfig, limiter: 
             paused_s=float(tier_limits[models.queue_tier(q)]["paused_s"]),
             retrying=queue_in_flight(q, waits),
         ))
+    from pipeline.flow.budgets import overview
     from pipeline.flow.economy import open_batches
 
     return Status(queues=rows, workers=workers, in_flight=in_flight, queued=queued, finished_1m=f1,
                   finished_5m=f5, limits=tier_limits, tenants=tenant_shares(session),
-                  message_batches=open_batches(session.connection()))
+                  message_batches=open_batches(session.connection()), budgets=asdict(overview(session)))

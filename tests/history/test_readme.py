@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SECTION = "## Bulk enqueue and query history"
 
 
-def readme_commands() -> list[str]:
+def readme_commands(heading: str = SECTION) -> list[str]:
     text = (ROOT / "README.md").read_text()
-    section = text[text.index(SECTION):]
-    nxt = section.find("\n## ", len(SECTION))
+    section = text[text.index(heading):]
+    nxt = section.find("\n## ", len(heading))
     section = section if nxt < 0 else section[:nxt]
     blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)
     return [line for block in blocks for line in block.splitlines() if line.strip()]
