@@ -436,7 +436,7 @@ def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = N
     """``report.summarize`` of a batch, a tenant's jobs or all jobs, from the rollups and the live
     tail: exact and current, but for the latency percentiles, which come from the histogram
     (``BUCKET_ERROR``). A few rows per batch and tier, whatever the batch's size, plus the jobs
-    not folded yet (queued ones are only counted, through an index)."""
+    not folded yet."""
     figures, by_status, reasons = _read(session, batch_id, tenant_id)
     tiers = {name: TierLine(name) for name in config.tiers}
     escalations = 0
