@@ -77,7 +77,7 @@ FIGURES = JOB_FIGURES + CALL_FIGURES
 TOP = ("top_input_tokens", "top_output_tokens", "top_cache_creation_input_tokens", "top_cache_read_input_tokens")
 NO_TIER = "-"  # a job that ended with no tier (cancelled or failed before triage routed it)
 EVALUATION = "('shadow', 'judge')"
-ACTIVE = "('triaging', 'working', 'validating')"
+NOT_ENDED = "('queued', 'triaging', 'working', 'validating')"
 
 # -- the latency histogram -------------------------------------------------------------------------
 
@@ -337,10 +337,12 @@ _CHILD_FIGURES = tuple(f for f in JOB_FIGURES if not f.startswith("jobs_") and f
 
 
 def _tail_jobs(jobs_scope: str) -> str:
-    """The jobs of the scope not in the rollups, but queued ones (which have no calls, verdicts or
-    decisions): in a stage, or ended and not folded yet."""
+    """The jobs of the scope not in the rollups: queued, in a stage, or ended and not folded yet.
+    A queued job has made no call and has no verdict or decision (queued is only ever a job's first
+    status), but rows that say otherwise are still counted, as the raw path counts them: exact
+    whatever the rows, at the price of reading a queued backlog's ids."""
     return (f"SELECT id, batch_id, coalesce(tier, '{NO_TIER}') AS tier, status, escalations, "
-            f"NULL::timestamptz AS minute FROM jobs WHERE {jobs_scope} AND status IN {ACTIVE} "
+            f"NULL::timestamptz AS minute FROM jobs WHERE {jobs_scope} AND status IN {NOT_ENDED} "
             f"UNION ALL SELECT id, batch_id, coalesce(tier, '{NO_TIER}'), status, escalations, NULL "
             f"FROM jobs WHERE {UNROLLED_JOBS} AND {jobs_scope}")
 
@@ -363,12 +365,9 @@ def _read_statement(batch_id: int | None, tenant_id: int | None) -> str:
         # The rollups.
         f"SELECT 'total' AS kind, to_jsonb(r) || jsonb_build_object({_money('cost_usd', 'repeated_cost_usd')}) "
         f"FROM rollup_totals r WHERE {scope} "
-        # The jobs not folded: queued (counted through the batch/status index), in a stage, or
-        # ended since the last fold.
+        # The jobs not folded: queued, in a stage, or ended since the last fold.
         "UNION ALL SELECT 'jobs', jsonb_build_object('status', status, 'tier', tier, 'n', n, 'esc', esc) FROM ("
-        f"SELECT status, coalesce(tier, '{NO_TIER}') AS tier, count(*) AS n, coalesce(sum(escalations), 0) AS esc "
-        f"FROM jobs WHERE {scope} AND status = 'queued' GROUP BY 1, 2 "
-        "UNION ALL SELECT status, tier, count(*), coalesce(sum(escalations), 0) FROM t GROUP BY 1, 2) q "
+        "SELECT status, tier, count(*) AS n, coalesce(sum(escalations), 0) AS esc FROM t GROUP BY 1, 2) q "
         # What was decided about those (none for queued jobs).
         f"UNION ALL SELECT 'child', to_jsonb(x) FROM (SELECT tier, "
         f"{', '.join(f'sum({x}) AS {x}' for x in _CHILD_FIGURES)} FROM f GROUP BY tier) x "
@@ -437,7 +436,7 @@ def summarize(session: Session, config: ModelConfig, *, batch_id: int | None = N
     """``report.summarize`` of a batch, a tenant's jobs or all jobs, from the rollups and the live
     tail: exact and current, but for the latency percentiles, which come from the histogram
     (``BUCKET_ERROR``). A few rows per batch and tier, whatever the batch's size, plus the jobs
-    not folded yet (queued ones are only counted, through an index)."""
+    not folded yet."""
     figures, by_status, reasons = _read(session, batch_id, tenant_id)
     tiers = {name: TierLine(name) for name in config.tiers}
     escalations = 0

@@ -53,11 +53,11 @@ def check_rollups(sessions: sessionmaker[Session], models: ModelConfig, batch_id
                 "AND c.stage NOT IN ('shadow', 'judge') AND c.latency_ms IS NOT NULL"), {"b": batch_id}):
             latencies.setdefault(tier, []).append(ms)
         totals = dict(s.execute(text(
-            "SELECT tier, latency_histogram FROM rollup_totals WHERE batch_id = :b"), {"b": batch_id}))
+            "SELECT tier, latency_histogram FROM rollup_totals WHERE batch_id = :b"), {"b": batch_id}).tuples().all())
         minutes = dict(s.execute(text(
             "SELECT tier, array_agg(v ORDER BY i) FROM (SELECT tier, i, sum(v) AS v FROM rollup_minutes, "
             "unnest(latency_histogram) WITH ORDINALITY u(v, i) WHERE batch_id = :b GROUP BY 1, 2) x GROUP BY 1"),
-            {"b": batch_id}))
+            {"b": batch_id}).tuples().all())
         sums = s.execute(text(
             "SELECT (SELECT sum(calls) FROM rollup_totals WHERE batch_id = :b), "
             "(SELECT sum(calls) FROM rollup_minutes WHERE batch_id = :b), "

@@ -226,10 +226,6 @@ def build_mixed(session: Session, seed: int) -> list[int]:
         session.flush()  # ids in this order
         jobs.append(job)
     for job in jobs:
-        if job.status is JobStatus.QUEUED:
-            # Queued is only ever a job's first status (states.ALLOWED): no stage has begun, so it
-            # has no call, decision or verdict (and the rollups' live tail only counts such jobs).
-            continue
         for _ in range(rng.randrange(6)):
             stage = rng.choice([Stage.TRIAGE, Stage.WORK, Stage.WORK, Stage.FORMAT_CHECK])
             tier = "haiku" if stage != Stage.WORK else rng.choice(["sonnet", "opus", "legacy"])
