@@ -26,8 +26,8 @@ demo-cascade: $(STAMP) ## The demo under the sample cascade policy: easy jobs wo
 services: ## Start the local Postgres and Redis if they are not running
 	@scripts/ensure-services
 
-test: $(STAMP) services ## Run the test suite against the real Postgres and Redis
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP) services ## Run the test suite against the real Postgres and Redis (PYTEST_ARGS="..." for one plain pytest run)
+	@scripts/run-tests $(PY) $(PYTEST_ARGS)
 
 lint: $(STAMP) ## Ruff over the code, tests, benchmarks and migrations; mypy over pipeline/, workers/ and bench/
 	$(VENV)/bin/ruff check pipeline workers tests bench migrations
