@@ -29,8 +29,8 @@ services: ## Start the local Postgres and Redis if they are not running
 browser: ## Find or install (apt-get, as root) the chromium the dashboard's browser tests drive
 	@scripts/ensure-browser
 
-test: $(STAMP) services browser ## Run the test suite against the real Postgres and Redis
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP) services browser ## Run the test suite against the real Postgres and Redis (PYTEST_ARGS="..." for one plain pytest run)
+	@scripts/run-tests $(PY) $(PYTEST_ARGS)
 
 lint: $(STAMP) ## Ruff over the code, tests, benchmarks and migrations; mypy over pipeline/, workers/ and bench/
 	$(VENV)/bin/ruff check pipeline workers tests bench migrations

@@ -16,8 +16,19 @@ console = Console(width=150)
 
 
 def _benchmarks() -> dict[str, Callable[..., list[Figure]]]:
-    from bench import (budgets, caching, economy, enqueue, fairness, history, inflight, overhead, quality, ratelimit,
-                       rollups)
+    from bench import (
+        budgets,
+        caching,
+        economy,
+        enqueue,
+        fairness,
+        history,
+        inflight,
+        overhead,
+        quality,
+        ratelimit,
+        rollups,
+    )
 
     return {"overhead": overhead.run, "inflight": inflight.run, "ratelimit": ratelimit.run, "enqueue": enqueue.run,
             "history": history.run, "rollups": rollups.run, "caching": caching.run, "quality": quality.run,

@@ -3,7 +3,8 @@ this run's own, and the fake Claude over HTTP.
 
 Isolation between test runs on one machine (several developers' runs can share the services):
 each session creates its own Postgres database and drops it afterwards, and uses the Redis
-database number in SWITCHYARD_TEST_REDIS_DB (default 9), which it flushes at the start.
+database number in SWITCHYARD_TEST_REDIS_DB (default 9), which it flushes at the start. Under
+pytest-xdist (`make test` runs two processes) each worker is such a session, with the next number.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -25,10 +27,19 @@ from pipeline import migrate
 from pipeline.config import ModelConfig, load_config
 from pipeline.db import make_engine, session_factory
 from pipeline.fake_claude import FakeClaude
+from tests import figures
 
 PG_SERVER = os.environ.get("SWITCHYARD_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 REDIS_SERVER = os.environ.get("SWITCHYARD_TEST_REDIS", "redis://127.0.0.1:6379")
-REDIS_DB = int(os.environ.get("SWITCHYARD_TEST_REDIS_DB", "9"))
+# Under pytest-xdist each worker process is a session of its own: it takes the next database number,
+# so that one session's FLUSHDB and queues never reach the other's.
+REDIS_DB = int(os.environ.get("SWITCHYARD_TEST_REDIS_DB", "9")) + int(
+    os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+# The benchmark smoke tests run the benchmarks, which flush a Redis database of their own: one past
+# the sessions' numbers, so that neither this run's other tests nor a `make bench` running beside
+# them lose their queues.
+os.environ.setdefault("SWITCHYARD_BENCH_REDIS_DB",
+                      str(REDIS_DB + int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def _admin_engine() -> Engine:
@@ -133,3 +144,19 @@ def fake_claude() -> Iterator[FakeClaude]:
     job text, and read its counters through .stats() and .requests()."""
     with FakeClaude(port=0) as fake:
         yield fake
+
+
+# The fault matrix's figures reach the terminal from xdist workers too (tests/figures.py).
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        figures.hand_over(workeroutput)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    figures.take_over(getattr(node, "workeroutput", {}))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    figures.report(terminalreporter)

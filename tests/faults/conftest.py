@@ -1,12 +1,11 @@
 """Fixtures of the fault matrix: a fake Claude per test (with its own faults), a cluster of real
 worker processes per test (with short timeouts so a case takes seconds), and a batch of at least
-300 mixed jobs. Figures measured by the cases (recovery time after a kill...) are printed at the
-end of the run, and written as JSON to $SWITCHYARD_FAULTS_FIGURES if set."""
+300 mixed jobs. Figures measured by the cases (recovery time after a kill...) go to tests/figures.py,
+which prints them at the end of the run."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from pipeline.fake_claude import FakeClaude, FakeOptions
 from pipeline.intake.enqueue import enqueue_file
 from tests.cluster import Cluster
 from tests.e2e.test_pipeline import mixed_jobs
+from tests.figures import FIGURES
 
 BATCH_SIZE = 300
 CALL_ATTEMPTS = 4
@@ -40,20 +40,6 @@ FAST_ENV = {
     "SWITCHYARD_TRANSIENT_WAIT_MIN_S": "1",
     "SWITCHYARD_TRANSIENT_WAIT_MAX_S": "8",
 }
-
-FIGURES: dict[str, Any] = {}
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not FIGURES:
-        return
-    terminalreporter.section("fault matrix figures")
-    for name, value in FIGURES.items():
-        terminalreporter.write_line(f"{name}: {json.dumps(value)}")
-    target = os.environ.get("SWITCHYARD_FAULTS_FIGURES")
-    if target:
-        Path(target).write_text(json.dumps(FIGURES, indent=2) + "\n")
-
 
 @pytest.fixture
 def figures() -> dict[str, Any]:

@@ -125,6 +125,7 @@ def _pg_cluster() -> str | None:
     return versions[-1] if versions and shutil.which("pg_ctlcluster") else None
 
 
+@pytest.mark.serial
 @pytest.mark.skipif(os.environ.get("SWITCHYARD_FAULTS_PG_RESTART") != "1" and os.environ.get("CI") != "true",
                     reason="restarts the machine's shared Postgres: only in CI or with SWITCHYARD_FAULTS_PG_RESTART=1")
 @pytest.mark.skipif(_pg_cluster() is None, reason="no local Debian Postgres cluster to restart")
