@@ -35,6 +35,12 @@ REDIS_SERVER = os.environ.get("SWITCHYARD_TEST_REDIS", "redis://127.0.0.1:6379")
 # so that one session's FLUSHDB and queues never reach the other's.
 REDIS_DB = int(os.environ.get("SWITCHYARD_TEST_REDIS_DB", "9")) + int(
     os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+# An xdist worker starts with COLUMNS=80 and LINES=24 in its environment, which Rich's consoles (made
+# at import) would keep as a fixed width; tests that set COLUMNS themselves then print at 80 columns.
+# Without them, as in a plain run, the width is read again at every print.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
 # The benchmark smoke tests run the benchmarks, which flush a Redis database of their own: one past
 # the sessions' numbers, so that neither this run's other tests nor a `make bench` running beside
 # them lose their queues.
