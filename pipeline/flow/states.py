@@ -1,10 +1,16 @@
 """The job state machine, in one place.
 
     queued ──► triaging ──► working ──► validating ──► succeeded
-       │           │           ▲  │          │  ▲
-       │           │           │  │          └──┘ (format check unreadable: check again, once)
-       │           │           └──┼──────────┤ (retry / escalation)
-       └───────────┴───────────── ┴──────────┴──► failed | cancelled
+       │           │          ▲ │  ▲       │  ▲            ▲
+       │           │          └─┤  └───────┤  └──┘ (a)     │
+       │           │            └──────────┼───────────────┘ (b)
+       └───────────┴───────────────────────┴──► failed | cancelled
+
+    working → working, succeeded or failed: a verdict that needs no model (a label or schema check,
+    a refusal, a cut or an empty answer), reached in the statement that records the work answer,
+    so the job makes no hop through validate (b; ``working → working`` is its retry or escalation).
+    validating → working: a retry or escalation after the format check; (a) validating →
+    validating: the format check's answer was unreadable, checked again once.
 
 Every transition is one conditional UPDATE from the status *and version* the caller read, so a
 message delivered twice, or a sweeper racing a slow worker, moves a job at most once. Each
@@ -31,7 +37,9 @@ S, F, C = JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     Q: frozenset({T, W, F, C}),
     T: frozenset({W, F, C}),
-    W: frozenset({V, F, C}),
+    # working -> succeeded / working (a retry or escalation) / failed: a label, schema or stop
+    # verdict, decided in the work stage's own statement (stages.work), with no validate hop.
+    W: frozenset({V, S, W, F, C}),
     V: frozenset({S, W, V, F, C}),
     S: frozenset(),
     F: frozenset(),
