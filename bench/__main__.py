@@ -16,10 +16,10 @@ console = Console(width=150)
 
 
 def _benchmarks() -> dict[str, Callable[..., list[Figure]]]:
-    from bench import caching, enqueue, history, inflight, overhead, quality
+    from bench import caching, enqueue, history, inflight, overhead, quality, sdkcall
 
-    return {"overhead": overhead.run, "inflight": inflight.run, "enqueue": enqueue.run, "history": history.run,
-            "caching": caching.run, "quality": quality.run}
+    return {"overhead": overhead.run, "sdk": sdkcall.run, "inflight": inflight.run, "enqueue": enqueue.run,
+            "history": history.run, "caching": caching.run, "quality": quality.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import anthropic
 import httpx2 as httpx
+import orjson
 from anthropic.types import CacheControlEphemeralParam, OutputConfigParam, TextBlockParam
 
 from pipeline.claude.pricing import Usage
@@ -215,6 +216,50 @@ def check_endpoint(*, api_key: str, base_url: str | None, models: Mapping[str, s
                                   f"({which} in {config})") from None
 
 
+# What a call needs of an answer: its text, stop reason, usage, and the request id it carries.
+Read = tuple[str, str | None, Usage, str | None]
+
+
+def read_message(raw: Any) -> Read:
+    """An answer's body read with orjson, straight from the SDK's raw response: the three fields a
+    call needs, without building the SDK's pydantic ``Message`` (its content blocks, usage and
+    their validation), which cost more CPU than the rest of the call (bench/sdkcall.py). A body
+    that is not the Messages shape is left to the SDK's own parsing, and its errors."""
+    try:
+        body = orjson.loads(raw.http_response.content)
+        blocks = body["content"]
+        u = body["usage"]
+        text = "".join(b.get("text") or "" for b in blocks if b.get("type") == "text")
+        cache_creation = u.get("cache_creation")
+        usage = Usage(
+            input_tokens=u["input_tokens"],
+            output_tokens=u["output_tokens"],
+            cache_creation_input_tokens=u.get("cache_creation_input_tokens") or 0,
+            cache_read_input_tokens=u.get("cache_read_input_tokens") or 0,
+            # A 1-hour write costs more than a 5-minute one (pipeline.claude.pricing).
+            cache_creation_1h_input_tokens=((cache_creation.get("ephemeral_1h_input_tokens") or 0)
+                                            if isinstance(cache_creation, dict) else None),
+        )
+        return text, body.get("stop_reason"), usage, None
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return _read_sdk(raw.parse())
+
+
+def _read_sdk(message: Any) -> Read:
+    """The same fields from the SDK's parsed ``Message``."""
+    u = message.usage
+    usage = Usage(
+        input_tokens=u.input_tokens,
+        output_tokens=u.output_tokens,
+        cache_creation_input_tokens=u.cache_creation_input_tokens or 0,
+        cache_read_input_tokens=u.cache_read_input_tokens or 0,
+        cache_creation_1h_input_tokens=(u.cache_creation.ephemeral_1h_input_tokens or 0
+                                        if u.cache_creation is not None else None),
+    )
+    text = "".join(getattr(b, "text", "") for b in message.content if b.type == "text")
+    return text, message.stop_reason, usage, getattr(message, "_request_id", None)
+
+
 class ClaudeClient:
     def __init__(
         self,
@@ -228,8 +273,12 @@ class ClaudeClient:
         sleep: Callable[[float], None] = time.sleep,
         max_connections: int = 1000,
         on_attempt: AttemptObserver | None = None,
+        parse: str = "orjson",
     ) -> None:
+        """``parse``: how an answer's body is read: "orjson" (``read_message``), or "sdk", the SDK's
+        own ``Message`` model (bench/sdkcall.py times one against the other)."""
         self.attempts = max(1, attempts)
+        self._parse_sdk = parse == "sdk"
         self.on_attempt = on_attempt
         self.max_backoff_s = max_backoff_s
         self.limiter = limiter or NoLimit()
@@ -326,7 +375,7 @@ class ClaudeClient:
                     messages=[{"role": "user", "content": user}],
                     **extra,
                 )
-                message = raw.parse()
+                read = _read_sdk(raw.parse()) if self._parse_sdk else read_message(raw)
             except anthropic.APIError as exc:
                 err = translate(exc)
                 attempt = Attempt(
@@ -351,29 +400,19 @@ class ClaudeClient:
                 self._sleep(self.backoff(number, retry_after))
                 continue
             latency = (time.perf_counter() - t0) * 1000
-            u = message.usage
-            usage = Usage(
-                input_tokens=u.input_tokens,
-                output_tokens=u.output_tokens,
-                cache_creation_input_tokens=u.cache_creation_input_tokens or 0,
-                cache_read_input_tokens=u.cache_read_input_tokens or 0,
-                # A 1-hour write costs more than a 5-minute one (pipeline.claude.pricing).
-                cache_creation_1h_input_tokens=(u.cache_creation.ephemeral_1h_input_tokens or 0
-                                                if u.cache_creation is not None else None),
-            )
+            text, stop_reason, usage, body_request_id = read
             # Settle the reservation: the real input count for the estimate, the real output for
             # max_tokens (pipeline.claude.ratelimit explains why it reserves the worst case). The
             # input count is what the API counts against its limit: cache reads are not.
             self.limiter.adjust(tier, input_tokens=usage.rate_limited_input_tokens - estimate,
                                 output_tokens=usage.output_tokens - max_tokens)
-            text = "".join(getattr(b, "text", "") for b in message.content if b.type == "text")
             attempt = Attempt(
                 number=number, started_at=started, finished_at=datetime.now(UTC), latency_ms=latency,
                 ok=True, status_code=raw.http_response.status_code,
-                request_id=raw.headers.get("request-id") or getattr(message, "_request_id", None),
-                usage=usage, text=text, stop_reason=message.stop_reason,
+                request_id=raw.headers.get("request-id") or body_request_id,
+                usage=usage, text=text, stop_reason=stop_reason,
             )
             attempts.append(attempt)
             self._observe(tier, model, attempt)
-            return CallResult(text=text, stop_reason=message.stop_reason, attempts=attempts)
+            return CallResult(text=text, stop_reason=stop_reason, attempts=attempts)
         raise AssertionError("unreachable: the loop returns or raises")
