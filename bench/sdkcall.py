@@ -1,11 +1,11 @@
 """The CPU one model call costs this process: building the request and reading the response
 through the official SDK, against the fake Claude (in its own process) at zero latency.
 
-Each way of reading the response is timed in turn, in rounds, in the same run: ``sdk`` (the SDK's
-parsed ``Message``, the pydantic model, as ``ClaudeClient`` read it before), ``orjson`` (the raw
-body read with orjson through ``with_raw_response``, as it reads it now), and ``plain`` (the
-one-liner a team writes: ``client.messages.create(...)``, the SDK's defaults; what the peer chain of
-``bench.peer`` pays). ``--profile`` runs each under py-spy and says where its CPU goes.
+Each way is timed in turn, in rounds, in the same run: ``sdk`` (``ClaudeClient(lean=False)``: the
+SDK's parsed ``Message``, the pydantic model, and its OpenTelemetry spans, as it was before),
+``orjson`` (``ClaudeClient()``: the raw body read with orjson through ``with_raw_response``, the
+spans off), and ``plain`` (the one-liner a team writes: ``client.messages.create(...)``, the SDK's
+defaults; what the peer chain of ``bench.peer`` pays). ``--profile`` runs each under py-spy and says where its CPU goes.
 
 ``python -m bench.sdkcall --loop MODE N URL`` is the loop alone, for py-spy to run.
 """
@@ -57,7 +57,7 @@ def _caller(mode: str, url: str) -> tuple[Callable[[int], None], Callable[[], No
             assert "".join(b.text for b in message.content if b.type == "text")
 
         return plain, sdk.close
-    client = ClaudeClient(api_key="bench-key", base_url=url, parse=mode)
+    client = ClaudeClient(api_key="bench-key", base_url=url, lean=mode == "orjson")
 
     def ours(i: int) -> None:
         tier, model, p = prompts[i % len(prompts)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 import threading
 import time
@@ -273,12 +274,14 @@ class ClaudeClient:
         sleep: Callable[[float], None] = time.sleep,
         max_connections: int = 1000,
         on_attempt: AttemptObserver | None = None,
-        parse: str = "orjson",
+        lean: bool = True,
     ) -> None:
-        """``parse``: how an answer's body is read: "orjson" (``read_message``), or "sdk", the SDK's
-        own ``Message`` model (bench/sdkcall.py times one against the other)."""
+        """``lean``: read an answer's body with orjson (``read_message``) and leave the SDK's
+        OpenTelemetry spans off unless the environment configures them (ANTHROPIC_OPEN_TELEMETRY*);
+        False: the SDK's own ``Message`` model and its default spans (bench/sdkcall.py times one
+        against the other)."""
         self.attempts = max(1, attempts)
-        self._parse_sdk = parse == "sdk"
+        self._parse_sdk = not lean
         self.on_attempt = on_attempt
         self.max_backoff_s = max_backoff_s
         self.limiter = limiter or NoLimit()
@@ -294,6 +297,10 @@ class ClaudeClient:
         self._per_shard = -(-max_connections // shards)
         self._sdk_options: dict[str, Any] = dict(api_key=api_key, base_url=base_url, max_retries=0,
                                                  timeout=httpx.Timeout(timeout_s, connect=5.0))
+        if lean and not any(k.startswith("ANTHROPIC_OPEN_TELEMETRY") for k in os.environ):
+            # With no tracer configured each call still built a span and its attributes: CPU for
+            # nothing (bench/sdkcall.py). An operator who configures the SDK's tracing gets it.
+            self._sdk_options["open_telemetry"] = {"traces": False, "propagation": False}
         # Made at first use: each holds an SSL context, and most processes need one or two.
         self._shards: list[anthropic.Anthropic | None] = [None] * shards
         self._shards_lock = threading.Lock()
