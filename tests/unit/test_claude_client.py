@@ -184,7 +184,7 @@ def test_an_answer_read_with_orjson_is_the_one_the_sdk_parses(fake_claude: FakeC
 
     def ask(c: ClaudeClient, who: str) -> tuple:  # type: ignore[type-arg]
         # Long enough to be cached at Sonnet; the same length whoever asks.
-        system = f"Long shared instructions for {who:>6}. " + "Be brief and exact. " * 400
+        system = f"Long shared instructions for {who:>6}, kept {ttl}. " + "Be brief and exact. " * 400
         r = c.call(tier="sonnet", model=MODEL, system=system, user="Reply to ticket 7", max_tokens=200,
                    cache_system=True, cache_ttl=ttl)
         return r.text, r.stop_reason, r.attempts[-1].usage, (r.attempts[-1].request_id or "")[:4]
@@ -200,7 +200,8 @@ def test_an_answer_read_with_orjson_is_the_one_the_sdk_parses(fake_claude: FakeC
     written, read = fast_write[2], fast_read[2]
     assert written.cache_creation_input_tokens > 0
     assert read.cache_read_input_tokens == written.cache_creation_input_tokens
-    assert written.cache_creation_1h_input_tokens == (written.cache_creation_input_tokens if ttl == "1h" else 0)
+    # The hour's share of the writes, where the answer breaks it down (None where it does not).
+    assert written.cache_creation_1h_input_tokens in (None, written.cache_creation_input_tokens if ttl == "1h" else 0)
     # A refusal reads the same both ways too.
     refused = [call(c, "no [fake:error=refusal]") for c in (fast, sdk)]
     assert len({(r.text, r.stop_reason, r.attempts[-1].usage) for r in refused}) == 1
