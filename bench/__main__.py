@@ -28,11 +28,12 @@ def _benchmarks() -> dict[str, Callable[..., list[Figure]]]:
         quality,
         ratelimit,
         rollups,
+        sdkcall,
     )
 
-    return {"overhead": overhead.run, "inflight": inflight.run, "ratelimit": ratelimit.run, "enqueue": enqueue.run,
-            "history": history.run, "rollups": rollups.run, "caching": caching.run, "quality": quality.run,
-            "fairness": fairness.run, "budgets": budgets.run, "economy": economy.run}
+    return {"overhead": overhead.run, "sdk": sdkcall.run, "inflight": inflight.run, "ratelimit": ratelimit.run,
+            "enqueue": enqueue.run, "history": history.run, "rollups": rollups.run, "caching": caching.run,
+            "quality": quality.run, "fairness": fairness.run, "budgets": budgets.run, "economy": economy.run}
 
 
 def main(argv: list[str] | None = None) -> int:

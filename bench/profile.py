@@ -133,13 +133,14 @@ CATEGORIES = (
 )
 
 
-def categorise(path: Path) -> dict[str, float]:
-    """Share of samples per category: the frame nearest the leaf decides."""
+def categorise(path: Path, *, within: str = "") -> dict[str, float]:
+    """Share of samples per category: the frame nearest the leaf decides. ``within``: only the
+    samples whose stack has a frame naming it (a timed loop, not the imports before it)."""
     counts: Counter[str] = Counter()
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
+        if not stack or within not in stack:
             continue
         n = int(count)
         total += n

@@ -8,7 +8,7 @@ import io
 import pytest
 from rich.console import Console
 
-from bench import caching, enqueue, history, quality, report, rollups
+from bench import caching, enqueue, history, quality, report, rollups, sdkcall
 
 
 @pytest.fixture
@@ -96,3 +96,10 @@ def test_quality_benchmark_at_toy_size(console: Console) -> None:
         assert name in fig.name and fig.passed is not None
         assert fig.extra["actual_cost_usd"] == runs[name]["cost_usd"] and fig.extra["predicted_cost_usd"] > 0
     assert "| quality |" in report.markdown(figures)
+
+
+def test_sdk_call_benchmark_at_toy_size(console: Console) -> None:
+    figures = sdkcall.run(quick=True, console=console, calls=30, rounds=1)
+    ms = figures[0].extra["cpu_ms_per_call"]
+    assert set(ms) == {"sdk", "orjson", "plain"} and all(v > 0 for v in ms.values()), ms
+    assert figures[0].baseline == ms["sdk"] and figures[1].baseline == ms["plain"]

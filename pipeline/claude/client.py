@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 import threading
 import time
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 
 import anthropic
 import httpx2 as httpx
+import orjson
 from anthropic.types import CacheControlEphemeralParam, OutputConfigParam, TextBlockParam
 
 from pipeline.claude.pricing import Usage
@@ -259,6 +261,33 @@ def usage_of(u: Any) -> Usage:
     )
 
 
+# What a call needs of an answer: its text, stop reason, usage, and the request id it carries.
+Read = tuple[str, str | None, Usage, str | None]
+
+
+def read_message(raw: Any) -> Read:
+    """An answer's body read with orjson, straight from the SDK's raw response: the three fields a
+    call needs, without building the SDK's pydantic ``Message`` (its content blocks, usage and
+    their validation), which cost more CPU than the rest of the call (bench/sdkcall.py). A body
+    that is not the Messages shape is left to the SDK's own parsing, and its errors."""
+    try:
+        body = orjson.loads(raw.http_response.content)
+        blocks = body["content"]
+        u = body["usage"]
+        if not isinstance(u, dict) or "input_tokens" not in u or "output_tokens" not in u:
+            raise KeyError("usage")
+        text = "".join(b.get("text") or "" for b in blocks if b.get("type") == "text")
+        return text, body.get("stop_reason"), usage_of(u), None
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return _read_sdk(raw.parse())
+
+
+def _read_sdk(message: Any) -> Read:
+    """The same fields from the SDK's parsed ``Message``."""
+    text = "".join(getattr(b, "text", "") for b in message.content if b.type == "text")
+    return text, message.stop_reason, usage_of(message.usage), getattr(message, "_request_id", None)
+
+
 class ClaudeClient:
     def __init__(
         self,
@@ -273,10 +302,16 @@ class ClaudeClient:
         max_connections: int = 1000,
         on_attempt: AttemptObserver | None = None,
         output_reserve: OutputReserve | None = None,
+        lean: bool = True,
     ) -> None:
+        """``lean``: read an answer's body with orjson (``read_message``) and leave the SDK's
+        OpenTelemetry spans off unless the environment configures them (ANTHROPIC_OPEN_TELEMETRY*);
+        False: the SDK's own ``Message`` model and its default spans (bench/sdkcall.py times one
+        against the other)."""
         self.attempts = max(1, attempts)
         # What a call reserves of its tier's output budget (pipeline.claude.ratelimit.OutputReserve).
         self.output_reserve = output_reserve or OutputReserve()
+        self._parse_sdk = not lean
         self.on_attempt = on_attempt
         self.max_backoff_s = max_backoff_s
         self.limiter = limiter or NoLimit()
@@ -292,6 +327,10 @@ class ClaudeClient:
         self._per_shard = -(-max_connections // shards)
         self._sdk_options: dict[str, Any] = dict(api_key=api_key, base_url=base_url, max_retries=0,
                                                  timeout=httpx.Timeout(timeout_s, connect=5.0))
+        if lean and not any(k.startswith("ANTHROPIC_OPEN_TELEMETRY") for k in os.environ):
+            # With no tracer configured each call still built a span and its attributes: CPU for
+            # nothing (bench/sdkcall.py). An operator who configures the SDK's tracing gets it.
+            self._sdk_options["open_telemetry"] = {"traces": False, "propagation": False}
         # Made at first use: each holds an SSL context, and most processes need one or two.
         self._shards: list[anthropic.Anthropic | None] = [None] * shards
         self._shards_lock = threading.Lock()
@@ -360,7 +399,7 @@ class ClaudeClient:
             t0 = time.perf_counter()
             try:
                 raw = self._sdk.messages.with_raw_response.create(**params)
-                message = raw.parse()
+                read = _read_sdk(raw.parse()) if self._parse_sdk else read_message(raw)
             except anthropic.APIError as exc:
                 err = translate(exc)
                 attempt = Attempt(
@@ -385,21 +424,20 @@ class ClaudeClient:
                 self._sleep(self.backoff(number, retry_after))
                 continue
             latency = (time.perf_counter() - t0) * 1000
-            usage = usage_of(message.usage)
+            text, stop_reason, usage, body_request_id = read
             # Settle the reservation: the real input count for the estimate, the real output for
             # max_tokens (pipeline.claude.ratelimit explains why it reserves the worst case). The
             # input count is what the API counts against its limit: cache reads are not.
             self.limiter.adjust(tier, input_tokens=usage.rate_limited_input_tokens - estimate,
                                 output_tokens=usage.output_tokens - reserved)
             self.output_reserve.observe(tier, usage.output_tokens)
-            text = "".join(getattr(b, "text", "") for b in message.content if b.type == "text")
             attempt = Attempt(
                 number=number, started_at=started, finished_at=datetime.now(UTC), latency_ms=latency,
                 ok=True, status_code=raw.http_response.status_code,
-                request_id=raw.headers.get("request-id") or getattr(message, "_request_id", None),
-                usage=usage, text=text, stop_reason=message.stop_reason,
+                request_id=raw.headers.get("request-id") or body_request_id,
+                usage=usage, text=text, stop_reason=stop_reason,
             )
             attempts.append(attempt)
             self._observe(tier, model, attempt)
-            return CallResult(text=text, stop_reason=message.stop_reason, attempts=attempts)
+            return CallResult(text=text, stop_reason=stop_reason, attempts=attempts)
         raise AssertionError("unreachable: the loop returns or raises")

@@ -32,10 +32,9 @@ from pipeline.flow.routing import after_failed_validation, parse_triage, tier_fo
 from pipeline.flow.states import Also, Claim, begin_stage, last_step, moved_at, release_stage, renew_claim, transition
 from pipeline.flow.validation import (
     Verdict,
-    check_stop,
-    deterministic_check,
     format_check_unreadable,
     parse_format_check,
+    quick_verdict,
 )
 from pipeline.flow.warmup import Admission, WarmupGate, prefix_key
 from pipeline.models import (
@@ -630,12 +629,22 @@ def work(p: Pipeline, job_id: int) -> Handoff | None:
     cost = _total_cost(p, tier, result.attempts)
     writes = [*_call_writes(p, call_id=call_id, claim=claim, stage=Stage.WORK, tier=tier, attempts=result.attempts),
               *_stale_cost(job_id, cost)]
+    answered = f"{tier} attempt {claim.attempt} answered"
+    verdict = quick_verdict(JobKind(claim.kind), claim.payload, result.text, result.stop_reason)
+    if verdict is not None:
+        # A verdict that needs no model is applied in the statement that records the answer: the
+        # job moves from working to its result, with no hop through the validate queue.
+        at = utcnow()
+        shadow = _shadow_sample(p, claim, at=at) if verdict.ok else None
+        return p.record(lambda session: _apply_verdict(
+            session, p, claim, call_id, verdict, None, at=at, shadow=shadow,
+            answer=Answer(JobStatus.WORKING, writes, cost, answered)))
 
     def do(session: Connection) -> Handoff | None:
         if _applied_before(session, call_id):
             return Handoff(VALIDATE, job_id, "validate")
         moved = transition(session, job_id, frm=JobStatus.WORKING, version=claim.version,
-                           to=JobStatus.VALIDATING, detail=f"{tier} attempt {claim.attempt} answered",
+                           to=JobStatus.VALIDATING, detail=answered,
                            candidate=result.text, candidate_stop=result.stop_reason, add={"cost_usd": cost},
                            also=writes)
         return Handoff(VALIDATE, job_id, "validate") if moved else None
@@ -647,10 +656,9 @@ def work(p: Pipeline, job_id: int) -> Handoff | None:
 
 
 def _quick_verdict(claim: Claim) -> Verdict | None:
-    """The verdict that needs no model: a bad stop, or a machine-checkable kind."""
-    answer = claim.candidate or ""
-    return check_stop(claim.candidate, claim.candidate_stop) or deterministic_check(
-        JobKind(claim.kind), claim.payload, answer)
+    """The verdict that needs no model. The work stage reaches it itself; here only for a job that
+    was left in validating by a version that sent every answer through this stage."""
+    return quick_verdict(JobKind(claim.kind), claim.payload, claim.candidate, claim.candidate_stop)
 
 
 def validate(p: Pipeline, job_id: int) -> Handoff | None:
@@ -740,13 +748,29 @@ def _check_again(session: Connection, p: Pipeline, claim: Claim, call_id: int | 
     return again if moved else None
 
 
+@dataclass(frozen=True)
+class Answer:
+    """The work answer a verdict is applied with, when the work stage reaches the verdict itself:
+    the status the job moves from, the work call's record and cost, and the step's words."""
+
+    frm: JobStatus
+    writes: list[Also]
+    cost: Decimal
+    detail: str
+
+
 def _apply_verdict(session: Connection, p: Pipeline, claim: Claim, call_id: int | None, verdict: Verdict,
-                   result: CallResult | None, *, at: datetime, shadow: dict[str, Any] | None = None) -> Handoff | None:
+                   result: CallResult | None, *, at: datetime, shadow: dict[str, Any] | None = None,
+                   answer: Answer | None = None) -> Handoff | None:
+    """Record the verdict and move the job on: from validating (the validate stage, ``result`` its
+    format check if one was made), or from working with the ``answer`` recorded in the same
+    statement (``call_id`` then the work call's, which tells a replay it has been applied)."""
     tier = claim.tier or ""
     checker = p.models.format_check_tier
+    frm = answer.frm if answer is not None else JobStatus.VALIDATING
     cost = _total_cost(p, checker, result.attempts) if result is not None else Decimal(0)
-    added: dict[str, Any] = {"cost_usd": cost}
-    writes: list[Also] = []
+    added: dict[str, Any] = {"cost_usd": cost + (answer.cost if answer is not None else 0)}
+    writes: list[Also] = list(answer.writes) if answer is not None else []
     if result is not None and call_id is not None:
         writes += _call_writes(p, call_id=call_id, claim=claim, stage=Stage.FORMAT_CHECK, tier=checker,
                                attempts=result.attempts)
@@ -784,13 +808,14 @@ def _apply_verdict(session: Connection, p: Pipeline, claim: Claim, call_id: int 
             handoff = Handoff(WORK, claim.id, step.tier)
     if _applied_before(session, call_id):
         return handoff
-    if call_id is None and replaying(session) and moved_at(session, claim.id, frm=JobStatus.VALIDATING, to=to,
-                                                           at=at):
+    if call_id is None and replaying(session) and moved_at(session, claim.id, frm=frm, to=to, at=at):
         # A deterministic verdict made no call, so no call row can say that this result was
         # applied; its stamped move does. (Without a call, a result that lost the race to move
         # the job wrote nothing, so running it again in that case is harmless.)
         return handoff
-    moved = transition(session, claim.id, frm=JobStatus.VALIDATING, version=claim.version, to=to, detail=detail,
+    if answer is not None:
+        detail = f"{answer.detail}; {detail}"
+    moved = transition(session, claim.id, frm=frm, version=claim.version, to=to, detail=detail,
                        add=added, also=writes, now=at, **values)
     return handoff if moved else None
 

@@ -1,10 +1,16 @@
 """The job state machine, in one place.
 
     queued ──► triaging ──► working ──► validating ──► succeeded
-       │           │           ▲  │          │  ▲
-       │           │           │  │          └──┘ (format check unreadable: check again, once)
-       │           │           └──┼──────────┤ (retry / escalation)
-       └───────────┴───────────── ┴──────────┴──► failed | cancelled
+       │           │          ▲ │  ▲       │  ▲            ▲
+       │           │          └─┤  └───────┤  └──┘ (a)     │
+       │           │            └──────────┼───────────────┘ (b)
+       └───────────┴───────────────────────┴──► failed | cancelled
+
+    working → working, succeeded or failed: a verdict that needs no model (a label or schema check,
+    a refusal, a cut or an empty answer), reached in the statement that records the work answer,
+    so the job makes no hop through validate (b; ``working → working`` is its retry or escalation).
+    validating → working: a retry or escalation after the format check; (a) validating →
+    validating: the format check's answer was unreadable, checked again once.
 
     triaging | working | validating ──► paused ──► (back where it was) | cancelled
       (a call that does not fit its budget; pipeline.flow.budgets resumes it when there is room)
@@ -35,7 +41,9 @@ P = JobStatus.PAUSED
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     Q: frozenset({T, W, F, C}),
     T: frozenset({W, F, C, P}),
-    W: frozenset({V, F, C, P}),
+    # working -> succeeded / working (a retry or escalation) / failed: a label, schema or stop
+    # verdict, decided in the work stage's own statement (stages.work), with no validate hop.
+    W: frozenset({V, S, W, F, C, P}),
     V: frozenset({S, W, V, F, C, P}),
     P: frozenset({T, W, V, C}),
     S: frozenset(),

@@ -1,8 +1,10 @@
 """Checks on a work answer before it is returned.
 
 Classify and extract answers are checked deterministically; an extract job's schema is run
-confined (pipeline/flow/schema_check.py). Drafts and free generation are not machine-checkable, so
-they get a Haiku format check; ``parse_format_check`` reads its answer.
+confined (pipeline/flow/schema_check.py). Those verdicts, and a refusal, a truncated or an empty
+answer of any kind (``quick_verdict``), are reached at the end of the work stage, in the statement
+that records the answer. Drafts and free generation are not machine-checkable, so they go on to
+the validate stage for a Haiku format check; ``parse_format_check`` reads its answer.
 """
 
 from __future__ import annotations
@@ -112,6 +114,13 @@ def deterministic_check(kind: JobKind, payload: dict[str, Any], answer: str) -> 
     if kind is JobKind.EXTRACT:
         return check_schema(answer, payload["schema"])
     return None
+
+
+def quick_verdict(kind: JobKind, payload: dict[str, Any], answer: str | None,
+                  stop_reason: str | None) -> Verdict | None:
+    """The verdict that needs no model: a bad stop whatever the kind, else the label or schema
+    check; None where only a format check can decide (a draft or a generation that answered)."""
+    return check_stop(answer, stop_reason) or deterministic_check(kind, payload, answer or "")
 
 
 def parse_format_check(text: str | None, answer: str) -> Verdict | None:

@@ -139,15 +139,20 @@ def check_exactly_once(sessions: sessionmaker[Session], batch_id: int, *, fake: 
         steps = Counter((e.from_status, e.to_status) for e in events[job.id])
         applied = Counter(c.stage for c in calls_by_job[job.id] if c.applied)
         assert applied[Stage.TRIAGE] == steps[(T, W)], f"job {job.key}: triage applied {applied[Stage.TRIAGE]}x"
-        assert applied[Stage.WORK] == steps[(W, V)], f"job {job.key}: work applied {applied[Stage.WORK]}x"
+        # A verdict step: "... ok", or "validation failed..."; from working it is the work stage's
+        # own verdict, applied with its answer ("sonnet attempt 1 answered; label ok").
+        verdict_steps = [e for e in events[job.id] if e.from_status in (V, W) and e.detail
+                         and (e.detail.endswith(" ok") or "validation failed" in e.detail)]
+        judged_in_work = sum(1 for e in verdict_steps if e.from_status is W)
+        assert applied[Stage.WORK] == steps[(W, V)] + judged_in_work, \
+            f"job {job.key}: work applied {applied[Stage.WORK]}x"
         into_working = sum(n for (_, to), n in steps.items() if to is W)
         assert decisions[job.id] == into_working, f"job {job.key}: {decisions[job.id]} routing decisions"
-        judged = sum(1 for e in events[job.id] if e.from_status is V and e.detail
-                     and (e.detail.endswith(" ok") or e.detail.startswith("validation failed")))
+        judged = len(verdict_steps)
         assert len(verdicts[job.id]) == judged, f"job {job.key}: {len(verdicts[job.id])} verdicts, {judged} judged"
         # A format check whose answer was no verdict is made again (validating -> validating), once per answer.
         assert steps[(V, V)] <= steps[(W, V)], f"job {job.key}: {steps[(V, V)]} checks made again"
-        assert applied[Stage.FORMAT_CHECK] <= judged + steps[(V, V)]
+        assert applied[Stage.FORMAT_CHECK] <= judged - judged_in_work + steps[(V, V)]
 
     # -- every model call recorded -------------------------------------------------------------------
     still_started = [(c.job_id, c.stage.value, c.tier, c.delivery) for c in calls if c.outcome == "started"]

@@ -104,31 +104,32 @@ def test_suspects_are_republished_one_at_a_time_per_queue(pipeline: Pipeline, tm
 
 
 # Each stage's result, replayed: the job (pinned to sonnet unless it is triaged), the stages run
-# before the one under test, that stage, where its result hands the job, and the stage of its call
-# (None: a deterministic verdict makes no call). A failed validation hands the job back to work, so
-# a dropped hand-off shows. The label and schema checks run on free text (FREE_FORM: under structured
-# outputs the decoder keeps those answers to their schema); a refused answer is the deterministic
-# verdict structured outputs still meet.
+# before the one under test, that stage, where its result hands the job, and the stage of its call.
+# A failed validation hands the job back to work, so a dropped hand-off shows. The label and schema
+# checks run on free text (FREE_FORM: under structured outputs the decoder keeps those answers to
+# their schema); a refused answer is the deterministic verdict structured outputs still meet.
 _SCHEMA = {"type": "object", "required": ["invoice"], "properties": {"invoice": {"type": "string"}}}
 REPLAYS = {
     "triage": ({"kind": "generate", "prompt": "replayed [fake:difficulty=easy]"}, [], "triage",
                ("work", "sonnet"), JobStatus.WORKING, "triage"),
     "work": ({"kind": "generate", "prompt": "replayed", "tier": "sonnet"}, [], "work",
              ("validate", "validate"), JobStatus.VALIDATING, "work"),
-    "validate, classify label": (
+    # A verdict that needs no model is applied by the work stage, in the statement recording its call.
+    "work, classify label": (
         {"kind": "classify", "text": "replayed [fake:invalid=sonnet]", "labels": ["billing", "bug"],
-         "tier": "sonnet"}, ["work"], "validate", ("work", "sonnet"), JobStatus.WORKING, None),
-    "validate, extract schema": (
+         "tier": "sonnet"}, [], "work", ("work", "sonnet"), JobStatus.WORKING, "work"),
+    "work, extract schema": (
         {"kind": "extract", "text": "replayed INV-1 [fake:invalid=sonnet]", "schema": _SCHEMA, "tier": "sonnet"},
-        ["work"], "validate", ("work", "sonnet"), JobStatus.WORKING, None),
-    "validate, refused answer": (
+        [], "work", ("work", "sonnet"), JobStatus.WORKING, "work"),
+    "work, refused answer": (
         {"kind": "classify", "text": "replayed [fake:error=refusal@sonnet]", "labels": ["billing", "bug"],
-         "tier": "sonnet"}, ["work"], "validate", ("work", "sonnet"), JobStatus.WORKING, None),
+         "tier": "sonnet"}, [], "work", ("work", "sonnet"), JobStatus.WORKING, "work"),
     "validate, format check": (
         {"kind": "draft", "instructions": "replayed [fake:invalid=sonnet]", "tier": "sonnet"}, ["work"],
         "validate", ("work", "sonnet"), JobStatus.WORKING, "format_check"),
 }
-FREE_FORM = {"validate, classify label", "validate, extract schema"}
+FREE_FORM = {"work, classify label", "work, extract schema"}
+JUDGED = {"work, classify label", "work, extract schema", "work, refused answer", "validate, format check"}
 _STAGE = {"triage": stages.triage, "work": stages.work, "validate": stages.validate}
 _FROM = {"triage": JobStatus.TRIAGING, "work": JobStatus.WORKING, "validate": JobStatus.VALIDATING}
 
@@ -179,9 +180,9 @@ def test_a_replayed_result_whose_commit_went_through_hands_off_again(pipeline: P
     assert mine == ([("ok", True)] if call_stage else [])
     assert done.cost_usd == sum(c.cost_usd for c in calls)
     assert moves == 1
-    assert verdicts == (1 if stage == "validate" else 0)
+    assert verdicts == (1 if case in JUDGED else 0)
     # Triage, and a failed validation sending the job back to work, each decide its route once.
-    assert decisions == {"triage": ["triage"], "work": [], "validate": ["retry"]}[stage]
+    assert decisions == (["retry"] if case in JUDGED else {"triage": ["triage"], "work": []}[stage])
 
 
 def test_a_replayed_claim_takes_its_own_claim_again_without_counting_a_delivery(pipeline: Pipeline,  # noqa: F811

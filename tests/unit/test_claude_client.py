@@ -174,3 +174,35 @@ def test_many_threads_share_the_connections_in_shards_and_all_calls_fly_at_once(
     assert all(answers) and fake_claude.stats()["max_in_flight"] - before == threads
     per_shard = Counter(id(sdk) for sdk in used)
     assert len(per_shard) == 3 and max(per_shard.values()) <= 27, per_shard
+
+
+@pytest.mark.parametrize("ttl", ["5m", "1h"])
+def test_an_answer_read_with_orjson_is_the_one_the_sdk_parses(fake_claude: FakeClaude, ttl: str) -> None:
+    """ClaudeClient reads the raw body with orjson instead of building the SDK's Message: the same
+    text, stop reason and usage, cache writes and reads (and their lifetime) included."""
+    fast, sdk = client(fake_claude, Sleeps()), client(fake_claude, Sleeps(), lean=False)
+
+    def ask(c: ClaudeClient, who: str) -> tuple:  # type: ignore[type-arg]
+        # Long enough to be cached at Sonnet; the same length whoever asks.
+        system = f"Long shared instructions for {who:>6}, kept {ttl}. " + "Be brief and exact. " * 400
+        r = c.call(tier="sonnet", model=MODEL, system=system, user="Reply to ticket 7", max_tokens=200,
+                   cache_system=True, cache_ttl=ttl)
+        return r.text, r.stop_reason, r.attempts[-1].usage, (r.attempts[-1].request_id or "")[:4]
+
+    fast_write, sdk_write = ask(fast, "orjson"), ask(sdk, "sdk")  # each writes its own prefix
+    fast_read, sdk_read = ask(fast, "sdk"), ask(sdk, "sdk")  # both read the sdk's: the same answer
+    assert fast_read == sdk_read and fast_read[0] and fast_read[3] == "req_"
+    # The two writes: different prefixes of one length, so the same counts, whoever read them.
+    assert (fast_write[1], fast_write[3]) == (sdk_write[1], sdk_write[3])
+    counts = [(u.input_tokens, u.cache_creation_input_tokens, u.cache_creation_1h_input_tokens)
+              for u in (fast_write[2], sdk_write[2])]
+    assert counts[0] == counts[1]
+    written, read = fast_write[2], fast_read[2]
+    assert written.cache_creation_input_tokens > 0
+    assert read.cache_read_input_tokens == written.cache_creation_input_tokens
+    # The hour's share of the writes, where the answer breaks it down (None where it does not).
+    assert written.cache_creation_1h_input_tokens in (None, written.cache_creation_input_tokens if ttl == "1h" else 0)
+    # A refusal reads the same both ways too.
+    refused = [call(c, "no [fake:error=refusal]") for c in (fast, sdk)]
+    assert len({(r.text, r.stop_reason, r.attempts[-1].usage) for r in refused}) == 1
+    assert refused[0].stop_reason == "refusal"

@@ -68,15 +68,47 @@ def test_a_job_walks_every_stage(pipeline: Pipeline, tmp_path: Path) -> None:
     assert handoffs == [Handoff("triage", jid, "triage", priority=4)]
     work = stages.triage(pipeline, jid)
     assert work == Handoff("work", jid, "sonnet")
-    assert stages.work(pipeline, jid) == Handoff("validate", jid, "validate")
-    assert stages.validate(pipeline, jid) is None
+    # The label check needs no model: the work stage applies it with the answer, no validate hop.
+    assert stages.work(pipeline, jid) is None
+    assert stages.validate(pipeline, jid) is None  # a stray validate message finds nothing to do
     done = job(pipeline, jid)
     assert done.status is JobStatus.SUCCEEDED and done.output["label"] in ("billing", "bug")
     with pipeline.sessions() as s:
-        events = [(e.from_status, e.to_status) for e in s.scalars(select(JobEvent).where(JobEvent.job_id == jid)
-                                                                  .order_by(JobEvent.id))]
-    assert events == [("queued", "triaging"), ("triaging", "working"), ("working", "validating"),
-                      ("validating", "succeeded")]
+        events = [(e.from_status, e.to_status, e.detail) for e in s.scalars(
+            select(JobEvent).where(JobEvent.job_id == jid).order_by(JobEvent.id))]
+        verdicts = [(v.tier, v.attempt, v.validator, v.ok) for v in s.scalars(
+            select(ValidationVerdict).where(ValidationVerdict.job_id == jid))]
+    assert [e[:2] for e in events] == [("queued", "triaging"), ("triaging", "working"), ("working", "succeeded")]
+    assert events[-1][2] == "sonnet attempt 1 answered; label ok"
+    assert verdicts == [("sonnet", 1, "label", True)]
+
+
+def test_a_drafts_answer_goes_on_to_the_format_check(pipeline: Pipeline, tmp_path: Path) -> None:
+    [jid] = enqueue(pipeline, tmp_path, {"kind": "draft", "instructions": "apologise", "tier": "sonnet"})
+    dispatched(pipeline)
+    assert stages.work(pipeline, jid) == Handoff("validate", jid, "validate")
+    assert stages.validate(pipeline, jid) is None
+    assert job(pipeline, jid).status is JobStatus.SUCCEEDED
+    with pipeline.sessions() as s:
+        stages_called = s.scalars(select(ModelCall.stage).where(ModelCall.job_id == jid).order_by(ModelCall.id)).all()
+    assert [str(getattr(x, "value", x)) for x in stages_called] == ["work", "format_check"]
+
+
+def test_a_classify_job_left_in_validating_is_still_judged(pipeline: Pipeline, tmp_path: Path) -> None:
+    """A job a previous version moved to validating with a classify answer (every answer went
+    through the validate queue then) is judged there as before, without a model call."""
+    [jid] = enqueue(pipeline, tmp_path, {"kind": "classify", "text": "left over", "labels": ["billing", "bug"],
+                                         "tier": "sonnet"})
+    dispatched(pipeline)
+    before = job(pipeline, jid)
+    pipeline.run(lambda s: stages.transition(s, jid, frm=JobStatus.WORKING, version=before.version,
+                                             to=JobStatus.VALIDATING, candidate='{"label": "bug"}',
+                                             candidate_stop="end_turn"))
+    assert stages.validate(pipeline, jid) is None
+    done = job(pipeline, jid)
+    assert (done.status, done.output) == (JobStatus.SUCCEEDED, {"label": "bug"})
+    with pipeline.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(ModelCall).where(ModelCall.job_id == jid)) == 0
 
 
 def test_a_stale_message_moves_nothing(pipeline: Pipeline, tmp_path: Path) -> None:
