@@ -272,14 +272,14 @@ def read_message(raw: Any) -> Read:
     that is not the Messages shape is left to the SDK's own parsing, and its errors."""
     try:
         body = orjson.loads(raw.http_response.content)
-        blocks = body["content"]
         u = body["usage"]
-        if not isinstance(u, dict) or "input_tokens" not in u or "output_tokens" not in u:
-            raise KeyError("usage")
-        text = "".join(b.get("text") or "" for b in blocks if b.get("type") == "text")
-        return text, body.get("stop_reason"), usage_of(u), None
+        text = "".join(b.get("text") or "" for b in body["content"] if b.get("type") == "text")
+        shaped = isinstance(u, dict) and "input_tokens" in u and "output_tokens" in u
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        shaped = False
+    if not shaped:
         return _read_sdk(raw.parse())
+    return text, body.get("stop_reason"), usage_of(u), None
 
 
 def _read_sdk(message: Any) -> Read:
