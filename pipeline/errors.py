@@ -26,6 +26,8 @@ anything else is a bug: the CLI keeps its traceback, the API answers 500 with no
     ├── WaitTimedOut              500  a command gave up waiting for a batch to end, saying where its jobs are
     ├── RateLimited               500  a tier's shared budget has no turn soon enough (in the workers only)
     │   └── Deferred              500  ...so the stage hands its job back, with the attempts made so far
+    │       ├── BudgetPaused      500  ...or the call's worst case does not fit its budgets: its job is paused
+    │       └── Parked            500  ...or the call waits in a message batch (economy mode) until answered
     └── ClaudeError               500  a model call failed; translated from the SDK at the client boundary
         ├── TransientClaudeError  500  worth retrying, as the SDK itself would: 408, 409, 429 with retry-after,
         │                              5xx and 529, timeouts, dropped connections
@@ -46,11 +48,12 @@ asked for a move the state machine forbids, which is a bug. ``SchemaUnusable``
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pipeline.claude.client import Attempt
+    from pipeline.flow.budgets import Shortfall
 
 
 class SwitchyardError(Exception):
@@ -175,6 +178,29 @@ class Deferred(RateLimited):
     def __init__(self, tier: str, wait_s: float, attempts: list[Attempt]) -> None:
         super().__init__(tier, wait_s)
         self.attempts = attempts
+
+
+class BudgetPaused(Deferred):
+    """The outcome of a call that was not made because it did not fit its budgets (or because its
+    job had moved on meanwhile): pipeline.flow.budgets. The job is already paused, and its call row
+    dropped, when this is returned, so the stage's usual hand-back (stages._defer) finds the job gone
+    from its stage and publishes nothing: no stage needs a branch of its own for it."""
+
+    def __init__(self, tier: str, shortfall: Shortfall | None) -> None:
+        super().__init__(tier, 0.0, [])
+        self.shortfall = shortfall
+
+
+class Parked(Deferred):
+    """The call waits in a message batch (pipeline.flow.economy): the stage hands its job back, to
+    wait in Postgres until the dispatcher wakes it with the answer, or ``wait_s`` at most."""
+
+    def __init__(self, tier: str, wait_s: float) -> None:
+        super().__init__(tier, wait_s, [])
+
+    @property
+    def until(self) -> datetime:
+        return datetime.now(UTC) + timedelta(seconds=self.wait_s)
 
 
 class ClaudeError(SwitchyardError):

@@ -53,7 +53,7 @@ from pipeline import tenants
 from pipeline.claude.pricing import MILLION
 from pipeline.config import ModelConfig
 from pipeline.db import Executor, insert_or_skip
-from pipeline.errors import Deferred, InvalidInput
+from pipeline.errors import BudgetPaused, InvalidInput
 from pipeline.flow.prompts import Prompt
 from pipeline.flow.states import Also, transition, transition_many
 from pipeline.models import (
@@ -153,17 +153,6 @@ class Shortfall:
     def __str__(self) -> str:
         which = "the batch's budget" if self.budget == "batch" else "the tenant's daily limit"
         return f"paused: a call needs up to ${self.need:f}, {which} has ${self.room:f} left"
-
-
-class BudgetPaused(Deferred):
-    """The outcome of a call that was not made because it did not fit (or because its job had moved
-    on meanwhile). The job is already paused, and its call row dropped, when this is returned, so
-    the stage's usual hand-back (stages._defer) finds the job gone from its stage and publishes
-    nothing: no stage needs a branch of its own for it."""
-
-    def __init__(self, tier: str, shortfall: Shortfall | None) -> None:
-        super().__init__(tier, 0.0, [])
-        self.shortfall = shortfall
 
 
 # The open hold of each call this process is making, by call id: the stage that records the call's

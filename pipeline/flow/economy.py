@@ -59,7 +59,7 @@ from pipeline.claude.batches import BatchClient, BatchInfo, outcome_of
 from pipeline.claude.client import CallResult, message_params
 from pipeline.claude.pricing import call_cost
 from pipeline.config import EconomyConfig
-from pipeline.errors import CallFailed, ClaudeError, Deferred, PermanentClaudeError
+from pipeline.errors import CallFailed, ClaudeError, Parked, PermanentClaudeError
 from pipeline.models import (
     ACTIVE,
     Batch,
@@ -103,17 +103,6 @@ class EconomyCall:
     job_id: int
     version: int
     purpose: str  # Stage.value: triage | work | format_check
-
-
-class Parked(Deferred):
-    """The call waits in a message batch: the stage hands its job back until the dispatcher wakes it."""
-
-    def __init__(self, tier: str) -> None:
-        super().__init__(tier, PARK_S, [])
-
-    @property
-    def until(self) -> datetime:
-        return utcnow() + timedelta(seconds=PARK_S)
 
 
 # (database, batch id, task id) -> (mode, read at): a batch's mode is read once a few seconds, not
@@ -179,13 +168,13 @@ def obtain(p: Pipeline, call: EconomyCall, *, tier: str, model: str, system: str
                                  f"the standard path (at the standard price)"))
                 return None
             _write(conn, call, tier, model, params, rnd=row.round + 1 if row.result_type == "expired" else row.round)
-            return Parked(tier)
+            return Parked(tier, PARK_S)
         if row is not None and row.consumed_at is None:
-            return Parked(tier)  # still pending or in a message batch (a stray message ran the stage)
+            return Parked(tier, PARK_S)  # still pending or in a message batch (a stray message ran the stage)
         if row is not None and row.result_type == "expired" and row.round >= 2:
             return None  # the standard call after a second expiry, tried again
         _write(conn, call, tier, model, params, rnd=1)
-        return Parked(tier)
+        return Parked(tier, PARK_S)
 
     return p.run(do)
 
