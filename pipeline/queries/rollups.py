@@ -77,7 +77,8 @@ FIGURES = JOB_FIGURES + CALL_FIGURES
 TOP = ("top_input_tokens", "top_output_tokens", "top_cache_creation_input_tokens", "top_cache_read_input_tokens")
 NO_TIER = "-"  # a job that ended with no tier (cancelled or failed before triage routed it)
 EVALUATION = "('shadow', 'judge')"
-NOT_ENDED = "('queued', 'triaging', 'working', 'validating')"
+# Every status a job can leave (a paused job resumes): its figures stay in the live tail until it ends.
+NOT_ENDED = "('queued', 'triaging', 'working', 'validating', 'paused')"
 
 # -- the latency histogram -------------------------------------------------------------------------
 

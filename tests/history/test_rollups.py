@@ -105,3 +105,13 @@ def test_overview_and_batches_read_the_rollups(db: Session, models: ModelConfig)
     assert today.cost_usd == sum((t.cost_usd for t in today.tiers), Decimal(0))
     assert today.top_tier_cost_usd > 0
     assert today.saving_usd == today.top_tier_cost_usd - today.cost_usd
+
+
+def test_the_live_tail_covers_every_status_a_job_can_leave() -> None:
+    """A job in a status missing from NOT_ENDED would be in neither the rollups nor the tail."""
+    from pipeline.flow.states import ALLOWED
+    from pipeline.models import JobStatus
+    from pipeline.queries.rollups import NOT_ENDED
+
+    leavable = {s.value for s in JobStatus if ALLOWED.get(s)}
+    assert leavable == {v.strip(" '") for v in NOT_ENDED.strip("()").split(",")}
