@@ -33,12 +33,17 @@ def same_worker_settings(settings: Settings) -> dict[str, Any]:
     return {k: ours[k] for k in ours if k not in _NOT_SETTINGS and ours[k] != default.get(k)}
 
 
-def make_bare_app(settings: Settings | None = None) -> Celery:
+def comparison_app(name: str, queues: tuple[str, ...], settings: Settings | None = None) -> Celery:
+    """A Celery app of the benchmarks' own, on ``queues``, with switchyard's worker settings."""
     settings = settings or Settings()
-    app = Celery("bare", broker=settings.broker_url)
+    app = Celery(name, broker=settings.broker_url)
     app.conf.update(same_worker_settings(settings))
-    app.conf.update(task_queues=[Queue(q) for q in QUEUES], task_default_queue=QUEUES[0])
+    app.conf.update(task_queues=[Queue(q) for q in queues], task_default_queue=queues[0])
     return app
+
+
+def make_bare_app(settings: Settings | None = None) -> Celery:
+    return comparison_app("bare", QUEUES, settings)
 
 
 app = make_bare_app()

@@ -29,7 +29,7 @@ from rich.console import Console
 from sqlalchemy import func, select
 
 from bench import env
-from bench.jobs import write_jsonl
+from bench.jobs import job_of_kind, write_jsonl
 from bench.report import Figure
 from pipeline.config import load_config
 from pipeline.db import make_engine, session_factory
@@ -61,15 +61,7 @@ def mixed_jobs(n: int, seed: int = 7) -> list[dict[str, object]]:
         hint = rng.choice(["", "", "", "[fake:difficulty=hard]", "[fake:difficulty=easy]", "[fake:invalid_once]",
                            "[fake:confidence=0.2]"])
         kind = ("classify", "extract", "draft", "generate")[i % 4]
-        job: dict[str, object] = {"key": f"job-{i}", "kind": kind}
-        if kind == "classify":
-            job |= {"text": f"Ticket {i}: I was charged twice for my plan. {hint}", "labels": LABELS}
-        elif kind == "extract":
-            job |= {"text": f"Receipt {i} for Dana Smith, 42.50 paid. {hint}", "schema": SCHEMA}
-        elif kind == "draft":
-            job |= {"instructions": f"Reply to ticket {i} with an apology. {hint}", "context": "Order late by 3 days."}
-        else:
-            job |= {"prompt": f"Summarise item {i} in two lines. {hint}"}
+        job = job_of_kind(i, kind, hint, labels=LABELS, schema=SCHEMA)
         if i % 10 == 0:
             job["tier"] = "opus" if i % 20 == 0 else "sonnet"
         jobs.append(job)

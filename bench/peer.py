@@ -20,10 +20,9 @@ from typing import Any
 
 import anthropic
 from celery import Celery
-from kombu import Queue
 from sqlalchemy import Engine, text
 
-from bench.bare import same_worker_settings
+from bench.bare import comparison_app
 from pipeline.config import ModelConfig
 from pipeline.db import make_engine
 from pipeline.flow.prompts import Prompt, format_check_prompt, triage_prompt, work_prompt
@@ -47,11 +46,7 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 
 
 def make_peer_app(settings: Settings | None = None) -> Celery:
-    settings = settings or Settings()
-    app = Celery("peer", broker=settings.broker_url)
-    app.conf.update(same_worker_settings(settings))
-    app.conf.update(task_queues=[Queue(q) for q in QUEUES], task_default_queue=QUEUES[0])
-    return app
+    return comparison_app("peer", QUEUES, settings)
 
 
 app = make_peer_app()

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench.jobs import job_of_kind
 from pipeline.claude.pricing import Usage, call_cost
 from pipeline.config import ModelConfig
 from pipeline.fake_claude import FakeClaude
@@ -60,15 +61,7 @@ def mixed_jobs(n: int, seed: int = 1, *, mode: str = "structured") -> list[dict]
                            "[fake:confidence=0.2]", NO_VERDICT[mode], "[fake:difficulty=easy]"])
         kind = ("classify", "extract", "draft", "generate")[i % 4]
         hint = ESCALATES[mode][kind] if hint == "ESCALATES" else hint
-        job: dict = {"key": f"job-{i}", "kind": kind}
-        if kind == "classify":
-            job |= {"text": f"Ticket {i}: I was charged twice for my plan. {hint}", "labels": LABELS}
-        elif kind == "extract":
-            job |= {"text": f"Receipt {i} for Dana Smith, 42.50 paid. {hint}", "schema": SCHEMA}
-        elif kind == "draft":
-            job |= {"instructions": f"Reply to ticket {i} with an apology. {hint}", "context": "Order late by 3 days."}
-        else:
-            job |= {"prompt": f"Summarise item {i} in two lines. {hint}"}
+        job = job_of_kind(i, kind, hint, labels=LABELS, schema=SCHEMA)
         if i % 25 == 0:
             job["tier"] = "opus" if i % 50 == 0 else "sonnet"
         jobs.append(job)
