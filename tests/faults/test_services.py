@@ -21,6 +21,7 @@ from pipeline.config import ModelConfig
 from pipeline.db import normalise_url
 from pipeline.fake_claude import FakeClaude
 from pipeline.models import Job, JobStatus
+from pipeline.queries.ops import queue_depths
 from tests.cluster import Cluster, wait_for_batch
 from tests.faults.conftest import CALL_ATTEMPTS, enqueue_mixed, wait_for
 from tests.faults.invariants import check_exactly_once, summary, unexpected_failures
@@ -35,8 +36,10 @@ def count(sessions: sessionmaker[Session], batch_id: int, *statuses: JobStatus) 
 
 
 def queued_messages(broker_url: str) -> int:
-    client = redis.Redis.from_url(broker_url)
-    return sum(int(client.llen(q)) for q in ("triage", "sonnet", "opus", "validate"))
+    # Messages now carry a priority and a queue lives in one Redis list per priority step, so a
+    # plain LLEN of the queue's name misses most of them: count every step, as the CLI does.
+    depths = queue_depths(redis.Redis.from_url(broker_url), ("triage", "sonnet", "opus", "validate", "haiku"))
+    return sum(depths.values())
 
 
 def test_broker_loses_its_messages(make_fake: Callable[..., FakeClaude], make_cluster: Callable[..., Cluster],
