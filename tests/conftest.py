@@ -115,7 +115,16 @@ def db(engine: Engine) -> Iterator[Session]:
 @pytest.fixture(scope="session")
 def broker_url() -> str:
     url = f"{REDIS_SERVER}/{REDIS_DB}"
-    redis.Redis.from_url(url).flushdb()
+    client = redis.Redis.from_url(url)
+    # Another run's workers on this number would take this run's tasks and work the same job ids in
+    # their own database, against their own fake Claude: calls the fault invariants then find
+    # unrecorded, jobs that never finish. Every run on the machine must have numbers of its own.
+    me = str(client.client_id())
+    others = [c for c in client.client_list() if c.get("db") == str(REDIS_DB) and str(c.get("id")) != me]
+    if others:
+        pytest.exit(f"Redis database {REDIS_DB} is in use by {len(others)} other connection(s) (another test run "
+                    f"or its workers): set SWITCHYARD_TEST_REDIS_DB to a number no other run uses", returncode=3)
+    client.flushdb()
     return url
 
 
