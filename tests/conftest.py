@@ -10,6 +10,7 @@ pytest-xdist (`make test` runs two processes) each worker is such a session, wit
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -119,8 +120,13 @@ def broker_url() -> str:
     # Another run's workers on this number would take this run's tasks and work the same job ids in
     # their own database, against their own fake Claude: calls the fault invariants then find
     # unrecorded, jobs that never finish. Every run on the machine must have numbers of its own.
+    # A run that just ended (make test's first pass, before its serial one) may still be closing:
+    # its connections get half a minute to go.
     me = str(client.client_id())
-    others = [c for c in client.client_list() if c.get("db") == str(REDIS_DB) and str(c.get("id")) != me]
+    deadline = time.monotonic() + 30
+    while (others := [c for c in client.client_list() if c.get("db") == str(REDIS_DB) and str(c.get("id")) != me]) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
     if others:
         pytest.exit(f"Redis database {REDIS_DB} is in use by {len(others)} other connection(s) (another test run "
                     f"or its workers): set SWITCHYARD_TEST_REDIS_DB to a number no other run uses", returncode=3)
