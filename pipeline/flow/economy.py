@@ -96,6 +96,14 @@ _CALLS = cast(Table, ModelCall.__table__)
 # -- the stage's side --------------------------------------------------------------------------------
 
 
+def _end_unanswered(conn: Connection, *, row_id: int) -> None:
+    """End a message batch row, its requests still without an answer taken as expired."""
+    now = utcnow()
+    conn.execute(update(_REQ).where(_REQ.c.message_batch_id == row_id, _REQ.c.state == "submitted").values(
+        state="done", result_type="expired", result={"type": "expired"}, result_at=now))
+    conn.execute(update(_MB).where(_MB.c.id == row_id).values(state="ended", ended_at=now))
+
+
 @dataclass(frozen=True)
 class EconomyCall:
     """The call a stage of an economy job is about to make: its job, version and stage."""
@@ -431,13 +439,8 @@ class Economy:
         if buffer:
             flush()
 
-        def close(conn: Connection) -> None:
-            now = utcnow()
-            # A request the results left out never ran: as good as expired (resubmitted once).
-            conn.execute(update(_REQ).where(_REQ.c.message_batch_id == row_id, _REQ.c.state == "submitted").values(
-                state="done", result_type="expired", result={"type": "expired"}, result_at=now))
-            conn.execute(update(_MB).where(_MB.c.id == row_id).values(state="ended", ended_at=now))
-        self.p.run(close)
+        # A request the results left out never ran: as good as expired (resubmitted once).
+        self.p.run(partial(_end_unanswered, row_id=row_id))
         log.info("economy: message batch %s ended; %d result(s) stored", api_id, stored)
         return stored
 
@@ -445,13 +448,7 @@ class Economy:
         """The API no longer knows the batch (deleted elsewhere): its results cannot be read, so
         its requests are taken as expired (made again once, then on the standard path)."""
         log.error("economy: message batch %s is gone from the API; its requests are taken as expired", api_id)
-
-        def do(conn: Connection) -> None:
-            now = utcnow()
-            conn.execute(update(_REQ).where(_REQ.c.message_batch_id == row_id, _REQ.c.state == "submitted").values(
-                state="done", result_type="expired", result={"type": "expired"}, result_at=now))
-            conn.execute(update(_MB).where(_MB.c.id == row_id).values(state="ended", ended_at=now))
-        self.p.run(do)
+        self.p.run(partial(_end_unanswered, row_id=row_id))
 
     # -- cancelling, orphans, waking --------------------------------------------------------------
 
