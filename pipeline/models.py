@@ -201,11 +201,16 @@ class BudgetReservation(Base):
               sqlite_where=text("released_at IS NULL")),
         Index("ix_budget_reservations_open_day", "day_id", postgresql_where=text("released_at IS NULL"),
               sqlite_where=text("released_at IS NULL")),
+        Index("ix_budget_reservations_open_request", "economy_request_id",
+              postgresql_where=text("released_at IS NULL AND economy_request_id IS NOT NULL"),
+              sqlite_where=text("released_at IS NULL AND economy_request_id IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     # Deleting the call row (a call handed back before any attempt) deletes, so releases, its hold.
-    call_id: Mapped[int] = mapped_column(ForeignKey("model_calls.id", ondelete="CASCADE"), unique=True)
+    # NULL while an economy call's hold waits with its request in a message batch (economy_request_id).
+    call_id: Mapped[int | None] = mapped_column(ForeignKey("model_calls.id", ondelete="CASCADE"), unique=True)
+    economy_request_id: Mapped[int | None] = mapped_column(ForeignKey("economy_requests.id", ondelete="SET NULL"))
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     day_id: Mapped[int | None] = mapped_column(ForeignKey("tenant_spend_days.id", ondelete="CASCADE"))

@@ -32,6 +32,11 @@ raised budget, the next UTC day for a daily limit, or reservations released by c
 than their worst case. ``resume_batch`` (`switchyard batches resume`) has them all moved back by
 hand. Either way the dispatcher moves them and publishes their stage, as it does for every job.
 
+An economy call (pipeline.flow.economy) reserves the same way before its stage writes its request;
+the hold then waits with the request through its message batch, since the API bills when the batch
+runs, and the stage that applies the answer closes it (``park``, ``adopt``, ``settle_request``
+below). A budget therefore also covers every request in a message batch.
+
 Shadow evaluation's calls (pipeline.flow.shadow) reserve nothing: they are evaluation cost, never
 part of a job's or a batch's, and are sampled at a low rate; their cost reaches the tenant's daily
 spend through ``tenants.spend_today`` when the day's row is first made, not at call time.
@@ -59,6 +64,7 @@ from pipeline.flow.states import Also, transition, transition_many
 from pipeline.models import (
     Batch,
     BudgetReservation,
+    EconomyRequest,
     Job,
     JobStatus,
     ModelCall,
@@ -250,15 +256,24 @@ def pause(session: Executor, job_id: int, *, frm: JobStatus, version: int, need:
 
 
 def hold_call(p: Any, *, job_id: int, version: int, call_id: int, tier: str, prompt: Prompt,
-              max_tokens: int) -> BudgetPaused | None:
+              max_tokens: int, economy_purpose: str | None = None) -> BudgetPaused | None:
     """The stage's hook before a call (stages._call): reserve, and remember the hold for the call's
-    record. A BudgetPaused when the call must not be made. ``p``: the stage's Pipeline."""
+    record. A BudgetPaused when the call must not be made. ``p``: the stage's Pipeline.
+    ``economy_purpose``: the job is in economy mode, and this stage's call (of that purpose) may
+    already hold a reservation through its request (``adopt``)."""
     # A JSON Schema sent for structured outputs is input the API reads too.
     schema = json.dumps(prompt.output_schema) if prompt.output_schema is not None else ""
     amount = worst_case(p.models, tier, input_tokens=input_bound(prompt.system, prompt.user + schema),
                         max_tokens=max_tokens, cached=prompt.cache)
-    outcome = p.run(lambda session: reserve(session, job_id=job_id, version=version, call_id=call_id,
-                                            amount=amount))
+
+    def hold(session: Connection) -> Hold | Shortfall | str | None:
+        if economy_purpose is not None:
+            adopted = adopt(session, job_id=job_id, version=version, purpose=economy_purpose, call_id=call_id)
+            if adopted is not None:
+                return adopted
+        return reserve(session, job_id=job_id, version=version, call_id=call_id, amount=amount)
+
+    outcome = p.run(hold)
     if isinstance(outcome, Hold):
         _HOLDS[call_id] = outcome
         return None
@@ -266,6 +281,67 @@ def hold_call(p: Any, *, job_id: int, version: int, call_id: int, tier: str, pro
         log.info("job %s: %s", job_id, outcome)
         return BudgetPaused(tier, outcome)
     return BudgetPaused(tier, None) if outcome == STALE else None
+
+
+# -- economy calls: a hold that waits with its request ------------------------------------------------
+#
+# An economy call is paid when its message batch runs, not while its stage holds the job: the stage
+# writes the request and hands the job back (its call row dropped), and a later run of the stage
+# applies the answer. So the reservation made before the request was written moves to the request
+# (``call_id`` NULL, ``economy_request_id`` set) in the statement that writes it, and counts against
+# the budgets for as long as the request waits, is submitted and runs. The stage that applies the
+# answer takes it back (``adopt``) and closes it with the actual cost, as for a synchronous call. A
+# request that is never submitted (its job moved on) releases its hold; an answer for a job that
+# moved on closes it with the answer's cost (``settle_request``).
+
+
+def park(session: Executor, *, call_id: int, request_id: int) -> None:
+    """The call's open hold now waits with its economy request (written in this transaction)."""
+    session.execute(update(BudgetReservation).where(BudgetReservation.call_id == call_id,
+                                                    BudgetReservation.released_at.is_(None))
+                    .values(call_id=None, economy_request_id=request_id)
+                    .execution_options(synchronize_session=False))
+
+
+def adopt(session: Executor, *, job_id: int, version: int, purpose: str, call_id: int) -> Hold | None:
+    """The open hold of the job's answered, unread request for this stage's call, taken over by
+    ``call_id``: the call that applies its answer (or writes the request again) closes or moves it.
+    A request still waiting keeps its hold: a stray run of the stage that finds it so hands its job
+    back, and its call row (with whatever it holds) is dropped."""
+    latest = (select(EconomyRequest.id).where(EconomyRequest.job_id == job_id, EconomyRequest.job_version == version,
+                                              EconomyRequest.purpose == purpose, EconomyRequest.state == "done",
+                                              EconomyRequest.consumed_at.is_(None))
+              .order_by(EconomyRequest.id.desc()).limit(1).scalar_subquery())
+    row = session.execute(
+        update(BudgetReservation).where(BudgetReservation.economy_request_id == latest,
+                                        BudgetReservation.call_id.is_(None), BudgetReservation.released_at.is_(None))
+        .values(call_id=call_id)
+        .returning(BudgetReservation.id, BudgetReservation.amount_usd, BudgetReservation.batch_id,
+                   BudgetReservation.day_id)
+        .execution_options(synchronize_session=False)).first()
+    return Hold(int(row.id), Decimal(row.amount_usd), row.batch_id, row.day_id) if row is not None else None
+
+
+def settle_request(session: Executor, *, request_ids: list[int], cost: Decimal | None = None) -> int:
+    """Close the holds of requests that no stage will apply: with the answer's ``cost`` added to the
+    budgets (an answer paid for, its job moved on), or released (never submitted, or not billed)."""
+    if not request_ids:
+        return 0
+    held = session.execute(
+        update(BudgetReservation).where(BudgetReservation.economy_request_id.in_(request_ids),
+                                        BudgetReservation.call_id.is_(None), BudgetReservation.released_at.is_(None))
+        .values(released_at=utcnow(), cost_usd=cost)
+        .returning(BudgetReservation.batch_id, BudgetReservation.day_id)
+        .execution_options(synchronize_session=False)).all()
+    if cost:
+        for r in held:
+            if r.batch_id is not None:
+                session.execute(update(Batch).where(Batch.id == r.batch_id)
+                                .values(budget_spent_usd=Batch.budget_spent_usd + cost))
+            if r.day_id is not None:
+                session.execute(update(TenantSpendDay).where(TenantSpendDay.id == r.day_id)
+                                .values(spent_usd=TenantSpendDay.spent_usd + cost))
+    return len(held)
 
 
 # -- releasing and resuming, in the dispatcher ----------------------------------------------------------

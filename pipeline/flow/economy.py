@@ -60,6 +60,7 @@ from pipeline.claude.client import CallResult, message_params
 from pipeline.claude.pricing import call_cost
 from pipeline.config import EconomyConfig
 from pipeline.errors import CallFailed, ClaudeError, Parked, PermanentClaudeError
+from pipeline.flow import budgets
 from pipeline.models import (
     ACTIVE,
     Batch,
@@ -111,6 +112,7 @@ class EconomyCall:
     job_id: int
     version: int
     purpose: str  # Stage.value: triage | work | format_check
+    call_id: int | None = None  # the stage's call row, whose budget hold the written request takes over
 
 
 # (database, batch id, task id) -> (mode, read at): a batch's mode is read once a few seconds, not
@@ -139,11 +141,11 @@ def mode_of(p: Pipeline, *, batch_id: int | None, task_id: int | None) -> str:
 
 
 def economy_call(p: Pipeline, *, job_id: int, version: int, batch_id: int | None, task_id: int | None,
-                 purpose: str) -> EconomyCall | None:
+                 purpose: str, call_id: int | None = None) -> EconomyCall | None:
     """The EconomyCall for a stage's call if its job is in economy mode; None: the standard path."""
     if mode_of(p, batch_id=batch_id, task_id=task_id) != ECONOMY:
         return None
-    return EconomyCall(job_id, version, purpose)
+    return EconomyCall(job_id, version, purpose, call_id)
 
 
 def obtain(p: Pipeline, call: EconomyCall, *, tier: str, model: str, system: str, user: str, max_tokens: int,
@@ -188,8 +190,12 @@ def obtain(p: Pipeline, call: EconomyCall, *, tier: str, model: str, system: str
 
 
 def _write(conn: Connection, call: EconomyCall, tier: str, model: str, params: dict[str, Any], *, rnd: int) -> None:
-    conn.execute(insert(_REQ).values(job_id=call.job_id, job_version=call.version, purpose=call.purpose, tier=tier,
-                                     model=model, round=rnd, state="pending", params=params, created_at=utcnow()))
+    request_id = conn.execute(insert(_REQ).values(
+        job_id=call.job_id, job_version=call.version, purpose=call.purpose, tier=tier, model=model, round=rnd,
+        state="pending", params=params, created_at=utcnow()).returning(_REQ.c.id)).scalar_one()
+    if call.call_id is not None:
+        # The call's budget hold waits with the request: it is paid when its message batch runs.
+        budgets.park(conn, call_id=call.call_id, request_id=request_id)
 
 
 # -- the dispatcher's side ------------------------------------------------------------------------
@@ -258,8 +264,12 @@ class Economy:
         """Pending requests whose job has moved on (cancelled) are never submitted."""
         stale = ~exists(select(_JOBS.c.id).where(_JOBS.c.id == _REQ.c.job_id, _JOBS.c.version == _REQ.c.job_version,
                                                 _JOBS.c.status.in_(ACTIVE)))
-        self.p.run(lambda c: c.execute(update(_REQ).where(_REQ.c.state == "pending", stale)
-                                       .values(state="dropped", consumed_at=utcnow())), autocommit=True)
+
+        def do(conn: Connection) -> None:
+            dropped = conn.scalars(update(_REQ).where(_REQ.c.state == "pending", stale)
+                                   .values(state="dropped", consumed_at=utcnow()).returning(_REQ.c.id)).all()
+            budgets.settle_request(conn, request_ids=list(dropped))  # never paid: their holds go
+        self.p.run(do)
 
     def submit_due(self) -> None:
         now = utcnow()
@@ -488,13 +498,17 @@ class Economy:
     def _settle(self, conn: Connection, *, r: Any) -> None:
         taken = conn.execute(update(_REQ).where(_REQ.c.id == r.id, _REQ.c.consumed_at.is_(None))
                              .values(consumed_at=utcnow())).rowcount
-        if not taken or r.result_type != "succeeded":
+        if not taken:
+            return
+        if r.result_type != "succeeded":
+            budgets.settle_request(conn, request_ids=[r.id])  # not billed: its hold goes
             return
         outcome = outcome_of(r.result or {}, submitted_at=r.submitted_at or r.result_at, result_at=r.result_at,
                              message_batch_id=r.api_id, request_id=r.id)
         assert isinstance(outcome, CallResult)
         a = outcome.attempts[0]
         cost = self.cost(r.tier, a.usage)
+        budgets.settle_request(conn, request_ids=[r.id], cost=cost)
         conn.execute(insert(_CALLS).values(
             job_id=r.job_id, stage=r.purpose, tier=r.tier, model=r.model, attempt=1, delivery=0, outcome="ok",
             input_tokens=a.usage.input_tokens, output_tokens=a.usage.output_tokens,

@@ -355,19 +355,22 @@ def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt, max_tokens: i
         except OperationalError as exc:
             log.warning("job %s: could not renew the stage claim: %s", claim.id, exc.orig or exc)
 
-    # The call's worst case reserved against its budgets first (pipeline.flow.budgets); a call that
-    # does not fit is not made, and its job is paused already.
+    economy_call = economy.economy_call(p, job_id=claim.id, version=claim.version, batch_id=claim.batch_id,
+                                        task_id=claim.task_id, purpose=stage.value, call_id=call_id)
+    # The call's worst case reserved against its budgets first (pipeline.flow.budgets), or, for an
+    # economy call whose request already holds it, taken over; a call that does not fit is not
+    # made, and its job is paused already.
     paused = budgets.hold_call(p, job_id=claim.id, version=claim.version, call_id=call_id, tier=tier, prompt=prompt,
-                               max_tokens=max_tokens)
+                               max_tokens=max_tokens,
+                               economy_purpose=economy_call.purpose if economy_call else None)
     if paused is not None:
         return paused
     result = call_model(p, tier=tier, prompt=prompt, max_tokens=max_tokens, on_retry=renew, job_id=claim.id,
-                        economy_call=economy.economy_call(p, job_id=claim.id, version=claim.version,
-                                                          batch_id=claim.batch_id, task_id=claim.task_id,
-                                                          purpose=stage.value))
+                        economy_call=economy_call)
     if isinstance(result, Deferred) and not result.attempts:
         # Handed back unmade (a rate-limit or warm-up wait, or an economy call parked until its
-        # message batch answers): its call row goes, and the reservation with it.
+        # message batch answers): its call row goes, and the reservation with it (a parked call's
+        # reservation has moved to its request: economy._write).
         budgets.take(call_id)
     return result
 

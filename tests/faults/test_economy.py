@@ -26,7 +26,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.config import load_config
 from pipeline.fake_claude import FakeClaude, FakeOptions
 from pipeline.intake.enqueue import enqueue_file
-from pipeline.models import EconomyRequest, Job, JobStatus, MessageBatch, ModelCall
+from pipeline.models import (
+    TERMINAL,
+    Batch,
+    BudgetReservation,
+    EconomyRequest,
+    Job,
+    JobEvent,
+    JobStatus,
+    MessageBatch,
+    ModelCall,
+)
 from tests.cluster import SWITCHYARD, Cluster, Proc, wait_for_batch
 from tests.faults.conftest import FAST_ENV, wait_for
 from tests.faults.invariants import check_exactly_once
@@ -79,10 +89,11 @@ def cluster(database_url: str, broker_url: str, fake: FakeClaude, workdir: Path)
         c.stop()
 
 
-def _enqueue(sessions: sessionmaker[Session], workdir: Path, name: str, jobs: list[dict[str, Any]]) -> int:
+def _enqueue(sessions: sessionmaker[Session], workdir: Path, name: str, jobs: list[dict[str, Any]],
+             budget_usd: Decimal | None = None) -> int:
     path = workdir / f"{name}.jsonl"
     path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
-    report = enqueue_file(sessions, path, batch=name, config=load_config(), mode="economy")
+    report = enqueue_file(sessions, path, batch=name, config=load_config(), mode="economy", budget_usd=budget_usd)
     assert report.batch_id is not None and report.accepted == len(jobs)
     return report.batch_id
 
@@ -241,6 +252,72 @@ def _cancel_case(sessions: sessionmaker[Session], cluster: Cluster, fake: FakeCl
     assert statuses == {JobStatus.CANCELLED}
     assert cancelled and all(at is not None for at in cancelled)
     assert _batch_stats(fake)["results"].get("canceled", 0) == 3
+
+
+def test_a_budget_holds_while_requests_wait_in_message_batches(
+        sessions: sessionmaker[Session], cluster: Cluster, fake: FakeClaude, workdir: Path) -> None:
+    """An economy call is paid when its message batch runs: its worst case stays reserved from
+    the moment its request is written until its answer is applied, so a budget also covers the
+    requests in flight. The jobs that do not fit pause; the batch never spends past its budget;
+    every answer closes its own hold with its actual cost; raising the budget finishes the batch."""
+    fake.reconfigure(FakeOptions(batch_delay_s=2))  # long enough to look at the holds in flight
+    try:
+        budget = Decimal("0.04")
+        batch_id = _enqueue(sessions, workdir, "econ-budget", _jobs("budget", 12), budget_usd=budget)
+
+        def in_flight() -> list[tuple[int, int | None]]:
+            with sessions() as s:
+                return [tuple(r) for r in s.execute(  # type: ignore[misc]
+                    select(EconomyRequest.id, BudgetReservation.id).select_from(EconomyRequest)
+                    .join(Job, Job.id == EconomyRequest.job_id)
+                    .outerjoin(BudgetReservation, (BudgetReservation.economy_request_id == EconomyRequest.id)
+                               & BudgetReservation.released_at.is_(None) & BudgetReservation.call_id.is_(None))
+                    .where(Job.batch_id == batch_id, EconomyRequest.state == "submitted"))]
+        wait_for(lambda: bool(in_flight()), timeout=60, what="a request of the batch in a message batch")
+        held = in_flight()
+        assert all(hold is not None for _, hold in held), f"requests in a message batch without a hold: {held}"
+
+        def settled() -> bool:
+            with sessions() as s:
+                live = s.scalar(select(func.count()).select_from(Job).where(
+                    Job.batch_id == batch_id, Job.status.not_in([*TERMINAL, JobStatus.PAUSED])))
+                unread = s.scalar(select(func.count()).select_from(EconomyRequest).join(Job).where(
+                    Job.batch_id == batch_id, EconomyRequest.consumed_at.is_(None)))
+                holds = s.scalar(select(func.count()).select_from(BudgetReservation).where(
+                    BudgetReservation.batch_id == batch_id, BudgetReservation.released_at.is_(None)))
+            return not live and not unread and not holds
+        wait_for(settled, timeout=120, what="the budgeted economy batch to run out of budget or finish", interval=0.2)
+        with sessions() as s:
+            spent = s.scalar(select(func.coalesce(func.sum(ModelCall.cost_usd), 0)).select_from(ModelCall)
+                             .join(Job).where(Job.batch_id == batch_id))
+            batch = s.get(Batch, batch_id)
+            assert batch is not None
+            paused_ever = s.scalar(select(func.count()).select_from(JobEvent).join(Job).where(
+                Job.batch_id == batch_id, JobEvent.to_status == JobStatus.PAUSED))
+            calls = s.scalars(select(ModelCall).join(Job).where(Job.batch_id == batch_id,
+                                                                ModelCall.outcome == "ok")).all()
+            holds = {h.call_id: h for h in s.scalars(select(BudgetReservation).where(
+                BudgetReservation.batch_id == batch_id))}
+        assert spent <= budget, (spent, budget)
+        assert batch.budget_spent_usd == spent
+        assert paused_ever, "no job paused: the budget was too large for this case to test anything"
+        assert calls and all(c.message_batch_id for c in calls)
+        # Each answer closed the hold that its request carried, with its actual cost.
+        assert all(c.id in holds and holds[c.id].cost_usd == c.cost_usd for c in calls), \
+            [(c.id, c.cost_usd, holds.get(c.id) and holds[c.id].cost_usd) for c in calls]
+
+        run_cli(["batches", "budget", "econ-budget", "--usd", "100"], env=cluster.env())
+        wait_for_batch(sessions, batch_id, timeout=120, cluster=cluster)
+        with sessions() as s:
+            statuses = set(s.scalars(select(Job.status).where(Job.batch_id == batch_id)))
+            total = s.scalar(select(func.sum(ModelCall.cost_usd)).select_from(ModelCall).join(Job)
+                             .where(Job.batch_id == batch_id))
+            batch = s.get(Batch, batch_id)
+            assert batch is not None
+            assert batch.budget_spent_usd == total
+        assert statuses == {JobStatus.SUCCEEDED}
+    finally:
+        fake.reconfigure(FakeOptions(batch_delay_s=0.5))
 
 
 def _restart(cluster: Cluster, proc: Proc) -> Proc:
