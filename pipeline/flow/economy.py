@@ -1,7 +1,9 @@
 """Economy mode: a batch's model calls made through the Message Batches API, at the batch discount.
 
 Economy is another way of obtaining a call's answer, not another pipeline: the same stages, state
-machine and records. A stage of an economy job that needs a call (``obtain``):
+machine and records. Shadow evaluation's steps (pipeline.flow.shadow) obtain theirs the same way,
+keyed by the job's final version; they park and are woken on the shadow's row instead of the
+job's. A stage of an economy job that needs a call (``obtain``):
 
 - finds no request for it yet: writes one ("pending": the exact /v1/messages body the synchronous
   path would send, cache_control included) and hands its job back without counting a delivery,
@@ -63,12 +65,15 @@ from pipeline.errors import CallFailed, ClaudeError, Parked, PermanentClaudeErro
 from pipeline.flow import budgets
 from pipeline.models import (
     ACTIVE,
+    OPEN_SHADOW,
     Batch,
     EconomyRequest,
     Job,
     JobStatus,
     MessageBatch,
     ModelCall,
+    ShadowEvaluation,
+    Stage,
     Task,
     utcnow,
 )
@@ -92,6 +97,20 @@ _REQ = cast(Table, EconomyRequest.__table__)
 _MB = cast(Table, MessageBatch.__table__)
 _JOBS = cast(Table, Job.__table__)
 _CALLS = cast(Table, ModelCall.__table__)
+_SHADOWS = cast(Table, ShadowEvaluation.__table__)
+# The purposes of shadow evaluation's calls (pipeline.flow.shadow): they belong to a job that has
+# succeeded, and live as long as its shadow is open, not as long as the job is active.
+EVALUATION = (Stage.SHADOW.value, Stage.JUDGE.value)
+
+
+def _live() -> Any:
+    """A request still wanted: a stage's call while its job is active at the request's version; an
+    evaluation call while the job's shadow is open."""
+    job_live = exists(select(_JOBS.c.id).where(_JOBS.c.id == _REQ.c.job_id, _JOBS.c.version == _REQ.c.job_version,
+                                               _JOBS.c.status.in_(ACTIVE)))
+    shadow_live = exists(select(_SHADOWS.c.id).where(_SHADOWS.c.job_id == _REQ.c.job_id,
+                                                     _SHADOWS.c.status.in_(OPEN_SHADOW)))
+    return or_(and_(_REQ.c.purpose.not_in(EVALUATION), job_live), and_(_REQ.c.purpose.in_(EVALUATION), shadow_live))
 
 
 # -- the stage's side --------------------------------------------------------------------------------
@@ -261,12 +280,11 @@ class Economy:
     # -- submitting ------------------------------------------------------------------------------
 
     def drop_stale(self) -> None:
-        """Pending requests whose job has moved on (cancelled) are never submitted."""
-        stale = ~exists(select(_JOBS.c.id).where(_JOBS.c.id == _REQ.c.job_id, _JOBS.c.version == _REQ.c.job_version,
-                                                _JOBS.c.status.in_(ACTIVE)))
+        """Pending requests whose job has moved on (cancelled), or whose shadow has ended, are never
+        submitted."""
 
         def do(conn: Connection) -> None:
-            dropped = conn.scalars(update(_REQ).where(_REQ.c.state == "pending", stale)
+            dropped = conn.scalars(update(_REQ).where(_REQ.c.state == "pending", ~_live())
                                    .values(state="dropped", consumed_at=utcnow()).returning(_REQ.c.id)).all()
             budgets.settle_request(conn, request_ids=list(dropped))  # never paid: their holds go
         self.p.run(do)
@@ -479,15 +497,14 @@ class Economy:
             log.info("economy: message batch %s cancelled: every job it served was cancelled", r.api_id)
 
     def settle_orphans(self) -> None:
-        """Answers stored for jobs that have moved on (cancelled while in a batch): an answer was
-        paid for, so it is recorded as a call of its job, not applied, and its cost added."""
-        moved_on = and_(_REQ.c.state == "done", _REQ.c.consumed_at.is_(None),
-                        or_(_JOBS.c.status.not_in(ACTIVE), _JOBS.c.version != _REQ.c.job_version))
+        """Answers stored for jobs that have moved on (cancelled while in a batch), or for shadows
+        that have ended: an answer was paid for, so it is recorded as a call of its job, not
+        applied, and its cost added (to the shadow's, for an evaluation call)."""
+        moved_on = and_(_REQ.c.state == "done", _REQ.c.consumed_at.is_(None), ~_live())
         rows = self.p.run(lambda c: c.execute(
             select(_REQ.c.id, _REQ.c.job_id, _REQ.c.purpose, _REQ.c.tier, _REQ.c.model, _REQ.c.result,
                    _REQ.c.result_type, _REQ.c.submitted_at, _REQ.c.result_at, _MB.c.api_id)
-            .select_from(_REQ.join(_JOBS, _JOBS.c.id == _REQ.c.job_id)
-                         .outerjoin(_MB, _MB.c.id == _REQ.c.message_batch_id))
+            .select_from(_REQ.outerjoin(_MB, _MB.c.id == _REQ.c.message_batch_id))
             .where(moved_on).limit(1000)).all(), autocommit=True)
         for r in rows:
             self.p.run(partial(self._settle, r=r))
@@ -516,23 +533,36 @@ class Economy:
             cache_read_input_tokens=a.usage.cache_read_input_tokens, cost_usd=cost, latency_ms=a.latency_ms,
             request_id=a.request_id, status_code=200, stop_reason=a.stop_reason, response_text=a.text,
             applied=False, started_at=a.started_at, finished_at=a.finished_at, message_batch_id=r.api_id))
-        conn.execute(update(_JOBS).where(_JOBS.c.id == r.job_id).values(cost_usd=_JOBS.c.cost_usd + cost))
+        if r.purpose in EVALUATION:  # evaluation cost: the shadow's, never the job's
+            conn.execute(update(_SHADOWS).where(_SHADOWS.c.job_id == r.job_id)
+                         .values(cost_usd=_SHADOWS.c.cost_usd + cost))
+        else:
+            conn.execute(update(_JOBS).where(_JOBS.c.id == r.job_id).values(cost_usd=_JOBS.c.cost_usd + cost))
 
     def cost(self, tier: str, usage: Any) -> Decimal:
         models = self.p.models
         return call_cost(models.tier(tier), usage, config=models, batch=True)
 
     def wake(self) -> int:
-        """Jobs parked for an answer that is now stored: due at once, for refeed to publish."""
+        """Jobs parked for an answer that is now stored: due at once, for refeed to publish; and
+        shadows likewise, for the shadow sweep to publish."""
         now = utcnow()
-        answered = select(_REQ.c.job_id).where(_REQ.c.state == "done", _REQ.c.consumed_at.is_(None),
-                                               _REQ.c.job_version == _JOBS.c.version)
-        return int(self.p.run(lambda c: c.execute(
-            update(_JOBS).where(_JOBS.c.id.in_(select(_REQ.c.job_id).where(_REQ.c.state == "done",
-                                                                           _REQ.c.consumed_at.is_(None))),
-                                _JOBS.c.not_before > now, _JOBS.c.claimed_at.is_(None), _JOBS.c.status.in_(ACTIVE),
-                                exists(answered.where(_REQ.c.job_id == _JOBS.c.id)))
-            .values(not_before=now)).rowcount, autocommit=True))
+        unread = and_(_REQ.c.state == "done", _REQ.c.consumed_at.is_(None))
+        answered = select(_REQ.c.job_id).where(unread, _REQ.c.job_version == _JOBS.c.version)
+
+        def do(c: Connection) -> int:
+            jobs = c.execute(
+                update(_JOBS).where(_JOBS.c.id.in_(select(_REQ.c.job_id).where(unread)),
+                                    _JOBS.c.not_before > now, _JOBS.c.claimed_at.is_(None),
+                                    _JOBS.c.status.in_(ACTIVE), exists(answered.where(_REQ.c.job_id == _JOBS.c.id)))
+                .values(not_before=now)).rowcount
+            shadows = c.execute(
+                update(_SHADOWS).where(_SHADOWS.c.job_id.in_(select(_REQ.c.job_id).where(
+                    unread, _REQ.c.purpose.in_(EVALUATION))), _SHADOWS.c.not_before > now,
+                    _SHADOWS.c.claimed_at.is_(None), _SHADOWS.c.status.in_(OPEN_SHADOW))
+                .values(not_before=now)).rowcount
+            return int(jobs) + int(shadows)
+        return int(self.p.run(do, autocommit=True))
 
 
 def build_economy(p: Pipeline, settings: Settings) -> Economy:

@@ -30,7 +30,8 @@ from sqlalchemy.exc import OperationalError
 
 from pipeline.claude.client import CallResult
 from pipeline.db import Executor
-from pipeline.errors import CallFailed, Deferred
+from pipeline.errors import CallFailed, Deferred, Parked
+from pipeline.flow import economy
 from pipeline.flow.prompts import judge_prompt, work_prompt
 from pipeline.flow.stages import (
     SHADOW_PRIORITY,
@@ -147,6 +148,8 @@ class _Job:
     payload: dict[str, Any]
     output: Any
     task_id: int | None
+    version: int
+    batch_id: int | None
 
 
 def run(p: Pipeline, job_id: int) -> Handoff | None:
@@ -166,12 +169,13 @@ def run(p: Pipeline, job_id: int) -> Handoff | None:
                             .values(outcome="abandoned", finished_at=now))
         if c.deliveries > p.max_deliveries:
             return c, None, None
-        row = session.execute(select(Job.kind, Job.payload, Job.output, Job.task_id).where(Job.id == job_id)).one()
+        row = session.execute(select(Job.kind, Job.payload, Job.output, Job.task_id, Job.version, Job.batch_id)
+                              .where(Job.id == job_id)).one()
         stage, tier = _step(c)
         call_id = session.execute(insert(_CALLS).returning(_CALLS.c.id), {
             "job_id": job_id, "stage": stage, "tier": tier, "model": p.models.tier(tier).model, "attempt": 1,
             "outcome": "started", "delivery": c.deliveries, "started_at": utcnow()}).scalar_one()
-        return c, _Job(JobKind(row.kind), row.payload, row.output, row.task_id), call_id
+        return c, _Job(JobKind(row.kind), row.payload, row.output, row.task_id, row.version, row.batch_id), call_id
 
     claimed = p.run(claim)
     if claimed is None:
@@ -195,8 +199,17 @@ def run(p: Pipeline, job_id: int) -> Handoff | None:
         prompt = judge_prompt(job.kind, job.payload, routed=as_text(job.output), reference=c.reference_answer or "",
                               shared=shared)
         max_tokens = p.models.limits.format_check_max_tokens
+    # An economy batch's shadows go through message batches too, keyed by the job's final version
+    # (a succeeded job's version no longer moves); they reserve no budget (pipeline.flow.budgets).
+    economy_call = economy.economy_call(p, job_id=job_id, version=job.version, batch_id=job.batch_id,
+                                        task_id=job.task_id, purpose=stage.value)
     result = call_model(p, tier=tier, prompt=prompt, max_tokens=max_tokens, on_retry=lambda _n: _renew(p, c),
-                        job_id=job_id)
+                        job_id=job_id, economy_call=economy_call)
+    if isinstance(result, Parked):
+        # Its request waits in a message batch: the step waits in Postgres, and the dispatcher's
+        # economy round wakes it (not_before = now) when the answer is stored, for the sweep.
+        p.run(lambda s: _record(s, p, c, call_id, snap, stage, tier, [], release_at=result.until))
+        return None
     if isinstance(result, Deferred):
         p.run(lambda s: _record(s, p, c, call_id, snap, stage, tier, result.attempts, release_at=None))
         return handoff(job_id, c.reference_tier, delay_s=min(60.0, result.wait_s) + random.uniform(0, 1))

@@ -36,6 +36,9 @@ from pipeline.models import (
     JobStatus,
     MessageBatch,
     ModelCall,
+    ShadowEvaluation,
+    ShadowStatus,
+    Stage,
 )
 from tests.cluster import SWITCHYARD, Cluster, Proc, wait_for_batch
 from tests.faults.conftest import FAST_ENV, wait_for
@@ -90,10 +93,11 @@ def cluster(database_url: str, broker_url: str, fake: FakeClaude, workdir: Path)
 
 
 def _enqueue(sessions: sessionmaker[Session], workdir: Path, name: str, jobs: list[dict[str, Any]],
-             budget_usd: Decimal | None = None) -> int:
+             budget_usd: Decimal | None = None, shadow_rate: float | None = None) -> int:
     path = workdir / f"{name}.jsonl"
     path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
-    report = enqueue_file(sessions, path, batch=name, config=load_config(), mode="economy", budget_usd=budget_usd)
+    report = enqueue_file(sessions, path, batch=name, config=load_config(), mode="economy", budget_usd=budget_usd,
+                          shadow_rate=shadow_rate)
     assert report.batch_id is not None and report.accepted == len(jobs)
     return report.batch_id
 
@@ -180,6 +184,41 @@ def test_economy_end_to_end(sessions: sessionmaker[Session], cluster: Cluster, f
     stats = json.loads(run_cli(["stats", "--batch", "econ-e2e", "--json"], env=cluster.env()).stdout)
     spent = sum((c.cost_usd for c in calls), Decimal(0))
     assert Decimal(str(stats["economy"]["saved_usd"])) == pytest.approx(spent, rel=Decimal("1e-6"))
+
+
+def test_shadows_of_an_economy_batch_go_through_message_batches(
+        sessions: sessionmaker[Session], cluster: Cluster, fake: FakeClaude, workdir: Path) -> None:
+    """Shadow evaluation of an economy batch: the reference call and the judge's go through message
+    batches too, at the batch price, their cost on the shadow; not one synchronous request."""
+    fake.reset()
+    sync_before = fake.stats()["total"]
+    batch_id = _enqueue(sessions, workdir, "econ-shadow", _jobs("shadow", 8), shadow_rate=1.0)
+    wait_for_batch(sessions, batch_id, timeout=90, cluster=cluster)
+
+    def shadows() -> list[ShadowEvaluation]:
+        with sessions() as s:
+            return list(s.scalars(select(ShadowEvaluation).join(Job).where(Job.batch_id == batch_id)))
+    wait_for(lambda: bool(shadows()) and all(sh.status in (ShadowStatus.DONE, ShadowStatus.FAILED)
+                                             for sh in shadows()),
+             timeout=120, what="every shadow of the economy batch ended", interval=0.2)
+    ended = shadows()
+    assert {sh.status for sh in ended} == {ShadowStatus.DONE}, [(sh.job_id, sh.status, sh.error) for sh in ended]
+    assert fake.stats()["total"] == sync_before, "a shadow of an economy job made a synchronous call"
+    models = load_config()
+    with sessions() as s:
+        calls = s.scalars(select(ModelCall).join(Job).where(
+            Job.batch_id == batch_id, ModelCall.stage.in_([Stage.SHADOW, Stage.JUDGE]))).all()
+        unread = s.scalar(select(func.count()).select_from(EconomyRequest).join(Job).where(
+            Job.batch_id == batch_id, EconomyRequest.consumed_at.is_(None)))
+    assert {c.stage for c in calls} == {Stage.SHADOW, Stage.JUDGE}  # drafts and generations are judged
+    assert all(c.message_batch_id and c.outcome == "ok" for c in calls), [(c.stage, c.outcome) for c in calls]
+    assert not unread
+    from pipeline.claude.pricing import Usage, call_cost
+    for c in calls:
+        usage = Usage(c.input_tokens, c.output_tokens, c.cache_creation_input_tokens, c.cache_read_input_tokens)
+        assert c.cost_usd == call_cost(models.tier(c.tier), usage, config=models, batch=True)
+    for sh in ended:
+        assert sh.cost_usd == sum((c.cost_usd for c in calls if c.job_id == sh.job_id), Decimal(0))
 
 
 def test_errored_expired_canceled(sessions: sessionmaker[Session], cluster: Cluster, fake: FakeClaude,
