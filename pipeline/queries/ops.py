@@ -30,7 +30,8 @@ from sqlalchemy.orm import Session
 
 from pipeline.config import ModelConfig
 from pipeline.flow.admission import BROKER_PRIORITY_STEPS as PRIORITY_STEPS
-from pipeline.models import ACTIVE, TERMINAL, Job, JobStatus, utcnow
+from pipeline.models import ACTIVE, Job, JobStatus, utcnow
+from pipeline.queries.rollups import ended_since
 from pipeline.queries.shares import TenantShare, tenant_shares
 
 log = logging.getLogger(__name__)
@@ -285,13 +286,8 @@ def job_counts(session: Session) -> tuple[dict[str, dict[str, int]], int, dict[s
         in_flight.setdefault(JobStatus(status).value, {})[tier or "-"] = n
     queued = session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)) or 0
     now = utcnow()
-    finished: list[dict[str, int]] = []
-    for minutes in (1, 5):
-        rows = session.execute(
-            select(Job.status, func.count())
-            .where(Job.status.in_(TERMINAL), Job.finished_at >= now - timedelta(minutes=minutes))
-            .group_by(Job.status))
-        finished.append({JobStatus(s).value: n for s, n in rows})
+    # From the rollups and the jobs not folded yet (rollups.ended_since), by whole minutes.
+    finished = [ended_since(session, now - timedelta(minutes=minutes)) for minutes in (1, 5)]
     return in_flight, queued, finished[0], finished[1]
 
 
