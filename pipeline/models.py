@@ -311,6 +311,10 @@ class Job(Base):
     # out waits here, with no claim and no message anywhere, until this time; the dispatcher then
     # publishes it again (pipeline.flow.dispatch.refeed). NULL for every job that is not waiting.
     not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set with not_before when the wait is for an economy call's message batch (pipeline.flow.economy),
+    # which can take hours: such a job holds no message, no thread and no broker place, so it is not
+    # counted in flight (in_flight below) until its answer wakes it (not_before = now).
+    parked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     # When the current stage began meeting nothing but transient errors (the first failed attempt
     # of its first round that ran out); the patience counts from here. Cleared by every transition.
     transient_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -31,13 +31,14 @@ import heapq
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import ColumnElement, and_, func, or_, select, text
 
 from pipeline.db import Executor, dialect_name
 from pipeline.errors import InvalidInput
-from pipeline.models import ACTIVE, Batch, Job, JobStatus, Tenant
+from pipeline.models import ACTIVE, Batch, Job, JobStatus, Tenant, utcnow
 from pipeline.names import quoted
 
 MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 0, 9, 5
@@ -179,16 +180,25 @@ def queued_batches(session: Executor) -> list[int]:
     return [int(b) for b in session.execute(_QUEUED_BATCHES, {"most": MAX_GROUPS}).scalars()]
 
 
+def in_flight(now: datetime | None = None) -> ColumnElement[bool]:
+    """A job in flight: in a stage, and not parked for an economy call's message batch (a parked
+    job holds no message, thread or broker place, and can wait hours; counting it would let an
+    economy batch's waiting jobs take every place, and its message batches would never be larger
+    than max_in_flight). A parked job woken by its answer (not_before now) is in flight again."""
+    return and_(Job.status.in_(ACTIVE),
+                or_(Job.parked.is_(False), Job.not_before.is_(None), Job.not_before <= (now or utcnow())))
+
+
 def groups(session: Executor, batch_ids: Sequence[int]) -> list[Group]:
     """The batches given, with their priority, tenant, weight and jobs in flight."""
     if not batch_ids:
         return []
-    in_flight = dict(session.execute(  # type: ignore[arg-type]
-        select(Job.batch_id, func.count()).where(Job.batch_id.in_(batch_ids), Job.status.in_(ACTIVE))
+    busy = dict(session.execute(  # type: ignore[arg-type]
+        select(Job.batch_id, func.count()).where(Job.batch_id.in_(batch_ids), in_flight())
         .group_by(Job.batch_id)).all())
     rows = session.execute(select(Batch.id, Batch.priority, Batch.tenant_id, Tenant.weight)
                            .outerjoin(Tenant, Tenant.id == Batch.tenant_id).where(Batch.id.in_(batch_ids))).all()
-    return [Group(r.id, r.priority, r.tenant_id, r.weight if r.weight is not None else 1.0, in_flight.get(r.id, 0))
+    return [Group(r.id, r.priority, r.tenant_id, r.weight if r.weight is not None else 1.0, busy.get(r.id, 0))
             for r in rows]
 
 
@@ -196,7 +206,7 @@ def in_flight_by_priority(session: Executor) -> dict[int, int]:
     """Jobs in a stage now, by their batch's priority (reads the jobs in flight, never the queued)."""
     return dict(session.execute(  # type: ignore[arg-type]
         select(Batch.priority, func.count()).select_from(Job).join(Batch, Batch.id == Job.batch_id)
-        .where(Job.status.in_(ACTIVE)).group_by(Batch.priority)).all())
+        .where(in_flight()).group_by(Batch.priority)).all())
 
 
 def admit(session: Executor, *, max_in_flight: int, limit: int = 1000) -> list[Admitted]:

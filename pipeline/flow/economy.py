@@ -63,6 +63,7 @@ from pipeline.claude.pricing import call_cost
 from pipeline.config import EconomyConfig
 from pipeline.errors import CallFailed, ClaudeError, Parked, PermanentClaudeError
 from pipeline.flow import budgets
+from pipeline.flow.admission import in_flight
 from pipeline.models import (
     ACTIVE,
     OPEN_SHADOW,
@@ -237,10 +238,12 @@ def _request_of(custom_id: str, batch_row: int) -> int | None:
 class Economy:
     """Economy mode's part of the dispatcher's round (module doc). One per dispatcher process."""
 
-    def __init__(self, p: Pipeline, client: BatchClient, config: EconomyConfig, *, kill_at: str | None = None) -> None:
+    def __init__(self, p: Pipeline, client: BatchClient, config: EconomyConfig, *, kill_at: str | None = None,
+                 max_in_flight: int | None = None) -> None:
         self.p = p
         self.client = client
         self.config = config
+        self.max_in_flight = max_in_flight  # the dispatcher's: how many parked jobs a round may wake
         self._reconciled_at = 0.0
         self._backoff: dict[str, float] = {}
         # TEST HOOK (SWITCHYARD_TEST_ECONOMY_KILL="POINT=MARKER"): SIGKILL this process once at POINT
@@ -544,18 +547,27 @@ class Economy:
         return call_cost(models.tier(tier), usage, config=models, batch=True)
 
     def wake(self) -> int:
-        """Jobs parked for an answer that is now stored: due at once, for refeed to publish; and
+        """Jobs parked for an answer that is now stored: due at once, for refeed to publish, as many
+        as there are places in flight (a message batch of 100,000 answers must not put 100,000
+        messages in the broker at once: the rest are woken in later rounds, oldest first); and
         shadows likewise, for the shadow sweep to publish."""
         now = utcnow()
         unread = and_(_REQ.c.state == "done", _REQ.c.consumed_at.is_(None))
         answered = select(_REQ.c.job_id).where(unread, _REQ.c.job_version == _JOBS.c.version)
 
         def do(c: Connection) -> int:
-            jobs = c.execute(
-                update(_JOBS).where(_JOBS.c.id.in_(select(_REQ.c.job_id).where(unread)),
-                                    _JOBS.c.not_before > now, _JOBS.c.claimed_at.is_(None),
-                                    _JOBS.c.status.in_(ACTIVE), exists(answered.where(_REQ.c.job_id == _JOBS.c.id)))
-                .values(not_before=now)).rowcount
+            if c.scalar(select(_REQ.c.id).where(unread).limit(1)) is None:
+                return 0  # the usual round: nothing answered and unread (a partial index holds them)
+            due = (select(_JOBS.c.id).where(_JOBS.c.id.in_(select(_REQ.c.job_id).where(unread)),
+                                            _JOBS.c.not_before > now, _JOBS.c.claimed_at.is_(None),
+                                            _JOBS.c.status.in_(ACTIVE),
+                                            exists(answered.where(_REQ.c.job_id == _JOBS.c.id)))
+                   .order_by(_JOBS.c.id))
+            if self.max_in_flight is not None:
+                busy = c.scalar(select(func.count()).select_from(Job).where(in_flight(now))) or 0
+                due = due.limit(max(0, self.max_in_flight - busy))
+            jobs = c.execute(update(_JOBS).where(_JOBS.c.id.in_(due.scalar_subquery()))
+                             .values(not_before=now)).rowcount
             shadows = c.execute(
                 update(_SHADOWS).where(_SHADOWS.c.job_id.in_(select(_REQ.c.job_id).where(
                     unread, _REQ.c.purpose.in_(EVALUATION))), _SHADOWS.c.not_before > now,
@@ -569,7 +581,8 @@ def build_economy(p: Pipeline, settings: Settings) -> Economy:
     """The dispatcher's Economy, from the settings (the same key and endpoint as the workers')."""
     client = BatchClient(api_key=settings.api_key or "", base_url=settings.anthropic_base_url,
                          timeout_s=min(settings.call_timeout_s, p.models.economy.create_timeout_s / 2))
-    return Economy(p, client, p.models.economy, kill_at=settings.test_economy_kill)
+    return Economy(p, client, p.models.economy, kill_at=settings.test_economy_kill,
+                   max_in_flight=settings.max_in_flight)
 
 
 @dataclass(frozen=True)

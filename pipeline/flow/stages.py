@@ -438,7 +438,7 @@ def _handed_back_before(session: Connection, call_id: int) -> bool:
 
 def _hand_back(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage: Stage, tier: str,
                attempts: list[Attempt], not_before: datetime | None = None,
-               transient_since: datetime | None = None) -> bool:
+               transient_since: datetime | None = None, parked: bool = False) -> bool:
     """Record the attempts made (a call that never started leaves no row), and release the stage's
     claim without counting a delivery (states.release_stage). True if the job was still there."""
 
@@ -454,7 +454,7 @@ def _hand_back(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, st
             session.execute(delete(ModelCall).where(ModelCall.id == call_id)
                             .execution_options(synchronize_session=False))
         return release_stage(session, claim.id, status=status, version=claim.version, not_before=not_before,
-                             transient_since=transient_since)
+                             transient_since=transient_since, parked=parked)
 
     return p.run(do)
 
@@ -467,7 +467,8 @@ def _defer(p: Pipeline, claim: Claim, call_id: int, *, status: JobStatus, stage:
     An economy call waiting in a message batch (economy.Parked) parks the job in Postgres instead,
     with no message: the dispatcher wakes it when the answer is stored."""
     if isinstance(deferred, economy.Parked):
-        _hand_back(p, claim, call_id, status=status, stage=stage, tier=tier, attempts=[], not_before=deferred.until)
+        _hand_back(p, claim, call_id, status=status, stage=stage, tier=tier, attempts=[], not_before=deferred.until,
+                   parked=True)
         return None
     if deferred.attempts and _patience_spent(p, claim, call_id, status=status, stage=stage, tier=tier,
                                              attempts=deferred.attempts):

@@ -380,7 +380,8 @@ def begin_stage(session: Executor, job_id: int, *, status: JobStatus, claim_dead
 
 
 def release_stage(session: Executor, job_id: int, *, status: JobStatus, version: int,
-                  not_before: datetime | None = None, transient_since: datetime | None = None) -> bool:
+                  not_before: datetime | None = None, transient_since: datetime | None = None,
+                  parked: bool = False) -> bool:
     """Undo ``begin_stage`` for a stage that handed its job back (a rate-limit wait, or a call whose
     attempts all met transient errors): the delivery did not die, so it must not count towards the
     poison-job bound, and the sweeper's clock restarts. True if the job was still where the stage
@@ -388,10 +389,12 @@ def release_stage(session: Executor, job_id: int, *, status: JobStatus, version:
 
     ``not_before``: the stage waits in Postgres until then, with no message anywhere, and the
     dispatcher publishes it again when it is due (pipeline.flow.dispatch.refeed). ``transient_since``:
-    when the stage began meeting transient errors, kept if an earlier round already set it."""
+    when the stage began meeting transient errors, kept if an earlier round already set it.
+    ``parked``: the wait is for an economy call's message batch (admission.in_flight)."""
     values: dict[str, Any] = {"deliveries": Job.deliveries - 1, "stage_started_at": utcnow(),
                               # ...and gives up its claim, or the next message would find the stage held.
-                              "claimed_at": None, "claimed_by": None, "not_before": not_before}
+                              "claimed_at": None, "claimed_by": None, "not_before": not_before,
+                              "parked": parked}
     if transient_since is not None:
         values["transient_since"] = func.coalesce(Job.transient_since, transient_since)
     result = session.execute(

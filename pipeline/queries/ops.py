@@ -296,7 +296,8 @@ def retry_waits(session: Session) -> dict[str, dict[str, int]]:
     not_before holds exactly them)."""
     out: dict[str, dict[str, int]] = {}
     for status, tier, n in session.execute(
-            select(Job.status, Job.tier, func.count()).where(Job.not_before.is_not(None), Job.status.in_(ACTIVE))
+            select(Job.status, Job.tier, func.count()).where(Job.not_before.is_not(None), Job.parked.is_(False),
+                                                             Job.status.in_(ACTIVE))
             .group_by(Job.status, Job.tier)):
         out.setdefault(JobStatus(status).value, {})[tier or "-"] = n
     return out

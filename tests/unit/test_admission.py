@@ -157,6 +157,22 @@ def test_a_backlogs_jobs_in_flight_hold_no_place_against_a_higher_priority(conn:
     del backlog, newer
 
 
+def test_jobs_parked_for_a_message_batch_hold_no_place_until_their_answer_wakes_them(conn: Connection) -> None:
+    """An economy job waiting for its message batch (parked, not_before an hour ahead) holds no
+    message, thread or broker place: it is not in flight. Woken (not_before now), it is again."""
+    economy = batch(conn, 100, tenant_id=tenant(conn), running=20)
+    conn.execute(text("UPDATE jobs SET parked = true, not_before = now() + interval '1 hour' "
+                      "WHERE batch_id = :b AND status = 'working'"), {"b": economy})
+    assert admitted(conn, 1000, max_in_flight=20) == {economy: 20}  # the 20 parked take no place
+    # A transient wait (not parked) still holds its place: its job comes back within minutes.
+    conn.execute(text("UPDATE jobs SET parked = false WHERE batch_id = :b AND status = 'working'"), {"b": economy})
+    assert admitted(conn, 1000, max_in_flight=20) == {}
+    # Parked again, then woken by their answers: in flight again.
+    conn.execute(text("UPDATE jobs SET parked = true, not_before = now() - interval '1 second' "
+                      "WHERE batch_id = :b AND status = 'working'"), {"b": economy})
+    assert admitted(conn, 1000, max_in_flight=20) == {}
+
+
 def test_weights_and_batches_within_a_tenant_from_postgres(conn: Connection) -> None:
     heavy, light = tenant(conn, weight=3), tenant(conn, weight=1)
     h1, h2 = batch(conn, 1000, tenant_id=heavy), batch(conn, 1000, tenant_id=heavy)

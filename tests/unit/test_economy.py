@@ -1,5 +1,6 @@
 """Economy mode's pure parts: its configuration, the batch price, and a batch result read as a
-call's outcome (the flow itself runs end to end in tests/faults/test_economy.py)."""
+call's outcome; and the dispatcher's wake-up on Postgres (the flow itself runs end to end in
+tests/faults/test_economy.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import tomllib
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from importlib import resources
+from typing import Any
 
 import pytest
 
@@ -72,3 +74,51 @@ def test_an_errored_result_is_the_synchronous_error_it_carries(error_type: str, 
     assert isinstance(out, CallFailed)
     assert (out.status, out.error_type, out.transient) == (status, error_type, transient)
     assert out.attempts[0].error_message == f"{status} {error_type}: no"
+
+
+def test_a_message_batchs_answers_wake_no_more_jobs_than_there_are_places_in_flight(
+        sessions: Any, models: Any, tmp_path: Any) -> None:
+    """100,000 answers of one message batch must not become 100,000 broker messages at once: a
+    round wakes as many parked jobs as max_in_flight leaves room for, oldest first."""
+    import json
+
+    from sqlalchemy import select, text
+
+    from pipeline.claude.batches import BatchClient
+    from pipeline.claude.client import ClaudeClient
+    from pipeline.flow.economy import Economy
+    from pipeline.flow.stages import Pipeline
+    from pipeline.intake.enqueue import enqueue_file
+    from pipeline.models import Job
+
+    path = tmp_path / "parked.jsonl"
+    path.write_text("".join(json.dumps({"key": f"p{i}", "kind": "generate", "prompt": f"item {i}"}) + "\n"
+                            for i in range(10)))
+    batch_id = enqueue_file(sessions, path, batch="wake-bound", config=models, mode="economy").batch_id
+    with sessions() as s:
+        # Ten jobs parked at triage, each with its answer stored and unread.
+        s.execute(text("UPDATE jobs SET status = 'triaging', parked = true, not_before = now() + interval '1 hour' "
+                       "WHERE batch_id = :b"), {"b": batch_id})
+        s.execute(text("INSERT INTO economy_requests (job_id, job_version, purpose, tier, model, round, state, params, "
+                       "result_type, result, created_at, result_at) SELECT id, version, 'triage', 'haiku', 'm', 1, "
+                       "'done', '{}', 'succeeded', '{}', now(), now() FROM jobs WHERE batch_id = :b"), {"b": batch_id})
+        s.commit()
+    client = ClaudeClient(api_key="test", base_url="http://127.0.0.1:9", attempts=1)
+    p = Pipeline(sessions=sessions, client=client, models=models, max_deliveries=3)
+    economy = Economy(p, BatchClient(api_key="test", base_url="http://127.0.0.1:9"), models.economy,
+                      max_in_flight=4)
+
+    def woken() -> list[int]:
+        with sessions() as s:
+            return list(s.scalars(select(Job.id).where(Job.batch_id == batch_id, Job.not_before <= text("now()"))
+                                  .order_by(Job.id)))
+    try:
+        assert economy.wake() == 4
+        first = woken()
+        assert len(first) == 4
+        assert economy.wake() == 0  # the four woken are in flight again: no room left
+        economy.max_in_flight = 10
+        assert economy.wake() == 6
+        assert set(first) < set(woken()) and len(woken()) == 10
+    finally:
+        client.close()
