@@ -43,8 +43,11 @@ def test_history_benchmark_at_toy_size(console: Console) -> None:
 def test_rollups_benchmark_at_toy_size(console: Console) -> None:
     figures = rollups.run(quick=True, console=console, sizes=[100, 300], runs=4)
     by_name = {f.name.split(":")[0]: f for f in figures}
-    # Each size timed, the ratio against the smallest, the raw reference, the overview, the rebuild.
-    assert len(figures) == 6, list(by_name)
+    # Each size timed, the ratio against the smallest, the raw reference, the overview's queries and
+    # its whole page (signed in, through the app), the rebuild.
+    assert len(figures) == 7, list(by_name)
+    page = next(f for f in figures if f.name.startswith("overview page /ui/"))
+    assert page.target == 50 and page.extra["runs"] == 4
     assert all(f.value > 0 for f in figures)
     ratio = next(f for f in figures if "against" in f.name)
     assert ratio.baseline and ratio.ratio is not None
