@@ -37,9 +37,10 @@ the hold then waits with the request through its message batch, since the API bi
 runs, and the stage that applies the answer closes it (``park``, ``adopt``, ``settle_request``
 below). A budget therefore also covers every request in a message batch.
 
-Shadow evaluation's calls (pipeline.flow.shadow) reserve nothing: they are evaluation cost, never
-part of a job's or a batch's, and are sampled at a low rate; their cost reaches the tenant's daily
-spend through ``tenants.spend_today`` when the day's row is first made, not at call time.
+Shadow evaluation's calls (pipeline.flow.shadow) are evaluation cost, never part of a job's or a
+batch's: they reserve against the tenant's daily limit only (``reserve_evaluation``), which covers
+every call a tenant's work makes, and their actual cost is added to the day's spend. One that does
+not fit pauses nothing (its job has its answer already): the shadow step waits and tries again.
 """
 
 from __future__ import annotations
@@ -250,17 +251,41 @@ def reserve(session: Connection, *, job_id: int, version: int, call_id: int, amo
     return Hold(hold_id, amount, batch_id, day_id)
 
 
+def reserve_evaluation(session: Connection, *, job_id: int, call_id: int, amount: Decimal,
+                       now: datetime | None = None) -> Hold | Shortfall | None:
+    """Reserve a shadow evaluation's call against its tenant's daily limit: the limit covers every
+    call a tenant's work makes. Never against the batch's budget, which covers the jobs' own calls
+    (evaluation cost is never a job's or a batch's). None when the tenant has no daily limit; a
+    Shortfall, with nothing written and nothing paused, when it has no room."""
+    now = now or utcnow()
+    job = session.execute(select(Batch.tenant_id, Tenant.max_spend_per_day_usd).select_from(Job)
+                          .join(Batch, Batch.id == Job.batch_id).outerjoin(Tenant, Tenant.id == Batch.tenant_id)
+                          .where(Job.id == job_id)).first()
+    if job is None or job.max_spend_per_day_usd is None:
+        return None
+    day_id, spent = _day_row(session, job.tenant_id, now.date(), now)
+    limit = session.scalar(select(Tenant.max_spend_per_day_usd).where(Tenant.id == job.tenant_id))
+    reserved = _open_sum(session, BudgetReservation.day_id, day_id)
+    if not fits(limit, spent=spent, reserved=reserved, amount=amount):
+        return Shortfall("tenant", amount, room(limit, spent=spent, reserved=reserved) or Decimal(0))
+    hold_id = session.execute(insert(BudgetReservation).values(
+        call_id=call_id, job_id=job_id, batch_id=None, day_id=day_id, amount_usd=amount, created_at=now,
+    ).returning(BudgetReservation.id)).scalar_one()
+    return Hold(hold_id, amount, None, day_id)
+
+
 def pause(session: Executor, job_id: int, *, frm: JobStatus, version: int, need: Decimal, detail: str) -> bool:
     return transition(session, job_id, frm=frm, version=version, to=JobStatus.PAUSED, detail=detail,
                       paused_reason=PAUSE_REASON, paused_from=frm.value, paused_need_usd=need)
 
 
 def hold_call(p: Any, *, job_id: int, version: int, call_id: int, tier: str, prompt: Prompt,
-              max_tokens: int, economy_purpose: str | None = None) -> BudgetPaused | None:
+              max_tokens: int, economy_purpose: str | None = None, evaluation: bool = False) -> BudgetPaused | None:
     """The stage's hook before a call (stages._call): reserve, and remember the hold for the call's
     record. A BudgetPaused when the call must not be made. ``p``: the stage's Pipeline.
     ``economy_purpose``: the job is in economy mode, and this stage's call (of that purpose) may
-    already hold a reservation through its request (``adopt``)."""
+    already hold a reservation through its request (``adopt``). ``evaluation``: a shadow
+    evaluation's call (``reserve_evaluation``), which pauses nothing: its caller waits instead."""
     # A JSON Schema sent for structured outputs is input the API reads too.
     schema = json.dumps(prompt.output_schema) if prompt.output_schema is not None else ""
     amount = worst_case(p.models, tier, input_tokens=input_bound(prompt.system, prompt.user + schema),
@@ -271,6 +296,8 @@ def hold_call(p: Any, *, job_id: int, version: int, call_id: int, tier: str, pro
             adopted = adopt(session, job_id=job_id, version=version, purpose=economy_purpose, call_id=call_id)
             if adopted is not None:
                 return adopted
+        if evaluation:
+            return reserve_evaluation(session, job_id=job_id, call_id=call_id, amount=amount)
         return reserve(session, job_id=job_id, version=version, call_id=call_id, amount=amount)
 
     outcome = p.run(hold)

@@ -31,7 +31,7 @@ from sqlalchemy.exc import OperationalError
 from pipeline.claude.client import CallResult
 from pipeline.db import Executor
 from pipeline.errors import CallFailed, Deferred, Parked
-from pipeline.flow import economy
+from pipeline.flow import budgets, economy
 from pipeline.flow.prompts import judge_prompt, work_prompt
 from pipeline.flow.stages import (
     SHADOW_PRIORITY,
@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 
 SHADOW = "shadow"
 PRIORITY = SHADOW_PRIORITY
+# A shadow step whose call does not fit the tenant's daily limit asks again this often (a raised
+# limit, or reservations released meanwhile).
+RESERVE_RETRY_S = 600.0
 
 _SHADOWS, _CALLS = cast(Table, ShadowEvaluation.__table__), cast(Table, ModelCall.__table__)
 P, W, J = ShadowStatus.PENDING, ShadowStatus.WORKING, ShadowStatus.JUDGING
@@ -200,11 +203,25 @@ def run(p: Pipeline, job_id: int) -> Handoff | None:
                               shared=shared)
         max_tokens = p.models.limits.format_check_max_tokens
     # An economy batch's shadows go through message batches too, keyed by the job's final version
-    # (a succeeded job's version no longer moves); they reserve no budget (pipeline.flow.budgets).
+    # (a succeeded job's version no longer moves).
     economy_call = economy.economy_call(p, job_id=job_id, version=job.version, batch_id=job.batch_id,
-                                        task_id=job.task_id, purpose=stage.value)
+                                        task_id=job.task_id, purpose=stage.value, call_id=call_id)
+    # Reserved against the tenant's daily limit (pipeline.flow.budgets.reserve_evaluation); when it
+    # has no room, the step waits: RESERVE_RETRY_S, or the next UTC day if that comes first.
+    if budgets.hold_call(p, job_id=job_id, version=job.version, call_id=call_id, tier=tier, prompt=prompt,
+                         max_tokens=max_tokens, economy_purpose=economy_call.purpose if economy_call else None,
+                         evaluation=True) is not None:
+        now = utcnow()
+        retry = min(now + timedelta(seconds=RESERVE_RETRY_S),
+                    now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1))
+        p.run(lambda s: _record(s, p, c, call_id, snap, stage, tier, [], release_at=retry))
+        return None
     result = call_model(p, tier=tier, prompt=prompt, max_tokens=max_tokens, on_retry=lambda _n: _renew(p, c),
                         job_id=job_id, economy_call=economy_call)
+    if isinstance(result, Deferred) and not result.attempts:
+        # Handed back unmade: its call row goes, and its reservation with it (a parked call's has
+        # moved to its request).
+        budgets.take(call_id)
     if isinstance(result, Parked):
         # Its request waits in a message batch: the step waits in Postgres, and the dispatcher's
         # economy round wakes it (not_before = now) when the answer is stored, for the sweep.

@@ -35,12 +35,14 @@ def pipeline(sessions: sessionmaker[Session], fake_claude: FakeClaude, models: M
 _n = iter(range(10**6))
 
 
-def succeed(p: Pipeline, tmp_path: Path, job: dict, *, rate: float | None) -> tuple[int, int, Handoff | None]:
+def succeed(p: Pipeline, tmp_path: Path, job: dict, *, rate: float | None,
+            tenant_id: int | None = None) -> tuple[int, int, Handoff | None]:
     """Enqueue one job into a batch of its own and run it to its end; (batch id, job id, the
     hand-off its success returned)."""
     path = tmp_path / f"shadow-{next(_n)}.jsonl"
     path.write_text(json.dumps(job) + "\n")
-    report = enqueue_file(p.sessions, path, batch=path.stem + tmp_path.name, config=p.models, shadow_rate=rate)
+    report = enqueue_file(p.sessions, path, batch=path.stem + tmp_path.name, config=p.models, shadow_rate=rate,
+                          tenant_id=tenant_id)
     assert report.batch_id is not None
     with p.sessions() as s:
         jid = s.scalars(select(Job.id).where(Job.batch_id == report.batch_id)).one()
@@ -316,3 +318,47 @@ def test_a_claim_replayed_with_its_own_stamp_is_taken_again_and_counted_once(pip
     assert first is not None and replayed is not None
     assert (replayed.version, replayed.deliveries) == (first.version, first.deliveries) == (1, 1)
     assert rival is None  # another delivery, while the claim is live: refused
+
+
+def test_a_shadow_call_reserves_against_the_tenants_daily_limit_and_waits_when_it_has_no_room(
+        pipeline: Pipeline, tmp_path: Path) -> None:
+    """The tenant's daily limit covers every call its work makes, evaluation included: a shadow's
+    call reserves against it (never against the batch's budget), waits when it does not fit
+    (the job keeps its answer; nothing is paused), and adds its actual cost to the day's spend."""
+    from pipeline import tenants
+    from pipeline.models import BudgetReservation, Tenant, TenantSpendDay
+
+    with pipeline.sessions() as s:
+        tenant_id = tenants.get_or_create(s, f"shadow-limit-{next(_n)}").id
+        s.commit()
+    _, jid, _ = succeed(pipeline, tmp_path, {"kind": "classify", "text": "charged twice [fake:difficulty=easy]",
+                                             "labels": LABELS}, rate=1.0, tenant_id=tenant_id)
+    with pipeline.sessions() as s:
+        spent = tenants.spend_today(s, tenant_id)
+        # Room for less than the reference call's worst case (its whole max_tokens at Opus's price).
+        s.execute(update(Tenant).where(Tenant.id == tenant_id)
+                  .values(max_spend_per_day_usd=spent + Decimal("0.001")))
+        s.commit()
+    assert shadow.run(pipeline, jid) is None
+    waiting = row(pipeline, jid)
+    assert waiting is not None and waiting.status is ShadowStatus.PENDING
+    assert waiting.not_before is not None and waiting.not_before > utcnow() + timedelta(minutes=5)
+    assert not calls(pipeline, jid, Stage.SHADOW)
+    with pipeline.sessions() as s:
+        assert not s.scalar(select(func.count()).select_from(BudgetReservation).where(
+            BudgetReservation.job_id == jid, BudgetReservation.released_at.is_(None)))
+        assert s.get_one(Job, jid).status is JobStatus.SUCCEEDED  # the job keeps its answer
+        # The limit raised and the wait over (what the dispatcher's sweep publishes): it is made.
+        s.execute(update(Tenant).where(Tenant.id == tenant_id).values(max_spend_per_day_usd=100))
+        s.execute(update(ShadowEvaluation).where(ShadowEvaluation.job_id == jid).values(not_before=None))
+        s.commit()
+        day_before = s.scalar(select(TenantSpendDay.spent_usd).where(TenantSpendDay.tenant_id == tenant_id))
+    assert shadow.run(pipeline, jid) is None
+    made = calls(pipeline, jid, Stage.SHADOW)
+    assert row(pipeline, jid).status is ShadowStatus.DONE  # type: ignore[union-attr]
+    assert len(made) == 1 and made[0].cost_usd > 0
+    with pipeline.sessions() as s:
+        hold = s.scalars(select(BudgetReservation).where(BudgetReservation.call_id == made[0].id)).one()
+        day_after = s.scalar(select(TenantSpendDay.spent_usd).where(TenantSpendDay.tenant_id == tenant_id))
+    assert hold.batch_id is None and hold.released_at is not None and hold.cost_usd == made[0].cost_usd
+    assert day_after == day_before + made[0].cost_usd
