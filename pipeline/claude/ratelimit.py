@@ -189,16 +189,19 @@ class OutputReserve:
     documents its own accounting of OTPM (estimated from max_tokens at the start of a request,
     adjusted at its end): reserving less would only move the 429s to the API.
 
-    ``observed``: the largest output among the tier's last ``keep`` answers in this process (the
-    full max_tokens until ``warm`` have been seen), never more than max_tokens; the adjustment after
+    ``observed``: the mean output of the tier's last ``keep`` answers in this process (the full
+    max_tokens until ``warm`` have been seen), never more than max_tokens; the adjustment after
     the call settles the difference either way. For a limit counted on the tokens actually produced
     (the fake Claude's, and any proxy that counts so), when answers are far shorter than max_tokens:
-    a budget of B output tokens then holds B / (largest answer) calls in flight instead of
+    a budget of B output tokens then holds about B / (mean answer) calls in flight instead of
     B / max_tokens, which is what lets an OTPM-bound tier run at its limit at all when the calls
-    are slow (bench/ratelimit.py). An answer longer than every recent one overshoots by its excess
-    until the adjustment; a 429 then pauses the tier as any other."""
+    are slow (bench/ratelimit.py). The mean, not the largest: what calls in flight hold beyond what
+    they produce is budget nobody uses, and reserving the largest answer left a fifth of an OTPM
+    limit idle (measured). Calls in flight produce about what they reserved in sum; the few tokens
+    over, until the adjustment, fall within the margin the limits are configured with, and a 429
+    pauses the tier as any other."""
 
-    def __init__(self, mode: str = "max_tokens", *, keep: int = 200, warm: int = 20) -> None:
+    def __init__(self, mode: str = "max_tokens", *, keep: int = 200, warm: int = 5) -> None:
         if mode not in OUTPUT_RESERVE_MODES:
             raise ConfigError(f"SWITCHYARD_RATE_OUTPUT_RESERVE: {mode!r} is not one of "
                               f"{', '.join(OUTPUT_RESERVE_MODES)}")
@@ -213,7 +216,7 @@ class OutputReserve:
             seen = self._seen.get(tier)
             if seen is None or len(seen) < self.warm:
                 return max_tokens
-            return min(max_tokens, max(seen))
+            return min(max_tokens, math.ceil(sum(seen) / len(seen)))
 
     def observe(self, tier: str, output_tokens: int) -> None:
         if self.mode == "max_tokens":
