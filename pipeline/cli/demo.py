@@ -19,10 +19,11 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -41,9 +42,15 @@ from pipeline.queries.quality import Quality, quality
 from pipeline.queries.report import Summary, summarize
 from pipeline.settings import Settings, mask_url
 
+if TYPE_CHECKING:
+    from pipeline.flow.economy import Saving
+
 # The demo's batches are small (51 and 12 jobs): half of the jobs below the reference shadowed gives
 # the estimate a few dozen results, at the price of that many reference calls (the summary says what).
 DEMO_SHADOW_RATE = 0.5
+
+
+FAKE_KEY = "fake-key"  # the key the demo gives its own fake Claude
 
 
 @dataclass
@@ -51,6 +58,7 @@ class DemoBatch:
     name: str
     summary: Summary
     quality: Quality
+    economy: Saving  # its calls through message batches (none unless run with mode economy)
 
 
 @contextmanager
@@ -68,7 +76,7 @@ def _fake_claude(settings: Settings, console: Console) -> Iterator[Settings]:
     with FakeClaude(options=options) as fake:
         console.print("[bold yellow]No ANTHROPIC_API_KEY: answers are simulated by the bundled fake Claude "
                       f"at {fake.base_url}, wrong at its default error rates.[/]")
-        yield settings.model_copy(update={"anthropic_api_key": "fake-key", "anthropic_base_url": fake.base_url})
+        yield settings.model_copy(update={"anthropic_api_key": FAKE_KEY, "anthropic_base_url": fake.base_url})
 
 
 def policy_line(models: ModelConfig) -> str:
@@ -83,7 +91,7 @@ def sample_path(name: str = "demo.jsonl") -> Path:
     return Path(str(resources.files("pipeline").joinpath(f"samples/{name}")))
 
 
-def _enqueue_task_sample(p: Pipeline, settings: Settings, batch: str, *, shadow_rate: float) -> int:
+def _enqueue_task_sample(p: Pipeline, settings: Settings, batch: str, *, shadow_rate: float, mode: str) -> int:
     """The README's example task (pipeline/samples/ticket-topic.toml), applied as the operator's,
     and a few tickets that name it: the second batch of the default demo. Returns its batch id."""
     from pipeline.intake import tasks
@@ -94,17 +102,21 @@ def _enqueue_task_sample(p: Pipeline, settings: Settings, batch: str, *, shadow_
         tasks.apply(session, spec, tenant_id=None)
         session.commit()
     report = enqueue_file(p.sessions, sample_path("ticket-topic-jobs.jsonl"), batch=batch, config=settings.models,
-                          shadow_rate=shadow_rate)
+                          shadow_rate=shadow_rate, mode=mode)
     assert report.batch_id is not None
     return report.batch_id
 
 
 def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = None,
-             shadow_rate: float = DEMO_SHADOW_RATE, timeout_s: float = 300.0) -> list[DemoBatch]:
+             shadow_rate: float = DEMO_SHADOW_RATE, timeout_s: float = 300.0, mode: str = "standard"
+             ) -> list[DemoBatch]:
     """Run ``jobs_file`` (default: the bundled sample, then a second batch of task jobs) to its end,
-    its shadows included, and return each batch's name, summary and quality figures."""
+    its shadows included, and return each batch's name, summary and quality figures. ``mode``
+    economy: every call through the fake's message batches (the dispatcher's economy round)."""
     from pipeline.flow.dispatch import run_dispatcher
+    from pipeline.flow.economy import build_economy, saving
     from pipeline.flow.runtime import build_pipeline
+    from pipeline.queries.report import _job_filter
     from workers.base import install_pipeline, publisher
     from workers.config import queue_names
     from workers.embedded import embedded_worker
@@ -114,6 +126,11 @@ def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = N
         console.print(policy_line(settings.models), markup=False, highlight=False)
         migrate.upgrade(settings.database_url)
         p = build_pipeline(settings, concurrency=16)
+        if mode == "economy" and settings.anthropic_api_key == FAKE_KEY:
+            # The fake ends a message batch as soon as it is made: submit after a second and poll
+            # twice a second, not the minute and ten seconds meant for the API's hours.
+            p.models = replace(p.models, economy=replace(p.models.economy, max_age_s=1.0, poll_interval_s=0.5))
+            console.print("Economy mode: every call through the fake's message batches, submitted after 1 s.")
         install_pipeline(p)
         import workers.celery
 
@@ -123,14 +140,14 @@ def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = N
         app = workers.celery.app
         batch = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         report = enqueue_file(p.sessions, jobs_file or sample_path(), batch=batch, config=settings.models,
-                              shadow_rate=shadow_rate)
+                              shadow_rate=shadow_rate, mode=mode)
         console.print(f"Enqueued {report.accepted} jobs into batch [bold]{batch}[/], shadow rate {shadow_rate:g} "
                       f"(reference tier {settings.models.routing.reference}).")
         assert report.batch_id is not None
         batches = [(batch, report.batch_id)]
         if jobs_file is None:
             batches.append((f"{batch}-tasks", _enqueue_task_sample(p, settings, f"{batch}-tasks",
-                                                                   shadow_rate=shadow_rate)))
+                                                                   shadow_rate=shadow_rate, mode=mode)))
             console.print(f"Enqueued the tickets of task [bold]ticket-topic[/] into batch [bold]{batch}-tasks[/].")
 
         stop = threading.Event()
@@ -139,7 +156,10 @@ def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = N
             args=(p, publisher(app)),
             kwargs=dict(max_in_flight=settings.max_in_flight, interval_s=0.2,
                         deadline_s=settings.effective_stage_deadline_s,
-                        claim_deadline_s=settings.effective_claim_deadline_s, stop=stop),
+                        claim_deadline_s=settings.effective_claim_deadline_s, stop=stop,
+                        # The economy round too, as `switchyard dispatcher` runs it (one read a
+                        # tick while no call goes through a message batch).
+                        economy=build_economy(p, settings).tick),
         )
         with embedded_worker(app, queues=queue_names(settings), concurrency=16):
             dispatcher.start()
@@ -151,7 +171,10 @@ def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = N
                 dispatcher.join(10)
         with p.sessions() as session:
             summaries = [DemoBatch(name, summarize(session, settings.models, batch_id=batch_id),
-                                   quality(session, settings.models, batch_id=batch_id)) for name, batch_id in batches]
+                                   quality(session, settings.models, batch_id=batch_id),
+                                   saving(session, batch_multiplier=settings.models.batch_multiplier,
+                                          job_filter=_job_filter(batch_id=batch_id)))
+                         for name, batch_id in batches]
         install_pipeline(None)
         p.client.close()
         return summaries

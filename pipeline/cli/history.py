@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.cli.budgets import budget_line
 from pipeline.cli.common import app, batches_app, console, err, failure_view, jobs_app, settings
 from pipeline.cli.outfile import Output, write_whole
-from pipeline.cli.tables import Unit, compact, cost_line, new_table, when
+from pipeline.cli.tables import Unit, compact, cost_line, economy_line, new_table, when
 from pipeline.errors import InputFileError, InvalidInput, InvalidQuery, JobInputError, OutputError
 from pipeline.names import check_batch_name, escaped
 from pipeline.queries import history
@@ -579,10 +579,8 @@ def stats(
     statuses = ", ".join(f"{k} {compact(v)}" for k, v in sorted(summary.by_status.items())) or "none"
     console.print(f"jobs: {compact(summary.jobs)} ({statuses})")
     console.print(cost_line(summary))
-    if saved.calls:
-        console.print(f"economy mode: {saved.calls:,} call(s) through message batches cost "
-                      f"{compact(saved.cost_usd, 'usd')}, against {compact(saved.standard_cost_usd, 'usd')} at the "
-                      f"standard price: saved {compact(saved.saved_usd, 'usd')}")
+    if line := economy_line(saved):
+        console.print(line)
     if summary.failure_reasons:
         console.print(failure_view(summary.failure_reasons, failed=summary.by_status.get("failed", 0)))
     console.print("cache hit rate: the share of all input tokens read from the cache; saved by caching: against "

@@ -366,17 +366,25 @@ def demo(
     shadow_rate: Annotated[float | None, typer.Option(
         help="Share of the jobs that succeed below the reference tier worked again by it, to estimate "
              "agreement (0 turns it off); default 0.5.")] = None,
+    mode: Annotated[str, typer.Option(
+        help="standard, or economy: every call through the fake's Message Batches API at half price "
+             "(message batches submitted after [economy] max_age_s).")] = "standard",
 ) -> None:
     """Run the whole pipeline on sample jobs: SQLite, in-process broker, fake Claude by default.
     Without --jobs, a second batch runs the example task (pipeline/samples/ticket-topic.toml).
     Each summary ends with the saving and the estimated agreement with the reference tier."""
     from pipeline.cli.demo import DEMO_SHADOW_RATE, quality_line, run_demo
+    from pipeline.cli.tables import economy_line
 
     shadow_rate = DEMO_SHADOW_RATE if shadow_rate is None else shadow_rate
     if not 0 <= shadow_rate <= 1:
         raise InvalidInput(f"--shadow-rate must be a number from 0 to 1 (the share of jobs shadowed), "
                            f"not {shadow_rate}")
-    for batch in run_demo(settings(), console=console, jobs_file=jobs, shadow_rate=shadow_rate):
+    if mode not in ("standard", "economy"):
+        raise InvalidInput(f"--mode must be standard or economy, not {mode!r}")
+    for batch in run_demo(settings(), console=console, jobs_file=jobs, shadow_rate=shadow_rate, mode=mode):
         console.rule(f"batch {batch.name}")
         print_summary(batch.summary)
+        if line := economy_line(batch.economy):
+            console.print(line)
         console.print(quality_line(batch), markup=False, highlight=False)

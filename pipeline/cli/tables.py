@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import TextType
 
 if TYPE_CHECKING:
+    from pipeline.flow.economy import Saving
     from pipeline.queries.report import Summary
 
 Unit = Literal["count", "usd", "ms", "s", "pct"]
@@ -118,6 +119,15 @@ def new_table(columns: Iterable[str], *, figures: Collection[str] = (), whole: C
         else:
             table.add_column(col, overflow="fold", style=style)
     return table
+
+
+def economy_line(saved: Saving) -> str | None:
+    """What economy mode saved, under the same table (None when no call went through a message batch)."""
+    if not saved.calls:
+        return None
+    return (f"economy mode: {saved.calls:,} call(s) through message batches cost {compact(saved.cost_usd, 'usd')}, "
+            f"against {compact(saved.standard_cost_usd, 'usd')} at the standard price: saved "
+            f"{compact(saved.saved_usd, 'usd')}")
 
 
 def cost_line(summary: Summary) -> str:

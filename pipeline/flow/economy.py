@@ -50,12 +50,13 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Connection, Table, and_, exists, func, insert, or_, select, update
+from sqlalchemy import Connection, String, Table, and_, exists, func, insert, literal, or_, select, update
+from sqlalchemy import cast as sql_cast
 
 from pipeline.claude.batches import BatchClient, BatchInfo, outcome_of
 from pipeline.claude.client import CallResult, message_params
@@ -115,6 +116,12 @@ def _live() -> Any:
 
 
 # -- the stage's side --------------------------------------------------------------------------------
+
+
+def _aware(at: datetime) -> datetime:
+    """A timestamp read back from the database, in UTC: SQLite (the embedded default) returns them
+    without a zone."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _end_unanswered(conn: Connection, *, row_id: int) -> None:
@@ -264,12 +271,22 @@ class Economy:
     def tick(self) -> None:
         """One round. An API error is logged and the next round tries that part again; the other
         parts go on (a batch that cannot be cancelled must not stop answers being woken)."""
+        if not self._active():
+            return
         due = time.monotonic() - self._reconciled_at >= self.config.create_timeout_s / 2
         if due and self._guarded(self.reconcile):
             self._reconciled_at = time.monotonic()
         for part in (self.drop_stale, self.submit_due, self.poll, self.cancel_abandoned, self.settle_orphans,
                      self.wake):
             self._guarded(part)
+
+    def _active(self) -> bool:
+        """Anything for the round to do: a request not yet read, or a message batch not yet ended.
+        One read (two partial indexes) on a pipeline with no economy work, instead of the round's
+        statements, several of them writes, every dispatcher tick."""
+        return bool(self.p.run(lambda c: c.scalar(select(or_(
+            exists(select(_REQ.c.id).where(_REQ.c.consumed_at.is_(None))),
+            exists(select(_MB.c.id).where(_MB.c.state.in_(("creating", "in_progress")))))))))
 
     @staticmethod
     def _guarded(part: Any) -> bool:
@@ -300,7 +317,7 @@ class Economy:
         for model, n, oldest in rows:
             if self._backoff.get(model, 0.0) > time.monotonic():
                 continue
-            if n >= self.config.max_requests or (now - oldest).total_seconds() >= self.config.max_age_s:
+            if n >= self.config.max_requests or (now - _aware(oldest)).total_seconds() >= self.config.max_age_s:
                 self.submit(model)
 
     def submit(self, model: str) -> int:
@@ -318,7 +335,8 @@ class Economy:
             rows = conn.execute(
                 update(_REQ).where(_REQ.c.id.in_(ids), _REQ.c.state == "pending")
                 .values(state="submitting", message_batch_id=row_id,
-                        custom_id=func.concat(f"sy{row_id}-", _REQ.c.id))
+                        # ||, not concat(): SQLite (the embedded default) has concat() only from 3.44.
+                        custom_id=literal(f"sy{row_id}-") + sql_cast(_REQ.c.id, String))
                 .returning(_REQ.c.custom_id, _REQ.c.params)).all()
             return row_id, rows
 
@@ -387,13 +405,13 @@ class Economy:
             .order_by(_MB.c.id)).all(), autocommit=True)
         if not rows:
             return
-        listed = self.client.created_since(min(r.created_at for r in rows) - timedelta(seconds=60))
+        listed = self.client.created_since(min(_aware(r.created_at) for r in rows) - timedelta(seconds=60))
         known = set(self.p.run(lambda c: c.scalars(select(_MB.c.api_id).where(
             _MB.c.api_id.in_([b.id for b in listed]))).all(), autocommit=True)) if listed else set()
         for r in rows:
             found = None
             for b in sorted(listed, key=lambda b: b.created_at):
-                if b.id in known or b.created_at < r.created_at - timedelta(seconds=5) or b.total != r.requests:
+                if b.id in known or b.created_at < _aware(r.created_at) - timedelta(seconds=5) or b.total != r.requests:
                     continue
                 if b.status == "ended" and not self._has_prefix(b.id, r.id):
                     continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -13,11 +14,12 @@ from tests.cluster import SWITCHYARD
 CASCADE = Path(__file__).resolve().parents[2] / "pipeline" / "samples" / "cascade.toml"
 
 
-def run_demo(tmp_path: Path, **env_extra: str) -> str:
+def run_demo(tmp_path: Path, *args: str, **env_extra: str) -> str:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("ANTHROPIC_", "SWITCHYARD_")) and k not in ("DATABASE_URL", "BROKER_URL")}
     env.update(DATABASE_URL=f"sqlite:///{tmp_path}/demo.sqlite", COLUMNS="200", **env_extra)
-    out = subprocess.run([SWITCHYARD, "demo"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([SWITCHYARD, "demo", *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text
     assert "answers are simulated by the bundled fake Claude" in text
@@ -75,6 +77,33 @@ def test_demo_under_the_cascade_gives_haiku_work(tmp_path: Path) -> None:
     assert routed.get("haiku", 0) > 0 and routed.get("sonnet", 0) > 0 and routed.get("opus", 0) > 0, text
     # The sample job Haiku and then Sonnet get wrong climbs the whole chain: two escalations.
     assert escalations(text) >= 2, text
+
+
+def test_demo_in_economy_mode_makes_every_call_through_message_batches(tmp_path: Path) -> None:
+    """`switchyard demo --mode economy` on the embedded default (SQLite, the in-process broker): the
+    demo's dispatcher runs the economy round, and every call of both batches, shadows included,
+    goes through the fake's message batches at the batch price."""
+    text = run_demo(tmp_path, "--mode", "economy")
+    assert "Economy mode: every call through the fake's message batches" in text, text
+    lines = re.findall(r"economy mode: ([\d,]+) call\(s\) through message batches cost", text)
+    assert len(lines) == 2 and all(int(n.replace(",", "")) > 0 for n in lines), text
+    with sqlite3.connect(tmp_path / "demo.sqlite") as db:
+        stages = dict(db.execute("SELECT stage, count(*) FROM model_calls GROUP BY stage").fetchall())
+        synchronous = db.execute("SELECT count(*) FROM model_calls WHERE message_batch_id IS NULL").fetchone()[0]
+        batches = db.execute("SELECT count(*), min(state), max(state) FROM message_batches").fetchone()
+    assert {"triage", "work", "shadow"} <= set(stages), stages
+    assert synchronous == 0, f"{synchronous} call(s) made synchronously: {stages}"
+    assert batches[0] > 0 and batches[1] == batches[2] == "ended", batches
+
+
+def test_demo_refuses_a_mode_it_does_not_know(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "SWITCHYARD_"))}
+    env["DATABASE_URL"] = f"sqlite:///{tmp_path}/demo.sqlite"
+    out = subprocess.run([SWITCHYARD, "demo", "--mode", "cheap"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0
+    assert "--mode must be standard or economy, not 'cheap'" in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
 
 
 def test_demo_refuses_a_shadow_rate_outside_0_to_1(tmp_path: Path) -> None:
