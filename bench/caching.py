@@ -45,11 +45,9 @@ from pipeline.cli.operate import default_concurrency
 from pipeline.config import ModelConfig, load_config
 from pipeline.db import make_engine, session_factory
 from pipeline.flow.prompts import task_sections
-from pipeline.intake.enqueue import enqueue_file
 from pipeline.intake.jobspec import estimate_text_tokens
 from pipeline.intake.tasks import parse_task
 from pipeline.models import Job, JobKind, JobStatus, ModelCall
-from pipeline.queries.report import terminal_count
 
 NAME = "caching"
 TASK = "support-routing"
@@ -267,19 +265,11 @@ def measure(*, caching: bool, n: int, concurrency: dict[str, int], latency_ms: f
             path = write_jsonl(workdir / f"jobs-{label}.jsonl", task_jobs(n))
             console.print(f"  caching {label}: {n:,} jobs ...")
             t0 = time.monotonic()
-            report = enqueue_file(sessions, path, batch=f"caching-{label}", config=models)
-            batch_id = report.batch_id
-            if batch_id is None or report.accepted != n:
-                raise RuntimeError(f"the benchmark's jobs were not all accepted: {report}")
-
-            def done() -> bool:
-                with sessions() as s:
-                    return terminal_count(s, batch_id=batch_id)[0] >= n
-
+            batch_id = env.enqueue_all(sessions, path, n=n, batch=f"caching-{label}", config=models)
             # Two calls a job, C at a time per tier, each taking the latency: three times that, and a margin.
             waves = 2 * n / min(concurrency.values()) * latency_ms / 1000
-            t1 = env.wait_until(done, timeout=120 + 3 * waves, interval=0.2, procs=procs,
-                                what=f"caching {label} batch")
+            t1 = env.wait_until(env.batch_ended(sessions, batch_id, n), timeout=120 + 3 * waves, interval=0.2,
+                                procs=procs, what=f"caching {label} batch")
             fake_cache = fake.stats().get("cache", {})
         with sessions() as s:
             ok = s.scalar(select(func.count()).where(Job.batch_id == batch_id, Job.status == JobStatus.SUCCEEDED)) or 0

@@ -33,9 +33,7 @@ from bench.jobs import job_of_kind, write_jsonl
 from bench.report import Figure
 from pipeline.config import load_config
 from pipeline.db import make_engine, session_factory
-from pipeline.intake.enqueue import enqueue_file
 from pipeline.models import Job, JobStatus, ModelCall
-from pipeline.queries.report import terminal_count
 
 NAME = "economy"
 TIERS = ("triage", "sonnet", "opus", "validate")
@@ -99,16 +97,9 @@ def measure(mode: str, *, n: int, workdir: Path, console: Console, batch_delay_s
             path = write_jsonl(workdir / f"jobs-{mode}.jsonl", mixed_jobs(n))
             console.print(f"  {mode}: {n:,} jobs ...")
             t0 = time.monotonic()
-            report = enqueue_file(sessions, path, batch=f"economy-{mode}", config=models, mode=mode)
-            batch_id = report.batch_id
-            if batch_id is None or report.accepted != n:
-                raise RuntimeError(f"the benchmark's jobs were not all accepted: {report}")
-
-            def done() -> bool:
-                with sessions() as s:
-                    return terminal_count(s, batch_id=batch_id)[0] >= n
-
-            t1 = env.wait_until(done, timeout=900, interval=0.2, procs=procs, what=f"the {mode} batch")
+            batch_id = env.enqueue_all(sessions, path, n=n, batch=f"economy-{mode}", config=models, mode=mode)
+            t1 = env.wait_until(env.batch_ended(sessions, batch_id, n), timeout=900, interval=0.2, procs=procs,
+                                what=f"the {mode} batch")
             stats = fake.stats()
         with sessions() as s:
             succeeded = s.scalar(select(func.count()).where(Job.batch_id == batch_id,

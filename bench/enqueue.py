@@ -22,6 +22,7 @@ from rich.console import Console
 from sqlalchemy import text
 
 from bench import env
+from bench.jobs import job_of_kind
 from bench.report import Figure
 from pipeline.db import make_engine, session_factory
 from pipeline.intake.enqueue import enqueue_file
@@ -36,16 +37,8 @@ def write_file(path: Path, n: int) -> Path:
     """A realistic mix of the four kinds, a few pinned, some with metadata."""
     with path.open("w") as fh:
         for i in range(n):
-            kind = ("classify", "extract", "draft", "generate")[i % 4]
-            job: dict = {"key": f"k-{i}", "kind": kind}
-            if kind == "classify":
-                job |= {"text": f"Ticket {i}: I was charged twice for my plan this month.", "labels": LABELS}
-            elif kind == "extract":
-                job |= {"text": f"Receipt {i} for Dana Smith, 42.50 paid.", "schema": SCHEMA}
-            elif kind == "draft":
-                job |= {"instructions": f"Reply to ticket {i} with an apology.", "context": "Order late by 3 days."}
-            else:
-                job |= {"prompt": f"Summarise item {i} in two lines."}
+            job = job_of_kind(i, ("classify", "extract", "draft", "generate")[i % 4], "", labels=LABELS,
+                              schema=SCHEMA)
             if i % 10 == 0:
                 job["metadata"] = {"customer": f"c-{i % 997}", "priority": i % 3}
             if i % 25 == 0:

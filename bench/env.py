@@ -271,6 +271,27 @@ def start_together(procs: Processes, concurrency: Mapping[str, int], *, env: dic
                timeout=120, interval=0.1, procs=procs, what="the workers and the dispatcher ready")
 
 
+def enqueue_all(sessions: Any, path: Path, *, n: int, batch: str, config: Any, **options: Any) -> int:
+    """Enqueue a benchmark's jobs file as one batch and return its id; every one of its ``n`` jobs
+    must be accepted, or the figures would be of another batch than the one described."""
+    from pipeline.intake.enqueue import enqueue_file
+
+    report = enqueue_file(sessions, path, batch=batch, config=config, **options)
+    if report.batch_id is None or report.accepted != n:
+        raise RuntimeError(f"the benchmark's jobs were not all accepted: {report}")
+    return report.batch_id
+
+
+def batch_ended(sessions: Any, batch_id: int, n: int) -> Callable[[], bool]:
+    """The predicate for wait_until: all ``n`` jobs of the batch have ended."""
+    from pipeline.queries.report import terminal_count
+
+    def ended() -> bool:
+        with sessions() as s:
+            return bool(terminal_count(s, batch_id=batch_id)[0] >= n)
+    return ended
+
+
 def wait_until(predicate: Any, *, timeout: float, interval: float = 0.1, procs: Processes | None = None,
                what: str = "condition") -> float:
     """Poll ``predicate`` until it is true; returns the monotonic time it was first seen true."""

@@ -46,12 +46,10 @@ from pipeline.cli.operate import default_concurrency
 from pipeline.config import ModelConfig, RoutingPolicy, load_config
 from pipeline.db import make_engine, session_factory
 from pipeline.fake_claude import DEFAULT_ERROR_RATES, is_correct
-from pipeline.intake.enqueue import enqueue_file
 from pipeline.models import OPEN_SHADOW, Job, JobStatus, ShadowEvaluation
 from pipeline.quality.agreement import same_fields, same_label
 from pipeline.quality.whatif import PolicyEstimate, custom_policy, describe, estimate_policy, with_routing
 from pipeline.queries.quality import quality
-from pipeline.queries.report import terminal_count
 
 NAME = "quality"
 SHADOW_RATE = 0.1
@@ -153,16 +151,14 @@ def measure(policy: Policy, jobs: list[dict[str, Any]], *, workdir: Path, latenc
             env.start_together(procs, per_queue, env=claude)
             console.print(f"  {policy.name}: {len(jobs):,} jobs, queues {per_queue} ...")
             t0 = time.monotonic()
-            report = enqueue_file(sessions, path, batch=f"quality-{policy.name}", config=models,
-                                  shadow_rate=policy.shadow_rate)
-            batch_id = report.batch_id
-            if batch_id is None or report.accepted != len(jobs):
-                raise RuntimeError(f"the benchmark's jobs were not all accepted: {report}")
+            batch_id = env.enqueue_all(sessions, path, n=len(jobs), batch=f"quality-{policy.name}", config=models,
+                                       shadow_rate=policy.shadow_rate)
+            jobs_ended = env.batch_ended(sessions, batch_id, len(jobs))
 
             def done() -> bool:
+                if not jobs_ended():
+                    return False
                 with sessions() as s:
-                    if terminal_count(s, batch_id=batch_id)[0] < len(jobs):
-                        return False
                     # The shadows run after their jobs, at the lowest priority: wait for them too.
                     return not s.scalar(select(func.count()).select_from(ShadowEvaluation)
                                         .join(Job, Job.id == ShadowEvaluation.job_id)
