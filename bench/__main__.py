@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 
 from rich.console import Console
 
 from bench import report
 from bench.report import Figure
-
-# Wide enough for the table when the output is not a terminal (make bench | tee ...).
-console = Console(width=150)
 
 
 def _benchmarks() -> dict[str, Callable[..., list[Figure]]]:
@@ -47,15 +45,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="attach py-spy to the processes measured (bench/results/profiles/)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     args = parser.parse_args(argv)
+    # Wide enough for the table when the output is not a terminal (make bench | tee ...). With
+    # --json, stdout is the JSON alone: progress goes to stderr.
+    console = Console(width=150, stderr=args.json)
     figures: list[Figure] = []
+    took: dict[str, float] = {}
     for name in args.names or list(benchmarks):
+        t0 = time.monotonic()
         figures += benchmarks[name](quick=args.quick, console=console, profile=args.profile)
+        took[name] = time.monotonic() - t0
+        console.print(f"[dim]{name}: {took[name]:.0f} s[/]")
     if args.json:
         import json
 
         print(json.dumps([f.to_json() for f in figures], indent=2, default=str))
     else:
         console.print(report.table(figures))
+        console.print("took: " + ", ".join(f"{k} {v:.0f} s" for k, v in took.items())
+                      + f"; in all {sum(took.values()) / 60:.1f} min")
     report.write_results(figures, args=argv, console=Console(stderr=True))
     return 0
 

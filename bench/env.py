@@ -227,6 +227,13 @@ class Fake:
         with urllib.request.urlopen(self.url + "/_fake/stats", timeout=10) as r:
             return json.loads(r.read())
 
+    def requests(self) -> list[dict[str, Any]]:
+        """The fake's request log: one entry per answered or failed request, with its wall-clock
+        ``started_at`` and ``ended_at``."""
+        with urllib.request.urlopen(self.url + "/_fake/requests", timeout=60) as r:
+            data = json.loads(r.read())
+        return list(data["requests"] if isinstance(data, dict) else data)
+
     def reset(self) -> None:
         req = urllib.request.Request(self.url + "/_fake/reset", data=b"{}", method="POST")
         with urllib.request.urlopen(req, timeout=10) as r:

@@ -260,7 +260,8 @@ def figures(runs: dict[str, Run], truths: dict[str, Truth], *, latency_ms: float
                  "coverage": q.coverage, "evaluation_cost_usd": float(q.evaluation_cost_usd)}
         out.append(Figure(NAME, f"seed: estimated agreement with opus {q.agreement:.3f} "
                                 f"[{q.agreement_low:.3f}, {q.agreement_high:.3f}] from {q.evaluated:,} shadowed "
-                                f"(rate {SHADOW_RATE:g}); true {true_agreement:.3f}: inside the 95% interval",
+                                f"(rate {SHADOW_RATE:g}); true {true_agreement:.3f}: "
+                                f"{'inside' if inside else 'outside'} the 95% interval",
                           1.0 if inside else 0.0, "", target=1, target_kind=">=", extra=extra))
     per_k = Decimal(1000) / seed.jobs
     for name in ("seed", "cascade", "medium=opus", "all-sonnet"):

@@ -150,15 +150,6 @@ def measure(log: list[dict[str, Any]], s: Scenario, size: Size) -> Share:
     return Share(total / max(hi - lo, 1e-9), s.per_s, len(mine), throttled, hi - lo)
 
 
-def requests_log(fake: env.Fake) -> list[dict[str, Any]]:
-    import json
-    import urllib.request
-
-    with urllib.request.urlopen(fake.url + "/_fake/requests", timeout=60) as r:
-        data = json.loads(r.read())
-    return list(data["requests"] if isinstance(data, dict) else data)
-
-
 def run_switchyard(size: Size, workdir: Path, db: str, broker: str, console: Console,
                    started: threading.Event) -> list[dict[str, Any]]:
     rpm, otpm = (math.floor(MARGIN * x) for x in limits_spec(size))
@@ -189,7 +180,7 @@ def run_switchyard(size: Size, workdir: Path, db: str, broker: str, console: Con
             batches.append((report.batch_id, report.accepted))
         started.set()
         _wait_all(sessions, batches, procs, console, timeout=size.window_s * 3 + size.steady_s * 2 + 300)
-        return requests_log(fake)
+        return fake.requests()
 
 
 def _wait_all(sessions: sessionmaker[Session], batches: list[tuple[int | None, int]], procs: env.Processes,
@@ -236,7 +227,7 @@ def run_script(size: Size, workdir: Path, models: ModelConfig) -> list[dict[str,
         for pool in pools:
             pool.shutdown()
         client.close()
-        return requests_log(fake)
+        return fake.requests()
 
 
 def run(*, quick: bool, console: Console, profile: bool = False) -> list[Figure]:
