@@ -69,6 +69,11 @@ _TASK_ALLOWED = {kind: (fields - {"labels", "schema"}) | {"task", "task_version"
 _KINDS = {kind.value: kind for kind in JobKind}
 # orjson reads an integer past 64 bits as a float, rounding it; the standard parser keeps it exact.
 _FLOAT_EXACT_BELOW = 2.0**63
+# What json.dumps(value, ensure_ascii=False) writes, without building a new encoder each call (it
+# does whenever given an option), which was most of what measuring a job's metadata cost.
+_encode_unicode = json.JSONEncoder(ensure_ascii=False).encode
+# The types of a metadata value that needs no walk to be storable (see _parse_plain).
+_FLAT = frozenset({str, int, bool, type(None)})
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,25 @@ class JobSpec:
         if self.task_id is not None:  # only then: the digests (and keys) of jobs without a task stay as they were
             content["task_id"] = self.task_id
         return digest(content)
+
+
+def _plain_spec(key: str, kind: JobKind, payload: dict[str, Any], metadata: dict[str, Any] | None,
+                tier: str | None) -> JobSpec:
+    """JobSpec(key=..., ..., task_id=None), made without its __init__: a frozen dataclass sets each
+    field through object.__setattr__, and that was a third of checking a plain job. The object is
+    the same (tests/unit/test_fuzz_jobs.py compares it with one made the usual way)."""
+    spec = _new_object(JobSpec)
+    fields = spec.__dict__
+    fields["key"] = key
+    fields["kind"] = kind
+    fields["payload"] = payload
+    fields["metadata"] = metadata
+    fields["tier"] = tier
+    fields["task_id"] = None
+    return spec
+
+
+_new_object = object.__new__
 
 
 @dataclass(frozen=True)
@@ -316,6 +340,11 @@ def _schema_verdict(canonical: bytes) -> tuple[str | None, int, bool]:
     return None, _json_tokens(schema), walked
 
 
+def _metadata_bytes(metadata: dict[str, Any]) -> int:
+    """The size the metadata limit is on: its UTF-8 JSON as json.dumps writes it."""
+    return len(_encode_unicode(metadata).encode())
+
+
 def _too_large(size: int, max_tokens: int) -> str:
     return f"job is too large for the model's context: about {size:,} tokens, limit {max_tokens:,}"
 
@@ -424,7 +453,7 @@ def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, str
     metadata = obj.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise JobInputError("field 'metadata' must be a JSON object")
-    if metadata is not None and len(json.dumps(metadata, ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
+    if metadata is not None and _metadata_bytes(metadata) > MAX_METADATA_BYTES:
         raise JobInputError(f"field 'metadata' is larger than {MAX_METADATA_BYTES:,} bytes")
 
     if max_tokens is not None and size > max_tokens:
@@ -432,14 +461,107 @@ def _parse(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None, *, str
 
     key = obj.get("key")
     if key is None:
-        # No key: the content is the identity, so re-running the same file adds nothing.
-        keyless = JobSpec(key="", kind=kind, payload=payload, metadata=metadata, tier=tier, task_id=task_id)
-        key = "sha256:" + keyless.content_digest()[:32]
+        key = _content_key(kind, payload, metadata, tier, task_id)
     elif not isinstance(key, str) or not key.strip():
         raise JobInputError("field 'key' must be a non-empty string")
     elif len(key) > MAX_KEY_LENGTH:
         raise JobInputError(f"field 'key' is longer than {MAX_KEY_LENGTH} characters")
     return JobSpec(key=key, kind=kind, payload=payload, metadata=metadata, tier=tier, task_id=task_id)
+
+
+def _content_key(kind: JobKind, payload: dict[str, Any], metadata: dict[str, Any] | None, tier: str | None,
+                 task_id: int | None) -> str:
+    # No key: the content is the identity, so re-running the same file adds nothing.
+    keyless = JobSpec(key="", kind=kind, payload=payload, metadata=metadata, tier=tier, task_id=task_id)
+    return "sha256:" + keyless.content_digest()[:32]
+
+
+@functools.lru_cache(maxsize=1024)
+def _labels_verdict(labels: tuple[Any, ...]) -> int | None:
+    """The estimated tokens of labels that _labels would accept, else None. Cached on the tuple:
+    a tuple equal to one of strings holds those same strings, so a verdict is never borrowed
+    by labels of another type."""
+    if not all(isinstance(x, str) and x.strip() for x in labels) or len(set(labels)) != len(labels):
+        return None
+    return _labels_tokens(labels)
+
+
+def _parse_plain(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None) -> JobSpec | None:
+    """The common job, checked with as little work as its checks need: the same JobSpec _parse
+    makes of it (orjson's reading, strings already checked, no task), or None for anything else,
+    a bad job included, for _parse to decide and word. Most of an enqueue's Python time was the
+    general path's per-line overhead (a walk of every field, helpers called by keyword, a set
+    made to find unknown fields), which a file of well-formed jobs does not need.
+
+    Every check of _parse is here, each only answering "fine" or "ask _parse", so no message is
+    worded twice; tests/unit/test_fuzz_jobs.py holds the two to the same jobs."""
+    if type(obj) is not dict:
+        return None
+    kind_raw = obj.get("kind")
+    if type(kind_raw) is not str:
+        return None
+    kind = _KINDS.get(kind_raw)
+    # A field the kind does not allow, "task" among them, is for _parse.
+    if kind is None or not _ALLOWED[kind].issuperset(obj):
+        return None
+    metadata = obj.get("metadata")
+    if metadata is not None:
+        if type(metadata) is not dict:
+            return None
+        # Flat metadata of strings, integers (orjson's are exact), booleans and nulls, the usual
+        # kind, holds nothing _check_storable refuses: only other metadata needs its walk.
+        if not all(type(value) in _FLAT for value in metadata.values()):
+            try:
+                _check_storable(metadata, "metadata", exact=False)
+            except (JobInputError, _Inexact):
+                return None
+    required, optional = _FIELDS[kind]
+    payload: dict[str, Any] = {}
+    size = 0
+    for name in required:
+        text = obj.get(name)
+        if type(text) is not str or not text.strip():
+            return None
+        payload[name] = text
+        size += math.ceil(len(text) / CHARS_PER_TOKEN) if text.isascii() else estimate_text_tokens(text)
+    for name in optional:
+        text = obj.get(name)
+        if text is not None:
+            if type(text) is not str:
+                return None
+            payload[name] = text
+            size += math.ceil(len(text) / CHARS_PER_TOKEN) if text.isascii() else estimate_text_tokens(text)
+    if kind is JobKind.CLASSIFY:
+        labels = obj.get("labels")
+        if type(labels) is not list or not labels:
+            return None
+        try:
+            tokens = _labels_verdict(tuple(labels))
+        except TypeError:  # a list or an object among them: unhashable, and not a label
+            return None
+        if tokens is None:
+            return None
+        payload["labels"] = labels
+        size += tokens
+    elif kind is JobKind.EXTRACT:
+        try:
+            payload["schema"], tokens = _schema(obj, exact=False, size=size, max_tokens=max_tokens)
+        except (JobInputError, _Inexact):
+            return None
+        size += tokens
+    tier = obj.get("tier")
+    if tier is not None and (type(tier) is not str or tier not in work_tiers):
+        return None
+    if metadata is not None and _metadata_bytes(metadata) > MAX_METADATA_BYTES:
+        return None
+    if max_tokens is not None and size > max_tokens:
+        return None
+    key = obj.get("key")
+    if key is None:
+        key = _content_key(kind, payload, metadata, tier, None)
+    elif type(key) is not str or not key.strip() or len(key) > MAX_KEY_LENGTH:
+        return None
+    return _plain_spec(key, kind, payload, metadata, tier)
 
 
 def parse_line(line: str | bytes, *, work_tiers: tuple[str, ...], max_tokens: int | None = None,
@@ -452,8 +574,11 @@ def parse_line(line: str | bytes, *, work_tiers: tuple[str, ...], max_tokens: in
             pass  # the standard parser below says what is wrong, in its words
         else:
             # orjson refuses lone surrogates and invalid UTF-8, so only the escape can make a NUL.
+            strings_checked = b"\\u0000" not in line
+            if strings_checked and (spec := _parse_plain(obj, work_tiers, max_tokens)) is not None:
+                return spec
             try:
-                return _parse(obj, work_tiers, max_tokens, strings_checked=b"\\u0000" not in line, exact=False,
+                return _parse(obj, work_tiers, max_tokens, strings_checked=strings_checked, exact=False,
                               tasks=tasks)
             except (JobInputError, _Inexact):
                 pass  # decoded again below: the standard parser decides, and words the message

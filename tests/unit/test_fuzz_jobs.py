@@ -3,11 +3,13 @@ rejected with one clear sentence. Nothing crashes and nothing is half-written.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,8 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.config import ModelConfig, load_config
 from pipeline.errors import JobInputError
 from pipeline.intake.enqueue import enqueue_file
-from pipeline.intake.jobspec import JobSpec, max_job_tokens, parse_job, parse_line
-from pipeline.models import Batch, Job
+from pipeline.intake.jobspec import JobSpec, _parse_plain, _plain_spec, max_job_tokens, parse_job, parse_line
+from pipeline.models import Batch, Job, JobKind
 
 CONFIG = load_config()
 TIERS = CONFIG.work_tiers
@@ -151,6 +153,58 @@ def test_both_decoders_agree(obj: dict[str, Any], ascii_only: bool) -> None:
     except UnicodeEncodeError:
         return  # a lone surrogate written raw: as bytes that is not UTF-8, so not the same line
     assert _outcome(raw) == _outcome(line)
+
+
+# Jobs near the common shape, each field sometimes wrong: what the plain path (_parse_plain) must
+# take exactly as the general one does, or leave to it.
+near_plain = st.fixed_dictionaries(
+    {"kind": st.sampled_from(["classify", "extract", "draft", "generate"]) | any_values},
+    optional={"key": st.text(max_size=10) | st.just("k" * 201) | any_values,
+              "text": st.text(max_size=20) | any_values, "prompt": st.text(max_size=20) | any_values,
+              "instructions": st.text(max_size=20) | any_values, "context": st.text(max_size=20) | any_values,
+              "labels": st.lists(st.sampled_from(["a", "b", " ", "", "é"]), max_size=3) | any_values,
+              "schema": good_values["schema"] | any_values,
+              "tier": st.sampled_from(["sonnet", "opus", "haiku"]) | any_values,
+              "metadata": st.dictionaries(st.text(max_size=5), scalars | big_numbers, max_size=3) | any_values,
+              "task": st.just("t"), "extra": any_values})
+
+
+@settings(max_examples=600, deadline=None)
+@given(near_plain | mixed_objects | valid_jobs, st.booleans())
+def test_the_plain_path_takes_only_what_the_general_path_takes(obj: dict[str, Any], ascii_only: bool) -> None:
+    """A line the plain path accepts is the job the standard parser and the general checks make of
+    it, exact numbers and all; anything else it leaves to them."""
+    line = json.dumps(obj, ensure_ascii=ascii_only)
+    try:
+        decoded = orjson.loads(line.encode())
+    except (UnicodeEncodeError, orjson.JSONDecodeError):
+        return  # never reaches the plain path
+    if "\\u0000" in line:
+        return  # nor does a line that may hold a NUL
+    spec = _parse_plain(decoded, TIERS, LIMIT)
+    if spec is not None:
+        assert _outcome(line) == ("accepted", spec, json.dumps(spec.payload), json.dumps(spec.metadata))
+
+
+@pytest.mark.parametrize("obj", [
+    {"key": "a", "kind": "classify", "text": "hello", "labels": ["x", "y"]},
+    {"kind": "extract", "text": "x", "schema": {"type": "object"}, "metadata": {"n": 1, "s": "x", "b": None}},
+    {"key": "d", "kind": "draft", "instructions": "x", "context": "", "tier": TIERS[0]},
+    {"kind": "generate", "prompt": "今日は", "metadata": {"nested": {"a": [1.5]}}},
+])
+def test_common_jobs_take_the_plain_path(obj: dict[str, Any]) -> None:
+    spec = _parse_plain(orjson.loads(json.dumps(obj)), TIERS, LIMIT)
+    assert spec is not None
+    assert spec == parse_job(obj, work_tiers=TIERS, max_tokens=LIMIT)
+
+
+def test_the_plain_path_makes_a_whole_jobspec() -> None:
+    """_plain_spec bypasses JobSpec's __init__: it must set every field, and nothing else."""
+    spec = _plain_spec("k", JobKind.GENERATE, {"prompt": "x"}, None, "opus")
+    assert spec == JobSpec(key="k", kind=JobKind.GENERATE, payload={"prompt": "x"}, metadata=None, tier="opus")
+    assert vars(spec).keys() == {f.name for f in dataclasses.fields(JobSpec)}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.key = "other"  # type: ignore[misc]
 
 
 # Number literals as a user may type them, of any length: past 4,300 integer digits int() refuses

@@ -24,7 +24,7 @@ TIERS = ("sonnet", "opus")
 GOOD = {"key": "a", "kind": "classify", "text": "hello", "labels": ["x", "y"]}
 
 
-@pytest.mark.parametrize(("obj", "message"), [
+BAD_JOBS = [
     ({"kind": "summarise", "text": "x"}, "unknown kind 'summarise'"),
     ({"text": "x"}, "missing required field 'kind'"),
     ({"kind": "classify", "text": "x"}, "a classify job needs 'labels'"),
@@ -43,10 +43,22 @@ GOOD = {"key": "a", "kind": "classify", "text": "hello", "labels": ["x", "y"]}
     ({"kind": "generate", "prompt": "x", "key": ""}, "'key' must be a non-empty string"),
     ({"kind": "generate", "prompt": "a\x00b"}, "NUL"),
     ([1, 2], "must be a JSON object, not list"),
-])
+]
+
+
+@pytest.mark.parametrize(("obj", "message"), BAD_JOBS)
 def test_each_bad_job_gets_one_clear_reason(obj: object, message: str) -> None:
     with pytest.raises(JobInputError) as info:
         parse_job(obj, work_tiers=TIERS)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(("obj", "message"), BAD_JOBS)
+def test_each_bad_line_gets_the_same_reason(obj: object, message: str) -> None:
+    """A file's line is read by orjson and a plain job takes a shorter path: a bad one still gets
+    the general path's message."""
+    with pytest.raises(JobInputError) as info:
+        parse_line(json.dumps(obj).encode(), work_tiers=TIERS)
     assert message in str(info.value)
 
 
