@@ -1,6 +1,6 @@
 """Figure 2 of priorities and fairness: a small batch beside a large one of another tenant.
 
-Tenant A's large batch (20,000 jobs; 2,000 with --quick) runs on a pipeline it saturates: the fake
+Tenant A's large batch (20,000 jobs; 1,000 with --quick) runs on a pipeline it saturates: the fake
 Claude answers after ``latency_ms``, so the work tier's ``threads`` are all busy and the dispatcher
 holds ``max_in_flight`` jobs in a stage. Then tenant B enqueues 100 jobs, and the time from its
 enqueue to its last job's end is measured:
@@ -55,7 +55,7 @@ class Run:
 
 def run(*, quick: bool, console: Console, profile: bool = False, big: int | None = None, small: int | None = None,
         threads: int = 8, latency_ms: float | None = None, max_in_flight: int | None = None) -> list[Figure]:
-    big = big or (2_000 if quick else 20_000)
+    big = big or (1_000 if quick else 20_000)
     small = small or (40 if quick else 100)
     # Long calls, so that the tier's threads waiting on the fake are the bottleneck rather than the
     # CPU of a small shared machine: A keeps every thread's call in flight.

@@ -96,9 +96,7 @@ def measure_switchyard(database_url: str, broker: str, fake: env.Fake, workdir: 
     sessions = session_factory(make_engine(database_url, pool_size=2))
     e = env.switchyard_env(database_url=database_url, broker=broker, claude_url=fake.url, **(extra_env or {}))
     with env.Processes(e, workdir=workdir) as procs:
-        for tier in TIERS:
-            env.start_worker(procs, tier, concurrency=concurrency)
-        env.start_dispatcher(procs)
+        env.start_together(procs, dict.fromkeys(TIERS, concurrency), env={})
         _switchyard_batch(sessions, settings, write_jsonl(workdir / "warm.jsonl", classify_jobs(WARMUP, prefix="w")),
                           "overhead-warmup", procs, timeout=120)
         path = write_jsonl(workdir / "jobs.jsonl", classify_jobs(n))
@@ -172,11 +170,13 @@ def measure_chain(database_url: str, broker: str, workdir: Path, *, n: int, conc
                            BARE_CONCURRENCY=str(concurrency))
     label = "peer chain" if peer else "bare Celery"
     with env.Processes(e, workdir=workdir) as procs:
-        for q in queues:
-            procs.start(f"{'peer' if peer else 'bare'}-{q}", [
-                sys.executable, "-m", "celery", "-A", module, "worker", "-Q", q, "-P", "threads", "-c",
-                str(concurrency), "-n", f"{q}@%h", "-l", "INFO", "--without-mingle", "--without-gossip"],
-                ready=" ready.")
+        # Started at once, then waited for, as switchyard's side starts its workers.
+        started = [procs.start(f"{'peer' if peer else 'bare'}-{q}", [
+            sys.executable, "-m", "celery", "-A", module, "worker", "-Q", q, "-P", "threads", "-c",
+            str(concurrency), "-n", f"{q}@%h", "-l", "INFO", "--without-mingle", "--without-gossip"],
+            ready=None) for q in queues]
+        env.wait_until(lambda: all(" ready." in p.log.read_text(errors="replace") for p in started), timeout=120,
+                       interval=0.1, procs=procs, what=f"the {label} workers ready")
         _chain_batch(database_url, publisher, table, 1, classify_jobs(WARMUP, prefix="w"), procs, timeout=120,
                      peer=peer)
         console.print(f"  {label}: {n:,} jobs through {len(queues)} workers (concurrency {concurrency}) ...")
@@ -250,7 +250,7 @@ def run(*, quick: bool, console: Console, jobs: int | None = None, concurrency: 
         note = "" if sy.ok == sy.jobs else f"only {sy.ok}/{sy.jobs} succeeded"
         console.print(f"  switchyard: {sy.rate:.1f} jobs/s ({sy.seconds:.1f} s) {note}; CPU ms per job: "
                       f"{_cpu_line(sy)}")
-        alone = measure_stages(db, fake.url, procs.workdir, n=min(n, 1000))
+        alone = measure_stages(db, fake.url, procs.workdir, n=min(n, 300 if quick else 1000))
     console.print("  the stages as plain functions, no broker (CPU ms per job): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in alone.items()))
     extra = {"jobs": n, "concurrency": concurrency, "switchyard_s": sy.seconds, "peer_s": peer.seconds,
