@@ -106,3 +106,26 @@ def test_sdk_call_benchmark_at_toy_size(console: Console) -> None:
     ms = figures[0].extra["cpu_ms_per_call"]
     assert set(ms) == {"sdk", "orjson", "plain"} and all(v > 0 for v in ms.values()), ms
     assert figures[0].baseline == ms["sdk"] and figures[1].baseline == ms["plain"]
+
+
+def test_in_flight_window_leaves_out_the_drain_of_a_variable_latency() -> None:
+    """The in-flight benchmark's steady window: the middle half of the run with a fixed latency
+    (the last call, started at 3 s, ends at 4 s with L = 1 s), and with a variable one the middle
+    half of the run as it would be had the last call taken the median, not the drain after it."""
+    from bench.inflight import Sampled
+
+    fixed = Sampled(seconds=4.05, jobs=80, last_start=3.0, median_latency=1.0,
+                    finished=[t + 0.01 for t in (1, 2, 3, 4) for _ in range(20)],
+                    samples=[(t / 10, 20) for t in range(41)])
+    assert fixed.window() == (1.0, 3.0)
+    assert fixed.steady_rate() == pytest.approx(20.0)  # the waves ending at 1 and 2 s: 40 jobs in 2 s
+    assert fixed.mean_in_flight() == 20.0
+    # A drain of 60 s after the last start at 20 s: the window ends at 20 + 1, not at 80.
+    drained = Sampled(seconds=80.0, jobs=400, last_start=20.0, median_latency=1.0,
+                      finished=[i / 20 for i in range(400)],
+                      samples=[(t / 10, 20 if t <= 210 else 1) for t in range(801)])
+    assert drained.window() == (5.25, 15.75)
+    assert drained.steady_rate() == pytest.approx(20.0, rel=0.01)
+    assert drained.mean_in_flight() == 20.0
+    # Without the fake's log (no last start), the run itself.
+    assert Sampled(seconds=8.0, jobs=1).window() == (2.0, 6.0)
