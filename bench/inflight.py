@@ -70,8 +70,8 @@ class Sampled:
     # process near one CPU-second per second is bound by its GIL, whatever its thread count.
     worker_cpu_s: float = 0.0
     worker_processes: int = 0
-    # When the last call started (seconds since start, from the fake's request log), and the
-    # latency's median: `window` ends the steady part where the batch had no job left to start.
+    # When the last job began its first call (seconds since start), and the latency's median:
+    # `window` ends the steady part where the batch had no job left to start.
     last_start: float | None = None
     median_latency: float = 0.0
 
@@ -146,19 +146,12 @@ def measure_switchyard(c: int, n: int, db: str, broker: str, workdir: Path, cons
         argv = ["worker", "--tier", TIER, "--concurrency", str(c), "--loglevel", "INFO"]
         if processes is not None:
             argv += ["--processes", str(processes)]
-        # Started at once and then waited for: one after another, the start-ups were most of a
-        # quick run.
-        started = [
-            (procs.start(f"worker-{TIER}", env.switchyard(*argv), env=e, ready=None),
-             f"all {split} processes ready" if split > 1 else " ready."),
+        worker, *_ = env.start_at_once(procs, [
+            (f"worker-{TIER}", env.switchyard(*argv), f"all {split} processes ready" if split > 1 else " ready."),
             # One validate process, as before worker groups: its stage is short and not what is measured.
-            (procs.start("worker-validate", env.switchyard("worker", "--tier", "validate", "--concurrency",
-                                                           str(min(c, 500)), "--processes", "1", "--db-connections",
-                                                           "16"), ready=None, env=e), " ready."),
-            (procs.start("dispatcher", env.switchyard("dispatcher"), ready=None, env=e), "dispatcher:")]
-        env.wait_until(lambda: all(mark in p.log.read_text(errors="replace") for p, mark in started), timeout=600,
-                       interval=0.1, procs=procs, what="the workers and the dispatcher ready")
-        worker = started[0][0]
+            ("worker-validate", env.switchyard("worker", "--tier", "validate", "--concurrency", str(min(c, 500)),
+                                               "--processes", "1", "--db-connections", "16"), " ready."),
+            ("dispatcher", env.switchyard("dispatcher"), "dispatcher:")], env=e, timeout=600)
         pids = [worker.pid, *env.child_pids(worker.pid)]
         # Warm up: one wave through, so the pools and threads exist before idle memory is read.
         warm = write_jsonl(workdir / f"warm-{c}.jsonl", classify_jobs(min(c, 50), tier=TIER, prefix=f"w{c}"))

@@ -170,13 +170,11 @@ def measure_chain(database_url: str, broker: str, workdir: Path, *, n: int, conc
                            BARE_CONCURRENCY=str(concurrency))
     label = "peer chain" if peer else "bare Celery"
     with env.Processes(e, workdir=workdir) as procs:
-        # Started at once, then waited for, as switchyard's side starts its workers.
-        started = [procs.start(f"{'peer' if peer else 'bare'}-{q}", [
+        # Started at once, as switchyard's side starts its workers.
+        env.start_at_once(procs, [(f"{'peer' if peer else 'bare'}-{q}", [
             sys.executable, "-m", "celery", "-A", module, "worker", "-Q", q, "-P", "threads", "-c",
-            str(concurrency), "-n", f"{q}@%h", "-l", "INFO", "--without-mingle", "--without-gossip"],
-            ready=None) for q in queues]
-        env.wait_until(lambda: all(" ready." in p.log.read_text(errors="replace") for p in started), timeout=120,
-                       interval=0.1, procs=procs, what=f"the {label} workers ready")
+            str(concurrency), "-n", f"{q}@%h", "-l", "INFO", "--without-mingle", "--without-gossip"], " ready.")
+            for q in queues])
         _chain_batch(database_url, publisher, table, 1, classify_jobs(WARMUP, prefix="w"), procs, timeout=120,
                      peer=peer)
         console.print(f"  {label}: {n:,} jobs through {len(queues)} workers (concurrency {concurrency}) ...")

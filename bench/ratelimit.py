@@ -165,13 +165,10 @@ def run_switchyard(size: Size, workdir: Path, db: str, broker: str, console: Con
         fake = env.start_fake(procs, latency_ms=LATENCY_MS, args=fake_args(size))
         e = {"ANTHROPIC_BASE_URL": fake.url}
         # Few Postgres connections each: the database is shared, and a few jobs a second need few.
-        started_procs = [procs.start(f"worker-{q}", env.switchyard("worker", "--tier", q, "--concurrency", str(n),
-                                                                   "--db-connections", "6"), ready=None, env=e)
-                         for q, n in (("sonnet", THREADS), ("opus", THREADS), ("validate", 32))]
-        started_procs.append(procs.start("dispatcher", env.switchyard("dispatcher"), ready=None, env=e))
-        env.wait_until(lambda: all(m in p.log.read_text(errors="replace") for p, m in
-                                   zip(started_procs, (" ready.", " ready.", " ready.", "dispatcher:"), strict=True)),
-                       timeout=600, interval=0.2, procs=procs, what="the workers and the dispatcher ready")
+        env.start_at_once(procs, [*((f"worker-{q}", env.switchyard("worker", "--tier", q, "--concurrency", str(n),
+                                                                  "--db-connections", "6"), " ready.")
+                                    for q, n in (("sonnet", THREADS), ("opus", THREADS), ("validate", 32))),
+                                  ("dispatcher", env.switchyard("dispatcher"), "dispatcher:")], env=e, timeout=600)
         batches = []
         for s in SCENARIOS:
             path = workdir / f"rl-{s.tier}.jsonl"
