@@ -93,6 +93,9 @@ class JobSpec:
         return digest(content)
 
 
+_new_object = object.__new__
+
+
 def _plain_spec(key: str, kind: JobKind, payload: dict[str, Any], metadata: dict[str, Any] | None,
                 tier: str | None) -> JobSpec:
     """JobSpec(key=..., ..., task_id=None), made without its __init__: a frozen dataclass sets each
@@ -107,9 +110,6 @@ def _plain_spec(key: str, kind: JobKind, payload: dict[str, Any], metadata: dict
     fields["tier"] = tier
     fields["task_id"] = None
     return spec
-
-
-_new_object = object.__new__
 
 
 @dataclass(frozen=True)
@@ -523,14 +523,14 @@ def _parse_plain(obj: Any, work_tiers: tuple[str, ...], max_tokens: int | None) 
         if type(text) is not str or not text.strip():
             return None
         payload[name] = text
-        size += math.ceil(len(text) / CHARS_PER_TOKEN) if text.isascii() else estimate_text_tokens(text)
+        size += estimate_text_tokens(text)
     for name in optional:
         text = obj.get(name)
         if text is not None:
             if type(text) is not str:
                 return None
             payload[name] = text
-            size += math.ceil(len(text) / CHARS_PER_TOKEN) if text.isascii() else estimate_text_tokens(text)
+            size += estimate_text_tokens(text)
     if kind is JobKind.CLASSIFY:
         labels = obj.get("labels")
         if type(labels) is not list or not labels:
