@@ -29,7 +29,17 @@ from pipeline.errors import CallFailed, Deferred
 from pipeline.flow import budgets, economy
 from pipeline.flow.prompts import Prompt, Shared, format_check_prompt, triage_prompt, work_prompt
 from pipeline.flow.routing import after_failed_validation, parse_triage, tier_for
-from pipeline.flow.states import Also, Claim, begin_stage, last_step, moved_at, release_stage, renew_claim, transition
+from pipeline.flow.states import (
+    Also,
+    Claim,
+    begin_stage,
+    begin_stage_with_call,
+    last_step,
+    moved_at,
+    release_stage,
+    renew_claim,
+    transition,
+)
 from pipeline.flow.validation import (
     Verdict,
     format_check_unreadable,
@@ -38,7 +48,6 @@ from pipeline.flow.validation import (
 )
 from pipeline.flow.warmup import Admission, WarmupGate, prefix_key
 from pipeline.models import (
-    Batch,
     EconomyRequest,
     Job,
     JobKind,
@@ -279,35 +288,64 @@ def _add_cost(session: Connection, job_id: int, cost: Decimal) -> None:
 # -- the stage skeleton --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FirstCall:
+    """The call a stage always makes once it holds the job: its started row can be written by the
+    claim's own statement. ``tier`` None: the job's tier (the work stage)."""
+
+    stage: Stage
+    tier: str | None = None
+
+
 def _claim(p: Pipeline, job_id: int, status: JobStatus,
-           call: Callable[[Claim], tuple[Stage, str] | None] | None = None) -> tuple[Claim, int | None] | None:
-    """Begin the stage; fail a poison job; write the started call row if ``call`` asks for one.
+           call: FirstCall | Callable[[Claim], tuple[Stage, str] | None] | None = None
+           ) -> tuple[Claim, int | None] | None:
+    """Begin the stage; fail a poison job; write the started call row if ``call`` asks for one:
+    always (a FirstCall), or as the claimed job decides (a function of the claim).
 
     Each statement commits on its own (Pipeline.run's autocommit): none needs the others to stand.
-    A worker that dies after the claim and before the call row has made no call, and the next
-    claim counts its delivery. A retry after a lost connection replays the claim with the same
-    stamp (begin_stage) and closes any call row the first run had already written."""
+    On Postgres a FirstCall's row is written by the claim's own statement; elsewhere, or for a
+    call decided by the claim, a worker that dies after the claim and before the call row has
+    made no call, and the next claim counts its delivery. A retry after a lost connection replays
+    the claim with the same stamp (begin_stage) and closes any call row the first run had already
+    written."""
     now = utcnow()
+    together = isinstance(call, FirstCall) and p.engine.dialect.name == "postgresql"
 
     def do(session: Connection) -> tuple[Claim, int | None] | None:
-        claim = begin_stage(session, job_id, status=status, claim_deadline_s=p.claim_deadline_s, now=now,
-                            worker=p.worker_id)
-        if claim is None:
-            return None
+        call_id: int | None = None
+        if together:
+            assert isinstance(call, FirstCall)
+            claimed = begin_stage_with_call(
+                session, job_id, status=status, claim_deadline_s=p.claim_deadline_s, now=now, worker=p.worker_id,
+                stage=call.stage, tier=call.tier, models={name: t.model for name, t in p.models.tiers.items()},
+                max_deliveries=p.max_deliveries)
+            if claimed is None:
+                return None
+            claim, call_id = claimed
+        else:
+            begun = begin_stage(session, job_id, status=status, claim_deadline_s=p.claim_deadline_s, now=now,
+                                worker=p.worker_id)
+            if begun is None:
+                return None
+            claim = begun
         if claim.deliveries > 1 or replaying(session):
-            # A call row of this job still "started" belongs to an earlier claim of this stage that
-            # is dead (a live one would have kept us out). The sweeper closes such rows when it
-            # republishes, but a duplicate message can take over a stale claim before the sweeper
-            # gets to it. The first claim of a stage has no such predecessor: every move into a
-            # stage, and every hand-back (release_stage), closes the call row it came from in the
-            # same transaction, so that case skips the statement.
+            # A call row of this job still "started" (other than the one just written) belongs to
+            # an earlier claim of this stage that is dead (a live one would have kept us out). The
+            # sweeper closes such rows when it republishes, but a duplicate message can take over a
+            # stale claim before the sweeper gets to it. The first claim of a stage has no such
+            # predecessor: every move into a stage, and every hand-back (release_stage), closes the
+            # call row it came from in the same transaction, so that case skips the statement.
             session.execute(
-                update(ModelCall).where(ModelCall.job_id == job_id, ModelCall.outcome == "started")
+                update(ModelCall).where(ModelCall.job_id == job_id, ModelCall.outcome == "started",
+                                        ModelCall.id != (call_id or 0))
                 .values(outcome="abandoned", finished_at=utcnow()).execution_options(synchronize_session=False))
         if claim.deliveries > p.max_deliveries:
             return claim, None
-        wanted = call(claim) if call else None
-        call_id = _start_call(session, p, claim, stage=wanted[0], tier=wanted[1]) if wanted else None
+        if not together:
+            wanted = ((call.stage, call.tier or claim.tier or "") if isinstance(call, FirstCall)
+                      else call(claim) if call else None)
+            call_id = _start_call(session, p, claim, stage=wanted[0], tier=wanted[1]) if wanted else None
         return claim, call_id
 
     claimed = p.run(do, autocommit=True)
@@ -359,12 +397,14 @@ def _call(p: Pipeline, claim: Claim, *, tier: str, prompt: Prompt, max_tokens: i
                                         task_id=claim.task_id, purpose=stage.value, call_id=call_id)
     # The call's worst case reserved against its budgets first (pipeline.flow.budgets), or, for an
     # economy call whose request already holds it, taken over; a call that does not fit is not
-    # made, and its job is paused already.
-    paused = budgets.hold_call(p, job_id=claim.id, version=claim.version, call_id=call_id, tier=tier, prompt=prompt,
-                               max_tokens=max_tokens,
-                               economy_purpose=economy_call.purpose if economy_call else None)
-    if paused is not None:
-        return paused
+    # made, and its job is paused already. A job under no budget skips the reservation's
+    # transaction: the claim said so (states.Claim.budgeted).
+    if claim.budgeted or economy_call is not None:
+        paused = budgets.hold_call(p, job_id=claim.id, version=claim.version, call_id=call_id, tier=tier,
+                                   prompt=prompt, max_tokens=max_tokens,
+                                   economy_purpose=economy_call.purpose if economy_call else None)
+        if paused is not None:
+            return paused
     result = call_model(p, tier=tier, prompt=prompt, max_tokens=max_tokens, on_retry=renew, job_id=claim.id,
                         economy_call=economy_call)
     if isinstance(result, Deferred) and not result.attempts:
@@ -565,7 +605,7 @@ def _after_call_failed(p: Pipeline, claim: Claim, call_id: int, *, status: JobSt
 
 def triage(p: Pipeline, job_id: int) -> Handoff | None:
     tier = p.models.triage_tier
-    claimed = _claim(p, job_id, JobStatus.TRIAGING, lambda c: (Stage.TRIAGE, tier))
+    claimed = _claim(p, job_id, JobStatus.TRIAGING, FirstCall(Stage.TRIAGE, tier))
     if claimed is None:
         return None
     claim, call_id = claimed
@@ -608,7 +648,7 @@ def triage(p: Pipeline, job_id: int) -> Handoff | None:
 
 
 def work(p: Pipeline, job_id: int) -> Handoff | None:
-    claimed = _claim(p, job_id, JobStatus.WORKING, lambda c: (Stage.WORK, c.tier or ""))
+    claimed = _claim(p, job_id, JobStatus.WORKING, FirstCall(Stage.WORK))
     if claimed is None:
         return None
     claim, call_id = claimed
@@ -717,19 +757,16 @@ def _shadow_sample(p: Pipeline, claim: Claim, *, at: datetime) -> dict[str, Any]
     shadow's calls, so the sample stays random."""
     routing = p.models.routing
     if claim.tier == routing.reference:
-        return None  # agreement with itself: never sampled, and no query spent on it
-    row = p.run(lambda session: session.execute(
-        select(Job.difficulty, Batch.shadow_rate).join(Batch, Batch.id == Job.batch_id).where(Job.id == claim.id)
-    ).first(), autocommit=True)
-    if row is None:
-        return None
+        return None  # agreement with itself: never sampled
     shared = _shared(p, claim, claim.tier or "")
-    rate = effective_rate(configured=routing.shadow_rate, batch=row.shadow_rate,
+    # The batch's rate and the job's difficulty came with the claim: no query of their own.
+    rate = effective_rate(configured=routing.shadow_rate, batch=claim.shadow_rate,
                           task=shared.definition.get("shadow_rate") if shared is not None else None)
     if rate <= 0:
         return None
     return sampled_row(claim.id, JobKind(claim.kind), rate=rate, draw=random.random(), routed_tier=claim.tier or "",
-                       difficulty=row.difficulty, reference_tier=routing.reference, judge_tier=routing.judge, now=at)
+                       difficulty=claim.difficulty, reference_tier=routing.reference, judge_tier=routing.judge,
+                       now=at)
 
 
 def _check_again(session: Connection, p: Pipeline, claim: Claim, call_id: int | None,

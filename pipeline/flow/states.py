@@ -32,7 +32,7 @@ from sqlalchemy import Table, and_, bindparam, case, exists, func, insert, liter
 from sqlalchemy.sql import ClauseElement
 
 from pipeline.db import Executor, dialect_name
-from pipeline.models import TERMINAL, Job, JobEvent, JobStatus, utcnow
+from pipeline.models import TERMINAL, Batch, Job, JobEvent, JobStatus, ModelCall, Tenant, utcnow
 
 Q, T, W, V = JobStatus.QUEUED, JobStatus.TRIAGING, JobStatus.WORKING, JobStatus.VALIDATING
 S, F, C = JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED
@@ -333,12 +333,31 @@ class Claim:
     task_id: int | None = None
     # The job's batch: its mode (standard or economy, pipeline.flow.economy) is the batch's.
     batch_id: int | None = None
+    # True if a budget covers the job (its batch's, or its tenant's daily limit): only then does a
+    # call reserve its worst case first (pipeline.flow.budgets.hold_call).
+    budgeted: bool = False
+    # What a success's shadow draw needs (stages._shadow_sample): the triaged difficulty and the
+    # batch's own shadow rate.
+    difficulty: str | None = None
+    shadow_rate: float | None = None
 
 
 # Built once, run with bound parameters, on the table rather than the ORM entity: every stage of
 # every job begins here, and building the statement each time cost more CPU than running it.
 _NOW = bindparam("b_now", type_=_JOBS.c.claimed_at.type)
-_BEGIN_STAGE = (
+_BATCHES, _TENANTS = cast(Table, Batch.__table__), cast(Table, Tenant.__table__)
+_CALLS = cast(Table, ModelCall.__table__)
+# Read with the claim, in its one round trip, rather than by a query of their own later in the
+# stage: whether a budget covers the job (a reservation needs a transaction of three round trips,
+# which most jobs, under no budget, can skip), and the batch's shadow rate. The claim reads them a
+# few milliseconds before the call, as the separate queries did: a budget set in between covers
+# the job's next call, as one set while the call is in flight always did.
+_BUDGETED = (select(or_(_BATCHES.c.budget_usd.is_not(None), _TENANTS.c.max_spend_per_day_usd.is_not(None)))
+             .select_from(_BATCHES.outerjoin(_TENANTS, _TENANTS.c.id == _BATCHES.c.tenant_id))
+             .where(_BATCHES.c.id == _JOBS.c.batch_id).scalar_subquery())
+_SHADOW_RATE = select(_BATCHES.c.shadow_rate).where(_BATCHES.c.id == _JOBS.c.batch_id).scalar_subquery()
+_EXTRAS = (func.coalesce(_BUDGETED, False), _JOBS.c.difficulty, _SHADOW_RATE)
+_CLAIM = (
     update(_JOBS)
     .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.status == bindparam("b_status"),
            or_(_JOBS.c.claimed_at.is_(None), _JOBS.c.claimed_at < bindparam("b_stale"), _JOBS.c.claimed_at == _NOW),
@@ -353,6 +372,10 @@ _BEGIN_STAGE = (
                _JOBS.c.attempt, _JOBS.c.feedback, _JOBS.c.candidate, _JOBS.c.candidate_stop, _JOBS.c.transient_since,
                _JOBS.c.task_id, _JOBS.c.batch_id)
 )
+_BEGIN_STAGE = _CLAIM.returning(*_EXTRAS)
+# SQLite's RETURNING names its columns without their table, the subqueries' too, which makes them
+# ambiguous: there the claim reads them with a SELECT after it.
+_READ_EXTRAS = select(*_EXTRAS).where(_JOBS.c.id == bindparam("b_id"))
 
 
 def begin_stage(session: Executor, job_id: int, *, status: JobStatus, claim_deadline_s: float,
@@ -372,11 +395,58 @@ def begin_stage(session: Executor, job_id: int, *, status: JobStatus, claim_dead
     ``worker`` names the process that holds it (its heartbeat's identity), so that the sweeper can
     tell a dead worker's claim from a live one's without waiting out the deadline."""
     now = now or utcnow()
-    row = session.execute(_BEGIN_STAGE, {"b_id": job_id, "b_status": status, "b_now": now, "b_worker": worker,
-                                         "b_stale": now - timedelta(seconds=claim_deadline_s)}).first()
+    params = {"b_id": job_id, "b_status": status, "b_now": now, "b_worker": worker,
+              "b_stale": now - timedelta(seconds=claim_deadline_s)}
+    if dialect_name(session) == "postgresql":
+        row = session.execute(_BEGIN_STAGE, params).first()
+        return Claim(*row) if row is not None else None
+    row = session.execute(_CLAIM, params).first()
     if row is None:
         return None
-    return Claim(*row)
+    # The RETURNING's columns, then the extras: in the order Claim lists them.
+    return Claim(*(*row, *session.execute(_READ_EXTRAS, {"b_id": job_id}).one()))
+
+
+@functools.cache
+def _begin_stage_with_call(stage: Any, tier: str | None, models: tuple[tuple[str, str], ...]) -> Any:
+    """The claim and its call's started row in one statement (Postgres: a data-modifying WITH).
+    ``tier`` None: the call goes to the job's own tier, and ``models`` maps each tier to its model.
+    Built once for each stage and configuration: building it cost more CPU than running it."""
+    calls = _CALLS
+    claimed = _BEGIN_STAGE.cte("claimed")
+    model_of = dict(models)
+    tier_col: Any = claimed.c.tier if tier is None else literal(tier, calls.c.tier.type)
+    model_col: Any = (case(model_of, value=claimed.c.tier) if tier is None
+                      else literal(model_of[tier], calls.c.model.type))
+    # The columns' Python-side defaults are written out: as a WITH's INSERT from a SELECT, they
+    # would be left NULL.
+    zeros = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "cost_usd")
+    started = (insert(calls)
+               .from_select(["job_id", "stage", "tier", "model", "attempt", "outcome", "delivery", "started_at",
+                             "applied", *zeros],
+                            select(claimed.c.id, literal(stage, calls.c.stage.type), tier_col, model_col, literal(1),
+                                   literal("started"), claimed.c.deliveries, _NOW, literal(False),
+                                   *(literal(0) for _ in zeros))
+                            # A poison job (past its deliveries) makes no call: its claim fails it.
+                            .where(claimed.c.deliveries <= bindparam("b_max_deliveries")), include_defaults=False)
+               .returning(calls.c.id).cte("started"))
+    return select(*claimed.c, select(started.c.id).scalar_subquery())
+
+
+def begin_stage_with_call(session: Executor, job_id: int, *, status: JobStatus, claim_deadline_s: float,
+                          now: datetime, worker: str | None, stage: Any, tier: str | None,
+                          models: Mapping[str, str], max_deliveries: int) -> tuple[Claim, int | None] | None:
+    """``begin_stage``, writing in the same statement the started row of the call the stage is
+    about to make (stamped ``now``), unless the claim finds the job past ``max_deliveries``: one
+    round trip where two ran one after the other. Postgres only (SQLite has no INSERT in a WITH);
+    ``stages._claim`` runs the two statements there."""
+    stmt = _begin_stage_with_call(stage, tier, tuple(sorted(models.items())))
+    row = session.execute(stmt, {"b_id": job_id, "b_status": status, "b_now": now, "b_worker": worker,
+                                 "b_stale": now - timedelta(seconds=claim_deadline_s),
+                                 "b_max_deliveries": max_deliveries}).first()
+    if row is None:
+        return None
+    return Claim(*row[:-1]), row[-1]
 
 
 def release_stage(session: Executor, job_id: int, *, status: JobStatus, version: int,

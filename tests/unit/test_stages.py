@@ -194,6 +194,37 @@ def test_a_poison_job_fails_after_bounded_deliveries(pipeline: Pipeline, tmp_pat
     assert stages.triage(pipeline, jid) is None
     done = job(pipeline, jid)
     assert done.status is JobStatus.FAILED and "poison job" in (done.error or "")
+    # The claim that found it poison wrote no started call row: no call was made.
+    assert _calls(pipeline, jid) == []
+
+
+def test_each_stage_of_a_job_under_no_budget_makes_two_statements(pipeline: Pipeline, tmp_path: Path) -> None:
+    """The stage's round trips to Postgres are most of what a stage costs beyond its model call:
+    the claim writes the call's started row and reads what the stage needs later (whether a budget
+    covers the job, the batch's shadow rate), and the result is one statement. A job under no
+    budget makes no reservation, and a success under no shadow rate reads nothing more."""
+    [jid] = enqueue(pipeline, tmp_path, {"kind": "classify", "text": "two statements [fake:difficulty=easy]",
+                                         "labels": ["billing", "bug"]})
+    dispatched(pipeline)
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        statements.append(statement if statement.startswith("SELECT") else statement.split(None, 1)[0])
+
+    event.listen(pipeline.engine, "before_cursor_execute", count)
+    try:
+        assert stages.triage(pipeline, jid) == Handoff("work", jid, "sonnet")
+        triage_statements, statements[:] = list(statements), []
+        assert stages.work(pipeline, jid) is None
+    finally:
+        event.remove(pipeline.engine, "before_cursor_execute", count)
+    assert job(pipeline, jid).status is JobStatus.SUCCEEDED
+    # The batch's mode (pipeline.flow.economy.mode_of) is read by the first stage of the batch
+    # this process runs, then kept.
+    assert triage_statements[0] == "WITH" and triage_statements[1].startswith("SELECT batches.mode")
+    assert (triage_statements[2:], statements) == (["WITH"], ["WITH", "WITH"])
+    assert [(c.stage.value, c.tier, c.outcome, c.applied) for c in _calls(pipeline, jid)] == [
+        ("triage", "haiku", "ok", True), ("work", "sonnet", "ok", True)]
 
 
 def test_the_sweeper_republishes_a_stalled_stage(pipeline: Pipeline, tmp_path: Path) -> None:
