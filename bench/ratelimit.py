@@ -124,27 +124,37 @@ def measure(log: list[dict[str, Any]], s: Scenario, size: Size) -> Share:
     """From the fake's request log: the binding limit's achieved rate through the steady part, and
     the 429s among all of the scenario's model class's requests.
 
-    The steady part starts when the bucket the fake began full is first spent (replayed from the
+    The steady part starts when the bucket the fake began full is at its lowest (replayed from the
     log: each answered request charged at its start, the refill in between), so the first burst,
-    which any client gets on top of the rate, is not counted; it ends at the last answered request."""
+    which any client gets on top of the rate, is not counted; it ends at the last answered request.
+
+    At its lowest, not spent: a client that paces itself a little under the limit (switchyard, at
+    MARGIN of it) never empties the fake's bucket. Both buckets start full, and when the client's
+    own runs dry, the fake's still holds the margin plus what refilled in between, more of it the
+    slower the first burst was: with the limits here, 5% of the bucket is only reached by a burst
+    of 24 calls a second, nearly all that 64 threads at 2.5 s can make. From its lowest point on,
+    the fake's bucket only refills when the client sends less than the limit allows."""
     klass = model_class(f"claude-{s.tier}")
     mine = sorted((r for r in log if r["model"] and model_class(r["model"]) == klass), key=lambda r: r["started_at"])
     ok = [r for r in mine if r["status"] == 200]
     throttled = sum(r["status"] == 429 for r in mine)
+    if not ok:
+        return Share(0.0, s.per_s, len(mine), throttled, 0.0)
 
     def amount(r: dict[str, Any]) -> float:
         return 1.0 if s.kind == "rpm" else float(r["output_tokens"])
 
     capacity = s.per_s * size.window_s
-    level, at, lo = capacity, ok[0]["started_at"] if ok else 0.0, None
+    level, at = capacity, ok[0]["started_at"]
+    levels: list[tuple[float, float]] = []
     for r in ok:
         level = min(capacity, level + (r["started_at"] - at) * s.per_s) - amount(r)
         at = r["started_at"]
-        if level < 0.05 * capacity:
-            lo = r["started_at"]
-            break
-    if lo is None or not ok:
-        return Share(0.0, s.per_s, len(mine), throttled, 0.0)  # never at the limit
+        levels.append((at, level))
+    # The first time within 1% of the bucket of its lowest level: a bucket held at empty touches
+    # its lowest again and again, and the first touch is where the burst ended.
+    lowest = min(lvl for _, lvl in levels)
+    lo = next(t for t, lvl in levels if lvl <= lowest + 0.01 * capacity)
     hi = ok[-1]["started_at"]
     total = sum(amount(r) for r in ok if lo < r["started_at"] <= hi)
     return Share(total / max(hi - lo, 1e-9), s.per_s, len(mine), throttled, hi - lo)

@@ -129,3 +129,31 @@ def test_in_flight_window_leaves_out_the_drain_of_a_variable_latency() -> None:
     assert drained.mean_in_flight() == 20.0
     # Without the fake's log (no last start), the run itself.
     assert Sampled(seconds=8.0, jobs=1).window() == (2.0, 6.0)
+
+
+def _paced_log(rates: list[tuple[float, float]]) -> list[dict[str, object]]:
+    """A fake's request log of answered sonnet requests: (seconds, requests per second) in turn."""
+    log, t = [], 0.0
+    for seconds, per_s in rates:
+        end = t + seconds
+        while t < end:
+            log.append({"model": "claude-sonnet-5", "status": 200, "started_at": t, "output_tokens": 5})
+            t += 1 / per_s
+    return log
+
+
+def test_rate_limit_steady_part_starts_where_the_first_burst_ends() -> None:
+    """The rate-limit benchmark's steady part starts when the fake's bucket (10 requests a second,
+    600 a window, begun full) is at its lowest. A client pacing itself at 0.97 of the limit after
+    a first burst of 15 a second never empties it; it must still be measured at 0.97, not as never
+    at the limit. A client that empties it and stays at the limit measures 1.0, and one that paces
+    under the limit from the start measures its own rate."""
+    from bench.ratelimit import SCENARIOS, Size, measure
+
+    rpm, size = SCENARIOS[0], Size(window_s=60.0, steady_s=300.0)
+    slow_burst = measure(_paced_log([(60.0, 15.0), (300.0, 9.7)]), rpm, size)
+    assert slow_burst.share == pytest.approx(0.97, abs=0.01) and slow_burst.steady_s > 250
+    at_limit = measure(_paced_log([(60.0, 25.0), (300.0, 10.0)]), rpm, size)
+    assert at_limit.share == pytest.approx(1.0, abs=0.01)
+    paced = measure(_paced_log([(360.0, 8.0)]), rpm, size)
+    assert paced.share == pytest.approx(0.8, abs=0.01) and paced.steady_s > 350
