@@ -100,19 +100,23 @@ def _held_by(dead_workers: Collection[str]) -> ColumnElement[bool] | None:
     return Job.claimed_by.in_(list(dead_workers)) if dead_workers else None
 
 
-def _on_probation(session: Executor, claim_cutoff: datetime, dead_workers: Collection[str] = ()) -> set[str]:
+def _on_probation(session: Executor, claim_cutoff: datetime, lost_cutoff: datetime,
+                  dead_workers: Collection[str] = ()) -> set[str]:
     """Queues where a suspect is on probation right now: running (a live claim), or republished
     and on its way to a worker. Counting only running ones would let the next sweep send a second
-    suspect while the first still waits in the queue, and the two could die together again. A
-    republished suspect whose message is lost stops counting after the claim deadline, and one held
-    by a dead worker is not running at all."""
+    suspect while the first still waits in the queue, and the two could die together again.
+
+    On its way means until its message counts as lost (the stage deadline, ``lost_cutoff``), not
+    the much shorter claim deadline: the worker the poison job killed takes seconds to come back,
+    and a second suspect sent meanwhile would reach it in the same breath as the first. One held by
+    a dead worker is not running at all."""
     live = Job.claimed_at >= claim_cutoff
     if (dead := _held_by(dead_workers)) is not None:
         live = and_(live, or_(Job.claimed_by.is_(None), ~dead))
     rows = session.execute(
         select(Job.status, Job.tier).distinct()
         .where(Job.status.in_(ACTIVE), Job.deliveries >= SUSPECT_DELIVERIES,
-               or_(live, and_(Job.claimed_at.is_(None), Job.stage_started_at >= claim_cutoff)))
+               or_(live, and_(Job.claimed_at.is_(None), Job.stage_started_at >= lost_cutoff)))
     ).all()
     return {_queue(r.status, r.tier) for r in rows}
 
@@ -170,7 +174,7 @@ def sweep(session: Executor, *, deadline_s: float, claim_deadline_s: float, lost
             .values(outcome="abandoned", finished_at=now)
             .execution_options(synchronize_session=False)
         )
-    busy = _on_probation(session, claim_cutoff, dead_workers)
+    busy = _on_probation(session, claim_cutoff, lost_cutoff, dead_workers)
     chosen, held = [], 0
     for r in rows:
         if r.claimed_at is not None and r.deliveries >= SUSPECT_DELIVERIES:

@@ -94,6 +94,11 @@ def test_suspects_are_republished_one_at_a_time_per_queue(pipeline: Pipeline, tm
                                      .values(deliveries=2, claimed_at=utcnow() - timedelta(hours=1))))
     first = [j for j in _swept(pipeline) if j in (a, b)]
     assert len(first) == 1
+    # While it waits in the queue for the worker it killed to come back, past the claim deadline
+    # (a slow restart), the other still waits: sent now, it would reach that worker beside it.
+    pipeline.run(lambda s: s.execute(update(Job).where(Job.id == first[0])
+                                     .values(stage_started_at=utcnow() - timedelta(seconds=120))))
+    assert not [j for j in _swept(pipeline) if j in (a, b)]
     # While that one runs, the other waits on probation.
     pipeline.run(lambda s: s.execute(update(Job).where(Job.id == first[0]).values(claimed_at=utcnow())))
     assert not [j for j in _swept(pipeline) if j in (a, b)]
