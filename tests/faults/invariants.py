@@ -176,9 +176,15 @@ def check_exactly_once(sessions: sessionmaker[Session], batch_id: int, *, fake: 
     abandoned = [c for c in calls if c.outcome == "abandoned"]
     other_rows = [c for c in sync if c.request_id is None and c not in no_answer_rows and c not in abandoned]
     assert not other_rows, f"{len(other_rows)} call row(s) without a request id: {other_rows[0].error_type}"
-    # Timeouts and drops match one for one, except those whose worker died before recording them.
-    assert len(no_answer_rows) <= len(unmatched_no_answer) <= len(no_answer_rows) + len(abandoned), (
+    # Every request the fake stalled or dropped is a timeout or a drop in the rows, unless its worker
+    # died before recording it. The converse is looser: each timeout the client recorded is a request
+    # the fake served with no row of its own, but the fake may have answered it, too late (a loaded
+    # machine can hold an ordinary answer past the client's timeout), so it need not be a stall.
+    assert len(unmatched_no_answer) <= len(no_answer_rows) + len(abandoned), (
         f"{len(unmatched_no_answer)} unanswered requests at the fake, {len(no_answer_rows)} recorded")
+    assert len(no_answer_rows) <= len(unmatched), (
+        f"{len(no_answer_rows)} timeouts/drops recorded, but only {len(unmatched)} request(s) at the fake "
+        f"without a row ({len(unmatched_no_answer)} stalled or dropped)")
     # A request served to a worker that then died is recorded as that call's abandoned row (a killed
     # worker may also die before its request leaves, so there can be fewer requests than rows).
     assert len(unmatched) <= len(no_answer_rows) + len(abandoned), (
