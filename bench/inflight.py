@@ -4,13 +4,17 @@ At each worker concurrency C the fake Claude answers after L = C / 40 s, so the 
 C / L is 40 jobs/s whatever C (well under the orchestration limit of benchmark 1). The jobs are
 pinned to one work tier, so each makes exactly one model call (work) and one deterministic
 validation: the tier's C threads are the only thing between the jobs and the fake. Figures, each
-against the ideal: throughput, and the mean number of calls in flight at the fake (sampled from
-its own counter) against C, both through the middle half of the run, where a finite batch is
-neither ramping up nor finishing its last partial wave (with a variable latency, the run as it
-would be if the last call to start took the median latency: see `Sampled.window`); and, for the
-record, the throughput from the start of the enqueue to the last job (2,000 jobs at C = 500 are
-only four waves, so the edges weigh). And the work tier's worker memory:
-its growth from idle to the peak of the run, per call in flight.
+against the ideal: the mean number of calls in flight at the fake (sampled from its own counter)
+against C through the middle half of the run, where a finite batch is neither ramping up nor
+finishing its last partial wave (with a variable latency, the run as it would be if the last call
+to start took the median latency: see `Sampled.window`); the steady throughput, over whole waves
+with a fixed latency (`Sampled.wave_rate`: a time window would count five waves or six), through
+the same middle half with a variable one; and, for the record, the throughput from the start of
+the enqueue to the last job (2,000 jobs at C = 500 are only four waves, so the edges weigh). And
+the work tier's worker memory: its growth from idle to the peak of the run, per call in flight.
+Where a figure falls short, the run says how: the seconds the calls in flight spent under 0.9 C
+and in how many dips (a few dips one latency apart are wave boundaries; a shortfall all along is a
+worker that cannot hold C calls), the cores each process used, and the run in 5 s bins.
 
 Baseline, in the same run: the plain script a user would write instead, a ThreadPoolExecutor of C
 threads calling the SDK against the same fake.
@@ -30,6 +34,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import pairwise
 from pathlib import Path
 
 import anthropic
@@ -39,7 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bench import env
 from bench.jobs import classify_jobs, write_jsonl
-from bench.profile import cpu_seconds
+from bench.profile import CpuMeter, cpu_seconds, postgres_pids
 from bench.report import Figure
 from pipeline.cli.workergroup import processes_for
 from pipeline.db import make_engine, session_factory
@@ -74,6 +80,12 @@ class Sampled:
     # `window` ends the steady part where the batch had no job left to start.
     last_start: float | None = None
     median_latency: float = 0.0
+    fixed_latency: bool = True
+    # CPU seconds over the run of every process taking part (the fake, each switchyard process,
+    # Postgres, this bench process): where the two cores went while calls in flight fell short;
+    # and the same read through the run, (time since start, CPU seconds so far by process).
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    cpu_samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
 
     def window(self) -> tuple[float, float]:
         """The middle half of the run as it would be if the last call to start took the median
@@ -100,6 +112,25 @@ class Sampled:
         lo, hi = self.window()
         return sum(1 for t in self.finished if lo <= t < hi) / (hi - lo)
 
+    def wave_rate(self, c: int) -> float:
+        """With a fixed latency, jobs a second over whole waves: from the middle of the first wave
+        of finishes (the job ranked C/2) to the middle of the last whole wave after it (C/2 + mC).
+
+        A fixed latency makes the jobs finish in waves, C at a time, one latency apart, so a
+        time window counts whole waves: at C = 200 (L = 5 s) the middle half of a 54 s run holds
+        five waves or six, and reads 37 jobs/s or 44 for the same workers. Between two ranks a
+        whole number of waves apart, m waves of C jobs take exactly m cycles of a worker thread
+        (its call and whatever switchyard adds between calls), which is the rate the ideal is
+        measured against. A variable latency has no waves: ``steady_rate``."""
+        if not self.fixed_latency:
+            return self.steady_rate()
+        ends = sorted(self.finished)
+        first = c // 2
+        waves = (len(ends) - 1 - first) // c
+        if waves < 1 or ends[first + waves * c] <= ends[first]:
+            return self.steady_rate()
+        return waves * c / (ends[first + waves * c] - ends[first])
+
     def mean_in_flight(self) -> float:
         """Mean over the middle half of the run: the ramp-up and the last partial wave are not
         what the workers can hold, they are what any finite batch looks like at its edges."""
@@ -107,19 +138,69 @@ class Sampled:
         window = [n for t, n in self.samples if lo <= t <= hi]
         return sum(window) / len(window) if window else 0.0
 
+    def dips(self, c: int, below: float = 0.9) -> tuple[float, int, float]:
+        """Where the window's calls in flight fell short: the seconds spent under ``below`` x C,
+        in how many separate dips, and the longest. A shortfall in a few dips one latency apart is
+        the batch's wave boundaries (every call of a wave ends together, and its jobs must be
+        finished and the next ones started before the calls are back); a shortfall spread over
+        the whole window is a worker that cannot hold C calls at all."""
+        lo, hi = self.window()
+        under, count, longest, run = 0.0, 0, 0.0, 0.0
+        timed = [(t, n) for t, n in self.samples if lo <= t <= hi]
+        for (t, n), (t_next, _) in pairwise(timed):
+            if n < below * c:
+                if run == 0.0:
+                    count += 1
+                run += t_next - t
+                under += t_next - t
+                longest = max(longest, run)
+            else:
+                run = 0.0
+        return under, count, longest
+
+    def series(self, step: float = 5.0) -> list[tuple[float, float, int, dict[str, float]]]:
+        """The run in ``step``-second bins: (bin start, mean calls in flight, jobs finished, cores
+        each process used). A process near 1.0 in a bin where the calls fell short was the
+        bottleneck there: each is one Python process, one GIL."""
+        bins: dict[int, list[int]] = {}
+        for t, n in self.samples:
+            bins.setdefault(int(t // step), []).append(n)
+        done: dict[int, int] = {}
+        for t in self.finished:
+            done[int(t // step)] = done.get(int(t // step), 0) + 1
+        # The last CPU reading in each bin, and the cores used since the previous bin's.
+        last: dict[int, tuple[float, dict[str, float]]] = {}
+        for t, used in self.cpu_samples:
+            last[int(t // step)] = (t, used)
+        cores: dict[int, dict[str, float]] = {}
+        previous = self.cpu_samples[0] if self.cpu_samples else None
+        for k in sorted(last):
+            t, used = last[k]
+            if previous is not None and t > previous[0]:
+                cores[k] = {name: round((used[name] - previous[1].get(name, 0.0)) / (t - previous[0]), 2)
+                            for name in used}
+            previous = last[k]
+        return [(k * step, round(sum(v) / len(v), 1) if (v := bins.get(k)) else 0.0, done.get(k, 0),
+                 cores.get(k, {})) for k in range(max([*bins, *done], default=-1) + 1)]
+
 
 class Sampler(threading.Thread):
-    """Reads the fake's in-flight counter (and a process's memory) every ``interval`` seconds."""
+    """Reads the fake's in-flight counter (and a process's memory) every ``interval`` seconds,
+    and every fifth time the CPU seconds so far of each group in ``cpu_groups`` (name -> pids)."""
 
-    def __init__(self, fake: env.Fake, rss_pids: list[int], interval: float = 0.1) -> None:
+    def __init__(self, fake: env.Fake, rss_pids: list[int], interval: float = 0.1,
+                 cpu_groups: dict[str, list[int]] | None = None) -> None:
         super().__init__(daemon=True)
         self.fake, self.rss_pids, self.interval = fake, rss_pids, interval
+        self.cpu_groups = cpu_groups or {}
         self.samples: list[tuple[float, int]] = []
+        self.cpu_samples: list[tuple[float, dict[str, float]]] = []
         self.rss_peak = 0
         self.t0, self.wall0 = time.monotonic(), time.time()
         self.done = threading.Event()
 
     def run(self) -> None:
+        turn = 0
         while not self.done.is_set():
             try:
                 n = int(self.fake.stats()["in_flight"])
@@ -129,6 +210,10 @@ class Sampler(threading.Thread):
                 self.samples.append((time.monotonic() - self.t0, n))
             if self.rss_pids:
                 self.rss_peak = max(self.rss_peak, sum(env.rss_kib(p) for p in self.rss_pids))
+            if self.cpu_groups and turn % 5 == 0:
+                self.cpu_samples.append((time.monotonic() - self.t0, {
+                    name: sum(cpu_seconds(p) for p in pids) for name, pids in self.cpu_groups.items()}))
+            turn += 1
             self.done.wait(self.interval)
 
 
@@ -163,12 +248,15 @@ def measure_switchyard(c: int, n: int, db: str, broker: str, workdir: Path, cons
         rss_idle = sum(env.rss_kib(p) for p in pids)
         fake.reset()
         path = write_jsonl(workdir / f"jobs-{c}.jsonl", classify_jobs(n, tier=TIER, prefix=f"j{c}"))
-        sampler = Sampler(fake, pids)
+        meter = _meter(procs, pids, db)
+        sampler = Sampler(fake, pids, cpu_groups={name: group() for name, group in meter.groups.items()})
         cpu0 = sum(cpu_seconds(p) for p in pids)
+        meter.start()
         sampler.start()
         report = enqueue_file(sessions, path, batch=f"inflight-{c}-{time.time_ns()}", config=settings.models)
         t1 = _wait(sessions, report.batch_id, n, procs, timeout=120 + 4 * n / IDEAL_RATE)
         cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        cpu_s = meter.stop()
         sampler.done.set()
         sampler.join()
         stats = fake.stats()
@@ -187,7 +275,25 @@ def measure_switchyard(c: int, n: int, db: str, broker: str, workdir: Path, cons
     # The parent of a split worker only waits: its CPU is counted, but it is not a process that serves.
     return Sampled(t1 - sampler.t0, n, sampler.samples, int(stats["max_in_flight"]), rss_idle,
                    sampler.rss_peak, ok, finished, worker_cpu_s=cpu, worker_processes=split,
-                   last_start=last_start, median_latency=latency_ms / 1000)
+                   last_start=last_start, median_latency=latency_ms / 1000, fixed_latency=not sigma, cpu_s=cpu_s,
+                   cpu_samples=sampler.cpu_samples)
+
+
+def _with_children(pid: int) -> list[int]:
+    return [pid, *env.child_pids(pid)]
+
+
+def _meter(procs: env.Processes, work_pids: list[int], db: str) -> CpuMeter:
+    """Every process of a switchyard run, the work tier's group as one."""
+    meter = CpuMeter()
+    meter.add(f"worker-{TIER}", lambda: work_pids)
+    for p in procs.procs:
+        if p.name != f"worker-{TIER}":
+            meter.add(p.name, partial(_with_children, p.pid))
+    engine = make_engine(db, pool_size=1)
+    meter.add("postgres", lambda: postgres_pids(engine, engine.url.database or ""))
+    meter.add("bench (enqueue, poll)", lambda: [os.getpid()])
+    return meter
 
 
 def _last_start(fake: env.Fake, wall0: float) -> float | None:
@@ -230,10 +336,15 @@ def measure_script(c: int, n: int, workdir: Path, *, sigma: float = 0.0) -> Samp
             list(pool.map(one, range(min(c, 50))))  # warm-up, as on the other side
             fake.reset()
             ends.clear()
-            sampler = Sampler(fake, [os.getpid()])
+            meter = CpuMeter()
+            meter.add("fake-claude", lambda: [fake.proc.pid])
+            meter.add("script (this process)", lambda: [os.getpid()])
+            sampler = Sampler(fake, [os.getpid()], cpu_groups={name: group() for name, group in meter.groups.items()})
+            meter.start()
             sampler.start()
             results = list(pool.map(one, range(n)))
             t1 = time.monotonic()
+            cpu_s = meter.stop()
         sampler.done.set()
         sampler.join()
         stats = fake.stats()
@@ -241,29 +352,50 @@ def measure_script(c: int, n: int, workdir: Path, *, sigma: float = 0.0) -> Samp
         client.close()
     return Sampled(t1 - sampler.t0, n, sampler.samples, int(stats["max_in_flight"]), ok=len(results),
                    finished=[e - sampler.t0 for e in ends], last_start=last_start,
-                   median_latency=latency_ms / 1000)
+                   median_latency=latency_ms / 1000, fixed_latency=not sigma, cpu_s=cpu_s,
+                   cpu_samples=sampler.cpu_samples)
 
 
 def _report(console: Console, label: str, c: int, n: int, ideal: float, sy: Sampled, script: Sampled, *,
             target: float) -> list[Figure]:
     growth = max(0, sy.rss_peak_kib - sy.rss_idle_kib) / 1024
     per_call = growth / max(1, sy.max_in_flight)
-    console.print(f"  script: {script.steady_rate():.1f} jobs/s steady, {script.rate:.1f} end to end, "
-                  f"mean in flight {script.mean_in_flight():.0f}; switchyard ({sy.worker_processes} work "
-                  f"process(es)): {sy.steady_rate():.1f} jobs/s steady, {sy.rate:.1f} end to end, mean in flight "
+    console.print(f"  script: {script.wave_rate(c):.1f} jobs/s steady ({script.steady_rate():.1f} in the time "
+                  f"window), {script.rate:.1f} end to end, mean in flight {script.mean_in_flight():.0f}; switchyard "
+                  f"({sy.worker_processes} work process(es)): {sy.wave_rate(c):.1f} jobs/s steady "
+                  f"({sy.steady_rate():.1f} in the time window), {sy.rate:.1f} end to end, mean in flight "
                   f"{sy.mean_in_flight():.0f} (max {sy.max_in_flight}), worker RSS {sy.rss_idle_kib / 1024:.0f} -> "
                   f"{sy.rss_peak_kib / 1024:.0f} MiB, {sy.ok}/{sy.jobs} succeeded; work worker CPU "
                   f"{1000 * sy.worker_cpu_s / n:.1f} ms a job, each process on a CPU {100 * sy.worker_busy():.0f}% "
                   "of the run")
+    for who, run in (("switchyard", sy), ("script", script)):
+        under, count, longest = run.dips(c)
+        lo, hi = run.window()
+        cpu = ", ".join(f"{name} {seconds / run.seconds:.2f}" for name, seconds in
+                        sorted(run.cpu_s.items(), key=lambda kv: -kv[1]))
+        console.print(f"  {who}: in flight under 0.9 C for {under:.1f} s of the {hi - lo:.1f} s window, in "
+                      f"{count} dip(s), the longest {longest:.1f} s; cores used by process: {cpu}")
+        # Each 5 s of the window where the calls fell short, and which processes were busiest then.
+        short = [(t, calls, cores) for t, calls, _, cores in run.series() if lo <= t < hi and calls < 0.9 * c]
+        for t, calls, cores in short[:8]:
+            busiest = ", ".join(f"{name} {v:.2f}" for name, v in sorted(cores.items(), key=lambda kv: -kv[1])[:3])
+            console.print(f"    {t:5.0f} s: {calls:.0f} in flight; busiest: {busiest or '?'}")
     extra = {"C": c, "ideal_rate": ideal, "jobs": n, "succeeded": sy.ok, "seconds": sy.seconds,
              "processes": sy.worker_processes, "end_to_end_rate": sy.rate, "script_end_to_end_rate": script.rate,
-             "script_steady_rate": script.steady_rate(), "script_mean_in_flight": script.mean_in_flight(),
+             "script_steady_rate": script.wave_rate(c), "script_mean_in_flight": script.mean_in_flight(),
+             "window_rate": sy.steady_rate(), "script_window_rate": script.steady_rate(),
              "max_in_flight": sy.max_in_flight, "rss_idle_mib": sy.rss_idle_kib / 1024,
              "rss_peak_mib": sy.rss_peak_kib / 1024, "worker_cpu_ms_per_job": 1000 * sy.worker_cpu_s / n,
-             "worker_busy": sy.worker_busy(), "window_s": sy.window(), "script_window_s": script.window()}
+             "worker_busy": sy.worker_busy(), "window_s": sy.window(), "script_window_s": script.window(),
+             # Diagnostics of a shortfall: dips under 0.9 C (seconds, count, longest), the cores each
+             # process used over the run, and the run in 5 s bins (start, mean in flight, finished).
+             "dips": sy.dips(c), "script_dips": script.dips(c),
+             "cores_by_process": {k: v / sy.seconds for k, v in sy.cpu_s.items()},
+             "script_cores_by_process": {k: v / script.seconds for k, v in script.cpu_s.items()},
+             "series": sy.series(), "script_series": script.series()}
     return [
-        Figure(NAME, f"{label}: throughput (steady) vs ideal", sy.steady_rate(), "jobs/s", baseline=ideal,
-               baseline_name=f"ideal; script {script.steady_rate():.1f}", target=target, extra=extra),
+        Figure(NAME, f"{label}: throughput (steady) vs ideal", sy.wave_rate(c), "jobs/s", baseline=ideal,
+               baseline_name=f"ideal; script {script.wave_rate(c):.1f}", target=target, extra=extra),
         Figure(NAME, f"{label}: throughput, enqueue to last job", sy.rate, "jobs/s", baseline=ideal,
                baseline_name=f"ideal; script {script.rate:.1f}"),
         Figure(NAME, f"{label}: mean calls in flight vs C", sy.mean_in_flight(), "calls", baseline=float(c),
@@ -296,12 +428,12 @@ def run(*, quick: bool, console: Console, profile: bool = False,
             c = 500
             console.print(f"[bold]in-flight[/]: C={c} as one process (--processes 1)")
             one = measure_switchyard(c, 2000, db, broker, workdir, console, processes=1)
-            console.print(f"  switchyard, 1 process: {one.steady_rate():.1f} jobs/s steady, {one.rate:.1f} end "
+            console.print(f"  switchyard, 1 process: {one.wave_rate(c):.1f} jobs/s steady, {one.rate:.1f} end "
                           f"to end, mean in flight {one.mean_in_flight():.0f}; work worker CPU "
                           f"{1000 * one.worker_cpu_s / one.jobs:.1f} ms a job, on a CPU "
                           f"{100 * one.worker_busy():.0f}% of the run")
             figures += [
-                Figure(NAME, f"C={c} as 1 process: throughput (steady)", one.steady_rate(), "jobs/s",
+                Figure(NAME, f"C={c} as 1 process: throughput (steady)", one.wave_rate(c), "jobs/s",
                        baseline=IDEAL_RATE, baseline_name="ideal", note="diagnostic, no target"),
                 Figure(NAME, f"C={c} as 1 process: mean calls in flight", one.mean_in_flight(),
                        "calls", baseline=float(c), baseline_name="C", note="diagnostic, no target"),

@@ -131,6 +131,22 @@ def test_in_flight_window_leaves_out_the_drain_of_a_variable_latency() -> None:
     assert Sampled(seconds=8.0, jobs=1).window() == (2.0, 6.0)
 
 
+def test_in_flight_throughput_counts_whole_waves() -> None:
+    """With a fixed latency the jobs finish in waves of C, and a time window counts whole waves:
+    here waves one cycle (0.99 s) apart put three of them in the window [1, 3), which reads 30
+    jobs/s for workers that sustain C / 0.99 = 20.2. Between ranks whole waves apart, the rate is
+    the cycle's. A variable latency has no waves, and keeps the time window."""
+    from bench.inflight import Sampled
+
+    ends = [t for t in (1.0, 1.99, 2.98, 3.97) for _ in range(20)]
+    waves = Sampled(seconds=4.05, jobs=80, last_start=3.0, median_latency=1.0, finished=ends)
+    assert waves.window() == (1.0, 3.0)
+    assert waves.steady_rate() == pytest.approx(30.0)
+    assert waves.wave_rate(20) == pytest.approx(20 / 0.99)
+    varied = Sampled(seconds=4.05, jobs=80, last_start=3.0, median_latency=1.0, finished=ends, fixed_latency=False)
+    assert varied.wave_rate(20) == varied.steady_rate()
+
+
 def _paced_log(rates: list[tuple[float, float]]) -> list[dict[str, object]]:
     """A fake's request log of answered sonnet requests: (seconds, requests per second) in turn."""
     log, t = [], 0.0
