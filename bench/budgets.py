@@ -193,10 +193,10 @@ def run(*, quick: bool, console: Console, profile: bool = False) -> list[Figure]
     kills = ", ".join(f"{k:.0%}" for k in KILLS_AT)
     console.print(f"[bold]budgets[/]: {n:,} opus jobs, budget a third of their cost, {in_flight} worker threads, "
                   f"fake latency {latency:.0f} ms, the opus worker SIGKILLed at {kills} of the budget")
-    # The quick size waits 20 s, not 60, for what a killed worker held but never began: its calls
+    # The quick size waits 12 s, not 60, for what a killed worker held but never began: its calls
     # take 1 s, and the wait is most of a quick run.
     result = measure(n=n, in_flight=in_flight, latency_ms=latency, console=console,
-                     stage_deadline_s=20.0 if quick else 60.0)
+                     stage_deadline_s=12.0 if quick else 60.0)
     if result.spent_counter != result.spent_at_pause:
         raise RuntimeError(f"the batch's spent counter (${result.spent_counter}) is not the sum of its calls' "
                            f"costs (${result.spent_at_pause})")

@@ -332,7 +332,7 @@ def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | Non
     """``profile`` is not offered: the figures are tokens and dollars, not time. ``concurrency``
     sets every tier's worker threads; by default each tier runs at its ``switchyard worker``
     default (the --quick size at a quarter of it)."""
-    n = jobs or (200 if quick else 2_000)
+    n = jobs or (120 if quick else 2_000)
     latency = latency_ms if latency_ms is not None else (200.0 if quick else 1000.0)
     per_tier = {t: concurrency or max(1, default_concurrency(t) // (4 if quick else 1)) for t in TIERS}
     shared = shared_tokens(task_definition())

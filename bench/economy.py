@@ -116,7 +116,7 @@ def measure(mode: str, *, n: int, workdir: Path, console: Console, batch_delay_s
 
 def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | None = None) -> list[Figure]:
     """``profile`` is not offered: the figures are dollars and request counts."""
-    n = jobs or (100 if quick else 1_000)
+    n = jobs or (60 if quick else 1_000)
     delay, latency = 1.0, 200.0
     concurrency = dict.fromkeys(TIERS, 16 if quick else 32)
     console.print(f"[bold]economy[/]: {n:,} mixed jobs, standard then economy; fake latency {latency:.0f} ms, "

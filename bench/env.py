@@ -7,6 +7,7 @@ same migrations, the fake over HTTP through the official SDK.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -55,17 +56,44 @@ def admin_engine() -> Engine:
     return create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
 
 
+_template: str | None = None
+
+
+def _migrated_template(admin: Engine) -> str:
+    """A database migrated to head once per benchmark process, that each migrated scratch database
+    is copied from (CREATE DATABASE ... TEMPLATE): the same schema through the real migrations,
+    without running all of them again for each of the twenty-odd measurements of a run (about
+    1.5 s each). Dropped when the process exits."""
+    global _template
+    if _template is None:
+        name = f"sy_bench_template_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        engine = create_engine(f"{PG_SERVER}/{name}")
+        try:
+            migrate.upgrade(f"{PG_SERVER}/{name}", engine=engine)
+        finally:
+            engine.dispose()  # a template may have no session open while it is copied
+
+        def drop() -> None:
+            with admin_engine().connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+        atexit.register(drop)
+        _template = name
+    return _template
+
+
 @contextmanager
 def scratch_database(prefix: str = "sy_bench", *, migrated: bool = True) -> Iterator[str]:
     """A new database (migrated to head with the real migrations), dropped afterwards."""
     name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     admin = admin_engine()
+    template = f' TEMPLATE "{_migrated_template(admin)}"' if migrated else ""
     with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"{template}'))
     url = f"{PG_SERVER}/{name}"
     try:
-        if migrated:
-            migrate.upgrade(url)
         yield url
     finally:
         with admin.connect() as conn:

@@ -226,7 +226,7 @@ def _cpu_line(run: Run) -> str:
 
 def run(*, quick: bool, console: Console, jobs: int | None = None, concurrency: int = 16,
         profile: bool = False) -> list[Figure]:
-    n = jobs or (1000 if quick else 5000)
+    n = jobs or (400 if quick else 5000)
     console.print(f"[bold]overhead[/]: {n:,} classify jobs, fake Claude at zero latency")
     broker = env.broker_url()
     with env.scratch_database() as db, env.workdir() as wd, \
@@ -248,7 +248,7 @@ def run(*, quick: bool, console: Console, jobs: int | None = None, concurrency: 
         note = "" if sy.ok == sy.jobs else f"only {sy.ok}/{sy.jobs} succeeded"
         console.print(f"  switchyard: {sy.rate:.1f} jobs/s ({sy.seconds:.1f} s) {note}; CPU ms per job: "
                       f"{_cpu_line(sy)}")
-        alone = measure_stages(db, fake.url, procs.workdir, n=min(n, 300 if quick else 1000))
+        alone = measure_stages(db, fake.url, procs.workdir, n=min(n, 150 if quick else 1000))
     console.print("  the stages as plain functions, no broker (CPU ms per job): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in alone.items()))
     extra = {"jobs": n, "concurrency": concurrency, "switchyard_s": sy.seconds, "peer_s": peer.seconds,

@@ -307,7 +307,7 @@ def run(*, quick: bool, console: Console, profile: bool = False, jobs: int | Non
         latency_ms: float | None = None, concurrency: int | None = None) -> list[Figure]:
     """``profile`` is not offered: the figures are accuracy and dollars, not time. ``concurrency``
     sets every queue's worker threads; by default each runs at its ``switchyard worker`` default."""
-    n = jobs or (250 if quick else 3_000)
+    n = jobs or (150 if quick else 3_000)
     latency = latency_ms if latency_ms is not None else 20.0
     work = workload(n)
     console.print(f"[bold]quality[/]: {n:,} jobs ({sum(j['kind'] == 'extract' for j in work):,} extract), fake "

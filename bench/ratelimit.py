@@ -71,7 +71,7 @@ class Size:
 
 
 FULL = Size(window_s=60.0, steady_s=300.0)
-QUICK = Size(window_s=20.0, steady_s=30.0)
+QUICK = Size(window_s=20.0, steady_s=15.0)
 SCENARIOS = (Scenario("RPM-bound (sonnet, classify)", "sonnet", "rpm", 10.0),
              Scenario("OTPM-bound (opus, draft)", "opus", "otpm", 300.0))
 DRAFT_OUTPUT_TOKENS = 45  # a low guess of the fake's draft answer, so the batch outlasts the window
