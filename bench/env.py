@@ -137,6 +137,19 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def pids_named(command: str) -> list[int]:
+    """Processes whose command name is ``command`` (a local service: ``redis-server``)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if Path(f"/proc/{entry}/comm").read_text().strip() == command:
+                    out.append(int(entry))
+            except OSError:
+                continue
+    return out
+
+
 def child_pids(pid: int) -> list[int]:
     """Live (not zombie) processes whose parent is ``pid``, from /proc."""
     out = []

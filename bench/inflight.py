@@ -293,6 +293,9 @@ def _meter(procs: env.Processes, work_pids: list[int], db: str) -> CpuMeter:
     engine = make_engine(db, pool_size=1)
     meter.add("postgres", lambda: postgres_pids(engine, engine.url.database or ""))
     meter.add("bench (enqueue, poll)", lambda: [os.getpid()])
+    # The broker, the rate limiter's buckets and the heartbeats: shared by every benchmark on the
+    # machine, but nothing else runs during a measurement.
+    meter.add("redis", lambda: env.pids_named("redis-server"))
     return meter
 
 
