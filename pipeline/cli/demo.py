@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from celery.signals import task_failure
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import func, select
@@ -161,11 +162,11 @@ def run_demo(settings: Settings, *, console: Console, jobs_file: Path | None = N
                         # tick while no call goes through a message batch).
                         economy=build_economy(p, settings).tick),
         )
-        with embedded_worker(app, queues=queue_names(settings), concurrency=16):
+        with embedded_worker(app, queues=queue_names(settings), concurrency=16), _StageFailures() as failures:
             dispatcher.start()
             try:
                 for _, batch_id in batches:
-                    _follow(p, batch_id, console, timeout_s=timeout_s)
+                    _follow(p, batch_id, console, timeout_s=timeout_s, failures=failures)
             finally:
                 stop.set()
                 dispatcher.join(10)
@@ -193,7 +194,32 @@ def quality_line(batch: DemoBatch) -> str:
             f"(evaluation cost {compact(q.evaluation_cost_usd, 'usd')})")
 
 
-def _follow(p: Pipeline, batch_id: int, console: Console, *, timeout_s: float) -> None:
+class _StageFailures:
+    """The first exception a stage task raised in the demo's embedded worker.
+
+    A stage raises only on a bug: every failure a job can meet is recorded on the job. Deployed,
+    such a stage is left to the sweeper, which republishes it after the stage deadline and fails
+    the job as poison after SWITCHYARD_MAX_DELIVERIES starts, while the worker's log shows the
+    traceback. The demo has nobody reading a log, and would sit out its whole timeout saying
+    nothing; so it stops at the first one and shows it (``_follow``)."""
+
+    def __init__(self) -> None:
+        self.first: tuple[str, BaseException] | None = None
+
+    def __enter__(self) -> _StageFailures:
+        task_failure.connect(self._record, weak=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        task_failure.disconnect(self._record)
+
+    def _record(self, sender: object = None, exception: BaseException | None = None, **_: object) -> None:
+        if self.first is None and exception is not None:
+            self.first = (getattr(sender, "name", "?"), exception)
+
+
+def _follow(p: Pipeline, batch_id: int, console: Console, *, timeout_s: float,
+            failures: _StageFailures | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     with Progress(TextColumn("[bold]jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as bar:
@@ -205,6 +231,11 @@ def _follow(p: Pipeline, batch_id: int, console: Console, *, timeout_s: float) -
             shadows = _open_shadows(p, batch_id) if now.total and now.done >= now.total else 0
             if now.total and now.done >= now.total and not shadows:
                 return
+            if failures is not None and failures.first is not None:
+                stage, exc = failures.first
+                # Not a SwitchyardError: a bug, whose traceback (chained below) the CLI keeps.
+                raise RuntimeError(f"a stage raised in the demo's worker ({stage}), which is a bug in "
+                                   f"switchyard; {now.done} of {now.total} jobs had ended") from exc
             if time.monotonic() > deadline:
                 waiting = ", ".join(f"{n} {s}" for s, n in now.by_status.items() if JobStatus(s) not in TERMINAL)
                 waiting = waiting or f"{shadows} shadow evaluation(s) still open"

@@ -114,3 +114,28 @@ def test_demo_refuses_a_shadow_rate_outside_0_to_1(tmp_path: Path) -> None:
     assert out.returncode != 0
     assert "--shadow-rate must be a number from 0 to 1" in out.stdout + out.stderr
     assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_a_stage_that_raises_stops_the_demo_with_its_traceback(tmp_path: Path) -> None:
+    """A stage raises only on a bug. The demo stops at the first one and shows its traceback,
+    rather than sitting out its timeout saying nothing. The bug is planted in a real run: the work
+    stage's function, replaced before the CLI starts, in a process of its own."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"kind": "generate", "prompt": "Say hello.", "tier": "sonnet"}\n')
+    planted = ("import sys, workers.work\n"
+               "def broken(p, job_id):\n"
+               "    raise ZeroDivisionError('a planted bug in the work stage')\n"
+               "workers.work.Work.stage = staticmethod(broken)\n"
+               "from pipeline.cli.app import main\n"
+               "sys.argv = ['switchyard', 'demo', '--jobs', sys.argv[1]]\n"
+               "main()\n")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ANTHROPIC_", "SWITCHYARD_")) and k not in ("DATABASE_URL", "BROKER_URL")}
+    env.update(DATABASE_URL=f"sqlite:///{tmp_path}/demo.sqlite", COLUMNS="200")
+    out = subprocess.run([str(Path(SWITCHYARD).parent / "python"), "-c", planted, str(jobs)], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text
+    assert "a stage raised in the demo's worker (switchyard.work), which is a bug in switchyard" in text, text
+    assert "ZeroDivisionError: a planted bug in the work stage" in text, text
+    assert "did not finish within" not in text, text
