@@ -4,7 +4,7 @@ Each benchmark measures switchyard and its baseline side by side in the same run
 Postgres, Redis and the fake Claude, and reports ratios: these machines are shared and noisy, and
 an absolute figure means little on them. They are not tests and never run from ``make test``.
 
-    python -m bench                 # all four, full size
-    python -m bench --quick         # all four, each under a minute
+    python -m bench                 # all twelve, full size (about an hour)
+    python -m bench --quick         # all twelve, small (about 7 minutes)
     python -m bench overhead --quick
 """

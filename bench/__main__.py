@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", choices=[*benchmarks, []], metavar="BENCHMARK",
                         help=f"which to run (default: all): {', '.join(benchmarks)}")
-    parser.add_argument("--quick", action="store_true", help="the small size: each benchmark under a minute")
+    parser.add_argument("--quick", action="store_true", help="the small size: all twelve in about 7 minutes")
     parser.add_argument("--profile", action="store_true",
                         help="attach py-spy to the processes measured (bench/results/profiles/)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
