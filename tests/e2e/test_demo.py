@@ -14,12 +14,17 @@ from tests.cluster import SWITCHYARD
 CASCADE = Path(__file__).resolve().parents[2] / "pipeline" / "samples" / "cascade.toml"
 
 
-def run_demo(tmp_path: Path, *args: str, **env_extra: str) -> str:
+def demo_env(tmp_path: Path, **env_extra: str) -> dict[str, str]:
+    """The environment of a fresh machine's `make demo`: none of switchyard's or the API's settings."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("ANTHROPIC_", "SWITCHYARD_")) and k not in ("DATABASE_URL", "BROKER_URL")}
     env.update(DATABASE_URL=f"sqlite:///{tmp_path}/demo.sqlite", COLUMNS="200", **env_extra)
-    out = subprocess.run([SWITCHYARD, "demo", *args], env=env, cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+    return env
+
+
+def run_demo(tmp_path: Path, *args: str, **env_extra: str) -> str:
+    out = subprocess.run([SWITCHYARD, "demo", *args], env=demo_env(tmp_path, **env_extra), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text
     assert "answers are simulated by the bundled fake Claude" in text
@@ -97,20 +102,16 @@ def test_demo_in_economy_mode_makes_every_call_through_message_batches(tmp_path:
 
 
 def test_demo_refuses_a_mode_it_does_not_know(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "SWITCHYARD_"))}
-    env["DATABASE_URL"] = f"sqlite:///{tmp_path}/demo.sqlite"
-    out = subprocess.run([SWITCHYARD, "demo", "--mode", "cheap"], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([SWITCHYARD, "demo", "--mode", "cheap"], env=demo_env(tmp_path), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "--mode must be standard or economy, not 'cheap'" in out.stdout + out.stderr
     assert "Traceback" not in out.stdout + out.stderr
 
 
 def test_demo_refuses_a_shadow_rate_outside_0_to_1(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "SWITCHYARD_"))}
-    env.update(DATABASE_URL=f"sqlite:///{tmp_path}/demo.sqlite", COLUMNS="200")
-    out = subprocess.run([SWITCHYARD, "demo", "--shadow-rate", "2"], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run([SWITCHYARD, "demo", "--shadow-rate", "2"], env=demo_env(tmp_path), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "--shadow-rate must be a number from 0 to 1" in out.stdout + out.stderr
     assert "Traceback" not in out.stdout + out.stderr
@@ -129,11 +130,8 @@ def test_a_stage_that_raises_stops_the_demo_with_its_traceback(tmp_path: Path) -
                "from pipeline.cli.app import main\n"
                "sys.argv = ['switchyard', 'demo', '--jobs', sys.argv[1]]\n"
                "main()\n")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ANTHROPIC_", "SWITCHYARD_")) and k not in ("DATABASE_URL", "BROKER_URL")}
-    env.update(DATABASE_URL=f"sqlite:///{tmp_path}/demo.sqlite", COLUMNS="200")
-    out = subprocess.run([str(Path(SWITCHYARD).parent / "python"), "-c", planted, str(jobs)], env=env,
-                         cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    out = subprocess.run([str(Path(SWITCHYARD).parent / "python"), "-c", planted, str(jobs)],
+                         env=demo_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=240)
     text = out.stdout + out.stderr
     assert out.returncode != 0, text
     assert "a stage raised in the demo's worker (switchyard.work), which is a bug in switchyard" in text, text
