@@ -250,12 +250,10 @@ def measure_switchyard(c: int, n: int, db: str, broker: str, workdir: Path, cons
         path = write_jsonl(workdir / f"jobs-{c}.jsonl", classify_jobs(n, tier=TIER, prefix=f"j{c}"))
         meter = _meter(procs, pids, db)
         sampler = Sampler(fake, pids, cpu_groups={name: group() for name, group in meter.groups.items()})
-        cpu0 = sum(cpu_seconds(p) for p in pids)
         meter.start()
         sampler.start()
         report = enqueue_file(sessions, path, batch=f"inflight-{c}-{time.time_ns()}", config=settings.models)
         t1 = _wait(sessions, report.batch_id, n, procs, timeout=120 + 4 * n / IDEAL_RATE)
-        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
         cpu_s = meter.stop()
         sampler.done.set()
         sampler.join()
@@ -274,7 +272,7 @@ def measure_switchyard(c: int, n: int, db: str, broker: str, workdir: Path, cons
     finished = [e.timestamp() - sampler.wall0 for e in ends if e is not None]
     # The parent of a split worker only waits: its CPU is counted, but it is not a process that serves.
     return Sampled(t1 - sampler.t0, n, sampler.samples, int(stats["max_in_flight"]), rss_idle,
-                   sampler.rss_peak, ok, finished, worker_cpu_s=cpu, worker_processes=split,
+                   sampler.rss_peak, ok, finished, worker_cpu_s=cpu_s[f"worker-{TIER}"], worker_processes=split,
                    last_start=last_start, median_latency=latency_ms / 1000, fixed_latency=not sigma, cpu_s=cpu_s,
                    cpu_samples=sampler.cpu_samples)
 
