@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import anthropic
 import httpx2 as httpx
 
 from pipeline.claude.client import Attempt, CallResult, translate, usage_of
@@ -56,6 +55,8 @@ class BatchClient:
     """The five calls economy mode makes. Each raises ClaudeError (translate) on an API error."""
 
     def __init__(self, *, api_key: str, base_url: str | None = None, timeout_s: float = 60.0) -> None:
+        import anthropic  # here, not at the top: see pipeline.claude.client
+
         self._sdk = anthropic.Anthropic(api_key=api_key, base_url=base_url, max_retries=0,
                                         timeout=httpx.Timeout(timeout_s, connect=5.0))
 
@@ -63,6 +64,8 @@ class BatchClient:
         self._sdk.close()
 
     def _do(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        import anthropic
+
         try:
             return fn(*args, **kwargs)
         except anthropic.APIError as exc:

@@ -20,12 +20,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import anthropic
 import httpx2 as httpx
 import orjson
-from anthropic.types import CacheControlEphemeralParam, OutputConfigParam, TextBlockParam
 
 from pipeline.claude.pricing import Usage
 from pipeline.claude.ratelimit import OutputReserve
@@ -38,6 +36,13 @@ from pipeline.errors import (
     RateLimited,
     TransientClaudeError,
 )
+
+# The SDK is imported where it is used, not here: importing it costs most of a second of CPU
+# (hundreds of pydantic models), which the dispatcher and the CLI, which import this module for
+# its types and never call, would pay at every start. A worker imports it when it first calls.
+if TYPE_CHECKING:
+    import anthropic
+    from anthropic.types import CacheControlEphemeralParam, OutputConfigParam, TextBlockParam
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +156,8 @@ def _why(exc: Exception) -> str:
 
 def translate(exc: Exception) -> ClaudeError:
     """SDK exception -> switchyard's ClaudeError, transient or permanent."""
+    import anthropic
+
     if isinstance(exc, anthropic.APITimeoutError):
         return TransientClaudeError("request timed out", error_type="timeout")
     if isinstance(exc, anthropic.APIConnectionError):
@@ -191,6 +198,8 @@ def check_endpoint(*, api_key: str, base_url: str | None, models: Mapping[str, s
     ``models`` maps each tier to check to its model; ``config`` says where they are configured.
     An answer that says only "busy" (429, 5xx) passes: the endpoint is there, and its jobs will
     wait their turn."""
+    import anthropic
+
     where = base_url or "api.anthropic.com"
     tiers_of: dict[str, list[str]] = {}
     for tier, model in models.items():
@@ -346,6 +355,8 @@ class ClaudeClient:
         return sdk
 
     def _shard(self, i: int) -> anthropic.Anthropic:
+        import anthropic
+
         with self._shards_lock:
             sdk = self._shards[i]
             if sdk is None:
@@ -383,6 +394,8 @@ class ClaudeClient:
         ``output_schema``: ask for structured outputs (``output_config.format``), an answer held
         to that JSON Schema by the decoder. A refusal or a max_tokens stop can still break it, so
         the caller validates the answer as ever."""
+        import anthropic
+
         attempts: list[Attempt] = []
         params = message_params(model=model, system=system, user=user, max_tokens=max_tokens,
                                 cache_system=cache_system, cache_ttl=cache_ttl, output_schema=output_schema)
