@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     # The dispatcher keeps at most this many jobs in the stages at once; the rest wait in
     # Postgres, so Redis never holds a whole batch.
     max_in_flight: int = Field(2000, alias="SWITCHYARD_MAX_IN_FLIGHT")
+    # Postgres connections a worker may open, all its processes together, when `switchyard worker`
+    # is not given --db-connections (default: C/2, between 8 and 32). Each worker on a host counts
+    # against the server's max_connections (100 by default), so a host of many workers sets it lower.
+    worker_db_connections: int | None = Field(None, alias="SWITCHYARD_DB_CONNECTIONS", ge=1)
     dispatch_interval_s: float = Field(0.5, alias="SWITCHYARD_DISPATCH_INTERVAL_S", gt=0, le=3600, allow_inf_nan=False)
     # How often the dispatcher folds ended jobs and finished calls into the rollups that `stats`,
     # `batches` and the dashboard read (pipeline.queries.rollups); what is newer is read raw.

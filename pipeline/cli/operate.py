@@ -117,7 +117,7 @@ def worker(
                     "one per 200 threads of --concurrency).")] = None,
     db_connections: Annotated[int | None, typer.Option(
         min=1, help="Postgres connections the worker may open, all its processes together (default: "
-                    "C/2, between 8 and 32).")] = None,
+                    "SWITCHYARD_DB_CONNECTIONS, else C/2, between 8 and 32).")] = None,
 ) -> None:
     """Run a worker for one tier's queue."""
     s = settings()
@@ -139,7 +139,7 @@ def worker(
     # Model calls are I/O-bound and take seconds: 64 threads wait on them for the cost of one
     # process, where a prefork pool of 2 would hold 2 calls.
     n = concurrency or default_concurrency(tier)
-    conns = db_connections or workergroup.default_db_connections(n)
+    conns = workergroup.db_connections(n, db_connections, s.worker_db_connections)
     split = workergroup.processes_for(n, processes) if pool is Pool.threads else 1
     if split > 1:
         _run_worker_group(tier, n, split, conns, pool=pool, loglevel=loglevel, events=events,

@@ -66,6 +66,12 @@ def default_db_connections(concurrency: int) -> int:
     return 2 * min(max(concurrency // 4, 4), 16)
 
 
+def db_connections(concurrency: int, flag: int | None, setting: int | None) -> int:
+    """A worker's connections: ``--db-connections``, else SWITCHYARD_DB_CONNECTIONS (one value for
+    every worker a host or compose file starts), else the default for its concurrency."""
+    return flag or setting or default_db_connections(concurrency)
+
+
 @dataclass(frozen=True)
 class Child:
     index: int
