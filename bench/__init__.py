@@ -5,6 +5,6 @@ Postgres, Redis and the fake Claude, and reports ratios: these machines are shar
 an absolute figure means little on them. They are not tests and never run from ``make test``.
 
     python -m bench                 # all twelve, full size (about an hour)
-    python -m bench --quick         # all twelve, small (about 7 minutes)
+    python -m bench --quick         # all twelve, small (about 4 minutes)
     python -m bench overhead --quick
 """

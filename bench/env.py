@@ -8,6 +8,7 @@ same migrations, the fake over HTTP through the official SDK.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -16,14 +17,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from queue import Queue
+from typing import Any, TypeVar
 
 import redis
 from sqlalchemy import Engine, create_engine, text
@@ -35,6 +39,23 @@ PG_SERVER = os.environ.get("SWITCHYARD_BENCH_PG", "postgresql+psycopg://postgres
 REDIS_SERVER = os.environ.get("SWITCHYARD_BENCH_REDIS", "redis://127.0.0.1:6379")
 # Benchmarks own this Redis database and flush it; tests use their own (SWITCHYARD_TEST_REDIS_DB).
 REDIS_DB = int(os.environ.get("SWITCHYARD_BENCH_REDIS_DB", "7"))
+
+
+def _numbers(spec: str) -> list[int]:
+    """"1-6,8" -> [1, 2, 3, 4, 5, 6, 8]."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        low, _, high = part.partition("-")
+        out += range(int(low), int(high or low) + 1)
+    return out
+
+
+# The Redis databases that benchmarks run side by side (``side_by_side``: the quick size's) take,
+# one each: every one of the server's sixteen but 0 (a default for users), 7 (REDIS_DB) and 9-12
+# (`make test`'s sessions and their benchmark smoke tests), so that a `make bench` beside a
+# `make test` flushes none of its queues. Empty: such benchmarks run one after another.
+LANE_DBS = _numbers(os.environ.get("SWITCHYARD_BENCH_LANE_DBS", "1-6,8,13-15"))
+LANE_DB_CONNECTIONS = 4  # each worker's Postgres connections, side by side (switchyard_env)
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: `celery -A bench.bare` imports from here
 
@@ -57,6 +78,7 @@ def admin_engine() -> Engine:
 
 
 _template: str | None = None
+_template_lock = threading.Lock()
 
 
 def _migrated_template(admin: Engine) -> str:
@@ -65,23 +87,24 @@ def _migrated_template(admin: Engine) -> str:
     without running all of them again for each of the twenty-odd measurements of a run (about
     1.5 s each). Dropped when the process exits."""
     global _template
-    if _template is None:
-        name = f"sy_bench_template_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        engine = create_engine(f"{PG_SERVER}/{name}")
-        try:
-            migrate.upgrade(f"{PG_SERVER}/{name}", engine=engine)
-        finally:
-            engine.dispose()  # a template may have no session open while it is copied
+    with _template_lock:  # benchmarks side by side must not each make one
+        if _template is None:
+            name = f"sy_bench_template_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+            with admin.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+            engine = create_engine(f"{PG_SERVER}/{name}")
+            try:
+                migrate.upgrade(f"{PG_SERVER}/{name}", engine=engine)
+            finally:
+                engine.dispose()  # a template may have no session open while it is copied
 
-        def drop() -> None:
-            with admin_engine().connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            def drop() -> None:
+                with admin_engine().connect() as conn:
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
-        atexit.register(drop)
-        _template = name
-    return _template
+            atexit.register(drop)
+            _template = name
+        return _template
 
 
 @contextmanager
@@ -113,17 +136,77 @@ def checkpoint(engine: Engine) -> str | None:
     return None
 
 
+# A benchmark run by side_by_side: .lane, true; .redis_db, the Redis database it took from
+# _free_dbs at its first broker_url() (a call that only runs others side by side takes none);
+# .nice, its processes' niceness.
+_lane = threading.local()
+_free_dbs: Queue[int] = Queue()
+for _db in LANE_DBS:
+    _free_dbs.put(_db)
+
+
 def broker_url() -> str:
-    """The benchmark Redis database, emptied: a run never sees a previous run's messages."""
-    url = f"{REDIS_SERVER}/{REDIS_DB}"
+    """The benchmark Redis database, emptied: a run never sees a previous run's messages. A
+    benchmark run side by side with others has one of its own (``side_by_side``)."""
+    if getattr(_lane, "lane", False):
+        if _lane.redis_db is None:
+            _lane.redis_db = _free_dbs.get()  # waits while every lane database is taken
+        db = _lane.redis_db
+    else:
+        db = REDIS_DB
+    url = f"{REDIS_SERVER}/{db}"
     redis.Redis.from_url(url).flushdb()
     return url
 
 
+T = TypeVar("T")
+
+
+def side_by_side(calls: Mapping[str, Callable[[], T]], *,
+                 nice: Mapping[str, int] | None = None) -> Iterator[tuple[str, T, float]]:
+    """Run the calls at once, each in a thread with a Redis database of its own (LANE_DBS: so that
+    one's ``broker_url()`` never empties another's broker), and yield ``(name, result, seconds)``
+    as each ends; one after another when LANE_DBS is empty. A call waits for a database while all
+    are taken (nested calls take theirs from the same ones). ``nice``: the niceness of the
+    processes a call starts, by name (default: the caller's), so that those of a call which needs
+    the CPU on time come first. A call that raises stops the iteration with its exception once the
+    others have ended (their processes stop with them)."""
+    inherited = getattr(_lane, "nice", 0)
+
+    def in_lane(call: Callable[[], T], niceness: int) -> tuple[T, float]:
+        t0 = time.monotonic()
+        _lane.lane, _lane.redis_db, _lane.nice = bool(LANE_DBS), None, niceness
+        try:
+            return call(), time.monotonic() - t0
+        finally:
+            if _lane.redis_db is not None:
+                _free_dbs.put(_lane.redis_db)
+            del _lane.lane, _lane.redis_db, _lane.nice
+
+    with ThreadPoolExecutor(max(1, len(calls)) if LANE_DBS else 1, thread_name_prefix="bench-lane") as pool:
+        pending = {pool.submit(in_lane, call, (nice or {}).get(name, inherited)): name for name, call in calls.items()}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                result, seconds = future.result()
+                yield pending.pop(future), result, seconds
+
+
+_ports_lock = threading.Lock()
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, never the same twice in this process: benchmarks side by side
+    would otherwise be handed one port between asking and their fake binding it."""
+    with _ports_lock:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            if port not in _ports_given:
+                _ports_given.add(port)
+                return port
 
 
 def rss_kib(pid: int) -> int:
@@ -163,6 +246,17 @@ def child_pids(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z":
             out.append(int(entry))
     return out
+
+
+def _renice_session(pid: int, niceness: int) -> None:
+    """Lower the priority of a process started in a session of its own. Where the kernel groups
+    the processes of each session for scheduling (autogroup, on by default), a process's own nice
+    only ranks it within its session: the session's group weighs as much as any other's unless its
+    own niceness is set, in /proc/PID/autogroup. Both, so that it holds either way."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, pid, niceness)
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/autogroup").write_text(str(niceness))
 
 
 @dataclass
@@ -209,6 +303,8 @@ class Processes:
         with log.open("wb") as fh:
             popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
                                      cwd=ROOT, start_new_session=True)
+        if niceness := getattr(_lane, "nice", 0):
+            _renice_session(popen.pid, niceness)
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         if ready:
@@ -253,6 +349,12 @@ def switchyard_env(*, database_url: str, broker: str, claude_url: str, **extra: 
         "SWITCHYARD_STAGE_DEADLINE_S": "600",
         "PYTHONUNBUFFERED": "1",
     })
+    if getattr(_lane, "lane", False):
+        # Side by side, five clusters of workers at their default connections would ask Postgres
+        # for several hundred, past its max_connections (100 by default); "too many clients"
+        # errors, each retried, would be what such a run measured. A thread holds a connection
+        # only for a short transaction, so a few serve a worker's untimed work.
+        env["SWITCHYARD_DB_CONNECTIONS"] = str(LANE_DB_CONNECTIONS)
     env.update(extra)
     return env
 

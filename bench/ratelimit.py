@@ -10,13 +10,14 @@ tiers run at once, each bound by one limit:
   thousands: output tokens bind, and how the client reserves max_tokens before a call and gives
   back the unused part after decides how much of the limit it can use.
 
-Each tier's worker holds more calls than its limit lets through (fake latency 2-3 s), so the batch
-waits on the limit, not on threads. From the fake's own request log, per model class: the achieved
-rate of the binding limit through the steady part (after the first window, whose full bucket lets a
-burst through on top of the rate, until the last request), as a share of the limit; and the 429s
-as a share of all requests. Baseline, in the same run against a second fake with the same limits:
-the plain script, a ThreadPoolExecutor of the same number of threads per tier calling the SDK with
-its default retries (2, honouring retry-after) and the same prompts.
+Each tier's worker holds more calls than its limit lets through (fake latency 2-3 s; 1-1.5 s at
+the quick size), so the batch waits on the limit, not on threads. From the fake's own request log,
+per model class: the achieved rate of the binding limit through the steady part (after the first
+window, whose full bucket lets a burst through on top of the rate, until the last request), as a
+share of the limit; and the 429s as a share of all requests. Baseline, in the same run against a
+second fake with the same limits: the plain script, a ThreadPoolExecutor of the same number of
+threads per tier calling the SDK with its default retries (2, honouring retry-after) and the same
+prompts.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ OUTPUT_RESERVE = "observed"
 # but arrive together meet a bucket that has not refilled between them (a 429 each).
 MARGIN = 0.97
 THREADS = 64  # per tier, on both sides: several times what the limits let through at this latency
-LATENCY_MS, JITTER_MS = 2000.0, 1000.0
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,15 @@ class Scenario:
 class Size:
     window_s: float  # the limits are per this period, on the fake and in switchyard
     steady_s: float  # how long the batch should run at the limit after the first window
+    latency_ms: float = 2000.0  # the fake's latency: from this to this + jitter_ms
+    jitter_ms: float = 1000.0
 
 
 FULL = Size(window_s=60.0, steady_s=300.0)
-QUICK = Size(window_s=20.0, steady_s=15.0)
+# Half the latency: until each worker has seen a few answers it reserves max_tokens of a bucket
+# that holds two such calls (pipeline.claude.ratelimit.OutputReserve), so a quick run starts in
+# rounds of one call's latency; the figures are of the steady part, after them.
+QUICK = Size(window_s=20.0, steady_s=15.0, latency_ms=1000.0, jitter_ms=500.0)
 SCENARIOS = (Scenario("RPM-bound (sonnet, classify)", "sonnet", "rpm", 10.0),
              Scenario("OTPM-bound (opus, draft)", "opus", "otpm", 300.0))
 DRAFT_OUTPUT_TOKENS = 45  # a low guess of the fake's draft answer, so the batch outlasts the window
@@ -99,7 +104,7 @@ def jobs_for(s: Scenario, size: Size) -> list[dict[str, Any]]:
 
 def fake_args(size: Size) -> list[str]:
     rpm, otpm = limits_spec(size)
-    return ["--latency-jitter-ms", str(JITTER_MS), "--rpm", str(rpm), "--otpm", str(otpm),
+    return ["--latency-jitter-ms", str(size.jitter_ms), "--rpm", str(rpm), "--otpm", str(otpm),
             "--rate-window-s", str(size.window_s), "--retry-after-s", "1"]
 
 
@@ -172,7 +177,7 @@ def run_switchyard(size: Size, workdir: Path, db: str, broker: str, console: Con
     settings = Settings(DATABASE_URL=db, BROKER_URL=broker)
     with env.Processes(env.switchyard_env(database_url=db, broker=broker, claude_url="", **extra),
                        workdir=workdir) as procs:
-        fake = env.start_fake(procs, latency_ms=LATENCY_MS, args=fake_args(size))
+        fake = env.start_fake(procs, latency_ms=size.latency_ms, args=fake_args(size))
         e = {"ANTHROPIC_BASE_URL": fake.url}
         # Few Postgres connections each: the database is shared, and a few jobs a second need few.
         env.start_at_once(procs, [*((f"worker-{q}", env.switchyard("worker", "--tier", q, "--concurrency", str(n),
@@ -209,7 +214,7 @@ def run_script(size: Size, workdir: Path, models: ModelConfig) -> list[dict[str,
     """The plain script: per tier a pool of THREADS threads, one SDK call per job, the SDK's default
     retries; both tiers at once, as switchyard runs them."""
     with env.Processes(env.switchyard_env(database_url="", broker="", claude_url=""), workdir=workdir) as procs:
-        fake = env.start_fake(procs, latency_ms=LATENCY_MS, args=fake_args(size))
+        fake = env.start_fake(procs, latency_ms=size.latency_ms, args=fake_args(size))
         client = anthropic.Anthropic(api_key="bench-key", base_url=fake.url)  # max_retries: the default, 2
 
         def caller(tier: str) -> Callable[[dict[str, Any]], bool]:
@@ -240,9 +245,10 @@ def run_script(size: Size, workdir: Path, models: ModelConfig) -> list[dict[str,
 def run(*, quick: bool, console: Console, profile: bool = False) -> list[Figure]:
     size = QUICK if quick else FULL
     rpm, otpm = limits_spec(size)
+    slowest = (size.latency_ms + size.jitter_ms) / 1000
     console.print(f"[bold]rate-limit[/]: limits {rpm} requests and {otpm:,} output tokens per {size.window_s:.0f} s "
-                  f"window per model class, fake latency {LATENCY_MS / 1000:.0f}-{(LATENCY_MS + JITTER_MS) / 1000:.0f} "
-                  f"s, {THREADS} threads a tier; switchyard and the script side by side")
+                  f"window per model class, fake latency {size.latency_ms / 1000:g}-{slowest:g} s, {THREADS} threads "
+                  f"a tier; switchyard and the script side by side")
     models = Settings().models
     broker = env.broker_url()
     with env.scratch_database() as db, env.workdir() as workdir:

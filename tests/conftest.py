@@ -54,6 +54,9 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     os.environ.setdefault("SWITCHYARD_BENCH_REDIS_DB",
                           str(REDIS_DB + int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    # ...and only that one: benchmarks a test runs side by side run one after another instead of
+    # taking the databases a `make bench` beside this run uses for its own (bench.env.LANE_DBS).
+    os.environ.setdefault("SWITCHYARD_BENCH_LANE_DBS", "")
 
 
 def _admin_engine() -> Engine:

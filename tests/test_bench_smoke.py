@@ -4,6 +4,9 @@ run the cheapest at a toy size and check that they measure something and report 
 from __future__ import annotations
 
 import io
+import threading
+import time
+from queue import Queue
 
 import pytest
 from rich.console import Console
@@ -173,3 +176,41 @@ def test_rate_limit_steady_part_starts_where_the_first_burst_ends() -> None:
     assert at_limit.share == pytest.approx(1.0, abs=0.01)
     paced = measure(_paced_log([(360.0, 8.0)]), rpm, size)
     assert paced.share == pytest.approx(0.8, abs=0.01) and paced.steady_s > 350
+
+
+def test_side_by_side_gives_each_call_a_broker_database_and_a_call_that_nests_none(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quick size's benchmarks side by side each flush a Redis database of their own, taken at
+    their first broker_url() and given back when they end. With one database, two calls that need
+    one run one after the other; a call that only runs others side by side takes none, or nesting
+    would wait on itself. The niceness of a call's processes is its own, else its caller's."""
+    from bench import env
+
+    free: Queue[int] = Queue()
+    free.put(env.REDIS_DB)
+    monkeypatch.setattr(env, "LANE_DBS", [env.REDIS_DB])
+    monkeypatch.setattr(env, "_free_dbs", free)
+    spans: dict[str, tuple[float, float]] = {}
+
+    def needs_broker(name: str) -> tuple[str, int]:
+        url = env.broker_url()
+        t0 = time.monotonic()
+        time.sleep(0.2)
+        spans[name] = (t0, time.monotonic())
+        return url, env._lane.nice
+
+    def nests() -> dict[str, tuple[str, int]]:
+        calls = {n: (lambda n=n: needs_broker(n)) for n in ("a", "b")}
+        return {n: r for n, r, _ in env.side_by_side(calls, nice={"b": 3})}
+
+    out: dict[str, dict[str, tuple[str, int]]] = {}
+    runner = threading.Thread(daemon=True, target=lambda: out.update(
+        {n: r for n, r, _ in env.side_by_side({"outer": nests}, nice={"outer": 7})}))
+    runner.start()
+    runner.join(30)
+    assert not runner.is_alive(), "the nested calls waited for a database their caller held"
+    url = f"{env.REDIS_SERVER}/{env.REDIS_DB}"
+    assert out["outer"] == {"a": (url, 7), "b": (url, 3)}
+    (_, first_end), (second_start, _) = sorted(spans.values())
+    assert second_start >= first_end  # one database: the second waited until the first gave it back
+    assert free.qsize() == 1 and not hasattr(env._lane, "lane")
