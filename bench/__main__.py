@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -53,6 +54,9 @@ NICE = {"budgets": 5, "quality": 5, "caching": 10, "economy": 10}
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # SIGTERM unwinds like Ctrl-C: each benchmark's context managers stop the workers, dispatchers
+    # and fakes it started and drop its scratch databases, which a plain exit would leave running.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     benchmarks = _benchmarks()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", choices=[*benchmarks, []], metavar="BENCHMARK",
@@ -91,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
                       + f"; in all {(time.monotonic() - started) / 60:.1f} min")
     report.write_results(figures, args=argv, console=Console(stderr=True))
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _side_by_side(names: list[str], benchmarks: dict[str, Callable[..., list[Figure]]], console: Console,

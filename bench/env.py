@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.request
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -169,8 +170,9 @@ def side_by_side(calls: Mapping[str, Callable[[], T]], *,
     as each ends; one after another when LANE_DBS is empty. A call waits for a database while all
     are taken (nested calls take theirs from the same ones). ``nice``: the niceness of the
     processes a call starts, by name (default: the caller's), so that those of a call which needs
-    the CPU on time come first. A call that raises stops the iteration with its exception once the
-    others have ended (their processes stop with them)."""
+    the CPU on time come first. A call that raises, or an interrupt (Ctrl-C), stops every
+    benchmark process (terminate_all), so that the others end at their next check; the first
+    exception is then raised."""
     inherited = getattr(_lane, "nice", 0)
 
     def in_lane(call: Callable[[], T], niceness: int) -> tuple[T, float]:
@@ -185,11 +187,16 @@ def side_by_side(calls: Mapping[str, Callable[[], T]], *,
 
     with ThreadPoolExecutor(max(1, len(calls)) if LANE_DBS else 1, thread_name_prefix="bench-lane") as pool:
         pending = {pool.submit(in_lane, call, (nice or {}).get(name, inherited)): name for name, call in calls.items()}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                result, seconds = future.result()
-                yield pending.pop(future), result, seconds
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    result, seconds = future.result()
+                    yield pending.pop(future), result, seconds
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # the calls not begun never begin
+            terminate_all()
+            raise
 
 
 _ports_lock = threading.Lock()
@@ -289,13 +296,16 @@ class Proc:
                 self.popen.wait(5)
 
 
-@dataclass
+@dataclass(eq=False)
 class Processes:
     """Processes started for one measurement, each in its own process group, all stopped together."""
 
     env: dict[str, str]
     workdir: Path  # where their logs go: see ``workdir()``
     procs: list[Proc] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _every_processes.add(self)
 
     def start(self, name: str, argv: list[str], *, ready: str | None, timeout: float = 60.0,
               env: dict[str, str] | None = None) -> Proc:
@@ -335,6 +345,21 @@ class Processes:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# Every Processes of this process's benchmarks, for terminate_all.
+_every_processes: weakref.WeakSet[Processes] = weakref.WeakSet()
+
+
+def terminate_all() -> None:
+    """SIGTERM every benchmark process still running, without waiting: benchmarks side by side then
+    fail at their next check (Processes.check) instead of running to their end after one of them,
+    or the user's Ctrl-C, has stopped the run. Each still stops its own as it unwinds."""
+    for procs in list(_every_processes):
+        for p in list(procs.procs):
+            if p.alive:
+                with contextlib.suppress(OSError):
+                    os.killpg(p.popen.pid, signal.SIGTERM)
 
 
 def switchyard_env(*, database_url: str, broker: str, claude_url: str, **extra: str) -> dict[str, str]:
