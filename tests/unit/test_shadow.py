@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -339,10 +339,18 @@ def test_a_shadow_call_reserves_against_the_tenants_daily_limit_and_waits_when_i
         s.execute(update(Tenant).where(Tenant.id == tenant_id)
                   .values(max_spend_per_day_usd=spent + Decimal("0.001")))
         s.commit()
+    before = utcnow()
     assert shadow.run(pipeline, jid) is None
+    after = utcnow()
     waiting = row(pipeline, jid)
     assert waiting is not None and waiting.status is ShadowStatus.PENDING
-    assert waiting.not_before is not None and waiting.not_before > utcnow() + timedelta(minutes=5)
+    # It waits RESERVE_RETRY_S, or until the day's limit renews at 00:00 UTC if that comes first (a
+    # fixed "more than five minutes away" failed every run between 23:55 and midnight).
+
+    def wakes(t: datetime) -> datetime:
+        return min(t + timedelta(seconds=shadow.RESERVE_RETRY_S), tenants.day_start(t) + timedelta(days=1))
+
+    assert waiting.not_before is not None and wakes(before) <= waiting.not_before <= wakes(after)
     assert not calls(pipeline, jid, Stage.SHADOW)
     with pipeline.sessions() as s:
         assert not s.scalar(select(func.count()).select_from(BudgetReservation).where(
