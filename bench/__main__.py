@@ -114,6 +114,8 @@ def _side_by_side(names: list[str], benchmarks: dict[str, Callable[..., list[Fig
 
     out: dict[str, list[Figure]] = {}
     running = list(names)
+    # Said once, for a log (make bench | tee): the status line below shows only on a terminal.
+    console.print(f"[bold]side by side[/]: {', '.join(names)}; each one's output follows when it ends")
     with console.status(f"side by side: {', '.join(running)}") as status:
         for name, figures, seconds in env.side_by_side({n: runner(n) for n in names}, nice=NICE):
             out[name], took[name] = figures, seconds

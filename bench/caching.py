@@ -257,7 +257,8 @@ def measure(*, caching: bool, n: int, concurrency: dict[str, int], latency_ms: f
     with env.scratch_database() as db:
         engine = make_engine(db, pool_size=2)
         sessions = session_factory(engine)
-        e = env.switchyard_env(database_url=db, broker=broker, claude_url="", SWITCHYARD_CONFIG=str(config_path))
+        e = env.switchyard_env(database_url=db, broker=broker, claude_url="", SWITCHYARD_CONFIG=str(config_path),
+                               SWITCHYARD_DB_CONNECTIONS=str(env.UNTIMED_DB_CONNECTIONS))
         with env.Processes(e, workdir=workdir) as procs:
             fake = env.start_fake(procs, latency_ms=latency_ms)
             env.start_together(procs, {tier: concurrency[tier] for tier in TIERS}, env={"ANTHROPIC_BASE_URL": fake.url},

@@ -42,12 +42,16 @@ REDIS_SERVER = os.environ.get("SWITCHYARD_BENCH_REDIS", "redis://127.0.0.1:6379"
 REDIS_DB = int(os.environ.get("SWITCHYARD_BENCH_REDIS_DB", "7"))
 
 
-def _numbers(spec: str) -> list[int]:
-    """"1-6,8" -> [1, 2, 3, 4, 5, 6, 8]."""
+def _numbers(name: str, spec: str) -> list[int]:
+    """"1-6,8" -> [1, 2, 3, 4, 5, 6, 8]; a mistake stops the benchmarks with one line naming it."""
     out: list[int] = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        low, _, high = part.partition("-")
-        out += range(int(low), int(high or low) + 1)
+    try:
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            low, _, high = part.partition("-")
+            out += range(int(low), int(high or low) + 1)
+    except ValueError:
+        raise SystemExit(f"error: {name}={spec!r}: expected Redis database numbers and ranges, "
+                         f"such as 1-6,8") from None
     return out
 
 
@@ -55,8 +59,15 @@ def _numbers(spec: str) -> list[int]:
 # one each: every one of the server's sixteen but 0 (a default for users), 7 (REDIS_DB) and 9-12
 # (`make test`'s sessions and their benchmark smoke tests), so that a `make bench` beside a
 # `make test` flushes none of its queues. Empty: such benchmarks run one after another.
-LANE_DBS = _numbers(os.environ.get("SWITCHYARD_BENCH_LANE_DBS", "1-6,8,13-15"))
-LANE_DB_CONNECTIONS = 4  # each worker's Postgres connections, side by side (switchyard_env)
+LANE_DBS = _numbers("SWITCHYARD_BENCH_LANE_DBS", os.environ.get("SWITCHYARD_BENCH_LANE_DBS", "1-6,8,13-15"))
+# Postgres connections for each worker of a cluster whose figures are not times (given to
+# switchyard_env as SWITCHYARD_DB_CONNECTIONS), where the queues' default concurrencies would ask
+# for more than Postgres's max_connections (100 by default): quality's and caching's four or five
+# workers at their defaults may open 16 + 32 + 32 + 16 (+ 32), and the "too many clients" errors,
+# each retried, would be part of what such a run did. Side by side (the quick size), fewer still:
+# five clusters share the server.
+UNTIMED_DB_CONNECTIONS = 12
+LANE_DB_CONNECTIONS = 4
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: `celery -A bench.bare` imports from here
 
@@ -374,13 +385,11 @@ def switchyard_env(*, database_url: str, broker: str, claude_url: str, **extra: 
         "SWITCHYARD_STAGE_DEADLINE_S": "600",
         "PYTHONUNBUFFERED": "1",
     })
-    if getattr(_lane, "lane", False):
-        # Side by side, five clusters of workers at their default connections would ask Postgres
-        # for several hundred, past its max_connections (100 by default); "too many clients"
-        # errors, each retried, would be what such a run measured. A thread holds a connection
-        # only for a short transaction, so a few serve a worker's untimed work.
-        env["SWITCHYARD_DB_CONNECTIONS"] = str(LANE_DB_CONNECTIONS)
     env.update(extra)
+    if getattr(_lane, "lane", False):
+        # A thread holds a connection only for a short transaction, so a few serve a worker's
+        # untimed work; --db-connections, where a benchmark gives it, still wins.
+        env["SWITCHYARD_DB_CONNECTIONS"] = str(LANE_DB_CONNECTIONS)
     return env
 
 

@@ -143,7 +143,8 @@ def measure(policy: Policy, jobs: list[dict[str, Any]], *, workdir: Path, latenc
     with env.scratch_database() as db:
         engine = make_engine(db, pool_size=2)
         sessions = session_factory(engine)
-        e = env.switchyard_env(database_url=db, broker=broker, claude_url="", SWITCHYARD_CONFIG=str(config_path))
+        e = env.switchyard_env(database_url=db, broker=broker, claude_url="", SWITCHYARD_CONFIG=str(config_path),
+                               SWITCHYARD_DB_CONNECTIONS=str(env.UNTIMED_DB_CONNECTIONS))
         with env.Processes(e, workdir=workdir) as procs:
             fake = env.start_fake(procs, latency_ms=latency_ms,
                                   args=["--error-rates", "default", "--triage-noise", str(TRIAGE_NOISE)])
